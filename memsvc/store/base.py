@@ -1,0 +1,107 @@
+"""The one memory abstraction: `MemoryBackend`, its `MemorySpec` and its `SearchResult`.
+
+Distances are always "smaller is closer": squared L2 for `l2`, the negated inner product for `ip`,
+and 1 - cosine similarity for `cosine`. Missing neighbours have id -1 and distance +inf.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Metric = Literal["l2", "ip", "cosine"]
+ValueKind = Literal["none", "vector", "token"]
+IndexKind = Literal["flat", "ivfpq", "hnsw"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Sub-quantizer counts that faiss' GPU IVFPQ supports; the default pq_m is chosen among them.
+GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+
+
+def default_pq_m(dim: int) -> int:
+    """The largest GPU-compatible sub-quantizer count dividing dim with at least 8 dims each."""
+    fits = [m for m in GPU_PQ_M if dim % m == 0 and dim // m >= 8]
+    return max(fits) if fits else 1
+
+
+class MemorySpec(BaseModel):
+    """What a memory is: fixed at creation (except `metadata`, which callers may update)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'; at most 128")
+    dim: int = Field(gt=0, le=65536, description="key dimension")
+    metric: Metric = "l2"
+    value_kind: ValueKind = "none"
+    value_dim: int | None = Field(default=None, gt=0, le=65536, description="required for value_kind=vector")
+    index: IndexKind = "flat"
+    nlist: int = Field(default=1024, gt=0, description="ivfpq: inverted lists")
+    pq_m: int | None = Field(default=None, gt=0, description="ivfpq: sub-quantizers (must divide dim); default dim/8")
+    train_size: int | None = Field(default=None, gt=0, description="ivfpq: entries to train on; default 64*nlist")
+    nprobe: int = Field(default=16, gt=0, description="ivfpq: lists probed per query")
+    hnsw_m: int = Field(default=32, gt=1, description="hnsw: links per node")
+    ef_search: int = Field(default=128, gt=0, description="hnsw: search breadth")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, e.g. tuned kNN-LM settings")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MemorySpec":
+        if self.value_kind == "vector" and self.value_dim is None:
+            raise ValueError("value_dim is required when value_kind is 'vector'")
+        if self.value_kind != "vector" and self.value_dim is not None:
+            raise ValueError("value_dim applies only to value_kind 'vector'")
+        if self.index == "ivfpq" and self.dim % self.pq_sub_quantizers:
+            raise ValueError(f"pq_m={self.pq_sub_quantizers} must divide dim={self.dim}")
+        if self.index == "ivfpq" and self.train_count < max(self.nlist, 256):
+            raise ValueError(f"train_size={self.train_count} must be at least max(nlist, 256)")
+        return self
+
+    @property
+    def pq_sub_quantizers(self) -> int:
+        if self.pq_m is not None:
+            return self.pq_m
+        return default_pq_m(self.dim)
+
+    @property
+    def train_count(self) -> int:
+        return self.train_size or 64 * self.nlist
+
+
+@dataclass
+class SearchResult:
+    """Top-k neighbours of m queries: ids/distances [m, k]; values [m, k, ...] and payloads [m][k] if stored."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+    values: np.ndarray | None = None
+    payloads: list[list[Any]] | None = None
+
+
+@dataclass
+class Entries:
+    """Stored entries fetched by id: rows follow the requested ids; `found` marks which exist."""
+
+    ids: np.ndarray
+    found: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray | None = None
+    payloads: list[Any] | None = None
+    partitions: list[str | None] | None = None
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """Everything that remembers vectors goes through this: in-process `Memory` or REST `RemoteMemory`."""
+
+    spec: MemorySpec
+
+    def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
+            partition: str | None = None) -> np.ndarray: ...
+
+    def search(self, queries: np.ndarray, k: int, partition: str | None = None) -> SearchResult: ...
+
+    def get(self, ids: np.ndarray) -> Entries: ...
+
+    def delete(self, ids: np.ndarray | None = None, partition: str | None = None) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...

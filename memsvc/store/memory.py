@@ -1,0 +1,546 @@
+"""`Memory`: one named memory of key vectors (+ values, payloads), in-process.
+
+Entries live in columns (ids, keys, values, payloads, partition code) with amortised growth; each
+partition has its own FAISS index, so a partition-scoped search touches only its index and deleting a
+partition drops one index without rebuilding the rest. Ids are assigned in increasing order, so the
+id column stays sorted and id -> row is a binary search.
+
+With a directory the memory is durable: every add/delete is appended to a write-ahead log and fsync'ed
+before the call returns; `snapshot()` writes the state and lets old log segments go; opening loads the
+newest snapshot and replays the log after it. Without a directory it lives in RAM only (what a model
+session's eviction memory wants).
+
+Concurrency: searches share a read lock and run in parallel (FAISS releases the GIL); writers are
+serialised, log their record outside the read/write lock, and hold the write lock only to apply it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from memsvc.errors import InvalidInput, NotFound
+from memsvc.store import index as fx
+from memsvc.store.base import Entries, MemorySpec, SearchResult
+from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
+
+log = logging.getLogger(__name__)
+
+MAX_K = 2048  # the largest k faiss searches on every device
+MAX_PARTITION_LEN = 256
+
+
+class RWLock:
+    """Many readers or one writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Column:
+    """An append-only numpy column with amortised growth; `data` is the filled prefix."""
+
+    def __init__(self, dtype: np.dtype | type, tail: tuple[int, ...] = ()):
+        self._buf = np.empty((1024, *tail), dtype=dtype)
+        self.size = 0
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._buf[: self.size]
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.size + len(rows)
+        if need > len(self._buf):
+            grown = np.empty((max(need, 2 * len(self._buf)), *self._buf.shape[1:]), dtype=self._buf.dtype)
+            grown[: self.size] = self.data
+            self._buf = grown
+        self._buf[self.size: need] = rows
+        self.size = need
+
+    def keep(self, mask: np.ndarray) -> None:
+        kept = self.data[mask]
+        self.size = 0
+        self.append(kept)
+
+
+# --- input checks: the same for every caller, so every backend rejects the same things ----------
+
+def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
+    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
+        raise InvalidInput(f"{field} must be floating point numbers, got dtype {a.dtype}", field)
+    if a.dtype.kind != "f":
+        raise InvalidInput(f"{field} must be floating point (float32), got integers ({a.dtype})", field)
+    if a.ndim != 2:
+        raise InvalidInput(f"{field} must be a 2-D array [n, {dim}], got shape {list(a.shape)}", field)
+    if a.shape[0] == 0:
+        raise InvalidInput(f"{field} is an empty batch", field)
+    if a.shape[1] != dim:
+        raise InvalidInput(f"{field} has dimension {a.shape[1]}, this memory expects {dim}", field)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise InvalidInput(f"{field} contains NaN or infinity", field)
+    return a
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_K:
+        raise InvalidInput(f"k must be an integer in 1..{MAX_K}, got {k!r}", "k")
+    return int(k)
+
+
+def check_partition(partition: Any) -> str | None:
+    if partition is None:
+        return None
+    if not isinstance(partition, str) or not 0 < len(partition) <= MAX_PARTITION_LEN \
+            or not partition.isprintable():
+        raise InvalidInput(f"partition must be a printable string of 1..{MAX_PARTITION_LEN} characters", "partition")
+    return partition
+
+
+def check_ids(ids: Any) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InvalidInput("ids must be a 1-D list of integers", "ids")
+    return a.astype(np.int64)
+
+
+class Shard:
+    """One partition: its FAISS index and how many live entries it has."""
+
+    def __init__(self, code: int, index: Any):
+        self.code = code
+        self.index = index
+        self.count = 0
+
+
+class Memory:
+    """An in-process memory; durable when opened on a directory (see module docstring)."""
+
+    def __init__(self, spec: MemorySpec, path: str | Path | None = None, *, _log: SegmentLog | None = None):
+        self.spec = spec
+        self.path = Path(path) if path is not None else None
+        self._rw = RWLock()
+        self._writer = threading.Lock()
+        self._log = _log
+        self._template = None  # trained ivfpq index, once there is one
+        self._next_id = 0
+        self._ids = Column(np.int64)
+        self._keys = Column(np.float32, (spec.dim,))
+        self._values = {"none": None, "token": Column(np.int64),
+                        "vector": Column(np.float32, (spec.value_dim or 0,))}[spec.value_kind]
+        self._parts = Column(np.int32)
+        self._alive = Column(np.bool_)
+        self._payloads: list[Any] = []
+        self._names: list[str | None] = []  # partition code -> name
+        self._shards: dict[str | None, Shard] = {}
+        self._dead = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, spec: MemorySpec, path: str | Path) -> "Memory":
+        """A new durable memory in an empty directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=False)
+        _write_atomic(path / "spec.json", spec.model_dump_json(indent=2).encode())
+        return cls(spec, path, _log=SegmentLog(path, 1))
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Memory":
+        """Load the newest snapshot of the memory at `path` and replay the log written after it."""
+        path = Path(path)
+        if not (path / "spec.json").exists():
+            raise NotFound(f"no memory at {path}")
+        spec = MemorySpec.model_validate_json((path / "spec.json").read_text())
+        mem = cls(spec, path)
+        first = mem._load_snapshot()
+        for meta, arrays in replay(path, first):
+            mem._apply(meta, arrays)
+        numbers = segment_numbers(path)
+        mem._log = SegmentLog(path, max(numbers[-1] if numbers else 1, first))
+        return mem
+
+    def close(self) -> None:
+        """Snapshot if the log holds anything, then release the log."""
+        if self._log is not None:
+            if self._log.size:
+                self.snapshot()
+            self._log.close()
+            self._log = None
+
+    def set_metadata(self, metadata: dict[str, Any]) -> None:
+        """Replace the free-form metadata (e.g. tuned kNN-LM settings) stored with the spec."""
+        with self._writer:
+            self.spec = self.spec.model_copy(update={"metadata": dict(metadata)})
+            if self.path is not None:
+                _write_atomic(self.path / "spec.json", self.spec.model_dump_json(indent=2).encode())
+
+    # --- the MemoryBackend calls ----------------------------------------------------------------
+
+    def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
+            partition: str | None = None) -> np.ndarray:
+        """Store n entries and return their new ids; durable on return when the memory has a directory."""
+        keys = check_vectors(keys, self.spec.dim, "keys")
+        values = self._check_values(values, len(keys))
+        partition = check_partition(partition)
+        if payloads is not None:
+            if not isinstance(payloads, list) or len(payloads) != len(keys):
+                raise InvalidInput(f"payloads must be a list of {len(keys)} items, one per key", "payloads")
+            try:
+                json.dumps(payloads)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"payloads must be JSON-serialisable: {exc}", "payloads") from None
+        with self._writer:
+            first = self._next_id
+            meta = {"op": "add", "first": first, "partition": partition, "payloads": payloads}
+            arrays = {"keys": keys} if values is None else {"keys": keys, "values": values}
+            if self._log is not None:
+                self._log.append(meta, arrays)
+            with self._rw.write():
+                self._apply(meta, arrays)
+        return np.arange(first, first + len(keys), dtype=np.int64)
+
+    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
+        """Top-k entries per query (of one partition, or of the whole memory), closest first."""
+        queries = self._index_view(check_vectors(queries, self.spec.dim, "queries"))
+        k = check_k(k)
+        partition = check_partition(partition)
+        with self._rw.read():
+            if partition is None:
+                shards = [s for s in self._shards.values() if s.count]
+            else:
+                shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
+            ids = np.full((len(queries), k), -1, dtype=np.int64)
+            dist = np.full((len(queries), k), np.inf, dtype=np.float32)
+            for shard in shards:
+                d, i = shard.index.search(queries, min(k, shard.count))
+                d = self._as_distance(d, i)
+                if len(shards) == 1:
+                    ids[:, : i.shape[1]], dist[:, : d.shape[1]] = i, d
+                else:
+                    ids, dist = _merge(ids, dist, i, d, k)
+            return self._result(ids, dist)
+
+    def get(self, ids: Any) -> Entries:
+        """The stored entries with these ids; `found` is False (and the row zero/None) where missing."""
+        ids = check_ids(ids)
+        with self._rw.read():
+            rows = self._rows(ids)
+            found = rows >= 0
+            keys = np.zeros((len(ids), self.spec.dim), dtype=np.float32)
+            keys[found] = self._keys.data[rows[found]]
+            return Entries(
+                ids=ids, found=found, keys=keys,
+                values=self._value_rows(rows),
+                payloads=[self._payloads[r] if r >= 0 else None for r in rows],
+                partitions=[self._names[self._parts.data[r]] if r >= 0 else None for r in rows],
+            )
+
+    def delete(self, ids: Any = None, partition: str | None = None) -> int:
+        """Delete entries by ids, by partition, or the given ids within a partition; returns how many."""
+        if ids is None and partition is None:
+            raise InvalidInput("give ids, a partition, or both", "ids")
+        ids = None if ids is None else check_ids(ids)
+        partition = check_partition(partition)
+        with self._writer:
+            meta = {"op": "delete", "partition": partition}
+            arrays = {} if ids is None else {"ids": ids}
+            if self._log is not None:
+                self._log.append(meta, arrays)
+            with self._rw.write():
+                return self._apply(meta, arrays)
+
+    def stats(self) -> dict[str, Any]:
+        with self._rw.read():
+            return {
+                **self.spec.model_dump(),
+                "count": int(self._keys.size - self._dead),
+                "partitions": [{"name": n, "count": s.count} for n, s in self._shards.items()],
+                "trained": self.spec.index != "ivfpq" or self._template is not None,
+                "device": fx.device() if self.spec.index != "hnsw" else "cpu",
+                "durable": self.path is not None,
+                "log_bytes": self._log.size if self._log is not None else 0,
+            }
+
+    def __len__(self) -> int:
+        return int(self._keys.size - self._dead)
+
+    @property
+    def log_bytes(self) -> int:
+        return self._log.size if self._log is not None else 0
+
+    # --- applying log records (live and on replay) -----------------------------------------------
+
+    def _apply(self, meta: dict, arrays: dict[str, np.ndarray]) -> int:
+        if meta["op"] == "add":
+            return self._apply_add(meta["first"], arrays["keys"], arrays.get("values"),
+                                   meta["payloads"], meta["partition"])
+        return self._apply_delete(arrays.get("ids"), meta["partition"])
+
+    def _apply_add(self, first: int, keys: np.ndarray, values: np.ndarray | None,
+                   payloads: list | None, partition: str | None) -> int:
+        n = len(keys)
+        ids = np.arange(first, first + n, dtype=np.int64)
+        shard = self._shard(partition)
+        self._ids.append(ids)
+        self._keys.append(keys)
+        if self._values is not None:
+            self._values.append(values)
+        self._parts.append(np.full(n, shard.code, dtype=np.int32))
+        self._alive.append(np.ones(n, dtype=bool))
+        self._payloads.extend(payloads if payloads is not None else [None] * n)
+        shard.index.add_with_ids(self._index_view(keys), ids)
+        shard.count += n
+        self._next_id = first + n
+        if self.spec.index == "ivfpq" and self._template is None and len(self) >= self.spec.train_count:
+            self._train()
+        return n
+
+    def _apply_delete(self, ids: np.ndarray | None, partition: str | None) -> int:
+        if ids is None:
+            shard = self._shards.pop(partition, None)
+            if shard is None:
+                return 0
+            rows = np.flatnonzero(self._alive.data & (self._parts.data == shard.code))
+        else:
+            rows = self._rows(ids)
+            rows = np.unique(rows[rows >= 0])
+            if partition is not None:
+                code = self._shards[partition].code if partition in self._shards else -1
+                rows = rows[self._parts.data[rows] == code]
+            for code in np.unique(self._parts.data[rows]):
+                shard = self._shards[self._names[code]]
+                gone = self._ids.data[rows[self._parts.data[rows] == code]]
+                shard.count -= len(gone)
+                self._remove_from_index(shard, gone)
+        self._alive.data[rows] = False
+        self._dead += len(rows)
+        if self._dead > max(4096, self._keys.size // 2):
+            self._compact()
+        return len(rows)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _check_values(self, values: Any, n: int) -> np.ndarray | None:
+        kind = self.spec.value_kind
+        if kind == "none":
+            if values is not None:
+                raise InvalidInput("this memory stores no values (value_kind 'none')", "values")
+            return None
+        if values is None:
+            raise InvalidInput(f"values are required: this memory's value_kind is '{kind}'", "values")
+        if kind == "vector":
+            values = check_vectors(values, self.spec.value_dim, "values")
+        else:
+            values = np.asarray(values)
+            if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+                raise InvalidInput("values must be a 1-D list of integer token ids", "values")
+            values = values.astype(np.int64)
+        if len(values) != n:
+            raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
+        return values
+
+    def _index_view(self, x: np.ndarray) -> np.ndarray:
+        if self.spec.metric != "cosine":
+            return x
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+    def _as_distance(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        d = d.astype(np.float32)
+        if self.spec.metric == "ip":
+            d = -d
+        elif self.spec.metric == "cosine":
+            d = 1.0 - d
+        d[i < 0] = np.inf
+        return d
+
+    def _shard(self, partition: str | None) -> Shard:
+        shard = self._shards.get(partition)
+        if shard is None:
+            self._names.append(partition)
+            shard = self._shards[partition] = Shard(len(self._names) - 1, fx.new_index(self.spec, self._template))
+        return shard
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where the id is unknown or deleted."""
+        col = self._ids.data
+        if not len(col):
+            return np.full(len(ids), -1, dtype=np.int64)
+        rows = np.searchsorted(col, ids).clip(max=len(col) - 1)
+        return np.where((col[rows] == ids) & self._alive.data[rows], rows, -1)
+
+    def _value_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        if self._values is None:
+            return None
+        fill = -1 if self.spec.value_kind == "token" else 0
+        if not self._values.size:
+            return np.full((*rows.shape, *self._values.data.shape[1:]), fill, dtype=self._values.data.dtype)
+        out = self._values.data[np.where(rows >= 0, rows, 0)]
+        out[rows < 0] = fill
+        return out
+
+    def _result(self, ids: np.ndarray, dist: np.ndarray) -> SearchResult:
+        rows = self._rows(ids.ravel()).reshape(ids.shape)
+        rows[ids < 0] = -1
+        payloads = None
+        if any(p is not None for p in self._payloads):
+            payloads = [[self._payloads[r] if r >= 0 else None for r in row] for row in rows]
+        return SearchResult(ids=ids, distances=dist, values=self._value_rows(rows), payloads=payloads)
+
+    def _remove_from_index(self, shard: Shard, ids: np.ndarray) -> None:
+        try:
+            shard.index.remove_ids(ids)
+        except RuntimeError:  # hnsw and some GPU indexes cannot remove: rebuild this partition only
+            alive = self._alive.data.copy()
+            alive[self._rows(ids)] = False
+            rows = np.flatnonzero(alive & (self._parts.data == shard.code))
+            shard.index = self._build(rows)
+
+    def _build(self, rows: np.ndarray) -> Any:
+        index = fx.new_index(self.spec, self._template)
+        for start in range(0, len(rows), 65536):
+            chunk = rows[start:start + 65536]
+            index.add_with_ids(self._index_view(self._keys.data[chunk]), self._ids.data[chunk])
+        return index
+
+    def _train(self) -> None:
+        live = np.flatnonzero(self._alive.data)[: self.spec.train_count]
+        log.info("training ivfpq for %s on %d entries", self.spec.name, len(live))
+        self._template = fx.train_template(self.spec, self._index_view(self._keys.data[live]))
+        for shard in self._shards.values():
+            shard.index = self._build(np.flatnonzero(self._alive.data & (self._parts.data == shard.code)))
+
+    def _compact(self) -> None:
+        mask = self._alive.data.copy()
+        for col in (self._ids, self._keys, self._values, self._parts, self._alive):
+            if col is not None:
+                col.keep(mask)
+        self._payloads = [p for p, m in zip(self._payloads, mask) if m]
+        self._dead = 0
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Write the whole state to a new snapshot directory, then drop the log segments it covers."""
+        if self.path is None or self._log is None:
+            return
+        with self._writer, self._rw.read():
+            number = self._log.rotate()
+            tmp = self.path / f"snapshot.tmp-{number}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            live = self._alive.data
+            np.save(tmp / "ids.npy", self._ids.data[live])
+            np.save(tmp / "keys.npy", self._keys.data[live])
+            np.save(tmp / "parts.npy", self._parts.data[live])
+            if self._values is not None:
+                np.save(tmp / "values.npy", self._values.data[live])
+            payloads = [p for p, m in zip(self._payloads, live) if m]
+            state = {"next_id": self._next_id, "names": self._names, "codes": {},
+                     "payloads": payloads if any(p is not None for p in payloads) else None}
+            if self._template is not None:
+                fx.save_index(self._template, str(tmp / "template.faiss"))
+            for name, shard in self._shards.items():
+                state["codes"][shard.code] = shard.count
+                if self.spec.index != "flat":
+                    fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
+            (tmp / "state.json").write_text(json.dumps(state))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            final = self.path / f"snapshot-{number:08d}"
+            os.rename(tmp, final)
+            fsync_dir(self.path)
+        for old in self.path.glob("snapshot-*"):
+            if old != final:
+                shutil.rmtree(old)
+        for n in segment_numbers(self.path):
+            if n < number:
+                segment_path(self.path, n).unlink()
+
+    def _load_snapshot(self) -> int:
+        """Load the newest snapshot; returns the first log segment to replay after it."""
+        snaps = sorted(self.path.glob("snapshot-*"))
+        for tmp in self.path.glob("snapshot.tmp-*"):
+            shutil.rmtree(tmp)
+        if not snaps:
+            return 1
+        snap = snaps[-1]
+        state = json.loads((snap / "state.json").read_text())
+        ids = np.load(snap / "ids.npy")
+        self._ids.append(ids)
+        self._keys.append(np.load(snap / "keys.npy"))
+        self._parts.append(np.load(snap / "parts.npy"))
+        self._alive.append(np.ones(len(ids), dtype=bool))
+        if self._values is not None:
+            self._values.append(np.load(snap / "values.npy"))
+        self._payloads = state["payloads"] if state["payloads"] is not None else [None] * len(ids)
+        self._names = state["names"]
+        self._next_id = state["next_id"]
+        if (snap / "template.faiss").exists():
+            self._template = fx.read_index(str(snap / "template.faiss"))
+        for code, count in state["codes"].items():
+            code = int(code)
+            shard = Shard(code, None)
+            path = snap / f"index-{code}.faiss"
+            rows = np.flatnonzero(self._parts.data == code)
+            shard.index = fx.load_index(str(path), self.spec) if path.exists() else self._build(rows)
+            shard.count = count
+            self._shards[self._names[code]] = shard
+        return int(snap.name.split("-")[1])
+
+
+def _merge(ids: np.ndarray, dist: np.ndarray, new_ids: np.ndarray, new_dist: np.ndarray, k: int):
+    """Keep the k closest of two candidate lists per query."""
+    all_ids = np.concatenate([ids, new_ids], axis=1)
+    all_dist = np.concatenate([dist, new_dist], axis=1)
+    order = np.argsort(all_dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(all_ids, order, 1), np.take_along_axis(all_dist, order, 1)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,80 @@
+"""`Store`: the memories of one data directory, opened lazily, snapshotted in the background."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from memsvc.errors import AlreadyExists, NotFound
+from memsvc.store.base import MemorySpec
+from memsvc.store.memory import Memory
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """Named durable memories under `root/memories/<name>`; snapshots a memory once its log passes
+    `snapshot_bytes` (checked every `interval` seconds) and on close."""
+
+    def __init__(self, root: str | Path, snapshot_bytes: int = 256 << 20, interval: float = 5.0):
+        self.root = Path(root) / "memories"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.snapshot_bytes = snapshot_bytes
+        self._memories: dict[str, Memory] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._maintain, args=(interval,), daemon=True,
+                                        name="memsvc-snapshots")
+        self._thread.start()
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "spec.json").exists())
+
+    def create(self, spec: MemorySpec) -> Memory:
+        with self._lock:
+            if (self.root / spec.name).exists():
+                raise AlreadyExists(f"memory '{spec.name}' already exists", "name")
+            mem = self._memories[spec.name] = Memory.create(spec, self.root / spec.name)
+            return mem
+
+    def get(self, name: str) -> Memory:
+        with self._lock:
+            mem = self._memories.get(name)
+            if mem is None:
+                if not (self.root / name / "spec.json").exists():
+                    raise NotFound(f"memory '{name}' not found", "name")
+                mem = self._memories[name] = Memory.open(self.root / name)
+            return mem
+
+    def drop(self, name: str) -> None:
+        """Delete a memory and its files (renamed away first, so a crash never leaves half a memory)."""
+        with self._lock:
+            mem = self._memories.pop(name, None)
+            path = self.root / name
+            if mem is None and not path.exists():
+                raise NotFound(f"memory '{name}' not found", "name")
+            if mem is not None and mem._log is not None:
+                mem._log.close()
+                mem._log = None
+            trash = self.root.parent / f".trash-{uuid.uuid4().hex}"
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            for mem in self._memories.values():
+                mem.close()
+            self._memories.clear()
+
+    def _maintain(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            for mem in list(self._memories.values()):
+                if mem.log_bytes > self.snapshot_bytes:
+                    try:
+                        mem.snapshot()
+                    except Exception:  # keep serving; the log still holds everything
+                        log.exception("snapshot of %s failed", mem.spec.name)
