@@ -1,0 +1,259 @@
+"""The store's own guarantees: log replay, torn tails, snapshots, crash safety, concurrency, partitions."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memsvc.errors import AlreadyExists, InvalidInput, NotFound
+from memsvc.store import Memory, MemorySpec, Store
+from memsvc.store.wal import CorruptLog, segment_numbers, segment_path
+
+DIM = 8
+
+
+def spec(**kw) -> MemorySpec:
+    return MemorySpec(**{"name": "m", "dim": DIM, "value_kind": "token", **kw})
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def test_log_replay_restores_adds_and_deletes(tmp_path):
+    m = Memory.create(spec(), tmp_path / "m")
+    x = vecs(50)
+    m.add(x[:30], values=np.arange(30), partition="a", payloads=[{"i": i} for i in range(30)])
+    m.add(x[30:], values=np.arange(30, 50))
+    m.delete(ids=[3, 4, 40])
+    reopened = Memory.open(tmp_path / "m")
+    assert len(reopened) == 47
+    got = reopened.get(np.arange(50))
+    assert not got.found[[3, 4, 40]].any() and got.found.sum() == 47
+    np.testing.assert_array_equal(got.keys[got.found], x[got.found])
+    np.testing.assert_array_equal(got.values[got.found], np.arange(50)[got.found])
+    assert got.payloads[5] == {"i": 5} and got.partitions[5] == "a" and got.partitions[45] is None
+    # new ids continue after the old ones
+    assert reopened.add(vecs(1, 9), values=[7])[0] == 50
+
+
+def test_torn_tail_is_cut_and_earlier_records_survive(tmp_path):
+    m = Memory.create(spec(), tmp_path / "m")
+    m.add(vecs(10), values=np.arange(10))
+    m.add(vecs(10, 1), values=np.arange(10))
+    seg = segment_path(tmp_path / "m", 1)
+    size = seg.stat().st_size
+    with open(seg, "r+b") as f:  # a crash in the middle of the second record's write
+        f.truncate(size - 17)
+    reopened = Memory.open(tmp_path / "m")
+    assert len(reopened) == 10
+    assert seg.stat().st_size < size - 17  # the torn bytes were cut off
+    assert reopened.add(vecs(1), values=[1])[0] == 10  # and the log is writable again
+    assert len(Memory.open(tmp_path / "m")) == 11
+
+
+def test_damage_before_the_newest_segment_is_reported(tmp_path):
+    m = Memory.create(spec(), tmp_path / "m")
+    m.add(vecs(10), values=np.arange(10))
+    m._log.rotate()
+    m.add(vecs(10, 1), values=np.arange(10))
+    with open(segment_path(tmp_path / "m", 1), "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(CorruptLog):
+        Memory.open(tmp_path / "m")
+
+
+def test_snapshot_then_log_then_reopen(tmp_path):
+    m = Memory.create(spec(index="hnsw"), tmp_path / "m")
+    x = vecs(300)
+    m.add(x[:200], values=np.arange(200), partition="p")
+    m.snapshot()
+    assert segment_numbers(tmp_path / "m") == [2]  # the covered segment is gone
+    m.add(x[200:], values=np.arange(200, 300), partition="q")
+    m.delete(ids=np.arange(0, 200, 2))
+    m.close()
+    (tmp_path / "m" / "snapshot.tmp-99").mkdir()  # a snapshot that crashed half-way is ignored
+    r = Memory.open(tmp_path / "m")
+    assert len(r) == 200
+    assert {p["name"]: p["count"] for p in r.stats()["partitions"]} == {"p": 100, "q": 100}
+    res = r.search(x[[1, 250]], k=1)
+    np.testing.assert_array_equal(res.ids[:, 0], [1, 250])
+    assert not (tmp_path / "m" / "snapshot.tmp-99").exists()
+
+
+def test_partition_search_and_delete_leave_other_partitions_alone(tmp_path):
+    m = Memory(spec())
+    x = vecs(40)
+    m.add(x[:20], values=np.arange(20), partition="s1/l0/h0")
+    m.add(x[20:], values=np.arange(20, 40), partition="s1/l0/h1")
+    other = m._shards["s1/l0/h1"].index
+    res = m.search(x[:20], k=1, partition="s1/l0/h1")
+    assert set(res.ids[:, 0]) <= set(range(20, 40))
+    assert m.delete(partition="s1/l0/h0") == 20
+    assert m._shards["s1/l0/h1"].index is other  # not rebuilt
+    assert m.search(x[:1], k=3, partition="s1/l0/h0").ids.tolist() == [[-1, -1, -1]]
+    assert np.isinf(m.search(x[:1], k=3, partition="s1/l0/h0").distances).all()
+    assert len(m) == 20
+
+
+def test_hnsw_and_ivfpq_deletes_and_training(tmp_path):
+    x = vecs(2000, 3)
+    h = Memory(spec(index="hnsw"))
+    h.add(x, values=np.arange(2000))
+    h.delete(ids=[0, 1, 2])
+    assert h.search(x[:3], k=1).ids[:, 0].tolist() != [0, 1, 2]
+    assert h.search(x[5:6], k=1).ids[0, 0] == 5
+
+    q = Memory(spec(index="ivfpq", nlist=8, pq_m=4, train_size=1000, nprobe=8))
+    q.add(x[:500], values=np.arange(500))
+    assert not q.stats()["trained"]
+    np.testing.assert_array_equal(q.search(x[:5], k=1).ids[:, 0], np.arange(5))  # exact until trained
+    q.add(x[500:], values=np.arange(500, 2000))
+    assert q.stats()["trained"]
+    flat = Memory(spec())
+    flat.add(x, values=np.arange(2000))
+    approx, exact = q.search(x[:100], k=10).ids, flat.search(x[:100], k=10).ids
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall > 0.7
+    q.delete(ids=np.arange(100))
+    assert not np.isin(q.search(x[:100], k=10).ids, np.arange(100)).any()
+
+
+def test_compaction_keeps_ids_stable():
+    m = Memory(spec())
+    x = vecs(10000, 4)
+    m.add(x, values=np.arange(10000))
+    m.delete(ids=np.arange(0, 9000))
+    assert m._keys.size == 1000  # compacted
+    got = m.get([9000, 9999, 5])
+    assert got.found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(got.values[:2], [9000, 9999])
+    assert m.search(x[9500:9501], k=1).ids[0, 0] == 9500
+
+
+def test_bad_input_stores_nothing(tmp_path):
+    m = Memory.create(spec(value_kind="vector", value_dim=3), tmp_path / "m")
+    good = vecs(2)
+    bad = [
+        dict(keys=np.zeros((2, DIM + 1), np.float32), values=np.zeros((2, 3), np.float32)),
+        dict(keys=np.full((2, DIM), np.nan, np.float32), values=np.zeros((2, 3), np.float32)),
+        dict(keys=np.zeros((0, DIM), np.float32), values=np.zeros((0, 3), np.float32)),
+        dict(keys=np.zeros((2, DIM), np.int64), values=np.zeros((2, 3), np.float32)),
+        dict(keys=good, values=np.zeros((3, 3), np.float32)),
+        dict(keys=good, values=np.zeros((2, 4), np.float32)),
+        dict(keys=good, values=None),
+        dict(keys=good, values=np.zeros((2, 3), np.float32), payloads=[object(), 1]),
+        dict(keys=good, values=np.zeros((2, 3), np.float32), partition=""),
+    ]
+    for kwargs in bad:
+        with pytest.raises(InvalidInput) as err:
+            m.add(**kwargs)
+        assert err.value.field in {"keys", "values", "payloads", "partition"}
+    for k in (0, -1, 10**6, 2.5):
+        with pytest.raises(InvalidInput):
+            m.search(good, k=k)
+    with pytest.raises(InvalidInput):
+        m.delete()
+    assert len(m) == 0 and m.log_bytes == 0
+    assert len(Memory.open(tmp_path / "m")) == 0
+
+
+def test_store_create_get_drop(tmp_path):
+    s = Store(tmp_path, interval=0.05, snapshot_bytes=1)
+    mem = s.create(spec())
+    with pytest.raises(AlreadyExists):
+        s.create(spec())
+    mem.add(vecs(5), values=np.arange(5))
+    deadline = time.time() + 5
+    snapshots = tmp_path / "memories" / "m"
+    while not list(snapshots.glob("snapshot-*")) and time.time() < deadline:  # the background thread
+        time.sleep(0.05)
+    assert list(snapshots.glob("snapshot-*"))
+    s.close()
+    s2 = Store(tmp_path)
+    assert s2.names() == ["m"] and len(s2.get("m")) == 5
+    s2.drop("m")
+    with pytest.raises(NotFound):
+        s2.get("m")
+    assert s2.names() == []
+    s2.close()
+
+
+def test_searches_run_while_adds_happen():
+    m = Memory(spec())
+    x = vecs(20000, 5)
+    m.add(x[:1000], values=np.arange(1000))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher():
+        try:
+            while not stop.is_set():
+                res = m.search(x[:16], k=5)
+                assert (res.ids[:, 0] == np.arange(16)).all()
+                assert ((res.values == res.ids) | (res.ids < 0)).all()
+        except BaseException as exc:  # noqa: BLE001 - collected for the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for start in range(1000, 20000, 500):
+        m.add(x[start:start + 500], values=np.arange(start, start + 500))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(m) == 20000
+
+
+WRITER = r"""
+import sys, numpy as np
+from memsvc.store import Memory, MemorySpec
+path = sys.argv[1]
+m = Memory.create(MemorySpec(name="m", dim=8, value_kind="token"), path)
+rng = np.random.default_rng(0)
+for batch in range(100000):
+    n = int(rng.integers(1, 50))
+    keys = np.full((n, 8), batch, dtype=np.float32)
+    ids = m.add(keys, values=np.full(n, batch), payloads=[{"batch": batch}] * n)
+    print(batch, ids[0], ids[-1], flush=True)
+"""
+
+
+def test_sigkill_during_adds_loses_no_acknowledged_entry(tmp_path):
+    """A writer process is SIGKILLed mid-stream; every add it reported done must be there, whole."""
+    for attempt, delay in enumerate((0.7, 1.3)):
+        path = tmp_path / f"m{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).parents[1])
+        time.sleep(delay + 1.0)  # + interpreter start-up
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        acked = [tuple(map(int, line.split())) for line in out.splitlines() if line.count(" ") == 2]
+        assert len(acked) > 10, "the writer did not get going"
+        m = Memory.open(path)
+        last_batch, _, last_id = acked[-1]
+        got = m.get(np.arange(last_id + 1))
+        assert got.found.all(), "an acknowledged entry is missing"
+        # nothing half-written: every stored entry is a whole batch with consistent key, value, payload
+        n = len(m)
+        everything = m.get(np.arange(n))
+        assert everything.found.all()
+        batches = everything.values
+        np.testing.assert_array_equal(everything.keys, np.repeat(batches[:, None], DIM, axis=1).astype(np.float32))
+        assert [p["batch"] for p in everything.payloads] == batches.tolist()
+        assert batches[-1] in (last_batch, last_batch + 1)  # at most the one in flight, and whole
+        counts = np.bincount(batches)
+        first = {b: lo for b, lo, _ in acked}
+        for b, lo, hi in acked:
+            assert counts[b] == hi - lo + 1
+        assert len(first) == len(acked)
