@@ -168,6 +168,7 @@ class Memory:
         self._parts = Column(np.int32)
         self._alive = Column(np.bool_)
         self._payloads: list[Any] = []
+        self._any_payloads = False  # so searches of payload-free memories skip the payload lookup
         self._names: list[str | None] = []  # partition code -> name
         self._shards: dict[str | None, Shard] = {}
         self._dead = 0
@@ -326,6 +327,7 @@ class Memory:
         self._parts.append(np.full(n, shard.code, dtype=np.int32))
         self._alive.append(np.ones(n, dtype=bool))
         self._payloads.extend(payloads if payloads is not None else [None] * n)
+        self._any_payloads |= payloads is not None
         shard.index.add_with_ids(self._index_view(keys), ids)
         shard.count += n
         self._next_id = first + n
@@ -421,7 +423,7 @@ class Memory:
         rows = self._rows(ids.ravel()).reshape(ids.shape)
         rows[ids < 0] = -1
         payloads = None
-        if any(p is not None for p in self._payloads):
+        if self._any_payloads:
             payloads = [[self._payloads[r] if r >= 0 else None for r in row] for row in rows]
         return SearchResult(ids=ids, distances=dist, values=self._value_rows(rows), payloads=payloads)
 
@@ -512,7 +514,8 @@ class Memory:
         self._alive.append(np.ones(len(ids), dtype=bool))
         if self._values is not None:
             self._values.append(np.load(snap / "values.npy"))
-        self._payloads = state["payloads"] if state["payloads"] is not None else [None] * len(ids)
+        self._any_payloads = state["payloads"] is not None
+        self._payloads = state["payloads"] if self._any_payloads else [None] * len(ids)
         self._names = state["names"]
         self._next_id = state["next_id"]
         if (snap / "template.faiss").exists():
