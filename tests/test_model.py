@@ -1,0 +1,100 @@
+"""Model loading and the one decoding loop (lm/model.py, lm/generate.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from lm.generate import generate, next_token, stream_tokens
+from lm.model import load_model, tiny_llama
+from memsvc.errors import InvalidInput, NotFound
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+def test_unknown_model_names_and_paths_are_rejected(tmp_path):
+    with pytest.raises(NotFound, match="unknown model"):
+        load_model("no-such-model")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NotFound):
+        load_model(tmp_path)  # a directory without config.json
+    with pytest.raises(NotFound):
+        load_model(tmp_path / "weights.bin")
+
+
+def test_greedy_stream_matches_transformers_generate(tiny):
+    model, tok = tiny
+    ids = tok("def parse(text):", return_tensors="pt").input_ids
+    ours = list(stream_tokens(model, ids, max_new_tokens=12))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def test_text_pieces_join_to_the_decoded_tokens(tiny):
+    model, tok = tiny
+    ids = tok("Hello", return_tensors="pt").input_ids
+    tokens = list(stream_tokens(model, ids, max_new_tokens=15, temperature=1.0, seed=3))
+    pieces = list(generate(model, tok, "Hello", max_new_tokens=15, temperature=1.0, seed=3))
+    assert len(pieces) > 1
+    assert "".join(pieces) == tok.decode(tokens, skip_special_tokens=True)
+
+
+def test_hook_replaces_the_logprobs_and_sees_the_outputs(tiny):
+    model, tok = tiny
+    seen = []
+
+    def force_42(logprobs, outputs):
+        seen.append(outputs.logits.shape)
+        forced = torch.full_like(logprobs, -float("inf"))
+        forced[:, 42] = 0.0
+        return forced
+
+    ids = tok("abc", return_tensors="pt").input_ids
+    assert list(stream_tokens(model, ids, max_new_tokens=5, temperature=0.7, logprobs_hook=force_42)) == [42] * 5
+    assert len(seen) == 5 and seen[0][:2] == (1, 1)
+
+
+def test_given_cache_is_used_and_grows(tiny):
+    model, tok = tiny
+    ids = tok("one two three", return_tensors="pt").input_ids
+    cache = DynamicCache(config=model.config)
+    out = list(stream_tokens(model, ids, max_new_tokens=4, past_key_values=cache))
+    assert cache.get_seq_length() == ids.shape[1] + len(out) - 1
+    assert out == list(stream_tokens(model, ids, max_new_tokens=4))
+
+
+def test_stop_ids_end_the_stream(tiny):
+    model, tok = tiny
+    ids = tok("abc", return_tensors="pt").input_ids
+    first = next(stream_tokens(model, ids, max_new_tokens=1))
+    assert list(stream_tokens(model, ids, max_new_tokens=10, stop_ids={first})) == [first]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logprobs = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    picks = {int(next_token(logprobs, 1.0, 0.5, gen)) for _ in range(50)}
+    assert picks == {0}
+    picks = {int(next_token(logprobs, 1.0, 0.85, gen)) for _ in range(200)}
+    assert picks == {0, 1}
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"max_new_tokens": -1}])
+def test_bad_sampling_options(tiny, kwargs):
+    model, tok = tiny
+    with pytest.raises(InvalidInput):
+        list(generate(model, tok, "x", **kwargs))
+    with pytest.raises(InvalidInput, match="empty"):
+        list(generate(model, tok, ""))
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answers_in_text():
+    model, tok = load_model("smollm2")
+    assert model.config.hidden_size == 576
+    answer = "".join(generate(model, tok, "What is the capital of France?", chat=True, max_new_tokens=20))
+    assert "Paris" in answer
