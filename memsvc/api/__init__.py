@@ -1,0 +1,1 @@
+"""The REST API: `memsvc.api.app.create_app(settings)`; `wire` and `schemas` are shared with the client."""

@@ -1,0 +1,52 @@
+"""Every error leaves as `{"error": {"code", "message", "field"?}}`: ours, FastAPI's and Starlette's."""
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from memsvc.api.deps import JSONResponse
+from memsvc.api.schemas import invalid_input
+from memsvc.errors import ERRORS_BY_CODE, MemsvcError
+
+log = logging.getLogger(__name__)
+CODE_BY_STATUS = {cls.status: cls.code for cls in ERRORS_BY_CODE.values()}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"code": code, "message": message, **({"field": field} if field is not None else {})}
+    return JSONResponse({"error": body}, status, headers=headers)
+
+
+async def memsvc_error(request: Request, exc: MemsvcError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.field)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = invalid_input(exc.errors())
+    return error_response(err.status, err.code, err.message, err.field)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown route 404, wrong method 405) and the body limit's 413."""
+    status = exc.status_code
+    code = CODE_BY_STATUS.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    if status == 413:
+        return error_response(status, code, exc.detail, "body")
+    return error_response(status, code, f"{exc.detail}: {request.method} {request.url.path}", headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", f"internal server error ({type(exc).__name__})")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(MemsvcError, memsvc_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

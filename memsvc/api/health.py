@@ -1,0 +1,15 @@
+"""`GET /v1/health`: the server is up and its store and catalog are open."""
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from fastapi import APIRouter
+
+from memsvc.api.schemas import Health
+
+router = APIRouter(prefix="/v1", tags=["health"])
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    return Health(status="ok", version=version("memsvc"))

@@ -1,0 +1,99 @@
+"""`/v1/memories`: create, list, inspect, update and delete memories; add, search, get and delete entries.
+
+Routes that touch a memory are plain `def`: FAISS and the log are blocking, so they run in the
+threadpool and concurrent searches run in parallel. Vector routes take JSON or npz bodies and answer
+npz to `Accept: application/x-npz`.
+"""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from memsvc.api.deps import BINARY_RESPONSE, ServiceDep, SettingsDep, authorize, binary_body, body_of, respond
+from memsvc.api.limits import check_batch, check_max_k
+from memsvc.api.schemas import (AddRequest, AddResponse, DeleteRequest, DeleteResponse, EntriesResponse, Entry,
+                                GetRequest, MemoryList, MemoryStats, MetadataPatch, SearchRequest,
+                                SearchResponse)
+from memsvc.api.wire import entries_fields, search_fields
+from memsvc.errors import NotFound
+from memsvc.store import MemorySpec
+
+router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authorize)])
+
+
+@router.post("", status_code=201, response_model=MemoryStats)
+def create_memory(spec: MemorySpec, service: ServiceDep) -> dict:
+    """Create a memory; 409 if the name is taken."""
+    return service.create(spec).stats()
+
+
+@router.get("", response_model=MemoryList)
+def list_memories(service: ServiceDep) -> MemoryList:
+    return MemoryList(memories=service.list_memories())
+
+
+@router.get("/{name}", response_model=MemoryStats)
+def memory_stats(name: str, service: ServiceDep) -> dict:
+    """The memory's spec, entry count, partitions and index state."""
+    return service.memory(name).stats()
+
+
+@router.patch("/{name}", response_model=MemorySpec)
+def set_metadata(name: str, patch: MetadataPatch, service: ServiceDep) -> MemorySpec:
+    """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings)."""
+    return service.set_metadata(name, patch.metadata)
+
+
+@router.delete("/{name}", status_code=204)
+def delete_memory(name: str, service: ServiceDep) -> None:
+    service.delete_memory(name)
+
+
+@router.post("/{name}/entries", status_code=201, response_model=AddResponse,
+             openapi_extra=binary_body(AddRequest), responses=BINARY_RESPONSE)
+def add_entries(name: str, request: Request, body: Annotated[AddRequest, Depends(body_of(AddRequest))],
+                service: ServiceDep, settings: SettingsDep) -> Response:
+    """Store entries; acknowledged once they are on disk. Returns their ids."""
+    check_batch(body.keys, "keys", settings)
+    ids = service.memory(name).add(body.keys, body.values, body.payloads, body.partition)
+    return respond(request, {"ids": ids}, status_code=201)
+
+
+@router.post("/{name}/search", response_model=SearchResponse,
+             openapi_extra=binary_body(SearchRequest), responses=BINARY_RESPONSE)
+def search(name: str, request: Request, body: Annotated[SearchRequest, Depends(body_of(SearchRequest))],
+           service: ServiceDep, settings: SettingsDep) -> Response:
+    """Top-k entries per query, closest first; missing neighbours are id -1, distance null (+inf)."""
+    check_batch(body.queries, "queries", settings)
+    check_max_k(body.k, settings)
+    return respond(request, search_fields(service.memory(name).search(body.queries, body.k, body.partition)))
+
+
+@router.post("/{name}/get", response_model=EntriesResponse,
+             openapi_extra=binary_body(GetRequest), responses=BINARY_RESPONSE)
+def get_entries(name: str, request: Request, body: Annotated[GetRequest, Depends(body_of(GetRequest))],
+                service: ServiceDep, settings: SettingsDep) -> Response:
+    """Entries by id, in the order asked; `found` is false where an id does not exist."""
+    check_batch(body.ids, "ids", settings)
+    return respond(request, entries_fields(service.memory(name).get(body.ids)))
+
+
+@router.get("/{name}/entries/{entry_id}", response_model=Entry)
+def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
+    entries = service.memory(name).get([entry_id])
+    if not entries.found[0]:
+        raise NotFound(f"memory '{name}' has no entry {entry_id}", "id")
+    value = None if entries.values is None else entries.values[0].tolist()
+    return Entry(id=entry_id, key=entries.keys[0].tolist(), value=value, payload=entries.payloads[0],
+                 partition=entries.partitions[0])
+
+
+@router.post("/{name}/delete", response_model=DeleteResponse,
+             openapi_extra=binary_body(DeleteRequest), responses=BINARY_RESPONSE)
+def delete_entries(name: str, request: Request, body: Annotated[DeleteRequest, Depends(body_of(DeleteRequest))],
+                   service: ServiceDep, settings: SettingsDep) -> Response:
+    """Delete entries by ids, by partition, or ids within a partition; returns how many."""
+    if body.ids is not None:
+        check_batch(body.ids, "ids", settings)
+    return respond(request, {"deleted": service.memory(name).delete(body.ids, body.partition)})

@@ -1,0 +1,140 @@
+"""Request and response bodies of the REST API (pydantic), shared with the client.
+
+Vector fields only take shape here (JSON lists become numpy arrays); what they hold is checked by
+`memsvc.store.Memory` itself, so every backend rejects exactly the same things.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, WithJsonSchema
+
+from memsvc.errors import InvalidInput
+from memsvc.store.base import MemorySpec
+
+REQUEST_PARTS = ("body", "query", "path", "header")
+
+
+def invalid_input(errors: Sequence[dict[str, Any]]) -> InvalidInput:
+    """The first of pydantic's errors as an InvalidInput whose field is the error's location."""
+    err = errors[0]
+    loc = [str(part) for part in err["loc"]]
+    field = ".".join(loc[1:] if loc and loc[0] in REQUEST_PARTS else loc) or None
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    return InvalidInput(f"{field}: {msg}" if field else msg, field)
+
+
+def spec_from(**fields: Any) -> MemorySpec:
+    """A MemorySpec, or InvalidInput naming the bad field (the same error in-process and over REST)."""
+    try:
+        return MemorySpec(**fields)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None
+
+
+def _as_array(x: Any) -> np.ndarray:
+    """npz arrays pass through; JSON lists become arrays, whole-number matrices counting as float."""
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        a = np.asarray(x)
+    except ValueError:
+        raise ValueError("must be a rectangular array of numbers") from None
+    return a.astype(np.float32) if a.ndim == 2 and a.dtype.kind in "iu" else a
+
+
+def _array(schema: dict[str, Any]) -> Any:
+    return Annotated[Any, BeforeValidator(_as_array), WithJsonSchema(schema)]
+
+
+_MATRIX = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+Matrix = _array({**_MATRIX, "description": "[n, dim] numbers; float32 in a binary body"})
+Values = _array({"description": "value vectors [n, value_dim], or token ids [n]",
+                 "anyOf": [_MATRIX, {"type": "array", "items": {"type": "integer"}}]})
+Ids = _array({"type": "array", "items": {"type": "integer"}, "description": "entry ids"})
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a mistake worth reporting
+
+
+class AddRequest(Body):
+    keys: Matrix
+    values: Values | None = Field(None, description="required unless the memory's value_kind is 'none'")
+    payloads: list[Any] | None = Field(None, description="one JSON value per key")
+    partition: str | None = Field(None, description="tag that scopes search and delete")
+
+
+class SearchRequest(Body):
+    queries: Matrix
+    k: StrictInt = Field(description="neighbours per query")
+    partition: str | None = Field(None, description="search only this partition")
+
+
+class GetRequest(Body):
+    ids: Ids
+
+
+class DeleteRequest(Body):
+    ids: Ids | None = Field(None, description="delete these entries (within `partition` if given)")
+    partition: str | None = Field(None, description="delete this partition (or only `ids` within it)")
+
+
+class MetadataPatch(Body):
+    metadata: dict[str, Any] = Field(description="replaces the memory's free-form metadata")
+
+
+class AddResponse(BaseModel):
+    ids: list[int]
+
+
+class SearchResponse(BaseModel):
+    ids: list[list[int]] = Field(description="[m, k]; -1 where there is no neighbour")
+    distances: list[list[float | None]] = Field(description="[m, k], smaller is closer; null = +inf (none)")
+    values: list[Any] | None = Field(None, description="[m, k] token ids or [m, k, value_dim] vectors")
+    payloads: list[list[Any]] | None = None
+
+
+class EntriesResponse(BaseModel):
+    ids: list[int]
+    found: list[bool]
+    keys: list[list[float]]
+    values: list[Any] | None = None
+    payloads: list[Any] | None = None
+    partitions: list[str | None]
+
+
+class Entry(BaseModel):
+    id: int
+    key: list[float]
+    value: Any = None
+    payload: Any = None
+    partition: str | None = None
+
+
+class DeleteResponse(BaseModel):
+    deleted: int = Field(description="entries deleted")
+
+
+class Partition(BaseModel):
+    name: str | None
+    count: int
+
+
+class MemoryStats(MemorySpec):
+    count: int
+    partitions: list[Partition]
+    trained: bool
+    device: str
+    durable: bool
+    log_bytes: int
+
+
+class MemoryList(BaseModel):
+    memories: list[MemorySpec]
+
+
+class Health(BaseModel):
+    status: str
+    version: str

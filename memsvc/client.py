@@ -1,0 +1,276 @@
+"""Python client of the REST API: `MemoryClient`, `AsyncMemoryClient` and their remote memories.
+
+A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
+`MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.errors` types
+(rebuilt from the server's error body). Vectors travel as npz (`memsvc.api.wire`).
+
+Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
+async client only differ in how they perform it. New resources (collections) add their calls the same way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import orjson
+
+from memsvc.api.schemas import spec_from
+from memsvc.api.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
+from memsvc.errors import InvalidInput, error_from_dict
+from memsvc.store.base import Entries, MemorySpec, SearchResult
+from memsvc.store.memory import check_ids, check_k, check_partition, check_vectors
+
+
+def _fields(fields: dict[str, Any] | None) -> Any:
+    return fields
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP exchange: an npz body also asks for an npz answer; `read` turns the answer's fields into
+    the result."""
+
+    method: str
+    path: str
+    read: Callable[[dict[str, Any] | None], Any] = _fields
+    content: bytes | None = None
+    content_type: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.content_type is None:
+            return {}
+        return {"Content-Type": self.content_type, **({"Accept": NPZ} if self.content_type == NPZ else {})}
+
+    def answer(self, response: httpx.Response) -> Any:
+        """The result of a response, or the typed error the server sent."""
+        if response.is_error:
+            try:
+                body = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                body = {"error": {"message": f"HTTP {response.status_code}: {response.text[:200]}"}}
+            raise error_from_dict(response.status_code, body)
+        content_type = response.headers.get("content-type")
+        return self.read(decode(response.content, content_type) if response.content else None)
+
+
+def _path(name: str, *rest: str) -> str:
+    return "/".join(("/v1/memories", quote(name, safe=""), *rest))
+
+
+def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any]) -> Call:
+    try:
+        content = json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"metadata is not JSON: {exc}", "metadata") from None
+    return Call(method, path, read, content, JSON)
+
+
+def _npz_call(path: str, read: Callable[[Any], Any], **fields: Any) -> Call:
+    return Call("POST", path, read, encode_npz(fields), NPZ)
+
+
+def _spec(fields: dict[str, Any]) -> MemorySpec:
+    return MemorySpec(**{name: fields[name] for name in MemorySpec.model_fields})
+
+
+# --- the calls: inputs are checked here with the in-process Memory's own check functions -----------
+
+def health_call() -> Call:
+    return Call("GET", "/v1/health")
+
+
+def create_call(spec: MemorySpec) -> Call:
+    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec)
+
+
+def spec_call(name: str) -> Call:
+    return Call("GET", _path(name), _spec)
+
+
+def list_call() -> Call:
+    return Call("GET", "/v1/memories", lambda fields: [MemorySpec(**spec) for spec in fields["memories"]])
+
+
+def drop_call(name: str) -> Call:
+    return Call("DELETE", _path(name))
+
+
+def metadata_call(name: str, metadata: dict[str, Any]) -> Call:
+    return _json_call("PATCH", _path(name), {"metadata": metadata}, MemorySpec.model_validate)
+
+
+def stats_call(spec: MemorySpec) -> Call:
+    return Call("GET", _path(spec.name))
+
+
+def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
+    keys = check_vectors(keys, spec.dim, "keys")
+    return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
+                     keys=keys, values=values, payloads=payloads, partition=partition)
+
+
+def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:
+    queries = check_vectors(queries, spec.dim, "queries")
+    return _npz_call(_path(spec.name, "search"), search_result,
+                     queries=queries, k=check_k(k), partition=check_partition(partition))
+
+
+def get_call(spec: MemorySpec, ids: Any) -> Call:
+    return _npz_call(_path(spec.name, "get"), entries_result, ids=check_ids(ids))
+
+
+def delete_call(spec: MemorySpec, ids: Any, partition: str | None) -> Call:
+    ids = None if ids is None else check_ids(ids)
+    return _npz_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+# --- sync ---------------------------------------------------------------------------------------
+
+class MemoryClient:
+    """A memsvc server at `url`: create, open, list and delete its memories."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None):
+        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+
+    def send(self, call: Call) -> Any:
+        return call.answer(self.http.request(call.method, call.path, content=call.content, headers=call.headers))
+
+    def health(self) -> dict[str, Any]:
+        return self.send(health_call())
+
+    def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
+                      value_dim: int | None = None, index: str = "flat", **index_params: Any) -> RemoteMemory:
+        """Create a memory (index_params: nlist, pq_m, nprobe, hnsw_m, ... of MemorySpec)."""
+        spec = spec_from(name=name, dim=dim, metric=metric, value_kind=value_kind, value_dim=value_dim,
+                         index=index, **index_params)
+        return RemoteMemory(self, self.send(create_call(spec)))
+
+    def memory(self, name: str) -> RemoteMemory:
+        return RemoteMemory(self, self.send(spec_call(name)))
+
+    def list_memories(self) -> list[MemorySpec]:
+        return self.send(list_call())
+
+    def delete_memory(self, name: str) -> None:
+        self.send(drop_call(name))
+
+    def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
+        return self.send(metadata_call(name, metadata))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> MemoryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteMemory:
+    """A memory on a server; the same `MemoryBackend` behaviour as the in-process `Memory`."""
+
+    def __init__(self, client: MemoryClient, spec: MemorySpec):
+        self.client = client
+        self.spec = spec
+
+    def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
+            partition: str | None = None) -> np.ndarray:
+        return self.client.send(add_call(self.spec, keys, values, payloads, partition))
+
+    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
+        return self.client.send(search_call(self.spec, queries, k, partition))
+
+    def get(self, ids: Any) -> Entries:
+        return self.client.send(get_call(self.spec, ids))
+
+    def delete(self, ids: Any = None, partition: str | None = None) -> int:
+        return self.client.send(delete_call(self.spec, ids, partition))
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.send(stats_call(self.spec))
+
+    def set_metadata(self, metadata: dict[str, Any]) -> None:
+        self.spec = self.client.set_metadata(self.spec.name, metadata)
+
+
+# --- async ---------------------------------------------------------------------------------------
+
+class AsyncMemoryClient:
+    """`MemoryClient` for asyncio."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+
+    async def send(self, call: Call) -> Any:
+        response = await self.http.request(call.method, call.path, content=call.content, headers=call.headers)
+        return call.answer(response)
+
+    async def health(self) -> dict[str, Any]:
+        return await self.send(health_call())
+
+    async def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
+                            value_dim: int | None = None, index: str = "flat",
+                            **index_params: Any) -> AsyncRemoteMemory:
+        spec = spec_from(name=name, dim=dim, metric=metric, value_kind=value_kind, value_dim=value_dim,
+                         index=index, **index_params)
+        return AsyncRemoteMemory(self, await self.send(create_call(spec)))
+
+    async def memory(self, name: str) -> AsyncRemoteMemory:
+        return AsyncRemoteMemory(self, await self.send(spec_call(name)))
+
+    async def list_memories(self) -> list[MemorySpec]:
+        return await self.send(list_call())
+
+    async def delete_memory(self, name: str) -> None:
+        await self.send(drop_call(name))
+
+    async def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
+        return await self.send(metadata_call(name, metadata))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncMemoryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncRemoteMemory:
+    """`RemoteMemory` for asyncio: the same calls, awaited."""
+
+    def __init__(self, client: AsyncMemoryClient, spec: MemorySpec):
+        self.client = client
+        self.spec = spec
+
+    async def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
+                  partition: str | None = None) -> np.ndarray:
+        return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
+
+    async def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
+        return await self.client.send(search_call(self.spec, queries, k, partition))
+
+    async def get(self, ids: Any) -> Entries:
+        return await self.client.send(get_call(self.spec, ids))
+
+    async def delete(self, ids: Any = None, partition: str | None = None) -> int:
+        return await self.client.send(delete_call(self.spec, ids, partition))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.client.send(stats_call(self.spec))
+
+    async def set_metadata(self, metadata: dict[str, Any]) -> None:
+        self.spec = await self.client.set_metadata(self.spec.name, metadata)

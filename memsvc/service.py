@@ -1,0 +1,105 @@
+"""`Service`: the memories of one data directory and their SQL catalog, behind the client's method names.
+
+The catalog is the source of truth for which memories exist: a create inserts the catalog row first
+(a duplicate fails there) and removes it again if the store cannot create the memory; a delete removes
+the row first, then the files. Opening reconciles the two: memory directories the catalog does not
+know (a create interrupted by a crash) are dropped, and catalog rows without a directory are reported.
+So never create memories in the store behind the catalog's back.
+
+`connect(url, data_dir)` gives a `MemoryClient` for a server or a `Service` on a data directory, so a
+command is written once against either.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from memsvc.api.schemas import spec_from
+from memsvc.client import MemoryClient
+from memsvc.config import Settings
+from memsvc.db import Catalog
+from memsvc.errors import InvalidInput, NotFound
+from memsvc.store import Memory, MemorySpec, Store
+from memsvc.store.base import NAME_PATTERN
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Store + Catalog of `settings.data_dir`; the embedded twin of `memsvc.client.MemoryClient`."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.settings.catalog_url)
+        self.store = Store(self.settings.data_dir, snapshot_bytes=self.settings.snapshot_bytes)
+        self._reconcile()
+
+    def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
+                      value_dim: int | None = None, index: str = "flat", **index_params: Any) -> Memory:
+        """Create a memory (index_params: nlist, pq_m, nprobe, hnsw_m, ... of MemorySpec)."""
+        return self.create(spec_from(name=name, dim=dim, metric=metric, value_kind=value_kind,
+                                     value_dim=value_dim, index=index, **index_params))
+
+    def create(self, spec: MemorySpec) -> Memory:
+        for field in ("dim", "value_dim"):
+            size = getattr(spec, field)
+            if size is not None and size > self.settings.max_dim:
+                raise InvalidInput(f"{field}={size} is above this server's max_dim={self.settings.max_dim}",
+                                   field)
+        self.catalog.create_memory(spec)
+        try:
+            return self.store.create(spec)
+        except BaseException:
+            self.catalog.delete_memory(spec.name)
+            raise
+
+    def memory(self, name: str) -> Memory:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise NotFound(f"memory '{name}' not found", "name")
+        return self.store.get(name)
+
+    def list_memories(self) -> list[MemorySpec]:
+        return self.catalog.list_memories()
+
+    def delete_memory(self, name: str) -> None:
+        self.catalog.delete_memory(name)
+        with suppress(NotFound):  # a row without files (reported at start) is gone all the same
+            self.store.drop(name)
+
+    def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
+        """Replace a memory's free-form metadata in the catalog and in the memory's own spec."""
+        spec = self.catalog.update_metadata(name, metadata)
+        self.memory(name).set_metadata(spec.metadata)
+        return spec
+
+    def close(self) -> None:
+        self.store.close()
+        self.catalog.close()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reconcile(self) -> None:
+        known = {spec.name for spec in self.catalog.list_memories()}
+        on_disk = set(self.store.names())
+        for name in sorted(on_disk - known):
+            log.warning("dropping memory directory '%s': the catalog does not know it "
+                        "(a create interrupted by a crash)", name)
+            self.store.drop(name)
+        for name in sorted(known - on_disk):
+            log.error("the catalog lists memory '%s' but %s has no directory for it: its data is lost; "
+                      "delete it to reuse the name", name, self.store.root)
+
+
+def connect(url: str | None, data_dir: Path, api_key: str | None = None) -> MemoryClient | Service:
+    """A client of the server at `url`, or, without a url, the embedded service on `data_dir`."""
+    if url:
+        return MemoryClient(url, api_key=api_key)
+    return Service(Settings(data_dir=data_dir))

@@ -1,0 +1,85 @@
+"""Shared fixtures: a real `memsvc serve` subprocess on a free port (`ServerProcess`, `server`)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`memsvc serve` on `data_dir` in a subprocess; `env` adds MEMSVC_* settings. Restartable on the same
+    data dir and port: `start()` after `kill()` (SIGKILL) or `stop()` (SIGTERM, a clean shutdown)."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
+        self.data_dir = Path(data_dir)
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        """Start the server and return once /v1/health answers (or fail with the server's log)."""
+        cmd = [sys.executable, "-m", "memsvc.cli", "serve", "--port", str(self.port),
+               "--data-dir", str(self.data_dir)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v1/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise TimeoutError(f"server did not answer within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no snapshot; what is on disk is all a restart gets."""
+        self._end(signal.SIGKILL)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM: uvicorn shuts down cleanly and the store snapshots its memories."""
+        self._end(signal.SIGTERM, timeout)
+
+    def _end(self, sig: signal.Signals, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live server on a fresh data dir, shared by a test module (use unique memory names)."""
+    with ServerProcess(tmp_path_factory.mktemp("server") / "data") as proc:
+        yield proc
