@@ -1,0 +1,365 @@
+"""kNN-LM (Khandelwal et al. 2020): p(y|x) = λ·p_kNN(y|x) + (1−λ)·p_LM(y|x), computed in log space.
+
+The datastore is any `MemoryBackend` with value_kind "token": key = a hidden state of the context
+(`final-norm`: the final norm's output; `mlp-input`: the normalised input of the last layer's MLP, as in
+the paper), value = the token that came next. p_kNN puts softmax(−distance / temperature) weight on each
+of the k nearest keys and sums the weights per token id.
+
+Texts are cut into windows of `window` tokens; window j reads tokens [jW, jW+W) and predicts each next
+token, so every token but a document's first is predicted exactly once. Keys are captured with forward
+hooks during the one forward pass that also gives p_LM.
+
+What a datastore was built with and the tuned (λ, temperature, k) live in the memory's metadata under
+"knnlm", so evaluation and generation default to them. A build records each finished document there; an
+interrupted build resumes from the memory's entry count.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence, get_args
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from lm.generate import generate
+from memsvc.errors import InvalidInput
+from memsvc.store.base import IndexKind, MemoryBackend
+
+KeyKind = Literal["final-norm", "mlp-input"]
+KEY_KINDS: tuple[str, ...] = get_args(KeyKind)
+METADATA_KEY = "knnlm"
+
+
+class KNNParams(BaseModel):
+    """Interpolation settings: weight λ of p_kNN, softmax temperature over distances, neighbours k."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lam: float = Field(0.25, ge=0, le=1)
+    temp: float = Field(10.0, gt=0, allow_inf_nan=False)
+    k: int = Field(64, gt=0, le=1024)
+
+    @classmethod
+    def check(cls, **fields: Any) -> "KNNParams":
+        """KNNParams from the given (non-None) fields, or InvalidInput naming the bad one."""
+        try:
+            return cls(**{name: value for name, value in fields.items() if value is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0])
+            raise InvalidInput(f"{field}: {err['msg']} (got {err['input']!r})", field) from None
+
+
+# --- the math ------------------------------------------------------------------------------------
+
+def knn_probs(distances: torch.Tensor, tokens: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+    """p_kNN [n, vocab] from neighbour distances and token ids [n, k] (missing: id -1, distance +inf)."""
+    weights = torch.softmax(-distances.float() / temperature, dim=-1).nan_to_num(0.0)  # no neighbour: 0
+    weights = weights.masked_fill(tokens < 0, 0.0)
+    return torch.zeros(len(tokens), vocab_size).scatter_add_(1, tokens.clamp(min=0), weights)
+
+
+def interpolate(lm_logprobs: torch.Tensor, knn_logprobs: torch.Tensor, lam: float) -> torch.Tensor:
+    """log(λ·p_kNN + (1−λ)·p_LM) from the two log-probabilities, without leaving log space."""
+    lam = torch.tensor(lam, dtype=torch.float64)
+    return torch.logaddexp(knn_logprobs + lam.log().float(), lm_logprobs + torch.log1p(-lam).float())
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+@contextmanager
+def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, every forward pass leaves its key hidden states [batch, seq, hidden] in the dict."""
+    decoder = model.get_decoder()
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for kind in kinds:
+        if kind == "final-norm":
+            handles.append(decoder.norm.register_forward_hook(
+                lambda mod, args, out, kind=kind: captured.__setitem__(kind, out)))
+        elif kind == "mlp-input":
+            handles.append(decoder.layers[-1].mlp.register_forward_pre_hook(
+                lambda mod, args, kind=kind: captured.__setitem__(kind, args[0])))
+        else:
+            raise InvalidInput(f"key must be one of {', '.join(KEY_KINDS)}, got {kind!r}", "key")
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Encoded:
+    """One document through the model: per predicted position its keys, next token and log p_LM."""
+
+    keys: dict[str, np.ndarray]
+    targets: np.ndarray
+    lm_logprobs: np.ndarray
+
+
+def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text; InvalidInput if there are none or a text has fewer than two tokens."""
+    if not texts:
+        raise InvalidInput("no texts given", "texts")
+    docs = [tokenizer(text).input_ids if isinstance(text, str) else [] for text in texts]
+    for i, ids in enumerate(docs):
+        if len(ids) < 2:
+            raise InvalidInput(f"text {i} has {len(ids)} token(s): nothing to predict", "texts")
+    return docs
+
+
+@torch.inference_mode()
+def encode(model: PreTrainedModel, docs: Sequence[Sequence[int]], kinds: Sequence[str] = ("final-norm",),
+           window: int = 512, batch_size: int = 2, progress: bool = True) -> Iterator[Encoded]:
+    """Run tokenised documents through the model in batches of windows; yield each document when done."""
+    spans = [(d, start) for d, ids in enumerate(docs) for start in range(0, len(ids) - 1, window)]
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
+    bar = tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress, desc="kNN-LM encode")
+    with capture_keys(model, kinds) as captured:
+        for first in range(0, len(spans), batch_size):
+            batch = spans[first:first + batch_size]
+            chunks = [docs[d][start:start + window + 1] for d, start in batch]
+            width = max(len(c) for c in chunks) - 1
+            inputs = torch.zeros(len(chunks), width, dtype=torch.long)  # right padding: causal, never attended
+            targets = torch.full((len(chunks), width), -100, dtype=torch.long)
+            for row, chunk in enumerate(chunks):
+                inputs[row, :len(chunk) - 1] = torch.tensor(chunk[:-1])
+                targets[row, :len(chunk) - 1] = torch.tensor(chunk[1:])
+            logits = model(input_ids=inputs.to(model.device), use_cache=False).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.to(model.device),
+                                                    reduction="none")
+            for row, (d, start) in enumerate(batch):
+                n = len(chunks[row]) - 1
+                parts.append(({kind: captured[kind][row, :n].float().cpu().numpy() for kind in kinds},
+                              targets[row, :n].numpy(), -nll[row, :n].cpu().numpy()))
+                bar.update(n)
+                if start + window >= len(docs[d]) - 1:  # the document's last window
+                    yield Encoded(keys={kind: np.concatenate([p[0][kind] for p in parts]) for kind in kinds},
+                                  targets=np.concatenate([p[1] for p in parts]),
+                                  lm_logprobs=np.concatenate([p[2] for p in parts]))
+                    parts = []
+    bar.close()
+
+
+# --- scores: everything perplexity needs, so tuning never reruns the model or the search -----------
+
+@dataclass
+class Scores:
+    """Per predicted position: next token, log p_LM of it, and its k neighbours (distances, tokens)."""
+
+    targets: np.ndarray
+    lm_logprobs: np.ndarray
+    distances: np.ndarray
+    neighbours: np.ndarray
+
+    def knn_logprobs(self, temperature: float, k: int | None = None, chunk: int = 512) -> np.ndarray:
+        """log p_kNN of each target with the nearest k (default all) neighbours."""
+        out = np.empty(len(self.targets), dtype=np.float32)
+        vocab = int(max(self.targets.max(), self.neighbours.max())) + 1
+        for s in range(0, len(out), chunk):
+            probs = knn_probs(torch.from_numpy(self.distances[s:s + chunk, :k]),
+                              torch.from_numpy(self.neighbours[s:s + chunk, :k]), temperature, vocab)
+            out[s:s + chunk] = probs.gather(1, torch.from_numpy(self.targets[s:s + chunk, None])).log()[:, 0]
+        return out
+
+    def perplexity(self, params: KNNParams) -> float:
+        """kNN-LM perplexity under these settings."""
+        knn = torch.from_numpy(self.knn_logprobs(params.temp, params.k))
+        mixed = interpolate(torch.from_numpy(self.lm_logprobs), knn, params.lam)
+        return math.exp(-mixed.double().mean().item())
+
+    @property
+    def base_perplexity(self) -> float:
+        return math.exp(-self.lm_logprobs.astype(np.float64).mean())
+
+
+@dataclass
+class Perplexity:
+    tokens: int
+    base_ppl: float
+    knnlm_ppl: float
+    lam: float
+    temp: float
+    k: int
+
+
+def neighbours(memory: MemoryBackend, queries: np.ndarray, k: int,
+               batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, token ids) [n, k] of the nearest stored keys, one search call per `batch` queries."""
+    found = [memory.search(queries[s:s + batch], k) for s in range(0, len(queries), batch)]
+    return (np.concatenate([r.distances for r in found]).astype(np.float32),
+            np.concatenate([r.values for r in found]).astype(np.int64))
+
+
+def datastore_spec(name: str, model: PreTrainedModel, index: IndexKind = "flat") -> dict[str, Any]:
+    """Arguments of `create_memory` for a kNN-LM datastore of this model."""
+    return {"name": name, "dim": model.config.hidden_size, "metric": "l2", "value_kind": "token", "index": index}
+
+
+def text_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class KNNLM:
+    """A model plus a datastore memory (in-process `Memory` or `RemoteMemory`, the same calls)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, memory: MemoryBackend,
+                 key: KeyKind | None = None, window: int = 512, batch_size: int = 2, progress: bool = True):
+        spec = memory.spec
+        if spec.value_kind != "token":
+            raise InvalidInput(f"memory '{spec.name}' stores value_kind '{spec.value_kind}'; a kNN-LM datastore "
+                               "stores next-token ids (value_kind 'token')", "memory")
+        if spec.dim != model.config.hidden_size:
+            raise InvalidInput(f"memory '{spec.name}' has dim {spec.dim} but the model's hidden size is "
+                               f"{model.config.hidden_size}", "memory")
+        built_with = self._stored(memory).get("key")
+        if key is not None and built_with is not None and key != built_with:
+            raise InvalidInput(f"memory '{spec.name}' was built with key '{built_with}', not '{key}'", "key")
+        self.key: str = key or built_with or "final-norm"
+        if self.key not in KEY_KINDS:
+            raise InvalidInput(f"key must be one of {', '.join(KEY_KINDS)}, got {self.key!r}", "key")
+        self.model, self.tokenizer, self.memory = model, tokenizer, memory
+        self.window, self.batch_size, self.progress = window, batch_size, progress
+
+    @staticmethod
+    def _stored(memory: MemoryBackend) -> dict[str, Any]:
+        return dict(memory.spec.metadata.get(METADATA_KEY, {}))
+
+    def _save(self, **fields: Any) -> None:
+        meta = {**self.memory.spec.metadata, METADATA_KEY: {**self._stored(self.memory), **fields}}
+        self.memory.set_metadata(meta)
+
+    def params(self, lam: float | None = None, temp: float | None = None, k: int | None = None) -> KNNParams:
+        """The given settings, falling back to the tuned ones stored with the memory, then to defaults."""
+        stored = KNNParams.check(**self._stored(self.memory))
+        return KNNParams.check(lam=stored.lam if lam is None else lam, temp=stored.temp if temp is None else temp,
+                               k=stored.k if k is None else k)
+
+    def _entries(self) -> int:
+        """Entries in the unpartitioned datastore (continuous-cache partitions excluded)."""
+        return next((p["count"] for p in self.memory.stats()["partitions"] if p["name"] is None), 0)
+
+    # --- build -----------------------------------------------------------------------------------
+
+    def build(self, texts: Sequence[str], add_batch: int = 8192) -> int:
+        """Add a (key, next token) entry per predicted position of the texts; returns entries added.
+
+        Documents already in the datastore are skipped; a document a crash left half-added is finished.
+        """
+        docs = tokenize_documents(self.tokenizer, texts)
+        stored = self._stored(self.memory)
+        done = set(stored.get("sources", []))
+        partial = self._entries() - stored.get("entries", 0)
+        todo = {text_id(t): ids for t, ids in zip(texts, docs) if text_id(t) not in done}
+        current = stored.get("building")
+        if partial < 0:
+            raise InvalidInput(f"memory '{self.memory.spec.name}' has fewer entries than its recorded build; "
+                               "entries were deleted behind the build's back, rebuild it in a new memory", "memory")
+        if partial and current not in todo:
+            raise InvalidInput(f"memory '{self.memory.spec.name}' holds {partial} entries of an unfinished build "
+                               "of a document not among these texts; rerun the build with the same files", "texts")
+        order = sorted(todo, key=lambda h: h != current)  # an unfinished document first
+        self._save(key=self.key, window=self.window)
+        added = 0
+        for h, enc in zip(order, encode(self.model, [todo[h] for h in order], (self.key,), self.window,
+                                        self.batch_size, self.progress)):
+            self._save(building=h)
+            keys, targets = enc.keys[self.key][partial:], enc.targets[partial:]
+            for s in range(0, len(keys), add_batch):
+                self.memory.add(keys[s:s + add_batch], values=targets[s:s + add_batch])
+            added += len(keys)
+            partial = 0
+            meta = self._stored(self.memory)
+            self._save(sources=[*meta.get("sources", []), h], entries=meta.get("entries", 0) + len(enc.targets),
+                       building=None)
+        return added
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    def score(self, texts: Sequence[str], k: int | None = None, continuous: bool = False) -> Scores:
+        """Scores of the texts against the datastore; with `continuous`, each document's own earlier
+        windows join the datastore while it is read (a temporary partition, deleted afterwards)."""
+        k = self.params(k=k).k
+        docs = tokenize_documents(self.tokenizer, texts)
+        if not self.memory.stats()["count"]:
+            raise InvalidInput(f"memory '{self.memory.spec.name}' is empty; build the datastore first", "memory")
+        parts = []
+        for enc in encode(self.model, docs, (self.key,), self.window, self.batch_size, self.progress):
+            keys = enc.keys[self.key]
+            if continuous:
+                distances, tokens = self._read_with_cache(keys, enc.targets, k)
+            else:
+                distances, tokens = neighbours(self.memory, keys, k)
+            parts.append(Scores(enc.targets, enc.lm_logprobs, distances, tokens))
+        return Scores(*(np.concatenate([getattr(p, f) for p in parts])
+                        for f in ("targets", "lm_logprobs", "distances", "neighbours")))
+
+    def _read_with_cache(self, keys: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        cache = f"knnlm-cache-{uuid.uuid4().hex}"
+        found = []
+        try:
+            for s in range(0, len(keys), self.window):
+                found.append(neighbours(self.memory, keys[s:s + self.window], k))
+                self.memory.add(keys[s:s + self.window], values=targets[s:s + self.window], partition=cache)
+        finally:
+            self.memory.delete(partition=cache)
+        return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+    def perplexity(self, texts: Sequence[str], lam: float | None = None, temp: float | None = None,
+                   k: int | None = None, continuous: bool = False) -> Perplexity:
+        """Base and kNN-LM perplexity of the texts (settings default to the tuned ones)."""
+        params = self.params(lam, temp, k)
+        scores = self.score(texts, params.k, continuous)
+        return Perplexity(tokens=len(scores.targets), base_ppl=scores.base_perplexity,
+                          knnlm_ppl=scores.perplexity(params), lam=params.lam, temp=params.temp, k=params.k)
+
+    def tune(self, texts: Sequence[str], k: int | None = None, lams: Sequence[float] | None = None,
+             temps: Sequence[float] | None = None, continuous: bool = False) -> tuple[KNNParams, float]:
+        """Pick λ and temperature minimising perplexity on validation texts and store them with the memory.
+
+        The temperature grid spans the spread of nearest-neighbour distances unless given.
+        """
+        params = self.params(k=k)
+        scores = self.score(texts, params.k, continuous)
+        lams = np.linspace(0.0, 0.95, 20) if lams is None else lams
+        if temps is None:
+            scale = float(np.median(scores.distances[:, 0][np.isfinite(scores.distances[:, 0])]))
+            temps = max(scale, 1e-3) * np.geomspace(1 / 64, 4, 17)
+        best = (math.inf, params)
+        lm = torch.from_numpy(scores.lm_logprobs)
+        for temp in temps:
+            knn = torch.from_numpy(scores.knn_logprobs(float(temp), params.k))
+            for lam in lams:
+                ppl = math.exp(-interpolate(lm, knn, float(lam)).double().mean().item())
+                if ppl < best[0]:
+                    best = (ppl, KNNParams.check(lam=float(lam), temp=float(temp), k=params.k))
+        ppl, tuned = best
+        self._save(**tuned.model_dump(), tuned_on_tokens=len(scores.targets), tuned_base_ppl=scores.base_perplexity,
+                   tuned_knnlm_ppl=ppl, tuned_continuous=continuous)
+        return tuned, ppl
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, lam: float | None = None, temp: float | None = None, k: int | None = None,
+                 **options: Any) -> Iterator[str]:
+        """Stream a continuation whose next-token distribution is the kNN-LM mixture at every step
+        (one search call per token); `options` go to `lm.generate.generate`."""
+        params = self.params(lam, temp, k)
+        with capture_keys(self.model, (self.key,)) as captured:
+            def mix(logprobs: torch.Tensor, outputs: Any) -> torch.Tensor:
+                query = captured[self.key][:, -1].float().cpu().numpy()
+                found = self.memory.search(query, params.k)
+                probs = knn_probs(torch.from_numpy(found.distances), torch.from_numpy(found.values.astype(np.int64)),
+                                  params.temp, logprobs.shape[-1])
+                return interpolate(logprobs, probs.log().to(logprobs.device), params.lam)
+
+            yield from generate(self.model, self.tokenizer, prompt, logprobs_hook=mix, **options)

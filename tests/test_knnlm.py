@@ -1,0 +1,233 @@
+"""kNN-LM (lm/knnlm.py): the interpolation math, key capture, datastore build/resume, perplexity, tuning,
+generation, bad input; the real SmolLM2 in one slow test."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lm.knnlm import KNNLM, KNNParams, capture_keys, datastore_spec, interpolate, knn_probs
+from lm.model import tiny_llama
+from memsvc.errors import InvalidInput
+from memsvc.store import Memory, MemorySpec
+
+TEXT = ("The csv module implements classes to read and write tabular data in CSV format. It allows "
+        "programmers to say, write this data in the format preferred by Excel, without knowing the precise "
+        "details of the CSV format used by Excel. ") * 3
+OTHER = "The json module exposes an API familiar to users of the standard library marshal and pickle modules."
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+def datastore(model, name: str = "ds", **extra) -> Memory:
+    return Memory(MemorySpec(**{**datastore_spec(name, model), **extra}))
+
+
+def knnlm(tiny, memory=None, **kwargs) -> KNNLM:
+    model, tok = tiny
+    return KNNLM(model, tok, memory if memory is not None else datastore(model), window=32, batch_size=3,
+                 progress=False, **kwargs)
+
+
+# --- the math, against a worked example -----------------------------------------------------------
+
+def test_knn_probs_and_interpolation_match_a_hand_computed_case():
+    # Neighbours at squared distances 1, 2, 4 with tokens 5, 7, 5; temperature 2:
+    # weights e^-0.5, e^-1, e^-2 = 0.60653, 0.36788, 0.13534 (sum 1.10975)
+    # p_kNN(5) = (0.60653 + 0.13534) / 1.10975 = 0.66850, p_kNN(7) = 0.33150, every other token 0.
+    d = torch.tensor([[1.0, 2.0, 4.0]])
+    t = torch.tensor([[5, 7, 5]])
+    p = knn_probs(d, t, temperature=2.0, vocab_size=10)
+    assert p[0, 5].item() == pytest.approx(0.66850, abs=1e-5)
+    assert p[0, 7].item() == pytest.approx(0.33150, abs=1e-5)
+    assert p[0].sum().item() == pytest.approx(1.0) and (p[0, [0, 1, 2, 3, 4, 6, 8, 9]] == 0).all()
+    # λ = 0.25 with a uniform p_LM = 0.1: p(5) = 0.25*0.66850 + 0.75*0.1 = 0.24213, p(7) = 0.15787, others 0.075
+    mixed = interpolate(torch.full((1, 10), math.log(0.1)), p.log(), 0.25).exp()
+    assert mixed[0, 5].item() == pytest.approx(0.24213, abs=1e-5)
+    assert mixed[0, 7].item() == pytest.approx(0.15787, abs=1e-5)
+    assert mixed[0, 0].item() == pytest.approx(0.075, abs=1e-6)
+    assert mixed.sum().item() == pytest.approx(1.0)
+
+
+def test_missing_neighbours_carry_no_weight():
+    d = torch.tensor([[0.0, math.inf], [math.inf, math.inf]])
+    t = torch.tensor([[3, -1], [-1, -1]])
+    p = knn_probs(d, t, 1.0, 5)
+    assert p[0, 3] == 1.0 and p[0].sum() == 1.0
+    assert (p[1] == 0).all()  # no neighbour at all: p_kNN is zero, so the mixture is (1-λ)·p_LM
+
+
+def test_lambda_zero_and_one_give_either_distribution():
+    lm = torch.log_softmax(torch.randn(4, 10), -1)
+    knn = torch.log_softmax(torch.randn(4, 10), -1)
+    torch.testing.assert_close(interpolate(lm, knn, 0.0), lm)
+    torch.testing.assert_close(interpolate(lm, knn, 1.0), knn)
+
+
+# --- keys --------------------------------------------------------------------------------------------
+
+def test_captured_keys_are_the_lm_head_and_last_mlp_inputs(tiny):
+    model, _ = tiny
+    seen = {}
+    decoder = model.get_decoder()
+    h1 = model.lm_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("head", a[0]))
+    h2 = decoder.layers[-1].post_attention_layernorm.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("mlp", out))
+    try:
+        with torch.inference_mode(), capture_keys(model, ("final-norm", "mlp-input")) as captured:
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    finally:
+        h1.remove()
+        h2.remove()
+    torch.testing.assert_close(captured["final-norm"], seen["head"])
+    torch.testing.assert_close(captured["mlp-input"], seen["mlp"])
+    assert not model.get_decoder().norm._forward_hooks  # hooks are gone after the block
+
+
+# --- build, resume, perplexity, tuning, generation ---------------------------------------------------
+
+def test_datastore_lowers_perplexity_on_text_it_holds(tiny):
+    knn = knnlm(tiny)
+    n = knn.build([TEXT, OTHER])
+    assert n == len(knn.memory) and knn.memory.spec.metadata["knnlm"]["key"] == "final-norm"
+    result = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8)
+    assert result.tokens == len(tiny[1](TEXT).input_ids) - 1
+    assert result.knnlm_ppl < result.base_ppl / 10  # a random model knows nothing; exact neighbours do
+    assert knn.build([TEXT]) == 0  # already there: skipped
+
+
+def test_mlp_input_key_is_recorded_and_enforced(tiny):
+    mem = datastore(tiny[0])
+    knnlm(tiny, mem, key="mlp-input").build([OTHER])
+    assert KNNLM(tiny[0], tiny[1], mem).key == "mlp-input"
+    with pytest.raises(InvalidInput, match="built with key 'mlp-input'"):
+        KNNLM(tiny[0], tiny[1], mem, key="final-norm")
+
+
+class CrashingMemory:
+    """A Memory whose add fails after `adds` calls: a build killed mid-document."""
+
+    def __init__(self, memory: Memory, adds: int):
+        self.memory, self.adds = memory, adds
+        self.spec = memory.spec
+
+    def add(self, *args, **kwargs):
+        if self.adds == 0:
+            raise RuntimeError("killed")
+        self.adds -= 1
+        return self.memory.add(*args, **kwargs)
+
+    def set_metadata(self, metadata):
+        self.memory.set_metadata(metadata)
+        self.spec = self.memory.spec
+
+    def __getattr__(self, name):
+        return getattr(self.memory, name)
+
+
+def test_interrupted_build_resumes_to_the_same_datastore(tiny, tmp_path):
+    fresh = knnlm(tiny)
+    fresh.build([OTHER, TEXT], add_batch=10)
+    mem = Memory.create(MemorySpec(**datastore_spec("ds", tiny[0])), tmp_path / "ds")
+    with pytest.raises(RuntimeError, match="killed"):
+        knnlm(tiny, CrashingMemory(mem, adds=5)).build([OTHER, TEXT], add_batch=10)
+    assert 0 < len(mem) < len(fresh.memory)
+    mem.close()
+    mem = Memory.open(tmp_path / "ds")  # a restart
+    knnlm(tiny, mem).build([OTHER, TEXT], add_batch=10)
+    ids = np.arange(len(fresh.memory))
+    assert len(mem) == len(fresh.memory)
+    np.testing.assert_array_equal(mem.get(ids).values, fresh.memory.get(ids).values)
+    np.testing.assert_allclose(mem.get(ids).keys, fresh.memory.get(ids).keys, atol=1e-5)
+    with pytest.raises(InvalidInput, match="unfinished build"):  # a half document the texts do not hold
+        crashed = Memory(MemorySpec(**datastore_spec("ds2", tiny[0])))
+        with pytest.raises(RuntimeError):
+            knnlm(tiny, CrashingMemory(crashed, adds=2)).build([TEXT], add_batch=10)
+        knnlm(tiny, crashed).build([OTHER])
+
+
+def test_continuous_cache_reads_the_document_itself_and_leaves_nothing(tiny):
+    knn = knnlm(tiny)
+    knn.build([OTHER])
+    before = knn.memory.stats()["count"]
+    plain = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8)
+    cached = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8, continuous=True)
+    assert cached.knnlm_ppl < plain.knnlm_ppl / 2  # TEXT repeats itself across windows
+    assert cached.base_ppl == pytest.approx(plain.base_ppl)
+    assert knn.memory.stats()["count"] == before
+    assert [p["name"] for p in knn.memory.stats()["partitions"]] == [None]
+
+
+def test_tune_stores_settings_that_become_the_defaults(tiny):
+    knn = knnlm(tiny)
+    knn.build([TEXT])
+    default = knn.perplexity([TEXT])
+    tuned, ppl = knn.tune([TEXT], k=16)
+    stored = knn.memory.spec.metadata["knnlm"]
+    assert (stored["lam"], stored["temp"], stored["k"]) == (tuned.lam, tuned.temp, 16)
+    again = knnlm(tiny, knn.memory).perplexity([TEXT])
+    assert (again.lam, again.temp, again.k) == (tuned.lam, tuned.temp, 16)
+    assert again.knnlm_ppl == pytest.approx(ppl, rel=1e-4)
+    assert again.knnlm_ppl <= default.knnlm_ppl
+
+
+def test_pure_knn_generation_replays_the_stored_text(tiny):
+    model, tok = tiny
+    ids = tok(TEXT).input_ids
+    prompt = tok.decode(ids[:12])
+    assert tok(prompt).input_ids == ids[:12]
+    knn = knnlm(tiny)
+    knn.build([TEXT])
+    out = "".join(knn.generate(prompt, lam=1.0, k=4, temp=1.0, max_new_tokens=10))
+    assert out == tok.decode(ids[12:22])
+    base = "".join(knn.generate(prompt, lam=0.0, max_new_tokens=10))
+    assert base != out
+
+
+# --- bad input: clear errors before any work, nothing stored --------------------------------------
+
+def test_memory_that_does_not_fit_the_model_is_rejected(tiny):
+    model, tok = tiny
+    with pytest.raises(InvalidInput, match="hidden size is 64"):
+        KNNLM(model, tok, Memory(MemorySpec(name="m", dim=576, value_kind="token")))
+    with pytest.raises(InvalidInput, match="value_kind 'token'"):
+        KNNLM(model, tok, Memory(MemorySpec(name="m", dim=64)))
+    with pytest.raises(InvalidInput, match="key must be one of"):
+        knnlm(tiny, key="attention")
+
+
+@pytest.mark.parametrize("params, field", [({"lam": 1.5}, "lam"), ({"lam": -0.1}, "lam"), ({"k": 0}, "k"),
+                                           ({"k": -3}, "k"), ({"temp": 0.0}, "temp")])
+def test_bad_settings_are_rejected_before_any_work(tiny, params, field):
+    knn = knnlm(tiny)
+    knn.build([OTHER])
+    with pytest.raises(InvalidInput) as err:
+        knn.perplexity([TEXT], **params)
+    assert err.value.field == field
+    with pytest.raises(InvalidInput):
+        list(knn.generate("abc", **params))
+
+
+@pytest.mark.parametrize("texts", [[], [""], [OTHER, "x"[:0]]])
+def test_empty_texts_are_rejected_and_nothing_is_stored(tiny, texts):
+    knn = knnlm(tiny)
+    with pytest.raises(InvalidInput, match="no texts|nothing to predict"):
+        knn.build(texts)
+    assert len(knn.memory) == 0 and "sources" not in knn.memory.spec.metadata.get("knnlm", {})
+
+
+def test_evaluating_an_empty_datastore_is_an_error(tiny):
+    with pytest.raises(InvalidInput, match="empty"):
+        knnlm(tiny).perplexity([TEXT])
+
+
+def test_params_validation_names_the_field():
+    assert KNNParams.check(lam=None, k=3).k == 3
+    with pytest.raises(InvalidInput, match="lam") as err:
+        KNNParams.check(lam=2)
+    assert err.value.field == "lam"
