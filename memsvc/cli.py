@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from memsvc.config import Settings
+
 app = typer.Typer(help="memsvc: retrieval-augmented long-context memory for transformer LMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -16,18 +18,16 @@ def main() -> None:
 
 
 @app.command()
-def serve(host: Annotated[str | None, typer.Option(help="interface to listen on [default: 127.0.0.1]")] = None,
-          port: Annotated[int | None, typer.Option(help="port [default: 8000]")] = None,
-          data_dir: Annotated[Path | None, typer.Option(help="memories and catalog [default: ./memsvc-data]")] = None,
-          ) -> None:
-    """Serve the REST API (docs at /docs); MEMSVC_* environment variables set the rest."""
+def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interface to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(envvar="MEMSVC_PORT", help="port")] = 8000,
+          data_dir: Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="memories and catalog")]
+          = Path("memsvc-data")) -> None:
+    """Serve the REST API (docs at /docs); other MEMSVC_* environment variables set the rest."""
     import uvicorn
 
     from memsvc.api.app import create_app
-    from memsvc.config import Settings
 
-    given = {"host": host, "port": port, "data_dir": data_dir}
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    settings = Settings(host=host, port=port, data_dir=data_dir)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 

@@ -10,8 +10,9 @@ async client only differ in how they perform it. New resources (collections) add
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
@@ -170,7 +171,7 @@ class MemoryClient:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> MemoryClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -242,7 +243,7 @@ class AsyncMemoryClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> AsyncMemoryClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -15,7 +15,7 @@ import logging
 import re
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from memsvc.api.schemas import spec_from
 from memsvc.client import MemoryClient
@@ -80,7 +80,7 @@ class Service:
         self.store.close()
         self.catalog.close()
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -34,7 +35,7 @@ class ServerProcess:
         self.log = self.data_dir.parent / f"{self.data_dir.name}-server.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         """Start the server and return once /v1/health answers (or fail with the server's log)."""
         cmd = [sys.executable, "-m", "memsvc.cli", "serve", "--port", str(self.port),
                "--data-dir", str(self.data_dir)]
@@ -71,7 +72,7 @@ class ServerProcess:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from conftest import ServerProcess
 from sqlalchemy import create_engine, make_url, text
+from typer.testing import CliRunner
 
 from memsvc.api.wire import NPZ, decode_npz, encode_npz, search_result
+from memsvc.cli import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.db import Catalog
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
@@ -348,3 +350,8 @@ def test_catalog_on_postgres(tmp_path, postgres_url):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM memories")).scalar() == 0
     engine.dispose()
+
+
+def test_cli_rejects_bad_options():
+    result = CliRunner().invoke(app, ["serve", "--port", "eighty"])
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output

@@ -1,8 +1,9 @@
 """What the routes share: the service and settings, request bodies in (JSON or npz), responses out."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from secrets import compare_digest
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer

@@ -1,7 +1,6 @@
 """Every error leaves as `{"error": {"code", "message", "field"?}}`: ours, FastAPI's and Starlette's."""
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -12,7 +11,6 @@ from memsvc.api.deps import JSONResponse
 from memsvc.api.schemas import invalid_input
 from memsvc.errors import ERRORS_BY_CODE, MemsvcError
 
-log = logging.getLogger(__name__)
 CODE_BY_STATUS = {cls.status: cls.code for cls in ERRORS_BY_CODE.values()}
 
 
@@ -41,7 +39,7 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    """A bug: the body says little; Starlette re-raises the exception afterwards for the server's log."""
     return error_response(500, "internal_error", f"internal server error ({type(exc).__name__})")
 
 

@@ -12,9 +12,20 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from memsvc.api.deps import BINARY_RESPONSE, ServiceDep, SettingsDep, authorize, binary_body, body_of, respond
 from memsvc.api.limits import check_batch, check_max_k
-from memsvc.api.schemas import (AddRequest, AddResponse, DeleteRequest, DeleteResponse, EntriesResponse, Entry,
-                                GetRequest, MemoryList, MemoryStats, MetadataPatch, SearchRequest,
-                                SearchResponse)
+from memsvc.api.schemas import (
+    AddRequest,
+    AddResponse,
+    DeleteRequest,
+    DeleteResponse,
+    EntriesResponse,
+    Entry,
+    GetRequest,
+    MemoryList,
+    MemoryStats,
+    MetadataPatch,
+    SearchRequest,
+    SearchResponse,
+)
 from memsvc.api.wire import entries_fields, search_fields
 from memsvc.errors import NotFound
 from memsvc.store import MemorySpec

@@ -73,11 +73,10 @@ def encode_npz(fields: dict[str, Any]) -> bytes:
 
 def decode_npz(body: bytes) -> dict[str, Any]:
     """The fields of an npz body; keys/queries must be float32, members stored uncompressed."""
+    if not body.startswith(b"PK"):
+        raise InvalidInput(f"malformed {NPZ} body: not an npz archive (write one with np.savez)", "body")
     try:
-        archive = np.load(io.BytesIO(body), allow_pickle=False) if body.startswith(b"PK") else None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("not an npz archive of named fields (write one with np.savez)")
-        with archive:
+        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
             if any(info.compress_type != zipfile.ZIP_STORED for info in archive.zip.infolist()):
                 raise ValueError("members must be stored uncompressed (np.savez, not np.savez_compressed)")
             members = {name: archive[name] for name in archive.files}
