@@ -469,25 +469,11 @@ class Memory:
             tmp = self.path / f"snapshot.tmp-{number}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            live = self._alive.data
-            np.save(tmp / "ids.npy", self._ids.data[live])
-            np.save(tmp / "keys.npy", self._keys.data[live])
-            np.save(tmp / "parts.npy", self._parts.data[live])
-            if self._values is not None:
-                np.save(tmp / "values.npy", self._values.data[live])
-            payloads = [p for p, m in zip(self._payloads, live) if m]
-            state = {"next_id": self._next_id, "names": self._names, "codes": {},
-                     "payloads": payloads if any(p is not None for p in payloads) else None}
-            if self._template is not None:
-                fx.save_index(self._template, str(tmp / "template.faiss"))
-            for name, shard in self._shards.items():
-                state["codes"][shard.code] = shard.count
-                if self.spec.index != "flat":
-                    fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
-            (tmp / "state.json").write_text(json.dumps(state))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            try:
+                self._write_snapshot(tmp)
+            except BaseException:  # e.g. a full disk: give the space back, the log still has everything
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             final = self.path / f"snapshot-{number:08d}"
             os.rename(tmp, final)
             fsync_dir(self.path)
@@ -497,6 +483,27 @@ class Memory:
         for n in segment_numbers(self.path):
             if n < number:
                 segment_path(self.path, n).unlink()
+
+    def _write_snapshot(self, tmp: Path) -> None:
+        live = self._alive.data
+        np.save(tmp / "ids.npy", self._ids.data[live])
+        np.save(tmp / "keys.npy", self._keys.data[live])
+        np.save(tmp / "parts.npy", self._parts.data[live])
+        if self._values is not None:
+            np.save(tmp / "values.npy", self._values.data[live])
+        payloads = [p for p, m in zip(self._payloads, live) if m]
+        state = {"next_id": self._next_id, "names": self._names, "codes": {},
+                 "payloads": payloads if any(p is not None for p in payloads) else None}
+        if self._template is not None:
+            fx.save_index(self._template, str(tmp / "template.faiss"))
+        for shard in self._shards.values():
+            state["codes"][shard.code] = shard.count
+            if self.spec.index != "flat":
+                fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
     def _load_snapshot(self) -> int:
         """Load the newest snapshot; returns the first log segment to replay after it."""

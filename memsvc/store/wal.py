@@ -85,7 +85,9 @@ class SegmentLog:
         record = encode(meta, arrays)
         start = self._file.tell()
         try:
-            self._file.write(record)
+            view = memoryview(record)
+            while view:  # a raw write may be short (e.g. the disk fills mid-record): finish or fail
+                view = view[self._file.write(view):]
             os.fsync(self._file.fileno())
         except OSError as exc:
             self._file.truncate(start)

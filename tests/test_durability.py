@@ -1,0 +1,108 @@
+"""Faults against a real server: SIGKILL in the middle of add streams, and a disk that fills up."""
+from __future__ import annotations
+
+import random
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from memsvc.client import MemoryClient
+from memsvc.errors import MemsvcError, StorageFull
+from conftest import ServerProcess
+
+DIM = 16
+
+
+def entries_of(batch: int, n: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """A batch whose every entry carries its batch number in key, value and payload."""
+    return np.full((n, DIM), batch, np.float32), np.full(n, batch), [{"batch": batch}] * n
+
+
+def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path):
+    srv = ServerProcess(tmp_path / "data").start()
+    client = MemoryClient(srv.url)
+    client.create_memory("stream", dim=DIM, value_kind="token")
+    acked: dict[int, np.ndarray] = {}  # batch -> ids the server acknowledged
+    stop = threading.Event()
+
+    def writer(first_batch: int) -> None:
+        mem = MemoryClient(srv.url).memory("stream")
+        batch = first_batch
+        while not stop.is_set():
+            keys, values, payloads = entries_of(batch, random.randint(1, 40))
+            try:
+                acked[batch] = mem.add(keys, values=values, payloads=payloads, partition=f"w{first_batch}")
+            except Exception:  # the server died under us: this batch was not acknowledged
+                return
+            batch += 4
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(random.uniform(1.5, 3.0))
+    srv.kill()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(acked) > 20, "the writers did not get going"
+
+    srv.start()
+    mem = MemoryClient(srv.url).memory("stream")
+    for batch, ids in acked.items():
+        got = mem.get(ids)
+        assert got.found.all(), f"acknowledged batch {batch} lost entries"
+        assert (got.values == batch).all() and (got.keys == batch).all()
+    # nothing half-written: every stored entry belongs to a whole batch
+    total = mem.stats()["count"]
+    everything = mem.get(np.arange(max(int(ids.max()) for ids in acked.values()) + 200))
+    stored = everything.values[everything.found]
+    assert len(stored) == total
+    np.testing.assert_array_equal(everything.keys[everything.found][:, 0], stored.astype(np.float32))
+    assert [p["batch"] for p, f in zip(everything.payloads, everything.found) if f] == stored.tolist()
+    for batch, count in zip(*np.unique(stored, return_counts=True)):
+        if batch in acked:
+            assert count == len(acked[batch])
+    assert len(set(stored.tolist()) - set(acked)) <= 4  # at most one in-flight batch per writer, whole
+    srv.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (needs root with mount rights, as on our machines and CI)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path):
+    srv = ServerProcess(small_disk / "data", env={"MEMSVC_DATABASE_URL": f"sqlite:///{tmp_path}/catalog.db"})
+    srv.log = tmp_path / "server.log"
+    srv.start()
+    mem = MemoryClient(srv.url).create_memory("fill", dim=DIM, value_kind="token")
+    acked, batch, failure = [], 0, None
+    while failure is None and batch < 10_000:
+        keys, values, payloads = entries_of(batch, 200)
+        try:
+            acked.append(mem.add(keys, values=values, payloads=payloads))
+        except MemsvcError as exc:
+            failure = exc
+        batch += 1
+    assert isinstance(failure, StorageFull) and failure.status == 507
+    assert mem.stats()["count"] == 200 * len(acked)  # the failed add left nothing behind
+    assert mem.search(np.zeros((1, DIM), np.float32), k=1).ids[0, 0] == 0  # still serving
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space returns
+    more = mem.add(*entries_of(batch, 200)[:1], values=entries_of(batch, 200)[1])
+    assert more[0] == acked[-1][-1] + 1
+    srv.kill()
+    srv.start()  # and a restart finds every acknowledged entry
+    mem = MemoryClient(srv.url).memory("fill")
+    assert mem.stats()["count"] == 200 * (len(acked) + 1)
+    assert mem.get(np.concatenate(acked + [more])).found.all()
+    srv.stop()
