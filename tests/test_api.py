@@ -20,6 +20,7 @@ from memsvc.cli import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.db import Catalog
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
+from memsvc.service import Service, connect
 
 KEY = "secret-key"
 LIMITS = {"MEMSVC_MAX_BODY_BYTES": str(256 << 10), "MEMSVC_MAX_BATCH": "500", "MEMSVC_MAX_K": "64",
@@ -355,3 +356,16 @@ def test_catalog_on_postgres(tmp_path, postgres_url):
 def test_cli_rejects_bad_options():
     result = CliRunner().invoke(app, ["serve", "--port", "eighty"])
     assert result.exit_code == 2 and "Invalid value for '--port'" in result.output
+
+
+def test_service_create_undoes_the_catalog_row_when_the_store_fails(tmp_path):
+    with connect(None, tmp_path / "data") as service:
+        assert isinstance(service, Service)
+        (tmp_path / "data" / "memories" / "blocked").write_text("not a memory")  # the store cannot create it
+        with pytest.raises(AlreadyExists):
+            service.create_memory("blocked", dim=DIM)
+        assert service.list_memories() == []
+        with pytest.raises(InvalidInput) as err:
+            service.create_memory("big", dim=service.settings.max_dim + 1)
+        assert err.value.field == "dim" and service.list_memories() == []
+    assert isinstance(connect("http://127.0.0.1:9", tmp_path), MemoryClient)

@@ -191,6 +191,7 @@ BAD = {
     "values too few": (lambda m: m.add(X, values=[1]), "values"),
     "values not integers": (lambda m: m.add(X, values=[0.5, 1.5]), "values"),
     "payloads too few": (lambda m: m.add(X, values=[1, 2], payloads=["a"]), "payloads"),
+    "payloads not JSON": (lambda m: m.add(X, values=[1, 2], payloads=[{1, 2}, None]), "payloads"),
     "partition empty": (lambda m: m.add(X, values=[1, 2], partition=""), "partition"),
     "partition control char": (lambda m: m.add(X, values=[1, 2], partition="a\nb"), "partition"),
     "queries wrong dim": (lambda m: m.search(np.zeros((1, 9), np.float32), k=1), "queries"),

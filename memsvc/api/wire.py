@@ -8,6 +8,7 @@ unicode arrays holding JSON. Nothing is ever unpickled. In JSON, +inf distances 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from typing import Any
 
@@ -20,7 +21,7 @@ from memsvc.store.base import Entries, SearchResult
 NPZ = "application/x-npz"
 JSON = "application/json"
 FLOAT32_FIELDS = ("keys", "queries")  # binary bodies carry these as float32, nothing else
-JSON_FIELDS = ("payloads", "partitions")  # lists of arbitrary JSON (or None) ride as JSON text
+JSON_FIELDS = ("payloads", "partitions")  # JSON text, read and written with `json` exactly as the store does
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -59,8 +60,8 @@ def encode_npz(fields: dict[str, Any]) -> bytes:
             continue
         if name in JSON_FIELDS:
             try:
-                value = dumps_json(value).decode()
-            except TypeError as exc:
+                value = json.dumps(value)
+            except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"{name} must be JSON-serialisable: {exc}", name) from None
         array = np.asarray(value)
         if array.dtype.kind == "O":
@@ -92,8 +93,8 @@ def _field(name: str, array: np.ndarray) -> Any:
         if array.ndim or array.dtype.kind != "U":
             raise InvalidInput(f"{name} must be a 0-d unicode array holding JSON", name)
         try:
-            return orjson.loads(str(array))
-        except orjson.JSONDecodeError as exc:
+            return json.loads(str(array))
+        except json.JSONDecodeError as exc:
             raise InvalidInput(f"{name} is not valid JSON: {exc}", name) from None
     return array.item() if array.ndim == 0 else array
 
