@@ -1,6 +1,7 @@
 """The `memsvc` command line (typer). Keep heavy imports (torch, transformers) inside the commands."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,7 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
     from memsvc.api.app import create_app
 
     settings = Settings(host=host, port=port, data_dir=data_dir)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 
