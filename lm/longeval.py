@@ -1,0 +1,96 @@
+"""eval-long: perplexity of long documents decoded as one stream through a bounded cache (+ kNN memory).
+
+The semantics are those of token-by-token streaming decoding; `lm.cache.stream` runs it in exact blocks,
+so the numbers are the same and the run is many times faster. Perplexity counts the tokens past the first
+`skip` (by default 256), where every policy but full attention has started to forget.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from lm.cache import BoundedCache, Policy, stream
+from lm.gate import Gate
+from lm.memory_attention import KnnConfig, memory_attention
+from memsvc.errors import InvalidInput, NotFound
+from memsvc.store.base import MemoryBackend
+
+DEFAULT_SKIP = 256
+
+
+@dataclass
+class StreamResult:
+    """Next-token losses of one stream: nll[i] = -log p(token i+1 | tokens 0..i)."""
+
+    nll: np.ndarray
+    seconds: float
+    peak_cache_entries: int
+
+    def perplexity(self, skip: int = DEFAULT_SKIP) -> float:
+        return math.exp(self.nll[skip:].mean()) if len(self.nll) > skip else math.nan
+
+
+def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
+                    knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
+                    block: int | None = None) -> StreamResult:
+    """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise InvalidInput("a stream is one sequence of at least 2 tokens", "input_ids")
+    cache = BoundedCache(model, policy)
+    context = memory_attention(model, cache, memory, knn, gate) if knn is not None else nullcontext()
+    nll = []
+    started = time.perf_counter()
+    with context, torch.inference_mode():
+        for start, out in stream(model, input_ids[:, :-1], cache, block):
+            q = out.logits.shape[1]
+            targets = input_ids[0, start + 1:start + q + 1]
+            nll.append(torch.nn.functional.cross_entropy(out.logits[0].float(), targets, reduction="none"))
+    return StreamResult(torch.cat(nll).numpy(), time.perf_counter() - started, cache.peak_entries)
+
+
+def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens: int | None = None) -> torch.Tensor:
+    """A text file's token ids [1, n], at most `max_tokens` of them."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"no such file: {path}", "files")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not UTF-8 text", "files") from None
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise InvalidInput(f"{path} has fewer than 2 tokens", "files")
+    return ids
+
+
+def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
+                   policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
+                   gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP) -> dict:
+    """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s."""
+    if max_tokens is not None and max_tokens < 2:
+        raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
+    if skip < 0:
+        raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+    streams = {str(f): read_tokens(tokenizer, f, max_tokens) for f in files}  # every file checked before work
+    if not streams:
+        raise InvalidInput("give at least one file", "files")
+    results = {name: evaluate_stream(model, ids, policy, knn=knn, memory=memory, gate=gate)
+               for name, ids in streams.items()}
+    scored = np.concatenate([r.nll[skip:] for r in results.values()])
+    processed = sum(len(r.nll) for r in results.values())
+    return {
+        "perplexity": math.exp(scored.mean()) if len(scored) else math.nan,
+        "tokens": int(len(scored)),
+        "peak_cache_entries": max(r.peak_cache_entries for r in results.values()),
+        "tokens_per_s": processed / sum(r.seconds for r in results.values()),
+        "files": [{"file": name, "tokens": len(r.nll), "perplexity": r.perplexity(skip)}
+                  for name, r in results.items()],
+    }

@@ -1,0 +1,232 @@
+"""kNN-memory attention: what the bounded cache evicts stays searchable, and chosen layers attend to it again.
+
+`memory_attention(model, cache, memory, layers=..., k=32, mode=...)` is a context manager. While it is open,
+every entry the cache evicts at the chosen layers is added to `memory` (any `MemoryBackend`: in-process
+`Memory` or `RemoteMemory`) under the partition "{session}/l{layer}/h{kv_head}", and those layers' attention
+also attends to the top-k entries retrieved for each query from its KV head's partition (GQA: a group's
+query heads search together; one search per layer and KV head per forward). Closing it deletes the
+session's partitions.
+
+- joint: retrieved keys/values join the local keys in one softmax;
+- gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a
+  learned per-head scale on the retrieved logits (`lm.gate.Gate`).
+
+Positions of retrieved keys ("positions"): "absolute" stores keys rotated at their stream index and searches
+with queries rotated at theirs, so q.k is exactly the full-attention logit (RoPE is relative), whatever
+distance that is; "none" stores and searches un-rotated (pre-RoPE) keys and queries, so retrieved keys carry
+no position. `bench/results/longctx.md` measures both.
+
+Within a block of q tokens (see `lm.cache.stream`), entries a later query no longer sees but an earlier
+one did are still in the local tensor, not yet in memory: they are scored there and compete with the
+retrieved ones, so a block retrieves exactly what token-by-token decoding would.
+"""
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lm.cache import BoundedCache, visible
+from lm.gate import Gate
+from memsvc.errors import InvalidInput
+from memsvc.store import Memory, MemorySpec
+from memsvc.store.base import MemoryBackend
+from memsvc.store.memory import check_k
+
+KNN_ATTENTION = "memsvc_knn"
+Mode = Literal["joint", "gated"]
+Positions = Literal["absolute", "none"]
+
+
+def _dispatch(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Layers with memory attached attend through it; the others use plain SDPA."""
+    knn = getattr(module, "knn_memory", None)
+    if knn is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return knn.attend(module.layer_idx, query, key, value, kwargs["scaling"]), None
+
+
+AttentionInterface.register(KNN_ATTENTION, _dispatch)
+AttentionMaskInterface.register(KNN_ATTENTION, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Which layers retrieve, how many entries, how they combine, and how retrieved keys are positioned."""
+
+    layers: Sequence[int] | None = None  # None: every layer
+    k: int = 32
+    mode: Mode = "joint"
+    positions: Positions = "absolute"
+
+
+def session_memory(model: PreTrainedModel) -> Memory:
+    """An in-process, RAM-only memory shaped for the model's attention heads."""
+    head_dim = _head_dim(model)
+    return Memory(MemorySpec(name="knn-attention", dim=head_dim, metric="ip", value_kind="vector",
+                             value_dim=head_dim))
+
+
+class KnnMemoryAttention:
+    """One session: the cache's evictions go into `memory`, and the attached layers attend to what they retrieve."""
+
+    def __init__(self, model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend, config: KnnConfig,
+                 gate: Gate | None, session: str):
+        self.cache, self.memory, self.config, self.session = cache, memory, config, session
+        self.layers = set(config.layers)
+        self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.zeros(model)
+        self.stored = {layer: 0 for layer in self.layers}
+
+    def partition(self, layer: int, kv_head: int) -> str:
+        return f"{self.session}/l{layer}/h{kv_head}"
+
+    def store(self, layer: int, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The cache's eviction callback: add pre-RoPE keys [1, kv heads, n, d] (positioned per config) and values."""
+        if layer not in self.layers:
+            return
+        if self.config.positions == "absolute":
+            keys = self.cache.rotate(keys, tokens)
+        keys, values = _numpy(keys[0]), _numpy(values[0])
+        for h in range(len(keys)):
+            self.memory.add(keys[h], values=values[h], partition=self.partition(layer, h))
+        self.stored[layer] += len(tokens)
+
+    def retrieve(self, layer: int, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]."""
+        kv, g, q, d = queries.shape
+        k = self.config.k
+        if not self.stored[layer]:
+            return queries.new_full((kv, g, q, k), -torch.inf), queries.new_zeros((kv, g, q, k, d))
+        logits, values = [], []
+        for h, group in enumerate(_numpy(queries)):
+            found = self.memory.search(group.reshape(g * q, d), k, partition=self.partition(layer, h))
+            logits.append(-torch.from_numpy(found.distances).view(g, q, k) * scaling)
+            values.append(torch.from_numpy(found.values).view(g, q, k, d))
+        return torch.stack(logits).to(queries), torch.stack(values).to(queries)
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention output [1, q, heads, d] over the local entries and the retrieved ones."""
+        b, heads, q, d = query.shape
+        if b != 1:
+            raise InvalidInput(f"kNN-memory attention decodes one sequence at a time, got a batch of {b}", "batch")
+        kv = key.shape[1]
+        cache_layer = self.cache.layers[layer]
+        tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
+        seen = visible(self.cache.policy, tokens, tokens[-q:])  # [q, L]
+        gone = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # evicted by this query's turn, still in view
+        grouped = query[0].view(kv, heads // kv, q, d)
+        local = grouped @ key[0, :, None].transpose(-1, -2) * scaling  # [kv, g, q, L]
+
+        absolute = self.config.positions == "absolute"
+        delta = tokens[-q:] - positions[-q:] if absolute else -positions[-q:]
+        search = self.cache.rotate(query[0], delta).view(kv, heads // kv, q, d)
+        mem_logits, mem_values = self.retrieve(layer, search, scaling)
+        if absolute or not gone.any():
+            gone_logits = local  # same frame, so the true distances: the absolute-position logits
+        else:
+            gone_logits = search @ self.cache.rotate(key[0], -positions)[:, None].transpose(-1, -2) * scaling
+        if self.gate is not None:
+            scale = self.gate.log_scale[layer].exp().view(kv, heads // kv, 1, 1)
+            mem_logits, gone_logits = mem_logits * scale, gone_logits * scale
+        candidates = torch.cat([gone_logits.masked_fill(~gone, -torch.inf), mem_logits], -1)
+        top = candidates.topk(min(self.config.k, candidates.shape[-1]), dim=-1).indices
+        chosen = torch.zeros_like(candidates, dtype=torch.bool).scatter(-1, top, True)
+        candidates = candidates.masked_fill(~chosen, -torch.inf)
+        gone_logits, mem_logits = candidates.split([len(tokens), self.config.k], -1)
+
+        values = value[0, :, None]  # [kv, 1, L, d]
+        if self.config.mode == "joint":
+            weights = torch.cat([torch.where(seen, local, gone_logits), mem_logits], -1).softmax(-1)
+            out = weights[..., :len(tokens)] @ values + _weigh(weights[..., len(tokens):], mem_values)
+        else:
+            local_out = local.masked_fill(~seen, -torch.inf).softmax(-1) @ values
+            retrieved = torch.cat([gone_logits, mem_logits], -1)
+            found = retrieved.isfinite().any(-1, keepdim=True)
+            weights = retrieved.masked_fill(~found, 0.0).softmax(-1)
+            mem_out = weights[..., :len(tokens)] @ values + _weigh(weights[..., len(tokens):], mem_values)
+            g = torch.sigmoid(self.gate.bias[layer]).view(kv, heads // kv, 1, 1) * found
+            out = g * mem_out + (1 - g) * local_out
+        return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
+
+    def close(self) -> None:
+        """End the session: delete its partitions."""
+        for layer, count in self.stored.items():
+            if count:
+                for h in range(self.cache.layers[layer].keys.shape[1]):
+                    self.memory.delete(partition=self.partition(layer, h))
+                self.stored[layer] = 0
+
+
+@contextmanager
+def memory_attention(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend | None = None,
+                     config: KnnConfig = KnnConfig(), gate: Gate | None = None,
+                     session: str | None = None) -> Iterator[KnnMemoryAttention]:
+    """Attach kNN-memory attention to `config.layers` for one session (see the module docstring)."""
+    memory = session_memory(model) if memory is None else memory
+    config = check_config(model, cache, memory, config, gate)
+    knn = KnnMemoryAttention(model, cache, memory, config, gate, session or uuid.uuid4().hex[:12])
+    attention = [layer.self_attn for layer in model.get_decoder().layers]
+    previous = model.config._attn_implementation
+    for layer in config.layers:
+        attention[layer].knn_memory = knn
+    cache.on_evict = knn.store
+    model.set_attn_implementation(KNN_ATTENTION)
+    try:
+        yield knn
+    finally:
+        model.set_attn_implementation(previous)
+        cache.on_evict = None
+        for layer in config.layers:
+            del attention[layer].knn_memory
+        knn.close()
+
+
+def check_config(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend, config: KnnConfig,
+                 gate: Gate | None) -> KnnConfig:
+    """The config with its layers resolved, or InvalidInput before any work is done."""
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    layers = sorted(set(range(num_layers) if config.layers is None else config.layers))
+    if not layers:
+        raise InvalidInput("give at least one layer for kNN-memory attention", "layers")
+    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)
+           or not 0 <= layer < num_layers]
+    if bad:
+        raise InvalidInput(f"unknown layer index {bad[0]!r}: the model has layers 0..{num_layers - 1}", "layers")
+    check_k(config.k)
+    if config.mode not in ("joint", "gated"):
+        raise InvalidInput(f"memory mode must be 'joint' or 'gated', got {config.mode!r}", "memory_mode")
+    if config.positions not in ("absolute", "none"):
+        raise InvalidInput(f"positions must be 'absolute' or 'none', got {config.positions!r}", "positions")
+    if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
+        raise InvalidInput("kNN-memory attention needs a bounded cache policy (window or sinks)", "policy")
+    head_dim, spec = _head_dim(model), memory.spec
+    if spec.dim != head_dim or spec.value_kind != "vector" or spec.value_dim != head_dim or spec.metric != "ip":
+        raise InvalidInput(f"memory '{spec.name}' must have dim={head_dim}, metric='ip', value_kind='vector' and "
+                           f"value_dim={head_dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
+                           f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
+    if gate is not None:
+        gate.check(model)
+    return KnnConfig(layers=layers, k=config.k, mode=config.mode, positions=config.positions)
+
+
+def _head_dim(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).numpy()
+
+
+def _weigh(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Weights [..., k] times per-query values [..., k, d]."""
+    return (weights[..., None, :] @ values).squeeze(-2)
