@@ -12,7 +12,8 @@ the model reads and updates that cache, and positions follow its `get_seq_length
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class KNNParams(BaseModel):
     k: int = Field(64, gt=0, le=1024)
 
     @classmethod
-    def check(cls, **fields: Any) -> "KNNParams":
+    def check(cls, **fields: Any) -> KNNParams:
         """KNNParams from the given (non-None) fields, or InvalidInput naming the bad one."""
         try:
             return cls(**{name: value for name, value in fields.items() if value is not None})
@@ -103,7 +104,7 @@ class Encoded:
 
     keys: dict[str, np.ndarray]
     targets: np.ndarray
-    lm_logprobs: np.ndarray
+    lm_logprobs: np.ndarray | None
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -119,10 +120,14 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str])
 
 @torch.inference_mode()
 def encode(model: PreTrainedModel, docs: Sequence[Sequence[int]], kinds: Sequence[str] = ("final-norm",),
-           window: int = 512, batch_size: int = 2, progress: bool = True) -> Iterator[Encoded]:
-    """Run tokenised documents through the model in batches of windows; yield each document when done."""
+           window: int = 512, batch_size: int = 2, progress: bool = True,
+           logprobs: bool = True) -> Iterator[Encoded]:
+    """Run tokenised documents through the model in batches of windows; yield each document when done.
+
+    Without `logprobs` only the decoder runs (no LM head): all a datastore build needs.
+    """
     spans = [(d, start) for d, ids in enumerate(docs) for start in range(0, len(ids) - 1, window)]
-    parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
+    parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]] = []
     bar = tqdm(total=sum(len(ids) - 1 for ids in docs), unit="tok", disable=not progress, desc="kNN-LM encode")
     with capture_keys(model, kinds) as captured:
         for first in range(0, len(spans), batch_size):
@@ -134,18 +139,21 @@ def encode(model: PreTrainedModel, docs: Sequence[Sequence[int]], kinds: Sequenc
             for row, chunk in enumerate(chunks):
                 inputs[row, :len(chunk) - 1] = torch.tensor(chunk[:-1])
                 targets[row, :len(chunk) - 1] = torch.tensor(chunk[1:])
-            logits = model(input_ids=inputs.to(model.device), use_cache=False).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.to(model.device),
-                                                    reduction="none")
+            if logprobs:
+                logits = model(input_ids=inputs.to(model.device), use_cache=False).logits.float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.to(model.device),
+                                                        reduction="none").cpu().numpy()
+            else:
+                model.get_decoder()(input_ids=inputs.to(model.device), use_cache=False)
             for row, (d, start) in enumerate(batch):
                 n = len(chunks[row]) - 1
                 parts.append(({kind: captured[kind][row, :n].float().cpu().numpy() for kind in kinds},
-                              targets[row, :n].numpy(), -nll[row, :n].cpu().numpy()))
+                              targets[row, :n].numpy(), -nll[row, :n] if logprobs else None))
                 bar.update(n)
                 if start + window >= len(docs[d]) - 1:  # the document's last window
                     yield Encoded(keys={kind: np.concatenate([p[0][kind] for p in parts]) for kind in kinds},
                                   targets=np.concatenate([p[1] for p in parts]),
-                                  lm_logprobs=np.concatenate([p[2] for p in parts]))
+                                  lm_logprobs=np.concatenate([p[2] for p in parts]) if logprobs else None)
                     parts = []
     bar.close()
 
@@ -271,7 +279,7 @@ class KNNLM:
         self._save(key=self.key, window=self.window)
         added = 0
         for h, enc in zip(order, encode(self.model, [todo[h] for h in order], (self.key,), self.window,
-                                        self.batch_size, self.progress)):
+                                        self.batch_size, self.progress, logprobs=False)):
             self._save(building=h)
             keys, targets = enc.keys[self.key][partial:], enc.targets[partial:]
             for s in range(0, len(keys), add_batch):

@@ -2,6 +2,7 @@
 generation, bad input; the real SmolLM2 in one slow test."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_tune_stores_settings_that_become_the_defaults(tiny):
 
 
 def test_pure_knn_generation_replays_the_stored_text(tiny):
-    model, tok = tiny
+    tok = tiny[1]
     ids = tok(TEXT).input_ids
     prompt = tok.decode(ids[:12])
     assert tok(prompt).input_ids == ids[:12]
@@ -231,3 +232,112 @@ def test_params_validation_names_the_field():
     with pytest.raises(InvalidInput, match="lam") as err:
         KNNParams.check(lam=2)
     assert err.value.field == "lam"
+
+
+# --- in-process and remote memories behave the same -------------------------------------------------
+
+def test_in_process_and_remote_datastores_give_the_same_results(tiny, server):
+    from memsvc.client import MemoryClient
+
+    local = knnlm(tiny)
+    with MemoryClient(server.url) as client:
+        remote = knnlm(tiny, client.create_memory(**datastore_spec("knnlm-equality", tiny[0])))
+        for knn in (local, remote):
+            knn.build([TEXT, OTHER], add_batch=50)
+        ids = np.arange(len(local.memory))
+        assert remote.memory.stats()["count"] == len(ids)
+        np.testing.assert_array_equal(remote.memory.get(ids).values, local.memory.get(ids).values)
+        results = [knn.perplexity([TEXT], lam=0.4, temp=2.0, k=8, continuous=True) for knn in (local, remote)]
+        assert results[0] == results[1]
+        tuned = [knn.tune([OTHER], k=8) for knn in (local, remote)]
+        assert tuned[0] == tuned[1]
+        assert client.memory("knnlm-equality").spec.metadata["knnlm"]["lam"] == tuned[0][0].lam
+        texts = ["".join(knn.generate("The csv", max_new_tokens=8, temperature=0.8, seed=1)) for knn in (local, remote)]
+        assert texts[0] == texts[1]
+
+
+# --- the CLI -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli(tiny, tmp_path_factory):
+    """Run `memsvc knnlm ...` (or `generate`) with the tiny model saved as a local HF directory."""
+    import typer
+    from typer.testing import CliRunner
+
+    from lm.cli import generate, knnlm_app
+
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    tiny[0].save_pretrained(model_dir)
+    tiny[1].save_pretrained(model_dir)
+    app = typer.Typer()
+    app.add_typer(knnlm_app, name="knnlm")
+    app.command("generate")(generate)
+    data_dir = tmp_path_factory.mktemp("cli-data")
+
+    def run(*args: str):
+        return CliRunner().invoke(app, [*map(str, args), "--model", str(model_dir), "--data-dir", str(data_dir)])
+
+    run.data_dir = data_dir
+    return run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "csv.txt").write_text(TEXT)
+    (root / "json.txt").write_text(OTHER)
+    (root / "empty.txt").write_text(" \n")
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    return root
+
+
+def test_cli_build_tune_eval_json(cli, corpus):
+    built = cli("knnlm", "build", "--memory", "cli-ds", corpus / "csv.txt", corpus / "json.txt")
+    assert built.exit_code == 0, built.output
+    out = cli("knnlm", "eval", "--memory", "cli-ds", corpus / "csv.txt", "--json", "--lam", "0.5", "--temp", "1")
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert set(result) == {"tokens", "base_ppl", "knnlm_ppl", "lam", "temp", "k"}
+    assert result["knnlm_ppl"] < result["base_ppl"] and result["lam"] == 0.5
+    tuned = cli("knnlm", "tune", "--memory", "cli-ds", corpus / "json.txt", "--k", "16")
+    assert tuned.exit_code == 0, tuned.output
+    after = json.loads(cli("knnlm", "eval", "--memory", "cli-ds", corpus / "csv.txt", "--json").stdout)
+    assert after["k"] == 16 and f"λ={after['lam']:g}" in tuned.stdout
+    again = cli("knnlm", "build", "--memory", "cli-ds", corpus / "csv.txt")
+    assert again.exit_code == 0 and "added 0 entries" in again.output
+    gen = cli("generate", "The csv module", "--knn-memory", "cli-ds", "--no-chat", "--max-new-tokens", "5")
+    assert gen.exit_code == 0 and gen.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("eval", "--memory", "no-such", "{csv}"), "not found"),
+    (("eval", "--memory", "cli-bad", "{csv}", "--lam", "1.5"), "lam"),
+    (("eval", "--memory", "cli-bad", "{csv}", "--k", "0"), "k:"),
+    (("tune", "--memory", "cli-bad", "{csv}", "--k", "-1"), "k:"),
+    (("build", "--memory", "cli-bad", "{empty}"), "empty file"),
+    (("build", "--memory", "cli-bad", "{binary}"), "not UTF-8"),
+    (("build", "--memory", "cli-bad", "{csv}", "{missing}"), "no such file"),
+])
+def test_cli_bad_input_exits_non_zero_and_stores_nothing(cli, corpus, args, message):
+    paths = {"csv": corpus / "csv.txt", "empty": corpus / "empty.txt", "binary": corpus / "binary.txt",
+             "missing": corpus / "missing.txt"}
+    result = cli("knnlm", *[a.format(**paths) for a in args])
+    assert result.exit_code != 0
+    assert message in result.stderr
+    from memsvc.config import Settings
+    from memsvc.service import Service
+
+    with Service(Settings(data_dir=cli.data_dir)) as service:
+        assert "cli-bad" not in [spec.name for spec in service.list_memories()]
+
+
+def test_cli_memory_of_the_wrong_dim_is_rejected(cli, corpus):
+    from memsvc.config import Settings
+    from memsvc.service import Service
+
+    with Service(Settings(data_dir=cli.data_dir)) as service:
+        service.create_memory("cli-576", dim=576, value_kind="token")
+    result = cli("knnlm", "build", "--memory", "cli-576", corpus / "csv.txt")
+    assert result.exit_code != 0 and "hidden size is 64" in result.stderr
+    with Service(Settings(data_dir=cli.data_dir)) as service:
+        assert service.memory("cli-576").stats()["count"] == 0

@@ -1,0 +1,181 @@
+"""`memsvc knnlm build|eval|tune` (the `knnlm_app` typer sub-app) and `memsvc generate` (`generate`).
+
+Each command talks to a server with `--url`, otherwise to the embedded store in `--data-dir`. torch and
+transformers are imported inside the commands, so importing this module (as `memsvc serve` does) stays
+fast. Bad input exits non-zero with a one-line message on stderr, before the model is loaded where it can.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from memsvc.errors import InvalidInput, MemsvcError, NotFound
+
+if TYPE_CHECKING:
+    from lm.knnlm import KNNLM
+
+knnlm_app = typer.Typer(help="kNN-LM: build a datastore from text, evaluate perplexity, tune λ and temperature.",
+                        no_args_is_help=True)
+
+Memory = Annotated[str, typer.Option("--memory", "-m", help="name of the datastore memory")]
+Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files (directories: every file inside)")]
+Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
+DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
+ApiKey = Annotated[str | None, typer.Option(envvar="MEMSVC_API_KEY", help="bearer key of the server")]
+Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory or a .gguf file")]
+Lam = Annotated[float | None, typer.Option("--lam", help="weight of p_kNN in [0, 1]; default: tuned")]
+Temp = Annotated[float | None, typer.Option("--temp", help="softmax temperature over distances; default: tuned")]
+K = Annotated[int | None, typer.Option("--k", help="neighbours per token; default: tuned")]
+Continuous = Annotated[bool, typer.Option(help="also retrieve from the document's own earlier windows")]
+DEFAULT_DATA_DIR = Path("memsvc-data")
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Typed errors become `error: message` on stderr and exit status 2."""
+    try:
+        yield
+    except MemsvcError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def read_texts(paths: list[Path]) -> list[str]:
+    """The texts of the files (directories recurse, sorted); InvalidInput for missing, empty or non-UTF-8."""
+    files = [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
+    if not files:
+        raise InvalidInput("no files given", "files")
+    texts = []
+    for f in files:
+        if not f.is_file():
+            raise NotFound(f"{f}: no such file", "files")
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})", "files") from None
+        if not text.strip():
+            raise InvalidInput(f"{f}: empty file", "files")
+        texts.append(text)
+    return texts
+
+
+def check_settings(lam: float | None = None, temp: float | None = None, k: int | None = None) -> None:
+    """Fail on bad λ, temperature or k before anything is loaded."""
+    from lm.knnlm import KNNParams
+
+    KNNParams.check(lam=lam, temp=temp, k=k)
+
+
+@contextmanager
+def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None, model_name: str,
+               key: str | None = None) -> Iterator[KNNLM]:
+    """A KNNLM over an existing memory (NotFound if there is none)."""
+    from lm.knnlm import KNNLM
+    from lm.model import load_model
+    from memsvc.service import connect
+
+    with connect(url, data_dir, api_key) as client:
+        mem = client.memory(memory)
+        model, tokenizer = load_model(model_name)
+        yield KNNLM(model, tokenizer, mem, key=key)
+
+
+@knnlm_app.command()
+def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+          api_key: ApiKey = None, model: Model = "smollm2",
+          key: Annotated[Literal["final-norm", "mlp-input"] | None,
+                         typer.Option(help="hidden state used as key (default: the memory's, else final-norm)")]
+          = None,
+          index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
+                           typer.Option(help="index of a new memory (default: flat)")] = None) -> None:
+    """Add (key, next token) entries for every token of FILES to memory M, creating it if needed.
+
+    Documents already in the memory are skipped; rerunning an interrupted build finishes it.
+    """
+    with cli_errors():
+        texts = read_texts(files)
+        from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
+        from lm.model import load_model
+        from memsvc.service import connect
+
+        model_, tokenizer = load_model(model)
+        tokenize_documents(tokenizer, texts)
+        with connect(url, data_dir, api_key) as client:
+            try:
+                mem = client.memory(memory)
+            except NotFound:
+                mem = client.create_memory(**datastore_spec(memory, model_, index or "flat"))
+            if index is not None and mem.spec.index != index:
+                raise InvalidInput(f"memory '{memory}' already exists with index '{mem.spec.index}'", "index")
+            added = KNNLM(model_, tokenizer, mem, key=key).build(texts)
+            typer.echo(f"added {added} entries to '{memory}' ({mem.stats()['count']} in all)", err=True)
+
+
+@knnlm_app.command("eval")
+def evaluate(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+             api_key: ApiKey = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
+             continuous: Continuous = False,
+             as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
+             ) -> None:
+    """Base and kNN-LM perplexity of FILES with datastore M (λ, temperature, k default to the tuned ones)."""
+    with cli_errors():
+        check_settings(lam, temp, k)
+        texts = read_texts(files)
+        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+            result = knn.perplexity(texts, lam=lam, temp=temp, k=k, continuous=continuous)
+    if as_json:
+        sys.stdout.write(json.dumps(asdict(result)) + "\n")
+    else:
+        cut = 100 * (1 - result.knnlm_ppl / result.base_ppl)
+        typer.echo(f"{result.tokens} tokens: base perplexity {result.base_ppl:.3f}, kNN-LM {result.knnlm_ppl:.3f} "
+                   f"({cut:+.1f}% cut) with λ={result.lam:g} temperature={result.temp:g} k={result.k}")
+
+
+@knnlm_app.command()
+def tune(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+         api_key: ApiKey = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False) -> None:
+    """Pick λ and temperature on validation FILES (never the test files) and store them with memory M."""
+    with cli_errors():
+        check_settings(k=k)
+        texts = read_texts(files)
+        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+            tuned, ppl = knn.tune(texts, k=k, continuous=continuous)
+    typer.echo(f"stored with '{memory}': λ={tuned.lam:g} temperature={tuned.temp:g} k={tuned.k} "
+               f"(validation perplexity {ppl:.3f})")
+
+
+def generate(prompt: Annotated[str, typer.Argument(help="text to continue, or a question with --chat")],
+             knn_memory: Annotated[str | None, typer.Option(help="kNN-LM datastore memory to decode with")] = None,
+             url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+             model: Model = "smollm2",
+             max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
+             temperature: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
+             top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+             chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
+             seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+             lam: Lam = None, temp: Temp = None, k: K = None) -> None:
+    """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM."""
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                               "chat": chat, "seed": seed}
+    with cli_errors(), ExitStack() as stack:
+        from lm.generate import check_sampling
+        from lm.generate import generate as decode
+        from lm.model import load_model
+
+        check_sampling(max_new_tokens, temperature, top_p)
+        check_settings(lam, temp, k)
+        if knn_memory is None:
+            pieces = decode(*load_model(model), prompt, **options)
+        else:
+            knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model))
+            pieces = knn.generate(prompt, lam=lam, temp=temp, k=k, **options)
+        for piece in pieces:
+            typer.echo(piece, nl=False)
+    typer.echo()
