@@ -111,5 +111,27 @@ def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window:
     return gate, curve
 
 
+def plot_curve(curve: list[dict[str, float]], path: str | Path) -> None:
+    """The training curve (per-step loss and its running mean) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [c["step"] for c in curve], [c["loss"] for c in curve]
+    window = max(1, len(losses) // 10)
+    running = [_mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.35, label="block loss")
+    ax.plot(steps, running, label=f"running mean ({window} steps)")
+    ax.set_xlabel("step (one block of one document)")
+    ax.set_ylabel("next-token loss past the window")
+    ax.set_title("memory gate training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan

@@ -70,9 +70,8 @@ class KnnConfig:
 
 def session_memory(model: PreTrainedModel) -> Memory:
     """An in-process, RAM-only memory shaped for the model's attention heads."""
-    head_dim = _head_dim(model)
-    return Memory(MemorySpec(name="knn-attention", dim=head_dim, metric="ip", value_kind="vector",
-                             value_dim=head_dim))
+    dim = head_dim(model)
+    return Memory(MemorySpec(name="knn-attention", dim=dim, metric="ip", value_kind="vector", value_dim=dim))
 
 
 class KnnMemoryAttention:
@@ -136,7 +135,7 @@ class KnnMemoryAttention:
             gone_logits = search @ self.cache.rotate(key[0], -positions)[:, None].transpose(-1, -2) * scaling
         if self.gate is not None:
             scale = self.gate.log_scale[layer].exp().view(kv, heads // kv, 1, 1)
-            mem_logits, gone_logits = mem_logits * scale, gone_logits * scale
+            mem_logits, gone_logits = _scale(mem_logits, scale), gone_logits * scale
         candidates = torch.cat([gone_logits.masked_fill(~gone, -torch.inf), mem_logits], -1)
         top = candidates.topk(min(self.config.k, candidates.shape[-1]), dim=-1).indices
         chosen = torch.zeros_like(candidates, dtype=torch.bool).scatter(-1, top, True)
@@ -208,23 +207,30 @@ def check_config(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBack
         raise InvalidInput(f"positions must be 'absolute' or 'none', got {config.positions!r}", "positions")
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (window or sinks)", "policy")
-    head_dim, spec = _head_dim(model), memory.spec
-    if spec.dim != head_dim or spec.value_kind != "vector" or spec.value_dim != head_dim or spec.metric != "ip":
-        raise InvalidInput(f"memory '{spec.name}' must have dim={head_dim}, metric='ip', value_kind='vector' and "
-                           f"value_dim={head_dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
+    dim, spec = head_dim(model), memory.spec
+    if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
+        raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "
+                           f"value_dim={dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
                            f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
     if gate is not None:
         gate.check(model)
     return KnnConfig(layers=layers, k=config.k, mode=config.mode, positions=config.positions)
 
 
-def _head_dim(model: PreTrainedModel) -> int:
+def head_dim(model: PreTrainedModel) -> int:
+    """The model's attention head dimension: what a memory's keys and values must have."""
     config = model.config.get_text_config(decoder=True)
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).numpy()
+
+
+def _scale(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """logits x scale, leaving -inf (missing neighbours) as is and out of the gradient (no 0 x inf)."""
+    finite = logits.isfinite()
+    return torch.where(finite, logits.masked_fill(~finite, 0.0) * scale, logits)
 
 
 def _weigh(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

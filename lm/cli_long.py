@@ -1,0 +1,151 @@
+"""`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli`.
+
+torch and transformers are imported inside the commands; bad options fail with a one-line message and
+exit status 2 before the model is loaded.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+from lm.cli import ApiKey, Model, Url, cli_errors
+from memsvc.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from lm.cache import Policy
+    from lm.memory_attention import KnnConfig
+    from memsvc.store.base import MemoryBackend
+
+Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
+Window = Annotated[int | None, typer.Option(help="recent tokens each query sees (default 256)")]
+Sinks = Annotated[int | None, typer.Option(help="first tokens kept for good (policy sinks; default 4)")]
+K = Annotated[int, typer.Option("--k", help="memory entries retrieved per query and layer")]
+Layers = Annotated[str, typer.Option(help="layers with memory attention: 'all' or e.g. '0,10,20'")]
+Positions = Annotated[Literal["absolute", "none"],
+                      typer.Option(help="retrieved keys: rotated at their stream index, or position-free")]
+MemoryName = Annotated[str, typer.Option("--memory", help="memory on the --url server (created if missing)")]
+
+
+def parse_layers(layers: str) -> list[int] | None:
+    """'all' -> None (every layer), '0,10,20' -> [0, 10, 20]."""
+    if layers.strip() == "all":
+        return None
+    try:
+        return [int(x) for x in layers.split(",")]
+    except ValueError:
+        raise InvalidInput(f"layers must be 'all' or comma-separated integers, got {layers!r}", "layers") from None
+
+
+@contextmanager
+def attention_memory(url: str | None, api_key: str | None, name: str, head_dim: int) -> Iterator[MemoryBackend | None]:
+    """The memory evictions go to: a RAM-only in-process one (None) without a url, else `name` on the server."""
+    if url is None:
+        yield None
+        return
+    from memsvc.client import MemoryClient
+    from memsvc.errors import NotFound
+
+    client = MemoryClient(url, api_key=api_key)
+    try:
+        try:
+            memory = client.memory(name)
+        except NotFound:
+            memory = client.create_memory(name, dim=head_dim, metric="ip", value_kind="vector", value_dim=head_dim)
+        yield memory
+    finally:
+        client.close()
+
+
+def eval_long(files: Files,
+              policy: Annotated[str, typer.Option(help="full | window | sinks")] = "sinks",
+              window: Window = None, sinks: Sinks = None,
+              knn_memory: Annotated[bool, typer.Option(help="evicted entries go to a kNN memory that "
+                                                             "attention retrieves from")] = False,
+              memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
+              = "joint",
+              k: K = 32, layers: Layers = "all", positions: Positions = "absolute",
+              gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated "
+                                                              "(default: the shipped ones for smollm2)")] = None,
+              max_tokens: Annotated[int | None, typer.Option(help="evaluate at most this many tokens per file")]
+              = None,
+              skip: Annotated[int, typer.Option(help="perplexity counts tokens past the first SKIP")] = 256,
+              url: Url = None, api_key: ApiKey = None, memory: MemoryName = "knn-attention",
+              model: Model = "smollm2",
+              as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
+              ) -> None:
+    """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics)."""
+    with cli_errors():
+        from lm.cache import make_policy
+        from lm.memory_attention import KnnConfig
+
+        cache_policy = make_policy(policy, window, sinks)
+        knn = KnnConfig(layers=parse_layers(layers), k=k, mode=memory_mode, positions=positions) \
+            if knn_memory else None
+        result = _eval(files, cache_policy, knn, gate, max_tokens, skip, url, api_key, memory, model)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    typer.echo(f"{policy}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens, peak cache "
+               f"{result['peak_cache_entries']} entries, {result['tokens_per_s']:.1f} tokens/s")
+
+
+def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: Path | None, max_tokens: int | None,
+          skip: int, url: str | None, api_key: str | None, memory_name: str, model_name: str) -> dict:
+    from lm.gate import Gate
+    from lm.longeval import evaluate_files
+    from lm.memory_attention import head_dim
+    from lm.model import load_model
+
+    gate = None
+    if knn is not None and knn.mode == "gated":
+        gate = Gate.load(gate_path if gate_path is not None else model_name)
+    elif gate_path is not None:
+        raise InvalidInput("--gate applies only to --knn-memory --memory-mode gated", "gate")
+    if knn is None and url is not None:
+        raise InvalidInput("--url applies only to --knn-memory", "url")
+    model, tokenizer = load_model(model_name)
+    with attention_memory(url if knn else None, api_key, memory_name, head_dim(model)) as memory:
+        result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
+                                max_tokens=max_tokens, skip=skip)
+    return {**result, "policy": policy.name, "window": getattr(policy, "window", None),
+            "sinks": getattr(policy, "sinks", None),
+            "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
+                                                    "layers": "all" if knn.layers is None else list(knn.layers)}}
+
+
+def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],
+               out: Annotated[Path, typer.Option(help="where to write the gate parameters (JSON)")],
+               steps: Annotated[int, typer.Option(help="optimizer steps (one block of one document each)")] = 60,
+               window: Annotated[int, typer.Option(help="recent tokens each query sees")] = 256,
+               sinks: Annotated[int, typer.Option(help="sink tokens")] = 4,
+               k: K = 32, positions: Positions = "absolute",
+               lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.05,
+               max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
+               curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
+               model: Model = "smollm2") -> None:
+    """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
+    with cli_errors():
+        from lm.cache import Window as WindowPolicy
+
+        WindowPolicy(window, sinks)
+        if steps <= 0 or lr <= 0:
+            raise InvalidInput("steps and lr must be positive", "steps" if steps <= 0 else "lr")
+        from lm.gate import plot_curve, train_gate as fit
+        from lm.longeval import read_tokens
+        from lm.model import load_model
+
+        model_, tokenizer = load_model(model)
+        documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
+        gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions, steps=steps,
+                           lr=lr, on_step=lambda step, loss: typer.echo(f"step {step}: loss {loss:.4f}", err=True))
+        gate.meta.update({"model": model, "files": [f.name for f in files], "curve": points})
+        gate.save(out)
+        if curve is not None:
+            plot_curve(points, curve)
+    typer.echo(f"wrote {out} (final loss {gate.meta['final_loss']:.4f})")

@@ -1,0 +1,143 @@
+"""kNN-memory attention on a tiny random Llama: exactness, sessions and partitions, bad input, the gate."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lm.cache import BoundedCache, Full, Window, stream
+from lm.gate import PARAMS, Gate
+from lm.memory_attention import KnnConfig, memory_attention, session_memory
+from lm.model import tiny_llama
+from memsvc.errors import InvalidInput, NotFound
+from memsvc.store import Memory, MemorySpec
+
+N = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode token by token; one thread avoids oversubscribing small CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(num_layers=2)[0]  # 4 query heads sharing 2 KV heads, head_dim 16
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 2000, (1, N), generator=torch.Generator().manual_seed(2))
+
+
+def run(model, ids, policy, config, memory=None, gate=None, token_by_token=False, session=None):
+    cache = BoundedCache(model, policy)
+    with memory_attention(model, cache, memory, config, gate, session), torch.inference_mode():
+        if token_by_token:
+            return torch.cat([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                              for i in range(ids.shape[1])], 1)
+        return torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
+
+
+def full_attention(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("token_by_token", [False, True])
+def test_joint_attention_over_all_of_memory_is_full_attention(model, ids, token_by_token):
+    """With k >= everything evicted, window + memory sees every past token at its true logit."""
+    logits = run(model, ids, Window(8), KnnConfig(k=N), token_by_token=token_by_token)
+    assert torch.allclose(logits, full_attention(model, ids), atol=1e-4)
+
+
+def test_memory_changes_what_a_window_predicts(model, ids):
+    window = run(model, ids, Window(8, 2), KnnConfig(k=4, mode="gated"), gate=gate_of(model, -30.0))
+    with torch.inference_mode():
+        cache = BoundedCache(model, Window(8, 2))
+        alone = torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
+    assert torch.allclose(window, alone, atol=1e-5)  # gate closed: memory is ignored
+    assert not torch.allclose(run(model, ids, Window(8, 2), KnnConfig(k=4)), alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("config", [KnnConfig(k=4), KnnConfig(k=4, positions="none"), KnnConfig(k=4, mode="gated"),
+                                    KnnConfig(k=3, mode="gated", positions="none", layers=[1])])
+def test_blocks_retrieve_what_token_by_token_decoding_retrieves(model, ids, config):
+    gate = gate_of(model, 0.5, log_scale=0.2)
+    blocks = run(model, ids, Window(8, 2), config, gate=gate)
+    assert torch.allclose(blocks, run(model, ids, Window(8, 2), config, gate=gate, token_by_token=True), atol=1e-5)
+
+
+def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_the_session(model, ids):
+    memory = session_memory(model)
+    other = np.ones((3, 16), dtype=np.float32)
+    memory.add(other, values=other, partition="someone-else")
+    cache = BoundedCache(model, Window(8, 2))
+    with memory_attention(model, cache, memory, KnnConfig(k=4, layers=[1]), session="s7"), torch.inference_mode():
+        for _ in stream(model, ids, cache):
+            pass
+        parts = {p["name"]: p["count"] for p in memory.stats()["partitions"]}
+        evicted = N - len(cache.layers[1].tokens)
+        assert parts == {"someone-else": 3, "s7/l1/h0": evicted, "s7/l1/h1": evicted}
+    assert {p["name"]: p["count"] for p in memory.stats()["partitions"]} == {"someone-else": 3}
+
+
+def test_the_model_is_restored_after_the_session(model, ids):
+    cache = BoundedCache(model, Window(8, 2))
+    with memory_attention(model, cache):
+        assert model.config._attn_implementation == "memsvc_knn"
+    assert model.config._attn_implementation == "sdpa" and cache.on_evict is None
+    assert not any(hasattr(layer.self_attn, "knn_memory") for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(config=KnnConfig(layers=[2])), "layers"),
+    (dict(config=KnnConfig(layers=[-1])), "layers"),
+    (dict(config=KnnConfig(layers=[])), "layers"),
+    (dict(config=KnnConfig(k=0)), "k"),
+    (dict(config=KnnConfig(mode="sum")), "memory_mode"),
+    (dict(config=KnnConfig(positions="relative")), "positions"),
+    (dict(memory=Memory(MemorySpec(name="m", dim=32, metric="ip", value_kind="vector", value_dim=32))), "memory"),
+    (dict(memory=Memory(MemorySpec(name="m", dim=16, metric="l2", value_kind="vector", value_dim=16))), "memory"),
+    (dict(memory=Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="token"))), "memory"),
+    (dict(policy=Full()), "policy"),
+    (dict(gate=Gate(torch.zeros(3, 4), torch.zeros(3, 4))), "gate"),
+])
+def test_bad_input_is_rejected_before_any_work(model, bad, field):
+    cache = BoundedCache(model, bad.pop("policy", Window(8, 2)))
+    with pytest.raises(InvalidInput) as err:
+        with memory_attention(model, cache, **bad):
+            pytest.fail("the session must not start")
+    assert err.value.field == field
+    assert model.config._attn_implementation == "sdpa" and cache.on_evict is None
+
+
+def gate_of(model, bias, log_scale=0.0):
+    gate = Gate.zeros(model)
+    with torch.no_grad():
+        gate.bias.fill_(bias)
+        gate.log_scale.fill_(log_scale)
+    return gate
+
+
+def test_gate_round_trips_through_json(model, tmp_path):
+    gate = gate_of(model, 1.5, -0.25)
+    gate.meta = {"k": 32}
+    gate.save(tmp_path / "g.json")
+    loaded = Gate.load(tmp_path / "g.json")
+    assert torch.equal(loaded.bias, gate.bias) and torch.equal(loaded.log_scale, gate.log_scale)
+    assert loaded.meta == {"k": 32}
+    loaded.check(model)
+
+
+def test_bad_gate_files_are_rejected(tmp_path):
+    with pytest.raises(NotFound):
+        Gate.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"bias": [[0.0]]}))
+    with pytest.raises(InvalidInput):
+        Gate.load(tmp_path / "bad.json")
+
