@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lm.generate import generate
+from lm.generate import LogprobsHook, generate
 from memsvc.errors import InvalidInput
 from memsvc.store.base import IndexKind, MemoryBackend
 
@@ -76,9 +76,17 @@ def interpolate(lm_logprobs: torch.Tensor, knn_logprobs: torch.Tensor, lam: floa
 
 # --- keys ----------------------------------------------------------------------------------------
 
+def check_key(kind: str) -> str:
+    if kind not in KEY_KINDS:
+        raise InvalidInput(f"key must be one of {', '.join(KEY_KINDS)}, got {kind!r}", "key")
+    return kind
+
+
 @contextmanager
 def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """While open, every forward pass leaves its key hidden states [batch, seq, hidden] in the dict."""
+    for kind in kinds:
+        check_key(kind)
     decoder = model.get_decoder()
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -86,11 +94,9 @@ def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[
         if kind == "final-norm":
             handles.append(decoder.norm.register_forward_hook(
                 lambda mod, args, out, kind=kind: captured.__setitem__(kind, out)))
-        elif kind == "mlp-input":
+        else:
             handles.append(decoder.layers[-1].mlp.register_forward_pre_hook(
                 lambda mod, args, kind=kind: captured.__setitem__(kind, args[0])))
-        else:
-            raise InvalidInput(f"key must be one of {', '.join(KEY_KINDS)}, got {kind!r}", "key")
     try:
         yield captured
     finally:
@@ -181,13 +187,40 @@ class Scores:
 
     def perplexity(self, params: KNNParams) -> float:
         """kNN-LM perplexity under these settings."""
-        knn = torch.from_numpy(self.knn_logprobs(params.temp, params.k))
-        mixed = interpolate(torch.from_numpy(self.lm_logprobs), knn, params.lam)
+        return self.mixed_perplexity(self.knn_logprobs(params.temp, params.k), params.lam)
+
+    def mixed_perplexity(self, knn_logprobs: np.ndarray, lam: float) -> float:
+        """Perplexity of the mixture with these log p_kNN of the targets."""
+        mixed = interpolate(torch.from_numpy(self.lm_logprobs), torch.from_numpy(knn_logprobs), lam)
         return math.exp(-mixed.double().mean().item())
 
     @property
     def base_perplexity(self) -> float:
         return math.exp(-self.lm_logprobs.astype(np.float64).mean())
+
+    def tune(self, k: int, lams: Sequence[float] | None = None,
+             temps: Sequence[float] | None = None) -> tuple[KNNParams, float]:
+        """(settings, perplexity) minimising perplexity over a grid of λ and temperatures.
+
+        Unless given, temperatures span 1/64..4 times the median distance to the nearest neighbour.
+        """
+        lams = np.linspace(0.0, 0.95, 20) if lams is None else lams
+        if temps is None:
+            nearest = self.distances[:, 0][np.isfinite(self.distances[:, 0])]
+            temps = max(float(np.median(nearest)) if len(nearest) else 1.0, 1e-3) * np.geomspace(1 / 64, 4, 17)
+        best = (math.inf, KNNParams.check(k=k))
+        for temp in temps:
+            knn = self.knn_logprobs(float(temp), k)
+            for lam in lams:
+                ppl = self.mixed_perplexity(knn, float(lam))
+                if ppl < best[0]:
+                    best = (ppl, KNNParams.check(lam=float(lam), temp=float(temp), k=k))
+        return best[1], best[0]
+
+    @classmethod
+    def concat(cls, parts: Sequence[Scores]) -> Scores:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("targets", "lm_logprobs", "distances", "neighbours")))
 
 
 @dataclass
@@ -206,6 +239,21 @@ def neighbours(memory: MemoryBackend, queries: np.ndarray, k: int,
     found = [memory.search(queries[s:s + batch], k) for s in range(0, len(queries), batch)]
     return (np.concatenate([r.distances for r in found]).astype(np.float32),
             np.concatenate([r.values for r in found]).astype(np.int64))
+
+
+def neighbours_reading(memory: MemoryBackend, keys: np.ndarray, targets: np.ndarray, k: int,
+                       window: int) -> tuple[np.ndarray, np.ndarray]:
+    """`neighbours` of one document's keys with a continuous cache: window by window, each window's
+    entries join the memory (a temporary partition, deleted afterwards) once it has been searched."""
+    cache = f"knnlm-cache-{uuid.uuid4().hex}"
+    found = []
+    try:
+        for s in range(0, len(keys), window):
+            found.append(neighbours(memory, keys[s:s + window], k))
+            memory.add(keys[s:s + window], values=targets[s:s + window], partition=cache)
+    finally:
+        memory.delete(partition=cache)
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
 
 def datastore_spec(name: str, model: PreTrainedModel, index: IndexKind = "flat") -> dict[str, Any]:
@@ -232,9 +280,7 @@ class KNNLM:
         built_with = self._stored(memory).get("key")
         if key is not None and built_with is not None and key != built_with:
             raise InvalidInput(f"memory '{spec.name}' was built with key '{built_with}', not '{key}'", "key")
-        self.key: str = key or built_with or "final-norm"
-        if self.key not in KEY_KINDS:
-            raise InvalidInput(f"key must be one of {', '.join(KEY_KINDS)}, got {self.key!r}", "key")
+        self.key = check_key(key or built_with or "final-norm")
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
         self.window, self.batch_size, self.progress = window, batch_size, progress
 
@@ -303,24 +349,10 @@ class KNNLM:
         parts = []
         for enc in encode(self.model, docs, (self.key,), self.window, self.batch_size, self.progress):
             keys = enc.keys[self.key]
-            if continuous:
-                distances, tokens = self._read_with_cache(keys, enc.targets, k)
-            else:
-                distances, tokens = neighbours(self.memory, keys, k)
-            parts.append(Scores(enc.targets, enc.lm_logprobs, distances, tokens))
-        return Scores(*(np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("targets", "lm_logprobs", "distances", "neighbours")))
-
-    def _read_with_cache(self, keys: np.ndarray, targets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        cache = f"knnlm-cache-{uuid.uuid4().hex}"
-        found = []
-        try:
-            for s in range(0, len(keys), self.window):
-                found.append(neighbours(self.memory, keys[s:s + self.window], k))
-                self.memory.add(keys[s:s + self.window], values=targets[s:s + self.window], partition=cache)
-        finally:
-            self.memory.delete(partition=cache)
-        return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+            found = (neighbours_reading(self.memory, keys, enc.targets, k, self.window) if continuous
+                     else neighbours(self.memory, keys, k))
+            parts.append(Scores(enc.targets, enc.lm_logprobs, *found))
+        return Scores.concat(parts)
 
     def perplexity(self, texts: Sequence[str], lam: float | None = None, temp: float | None = None,
                    k: int | None = None, continuous: bool = False) -> Perplexity:
@@ -332,42 +364,32 @@ class KNNLM:
 
     def tune(self, texts: Sequence[str], k: int | None = None, lams: Sequence[float] | None = None,
              temps: Sequence[float] | None = None, continuous: bool = False) -> tuple[KNNParams, float]:
-        """Pick λ and temperature minimising perplexity on validation texts and store them with the memory.
-
-        The temperature grid spans the spread of nearest-neighbour distances unless given.
-        """
-        params = self.params(k=k)
-        scores = self.score(texts, params.k, continuous)
-        lams = np.linspace(0.0, 0.95, 20) if lams is None else lams
-        if temps is None:
-            scale = float(np.median(scores.distances[:, 0][np.isfinite(scores.distances[:, 0])]))
-            temps = max(scale, 1e-3) * np.geomspace(1 / 64, 4, 17)
-        best = (math.inf, params)
-        lm = torch.from_numpy(scores.lm_logprobs)
-        for temp in temps:
-            knn = torch.from_numpy(scores.knn_logprobs(float(temp), params.k))
-            for lam in lams:
-                ppl = math.exp(-interpolate(lm, knn, float(lam)).double().mean().item())
-                if ppl < best[0]:
-                    best = (ppl, KNNParams.check(lam=float(lam), temp=float(temp), k=params.k))
-        ppl, tuned = best
+        """Pick λ and temperature minimising perplexity on validation texts (`Scores.tune`) and store
+        them with the memory."""
+        k = self.params(k=k).k
+        scores = self.score(texts, k, continuous)
+        tuned, ppl = scores.tune(k, lams, temps)
         self._save(**tuned.model_dump(), tuned_on_tokens=len(scores.targets), tuned_base_ppl=scores.base_perplexity,
                    tuned_knnlm_ppl=ppl, tuned_continuous=continuous)
         return tuned, ppl
 
     # --- generation --------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, lam: float | None = None, temp: float | None = None, k: int | None = None,
-                 **options: Any) -> Iterator[str]:
-        """Stream a continuation whose next-token distribution is the kNN-LM mixture at every step
-        (one search call per token); `options` go to `lm.generate.generate`."""
-        params = self.params(lam, temp, k)
+    @contextmanager
+    def hook(self, params: KNNParams) -> Iterator[LogprobsHook]:
+        """A decoding-loop hook that mixes p_kNN into each step's log-probabilities (one search per step);
+        the key is captured from the same forward pass while the block is open."""
         with capture_keys(self.model, (self.key,)) as captured:
             def mix(logprobs: torch.Tensor, outputs: Any) -> torch.Tensor:
-                query = captured[self.key][:, -1].float().cpu().numpy()
-                found = self.memory.search(query, params.k)
+                found = self.memory.search(captured[self.key][:, -1].float().cpu().numpy(), params.k)
                 probs = knn_probs(torch.from_numpy(found.distances), torch.from_numpy(found.values.astype(np.int64)),
                                   params.temp, logprobs.shape[-1])
                 return interpolate(logprobs, probs.log().to(logprobs.device), params.lam)
 
+            yield mix
+
+    def generate(self, prompt: str, lam: float | None = None, temp: float | None = None, k: int | None = None,
+                 **options: Any) -> Iterator[str]:
+        """Stream a continuation decoded from the kNN-LM mixture; `options` go to `lm.generate.generate`."""
+        with self.hook(self.params(lam, temp, k)) as mix:
             yield from generate(self.model, self.tokenizer, prompt, logprobs_hook=mix, **options)
