@@ -341,3 +341,21 @@ def test_cli_memory_of_the_wrong_dim_is_rejected(cli, corpus):
     assert result.exit_code != 0 and "hidden size is 64" in result.stderr
     with Service(Settings(data_dir=cli.data_dir)) as service:
         assert service.memory("cli-576").stats()["count"] == 0
+
+
+@pytest.mark.slow
+def test_smollm2_datastore_lowers_perplexity_on_text_it_holds():
+    from pathlib import Path
+
+    from lm.model import load_model
+
+    source = Path("/usr/share/doc/python3.11/html/_sources/library/json.rst.txt")
+    if not source.exists():
+        pytest.skip("needs Debian's python3.11-doc")
+    text = source.read_text()[:2500]
+    model, tok = load_model("smollm2")
+    knn = KNNLM(model, tok, datastore(model), progress=False)
+    assert knn.build([text]) == len(tok(text).input_ids) - 1
+    result = knn.perplexity([text], lam=0.25, temp=10.0, k=16)
+    assert 1 < result.base_ppl < 100  # the real model reads this text well already
+    assert result.knnlm_ppl < 0.8 * result.base_ppl
