@@ -23,7 +23,8 @@ from memsvc.api.schemas import spec_from
 from memsvc.api.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
 from memsvc.errors import InvalidInput, error_from_dict
 from memsvc.store.base import Entries, MemorySpec, SearchResult
-from memsvc.store.memory import check_ids, check_k, check_partition, check_vectors
+from memsvc.store.memory import (check_ids, check_k, check_partition, check_payloads, check_values,
+                                 check_vectors)
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -112,7 +113,8 @@ def stats_call(spec: MemorySpec) -> Call:
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
     keys = check_vectors(keys, spec.dim, "keys")
     return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
-                     keys=keys, values=values, payloads=payloads, partition=partition)
+                     keys=keys, values=check_values(spec, values, len(keys)),
+                     payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
 def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:

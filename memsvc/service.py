@@ -3,7 +3,8 @@
 The catalog is the source of truth for which memories exist: a create inserts the catalog row first
 (a duplicate fails there) and removes it again if the store cannot create the memory; a delete removes
 the row first, then the files. Opening reconciles the two: memory directories the catalog does not
-know (a create interrupted by a crash) are dropped, and catalog rows without a directory are reported.
+know (a create interrupted by a crash, or a server pointed at another database) are moved aside to
+`orphaned/`, never deleted, and catalog rows without a directory are reported.
 So never create memories in the store behind the catalog's back.
 
 `connect(url, data_dir)` gives a `MemoryClient` for a server or a `Service` on a data directory, so a
@@ -52,7 +53,7 @@ class Service:
                                    field)
         self.catalog.create_memory(spec)
         try:
-            return self.store.create(spec)
+            return self.store.create(self.catalog.get_memory(spec.name))  # the spec as the catalog keeps it
         except BaseException:
             self.catalog.delete_memory(spec.name)
             raise
@@ -90,9 +91,9 @@ class Service:
         known = {spec.name for spec in self.catalog.list_memories()}
         on_disk = set(self.store.names())
         for name in sorted(on_disk - known):
-            log.warning("dropping memory directory '%s': the catalog does not know it "
-                        "(a create interrupted by a crash)", name)
-            self.store.drop(name)
+            moved = self.store.quarantine(name)
+            log.warning("memory directory '%s' is not in the catalog (a create interrupted by a crash, or a "
+                        "different database): moved to %s", name, moved)
         for name in sorted(known - on_disk):
             log.error("the catalog lists memory '%s' but %s has no directory for it: its data is lost; "
                       "delete it to reuse the name", name, self.store.root)

@@ -301,6 +301,8 @@ def test_start_reconciles_store_with_catalog(tmp_path):
         shutil.rmtree(data / "memories" / "rowonly")
         proc.start()
         assert not (data / "memories" / "orphan").exists()
+        kept = list((data / "orphaned").glob("orphan-*"))  # moved aside, not deleted
+        assert len(kept) == 1 and (kept[0] / "spec.json").exists()
         assert "rowonly" in proc.log.read_text()
         assert [s.name for s in c.list_memories()] == ["fine", "rowonly"]
         with pytest.raises(NotFound):
@@ -362,7 +364,7 @@ def test_service_create_undoes_the_catalog_row_when_the_store_fails(tmp_path):
     with connect(None, tmp_path / "data") as service:
         assert isinstance(service, Service)
         (tmp_path / "data" / "memories" / "blocked").write_text("not a memory")  # the store cannot create it
-        with pytest.raises(AlreadyExists):
+        with pytest.raises(FileExistsError):
             service.create_memory("blocked", dim=DIM)
         assert service.list_memories() == []
         with pytest.raises(InvalidInput) as err:

@@ -21,8 +21,18 @@ def entries_of(batch: int, n: int) -> tuple[np.ndarray, np.ndarray, list]:
     return np.full((n, DIM), batch, np.float32), np.full(n, batch), [{"batch": batch}] * n
 
 
-def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path):
-    srv = ServerProcess(tmp_path / "data").start()
+@pytest.fixture
+def servers():
+    """Servers a test starts; killed afterwards even if the test fails."""
+    started: list[ServerProcess] = []
+    yield started
+    for srv in started:
+        srv.kill()
+
+
+def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path, servers):
+    srv = ServerProcess(tmp_path / "data")
+    servers.append(srv.start())
     client = MemoryClient(srv.url)
     client.create_memory("stream", dim=DIM, value_kind="token")
     acked: dict[int, np.ndarray] = {}  # batch -> ids the server acknowledged
@@ -66,7 +76,6 @@ def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path):
         if batch in acked:
             assert count == len(acked[batch])
     assert len(set(stored.tolist()) - set(acked)) <= 4  # at most one in-flight batch per writer, whole
-    srv.stop()
 
 
 @pytest.fixture
@@ -80,10 +89,10 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path):
+def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path, servers):
     srv = ServerProcess(small_disk / "data", env={"MEMSVC_DATABASE_URL": f"sqlite:///{tmp_path}/catalog.db"})
     srv.log = tmp_path / "server.log"
-    srv.start()
+    servers.append(srv.start())
     mem = MemoryClient(srv.url).create_memory("fill", dim=DIM, value_kind="token")
     acked, batch, failure = [], 0, None
     while failure is None and batch < 10_000:
@@ -105,4 +114,3 @@ def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path):
     mem = MemoryClient(srv.url).memory("fill")
     assert mem.stats()["count"] == 200 * (len(acked) + 1)
     assert mem.get(np.concatenate(acked + [more])).found.all()
-    srv.stop()

@@ -14,6 +14,8 @@ import pytest
 
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound
 from memsvc.store import Memory, MemorySpec, Store
+from memsvc.store.memory import RWLock
+from memsvc.store.store import DataDirInUse
 from memsvc.store.wal import CorruptLog, segment_numbers, segment_path
 
 DIM = 8
@@ -177,14 +179,38 @@ def test_store_create_get_drop(tmp_path):
     while not list(snapshots.glob("snapshot-*")) and time.time() < deadline:  # the background thread
         time.sleep(0.05)
     assert list(snapshots.glob("snapshot-*"))
+    with pytest.raises(DataDirInUse):  # one process per data dir
+        Store(tmp_path)
     s.close()
+    (tmp_path / "memories" / "half").mkdir()  # a create interrupted before spec.json
     s2 = Store(tmp_path)
     assert s2.names() == ["m"] and len(s2.get("m")) == 5
     s2.drop("m")
     with pytest.raises(NotFound):
         s2.get("m")
     assert s2.names() == []
+    assert len(s2.create(spec(name="half"))) == 0
     s2.close()
+
+
+def test_rwlock_readers_share_and_a_waiting_writer_goes_first():
+    lock, order = RWLock(), []
+
+    def take(kind: str) -> None:
+        with lock.write() if kind == "w" else lock.read():
+            order.append(kind)
+
+    with lock.read(), lock.read():  # readers share
+        writer = threading.Thread(target=take, args=("w",))
+        writer.start()
+        time.sleep(0.1)
+        reader = threading.Thread(target=take, args=("r",))
+        reader.start()
+        time.sleep(0.1)
+        assert order == []  # the writer waits for the readers, the late reader for the writer
+    writer.join(5)
+    reader.join(5)
+    assert order == ["w", "r"]
 
 
 def test_searches_run_while_adds_happen():

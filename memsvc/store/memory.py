@@ -38,17 +38,18 @@ MAX_PARTITION_LEN = 256
 
 
 class RWLock:
-    """Many readers or one writer."""
+    """Many readers or one writer; a waiting writer stops new readers, so searches cannot starve adds."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._waiting_writers = 0
 
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:
-            while self._writer:
+            while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -61,8 +62,10 @@ class RWLock:
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
+            self._waiting_writers += 1
             while self._writer or self._readers:
                 self._cond.wait()
+            self._waiting_writers -= 1
             self._writer = True
         try:
             yield
@@ -132,6 +135,40 @@ def check_partition(partition: Any) -> str | None:
             or not partition.isprintable():
         raise InvalidInput(f"partition must be a printable string of 1..{MAX_PARTITION_LEN} characters", "partition")
     return partition
+
+
+def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
+    """Values for n entries as the memory stores them (int64 token ids or float32 vectors), or None."""
+    kind = spec.value_kind
+    if kind == "none":
+        if values is not None:
+            raise InvalidInput("this memory stores no values (value_kind 'none')", "values")
+        return None
+    if values is None:
+        raise InvalidInput(f"values are required: this memory's value_kind is '{kind}'", "values")
+    if kind == "vector":
+        values = check_vectors(values, spec.value_dim, "values")
+    else:
+        values = np.asarray(values)
+        if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+            raise InvalidInput("values must be a 1-D list of integer token ids", "values")
+        values = values.astype(np.int64)
+    if len(values) != n:
+        raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
+    return values
+
+
+def check_payloads(payloads: Any, n: int) -> list[Any] | None:
+    """None, or a list of n JSON-serialisable payloads."""
+    if payloads is None:
+        return None
+    if not isinstance(payloads, list) or len(payloads) != n:
+        raise InvalidInput(f"payloads must be a list of {n} items, one per key", "payloads")
+    try:
+        json.dumps(payloads, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"payloads must be JSON-serialisable: {exc}", "payloads") from None
+    return payloads
 
 
 def check_ids(ids: Any) -> np.ndarray:
@@ -219,15 +256,9 @@ class Memory:
             partition: str | None = None) -> np.ndarray:
         """Store n entries and return their new ids; durable on return when the memory has a directory."""
         keys = check_vectors(keys, self.spec.dim, "keys")
-        values = self._check_values(values, len(keys))
+        values = check_values(self.spec, values, len(keys))
+        payloads = check_payloads(payloads, len(keys))
         partition = check_partition(partition)
-        if payloads is not None:
-            if not isinstance(payloads, list) or len(payloads) != len(keys):
-                raise InvalidInput(f"payloads must be a list of {len(keys)} items, one per key", "payloads")
-            try:
-                json.dumps(payloads)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(f"payloads must be JSON-serialisable: {exc}", "payloads") from None
         with self._writer:
             first = self._next_id
             meta = {"op": "add", "first": first, "partition": partition, "payloads": payloads}
@@ -359,25 +390,6 @@ class Memory:
         return len(rows)
 
     # --- internals ---------------------------------------------------------------------------
-
-    def _check_values(self, values: Any, n: int) -> np.ndarray | None:
-        kind = self.spec.value_kind
-        if kind == "none":
-            if values is not None:
-                raise InvalidInput("this memory stores no values (value_kind 'none')", "values")
-            return None
-        if values is None:
-            raise InvalidInput(f"values are required: this memory's value_kind is '{kind}'", "values")
-        if kind == "vector":
-            values = check_vectors(values, self.spec.value_dim, "values")
-        else:
-            values = np.asarray(values)
-            if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
-                raise InvalidInput("values must be a 1-D list of integer token ids", "values")
-            values = values.astype(np.int64)
-        if len(values) != n:
-            raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
-        return values
 
     def _index_view(self, x: np.ndarray) -> np.ndarray:
         if self.spec.metric != "cosine":

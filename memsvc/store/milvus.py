@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -43,7 +44,15 @@ from pymilvus.milvus_client import IndexParams
 
 from memsvc.errors import AlreadyExists, InvalidInput, MemsvcError, NotFound, TooLarge
 from memsvc.store.base import Entries, MemorySpec, SearchResult
-from memsvc.store.memory import MAX_PARTITION_LEN, Memory, check_ids, check_k, check_partition, check_vectors
+from memsvc.store.memory import (
+    MAX_PARTITION_LEN,
+    check_ids,
+    check_k,
+    check_partition,
+    check_payloads,
+    check_values,
+    check_vectors,
+)
 
 PREFIX = "memsvc_"
 SPEC, NEXT_ID, PAYLOADS = "memsvc.spec", "memsvc.next_id", "memsvc.payloads"  # collection properties
@@ -139,15 +148,10 @@ def index_params(spec: MemorySpec) -> IndexParams:
 
 
 def payload_texts(payloads: list[Any] | None, n: int) -> list[str]:
-    """Each payload as JSON text, or InvalidInput / TooLarge naming the field."""
+    """Checked payloads as JSON text ("null" where none); TooLarge past what a Milvus VARCHAR holds."""
     if payloads is None:
         return ["null"] * n
-    if not isinstance(payloads, list) or len(payloads) != n:
-        raise InvalidInput(f"payloads must be a list of {n} items, one per key", "payloads")
-    try:
-        texts = [json.dumps(p, ensure_ascii=False) for p in payloads]
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"payloads must be JSON-serialisable: {exc}", "payloads") from None
+    texts = [json.dumps(p, ensure_ascii=False) for p in payloads]
     for i, text in enumerate(texts):
         if len(text.encode()) > MAX_PAYLOAD_BYTES:
             raise TooLarge(f"payload {i} is larger than {MAX_PAYLOAD_BYTES} bytes of JSON, the most "
@@ -187,9 +191,9 @@ class MilvusMemory:
             partition: str | None = None) -> np.ndarray:
         """Store n entries and return their new ids; stored (with Strong consistency) on return."""
         keys = check_vectors(keys, self.spec.dim, "keys")
-        values = Memory._check_values(self, values, len(keys))  # the same checks as Memory (needs only .spec)
+        values = check_values(self.spec, values, len(keys))
         partition = check_partition(partition)
-        texts = payload_texts(payloads, len(keys))
+        texts = payload_texts(check_payloads(payloads, len(keys)), len(keys))
         n = len(keys)
         with self._writer:
             first = self._next_id
@@ -219,9 +223,12 @@ class MilvusMemory:
         partition = check_partition(partition)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
                                             ("payload", self._any_payloads)) if wanted]
+        # milvus-lite's exact L2 materialises an [nq, entries, dim] array: 15 GB for 64 queries over 100K
+        # entries of dim 576. One query per call keeps it at one [entries, dim] array (and is faster).
+        step = 1 if self._milvus.lite else MAX_NQ
         hits = []
-        for start in range(0, len(queries), MAX_NQ):
-            hits += self._milvus("search", self._collection, data=queries[start:start + MAX_NQ], limit=k,
+        for start in range(0, len(queries), step):
+            hits += self._milvus("search", self._collection, data=queries[start:start + step], limit=k,
                                  anns_field="key", filter=where(partition=partition), output_fields=fields,
                                  search_params=self._search_params(k))
         m = len(queries)
@@ -309,6 +316,11 @@ class MilvusMemory:
     def __len__(self) -> int:
         return self._count("")
 
+    def flush(self) -> None:
+        """Seal buffered entries into indexed segments now (Milvus does it in the background; milvus-lite
+        also fsyncs its log here)."""
+        self._milvus("flush", self._collection)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _count(self, expr: str) -> int:
@@ -378,6 +390,14 @@ class MilvusStore:
             if not self._milvus("has_collection", collection_name(name)):
                 raise NotFound(f"memory '{name}' not found", "name")
             self._milvus("drop_collection", collection_name(name))
+
+    def quarantine(self, name: str) -> str:
+        """Rename a memory's collection out of this store's sight (kept, not deleted); returns the new name."""
+        with self._lock:
+            self._memories.pop(name, None)
+            target = f"orphaned_{collection_name(name)}_{time.strftime('%Y%m%dT%H%M%S')}"
+            self._milvus("rename_collection", collection_name(name), target)
+            return target
 
     def close(self) -> None:
         with self._lock:

@@ -1,26 +1,40 @@
 """`Store`: the memories of one data directory, opened lazily, snapshotted in the background."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
-from memsvc.errors import AlreadyExists, NotFound
+from memsvc.errors import AlreadyExists, MemsvcError, NotFound
 from memsvc.store.base import MemorySpec
 from memsvc.store.memory import Memory
 
 log = logging.getLogger(__name__)
 
 
+class DataDirInUse(MemsvcError):
+    status, code = 409, "data_dir_in_use"
+
+
 class Store:
     """Named durable memories under `root/memories/<name>`; snapshots a memory once its log passes
-    `snapshot_bytes` (checked every `interval` seconds) and on close."""
+    `snapshot_bytes` (checked every `interval` seconds) and on close. One process at a time holds a
+    data directory (an advisory lock on `root/.lock`)."""
 
     def __init__(self, root: str | Path, snapshot_bytes: int = 256 << 20, interval: float = 5.0):
         self.root = Path(root) / "memories"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lockfile = open(Path(root) / ".lock", "w")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise DataDirInUse(f"{root} is in use by another memsvc process (a server or an embedded command)",
+                               "data_dir") from None
         self.snapshot_bytes = snapshot_bytes
         self._memories: dict[str, Memory] = {}
         self._lock = threading.Lock()
@@ -34,8 +48,10 @@ class Store:
 
     def create(self, spec: MemorySpec) -> Memory:
         with self._lock:
-            if (self.root / spec.name).exists():
+            path = self.root / spec.name
+            if (path / "spec.json").exists():
                 raise AlreadyExists(f"memory '{spec.name}' already exists", "name")
+            shutil.rmtree(path, ignore_errors=True)  # what a create interrupted before spec.json left
             mem = self._memories[spec.name] = Memory.create(spec, self.root / spec.name)
             return mem
 
@@ -62,6 +78,15 @@ class Store:
             path.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
 
+    def quarantine(self, name: str) -> Path:
+        """Move a memory's files aside to `root/../orphaned/` (kept, not deleted) and forget it."""
+        with self._lock:
+            self._memories.pop(name, None)
+            target = self.root.parent / "orphaned" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            target.parent.mkdir(exist_ok=True)
+            (self.root / name).rename(target)
+            return target
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
@@ -69,6 +94,7 @@ class Store:
             for mem in self._memories.values():
                 mem.close()
             self._memories.clear()
+        self._lockfile.close()
 
     def _maintain(self, interval: float) -> None:
         while not self._stop.wait(interval):
