@@ -33,5 +33,18 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
 
 
+def _register_model_commands() -> None:
+    """The model-side commands live with their code in `lm`; their modules import torch lazily."""
+    from lm.cli import generate, knnlm_app
+    from lm.cli_long import eval_long, train_gate
+
+    app.add_typer(knnlm_app, name="knnlm")
+    app.command()(generate)
+    app.command("eval-long")(eval_long)
+    app.command("train-gate")(train_gate)
+
+
+_register_model_commands()
+
 if __name__ == "__main__":
     app()
