@@ -2,6 +2,7 @@
 RemoteMemory of a live server must behave identically, down to the errors they raise."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -90,6 +91,9 @@ def test_approximate_indexes_find_stored_keys(make, index, metric):
     keys = vecs(400)
     mem.add(keys[:200], partition="a")
     mem.add(keys[200:])
+    deadline = time.monotonic() + 60  # ivfpq trains in the background once it holds train_size entries
+    while not mem.stats()["trained"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     stats = mem.stats()
     assert stats["count"] == 400 and stats["trained"]
     res = mem.search(keys[::40], k=10)

@@ -118,8 +118,9 @@ def test_hnsw_and_ivfpq_deletes_and_training(tmp_path):
     q.add(x[:500], values=np.arange(500))
     assert not q.stats()["trained"]
     np.testing.assert_array_equal(q.search(x[:5], k=1).ids[:, 0], np.arange(5))  # exact until trained
-    q.add(x[500:], values=np.arange(500, 2000))
-    assert q.stats()["trained"]
+    q.add(x[500:], values=np.arange(500, 2000))  # crosses train_size: training starts in the background
+    np.testing.assert_array_equal(q.search(x[:5], k=1).ids[:, 0], np.arange(5))  # searches go on meanwhile
+    assert q.wait_trained(60) and q.stats()["trained"]
     flat = Memory(spec())
     flat.add(x, values=np.arange(2000))
     approx, exact = q.search(x[:100], k=10).ids, flat.search(x[:100], k=10).ids

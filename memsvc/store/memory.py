@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -197,6 +198,8 @@ class Memory:
         self._writer = threading.Lock()
         self._log = _log
         self._template = None  # trained ivfpq index, once there is one
+        self._trainer: threading.Thread | None = None
+        self.train_seconds: float | None = None
         self._next_id = 0
         self._ids = Column(np.int64)
         self._keys = Column(np.float32, (spec.dim,))
@@ -229,8 +232,9 @@ class Memory:
         spec = MemorySpec.model_validate_json((path / "spec.json").read_text())
         mem = cls(spec, path)
         first = mem._load_snapshot()
-        for meta, arrays in replay(path, first):
-            mem._apply(meta, arrays)
+        with mem._writer:  # a training started by the replay waits until the replay is done
+            for meta, arrays in replay(path, first):
+                mem._apply(meta, arrays)
         numbers = segment_numbers(path)
         mem._log = SegmentLog(path, max(numbers[-1] if numbers else 1, first))
         return mem
@@ -326,6 +330,7 @@ class Memory:
                 "count": int(self._keys.size - self._dead),
                 "partitions": [{"name": n, "count": s.count} for n, s in self._shards.items()],
                 "trained": self.spec.index != "ivfpq" or self._template is not None,
+                "train_seconds": self.train_seconds,
                 "device": fx.device() if self.spec.index != "hnsw" else "cpu",
                 "durable": self.path is not None,
                 "log_bytes": self._log.size if self._log is not None else 0,
@@ -362,8 +367,13 @@ class Memory:
         shard.index.add_with_ids(self._index_view(keys), ids)
         shard.count += n
         self._next_id = first + n
-        if self.spec.index == "ivfpq" and self._template is None and len(self) >= self.spec.train_count:
-            self._train()
+        if self.spec.index == "ivfpq" and self._template is None and self._trainer is None \
+                and len(self) >= self.spec.train_count:
+            live = np.flatnonzero(self._alive.data)[: self.spec.train_count]
+            sample = np.array(self._index_view(self._keys.data[live]))
+            self._trainer = threading.Thread(target=self._train, args=(sample,), daemon=True,
+                                             name=f"memsvc-train-{self.spec.name}")
+            self._trainer.start()
         return n
 
     def _apply_delete(self, ids: np.ndarray | None, partition: str | None) -> int:
@@ -448,19 +458,40 @@ class Memory:
             rows = np.flatnonzero(alive & (self._parts.data == shard.code))
             shard.index = self._build(rows)
 
-    def _build(self, rows: np.ndarray) -> Any:
-        index = fx.new_index(self.spec, self._template)
+    def _build(self, rows: np.ndarray, template: Any = None) -> Any:
+        index = fx.new_index(self.spec, template if template is not None else self._template)
         for start in range(0, len(rows), 65536):
             chunk = rows[start:start + 65536]
             index.add_with_ids(self._index_view(self._keys.data[chunk]), self._ids.data[chunk])
         return index
 
-    def _train(self) -> None:
-        live = np.flatnonzero(self._alive.data)[: self.spec.train_count]
-        log.info("training ivfpq for %s on %d entries", self.spec.name, len(live))
-        self._template = fx.train_template(self.spec, self._index_view(self._keys.data[live]))
-        for shard in self._shards.values():
-            shard.index = self._build(np.flatnonzero(self._alive.data & (self._parts.data == shard.code)))
+    def _train(self, sample: np.ndarray) -> None:
+        """Train the ivfpq template off the request path, then swap every partition's index for an ivfpq one.
+
+        Until then searches stay exact (flat). Searches never wait; adds wait only while indexes rebuild.
+        """
+        start = time.perf_counter()
+        log.info("training ivfpq for %s on %d entries", self.spec.name, len(sample))
+        try:
+            template = fx.train_template(self.spec, sample)
+            with self._writer:
+                with self._rw.read():
+                    built = {name: self._build(np.flatnonzero(self._alive.data & (self._parts.data == s.code)),
+                                               template) for name, s in self._shards.items()}
+                with self._rw.write():
+                    for name, index in built.items():
+                        self._shards[name].index = index
+                    self._template = template
+            self.train_seconds = time.perf_counter() - start
+        except Exception:  # keep serving exactly; the next add tries again
+            log.exception("ivfpq training of %s failed", self.spec.name)
+            self._trainer = None
+
+    def wait_trained(self, timeout: float | None = None) -> bool:
+        """Wait for a running ivfpq training (for tests and benchmarks); True once the memory is trained."""
+        if self._trainer is not None:
+            self._trainer.join(timeout)
+        return self.spec.index != "ivfpq" or self._template is not None
 
     def _compact(self) -> None:
         mask = self._alive.data.copy()
