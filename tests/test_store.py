@@ -204,7 +204,8 @@ def test_rwlock_readers_share_and_a_waiting_writer_goes_first():
     with lock.read(), lock.read():  # readers share
         writer = threading.Thread(target=take, args=("w",))
         writer.start()
-        time.sleep(0.1)
+        while not lock._waiting_writers:
+            time.sleep(0.001)
         reader = threading.Thread(target=take, args=("r",))
         reader.start()
         time.sleep(0.1)
