@@ -92,6 +92,8 @@ def bench_config(index: str, n: int, work: Path) -> list[dict]:
 
     mem = Memory.create(MemorySpec(name="bench", **spec), work / "inproc")
     add_rate = timed_adds(lambda k, v: mem.add(k, values=v), keys)
+    mem.wait_trained()
+    train_s = mem.train_seconds or 0.0
     mem._log.rotate()  # keep the log: reopen below replays it
     t = time.perf_counter()
     replayed = Memory.open(work / "inproc")
@@ -109,6 +111,8 @@ def bench_config(index: str, n: int, work: Path) -> list[dict]:
         client = MemoryClient(url, timeout=600)
         remote = client.create_memory("bench", **spec)
         rest_add = timed_adds(lambda k, v: remote.add(k, values=v), keys)
+        while not remote.stats()["trained"]:
+            time.sleep(0.5)
         http = httpx.Client(base_url=url, timeout=600)
 
         def json_search(q: np.ndarray) -> None:
@@ -126,7 +130,7 @@ def bench_config(index: str, n: int, work: Path) -> list[dict]:
                       f"  p99 {r['p99_ms']:7.2f} ms", flush=True)
         for r in rows:
             r.update(add_per_s_inproc=add_rate, add_per_s_rest=rest_add, restart_replay_s=replay_s,
-                     restart_snapshot_s=snapshot_s)
+                     restart_snapshot_s=snapshot_s, train_s=train_s)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -152,11 +156,11 @@ def main() -> None:
         r["vs_inprocess"] = r["qps"] / base
         print(f"{r['index']:<6} {r['n']:>9,} {r['batch']:>5} {r['path']:<11} {r['qps']:>9,.0f} {r['p50_ms']:>8.2f}"
               f" {r['p99_ms']:>8.2f} {r['vs_inprocess']:>9.0%}")
-    print(f"\n{'index':<6} {'entries':>9} {'add/s in-proc':>14} {'add/s REST':>11} {'restart log':>12}"
+    print(f"\n{'index':<6} {'entries':>9} {'add/s in-proc':>14} {'add/s REST':>11} {'train':>7} {'restart log':>12}"
           f" {'restart snap':>13}")
     for r in {(r["index"]): r for r in rows}.values():
         print(f"{r['index']:<6} {r['n']:>9,} {r['add_per_s_inproc']:>14,.0f} {r['add_per_s_rest']:>11,.0f}"
-              f" {r['restart_replay_s']:>11.1f}s {r['restart_snapshot_s']:>12.1f}s")
+              f" {r['train_s']:>6.1f}s {r['restart_replay_s']:>11.1f}s {r['restart_snapshot_s']:>12.1f}s")
     (OUT / "store.json").write_text(json.dumps(rows, indent=1))
     plot(rows, OUT / "store.png")
 
