@@ -98,6 +98,7 @@ def bench_config(index: str, n: int, work: Path) -> list[dict]:
     t = time.perf_counter()
     replayed = Memory.open(work / "inproc")
     replay_s = time.perf_counter() - t
+    replayed.wait_trained()  # its re-training must not run under the measurements below
     del replayed
     mem.snapshot()
     t = time.perf_counter()
