@@ -114,6 +114,7 @@ BAD_CALLS = [
     ("add", {"keys": vecs(2, 0), "values": [1]}, "values"),
     ("add", {"keys": vecs(2, 0), "values": [1, 2], "payloads": [{}]}, "payloads"),
     ("add", {"keys": vecs(1, 0), "values": [1], "payloads": [{1, 2}]}, "payloads"),
+    ("add", {"keys": vecs(1, 0), "values": [1], "payloads": [float("nan")]}, "payloads"),
     ("add", {"keys": vecs(1, 0), "values": [1], "partition": ""}, "partition"),
     ("add", {"keys": vecs(1, 0), "values": [1], "partition": "tab\there"}, "partition"),
     ("search", {"queries": vecs(1, 0), "k": 0}, "k"),
@@ -159,6 +160,8 @@ def test_store_names_create_drop_and_errors(store):
     with pytest.raises(NotFound):
         store.drop("Z9")
     assert store.names() == sorted(["a.b-c_d", "x" * 128])
+    moved = store.quarantine("a.b-c_d")  # kept under another name, out of the store's sight
+    assert store.names() == ["x" * 128] and moved in store._milvus("list_collections")
 
 
 def test_restart_keeps_entries_metadata_and_never_reuses_ids(tmp_path):
