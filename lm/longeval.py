@@ -1,4 +1,5 @@
-"""eval-long: perplexity of long documents decoded as one stream through a bounded cache (+ kNN memory).
+"""eval-long: perplexity of long documents decoded as one stream through a bounded cache (+ kNN memory),
+and the needle-in-a-haystack trial that asks for a fact planted deep in a long prompt.
 
 The semantics are those of token-by-token streaming decoding; `lm.cache.stream` runs it in exact blocks,
 so the numbers are the same and the run is many times faster. Perplexity counts the tokens past the first
@@ -17,13 +18,16 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lm.cache import BoundedCache, Policy, stream
+from lm.cache import BoundedCache, Policy, forward, stream
+from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.gate import Gate
 from lm.memory_attention import KnnConfig, memory_attention
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store.base import MemoryBackend
 
 DEFAULT_SKIP = 256
+NEEDLE = "The secret passphrase is {word}."
+QUESTION = "What is the secret passphrase? Answer with the passphrase only."
 
 
 @dataclass
@@ -94,3 +98,31 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
         "files": [{"file": name, "tokens": len(r.nll), "perplexity": r.perplexity(skip)}
                   for name, r in results.items()],
     }
+
+
+def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int, depth: float,
+                  word: str) -> torch.Tensor:
+    """Chat prompt ids [1, n]: about `tokens` tokens of haystack, the needle planted at the line nearest
+    `depth` (0 = start, 1 = end), then the question."""
+    if not 0 <= depth <= 1:
+        raise InvalidInput(f"depth must be in [0, 1], got {depth}", "depth")
+    ids = tokenizer(haystack).input_ids
+    while len(ids) < tokens:  # a short haystack is repeated
+        ids = ids + ids
+    lines = tokenizer.decode(ids[:tokens]).split("\n")
+    at = round(depth * len(lines))
+    text = "\n".join(lines[:at] + [NEEDLE.format(word=word)] + lines[at:])
+    return encode_prompt(tokenizer, f"{text}\n\n{QUESTION}", chat=True)
+
+
+def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor, policy: Policy, *,
+           knn: KnnConfig | None = None, gate: Gate | None = None, max_new_tokens: int = 12) -> str:
+    """Greedy answer to a prompt streamed through a bounded cache: the prompt prefills in exact blocks, then the
+    one decoding loop (`lm.generate.stream_tokens`) continues from its last token."""
+    cache = BoundedCache(model, policy)
+    context = memory_attention(model, cache, config=knn, gate=gate) if knn is not None else nullcontext()
+    with context, torch.inference_mode():
+        forward(model, prompt[:, :-1], cache, logits_to_keep=1)
+        tokens = list(stream_tokens(model, prompt[:, -1:], max_new_tokens=max_new_tokens, past_key_values=cache,
+                                    stop_ids=stop_token_ids(model, tokenizer)))
+    return tokenizer.decode(tokens, skip_special_tokens=True)

@@ -117,43 +117,42 @@ class KnnMemoryAttention:
         b, heads, q, d = query.shape
         if b != 1:
             raise InvalidInput(f"kNN-memory attention decodes one sequence at a time, got a batch of {b}", "batch")
-        kv = key.shape[1]
+        kv, g, n = key.shape[1], heads // key.shape[1], key.shape[2]
         cache_layer = self.cache.layers[layer]
         tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
-        seen = visible(self.cache.policy, tokens, tokens[-q:])  # [q, L]
-        gone = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # evicted by this query's turn, still in view
-        grouped = query[0].view(kv, heads // kv, q, d)
-        local = grouped @ key[0, :, None].transpose(-1, -2) * scaling  # [kv, g, q, L]
+        seen = visible(self.cache.policy, tokens, tokens[-q:])  # [q, n]
+        left = (tokens[None, :] <= tokens[-q:, None]) & ~seen
+        cols = left.any(0).nonzero().squeeze(1)  # entries leaving the window during this block (none if q == 1)
+        left = left[:, cols]
+        grouped = query[0].view(kv, g, q, d)
+        local = grouped @ key[0, :, None].transpose(-1, -2) * scaling  # [kv, g, q, n]
 
         absolute = self.config.positions == "absolute"
-        delta = tokens[-q:] - positions[-q:] if absolute else -positions[-q:]
-        search = self.cache.rotate(query[0], delta).view(kv, heads // kv, q, d)
-        mem_logits, mem_values = self.retrieve(layer, search, scaling)
-        if absolute or not gone.any():
-            gone_logits = local  # same frame, so the true distances: the absolute-position logits
+        search = self.cache.rotate(query[0], tokens[-q:] - positions[-q:] if absolute else -positions[-q:])
+        mem_logits, mem_values = self.retrieve(layer, search.view(kv, g, q, d), scaling)
+        if absolute:  # queries and entries in view share a frame: these are the true-distance logits
+            left_logits = local[..., cols]
         else:
-            gone_logits = search @ self.cache.rotate(key[0], -positions)[:, None].transpose(-1, -2) * scaling
+            raw = self.cache.rotate(key[0][:, cols], -positions[cols])
+            left_logits = search.view(kv, g, q, d) @ raw[:, None].transpose(-1, -2) * scaling
+        retrieved = torch.cat([left_logits.masked_fill(~left, -torch.inf), mem_logits], -1)  # [kv, g, q, c + k]
+        if len(cols):
+            retrieved = _top(retrieved, self.config.k)
         if self.gate is not None:
-            scale = self.gate.log_scale[layer].exp().view(kv, heads // kv, 1, 1)
-            mem_logits, gone_logits = _scale(mem_logits, scale), gone_logits * scale
-        candidates = torch.cat([gone_logits.masked_fill(~gone, -torch.inf), mem_logits], -1)
-        top = candidates.topk(min(self.config.k, candidates.shape[-1]), dim=-1).indices
-        chosen = torch.zeros_like(candidates, dtype=torch.bool).scatter(-1, top, True)
-        candidates = candidates.masked_fill(~chosen, -torch.inf)
-        gone_logits, mem_logits = candidates.split([len(tokens), self.config.k], -1)
+            retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1))
 
-        values = value[0, :, None]  # [kv, 1, L, d]
+        local = local.masked_fill(~seen, -torch.inf)
+        values, left_values = value[0, :, None], value[0, :, None, cols]  # [kv, 1, n or c, d]
         if self.config.mode == "joint":
-            weights = torch.cat([torch.where(seen, local, gone_logits), mem_logits], -1).softmax(-1)
-            out = weights[..., :len(tokens)] @ values + _weigh(weights[..., len(tokens):], mem_values)
+            weights = torch.cat([local, retrieved], -1).softmax(-1)
+            out = (weights[..., :n] @ values + weights[..., n:n + len(cols)] @ left_values
+                   + _weigh(weights[..., n + len(cols):], mem_values))
         else:
-            local_out = local.masked_fill(~seen, -torch.inf).softmax(-1) @ values
-            retrieved = torch.cat([gone_logits, mem_logits], -1)
             found = retrieved.isfinite().any(-1, keepdim=True)
             weights = retrieved.masked_fill(~found, 0.0).softmax(-1)
-            mem_out = weights[..., :len(tokens)] @ values + _weigh(weights[..., len(tokens):], mem_values)
-            g = torch.sigmoid(self.gate.bias[layer]).view(kv, heads // kv, 1, 1) * found
-            out = g * mem_out + (1 - g) * local_out
+            mem_out = weights[..., :len(cols)] @ left_values + _weigh(weights[..., len(cols):], mem_values)
+            gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1) * found
+            out = gate * mem_out + (1 - gate) * (local.softmax(-1) @ values)
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
     def close(self) -> None:
@@ -225,6 +224,12 @@ def head_dim(model: PreTrainedModel) -> int:
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).numpy()
+
+
+def _top(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest logits of each row; -inf elsewhere."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return logits.masked_fill(~torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top, True), -torch.inf)
 
 
 def _scale(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
