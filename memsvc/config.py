@@ -1,15 +1,51 @@
 """Settings, from the environment (prefix MEMSVC_) or a .env file; defaults run embedded."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# One entry of MEMSVC_API_KEYS: KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro (keys are URL-safe tokens).
+API_KEY_ENTRY = re.compile(r"(?P<key>[A-Za-z0-9._~+/-]+)(?:=(?P<prefix>[A-Za-z0-9._-]+))?(?P<ro>:ro)?")
+
+
+class ApiKey(BaseModel):
+    """A bearer key, the name prefix its holder is confined to ("" = every name), and whether it may write."""
+
+    model_config = ConfigDict(frozen=True)
+
+    secret: SecretStr
+    prefix: str = ""
+    read_only: bool = False
+
+    def allows(self, name: str) -> bool:
+        return name.startswith(self.prefix)
+
+
+def parse_api_keys(text: str) -> list[ApiKey]:
+    """MEMSVC_API_KEYS: comma-separated `KEY[=PREFIX][:ro]` entries; empty means no auth. Errors name the
+    entry by position, never by its text (which holds a key)."""
+    keys = []
+    for number, entry in enumerate((e.strip() for e in text.split(",") if e.strip()), start=1):
+        match = API_KEY_ENTRY.fullmatch(entry)
+        if match is None:
+            raise ValueError(f"entry {number} is not KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro "
+                             "(keys: letters, digits and ._~+/-; prefixes: letters, digits and ._-)")
+        keys.append(ApiKey(secret=match["key"], prefix=match["prefix"] or "", read_only=bool(match["ro"])))
+    secrets = [k.secret.get_secret_value() for k in keys]
+    if len(set(secrets)) < len(secrets):
+        raise ValueError("the same key appears twice")
+    return keys
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MEMSVC_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a bad MEMSVC_API_KEYS must not print its keys in the startup error
+    model_config = SettingsConfigDict(env_prefix="MEMSVC_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     data_dir: Path = Field(Path("memsvc-data"), description="memories, snapshots, logs, SQLite catalog")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
@@ -20,7 +56,14 @@ class Settings(BaseSettings):
     max_k: int = Field(1024, description="largest k of a search")
     max_dim: int = Field(8192, description="largest key/value dimension of a memory")
     snapshot_bytes: int = Field(256 << 20, description="snapshot a memory once its log passes this")
-    api_keys: str | None = Field(None, description="comma-separated bearer keys; unset = no auth")
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
+        default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
+    log_level: str = Field("INFO", description="level of the server's JSON log lines")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: Any) -> Any:
+        return parse_api_keys(value) if isinstance(value, str) else value
 
     @property
     def catalog_url(self) -> str:

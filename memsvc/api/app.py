@@ -1,6 +1,9 @@
 """`create_app(settings)`: the FastAPI app, whose lifespan opens and closes the `Service`.
 
-Routers are one module per resource; others add theirs to `ROUTERS`.
+Routers are one module per resource; others add theirs to `ROUTERS`. A resource router depends on
+`auth.authorize` (and its writing routes on `auth.WRITE`) and names its resource's path parameter `name`.
+Closing the service on shutdown (uvicorn runs it on SIGTERM once in-flight requests have finished)
+snapshots every memory whose log holds anything, so the next start replays nothing.
 """
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from memsvc.api import errors, health, memories
+from memsvc.api import errors, health, memories, metrics
 from memsvc.api.deps import JSONResponse
 from memsvc.api.limits import BodyLimit
 from memsvc.config import Settings
+from memsvc.observability import Metrics, Observe
 from memsvc.service import Service
 
-ROUTERS = (health.router, memories.router)
+ROUTERS = (health.router, metrics.router, memories.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,8 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="memsvc", summary="Retrieval-augmented long-context memory for transformer LMs",
                   lifespan=lifespan, default_response_class=JSONResponse)
     app.state.settings = settings
-    app.state.api_keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+    app.state.metrics = Metrics(lambda: app.state.service.store.loaded())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Observe, metrics=app.state.metrics)  # added last: outermost, so it times everything
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)

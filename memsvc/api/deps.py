@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from secrets import compare_digest
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
 from memsvc.api import wire
 from memsvc.api.schemas import invalid_input
 from memsvc.config import Settings
-from memsvc.errors import Unauthorized
 from memsvc.service import Service
 
 M = TypeVar("M", bound=BaseModel)
@@ -28,14 +25,6 @@ def get_settings(request: Request) -> Settings:
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-def authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                       Depends(HTTPBearer(auto_error=False))]) -> None:
-    """With API keys configured, every request needs `Authorization: Bearer <one of them>`."""
-    keys = request.app.state.api_keys
-    if keys and (credentials is None or not any(compare_digest(credentials.credentials, k) for k in keys)):
-        raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", "authorization")
 
 
 async def raw_body(request: Request) -> bytes:

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 
 from memsvc.api.deps import JSONResponse
 from memsvc.api.schemas import invalid_input
-from memsvc.errors import ERRORS_BY_CODE, MemsvcError
+from memsvc.errors import ERRORS_BY_CODE, MemsvcError, Unauthorized
 
 CODE_BY_STATUS = {cls.status: cls.code for cls in ERRORS_BY_CODE.values()}
 
@@ -21,7 +21,8 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 
 async def memsvc_error(request: Request, exc: MemsvcError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.field)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None  # as RFC 6750 asks
+    return error_response(exc.status, exc.code, exc.message, exc.field, headers)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from memsvc.api.deps import BINARY_RESPONSE, ServiceDep, SettingsDep, authorize, binary_body, body_of, respond
+from memsvc.api.auth import WRITE, Caller, authorize, check_name
+from memsvc.api.deps import BINARY_RESPONSE, ServiceDep, SettingsDep, binary_body, body_of, respond
 from memsvc.api.limits import check_batch, check_max_k
 from memsvc.api.schemas import (
     AddRequest,
@@ -33,15 +34,17 @@ from memsvc.store import MemorySpec
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authorize)])
 
 
-@router.post("", status_code=201, response_model=MemoryStats)
-def create_memory(spec: MemorySpec, service: ServiceDep) -> dict:
+@router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE])
+def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> dict:
     """Create a memory; 409 if the name is taken."""
+    check_name(key, spec.name)
     return service.create(spec).stats()
 
 
 @router.get("", response_model=MemoryList)
-def list_memories(service: ServiceDep) -> MemoryList:
-    return MemoryList(memories=service.list_memories())
+def list_memories(service: ServiceDep, key: Caller) -> MemoryList:
+    """The memories this key may use."""
+    return MemoryList(memories=[spec for spec in service.list_memories() if key.allows(spec.name)])
 
 
 @router.get("/{name}", response_model=MemoryStats)
@@ -50,18 +53,18 @@ def memory_stats(name: str, service: ServiceDep) -> dict:
     return service.memory(name).stats()
 
 
-@router.patch("/{name}", response_model=MemorySpec)
+@router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE])
 def set_metadata(name: str, patch: MetadataPatch, service: ServiceDep) -> MemorySpec:
     """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings)."""
     return service.set_metadata(name, patch.metadata)
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, dependencies=[WRITE])
 def delete_memory(name: str, service: ServiceDep) -> None:
     service.delete_memory(name)
 
 
-@router.post("/{name}/entries", status_code=201, response_model=AddResponse,
+@router.post("/{name}/entries", status_code=201, response_model=AddResponse, dependencies=[WRITE],
              openapi_extra=binary_body(AddRequest), responses=BINARY_RESPONSE)
 def add_entries(name: str, request: Request, body: Annotated[AddRequest, Depends(body_of(AddRequest))],
                 service: ServiceDep, settings: SettingsDep) -> Response:
@@ -100,7 +103,7 @@ def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
                  partition=entries.partitions[0])
 
 
-@router.post("/{name}/delete", response_model=DeleteResponse,
+@router.post("/{name}/delete", response_model=DeleteResponse, dependencies=[WRITE],
              openapi_extra=binary_body(DeleteRequest), responses=BINARY_RESPONSE)
 def delete_entries(name: str, request: Request, body: Annotated[DeleteRequest, Depends(body_of(DeleteRequest))],
                    service: ServiceDep, settings: SettingsDep) -> Response:

@@ -127,6 +127,8 @@ class MemoryStats(MemorySpec):
     count: int
     partitions: list[Partition]
     trained: bool
+    train_seconds: float | None = Field(None, description="how long training the ivfpq index took")
+    snapshot_seconds: float | None = Field(None, description="how long the memory's last snapshot took")
     device: str
     durable: bool
     log_bytes: int

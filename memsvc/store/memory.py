@@ -200,6 +200,7 @@ class Memory:
         self._template = None  # trained ivfpq index, once there is one
         self._trainer: threading.Thread | None = None
         self.train_seconds: float | None = None
+        self.snapshot_seconds: float | None = None  # how long the last snapshot took
         self._next_id = 0
         self._ids = Column(np.int64)
         self._keys = Column(np.float32, (spec.dim,))
@@ -331,6 +332,7 @@ class Memory:
                 "partitions": [{"name": n, "count": s.count} for n, s in self._shards.items()],
                 "trained": self.spec.index != "ivfpq" or self._template is not None,
                 "train_seconds": self.train_seconds,
+                "snapshot_seconds": self.snapshot_seconds,
                 "device": fx.device() if self.spec.index != "hnsw" else "cpu",
                 "durable": self.path is not None,
                 "log_bytes": self._log.size if self._log is not None else 0,
@@ -507,6 +509,7 @@ class Memory:
         """Write the whole state to a new snapshot directory, then drop the log segments it covers."""
         if self.path is None or self._log is None:
             return
+        start = time.perf_counter()
         with self._writer, self._rw.read():
             number = self._log.rotate()
             tmp = self.path / f"snapshot.tmp-{number}"
@@ -526,6 +529,7 @@ class Memory:
         for n in segment_numbers(self.path):
             if n < number:
                 segment_path(self.path, n).unlink()
+        self.snapshot_seconds = time.perf_counter() - start
 
     def _write_snapshot(self, tmp: Path) -> None:
         live = self._alive.data

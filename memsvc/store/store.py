@@ -43,6 +43,11 @@ class Store:
                                         name="memsvc-snapshots")
         self._thread.start()
 
+    def loaded(self) -> list[Memory]:
+        """The memories opened since start (a memory is opened on first use)."""
+        with self._lock:
+            return list(self._memories.values())
+
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "spec.json").exists())
 
