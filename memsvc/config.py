@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     max_k: int = Field(1024, description="largest k of a search")
     max_dim: int = Field(8192, description="largest key/value dimension of a memory")
     snapshot_bytes: int = Field(256 << 20, description="snapshot a memory once its log passes this")
+    vector_backend: Literal["faiss", "milvus"] = Field("faiss", description="where memories' vectors live")
+    milvus_uri: str | None = Field(None, description="Milvus server URI or milvus-lite file; default data_dir")
+    milvus_timeout: float = Field(60.0, gt=0, description="seconds before a Milvus call fails with 503")
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
     log_level: str = Field("INFO", description="level of the server's JSON log lines")

@@ -48,8 +48,14 @@ class StorageFull(MemsvcError):
     status, code = 507, "insufficient_storage"
 
 
+class BackendUnavailable(MemsvcError):
+    """The vector backend (e.g. Milvus) failed or could not be reached; the failed call stored nothing."""
+
+    status, code = 503, "backend_unavailable"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
-                                            Forbidden, StorageFull, MemsvcError)}
+                                            Forbidden, StorageFull, BackendUnavailable, MemsvcError)}
 
 
 def error_from_dict(status: int, body: dict) -> MemsvcError:

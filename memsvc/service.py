@@ -16,15 +16,18 @@ import logging
 import re
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from memsvc.api.schemas import spec_from
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
 from memsvc.db import Catalog
 from memsvc.errors import InvalidInput, NotFound
-from memsvc.store import Memory, MemorySpec, Store
+from memsvc.store import MemoryBackend, MemorySpec, Store
 from memsvc.store.base import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from memsvc.store.milvus import MilvusStore
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +39,16 @@ class Service:
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(self.settings.catalog_url)
-        self.store = Store(self.settings.data_dir, snapshot_bytes=self.settings.snapshot_bytes)
+        self.store = open_store(self.settings)
         self._reconcile()
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
-                      value_dim: int | None = None, index: str = "flat", **index_params: Any) -> Memory:
+                      value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
         """Create a memory (index_params: nlist, pq_m, nprobe, hnsw_m, ... of MemorySpec)."""
         return self.create(spec_from(name=name, dim=dim, metric=metric, value_kind=value_kind,
                                      value_dim=value_dim, index=index, **index_params))
 
-    def create(self, spec: MemorySpec) -> Memory:
+    def create(self, spec: MemorySpec) -> MemoryBackend:
         for field in ("dim", "value_dim"):
             size = getattr(spec, field)
             if size is not None and size > self.settings.max_dim:
@@ -58,7 +61,7 @@ class Service:
             self.catalog.delete_memory(spec.name)
             raise
 
-    def memory(self, name: str) -> Memory:
+    def memory(self, name: str) -> MemoryBackend:
         if not re.fullmatch(NAME_PATTERN, name):
             raise NotFound(f"memory '{name}' not found", "name")
         return self.store.get(name)
@@ -95,8 +98,17 @@ class Service:
             log.warning("memory directory '%s' is not in the catalog (a create interrupted by a crash, or a "
                         "different database): moved to %s", name, moved)
         for name in sorted(known - on_disk):
-            log.error("the catalog lists memory '%s' but %s has no directory for it: its data is lost; "
-                      "delete it to reuse the name", name, self.store.root)
+            log.error("the catalog lists memory '%s' but the %s store has no data for it: its data is lost; "
+                      "delete it to reuse the name", name, self.settings.vector_backend)
+
+
+def open_store(settings: Settings) -> Store | MilvusStore:
+    """The vector store the settings select: FAISS in the data dir (default), or Milvus (no fallback)."""
+    if settings.vector_backend == "faiss":
+        return Store(settings.data_dir, snapshot_bytes=settings.snapshot_bytes)
+    from memsvc.store.milvus import MilvusStore  # an optional extra: memsvc[milvus]
+
+    return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
 def connect(url: str | None, data_dir: Path, api_key: str | None = None) -> MemoryClient | Service:

@@ -32,7 +32,17 @@ def client(server):
         yield c
 
 
-@pytest.fixture(params=["memory", "durable", "remote"])
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory):
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    from memsvc.store.milvus import MilvusStore
+
+    store = MilvusStore(str(tmp_path_factory.mktemp("milvus") / "m.db"))
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["memory", "durable", "remote", "milvus"])
 def make(request):
     """make(**spec) -> a new, empty memory of the backend under test."""
 
@@ -41,6 +51,10 @@ def make(request):
         name = f"t-{uuid.uuid4().hex[:12]}"
         if request.param == "memory":
             return Memory(spec_from(name=name, **spec))
+        if request.param == "milvus":
+            if spec.get("index") == "ivfpq":
+                pytest.skip("milvus-lite has no IVF_PQ index")
+            return request.getfixturevalue("milvus").create(spec_from(name=name, **spec))
         owner = request.getfixturevalue("service" if request.param == "durable" else "client")
         return owner.create_memory(name, **spec)
 

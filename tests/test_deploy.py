@@ -26,7 +26,7 @@ def test_compose_services_volumes_and_healthchecks():
     assert f"{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}" in url
     assert services["memsvc"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     named = set(c["volumes"])
-    for name in ("memsvc", "postgres"):
+    for name in ("memsvc", "postgres", "milvus", "etcd", "minio"):
         for volume in services[name]["volumes"]:
             assert volume.split(":")[0] in named, f"{name} mounts {volume}, not a named volume"
 
@@ -38,6 +38,18 @@ def test_gpu_profile_reserves_a_gpu_and_installs_the_gpu_extra():
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "memsvc-gpu" not in compose()["services"]["memsvc"].get("profiles", [])
+
+
+def test_scale_profile_runs_memsvc_on_milvus():
+    services = compose()["services"]
+    scale = services["memsvc-scale"]
+    assert scale["environment"]["MEMSVC_VECTOR_BACKEND"] == "milvus"
+    assert scale["environment"]["MEMSVC_MILVUS_URI"].startswith("http://milvus:")
+    assert scale["build"]["args"]["EXTRAS"] == "milvus"
+    assert {"postgres", "milvus"} <= set(scale["depends_on"])
+    for name in ("memsvc-scale", "milvus", "etcd", "minio"):
+        assert services[name]["profiles"] == ["scale"] and services[name]["healthcheck"]["test"], name
+    assert {"etcd", "minio"} <= set(services["milvus"]["depends_on"])
 
 
 def test_dockerfile_installs_with_make_install():

@@ -15,7 +15,9 @@ pytest.importorskip("milvus_lite", reason="the Milvus backend tests need the 'mi
 
 from memsvc.errors import AlreadyExists, InvalidInput, MemsvcError, NotFound, TooLarge
 from memsvc.store import Memory, MemorySpec
-from memsvc.store.milvus import BackendUnavailable, MilvusStore
+from conftest import ServerProcess, free_port
+from memsvc.errors import BackendUnavailable
+from memsvc.store.milvus import MilvusStore
 
 DIM = 16
 
@@ -184,6 +186,15 @@ def test_restart_keeps_entries_metadata_and_never_reuses_ids(tmp_path):
     assert got.found.tolist() == [True, False] and got.payloads[0] == {"i": 3} and got.partitions[0] == "p"
     assert mem.add(x[:1], values=[0]).tolist() == [50]
     store.close()
+
+
+def test_server_refuses_to_start_on_an_unreachable_milvus(tmp_path):
+    """No silent fallback to FAISS: `memsvc serve` exits and says why."""
+    srv = ServerProcess(tmp_path / "data", env={"MEMSVC_VECTOR_BACKEND": "milvus", "MEMSVC_MILVUS_TIMEOUT": "5",
+                                                "MEMSVC_MILVUS_URI": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(RuntimeError, match="server exited"):
+        srv.start(timeout=120)
+    assert "Milvus connection to 'http://127.0.0.1:" in srv.log.read_text()
 
 
 def test_unreachable_uri_fails_at_start_with_a_clear_message(tmp_path):

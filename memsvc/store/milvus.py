@@ -42,7 +42,7 @@ from pymilvus import CollectionSchema, DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 from pymilvus.milvus_client import IndexParams
 
-from memsvc.errors import AlreadyExists, InvalidInput, MemsvcError, NotFound, TooLarge
+from memsvc.errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, TooLarge
 from memsvc.store.base import Entries, MemorySpec, SearchResult
 from memsvc.store.memory import (
     MAX_PARTITION_LEN,
@@ -61,12 +61,6 @@ MAX_PAYLOAD_BYTES = 65535  # the longest Milvus VARCHAR
 MAX_NQ = 16384  # the most queries Milvus takes in one search
 INSERT_BYTES = 64 << 20  # larger adds are sent as several inserts of about this size
 ID_BATCH = 16384  # ids per get/delete filter expression
-
-
-class BackendUnavailable(MemsvcError):
-    """Milvus failed or could not be reached; nothing the failed call did was acknowledged."""
-
-    status, code = 503, "backend_unavailable"
 
 
 class Connection:
