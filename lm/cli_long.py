@@ -18,6 +18,8 @@ from lm.cli import ApiKey, Model, Url, cli_errors
 from memsvc.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from lm.cache import Policy
     from lm.memory_attention import KnnConfig
     from memsvc.store.base import MemoryBackend
@@ -43,10 +45,13 @@ def parse_layers(layers: str) -> list[int] | None:
 
 
 @contextmanager
-def attention_memory(url: str | None, api_key: str | None, name: str, head_dim: int) -> Iterator[MemoryBackend | None]:
-    """The memory evictions go to: a RAM-only in-process one (None) without a url, else `name` on the server."""
+def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_key: str | None,
+                     name: str) -> Iterator[MemoryBackend]:
+    """Where evictions go: a RAM-only in-process memory, or with a url the memory `name` on that server."""
+    from lm.memory_attention import head_dim, session_memory
+
     if url is None:
-        yield None
+        yield session_memory(model, index)
         return
     from memsvc.client import MemoryClient
     from memsvc.errors import NotFound
@@ -56,7 +61,8 @@ def attention_memory(url: str | None, api_key: str | None, name: str, head_dim: 
         try:
             memory = client.memory(name)
         except NotFound:
-            memory = client.create_memory(name, dim=head_dim, metric="ip", value_kind="vector", value_dim=head_dim)
+            dim = head_dim(model)
+            memory = client.create_memory(name, dim=dim, metric="ip", value_kind="vector", value_dim=dim, index=index)
         yield memory
     finally:
         client.close()
@@ -70,6 +76,7 @@ def eval_long(files: Files,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
               = "joint",
               k: K = 32, layers: Layers = "all", positions: Positions = "absolute",
+              index: Annotated[Literal["flat", "hnsw"], typer.Option(help="memory index: exact or HNSW")] = "flat",
               gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated "
                                                               "(default: the shipped ones for smollm2)")] = None,
               max_tokens: Annotated[int | None, typer.Option(help="evaluate at most this many tokens per file")]
@@ -87,7 +94,7 @@ def eval_long(files: Files,
         cache_policy = make_policy(policy, window, sinks)
         knn = KnnConfig(layers=parse_layers(layers), k=k, mode=memory_mode, positions=positions) \
             if knn_memory else None
-        result = _eval(files, cache_policy, knn, gate, max_tokens, skip, url, api_key, memory, model)
+        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -95,11 +102,11 @@ def eval_long(files: Files,
                f"{result['peak_cache_entries']} entries, {result['tokens_per_s']:.1f} tokens/s")
 
 
-def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: Path | None, max_tokens: int | None,
-          skip: int, url: str | None, api_key: str | None, memory_name: str, model_name: str) -> dict:
+def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: Path | None, index: str,
+          max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
+          model_name: str) -> dict:
     from lm.gate import Gate
     from lm.longeval import evaluate_files
-    from lm.memory_attention import head_dim
     from lm.model import load_model
 
     gate = None
@@ -110,13 +117,17 @@ def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: P
     if knn is None and url is not None:
         raise InvalidInput("--url applies only to --knn-memory", "url")
     model, tokenizer = load_model(model_name)
-    with attention_memory(url if knn else None, api_key, memory_name, head_dim(model)) as memory:
-        result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
-                                max_tokens=max_tokens, skip=skip)
+    if knn is None:
+        result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip)
+    else:
+        with attention_memory(model, index, url, api_key, memory_name) as memory:
+            result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
+                                    max_tokens=max_tokens, skip=skip)
     return {**result, "policy": policy.name, "window": getattr(policy, "window", None),
             "sinks": getattr(policy, "sinks", None),
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
-                                                    "layers": "all" if knn.layers is None else list(knn.layers)}}
+                                                    "layers": "all" if knn.layers is None else list(knn.layers),
+                                                    "index": index}}
 
 
 def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],

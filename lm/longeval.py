@@ -116,11 +116,12 @@ def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor, policy: Policy, *,
-           knn: KnnConfig | None = None, gate: Gate | None = None, max_new_tokens: int = 12) -> str:
+           knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
+           max_new_tokens: int = 12) -> str:
     """Greedy answer to a prompt streamed through a bounded cache: the prompt prefills in exact blocks, then the
     one decoding loop (`lm.generate.stream_tokens`) continues from its last token."""
     cache = BoundedCache(model, policy)
-    context = memory_attention(model, cache, config=knn, gate=gate) if knn is not None else nullcontext()
+    context = memory_attention(model, cache, memory, knn, gate) if knn is not None else nullcontext()
     with context, torch.inference_mode():
         forward(model, prompt[:, :-1], cache, logits_to_keep=1)
         tokens = list(stream_tokens(model, prompt[:, -1:], max_new_tokens=max_new_tokens, past_key_values=cache,

@@ -37,7 +37,7 @@ from lm.cache import BoundedCache, visible
 from lm.gate import Gate
 from memsvc.errors import InvalidInput
 from memsvc.store import Memory, MemorySpec
-from memsvc.store.base import MemoryBackend
+from memsvc.store.base import IndexKind, MemoryBackend
 from memsvc.store.memory import check_k
 
 KNN_ATTENTION = "memsvc_knn"
@@ -68,10 +68,11 @@ class KnnConfig:
     positions: Positions = "absolute"
 
 
-def session_memory(model: PreTrainedModel) -> Memory:
-    """An in-process, RAM-only memory shaped for the model's attention heads."""
+def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:
+    """An in-process, RAM-only memory shaped for the model's attention heads (flat: exact; hnsw: sub-linear)."""
     dim = head_dim(model)
-    return Memory(MemorySpec(name="knn-attention", dim=dim, metric="ip", value_kind="vector", value_dim=dim))
+    return Memory(MemorySpec(name="knn-attention", dim=dim, metric="ip", value_kind="vector", value_dim=dim,
+                             index=index))
 
 
 class KnnMemoryAttention:

@@ -104,17 +104,18 @@ def tiny_dir(tiny, tmp_path_factory):
 def cli(*args):
     import typer
 
-    from lm.cli_long import eval_long
+    from lm.cli_long import eval_long, train_gate
 
     app = typer.Typer()
-    app.command()(eval_long)
+    app.command("eval-long")(eval_long)
+    app.command("train-gate")(train_gate)
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_eval_long_cli_prints_one_json_object(tiny_dir, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("def f(x):\n    return x + 1\n" * 20)
-    run = cli(doc, "--policy", "sinks", "--window", 8, "--sinks", 2, "--knn-memory", "--k", 4, "--layers", "1",
+    run = cli("eval-long", doc, "--policy", "sinks", "--window", 8, "--sinks", 2, "--knn-memory", "--k", 4, "--layers", "1",
               "--skip", 10, "--model", tiny_dir, "--json")
     assert run.exit_code == 0, run.output
     result = json.loads(run.stdout)
@@ -134,8 +135,23 @@ def test_eval_long_cli_prints_one_json_object(tiny_dir, tmp_path):
 def test_eval_long_cli_rejects_bad_input(tiny_dir, tmp_path, args, message):
     doc = tmp_path / "doc.txt"
     doc.write_text("hello world " * 20)
-    run = cli(doc, "--model", tiny_dir, *args)
+    run = cli("eval-long", doc, "--model", tiny_dir, *args)
     assert run.exit_code == 2 and message in run.stderr
+
+
+def test_train_gate_cli_writes_loadable_parameters_and_a_curve(tiny_dir, tmp_path):
+    from lm.gate import Gate
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("class A:\n    def f(self):\n        return 1\n" * 12)
+    run = cli("train-gate", doc, "--out", tmp_path / "gate.json", "--steps", 2, "--window", 8, "--sinks", 2,
+              "--k", 4, "--curve", tmp_path / "curve.png", "--model", tiny_dir)
+    assert run.exit_code == 0, run.output
+    gate = Gate.load(tmp_path / "gate.json")
+    assert gate.bias.shape == (2, 4) and len(gate.meta["curve"]) == 2
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    bad = cli("train-gate", doc, "--out", tmp_path / "g2.json", "--window", 4, "--sinks", 8, "--model", tiny_dir)
+    assert bad.exit_code == 2 and "must not exceed the window" in bad.stderr and not (tmp_path / "g2.json").exists()
 
 
 # --- SmolLM2 on a real Python docs page ----------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""Long-context benchmark with SmolLM2-135M on the Python 3.11 library docs: bounded caches and kNN memory.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py perplexity
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py needle
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py decode
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py gate
+
+`perplexity`: eval-long (token-by-token semantics, run in exact blocks) of each cache/memory setting on
+>= 3K-token docs pages; the share of the window+sinks -> full gap that memory recovers; tokens/s; a plot
+of perplexity against position. `needle`: a passphrase planted at several depths of 1K..12K-token prompts,
+asked at the end (greedy, chat template). `decode`: token-by-token decode speed and cache bytes as the
+stream grows to 32K tokens, with and without memory. `gate`: trains the gated-mode gate on other docs pages
+and writes lm/params/smollm2-gate.json and its curve. Each prints a markdown table and writes a JSON (and
+PNGs) under bench/results/.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import matplotlib
+import numpy as np
+import torch
+import typer
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from lm.cache import BoundedCache, Full, Policy, Window, forward
+from lm.gate import PARAMS, Gate, plot_curve, train_gate
+from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
+from lm.memory_attention import KnnConfig, memory_attention, session_memory
+from lm.model import load_model
+
+DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
+RESULTS = Path(__file__).parent / "results"
+TEST_FILES = ["heapq", "zlib", "cmd", "uuid"]  # 3.2K-3.7K tokens each
+GATE_FILES = ["bisect", "mmap", "bz2", "base64", "readline", "compileall"]  # training only, never evaluated
+WINDOW, SINKS = 256, 4
+EVERY_THIRD = list(range(0, 30, 3))
+
+
+
+@dataclass(frozen=True)
+class Setting:
+    policy: Policy
+    knn: KnnConfig | None = None
+    index: str = "flat"  # of the session's in-process memory
+
+    def memory(self, model):
+        return session_memory(model, self.index) if self.knn is not None else None
+
+    def gate(self) -> Gate | None:
+        if self.knn is None or self.knn.mode != "gated":
+            return None
+        return Gate.load(PARAMS / f"smollm2-gate{'' if self.knn.positions == 'absolute' else '-nopos'}.json")
+
+
+SINKS_POLICY = Window(WINDOW, SINKS)
+SETTINGS: dict[str, Setting] = {
+    "full": Setting(Full()),
+    "window": Setting(Window(WINDOW)),
+    "sinks": Setting(SINKS_POLICY),
+    "knn": Setting(SINKS_POLICY, KnnConfig(k=32)),
+    "knn-k8": Setting(SINKS_POLICY, KnnConfig(k=8)),
+    "knn-k128": Setting(SINKS_POLICY, KnnConfig(k=128)),
+    "knn-every3": Setting(SINKS_POLICY, KnnConfig(k=32, layers=EVERY_THIRD)),
+    "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(k=32), index="hnsw"),
+    "knn-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, positions="none")),
+    "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
+    "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
+}
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def names(value: str) -> list[str]:
+    chosen = [n.strip() for n in value.split(",")]
+    unknown = [n for n in chosen if n not in SETTINGS]
+    if unknown:
+        raise typer.BadParameter(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
+    return chosen
+
+
+def save(name: str, data: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+@app.command()
+def perplexity(settings: Annotated[str, typer.Option(help="comma-separated settings")]
+               = "full,window,sinks,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
+               files: Annotated[str, typer.Option(help="docs pages (library/NAME.rst.txt)")] = ",".join(TEST_FILES),
+               skip: int = 256, out: str = "longctx_perplexity") -> None:
+    """Perplexity past the first SKIP tokens, tokens/s, peak entries, recovered gap, per-position curves."""
+    model, tokenizer = load_model()
+    chosen, pages = names(settings), files.split(",")
+    results: dict[str, dict[str, dict]] = {}
+    for page in pages:
+        ids = read_tokens(tokenizer, DOCS / f"{page}.rst.txt")
+        for name in chosen:
+            setting = SETTINGS[name]
+            r = evaluate_stream(model, ids, setting.policy, knn=setting.knn, memory=setting.memory(model),
+                                gate=setting.gate())
+            results.setdefault(name, {})[page] = {"perplexity": r.perplexity(skip), "tokens": len(r.nll),
+                                                  "tokens_per_s": len(r.nll) / r.seconds,
+                                                  "peak": r.peak_cache_entries, "nll": r.nll.tolist()}
+            print(f"{page:8s} {name:16s} ppl {r.perplexity(skip):7.3f}  {len(r.nll) / r.seconds:6.1f} tok/s",
+                  flush=True)
+    save(out, {"skip": skip, "files": pages, "results": results})
+    report_perplexity(results, pages, skip, out)
+
+
+def pooled(per_file: dict[str, dict], skip: int) -> float:
+    nll = np.concatenate([np.asarray(f["nll"][skip:]) for f in per_file.values()])
+    return math.exp(nll.mean())
+
+
+def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> None:
+    ppl = {name: pooled(per_file, skip) for name, per_file in results.items()}
+    base, full = ppl.get("sinks"), ppl.get("full")
+    print(f"\n| setting | {' | '.join(pages)} | pooled | gap recovered | tokens/s |")
+    print(f"|---|{'---|' * len(pages)}---|---|---|")
+    for name, per_file in results.items():
+        cells = " | ".join(f"{per_file[p]['perplexity']:.2f}" for p in pages)
+        recovered = f"{100 * (base - ppl[name]) / (base - full):.0f}%" \
+            if base is not None and full is not None and name.startswith("knn") else ""
+        speed = np.mean([per_file[p]["tokens_per_s"] for p in pages])
+        print(f"| {name} | {cells} | {ppl[name]:.2f} | {recovered} | {speed:.0f} |")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    length = min(len(f["nll"]) for per_file in results.values() for f in per_file.values())
+    bins = np.arange(0, length + 1, 256)
+    for name, per_file in results.items():
+        nll = np.mean([np.asarray(f["nll"][:length]) for f in per_file.values()], axis=0)
+        ax.plot(bins[1:], [math.exp(nll[a:b].mean()) for a, b in zip(bins[:-1], bins[1:])], marker=".", label=name)
+    ax.set_xlabel("position in the stream (end of 256-token bin)")
+    ax.set_ylabel("perplexity (mean over files)")
+    ax.set_yscale("log")
+    ax.set_title(f"SmolLM2-135M, window {WINDOW}, sinks {SINKS}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{out}.png", dpi=120)
+
+
+@app.command()
+def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
+           lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "1000,3000,8000,12000",
+           depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
+           page: str = "multiprocessing", out: str = "longctx_needle") -> None:
+    """Answer accuracy for a passphrase planted at each depth of each prompt length (greedy, chat template)."""
+    model, tokenizer = load_model()
+    haystack = (DOCS / f"{page}.rst.txt").read_text()
+    words = ["tangerine-47", "copper-falcon", "violet-9312", "marble-otter", "juniper-66"]
+    rows = []
+    for length in map(int, lengths.split(",")):
+        for i, depth in enumerate(map(float, depths.split(","))):
+            word = words[i % len(words)]
+            prompt = needle_prompt(tokenizer, haystack, length, depth, word)
+            for name in names(settings):
+                setting = SETTINGS[name]
+                started = time.perf_counter()
+                text = answer(model, tokenizer, prompt, setting.policy, knn=setting.knn, memory=setting.memory(model),
+                              gate=setting.gate())
+                rows.append({"setting": name, "length": length, "prompt_tokens": prompt.shape[1], "depth": depth,
+                             "word": word, "answer": text, "correct": word in text,
+                             "seconds": time.perf_counter() - started})
+                print(json.dumps(rows[-1]), flush=True)
+    save(out, {"page": page, "rows": rows})
+    print("\n| setting | " + " | ".join(f"{n} tokens" for n in lengths.split(",")) + " |")
+    print("|---|" + "---|" * len(lengths.split(",")))
+    for name in names(settings):
+        cells = []
+        for length in map(int, lengths.split(",")):
+            hits = [r["correct"] for r in rows if r["setting"] == name and r["length"] == length]
+            cells.append(f"{sum(hits)}/{len(hits)}")
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+@app.command()
+def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-every3",
+           lengths: Annotated[str, typer.Option()] = "1024,2048,4096,8192,16384,32768",
+           steps: Annotated[int, typer.Option(help="decode steps timed at each length")] = 32,
+           out: str = "longctx_decode") -> None:
+    """Token-by-token decode time per token and cache bytes at growing stream lengths (the stream is prefilled in
+    exact blocks between measurements; the timed steps decode real docs tokens one at a time)."""
+    model, tokenizer = load_model()
+    text = "\n".join((DOCS / f"{p}.rst.txt").read_text() for p in ("stdtypes", "os", "datetime"))
+    marks = [int(n) for n in lengths.split(",")]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :marks[-1] + steps]
+    rows = []
+    for name in names(settings):
+        setting = SETTINGS[name]
+        cache = BoundedCache(model, setting.policy)
+        context = memory_attention(model, cache, setting.memory(model), setting.knn, setting.gate()) \
+            if setting.knn is not None else nullcontext()
+        with context, torch.inference_mode():
+            done = 0
+            for mark in marks:
+                forward(model, ids[:, done:mark], cache, logits_to_keep=1)
+                started = time.perf_counter()
+                for i in range(mark, mark + steps):
+                    model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                seconds = (time.perf_counter() - started) / steps
+                done = mark + steps
+                layer = cache.layers[0]
+                entries = cache.entries()
+                cache_bytes = entries * layer.keys.shape[1] * layer.keys.shape[-1] * 2 * layer.keys.element_size()
+                evicted = cache.seen - len(layer.tokens)  # per layer and KV head: in memory when knn is on
+                rows.append({"setting": name, "length": mark, "ms_per_token": 1000 * seconds,
+                             "tokens_per_s": 1 / seconds, "cache_entries": entries, "cache_bytes": cache_bytes,
+                             "evicted_per_kv_head": evicted})
+                print(json.dumps(rows[-1]), flush=True)
+    save(out, {"steps": steps, "rows": rows})
+    print("\n| setting | stream length | decode ms/token | tokens/s | cache entries (all layers) | cache MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['length']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{r['cache_entries']} | {r['cache_bytes'] / 2**20:.1f} |")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names(settings):
+        mine = [r for r in rows if r["setting"] == name]
+        ax1.plot([r["length"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=name)
+        ax2.plot([r["length"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=name)
+    for ax, label in ((ax1, "decode tokens/s"), (ax2, "KV cache MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("stream length (tokens)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle(f"SmolLM2-135M token-by-token decode, window {WINDOW} + {SINKS} sinks (1 CPU thread)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{out}.png", dpi=120)
+
+
+@app.command()
+def gate(steps: int = 60, positions: str = "absolute", lr: float = 0.05,
+         max_tokens: Annotated[int, typer.Option(help="tokens per training page")] = 2048) -> None:
+    """Train the gated-mode gate on GATE_FILES (disjoint from TEST_FILES); ship it with its curve."""
+    model, tokenizer = load_model()
+    documents = [read_tokens(tokenizer, DOCS / f"{p}.rst.txt", max_tokens) for p in GATE_FILES]
+    trained, curve = train_gate(model, documents, window=WINDOW, sinks=SINKS, k=32, positions=positions,
+                                steps=steps, lr=lr, on_step=lambda s, loss: print(f"step {s}: {loss:.4f}", flush=True))
+    suffix = "" if positions == "absolute" else "-nopos"
+    trained.meta.update({"model": "smollm2", "files": GATE_FILES, "max_tokens": max_tokens, "lr": lr,
+                         "curve": curve})
+    trained.save(PARAMS / f"smollm2-gate{suffix}.json")
+    plot_curve(curve, RESULTS / f"longctx_gate{suffix}.png")
+    g = torch.sigmoid(trained.bias).detach()
+    print(f"gate g: mean {g.mean():.3f}, min {g.min():.3f}, max {g.max():.3f}; scale mean "
+          f"{trained.log_scale.exp().mean():.3f}")
+
+
+if __name__ == "__main__":
+    app()
