@@ -16,6 +16,7 @@ from memsvc.service import Service
 from memsvc.store import Memory, MemoryBackend
 
 DIM = 16
+MILVUS_CONFIGURED = Settings().vector_backend == "milvus"  # MEMSVC_VECTOR_BACKEND=milvus: the Service uses it too
 KINDS = {"flat": {}, "hnsw": {"hnsw_m": 16},
          "ivfpq": {"nlist": 8, "train_size": 256, "nprobe": 8, "pq_m": 4}}
 
@@ -51,9 +52,10 @@ def make(request):
         name = f"t-{uuid.uuid4().hex[:12]}"
         if request.param == "memory":
             return Memory(spec_from(name=name, **spec))
+        on_milvus = request.param == "milvus" or (request.param != "memory" and MILVUS_CONFIGURED)
+        if on_milvus and spec.get("index") == "ivfpq":
+            pytest.skip("milvus-lite has no IVF_PQ index")
         if request.param == "milvus":
-            if spec.get("index") == "ivfpq":
-                pytest.skip("milvus-lite has no IVF_PQ index")
             return request.getfixturevalue("milvus").create(spec_from(name=name, **spec))
         owner = request.getfixturevalue("service" if request.param == "durable" else "client")
         return owner.create_memory(name, **spec)

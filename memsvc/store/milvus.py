@@ -301,10 +301,9 @@ class MilvusMemory:
             "count": sum(parts.values()),
             "partitions": [{"name": name or None, "count": count} for name, count in parts.items()],
             "trained": True,
-            "device": "milvus",
+            "device": f"milvus ({self._milvus.version})",
             "durable": True,
             "log_bytes": 0,
-            "server": self._milvus.version,
         }
 
     def __len__(self) -> int:
