@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import orjson
 
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store import index as fx
@@ -159,16 +160,24 @@ def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
     return values
 
 
+def check_json(value: Any, field: str) -> None:
+    """JSON that every reader takes back as it was: finite numbers, integers within 64 bits, valid Unicode
+    (so a stored payload or metadata can never make a later JSON response fail)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        orjson.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{field} must be JSON (finite numbers, 64-bit integers, valid Unicode): {exc}",
+                           field) from None
+
+
 def check_payloads(payloads: Any, n: int) -> list[Any] | None:
-    """None, or a list of n JSON-serialisable payloads."""
+    """None, or a list of n JSON payloads."""
     if payloads is None:
         return None
     if not isinstance(payloads, list) or len(payloads) != n:
         raise InvalidInput(f"payloads must be a list of {n} items, one per key", "payloads")
-    try:
-        json.dumps(payloads, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"payloads must be JSON-serialisable: {exc}", "payloads") from None
+    check_json(payloads, "payloads")
     return payloads
 
 
