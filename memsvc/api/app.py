@@ -18,8 +18,15 @@ from memsvc.api.limits import BodyLimit
 from memsvc.config import Settings
 from memsvc.observability import Metrics, Observe
 from memsvc.service import Service
+from memsvc.store import Memory, Store
 
 ROUTERS = (health.router, metrics.router, memories.router)
+
+
+def open_memories(app: FastAPI) -> list[Memory]:
+    """What /metrics reports on: the FAISS memories opened since start (Milvus has its own metrics)."""
+    store = app.state.service.store
+    return store.loaded() if isinstance(store, Store) else []
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="memsvc", summary="Retrieval-augmented long-context memory for transformer LMs",
                   lifespan=lifespan, default_response_class=JSONResponse)
     app.state.settings = settings
-    app.state.metrics = Metrics(lambda: app.state.service.store.loaded())
+    app.state.metrics = Metrics(lambda: open_memories(app))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=app.state.metrics)  # added last: outermost, so it times everything
     errors.install(app)
