@@ -8,8 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, MetaData, String, func
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, MetaData, String, Text, UniqueConstraint, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from memsvc.store.base import MemorySpec
 
@@ -61,3 +61,44 @@ class MemoryRow(Timestamped, Base):
         return MemorySpec(name=self.name, dim=self.dim, metric=self.metric, value_kind=self.value_kind,
                           value_dim=self.value_dim, index=self.index_kind, metadata=self.meta,
                           **self.index_params)
+
+
+class CollectionRow(Timestamped, Base):
+    """A document collection; its chunk vectors live in the memory `memory` (see memsvc.collections)."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    memory: Mapped[str] = mapped_column(String(128))
+
+
+class DocumentRow(Timestamped, Base):
+    """One committed version of a document: `content_hash` decides whether an upsert changes it, and
+    `partition` names the memory partition holding exactly this version's chunk vectors."""
+
+    __tablename__ = "documents"
+    __table_args__ = (UniqueConstraint("collection_id", "document_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    document_id: Mapped[str] = mapped_column(String(1024))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    partition: Mapped[str] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+    chunks: Mapped[list[ChunkRow]] = relationship(order_by="ChunkRow.position", cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+
+class ChunkRow(Base):
+    """A chunk of a document version: its text for BM25 and answers, and the id of its vector."""
+
+    __tablename__ = "chunks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    document_row_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    chunk_id: Mapped[str] = mapped_column(String(1100))
+    position: Mapped[int]
+    section: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    vector_id: Mapped[int] = mapped_column(BigInteger)

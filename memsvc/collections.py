@@ -1,0 +1,279 @@
+"""Document collections: upsert documents by id, delete them, search them (bm25 | dense | hybrid).
+
+Documents and their chunks are rows in SQL; chunk vectors live in a memsvc memory `col.<collection>`
+created through the `Service` (so the catalog knows it), cosine, payload = chunk id. Each committed
+version of a document owns one memory partition (a fresh random name kept on its SQL row), so:
+
+- an upsert embeds and stores the new version's vectors in a new partition first, then commits the SQL
+  rows of the whole batch in one transaction, then drops the replaced versions' partitions;
+- opening a collection drops every partition no committed document names, which is all a crash (even
+  SIGKILL mid-ingest) can leave behind: nothing is ever half-visible, and a document is either its old
+  or its new version.
+
+An unchanged document (same sha256 of text and metadata) is skipped. BM25 state is rebuilt from the
+SQL chunks when a collection is first opened (bench numbers in the report); dense search reads the
+memory. `Collections` is what the API and the embedded CLI share.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
+from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
+from memsvc.service import Service
+from memsvc.store.memory import check_json, check_k
+from retrievers.base import Chunk
+from retrievers.bm25 import BM25Retriever
+from retrievers.chunking import Chunker
+from retrievers.dense import DenseRetriever, SentenceEncoder
+from retrievers.hybrid import MODES, HybridRetriever, Mode
+
+COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
+MEMORY_PREFIX = "col."
+MAX_DOCUMENT_BYTES = 8 << 20  # ~2M tokens: embedding one takes minutes on CPU, so larger ones get 413
+EMBED_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to upsert: `id` is the caller's (e.g. a path), `metadata` a JSON object returned with hits."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DocumentHit:
+    """A search result with what an answer needs: the chunk's text and its document's metadata."""
+
+    document_id: str
+    chunk_id: str
+    score: float
+    text: str
+    section: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """Document ids by outcome, and how many chunks were embedded."""
+
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+    chunks: int
+
+
+def check_collection_name(name: Any) -> str:
+    if not isinstance(name, str) or not re.fullmatch(COLLECTION_NAME, name):
+        raise InvalidInput("collection name must be 1..124 letters, digits, '.', '_' or '-', starting with a "
+                           "letter or digit", "name")
+    return name
+
+
+def content_hash(document: Document) -> str:
+    return hashlib.sha256(json.dumps([document.text, document.metadata], sort_keys=True).encode()).hexdigest()
+
+
+class Collection:
+    """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them."""
+
+    def __init__(self, name: str, row_id: int, service: Service, sessions: sessionmaker[Session],
+                 encoder: SentenceEncoder, chunker: Chunker):
+        self.name, self.row_id = name, row_id
+        self.memory = service.memory(MEMORY_PREFIX + name)
+        self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
+        self._lock = threading.Lock()  # one writer at a time; searches use the retrievers they find
+        self.bm25 = BM25Retriever()
+        with sessions() as session:
+            documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
+            self._vector_ids = {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
+            self.bm25.add(_chunks(documents))
+            committed = {d.partition for d in documents}
+        for partition in self.memory.stats()["partitions"]:
+            if partition["name"] is not None and partition["name"] not in committed:  # written by an upsert that never committed
+                self.memory.delete(partition=partition["name"])
+        self._refresh()
+
+    def upsert(self, documents: Sequence[Document]) -> UpsertResult:
+        """Add or replace documents by id, all or nothing; unchanged ones are skipped."""
+        chunks = self._checked(documents)
+        with self._lock:
+            with self._sessions() as session:
+                old = {d.document_id: d for d in session.scalars(
+                    self._documents().where(DocumentRow.document_id.in_([d.id for d in documents])))}
+            changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
+            written: list[str] = []
+            try:
+                rows = [self._store(d, chunks[d.id], written) for d in changed]
+                with self._sessions.begin() as session:
+                    replaced = [old[d.id].id for d in changed if d.id in old]
+                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
+                    session.add_all(rows)
+            except BaseException:
+                for partition in written:
+                    with suppress(Exception):  # what stays behind is dropped when the collection next opens
+                        self.memory.delete(partition=partition)
+                raise
+            for document, row in zip(changed, rows):
+                if document.id in old:
+                    self.memory.delete(partition=old[document.id].partition)
+                self._vector_ids[document.id] = {c.chunk_id: c.vector_id for c in row.chunks}
+            self.bm25.add(c for d in changed for c in chunks[d.id])
+            self._refresh()
+        return UpsertResult(added=[d.id for d in changed if d.id not in old],
+                            updated=[d.id for d in changed if d.id in old],
+                            unchanged=[d.id for d in documents if d not in changed],
+                            chunks=sum(len(chunks[d.id]) for d in changed))
+
+    def delete(self, document_id: str) -> None:
+        """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
+        with self._lock:
+            with self._sessions.begin() as session:
+                row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
+                if row is None:
+                    raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
+                session.delete(row)
+            self.memory.delete(partition=row.partition)
+            self._vector_ids.pop(document_id, None)
+            self.bm25.remove(document_id)
+            self._refresh()
+
+    def search(self, query: str, k: int = 10, mode: Mode = "hybrid") -> list[DocumentHit]:
+        """The k best chunks for the query with their text and document metadata, best first."""
+        if mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        hits = self.hybrid.search(query, check_k(k), mode)
+        with self._sessions() as session:
+            rows = {c.chunk_id: (c, d) for c, d in session.execute(
+                select(ChunkRow, DocumentRow).join(DocumentRow)
+                .where(DocumentRow.collection_id == self.row_id, ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))}
+        return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
+                            rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "documents": len(self._vector_ids), "chunks": len(self.bm25)}
+
+    def _documents(self):
+        return select(DocumentRow).where(DocumentRow.collection_id == self.row_id)
+
+    def _checked(self, documents: Sequence[Document]) -> dict[str, list[Chunk]]:
+        """Every document's chunks, or the first input error before anything is stored."""
+        if not documents:
+            raise InvalidInput("give at least one document", "documents")
+        chunks: dict[str, list[Chunk]] = {}
+        for n, document in enumerate(documents):
+            where = f"documents[{n}]"
+            if document.id in chunks:
+                raise InvalidInput(f"document id {document.id!r} is given twice", f"{where}.id")
+            if not isinstance(document.metadata, dict):
+                raise InvalidInput("metadata must be a JSON object", f"{where}.metadata")
+            check_json(document.metadata, f"{where}.metadata")
+            if isinstance(document.text, str) and len(document.text.encode()) > MAX_DOCUMENT_BYTES:
+                raise TooLarge(f"document {document.id!r} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; split it",
+                               f"{where}.text")
+            try:
+                chunks[document.id] = self.chunker.chunk(document.id, document.text)
+            except InvalidInput as exc:
+                raise InvalidInput(exc.message, f"{where}.{exc.field}") from None
+        return chunks
+
+    def _store(self, document: Document, chunks: list[Chunk], written: list[str]) -> DocumentRow:
+        """Embed and store one document version's vectors in a new partition; its (uncommitted) row."""
+        partition = uuid.uuid4().hex
+        written.append(partition)
+        vector_ids = []
+        for start in range(0, len(chunks), EMBED_BATCH):
+            batch = chunks[start:start + EMBED_BATCH]
+            vector_ids += self.memory.add(self.encoder.encode([c.text for c in batch]),
+                                          payloads=[c.id for c in batch], partition=partition).tolist()
+        return DocumentRow(collection_id=self.row_id, document_id=document.id, content_hash=content_hash(document),
+                           partition=partition, meta=document.metadata,
+                           chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text, vector_id=v)
+                                   for n, (c, v) in enumerate(zip(chunks, vector_ids))])
+
+    def _refresh(self) -> None:
+        """Point dense search at the committed vectors (swapped whole, so searches never see a mix)."""
+        self.hybrid = HybridRetriever(self.bm25, DenseRetriever(self.memory, self.encoder, self._vector_ids))
+
+
+def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
+    return (Chunk(c.chunk_id, d.document_id, c.text, c.section) for d in documents for c in d.chunks)
+
+
+class Collections:
+    """The collections of a `Service`, each opened once (on first use) and kept open."""
+
+    def __init__(self, service: Service, encoder: Callable[[], SentenceEncoder] = SentenceEncoder):
+        self.service = service
+        self._sessions = sessionmaker(service.catalog.engine, expire_on_commit=False)
+        self._make_encoder = encoder
+        self._encoder: SentenceEncoder | None = None
+        self._open: dict[str, Collection] = {}
+        self._lock = threading.RLock()
+
+    def create(self, name: str) -> Collection:
+        """A new, empty collection; 409 if the name is taken."""
+        name = check_collection_name(name)
+        try:
+            with self._sessions.begin() as session:
+                session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name))
+        except IntegrityError:
+            raise AlreadyExists(f"collection '{name}' already exists", "name") from None
+        try:
+            self.service.create(DenseRetriever.spec(MEMORY_PREFIX + name, self.encoder))
+        except BaseException:
+            self._delete_row(name)
+            raise
+        return self.get(name)
+
+    def get(self, name: str) -> Collection:
+        with self._lock:
+            if name not in self._open:
+                with self._sessions() as session:
+                    row = session.scalar(select(CollectionRow).where(CollectionRow.name == name))
+                if row is None:
+                    raise NotFound(f"collection '{name}' not found", "name")
+                self._open[name] = Collection(name, row.id, self.service, self._sessions, self.encoder,
+                                              Chunker(self.encoder.tokenizer))
+            return self._open[name]
+
+    def list(self) -> list[str]:
+        with self._sessions() as session:
+            return sorted(session.scalars(select(CollectionRow.name)))
+
+    def delete(self, name: str) -> None:
+        """Delete a collection with its documents (one transaction), then its memory."""
+        with self._lock:
+            self._delete_row(name)
+            self._open.pop(name, None)
+        with suppress(NotFound):
+            self.service.delete_memory(MEMORY_PREFIX + name)
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        """The embedder, loaded on first use (a server that never sees a collection never loads it)."""
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self._make_encoder()
+            return self._encoder
+
+    def _delete_row(self, name: str) -> None:
+        with self._sessions.begin() as session:
+            row = session.scalar(select(CollectionRow).where(CollectionRow.name == name))
+            if row is None:
+                raise NotFound(f"collection '{name}' not found", "name")
+            session.delete(row)

@@ -1,0 +1,181 @@
+"""Collections: upsert/skip/replace/delete/restart through `Collections`, the REST routes and
+`RemoteCollection`, the CLI, and a SIGKILL during ingestion. Unit tests embed with a tiny random BERT
+(the MiniLM tokenizer, no weights); the slow test uses the real embedder on real docs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from memsvc.collections import MAX_DOCUMENT_BYTES, Collections, Document
+from memsvc.config import Settings
+from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
+from memsvc.service import Service
+from retrievers.dense import SentenceEncoder, model_path
+
+DOCS = {
+    "a.md": "# Generators\n\nA generator is a function that returns an iterator with yield.\n",
+    "b.md": "# Decorators\n\nA decorator wraps a function and returns another function.\n",
+    "c.txt": "The walrus operator assigns values to names inside expressions.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> SentenceEncoder:
+    """A real SentenceTransformer, but a 1-layer random BERT: fast, deterministic, not semantic."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model = SentenceTransformer(modules=[Transformer(str(path), max_seq_length=256), Pooling(32)], device="cpu")
+    return SentenceEncoder(model)
+
+
+@pytest.fixture
+def open_collections(tmp_path, tiny_encoder):
+    """Open the collections of one data dir; call again to 'restart' (the previous one is closed)."""
+    opened: list[Service] = []
+
+    def open_() -> Collections:
+        if opened:
+            opened[-1].close()
+        opened.append(Service(Settings(data_dir=tmp_path / "data")))
+        return Collections(opened[-1], encoder=lambda: tiny_encoder)
+
+    yield open_
+    opened[-1].close()
+
+
+def docs(**overrides: str) -> list[Document]:
+    return [Document(id, overrides.get(id.replace(".", "_"), text), {"source": id}) for id, text in DOCS.items()]
+
+
+def ids(hits) -> list[str]:
+    return [h.document_id for h in hits]
+
+
+def test_upsert_skips_unchanged_and_replaces_changed(open_collections):
+    col = open_collections().create("docs")
+    first = col.upsert(docs())
+    assert (first.added, first.updated, first.unchanged) == (list(DOCS), [], [])
+    assert first.chunks == 3 and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
+    assert col.memory.stats()["count"] == 3
+
+    again = col.upsert(docs())
+    assert (again.added, again.updated, again.unchanged, again.chunks) == ([], [], list(DOCS), 0)
+    assert col.memory.stats()["count"] == 3  # nothing embedded twice
+
+    changed = col.upsert(docs(b_md="# Context managers\n\nThe with statement calls __enter__ and __exit__.\n"))
+    assert (changed.updated, changed.unchanged) == (["b.md"], ["a.md", "c.txt"])
+    assert col.memory.stats()["count"] == 3 and len(col.memory.stats()["partitions"]) == 3
+    for mode in ("bm25", "dense", "hybrid"):
+        hits = col.search("__enter__ with statement", k=3, mode=mode)
+        assert len(hits) >= 1 and all(h.text for h in hits)
+        assert "wraps" not in " ".join(h.text for h in hits)  # the old version is gone from every mode
+    top = col.search("__enter__ with statement", k=1, mode="bm25")[0]
+    assert (top.document_id, top.metadata, top.section) == ("b.md", {"source": "b.md"}, "Context managers")
+    assert top.chunk_id.startswith("b.md#")
+
+
+def test_delete_document_and_collection(open_collections):
+    collections = open_collections()
+    col = collections.create("docs")
+    col.upsert(docs())
+    col.delete("a.md")
+    assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="bm25"))
+    assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="dense"))
+    assert col.memory.stats()["count"] == 2 and col.stats()["documents"] == 2
+    with pytest.raises(NotFound):
+        col.delete("a.md")
+    collections.delete("docs")
+    assert collections.list() == []
+    assert "col.docs" not in [s.name for s in collections.service.list_memories()]
+    with pytest.raises(NotFound):
+        collections.get("docs")
+    collections.create("docs")  # the name is free again
+
+
+def test_everything_survives_restart(open_collections):
+    col = open_collections().create("docs")
+    col.upsert(docs())
+    col.delete("c.txt")
+    before = {mode: col.search("function returns", k=3, mode=mode) for mode in ("bm25", "dense", "hybrid")}
+
+    reopened = open_collections()
+    assert reopened.list() == ["docs"]
+    col = reopened.get("docs")
+    assert col.stats() == {"name": "docs", "documents": 2, "chunks": 2}
+    for mode, hits in before.items():
+        after = col.search("function returns", k=3, mode=mode)
+        assert ids(after) == ids(hits) and np.allclose([h.score for h in after], [h.score for h in hits])
+    assert col.upsert(docs()).added == ["c.txt"] and col.upsert(docs()).unchanged == list(DOCS)
+
+
+def test_uncommitted_vectors_are_dropped_on_open(open_collections, monkeypatch):
+    """A failure between writing vectors and committing SQL stores nothing; a crash there (vectors left
+    behind) is cleaned when the collection opens."""
+    collections = open_collections()
+    col = collections.create("docs")
+    col.upsert(docs()[:1])
+    monkeypatch.setattr("memsvc.collections.DocumentRow.__init__", _fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        col.upsert(docs(a_md="# Generators\n\nChanged text.\n"))
+    monkeypatch.undo()
+    assert col.memory.stats()["count"] == 1 and col.stats()["documents"] == 1
+
+    col.memory.add(np.ones((2, col.encoder.dim), np.float32), payloads=["x#0", "x#1"], partition="crashed")
+    col = open_collections().get("docs")
+    assert col.memory.stats()["count"] == 1
+    assert [p["name"] for p in col.memory.stats()["partitions"]] != ["crashed"]
+    assert ids(col.search("generator", k=5, mode="dense")) == ["a.md"]
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("documents, error, field", [
+    ([], InvalidInput, "documents"),
+    ([Document("e", " \n ")], InvalidInput, "documents[0].text"),
+    ([Document("", "text")], InvalidInput, "documents[0].document_id"),
+    ([Document("a", "x"), Document("a", "y")], InvalidInput, "documents[1].id"),
+    ([Document("a", "x", {"n": float("nan")})], InvalidInput, "documents[0].metadata"),
+    ([Document("a", "x"), Document("big", "x" * (MAX_DOCUMENT_BYTES + 1))], TooLarge, "documents[1].text"),
+])
+def test_bad_documents_store_nothing(open_collections, documents, error, field):
+    col = open_collections().create("docs")
+    col.upsert(docs())
+    with pytest.raises(error) as info:
+        col.upsert(documents + docs(a_md="changed") if documents else documents)
+    assert info.value.field == field
+    assert col.memory.stats()["count"] == 3 and col.stats()["documents"] == 3
+    assert col.upsert(docs()).unchanged == list(DOCS)
+
+
+def test_bad_names_and_queries(open_collections):
+    collections = open_collections()
+    col = collections.create("docs")
+    col.upsert(docs())
+    with pytest.raises(AlreadyExists):
+        collections.create("docs")
+    for name in ("", "../x", "a" * 125, "-x"):
+        with pytest.raises(InvalidInput):
+            collections.create(name)
+    with pytest.raises(NotFound):
+        collections.get("nope")
+    for kwargs, field in (({"k": 0}, "k"), ({"k": -1}, "k"), ({"mode": "fuzzy"}, "mode")):
+        with pytest.raises(InvalidInput) as info:
+            col.search("generator", **kwargs)
+        assert info.value.field == field
+    with pytest.raises(InvalidInput):
+        col.search("  ")
