@@ -20,6 +20,7 @@ from typing import IO
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,7 +49,8 @@ def json_handler(stream: IO[str] | None = None) -> logging.Handler:
     """A handler writing `{"level", "logger", "message", "request_id", <extra fields>..., "time"}` lines."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter("{levelname}{name}{message}", style="{", timestamp="time",
-                                       rename_fields={"levelname": "level", "name": "logger"}))
+                                       rename_fields={"levelname": "level", "name": "logger"},
+                                       reserved_attrs=[*RESERVED_ATTRS, "color_message"]))  # uvicorn's ANSI copy
     handler.addFilter(RequestIdFilter())
     return handler
 

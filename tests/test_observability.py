@@ -155,3 +155,23 @@ def test_sigterm_finishes_writes_and_restarts_from_a_snapshot(tmp_path):
         assert 0 <= stats["count"] - 25 * len(acked) <= 25 * writers  # at most one unanswered batch per writer
     finally:
         srv.stop()
+
+
+def test_lines_logged_inside_a_route_carry_its_request_id(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "data"))
+
+    @app.get("/probe")
+    def probe() -> dict:  # a plain def: it runs in the threadpool, as the memory routes do
+        logging.getLogger("memsvc.probe").warning("working", extra={"color_message": "\x1b[36mworking\x1b[0m"})
+        return {}
+
+    stream, logger = io.StringIO(), logging.getLogger("memsvc.probe")
+    logger.addHandler(json_handler(stream))
+    try:
+        with TestClient(app) as client:
+            client.get("/probe", headers={"X-Request-ID": "in-route"})
+    finally:
+        logger.handlers.clear()
+    line = json.loads(stream.getvalue())
+    assert line["request_id"] == "in-route" and line["message"] == "working" and line["level"] == "WARNING"
+    assert "color_message" not in line
