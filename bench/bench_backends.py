@@ -4,6 +4,7 @@ bench/results/backends.{json,png}.
 
     .venv/bin/python bench/bench_backends.py           # 100K x 576, flat, l2 (as in results/backends.md)
     .venv/bin/python bench/bench_backends.py --quick   # 20K, a smoke run
+    .venv/bin/python bench/bench_backends.py --rest    # the same through the REST API, a server per backend
 
 Milvus is measured twice: on the first search after the adds (entries still buffered) and after
 `flush()` sealed them into an indexed segment (a Milvus server does that in the background).
@@ -23,8 +24,9 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from bench_store import DIM, OUT, K, clustered, timed_adds, timed_search
+from bench_store import DIM, OUT, K, clustered, start_server, timed_adds, timed_search
 
+from memsvc.client import MemoryClient
 from memsvc.store import Memory, MemorySpec
 from memsvc.store.milvus import MilvusStore
 
@@ -67,6 +69,7 @@ def bench_backend(name: str, make, keys: np.ndarray, queries: np.ndarray) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rest", action="store_true", help="through a memsvc server per backend")
     args = ap.parse_args()
     n = 20_000 if args.quick else 100_000
     keys, queries = clustered(n, seed=1), clustered(1024, seed=2)
@@ -75,27 +78,47 @@ def main() -> None:
                "load_avg_at_start": os.getloadavg()[0]}
     print(f"{n:,} x {DIM} keys, k={K}; {machine}", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        rows = [bench_backend("faiss", lambda name: Memory.create(MemorySpec(name=name, **spec), Path(tmp) / name),
-                              keys, queries)]
-        store = MilvusStore(str(Path(tmp) / "milvus.db"), timeout=600)
-        try:
-            rows.append(bench_backend("milvus-lite", lambda name: store.create(MemorySpec(name=name, **spec)),
-                                      keys, queries))
-        finally:
-            store.close()
+        rows = (rest_rows if args.rest else inprocess_rows)(Path(tmp), spec, keys, queries)
 
-    print(f"\n{'backend':<12} {'add/s':>9} {'1-entry add':>12} {'tiny search':>12} {'1st search':>11}"
+    print(f"\n{'backend':<17} {'add/s':>9} {'1-entry add':>12} {'tiny search':>12} {'1st search':>11}"
           f" {'flush':>7} {'q/s b=1':>8} {'p50 b=1':>8} {'q/s b=16':>9} {'p50 b=16':>9}")
     for r in rows:
-        print(f"{r['backend']:<12} {r['add_per_s']:>9,.0f} {r['add_1_ms']:>10.2f}ms {r['search_tiny_ms']:>10.2f}ms"
+        print(f"{r['backend']:<17} {r['add_per_s']:>9,.0f} {r['add_1_ms']:>10.2f}ms {r['search_tiny_ms']:>10.2f}ms"
               f" {r['first_search_ms']:>9.0f}ms {r['flush_s']:>6.1f}s {r['qps_1']:>8,.1f} {r['p50_ms_1']:>6.1f}ms"
               f" {r['qps_16']:>9,.1f} {r['p50_ms_16']:>7.0f}ms")
     OUT.mkdir(exist_ok=True)
-    (OUT / "backends.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    plot(rows, OUT / "backends.png")
+    name = "backends-rest" if args.rest else "backends"
+    (OUT / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    plot(rows, OUT / f"{name}.png", "through REST" if args.rest else "in-process")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def inprocess_rows(tmp: Path, spec: dict, keys: np.ndarray, queries: np.ndarray) -> list[dict]:
+    rows = [bench_backend("faiss", lambda name: Memory.create(MemorySpec(name=name, **spec), tmp / name),
+                          keys, queries)]
+    store = MilvusStore(str(tmp / "milvus.db"), timeout=600)
+    try:
+        rows.append(bench_backend("milvus-lite", lambda name: store.create(MemorySpec(name=name, **spec)),
+                                  keys, queries))
+    finally:
+        store.close()
+    return rows
+
+
+def rest_rows(tmp: Path, spec: dict, keys: np.ndarray, queries: np.ndarray) -> list[dict]:
+    """One server per backend, selected the way a deployment does: MEMSVC_VECTOR_BACKEND."""
+    rows = []
+    for backend, label in (("faiss", "faiss REST"), ("milvus", "milvus-lite REST")):
+        proc, url = start_server(tmp / backend, {"MEMSVC_VECTOR_BACKEND": backend, "MEMSVC_MILVUS_TIMEOUT": "600"})
+        try:
+            client = MemoryClient(url, timeout=600)
+            rows.append(bench_backend(label, lambda name: client.create_memory(name, **spec), keys, queries))
+        finally:
+            proc.terminate()
+            proc.wait(120)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, how: str) -> None:
     metrics = [("add_per_s", "adds/s\n(batches of 10K)"), ("qps_1", "queries/s\nbatch 1"),
                ("qps_16", "queries/s\nbatch 16")]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -106,7 +129,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, [label for _, label in metrics])
     ax.set_yscale("log")
     ax.set_ylabel("per second (log)")
-    ax.set_title(f"FAISS store vs milvus-lite, {rows[0]['n'] // 1000}K x {DIM} flat l2, k={K}, in-process")
+    ax.set_title(f"FAISS store vs milvus-lite, {rows[0]['n'] // 1000}K x {DIM} flat l2, k={K}, {how}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

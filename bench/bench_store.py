@@ -70,10 +70,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`memsvc serve` on a free port (MEMSVC_* settings in `env`); returns the process and its URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memsvc.cli", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--data-dir", str(data_dir)], env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
