@@ -15,7 +15,8 @@ from memsvc.config import ApiKey, Settings, parse_api_keys
 ADMIN, TENANT_A, A_READER, READER, TENANT_B = "admin-key", "key-of-a", "a-reader-key", "reader-key", "key-of-b"
 API_KEYS = f"{ADMIN}, {TENANT_A}=a-, {A_READER}=a-:ro, {READER}:ro, {TENANT_B}=b-"
 OPEN = {("GET", "/v1/health")}
-QUERIES = {("POST", "/v1/memories/{name}/search"), ("POST", "/v1/memories/{name}/get")}  # reads sent as POST
+QUERIES = {("POST", "/v1/memories/{name}/search"), ("POST", "/v1/memories/{name}/get"),  # reads sent as POST
+           ("POST", "/v1/collections/{name}/search"), ("POST", "/v1/collections/{name}/ask")}
 DIM = 4
 
 
