@@ -21,6 +21,7 @@ import orjson
 
 from memsvc.api.schemas import spec_from
 from memsvc.api.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
+from memsvc.collections import Answer, Citation, Document, DocumentHit, UpsertResult
 from memsvc.errors import InvalidInput, error_from_dict
 from memsvc.store.base import Entries, MemorySpec, SearchResult
 from memsvc.store.memory import (check_ids, check_k, check_partition, check_payloads, check_values,
@@ -132,6 +133,46 @@ def delete_call(spec: MemorySpec, ids: Any, partition: str | None) -> Call:
     return _npz_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
 
 
+def _collection_path(name: str, *rest: str) -> str:
+    return "/".join(("/v1/collections", quote(name, safe=""), *rest))
+
+
+def create_collection_call(name: str) -> Call:
+    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"])
+
+
+def collection_call(name: str) -> Call:
+    return Call("GET", _collection_path(name), lambda f: f["name"])
+
+
+def list_collections_call() -> Call:
+    return Call("GET", "/v1/collections", lambda f: f["collections"])
+
+
+def drop_collection_call(name: str) -> Call:
+    return Call("DELETE", _collection_path(name))
+
+
+def upsert_call(name: str, documents: list[Document]) -> Call:
+    body = {"documents": [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in documents]}
+    return _json_call("POST", _collection_path(name, "documents"), body, lambda f: UpsertResult(**f))
+
+
+def delete_document_call(name: str, document_id: str) -> Call:
+    return Call("DELETE", _collection_path(name, "documents", quote(document_id, safe="")))
+
+
+def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
+    return _json_call("POST", _collection_path(name, "search"), {"query": query, "k": k, "mode": mode},
+                      lambda f: [DocumentHit(**hit) for hit in f["hits"]])
+
+
+def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
+    return _json_call("POST", _collection_path(name, "ask"),
+                      {"question": question, "k": k, "max_new_tokens": max_new_tokens},
+                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]))
+
+
 def _auth(api_key: str | None) -> dict[str, str]:
     return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
 
@@ -170,6 +211,18 @@ class MemoryClient:
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return self.send(metadata_call(name, metadata))
 
+    def create_collection(self, name: str) -> RemoteCollection:
+        return RemoteCollection(self, self.send(create_collection_call(name)))
+
+    def collection(self, name: str) -> RemoteCollection:
+        return RemoteCollection(self, self.send(collection_call(name)))
+
+    def list_collections(self) -> list[str]:
+        return self.send(list_collections_call())
+
+    def delete_collection(self, name: str) -> None:
+        self.send(drop_collection_call(name))
+
     def close(self) -> None:
         self.http.close()
 
@@ -205,6 +258,33 @@ class RemoteMemory:
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = self.client.set_metadata(self.spec.name, metadata)
+
+
+class RemoteCollection:
+    """A document collection on a server; the same calls as the in-process `memsvc.collections.Collection`."""
+
+    def __init__(self, client: MemoryClient, name: str):
+        self.client = client
+        self.name = name
+
+    def upsert(self, documents: list[Document]) -> UpsertResult:
+        return self.client.send(upsert_call(self.name, documents))
+
+    def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
+        """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
+        return self.upsert([d if isinstance(d, Document) else Document(**d) for d in documents])
+
+    def delete(self, document_id: str) -> None:
+        self.client.send(delete_document_call(self.name, document_id))
+
+    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[DocumentHit]:
+        return self.client.send(collection_search_call(self.name, query, k, mode))
+
+    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        return self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.send(Call("GET", _collection_path(self.name)))
 
 
 # --- async ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -32,13 +32,15 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
-from memsvc.service import Service
 from memsvc.store.memory import check_json, check_k
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
 from retrievers.dense import DenseRetriever, SentenceEncoder
 from retrievers.hybrid import MODES, HybridRetriever, Mode
+
+if TYPE_CHECKING:  # memsvc.service imports the client, which imports this module's data types
+    from memsvc.service import Service
 
 COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
 MEMORY_PREFIX = "col."
@@ -75,6 +77,23 @@ class UpsertResult:
     updated: list[str]
     unchanged: list[str]
     chunks: int
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
+
+    n: int
+    document_id: str
+    chunk_id: str
+    score: float
+    cited: bool
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    citations: list[Citation]
 
 
 def check_collection_name(name: Any) -> str:

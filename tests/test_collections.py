@@ -3,9 +3,6 @@
 (the MiniLM tokenizer, no weights); the slow test uses the real embedder on real docs."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -179,3 +176,94 @@ def test_bad_names_and_queries(open_collections):
         assert info.value.field == field
     with pytest.raises(InvalidInput):
         col.search("  ")
+
+
+# --- REST and RemoteCollection --------------------------------------------------------------------
+
+@pytest.fixture
+def api(tmp_path, tiny_encoder):
+    """The app (keys: an admin, a tenant confined to 't-', a read-only reader) with the tiny encoder and a
+    tiny random LM, and a `MemoryClient` (admin) that talks to it in-process."""
+    from fastapi.testclient import TestClient
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+    from memsvc.client import MemoryClient
+
+    app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"))
+    with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
+        app.state.collections = Collections(app.state.service, encoder=lambda: tiny_encoder)
+        app.state.language_model = tiny_llama()
+        client = MemoryClient("http://testserver")
+        client.http = http
+        yield http, client
+
+
+def error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_rest_round_trip_through_remote_collection(api):
+    _, client = api
+    col = client.create_collection("docs")
+    result = col.add_documents([{"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs()])
+    assert result.added == list(DOCS) and col.add_documents(docs()).unchanged == list(DOCS)
+    assert client.list_collections() == ["docs"] and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
+    local = client.http.app.state.collections.get("docs")
+    for mode in ("bm25", "dense", "hybrid"):
+        assert col.search("function returns", k=2, mode=mode) == local.search("function returns", 2, mode)
+    hit = col.search("walrus operator", k=1, mode="bm25")[0]
+    assert (hit.document_id, hit.metadata) == ("c.txt", {"source": "c.txt"})
+
+    col.add_documents([Document("dir/sub/d.md", "# Slices\n\nA slice selects a range of a sequence.\n")])
+    assert col.search("slice range sequence", k=1, mode="bm25")[0].document_id == "dir/sub/d.md"
+    col.delete("dir/sub/d.md")  # ids with slashes travel in the path
+    assert "dir/sub/d.md" not in ids(col.search("slice range sequence", k=5, mode="bm25"))
+
+    answer = col.ask("What is a generator?", k=2, max_new_tokens=8)
+    assert isinstance(answer.answer, str)
+    assert [c.n for c in answer.citations] == [1, 2]
+    assert answer.citations[0].chunk_id == col.search("What is a generator?", k=1)[0].chunk_id
+    client.delete_collection("docs")
+    assert client.list_collections() == []
+
+
+def test_rest_bad_input(api):
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    assert error(http.post("/v1/collections", json={"name": "docs"}), 409)["code"] == "already_exists"
+    assert error(http.post("/v1/collections", json={"name": "a/b"}), 422)["field"] == "name"
+    assert error(http.post("/v1/collections/nope/search", json={"query": "x"}), 404)["code"] == "not_found"
+    assert error(http.post("/v1/collections/nope/documents", json={"documents": []}), 404)["field"] == "name"
+    for body, field in (({"query": "x", "k": 0}, "k"), ({"query": "x", "k": -3}, "k"),
+                        ({"query": "x", "k": 100000}, "k"), ({"query": "x", "mode": "fuzzy"}, "mode"),
+                        ({"query": " "}, "query"), ({"k": 3}, "query"), ({"query": "x", "extra": 1}, "extra")):
+        assert error(http.post("/v1/collections/docs/search", json=body), 422)["field"] == field, body
+    bad_docs = ([{"id": "e", "text": ""}], [{"id": "e", "text": "x", "metadata": [1]}], [{"text": "no id"}])
+    for documents in bad_docs:
+        body = {"documents": [{"id": "a.md", "text": "changed"}, *documents]}
+        assert error(http.post("/v1/collections/docs/documents", json=body), 422)["field"].startswith("documents")
+    big = {"documents": [{"id": "big", "text": "word " * (MAX_DOCUMENT_BYTES // 5 + 1)}]}
+    assert "MiB" in error(http.post("/v1/collections/docs/documents", json=big), 413)["message"]
+    assert error(http.delete("/v1/collections/docs/documents/nope"), 404)["field"] == "document_id"
+    assert error(http.post("/v1/collections/docs/ask", json={"question": "", "k": 2}), 422)["field"] == "question"
+    assert error(http.post("/v1/collections/docs/ask", json={"question": "x", "k": 0}), 422)["field"] == "k"
+    assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
+
+
+def test_rest_keys_scope_collections(api):
+    http, client = api
+    client.create_collection("t-docs").add_documents(docs())
+    client.create_collection("other")
+    tenant, reader = {"Authorization": "Bearer tenant"}, {"Authorization": "Bearer reader"}
+    assert http.get("/v1/collections", headers=tenant).json() == {"collections": ["t-docs"]}
+    assert error(http.post("/v1/collections", json={"name": "x"}, headers=tenant), 403)["code"] == "forbidden"
+    assert error(http.post("/v1/collections/other/search", json={"query": "x"}, headers=tenant), 403)
+    assert http.post("/v1/collections/t-docs/search", json={"query": "generator"}, headers=tenant).json()["hits"]
+    assert http.post("/v1/collections/t-docs/search", json={"query": "generator"}, headers=reader).json()["hits"]
+    for method, path in (("POST", "/v1/collections/t-docs/documents"), ("DELETE", "/v1/collections/t-docs"),
+                         ("DELETE", "/v1/collections/t-docs/documents/a.md")):
+        response = http.request(method, path, json={"documents": [{"id": "z", "text": "z"}]}, headers=reader)
+        assert "read-only" in error(response, 403)["message"]
+    assert http.get("/v1/collections/t-docs", headers=reader).json()["documents"] == 3

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from memsvc.api import errors, health, memories, metrics
+from memsvc.api import collections, errors, health, memories, metrics
 from memsvc.api.deps import JSONResponse
 from memsvc.api.limits import BodyLimit
 from memsvc.config import Settings
@@ -20,7 +20,7 @@ from memsvc.observability import Metrics, Observe
 from memsvc.service import Service
 from memsvc.store import Memory, Store
 
-ROUTERS = (health.router, metrics.router, memories.router)
+ROUTERS = (health.router, metrics.router, memories.router, collections.router)
 
 
 def open_memories(app: FastAPI) -> list[Memory]:
