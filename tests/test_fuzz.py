@@ -49,10 +49,21 @@ schema = schemathesis.openapi.from_dict(create_app().openapi(),
                                         config=SchemathesisConfig.from_dict({"parameters": {"name": NAME}}))
 
 
-@schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@schema.exclude(path_regex="^/v1/collections").parametrize()
+@FUZZ
 def test_no_request_gets_a_server_error(server, case):
     case.call_and_validate(base_url=server.url, checks=[not_a_server_error])
+
+
+@pytest.mark.slow
+@schema.include(path_regex="^/v1/collections").parametrize()
+@FUZZ
+def test_no_collection_request_gets_a_server_error(server, case):
+    """Creating a collection loads the embedder (once, seconds on a busy machine)."""
+    case.call_and_validate(base_url=server.url, checks=[not_a_server_error], timeout=120)
 
 
 LIMIT_VIOLATIONS = {
