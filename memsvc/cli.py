@@ -1,13 +1,23 @@
 """The `memsvc` command line (typer). Keep heavy imports (torch, transformers) inside the commands."""
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
+from lm.cli import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
 from memsvc.config import Settings
+from memsvc.errors import MemsvcError, NotFound
+
+if TYPE_CHECKING:
+    from memsvc.client import RemoteCollection
+    from memsvc.collections import Collection, Document
 
 app = typer.Typer(help="memsvc: retrieval-augmented long-context memory for transformer LMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -31,6 +41,152 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
     settings = Settings(host=host, port=port, data_dir=data_dir)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+CollectionName = Annotated[str, typer.Option("--collection", "-c", help="collection name")]
+Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+
+
+@contextmanager
+def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None,
+                    create: bool = False) -> Iterator[Collection | RemoteCollection]:
+    """The collection on the server at `url`, or in the embedded store; created if missing and `create`."""
+    from memsvc.client import MemoryClient
+    from memsvc.collections import Collections
+    from memsvc.service import connect
+
+    with connect(url, data_dir, api_key) as conn:
+        if isinstance(conn, MemoryClient):
+            get, make = conn.collection, conn.create_collection
+        else:
+            collections = Collections(conn)
+            get, make = collections.get, collections.create
+        try:
+            col = get(name)
+        except NotFound:
+            if not create:
+                raise
+            col = make(name)
+        yield col
+
+
+def ingest_files(paths: list[Path]) -> list[tuple[str, Path]]:
+    """(document id, file) of every file: a file argument's id is its name, a directory's files are
+    identified by their path relative to it (directories recurse, sorted)."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += [(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()]
+        elif path.is_file():
+            files.append((path.name, path))
+        else:
+            raise NotFound(f"{path}: no such file or directory", "paths")
+    return files
+
+
+@app.command()
+def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directories (recursed)")],
+           collection: CollectionName, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+           api_key: ApiKey = None,
+           batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16) -> None:
+    """Upsert files as documents into the collection (created if missing); unchanged files are skipped.
+
+    A file that cannot be a document (not UTF-8, empty, too large) is skipped with a message on stderr,
+    the rest are ingested, and the exit status is then 1.
+    """
+    from tqdm import tqdm
+
+    from memsvc.collections import Document
+
+    counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
+    with cli_errors(), open_collection(collection, url, data_dir, api_key, create=True) as col:
+        files = ingest_files(paths)
+        with tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
+            for start in range(0, len(files), batch):
+                documents = []
+                for document_id, path in files[start:start + batch]:
+                    try:
+                        documents.append(Document(document_id, path.read_bytes().decode("utf-8")))
+                    except UnicodeDecodeError as exc:
+                        skip(str(path), f"not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})", counts)
+                for document, outcome in upsert_each(col, documents, counts):
+                    if isinstance(outcome, MemsvcError):
+                        skip(document.id, outcome.message, counts)
+                progress.update(len(files[start:start + batch]))
+    typer.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
+    if counts["skipped"]:
+        raise typer.Exit(1)
+
+
+def upsert_each(col: Collection | RemoteCollection, documents: list[Document],
+                counts: dict[str, int]) -> Iterator[tuple[Document, MemsvcError | None]]:
+    """Upsert a batch in one call; if the batch is refused, each document alone, so one bad document
+    costs only itself. Yields each document's error (or None), counting outcomes into `counts`."""
+    if not documents:
+        return
+    try:
+        results = [col.upsert(documents)]
+        errors: list[MemsvcError | None] = [None] * len(documents)
+    except MemsvcError as exc:
+        if len(documents) == 1:
+            yield documents[0], exc
+            return
+        results, errors = [], []
+        for document in documents:
+            try:
+                results.append(col.upsert([document]))
+                errors.append(None)
+            except MemsvcError as exc:
+                errors.append(exc)
+    for result in results:
+        for what in ("added", "updated", "unchanged"):
+            counts[what] += len(getattr(result, what))
+        counts["chunks"] += result.chunks
+    yield from zip(documents, errors)
+
+
+def skip(what: str, why: str, counts: dict[str, int]) -> None:
+    counts["skipped"] += 1
+    typer.echo(f"skipped {what}: {why}", err=True)
+
+
+@app.command()
+def search(query: Annotated[str, typer.Argument(help="what to look for")], collection: CollectionName,
+           mode: Annotated[Literal["bm25", "dense", "hybrid"], typer.Option(help="retriever")] = "hybrid",
+           k: Annotated[int, typer.Option("--k", help="hits to show")] = 10, json_: Json = False,
+           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None) -> None:
+    """The collection's best chunks for QUERY."""
+    with cli_errors(), open_collection(collection, url, data_dir, api_key) as col:
+        hits = col.search(query, k, mode)
+    if json_:
+        typer.echo(json.dumps({"hits": [asdict(h) for h in hits]}))
+        return
+    for hit in hits:
+        first = " ".join(hit.text.split())[:100]
+        typer.echo(f"{hit.score:8.4f}  {hit.chunk_id}{f'  [{hit.section}]' if hit.section else ''}\n          {first}")
+
+
+@app.command()
+def ask(question: Annotated[str, typer.Argument(help="a question the collection's documents answer")],
+        collection: CollectionName,
+        k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
+        max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
+        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None) -> None:
+    """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
+    with cli_errors(), open_collection(collection, url, data_dir, api_key) as col:
+        if url:
+            answer = col.ask(question, k, max_new_tokens)
+        else:
+            from lm.model import load_model
+            from lm.rag import ask as rag_ask
+
+            answer = rag_ask(col, *load_model("smollm2"), question, k, max_new_tokens)
+    if json_:
+        typer.echo(json.dumps(asdict(answer)))
+        return
+    typer.echo(answer.answer)
+    for c in answer.citations:
+        typer.echo(f"[{c.n}]{'*' if c.cited else ' '} {c.chunk_id}")
 
 
 def _register_model_commands() -> None:
