@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -38,25 +37,31 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
 
     from memsvc.api.app import create_app
 
+    from memsvc.observability import configure_logging
+
     settings = Settings(host=host, port=port, data_dir=data_dir)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
 
 
 CollectionName = Annotated[str, typer.Option("--collection", "-c", help="collection name")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+Timeout = Annotated[float, typer.Option(min=1, help="seconds to wait for the server (embedding and generation "
+                                                    "are slow on CPU; the first ask loads the model)")]
 
 
 @contextmanager
-def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None,
+def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None, timeout: float = 600.0,
                     create: bool = False) -> Iterator[Collection | RemoteCollection]:
-    """The collection on the server at `url`, or in the embedded store; created if missing and `create`."""
+    """The collection on the server at `url` (waiting up to `timeout` per request), or in the embedded
+    store; created if missing and `create`."""
     from memsvc.client import MemoryClient
     from memsvc.collections import Collections
     from memsvc.service import connect
 
     with connect(url, data_dir, api_key) as conn:
         if isinstance(conn, MemoryClient):
+            conn.http.timeout = timeout
             get, make = conn.collection, conn.create_collection
         else:
             collections = Collections(conn)
@@ -87,7 +92,7 @@ def ingest_files(paths: list[Path]) -> list[tuple[str, Path]]:
 @app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directories (recursed)")],
            collection: CollectionName, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-           api_key: ApiKey = None,
+           api_key: ApiKey = None, timeout: Timeout = 600.0,
            batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16) -> None:
     """Upsert files as documents into the collection (created if missing); unchanged files are skipped.
 
@@ -99,7 +104,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
     from memsvc.collections import Document
 
     counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
-    with cli_errors(), open_collection(collection, url, data_dir, api_key, create=True) as col:
+    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col:
         files = ingest_files(paths)
         with tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
             for start in range(0, len(files), batch):
@@ -154,9 +159,10 @@ def skip(what: str, why: str, counts: dict[str, int]) -> None:
 def search(query: Annotated[str, typer.Argument(help="what to look for")], collection: CollectionName,
            mode: Annotated[Literal["bm25", "dense", "hybrid"], typer.Option(help="retriever")] = "hybrid",
            k: Annotated[int, typer.Option("--k", help="hits to show")] = 10, json_: Json = False,
-           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None) -> None:
+           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+           timeout: Timeout = 600.0) -> None:
     """The collection's best chunks for QUERY."""
-    with cli_errors(), open_collection(collection, url, data_dir, api_key) as col:
+    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
         hits = col.search(query, k, mode)
     if json_:
         typer.echo(json.dumps({"hits": [asdict(h) for h in hits]}))
@@ -171,9 +177,10 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         collection: CollectionName,
         k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
-        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None) -> None:
+        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+        timeout: Timeout = 600.0) -> None:
     """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
-    with cli_errors(), open_collection(collection, url, data_dir, api_key) as col:
+    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
         if url:
             answer = col.ask(question, k, max_new_tokens)
         else:

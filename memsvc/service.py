@@ -24,7 +24,7 @@ from memsvc.config import Settings
 from memsvc.db import Catalog
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store import MemoryBackend, MemorySpec, Store
-from memsvc.store.base import NAME_PATTERN
+from memsvc.store.base import NAME_PATTERN, check_json
 
 if TYPE_CHECKING:
     from memsvc.store.milvus import MilvusStore
@@ -76,6 +76,7 @@ class Service:
 
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         """Replace a memory's free-form metadata in the catalog and in the memory's own spec."""
+        check_json(metadata, "metadata")
         spec = self.catalog.update_metadata(name, metadata)
         self.memory(name).set_metadata(spec.metadata)
         return spec

@@ -5,11 +5,15 @@ and 1 - cosine similarity for `cosine`. Missing neighbours have id -1 and distan
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from memsvc.errors import InvalidInput
 
 Metric = Literal["l2", "ip", "cosine"]
 ValueKind = Literal["none", "vector", "token"]
@@ -25,6 +29,17 @@ def default_pq_m(dim: int) -> int:
     return max(fits) if fits else 1
 
 
+def check_json(value: Any, field: str) -> None:
+    """JSON that every reader takes back as it was: finite numbers, integers within 64 bits, valid Unicode
+    (so a stored payload or metadata can never make a later JSON response fail)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        orjson.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{field} must be JSON (finite numbers, 64-bit integers, valid Unicode): {exc}",
+                           field) from None
+
+
 class MemorySpec(BaseModel):
     """What a memory is: fixed at creation (except `metadata`, which callers may update)."""
 
@@ -36,13 +51,24 @@ class MemorySpec(BaseModel):
     value_kind: ValueKind = "none"
     value_dim: int | None = Field(default=None, gt=0, le=65536, description="required for value_kind=vector")
     index: IndexKind = "flat"
-    nlist: int = Field(default=1024, gt=0, description="ivfpq: inverted lists")
-    pq_m: int | None = Field(default=None, gt=0, description="ivfpq: sub-quantizers (must divide dim); default dim/8")
-    train_size: int | None = Field(default=None, gt=0, description="ivfpq: entries to train on; default 64*nlist")
-    nprobe: int = Field(default=16, gt=0, description="ivfpq: lists probed per query")
-    hnsw_m: int = Field(default=32, gt=1, description="hnsw: links per node")
-    ef_search: int = Field(default=128, gt=0, description="hnsw: search breadth")
+    nlist: int = Field(default=1024, gt=0, le=1 << 20, description="ivfpq: inverted lists")
+    pq_m: int | None = Field(default=None, gt=0, le=65536,
+                             description="ivfpq: sub-quantizers (must divide dim); default about dim/8")
+    train_size: int | None = Field(default=None, gt=0, le=1 << 30,
+                                   description="ivfpq: entries to train on; default 64*nlist")
+    nprobe: int = Field(default=16, gt=0, le=1 << 20, description="ivfpq: lists probed per query")
+    hnsw_m: int = Field(default=32, gt=1, le=1024, description="hnsw: links per node")
+    ef_search: int = Field(default=128, gt=0, le=1 << 20, description="hnsw: search breadth")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, e.g. tuned kNN-LM settings")
+
+    @field_validator("metadata")
+    @classmethod
+    def _json_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        try:
+            check_json(metadata, "metadata")
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+        return metadata
 
     @model_validator(mode="after")
     def _check(self) -> "MemorySpec":

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import orjson
 
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store import index as fx
-from memsvc.store.base import Entries, MemorySpec, SearchResult
+from memsvc.store.base import Entries, MemorySpec, SearchResult, check_json
 from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
 
 log = logging.getLogger(__name__)
@@ -158,17 +157,6 @@ def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
     if len(values) != n:
         raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
     return values
-
-
-def check_json(value: Any, field: str) -> None:
-    """JSON that every reader takes back as it was: finite numbers, integers within 64 bits, valid Unicode
-    (so a stored payload or metadata can never make a later JSON response fail)."""
-    try:
-        json.dumps(value, allow_nan=False)
-        orjson.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{field} must be JSON (finite numbers, 64-bit integers, valid Unicode): {exc}",
-                           field) from None
 
 
 def check_payloads(payloads: Any, n: int) -> list[Any] | None:
