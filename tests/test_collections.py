@@ -1,13 +1,21 @@
 """Collections: upsert/skip/replace/delete/restart through `Collections`, the REST routes and
 `RemoteCollection`, the CLI, and a SIGKILL during ingestion. Unit tests embed with a tiny random BERT
-(the MiniLM tokenizer, no weights); the slow test uses the real embedder on real docs."""
+(the MiniLM tokenizer, no weights); the slow tests run a server (the real embedder, SmolLM2 for ask) on real docs."""
 from __future__ import annotations
 
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import ServerProcess
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from memsvc.client import MemoryClient
 from memsvc.collections import MAX_DOCUMENT_BYTES, Collections, Document
 from memsvc.config import Settings
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
@@ -188,7 +196,6 @@ def api(tmp_path, tiny_encoder):
 
     from lm.model import tiny_llama
     from memsvc.api.app import create_app
-    from memsvc.client import MemoryClient
 
     app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"))
     with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
@@ -267,3 +274,101 @@ def test_rest_keys_scope_collections(api):
         response = http.request(method, path, json={"documents": [{"id": "z", "text": "z"}]}, headers=reader)
         assert "read-only" in error(response, 403)["message"]
     assert http.get("/v1/collections/t-docs", headers=reader).json()["documents"] == 3
+
+
+# --- through a running server (the real embedder; ask loads SmolLM2 in the server) -----------------
+
+LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
+SMALL_DOCS = ("copy.rst.txt", "fnmatch.rst.txt", "atexit.rst.txt", "tomllib.rst.txt")
+
+
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from memsvc.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.slow
+def test_cli_ingest_search_ask_through_a_server(tmp_path):
+    docs_dir = tmp_path / "docs"
+    (docs_dir / "lib").mkdir(parents=True)
+    for name in SMALL_DOCS:
+        (docs_dir / "lib" / name).write_bytes((LIBRARY / name).read_bytes())
+    (docs_dir / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (docs_dir / "empty.txt").write_text("\n")
+    with ServerProcess(tmp_path / "data") as server:
+        url = ("--url", server.url, "--collection", "py")
+        first = run_cli("ingest", str(docs_dir), *url)
+        assert first.exit_code == 1, first.output
+        assert "skipped latin1.txt" not in first.stdout and "latin1.txt: not UTF-8" in first.stderr
+        assert "skipped empty.txt" in first.stderr
+        assert first.stdout.startswith("4 added, 0 updated, 0 unchanged, 2 skipped")
+        again = run_cli("ingest", str(docs_dir), *url)
+        assert again.stdout.startswith("0 added, 0 updated, 4 unchanged, 2 skipped, 0 chunks")
+        (docs_dir / "latin1.txt").unlink()
+        (docs_dir / "empty.txt").unlink()
+        with open(docs_dir / "lib" / "fnmatch.rst.txt", "a") as f:
+            f.write("\nA new closing paragraph about wildcards.\n")
+        edited = run_cli("ingest", str(docs_dir), *url)
+        assert edited.exit_code == 0 and edited.stdout.startswith("0 added, 1 updated, 3 unchanged, 0 skipped")
+
+        found = run_cli("search", "shallow and deep copy operations", "--mode", "hybrid", "--k", "3", "--json", *url)
+        hits = json.loads(found.stdout)["hits"]
+        assert found.exit_code == 0 and len(hits) == 3
+        assert hits[0]["document_id"] == "lib/copy.rst.txt" and "copy" in hits[0]["text"]
+        toml = run_cli("search", "parse TOML", "--mode", "bm25", "--k", "1", "--json", *url)
+        assert json.loads(toml.stdout)["hits"][0]["document_id"] == "lib/tomllib.rst.txt"
+        missing = run_cli("search", "x", "--url", server.url, "--collection", "nope")
+        assert missing.exit_code == 2 and "collection 'nope' not found" in missing.stderr
+        bad_k = run_cli("search", "x", "--k", "0", *url)
+        assert bad_k.exit_code == 2 and "k" in bad_k.stderr
+
+        answer = run_cli("ask", "How do I register a function to run at interpreter exit?", "--k", "2",
+                         "--max-new-tokens", "48", "--json", *url)
+        assert answer.exit_code == 0, answer.output
+        body = json.loads(answer.stdout)
+        assert body["answer"] and [c["n"] for c in body["citations"]] == [1, 2]
+        assert body["citations"][0]["document_id"] == "lib/atexit.rst.txt"
+
+        server.kill()
+        server.start()
+        after = run_cli("search", "shallow and deep copy operations", "--mode", "hybrid", "--k", "3", "--json", *url)
+        assert json.loads(after.stdout)["hits"] == hits
+
+
+@pytest.mark.slow
+def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
+    """Kill the server while batches of documents are being embedded and stored; after a restart every
+    document is whole (its chunks in SQL, exactly its vectors in the memory) or absent."""
+    texts = {path.name: path.read_text() for path in sorted(LIBRARY.glob("*.rst.txt"))[:24]}
+    documents = [Document(name, text) for name, text in texts.items()]
+    with ServerProcess(tmp_path / "data") as server, MemoryClient(server.url) as client:
+        col = client.create_collection("py")
+        col.upsert(documents[:2])
+        failures: list[Exception] = []
+
+        def ingest() -> None:
+            try:
+                for start in range(2, len(documents), 4):
+                    col.upsert(documents[start:start + 4])
+            except httpx.TransportError as exc:  # the server dies under it
+                failures.append(exc)
+
+        writer = threading.Thread(target=ingest)
+        writer.start()
+        while writer.is_alive() and client.memory("col.py").stats()["count"] == col.stats()["chunks"]:
+            time.sleep(0.02)  # until vectors exist that no committed document has: mid-upsert
+        server.kill()
+        writer.join()
+        assert failures
+
+        server.start()
+        stats = col.stats()
+        memory = client.memory("col.py").stats()
+        assert stats["documents"] >= 2 and memory["count"] == stats["chunks"]
+        assert len(memory["partitions"]) == stats["documents"]
+        result = col.upsert(documents)
+        assert len(result.unchanged) == stats["documents"] and len(result.added) == len(documents) - stats["documents"]
+        assert client.memory("col.py").stats()["count"] == col.stats()["chunks"]
