@@ -96,11 +96,17 @@ def save(name: str, data: dict) -> None:
 def perplexity(settings: Annotated[str, typer.Option(help="comma-separated settings")]
                = "full,window,sinks,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
                files: Annotated[str, typer.Option(help="docs pages (library/NAME.rst.txt)")] = ",".join(TEST_FILES),
-               skip: int = 256, out: str = "longctx_perplexity") -> None:
+               skip: int = 256, out: str = "longctx_perplexity",
+               merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False) -> None:
     """Perplexity past the first SKIP tokens, tokens/s, peak entries, recovered gap, per-position curves."""
     model, tokenizer = load_model()
     chosen, pages = names(settings), files.split(",")
     results: dict[str, dict[str, dict]] = {}
+    if merge:
+        saved = json.loads((RESULTS / f"{out}.json").read_text())
+        if saved["files"] != pages or saved["skip"] != skip:
+            raise typer.BadParameter(f"{out}.json has files {saved['files']} and skip {saved['skip']}")
+        results = {name: per_file for name, per_file in saved["results"].items() if name not in chosen}
     for page in pages:
         ids = read_tokens(tokenizer, DOCS / f"{page}.rst.txt")
         for name in chosen:
@@ -238,21 +244,20 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
 
 
 @app.command()
-def gate(steps: int = 60, positions: str = "absolute", lr: float = 0.05,
-         max_tokens: Annotated[int, typer.Option(help="tokens per training page")] = 2048) -> None:
+def gate(epochs: int = 3, positions: str = "absolute", lr: float = 0.1,
+         max_tokens: Annotated[int, typer.Option(help="tokens per training page")] = 1536) -> None:
     """Train the gated-mode gate on GATE_FILES (disjoint from TEST_FILES); ship it with its curve."""
     model, tokenizer = load_model()
     documents = [read_tokens(tokenizer, DOCS / f"{p}.rst.txt", max_tokens) for p in GATE_FILES]
     trained, curve = train_gate(model, documents, window=WINDOW, sinks=SINKS, k=32, positions=positions,
-                                steps=steps, lr=lr, on_step=lambda s, loss: print(f"step {s}: {loss:.4f}", flush=True))
+                                epochs=epochs, lr=lr, on_step=lambda p: print(json.dumps(p), flush=True))
     suffix = "" if positions == "absolute" else "-nopos"
-    trained.meta.update({"model": "smollm2", "files": GATE_FILES, "max_tokens": max_tokens, "lr": lr,
-                         "curve": curve})
+    trained.meta.update({"model": "smollm2", "files": GATE_FILES, "max_tokens": max_tokens, "curve": curve})
     trained.save(PARAMS / f"smollm2-gate{suffix}.json")
     plot_curve(curve, RESULTS / f"longctx_gate{suffix}.png")
     g = torch.sigmoid(trained.bias).detach()
-    print(f"gate g: mean {g.mean():.3f}, min {g.min():.3f}, max {g.max():.3f}; scale mean "
-          f"{trained.log_scale.exp().mean():.3f}")
+    print(f"epoch mean losses {trained.meta['epoch_loss']}; gate g: mean {g.mean():.3f}, min {g.min():.3f}, "
+          f"max {g.max():.3f}; scale mean {trained.log_scale.exp().mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ rest plus the new entries. In token-by-token decoding a layer therefore never ho
 (`block_mask`) lets each query see at most `budget`.
 
 Positions (StreamingLLM; we re-rotate on shift): a token's position is one past the previous token's,
-never its raw stream index. When the next position would reach `budget + period`, the cache re-bases:
-the entries the next token will see are re-rotated to positions 0..n-1 in stream order (sinks first,
-then the window). Query-to-window distances stay the true token distances, sinks stay within
-`budget + period` of every query, and no position ever leaves the trained range however long the
-stream. Re-basing every `period` tokens, not every token, is what lets a block of up to `period` tokens
-run in one forward and give exactly the logits of token-by-token decoding: `stream()` does that.
+never its raw stream index. When the next position would reach `limit` = budget - 1 + period, the cache
+re-bases: the entries the next token will see (budget - 1 of them once the window is full) are
+re-rotated to positions 0..n-1 in stream order (sinks first, then the window), so the next `period`
+tokens fit below `limit` again. Query-to-window distances stay the true token distances, sinks stay
+within `limit` of every query, and no position ever leaves the trained range however long the stream.
+Re-basing every `period` tokens, not every token, is what lets a block of up to `period` tokens run in
+one forward and give exactly the logits of token-by-token decoding: `stream()` does that.
 """
 from __future__ import annotations
 
@@ -216,14 +217,14 @@ class BoundedCache(Cache):
         self.policy, self.on_evict = policy, on_evict
         self.limit = None
         if policy.budget is not None:
-            room = config.max_position_embeddings - policy.budget
-            if room <= 0:
+            room = config.max_position_embeddings - policy.budget + 1
+            if room <= 1:
                 raise InvalidInput(f"window + sinks ({policy.budget}) must be below the model's trained context "
                                    f"({config.max_position_embeddings})", "window")
             period = min(policy.budget, room) if period is None else period
             if not 0 < period <= room:
                 raise InvalidInput(f"period must be in 1..{room} for this model and budget", "period")
-            self.limit = policy.budget + period
+            self.limit = policy.budget - 1 + period  # a re-base leaves budget - 1 entries: room for one period
         self.period = period
         super().__init__(layers=[BoundedLayer(self, i) for i in range(config.num_hidden_layers)])
 

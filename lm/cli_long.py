@@ -132,11 +132,11 @@ def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: P
 
 def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],
                out: Annotated[Path, typer.Option(help="where to write the gate parameters (JSON)")],
-               steps: Annotated[int, typer.Option(help="optimizer steps (one block of one document each)")] = 60,
+               epochs: Annotated[int, typer.Option(help="passes over the documents")] = 3,
                window: Annotated[int, typer.Option(help="recent tokens each query sees")] = 256,
                sinks: Annotated[int, typer.Option(help="sink tokens")] = 4,
                k: K = 32, positions: Positions = "absolute",
-               lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.05,
+               lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.1,
                max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
                curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
                model: Model = "smollm2") -> None:
@@ -145,18 +145,19 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         from lm.cache import Window as WindowPolicy
 
         WindowPolicy(window, sinks)
-        if steps <= 0 or lr <= 0:
-            raise InvalidInput("steps and lr must be positive", "steps" if steps <= 0 else "lr")
+        if epochs <= 0 or lr <= 0:
+            raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         from lm.gate import plot_curve, train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 
         model_, tokenizer = load_model(model)
         documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
-        gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions, steps=steps,
-                           lr=lr, on_step=lambda step, loss: typer.echo(f"step {step}: loss {loss:.4f}", err=True))
+        gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions, epochs=epochs,
+                           lr=lr, on_step=lambda p: typer.echo(f"epoch {p['epoch']} step {p['step']}: loss "
+                                                              f"{p['loss']:.4f}", err=True))
         gate.meta.update({"model": model, "files": [f.name for f in files], "curve": points})
         gate.save(out)
         if curve is not None:
             plot_curve(points, curve)
-    typer.echo(f"wrote {out} (final loss {gate.meta['final_loss']:.4f})")
+    typer.echo(f"wrote {out} (mean loss per epoch: {', '.join(f'{x:.4f}' for x in gate.meta['epoch_loss'])})")

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from memsvc.errors import InvalidInput, NotFound
 
 PARAMS = Path(__file__).parent / "params"
+INITIAL_BIAS = -4.0
 
 
 class Gate(nn.Module):
@@ -34,11 +35,11 @@ class Gate(nn.Module):
         self.meta = dict(meta or {})
 
     @classmethod
-    def zeros(cls, model: PreTrainedModel) -> "Gate":
-        """An untrained gate: g = 0.5 and scale 1 everywhere."""
+    def initial(cls, model: PreTrainedModel) -> "Gate":
+        """An untrained gate: nearly closed (g = sigmoid(INITIAL_BIAS) ~ 0.02, memory barely used), scale 1."""
         config = model.config.get_text_config(decoder=True)
         shape = (config.num_hidden_layers, config.num_attention_heads)
-        return cls(torch.zeros(shape), torch.zeros(shape))
+        return cls(torch.full(shape, INITIAL_BIAS), torch.zeros(shape))
 
     def check(self, model: PreTrainedModel) -> None:
         config = model.config.get_text_config(decoder=True)
@@ -67,66 +68,68 @@ class Gate(nn.Module):
 
 
 def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window: int, sinks: int, k: int,
-               positions: str, steps: int, lr: float = 0.05, block: int | None = None,
-               on_step: Callable[[int, float], None] | None = None) -> tuple[Gate, list[dict[str, float]]]:
-    """Fit a gate to token streams `documents` ([1, n] each, cycled for `steps` blocks); returns it and its curve.
+               positions: str, epochs: int, lr: float = 0.1, block: int | None = None,
+               on_step: Callable[[dict[str, float]], None] | None = None) -> tuple[Gate, list[dict[str, float]]]:
+    """Fit a gate to token streams `documents` ([1, n] each); returns it and its curve (one point per step).
 
-    Each step is one block of one document: forward with the model frozen, gradient into the gate only
-    (the cache stores detached entries, so nothing flows into earlier blocks), one Adam step. The curve
-    records each step's mean next-token loss over the block's scored tokens.
+    Each epoch streams every document once; each block with tokens past the window is one step: forward
+    with the model frozen, gradient into the gate only (the cache stores detached entries, so nothing
+    flows into earlier blocks), one Adam step on the mean next-token loss of those tokens. The gate starts
+    nearly closed (window + sinks behaviour) and opens where retrieval lowers the loss.
     """
     from lm.cache import BoundedCache, Window, stream
     from lm.memory_attention import KnnConfig, memory_attention
 
     policy = Window(window, sinks)
-    gate = Gate.zeros(model)
-    gate.meta = {"window": window, "sinks": sinks, "k": k, "positions": positions}
+    gate = Gate.initial(model)
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
     model.requires_grad_(False)
+    config = KnnConfig(k=k, mode="gated", positions=positions)
     curve: list[dict[str, float]] = []
     started = time.perf_counter()
-    config = KnnConfig(k=k, mode="gated", positions=positions)
-    while len(curve) < steps:
+    for epoch in range(epochs):
         for ids in documents:
             cache = BoundedCache(model, policy)
             with memory_attention(model, cache, config=config, gate=gate):
                 for start, out in stream(model, ids[:, :-1], cache, block):
                     q = out.logits.shape[1]
-                    targets = ids[0, start + 1:start + q + 1]
                     scored = torch.arange(start, start + q) >= window  # memory only matters past the window
                     if not scored.any():
                         continue
+                    targets = ids[0, start + 1:start + q + 1]
                     loss = nn.functional.cross_entropy(out.logits[0, scored], targets[scored])
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    curve.append({"step": len(curve), "loss": loss.item(), "seconds": time.perf_counter() - started})
+                    curve.append({"step": len(curve), "epoch": epoch, "loss": loss.item(),
+                                  "seconds": time.perf_counter() - started})
                     if on_step is not None:
-                        on_step(len(curve), loss.item())
-                    if len(curve) == steps:
-                        break
-            if len(curve) == steps:
-                break
-    gate.meta["steps"], gate.meta["final_loss"] = steps, _mean([c["loss"] for c in curve[-10:]])
+                        on_step(curve[-1])
+    gate.meta = {"window": window, "sinks": sinks, "k": k, "positions": positions, "epochs": epochs, "lr": lr,
+                 "steps": len(curve), "epoch_loss": epoch_means(curve)}
     return gate, curve
 
 
+def epoch_means(curve: list[dict[str, float]]) -> list[float]:
+    """Mean step loss of each epoch (every epoch sees the same blocks, so these are comparable)."""
+    epochs = sorted({int(c["epoch"]) for c in curve})
+    return [_mean([c["loss"] for c in curve if c["epoch"] == e]) for e in epochs]
+
+
 def plot_curve(curve: list[dict[str, float]], path: str | Path) -> None:
-    """The training curve (per-step loss and its running mean) as a PNG."""
+    """The training curve as a PNG: each step's block loss, and each epoch's mean over the same blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [c["step"] for c in curve], [c["loss"] for c in curve]
-    window = max(1, len(losses) // 10)
-    running = [_mean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, alpha=0.35, label="block loss")
-    ax.plot(steps, running, label=f"running mean ({window} steps)")
-    ax.set_xlabel("step (one block of one document)")
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], alpha=0.35, label="block loss (one step)")
+    ends = [max(c["step"] for c in curve if c["epoch"] == e) for e in sorted({c["epoch"] for c in curve})]
+    ax.plot(ends, epoch_means(curve), marker="o", label="epoch mean (same blocks each epoch)")
+    ax.set_xlabel("step")
     ax.set_ylabel("next-token loss past the window")
-    ax.set_title("memory gate training")
+    ax.set_title("memory gate training (model frozen)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -82,7 +82,7 @@ class KnnMemoryAttention:
                  gate: Gate | None, session: str):
         self.cache, self.memory, self.config, self.session = cache, memory, config, session
         self.layers = set(config.layers)
-        self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.zeros(model)
+        self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
         self.stored = {layer: 0 for layer in self.layers}
 
     def partition(self, layer: int, kv_head: int) -> str:

@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from lm.cache import Full, Window
-from lm.gate import plot_curve, train_gate
-from lm.longeval import evaluate_files, evaluate_stream, read_tokens
+from lm.gate import Gate, plot_curve, train_gate
+from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig
 from lm.model import tiny_llama
 from memsvc.errors import InvalidInput, NotFound
@@ -84,9 +84,12 @@ def test_evaluate_files_pools_files_and_checks_them_first(tiny, tmp_path):
 
 def test_gate_training_moves_the_gate_and_records_a_curve(tiny, ids, tmp_path):
     model, _ = tiny
-    gate, curve = train_gate(model, [ids], window=8, sinks=2, k=4, positions="absolute", steps=3, lr=0.1, block=16)
-    assert len(curve) == 3 and all(math.isfinite(point["loss"]) for point in curve)
-    assert gate.bias.abs().sum() > 0 and gate.log_scale.abs().sum() > 0
+    initial = Gate.initial(model)
+    gate, curve = train_gate(model, [ids], window=8, sinks=2, k=4, positions="absolute", epochs=2, lr=0.1)
+    blocks = len(curve) // 2  # every 10-token block of the 79 streamed has tokens past the window
+    assert blocks == 8 and [c["epoch"] for c in curve] == [0] * blocks + [1] * blocks
+    assert all(math.isfinite(point["loss"]) for point in curve) and len(gate.meta["epoch_loss"]) == 2
+    assert not torch.equal(gate.bias, initial.bias) and not torch.equal(gate.log_scale, initial.log_scale)
     assert not any(p.requires_grad for p in model.parameters())
     plot_curve(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -144,11 +147,11 @@ def test_train_gate_cli_writes_loadable_parameters_and_a_curve(tiny_dir, tmp_pat
 
     doc = tmp_path / "doc.txt"
     doc.write_text("class A:\n    def f(self):\n        return 1\n" * 12)
-    run = cli("train-gate", doc, "--out", tmp_path / "gate.json", "--steps", 2, "--window", 8, "--sinks", 2,
+    run = cli("train-gate", doc, "--out", tmp_path / "gate.json", "--epochs", 1, "--window", 8, "--sinks", 2,
               "--k", 4, "--curve", tmp_path / "curve.png", "--model", tiny_dir)
     assert run.exit_code == 0, run.output
     gate = Gate.load(tmp_path / "gate.json")
-    assert gate.bias.shape == (2, 4) and len(gate.meta["curve"]) == 2
+    assert gate.bias.shape == (2, 4) and len(gate.meta["curve"]) == gate.meta["steps"] > 0
     assert (tmp_path / "curve.png").stat().st_size > 0
     bad = cli("train-gate", doc, "--out", tmp_path / "g2.json", "--window", 4, "--sinks", 8, "--model", tiny_dir)
     assert bad.exit_code == 2 and "must not exceed the window" in bad.stderr and not (tmp_path / "g2.json").exists()
@@ -175,3 +178,15 @@ def test_window_without_sinks_fails_the_streamingllm_way_and_memory_recovers(smo
     assert ppl["window"] > 1.2 * ppl["sinks"]  # the StreamingLLM failure
     assert ppl["full"] < ppl["memory"] < ppl["sinks"]
     assert (ppl["sinks"] - ppl["memory"]) / (ppl["sinks"] - ppl["full"]) > 0.5
+
+
+@pytest.mark.slow
+def test_needle_is_found_through_memory_but_not_by_the_window_alone(smollm2):
+    """A passphrase planted 60% into a 3K-token docs page, asked at the end; window 256 + 4 sinks alone cannot
+    see it, kNN memory brings it back (prefill in exact blocks, then the one decoding loop)."""
+    model, tokenizer = smollm2
+    haystack = open(f"{DOCS}/heapq.rst.txt").read()
+    prompt = needle_prompt(tokenizer, haystack, 3000, 0.6, "tangerine-47")
+    assert prompt.shape[1] > 3000
+    assert "tangerine-47" not in answer(model, tokenizer, prompt, Window(256, 4))
+    assert "tangerine-47" in answer(model, tokenizer, prompt, Window(256, 4), knn=KnnConfig(k=32))
