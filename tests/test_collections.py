@@ -342,9 +342,9 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
 def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
     """Kill the server while batches of documents are being embedded and stored; after a restart every
     document is whole (its chunks in SQL, exactly its vectors in the memory) or absent."""
-    texts = {path.name: path.read_text() for path in sorted(LIBRARY.glob("*.rst.txt"))[:24]}
-    documents = [Document(name, text) for name, text in texts.items()]
-    with ServerProcess(tmp_path / "data") as server, MemoryClient(server.url) as client:
+    files = sorted(LIBRARY.glob("*.rst.txt"), key=lambda path: path.stat().st_size)[40:60]  # 2-4 KB each
+    documents = [Document(path.name, path.read_text()) for path in files]
+    with ServerProcess(tmp_path / "data") as server, MemoryClient(server.url, timeout=600) as client:
         col = client.create_collection("py")
         col.upsert(documents[:2])
         failures: list[Exception] = []
@@ -358,9 +358,12 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
 
         writer = threading.Thread(target=ingest)
         writer.start()
-        while writer.is_alive() and client.memory("col.py").stats()["count"] == col.stats()["chunks"]:
-            time.sleep(0.02)  # until vectors exist that no committed document has: mid-upsert
+        vectors, chunks = 0, 0
+        while writer.is_alive() and vectors <= chunks:  # until vectors exist that no committed document has
+            time.sleep(0.02)
+            vectors, chunks = client.memory("col.py").stats()["count"], col.stats()["chunks"]
         server.kill()
+        assert vectors > chunks  # killed mid-upsert, with uncommitted vectors on disk
         writer.join()
         assert failures
 
