@@ -122,8 +122,8 @@ class Collection:
             self._vector_ids = {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
             self.bm25.add(_chunks(documents))
             committed = {d.partition for d in documents}
-        for partition in self.memory.stats()["partitions"]:
-            if partition["name"] is not None and partition["name"] not in committed:  # written by an upsert that never committed
+        for partition in self.memory.stats()["partitions"]:  # left by an upsert that never committed
+            if partition["name"] is not None and partition["name"] not in committed:
                 self.memory.delete(partition=partition["name"])
         self._refresh()
 
