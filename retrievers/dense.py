@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
 
@@ -62,7 +63,7 @@ class SentenceEncoder:
 
 
 class DenseRetriever:
-    """Semantic retrieval; implements `Retriever`."""
+    """Semantic retrieval; implements `Scorer`."""
 
     def __init__(self, memory: MemoryBackend, encoder: Encoder,
                  vector_ids: Mapping[str, Mapping[str, int]] | None = None, batch: int = 1024):
@@ -74,6 +75,7 @@ class DenseRetriever:
         self.memory, self.encoder, self.batch = memory, encoder, batch
         self._vectors = {doc: dict(ids) for doc, ids in (vector_ids or {}).items()}
         self._lock = threading.Lock()
+        self._embed = lru_cache(maxsize=256)(self._embed_query)  # hybrid search embeds a query twice
 
     @staticmethod
     def spec(name: str, encoder: Encoder) -> MemorySpec:
@@ -116,7 +118,21 @@ class DenseRetriever:
 
     def search(self, query: str, k: int) -> list[Hit]:
         query, k = check_query(query), check_k(k)
-        result = self.memory.search(self.encoder.encode([query]), k)
-        payloads = result.payloads[0] if result.payloads else [None] * k
+        result = self.memory.search(self._embed(query), k)
+        payloads = result.payloads[0] if result.payloads else []  # an empty memory stores no payloads
         return [Hit(chunk_id, document_of(chunk_id), 1.0 - float(d))
                 for i, d, chunk_id in zip(result.ids[0], result.distances[0], payloads) if i >= 0]
+
+    def score(self, query: str, chunk_ids: Sequence[str]) -> list[Hit]:
+        query = check_query(query)
+        known = [(c, self._vectors.get(document_of(c), {}).get(c)) for c in chunk_ids]
+        known = [(c, vector_id) for c, vector_id in known if vector_id is not None]
+        if not known:
+            return []
+        entries = self.memory.get(np.array([vector_id for _, vector_id in known], dtype=np.int64))
+        keys = entries.keys / np.maximum(np.linalg.norm(entries.keys, axis=1, keepdims=True), 1e-12)
+        similarity = keys @ self._embed(query)[0]
+        return [Hit(c, document_of(c), float(s)) for (c, _), s, found in zip(known, similarity, entries.found) if found]
+
+    def _embed_query(self, query: str) -> np.ndarray:
+        return self.encoder.encode([query])

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from memsvc.errors import InvalidInput
-from retrievers.base import Chunk, Hit, Retriever, check_k, check_query
+from retrievers.base import Chunk, Hit, Scorer, check_k, check_query
 
 Mode = Literal["bm25", "dense", "hybrid"]
 MODES: tuple[Mode, ...] = ("bm25", "dense", "hybrid")
@@ -100,7 +100,7 @@ DEFAULT_FUSION: Fusion = RRF()
 class HybridRetriever:
     """BM25 and dense retrieval behind one `Retriever`, searchable in any of the three modes."""
 
-    def __init__(self, bm25: Retriever, dense: Retriever, fusion: Fusion = DEFAULT_FUSION, depth: int = 50):
+    def __init__(self, bm25: Scorer, dense: Scorer, fusion: Fusion = DEFAULT_FUSION, depth: int = 50):
         self.bm25, self.dense, self.fusion, self.depth = bm25, dense, fusion, check_k(depth)
 
     def add(self, chunks: Iterable[Chunk]) -> int:
@@ -122,6 +122,17 @@ class HybridRetriever:
         if mode == "dense":
             return self.dense.search(query, k)
         if mode == "hybrid":
-            depth = max(k, self.depth)
-            return self.fusion([self.bm25.search(query, depth), self.dense.search(query, depth)], k)
+            return self.fusion(self.rankings(query, max(k, self.depth)), k)
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+
+    def rankings(self, query: str, depth: int) -> list[list[Hit]]:
+        """[BM25's, dense's] top `depth` chunks, each list extended (below its top) with its retriever's
+        own scores of the chunks only the other one returned: every candidate is scored by both."""
+        lists = [self.bm25.search(query, depth), self.dense.search(query, depth)]
+        candidates = list(dict.fromkeys(hit.chunk_id for hits in lists for hit in hits))
+        completed = []
+        for retriever, hits in zip((self.bm25, self.dense), lists):
+            returned = {hit.chunk_id for hit in hits}
+            extra = retriever.score(query, [c for c in candidates if c not in returned])
+            completed.append(hits + sorted(extra, key=lambda hit: -hit.score))
+        return completed
