@@ -82,6 +82,18 @@ def split() -> dict[str, list[tuple[str, str, int]]]:
     return parts
 
 
+@app.command()
+def files(part: str, tokens: int = 0) -> None:
+    """Print the paths of one part of the split (test, val, pool; the pool's first `tokens` if given),
+    for the CLI: `memsvc knnlm eval ... $(python bench/bench_knnlm.py files test)`."""
+    total = 0
+    for name, _, n in split()[part]:
+        if tokens and total >= tokens:
+            break
+        print(LIBRARY / name)
+        total += n
+
+
 def cached(text: str) -> Path:
     return CACHE / "docs" / f"{text_id(text)}.npz"
 
@@ -196,7 +208,7 @@ def curve(sizes: str = "0,25000,50000,100000,200000", continuous_at: str = "0,20
                key=lambda r: r["val_ppl"])
     sc = test_scores[best["key"], best["datastore_tokens"], False]
     knn = sc.knn_logprobs(best["temp"], K)
-    sweep = [{"lam": float(lam), "test_ppl": sc.mixed_perplexity(knn, float(lam))} for lam in np.linspace(0, 0.9, 19)]
+    sweep = [{"lam": float(lam), "test_ppl": sc.mixed_perplexity(knn, float(lam))} for lam in np.arange(19) / 20]
     report = {"split": {p: {"files": [d[0] for d in parts[p]], "tokens": sum(d[2] for d in parts[p])}
                         for p in ("test", "val")},
               "pool_tokens_encoded": len(pool["targets"]), "k": K, "window": WINDOW, "rows": rows,
@@ -228,8 +240,8 @@ def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,iv
     prompt = torch.tensor([tok(parts["test"][0][1]).input_ids[:256]])
     rows = []
 
-    def measure(where: str, index: str, memory) -> None:
-        sc = {part: scores(memory, docs, key, False) for part, docs in held_out.items()}
+    def measure(where: str, index: str, memory, sc: dict[str, Scores] | None = None) -> None:
+        sc = sc or {part: scores(memory, docs, key, False) for part, docs in held_out.items()}
         tuned, _ = sc["val"].tune(K)
         knn = KNNLM(model, tok, memory, key=key, progress=False)
         with knn.hook(KNNParams(k=K)) as hook:  # alternate, keep the best of two: the CPU is shared
@@ -245,7 +257,7 @@ def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,iv
                      "test_ppl": sc["test"].perplexity(tuned), "test_base_ppl": sc["test"].base_perplexity})
         print(json.dumps(rows[-1]), flush=True)
 
-    measure("in-process", "flat", datastore(pool, key, size))
+    measure("in-process", "flat", datastore(pool, key, size), held_out_scores(pool, held_out, key, size, False))
     proc, url = start_server(CACHE / "server")
     try:
         client = MemoryClient(url, timeout=3600)
