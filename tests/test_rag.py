@@ -1,22 +1,18 @@
 """lm/rag.py: the prompt numbers the retrieved passages, citations follow them, and ask decodes through
-`lm.generate` over an in-process collection. Unit tests use a tiny random Llama and the tiny encoder of
-test_collections; the slow test answers from real docs with all-MiniLM-L6-v2 and SmolLM2."""
+`lm.generate` over an in-process collection (a tiny random Llama, the tiny encoder of test_collections).
+SmolLM2 answering from real docs is test_collections' slow CLI test, through a running server."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from test_collections import docs, tiny_encoder  # noqa: F401  (a fixture)
 
 from lm.generate import generate
-from lm.model import load_model, tiny_llama
+from lm.model import tiny_llama
 from lm.rag import SYSTEM, ask, build_prompt, citations
-from memsvc.collections import Collections, Document, DocumentHit
+from memsvc.collections import Collections, DocumentHit
 from memsvc.config import Settings
 from memsvc.errors import InvalidInput
 from memsvc.service import Service
-
-LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
 
 
 def hit(n: int, section: str = "") -> DocumentHit:
@@ -62,14 +58,3 @@ def test_ask_bad_input(collection):
             ask(collection, model, tokenizer, question, k=k)
         assert info.value.field == field
 
-
-@pytest.mark.slow
-def test_smollm2_answers_from_real_docs(tmp_path):
-    with Service(Settings(data_dir=tmp_path / "data")) as service:
-        col = Collections(service).create("py")
-        col.upsert([Document(name, (LIBRARY / name).read_text()) for name in
-                    ("atexit.rst.txt", "copy.rst.txt", "fnmatch.rst.txt", "tomllib.rst.txt")])
-        answer = ask(col, *load_model("smollm2"), "Which function of the atexit module registers a function "
-                     "to be called at interpreter exit?", k=2, max_new_tokens=48)
-    assert answer.citations[0].document_id == "atexit.rst.txt"
-    assert "register" in answer.answer
