@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -37,10 +36,11 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
     import uvicorn
 
     from memsvc.api.app import create_app
+    from memsvc.observability import configure_logging
 
     settings = Settings(host=host, port=port, data_dir=data_dir)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
 
 
 CollectionName = Annotated[str, typer.Option("--collection", "-c", help="collection name")]
