@@ -117,7 +117,7 @@ def test_bad_input_is_rejected_before_any_work(model, bad, field):
 
 
 def gate_of(model, bias, log_scale=0.0):
-    gate = Gate.zeros(model)
+    gate = Gate.initial(model)
     with torch.no_grad():
         gate.bias.fill_(bias)
         gate.log_scale.fill_(log_scale)
@@ -141,3 +141,11 @@ def test_bad_gate_files_are_rejected(tmp_path):
     with pytest.raises(InvalidInput):
         Gate.load(tmp_path / "bad.json")
 
+
+def test_shipped_smollm2_gate_loads():
+    """The trained parameters in the repo fit SmolLM2-135M: 30 layers x 9 heads, finite, with their settings."""
+    gate = Gate.load("smollm2")
+    assert (PARAMS / "smollm2-gate.json").is_file()
+    assert gate.bias.shape == gate.log_scale.shape == (30, 9)
+    assert torch.isfinite(gate.bias).all() and torch.isfinite(gate.log_scale).all()
+    assert {"window", "sinks", "k", "positions", "epochs", "epoch_loss"} <= set(gate.meta)
