@@ -20,6 +20,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
 
@@ -143,7 +144,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
     bins = np.arange(0, length + 1, 256)
     for name, per_file in results.items():
         nll = np.mean([np.asarray(f["nll"][:length]) for f in per_file.values()], axis=0)
-        ax.plot(bins[1:], [math.exp(nll[a:b].mean()) for a, b in zip(bins[:-1], bins[1:])], marker=".", label=name)
+        ax.plot(bins[1:], [math.exp(nll[a:b].mean()) for a, b in pairwise(bins)], marker=".", label=name)
     ax.set_xlabel("position in the stream (end of 256-token bin)")
     ax.set_ylabel("perplexity (mean over files)")
     ax.set_yscale("log")

@@ -21,8 +21,9 @@ one forward and give exactly the logits of token-by-token decoding: `stream()` d
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -133,7 +134,7 @@ class BoundedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, cache: "BoundedCache", layer_idx: int):
+    def __init__(self, cache: BoundedCache, layer_idx: int):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.seen = 0  # stream tokens this layer has taken in

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class Gate(nn.Module):
         self.meta = dict(meta or {})
 
     @classmethod
-    def initial(cls, model: PreTrainedModel) -> "Gate":
+    def initial(cls, model: PreTrainedModel) -> Gate:
         """An untrained gate: nearly closed (g = sigmoid(INITIAL_BIAS) ~ 0.02, memory barely used), scale 1."""
         config = model.config.get_text_config(decoder=True)
         shape = (config.num_hidden_layers, config.num_attention_heads)
@@ -53,7 +54,7 @@ class Gate(nn.Module):
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Gate":
+    def load(cls, path: str | Path) -> Gate:
         """A gate from a JSON file written by `save` (or the name of a shipped one, e.g. "smollm2")."""
         path = Path(path)
         if not path.suffix and (PARAMS / f"{path.name}-gate.json").exists():

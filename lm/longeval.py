@@ -19,8 +19,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.cache import BoundedCache, Policy, forward, stream
-from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.gate import Gate
+from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig, memory_attention
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store.base import MemoryBackend
@@ -92,7 +92,7 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
     processed = sum(len(r.nll) for r in results.values())
     return {
         "perplexity": math.exp(scored.mean()) if len(scored) else math.nan,
-        "tokens": int(len(scored)),
+        "tokens": len(scored),
         "peak_cache_entries": max(r.peak_cache_entries for r in results.values()),
         "tokens_per_s": processed / sum(r.seconds for r in results.values()),
         "files": [{"file": name, "tokens": len(r.nll), "perplexity": r.perplexity(skip)}

@@ -150,7 +150,7 @@ def test_eviction_hands_over_exactly_the_evicted_entries(model, ids):
         assert tokens.tolist() == list(range(2, 2 + len(tokens)))  # sinks stay; the oldest go first
         keys = torch.cat([k for _, k, _ in evicted[l]], dim=-2)
         values = torch.cat([v for _, _, v in evicted[l]], dim=-2)
-        as_heads = lambda x: x.view(1, N, -1, head_dim).transpose(1, 2)  # noqa: E731
+        as_heads = lambda x: x.view(1, N, -1, head_dim).transpose(1, 2)
         assert keys.shape == (1, 2, len(tokens), head_dim)  # [batch, kv heads, entries, head_dim]
         assert torch.allclose(keys, as_heads(torch.cat(raw[l]["k"], 1))[..., tokens, :], atol=1e-5)
         assert torch.equal(values, as_heads(torch.cat(raw[l]["v"], 1))[..., tokens, :])

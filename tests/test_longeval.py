@@ -1,6 +1,7 @@
 """eval-long: stream evaluation, the CLI, gate training; on SmolLM2, the StreamingLLM failure and memory's recovery."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_needle_is_found_through_memory_but_not_by_the_window_alone(smollm2):
     """A passphrase planted 60% into a 3K-token docs page, asked at the end; window 256 + 4 sinks alone cannot
     see it, kNN memory brings it back (prefill in exact blocks, then the one decoding loop)."""
     model, tokenizer = smollm2
-    haystack = open(f"{DOCS}/heapq.rst.txt").read()
+    haystack = Path(DOCS, "heapq.rst.txt").read_text()
     prompt = needle_prompt(tokenizer, haystack, 3000, 0.6, "tangerine-47")
     assert prompt.shape[1] > 3000
     assert "tangerine-47" not in answer(model, tokenizer, prompt, Window(256, 4))

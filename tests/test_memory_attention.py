@@ -95,23 +95,23 @@ def test_the_model_is_restored_after_the_session(model, ids):
 
 
 @pytest.mark.parametrize("bad, field", [
-    (dict(config=KnnConfig(layers=[2])), "layers"),
-    (dict(config=KnnConfig(layers=[-1])), "layers"),
-    (dict(config=KnnConfig(layers=[])), "layers"),
-    (dict(config=KnnConfig(k=0)), "k"),
-    (dict(config=KnnConfig(mode="sum")), "memory_mode"),
-    (dict(config=KnnConfig(positions="relative")), "positions"),
-    (dict(memory=Memory(MemorySpec(name="m", dim=32, metric="ip", value_kind="vector", value_dim=32))), "memory"),
-    (dict(memory=Memory(MemorySpec(name="m", dim=16, metric="l2", value_kind="vector", value_dim=16))), "memory"),
-    (dict(memory=Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="token"))), "memory"),
-    (dict(policy=Full()), "policy"),
-    (dict(gate=Gate(torch.zeros(3, 4), torch.zeros(3, 4))), "gate"),
+    ({"config": KnnConfig(layers=[2])}, "layers"),
+    ({"config": KnnConfig(layers=[-1])}, "layers"),
+    ({"config": KnnConfig(layers=[])}, "layers"),
+    ({"config": KnnConfig(k=0)}, "k"),
+    ({"config": KnnConfig(mode="sum")}, "memory_mode"),
+    ({"config": KnnConfig(positions="relative")}, "positions"),
+    ({"memory": Memory(MemorySpec(name="m", dim=32, metric="ip", value_kind="vector", value_dim=32))}, "memory"),
+    ({"memory": Memory(MemorySpec(name="m", dim=16, metric="l2", value_kind="vector", value_dim=16))}, "memory"),
+    ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="token"))}, "memory"),
+    ({"policy": Full()}, "policy"),
+    ({"gate": Gate(torch.zeros(3, 4), torch.zeros(3, 4))}, "gate"),
 ])
 def test_bad_input_is_rejected_before_any_work(model, bad, field):
-    cache = BoundedCache(model, bad.pop("policy", Window(8, 2)))
-    with pytest.raises(InvalidInput) as err:
-        with memory_attention(model, cache, **bad):
-            pytest.fail("the session must not start")
+    cache = BoundedCache(model, bad.get("policy", Window(8, 2)))
+    options = {name: value for name, value in bad.items() if name != "policy"}
+    with pytest.raises(InvalidInput) as err, memory_attention(model, cache, **options):
+        pytest.fail("the session must not start")
     assert err.value.field == field
     assert model.config._attn_implementation == "sdpa" and cache.on_evict is None
 
