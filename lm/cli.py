@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -94,8 +95,9 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
                          typer.Option(help="hidden state used as key (default: the memory's, else final-norm)")]
           = None,
           index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
-                           typer.Option(help="index of a new memory (default: flat)")] = None) -> None:
-    """Add (key, next token) entries for every token of FILES to memory M, creating it if needed.
+                           typer.Option(help="index of a new memory (default: hnsw)")] = None) -> None:
+    """Add (key, next token) entries for every token of FILES to memory M, creating it if needed (hnsw:
+    near-exact neighbours at a few ms per lookup, see bench/results/knnlm.md).
 
     Documents already in the memory are skipped; rerunning an interrupted build finishes it.
     """
@@ -111,11 +113,14 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
             try:
                 mem = client.memory(memory)
             except NotFound:
-                mem = client.create_memory(**datastore_spec(memory, model_, index or "flat"))
+                mem = client.create_memory(**datastore_spec(memory, model_, index or "hnsw"))
             if index is not None and mem.spec.index != index:
                 raise InvalidInput(f"memory '{memory}' already exists with index '{mem.spec.index}'", "index")
+            start = time.perf_counter()
             added = KNNLM(model_, tokenizer, mem, key=key).build(texts)
-            typer.echo(f"added {added} entries to '{memory}' ({mem.stats()['count']} in all)", err=True)
+            seconds = time.perf_counter() - start
+            typer.echo(f"added {added} entries to '{memory}' ({mem.stats()['count']} in all) in {seconds:.0f}s "
+                       f"({added / seconds:.0f} tokens/s)", err=True)
 
 
 @knnlm_app.command("eval")
