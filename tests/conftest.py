@@ -80,6 +80,17 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models decode token by token; one torch thread avoids oversubscribing small CI machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A live server on a fresh data dir, shared by a test module (use unique memory names)."""
     with ServerProcess(tmp_path_factory.mktemp("server") / "data") as proc:

@@ -17,13 +17,7 @@ from memsvc.errors import InvalidInput, NotFound
 DOCS = "/usr/share/doc/python3.11/html/_sources/library"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode token by token; one thread avoids oversubscribing small CI machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
