@@ -73,6 +73,7 @@ SETTINGS: dict[str, Setting] = {
     "knn-every3": Setting(SINKS_POLICY, KnnConfig(k=32, layers=EVERY_THIRD)),
     "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(k=32), index="hnsw"),
     "knn-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, positions="none")),
+    "knn-edge": Setting(SINKS_POLICY, KnnConfig(k=32, positions="window")),
     "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
     "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
 }

@@ -29,8 +29,9 @@ Window = Annotated[int | None, typer.Option(help="recent tokens each query sees 
 Sinks = Annotated[int | None, typer.Option(help="first tokens kept for good (policy sinks; default 4)")]
 K = Annotated[int, typer.Option("--k", help="memory entries retrieved per query and layer")]
 Layers = Annotated[str, typer.Option(help="layers with memory attention: 'all' or e.g. '0,10,20'")]
-Positions = Annotated[Literal["absolute", "none"],
-                      typer.Option(help="retrieved keys: rotated at their stream index, or position-free")]
+Positions = Annotated[Literal["absolute", "none", "window"],
+                      typer.Option(help="retrieved keys: at their stream index, position-free (distance 0), or "
+                                        "just past the window")]
 MemoryName = Annotated[str, typer.Option("--memory", help="memory on the --url server (created if missing)")]
 
 

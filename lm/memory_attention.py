@@ -13,8 +13,10 @@ session's partitions.
 
 Positions of retrieved keys ("positions"): "absolute" stores keys rotated at their stream index and searches
 with queries rotated at theirs, so q.k is exactly the full-attention logit (RoPE is relative), whatever
-distance that is; "none" stores and searches un-rotated (pre-RoPE) keys and queries, so retrieved keys carry
-no position. `bench/results/longctx.md` measures both.
+distance that is; "none" stores un-rotated (pre-RoPE) keys and searches with un-rotated queries (both sides
+at one position: distance 0); "window" stores the same un-rotated keys but scores them as if they sat just
+past the window (at a distance of the cache budget, window + sinks, from every query).
+`bench/results/longctx.md` measures all three.
 
 Within a block of q tokens (see `lm.cache.stream`), entries a later query no longer sees but an earlier
 one did are still in the local tensor, not yet in memory: they are scored there and compete with the
@@ -43,7 +45,7 @@ from memsvc.store.memory import check_k
 
 KNN_ATTENTION = "memsvc_knn"
 Mode = Literal["joint", "gated"]
-Positions = Literal["absolute", "none"]
+Positions = Literal["absolute", "none", "window"]
 
 
 def _dispatch(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -85,6 +87,7 @@ class KnnMemoryAttention:
         self.layers = set(config.layers)
         self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
         self.stored = {layer: 0 for layer in self.layers}
+        self.distance = cache.policy.budget if config.positions == "window" else 0  # for un-rotated keys
 
     def partition(self, layer: int, kv_head: int) -> str:
         return f"{self.session}/l{layer}/h{kv_head}"
@@ -130,7 +133,8 @@ class KnnMemoryAttention:
         local = grouped @ key[0, :, None].transpose(-1, -2) * scaling  # [kv, g, q, n]
 
         absolute = self.config.positions == "absolute"
-        search = self.cache.rotate(query[0], tokens[-q:] - positions[-q:] if absolute else -positions[-q:])
+        search = self.cache.rotate(query[0], tokens[-q:] - positions[-q:] if absolute
+                                   else self.distance - positions[-q:])  # un-rotated keys: a fixed distance
         mem_logits, mem_values = self.retrieve(layer, search.view(kv, g, q, d), scaling)
         if absolute:  # queries and entries in view share a frame: these are the true-distance logits
             left_logits = local[..., cols]
@@ -204,8 +208,9 @@ def check_config(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBack
     check_k(config.k)
     if config.mode not in ("joint", "gated"):
         raise InvalidInput(f"memory mode must be 'joint' or 'gated', got {config.mode!r}", "memory_mode")
-    if config.positions not in ("absolute", "none"):
-        raise InvalidInput(f"positions must be 'absolute' or 'none', got {config.positions!r}", "positions")
+    if config.positions not in ("absolute", "none", "window"):
+        raise InvalidInput(f"positions must be 'absolute', 'none' or 'window', got {config.positions!r}",
+                           "positions")
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (window or sinks)", "policy")
     dim, spec = head_dim(model), memory.spec

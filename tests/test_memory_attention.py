@@ -58,7 +58,8 @@ def test_memory_changes_what_a_window_predicts(model, ids):
     assert not torch.allclose(run(model, ids, Window(8, 2), KnnConfig(k=4)), alone, atol=1e-3)
 
 
-@pytest.mark.parametrize("config", [KnnConfig(k=4), KnnConfig(k=4, positions="none"), KnnConfig(k=4, mode="gated"),
+@pytest.mark.parametrize("config", [KnnConfig(k=4), KnnConfig(k=4, positions="none"),
+                                    KnnConfig(k=4, positions="window"), KnnConfig(k=4, mode="gated"),
                                     KnnConfig(k=3, mode="gated", positions="none", layers=[1])])
 def test_blocks_retrieve_what_token_by_token_decoding_retrieves(model, ids, config):
     gate = gate_of(model, 0.5, log_scale=0.2)
