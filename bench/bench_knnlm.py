@@ -103,7 +103,8 @@ def load(docs: list[tuple[str, str, int]]) -> list[dict[str, np.ndarray]]:
     out = []
     for _, text, _ in docs:
         with np.load(cached(text)) as z:
-            out.append({name: z[name].astype(np.float32) if name in KEY_KINDS else z[name] for name in z.files})
+            out.append({name: z[name].astype(np.float32) if name in KEY_KINDS else z[name]
+                        for name in z.files})
     return out
 
 
@@ -139,14 +140,15 @@ def encode_corpus(pool_tokens: int = 400_000, window: int = 512, batch_size: int
         rate = n / (time.perf_counter() - t0)
         print(f"encoded {n} tokens at {rate:.0f} tok/s (both keys captured in the same forward pass)")
         with open(CACHE / "encode_rate.jsonl", "a") as f:
-            f.write(json.dumps({"tokens": n, "tok_per_s": rate, "window": window, "batch": batch_size}) + "\n")
+            row = {"tokens": n, "tok_per_s": rate, "window": window, "batch": batch_size}
+            f.write(json.dumps(row) + "\n")
     print({part: (len(docs), sum(d[2] for d in docs)) for part, docs in parts.items()},
           "pool encoded:", total)
 
 
-def datastore(pool: dict[str, np.ndarray], kind: str, size: int, memory=None):
-    """The first `size` pool entries (keys of `kind`) added to `memory` (default: a new in-process flat one)."""
-    mem = memory or Memory(MemorySpec(name="bench", dim=pool[kind].shape[1], value_kind="token"))
+def datastore(pool: dict[str, np.ndarray], kind: str, size: int, memory=None, index: str = "flat"):
+    """The first `size` pool entries (keys of `kind`) added to `memory` (default: a new in-process one)."""
+    mem = memory or Memory(MemorySpec(name="bench", dim=pool[kind].shape[1], value_kind="token", index=index))
     for s in range(0, size, 16384):
         e = min(s + 16384, size)
         mem.add(pool[kind][s:e], values=pool["targets"][s:e].astype(np.int64))
@@ -164,14 +166,15 @@ def scores(mem: Memory, docs: list[dict[str, np.ndarray]], kind: str, continuous
 
 
 def held_out_scores(pool: dict[str, np.ndarray], held_out: dict[str, list], kind: str, size: int,
-                    continuous: bool) -> dict[str, Scores]:
+                    continuous: bool, index: str = "flat") -> dict[str, Scores]:
     """{"val", "test"} scores with the first `size` pool entries as datastore; cached on disk."""
-    path = CACHE / "scores" / f"{kind}-{size}-{'cache' if continuous else 'plain'}.npz"
+    suffix = "" if index == "flat" else f"-{index}"
+    path = CACHE / "scores" / f"{kind}-{size}-{'cache' if continuous else 'plain'}{suffix}.npz"
     if path.exists():
         with np.load(path) as z:
-            return {part: Scores(*(z[f"{part}-{f}"] for f in ("targets", "lm_logprobs", "distances", "neighbours")))
-                    for part in held_out}
-    mem = datastore(pool, kind, size)
+            fields = ("targets", "lm_logprobs", "distances", "neighbours")
+            return {part: Scores(*(z[f"{part}-{f}"] for f in fields)) for part in held_out}
+    mem = datastore(pool, kind, size, index=index)
     out = {part: scores(mem, docs, kind, continuous) for part, docs in held_out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{f"{part}-{f}": v for part, sc in out.items() for f, v in vars(sc).items()})
@@ -179,9 +182,11 @@ def held_out_scores(pool: dict[str, np.ndarray], held_out: dict[str, list], kind
 
 
 @app.command()
-def curve(sizes: str = "0,25000,50000,100000,200000", continuous_at: str = "0,200000") -> None:
+def curve(sizes: str = "0,25000,50000,100000,200000", continuous_at: str = "0,200000",
+          hnsw_from: int = 10**9) -> None:
     """Test perplexity vs datastore size for both keys (λ, temperature tuned on validation at each size),
-    with and without the continuous cache; λ sweep at the largest size. Flat (exact) L2 search."""
+    with and without the continuous cache; λ sweep at 200K (or the largest size below). Exact (flat) L2
+    search, except hnsw for datastores of `hnsw_from` tokens or more."""
     parts = split()
     held_out = {"val": load(parts["val"]), "test": load(parts["test"])}
     pool = joined(load([d for d in parts["pool"] if cached(d[1]).exists()]))
@@ -195,20 +200,24 @@ def curve(sizes: str = "0,25000,50000,100000,200000", continuous_at: str = "0,20
                 if (continuous and size not in with_cache) or (size == 0 and not continuous):
                     continue
                 t = time.perf_counter()
-                sc = held_out_scores(pool, held_out, kind, size, continuous)
+                index = "hnsw" if size >= hnsw_from else "flat"
+                sc = held_out_scores(pool, held_out, kind, size, continuous, index)
                 tuned, val_ppl = sc["val"].tune(K)
                 ppl = sc["test"].perplexity(tuned)
                 test_scores[kind, size, continuous] = sc["test"]
-                rows.append({"key": kind, "datastore_tokens": size, "continuous": continuous, **tuned.model_dump(),
-                             "val_ppl": val_ppl, "val_base_ppl": sc["val"].base_perplexity, "test_base_ppl": base,
-                             "test_ppl": ppl, "cut_pct": 100 * (1 - ppl / base),
+                rows.append({"key": kind, "datastore_tokens": size, "continuous": continuous, "index": index,
+                             **tuned.model_dump(),
+                             "val_ppl": val_ppl, "val_base_ppl": sc["val"].base_perplexity,
+                             "test_base_ppl": base, "test_ppl": ppl, "cut_pct": 100 * (1 - ppl / base),
                              "seconds": time.perf_counter() - t})
                 print(json.dumps(rows[-1]), flush=True)
-    best = min((r for r in rows if r["datastore_tokens"] == max(wanted) and not r["continuous"]),
+    at = max(x for x in wanted if x <= 200_000)
+    best = min((r for r in rows if r["datastore_tokens"] == at and not r["continuous"]),
                key=lambda r: r["val_ppl"])
     sc = test_scores[best["key"], best["datastore_tokens"], False]
     knn = sc.knn_logprobs(best["temp"], K)
-    sweep = [{"lam": float(lam), "test_ppl": sc.mixed_perplexity(knn, float(lam))} for lam in np.arange(19) / 20]
+    sweep = [{"lam": float(lam), "test_ppl": sc.mixed_perplexity(knn, float(lam))}
+             for lam in np.arange(19) / 20]
     report = {"split": {p: {"files": [d[0] for d in parts[p]], "tokens": sum(d[2] for d in parts[p])}
                         for p in ("test", "val")},
               "pool_tokens_encoded": len(pool["targets"]), "k": K, "window": WINDOW, "rows": rows,
@@ -223,7 +232,8 @@ def curve(sizes: str = "0,25000,50000,100000,200000", continuous_at: str = "0,20
 
 def ms_per_token(model, prompt: torch.Tensor, tokens: int, hook=None) -> float:
     """Median milliseconds between consecutive decoded tokens (decode steps only, not the prompt)."""
-    stamps = [time.perf_counter() for _ in stream_tokens(model, prompt, max_new_tokens=tokens, logprobs_hook=hook)]
+    steps = stream_tokens(model, prompt, max_new_tokens=tokens, logprobs_hook=hook)
+    stamps = [time.perf_counter() for _ in steps]
     return 1e3 * float(np.median(np.diff(stamps)))
 
 
@@ -257,7 +267,8 @@ def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,iv
                      "test_ppl": sc["test"].perplexity(tuned), "test_base_ppl": sc["test"].base_perplexity})
         print(json.dumps(rows[-1]), flush=True)
 
-    measure("in-process", "flat", datastore(pool, key, size), held_out_scores(pool, held_out, key, size, False))
+    measure("in-process", "flat", datastore(pool, key, size),
+            held_out_scores(pool, held_out, key, size, False))
     proc, url = start_server(CACHE / "server")
     try:
         client = MemoryClient(url, timeout=3600)
@@ -272,25 +283,29 @@ def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,iv
                 memory = client.create_memory(**datastore_spec(name, model, index))
                 t = time.perf_counter()
                 datastore(pool, key, size, memory)
-                print(f"{index}: {size} entries added over REST in {time.perf_counter() - t:.0f}s", flush=True)
+                seconds = time.perf_counter() - t
+                print(f"{index}: {size} entries added over REST in {seconds:.0f}s", flush=True)
             measure("REST", index, memory)
     finally:
         proc.terminate()
         proc.wait()
     (RESULTS / "knnlm_overhead.json").write_text(json.dumps(rows, indent=1))
-    print(f"{'where':<11}{'index':<7}{'base ms/tok':>12}{'kNN-LM ms/tok':>15}{'overhead':>10}{'search ms':>10}"
-          f"{'test ppl':>10}")
+    print(f"{'where':<11}{'index':<7}{'base ms/tok':>12}{'kNN-LM ms/tok':>15}{'overhead':>10}"
+          f"{'search ms':>10}{'test ppl':>10}")
     for r in rows:
-        print(f"{r['where']:<11}{r['index']:<7}{r['base_ms']:>12.1f}{r['knnlm_ms']:>15.1f}{r['overhead_pct']:>9.1f}%"
+        print(f"{r['where']:<11}{r['index']:<7}{r['base_ms']:>12.1f}{r['knnlm_ms']:>15.1f}"
+              f"{r['overhead_pct']:>9.1f}%"
               f"{r['search_ms']:>10.2f}{r['test_ppl']:>10.3f}")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'key':<11}{'datastore':>10}{'cache':>7}{'λ':>7}{'temp':>8}{'val ppl':>9}{'test ppl':>10}"
-          f"{'base':>8}{'cut %':>7}")
+    print(f"{'key':<11}{'datastore':>10}{'index':>7}{'cache':>7}{'λ':>7}{'temp':>8}{'val ppl':>9}"
+          f"{'test ppl':>10}{'base':>8}{'cut %':>7}")
     for r in rows:
-        print(f"{r['key']:<11}{r['datastore_tokens']:>10,}{'yes' if r['continuous'] else 'no':>7}{r['lam']:>7.2f}"
-              f"{r['temp']:>8.1f}{r['val_ppl']:>9.3f}{r['test_ppl']:>10.3f}{r['test_base_ppl']:>8.3f}"
+        cache = "yes" if r["continuous"] else "no"
+        print(f"{r['key']:<11}{r['datastore_tokens']:>10,}{r['index']:>7}{cache:>7}{r['lam']:>7.2f}"
+              f"{r['temp']:>8.1f}"
+              f"{r['val_ppl']:>9.3f}{r['test_ppl']:>10.3f}{r['test_base_ppl']:>8.3f}"
               f"{r['cut_pct']:>7.1f}")
 
 
@@ -317,7 +332,8 @@ def plot_lambda(sweep: dict, base: float, path: Path) -> None:
     ax.axhline(base, color="gray", linestyle=":", label="SmolLM2 alone")
     ax.set_xlabel("λ (weight of p_kNN)")
     ax.set_ylabel("test perplexity")
-    ax.set_title(f"{sweep['key']} keys, {sweep['datastore_tokens']:,}-token datastore, temp {sweep['temp']:.1f}")
+    ax.set_title(f"{sweep['key']} keys, {sweep['datastore_tokens']:,}-token datastore, "
+                 f"temp {sweep['temp']:.1f}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,7 +10,9 @@ among all other reST sources (glossary.rst.txt and faq/ themselves left out). A 
 of the first chunk of its answer document; we report MRR@10 and Recall@1/5/10.
 
 Each set is split in two halves by a seeded shuffle. Everything chosen here (fusion family and its
-weights, chunk size) is chosen on half A; the report table is half B. A second table swaps the halves
+weights, chunk size) is chosen on half A; the report table is half B. Fusion parameters are chosen to
+maximise the smallest gain over the best single mode across the four metrics (then MRR@10), as the
+default must be at least as good as either mode on every metric. A second table swaps the halves
 (tune on B, report on A) as a check that the choice is not an accident of one split. Embeddings are cached under bench/out/ by text hash, so reruns embed
 only new chunk texts.
 
@@ -148,10 +150,17 @@ def metrics(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
+def margin(ranks: np.ndarray, singles: list[np.ndarray]) -> tuple[float, float]:
+    """How a fusion compares with the best single mode on each metric: its smallest gain, then its MRR@10.
+    What the default is chosen by, since it must be at least as good as either mode on every metric."""
+    fused, best = metrics(ranks), [metrics(r) for r in singles]
+    return min(fused[k] - max(b[k] for b in best) for k in fused), fused["MRR@10"]
+
+
 def describe(fusion: Fusion) -> str:
     if isinstance(fusion, RRF):
         return f"RRF(w_bm25={fusion.weights[0]:g}, w_dense={fusion.weights[1]:g}, c={fusion.c:g})"
-    return f"{fusion.norm}(w_bm25={fusion.weights[0]:g}, w_dense={fusion.weights[1]:g})"
+    return f"ScoreFusion({fusion.norm}, w_bm25={fusion.weights[0]:g}, w_dense={fusion.weights[1]:g})"
 
 
 def families() -> dict[str, tuple[bool, list[Fusion]]]:
@@ -163,6 +172,7 @@ def families() -> dict[str, tuple[bool, list[Fusion]]]:
         "weighted rrf": (True, [RRF((1 - w, w), c) for w, c in product(WEIGHTS, (10, 30, 60, 100))]),
         "minmax": (True, [ScoreFusion((1 - w, w), "minmax") for w in WEIGHTS]),
         "zscore": (True, [ScoreFusion((1 - w, w), "zscore") for w in WEIGHTS]),
+        "raw mix": (True, [ScoreFusion((w, 1.0), "none") for w in (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05)]),
     }
 
 
@@ -221,18 +231,22 @@ def main() -> None:
 
     results = {}
     for tune, report in (("A", "B"), ("B", "A")):
-        on = np.array(halves[report])
+        on, fit = np.array(halves[report]), np.array(halves[tune])
         rows = {mode: metrics(r[on]) for mode, r in single.items()}
-        params, tuned = {}, {}
+        tuned = {mode: metrics(r[fit]) for mode, r in single.items()}
+        params, margins = {}, {}
         for name, grid in grids.items():
-            best, best_ranks = max(grid, key=lambda fr: tuple(metrics(fr[1][halves[tune]]).values()))
+            best, best_ranks = max(grid, key=lambda fr: margin(fr[1][fit], [r[fit] for r in single.values()]))
             rows[name], params[name] = metrics(best_ranks[on]), describe(best)
-            tuned[name] = metrics(best_ranks[halves[tune]])
+            tuned[name], margins[name] = metrics(best_ranks[fit]), margin(best_ranks[fit], [r[fit] for r in single.values()])
         rows["hybrid default"], params["hybrid default"] = metrics(default[on]), describe(DEFAULT_FUSION)
         results[report] = rows
         print(f"\n### tuned on half {tune}, reported on half {report} ({len(on)} queries)\n")
-        print(f"the fusions on half {tune}, where they were tuned (the default is chosen here):\n")
-        print(table(tuned, params) + "\n")
+        print(f"half {tune}, where each family's parameters are tuned and the default is chosen:\n")
+        print(table(tuned, params))
+        choice = max(margins, key=margins.get)
+        print(f"\nchosen on half {tune}: {choice}, {params[choice]} (worst gain over the best single mode "
+              f"{margins[choice][0]:+.3f})\n\nhalf {report}, held out:\n")
         print(table(rows, params))
         for kind in KINDS:
             part = np.array([i for i in halves[report] if queries[i].kind == kind])

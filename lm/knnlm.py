@@ -204,7 +204,7 @@ class Scores:
 
         Unless given, temperatures span 1/64..4 times the median distance to the nearest neighbour.
         """
-        lams = np.linspace(0.0, 0.95, 20) if lams is None else lams
+        lams = np.arange(20) / 20 if lams is None else lams
         if temps is None:
             nearest = self.distances[:, 0][np.isfinite(self.distances[:, 0])]
             temps = max(float(np.median(nearest)) if len(nearest) else 1.0, 1e-3) * np.geomspace(1 / 64, 4, 17)

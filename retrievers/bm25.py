@@ -1,18 +1,18 @@
 """`BM25Retriever`: Okapi BM25 over an inverted index kept as a sparse matrix.
 
 rank-bm25 scores every chunk in a Python loop per query term and rebuilds its statistics from the
-whole corpus on every change, which makes it the bottleneck at 100K chunks (see
-bench/bench_retrieval.py). Here the term weights live in a column-sparse matrix W[chunk, term], so a
+whole corpus on every change, so each query costs time in proportion to the whole corpus
+(bench/bench_retrieval.py times both at 10K and 100K chunks). Here the term weights live in a column-sparse matrix W[chunk, term], so a
 query touches only the postings of its own terms: scores = W[:, q] @ (idf[q] * count[q]). The
 scoring is rank-bm25's BM25Okapi (k1=1.5, b=0.75) with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)),
 which stays positive, so a term found in half of a tiny corpus still counts. The matrix is rebuilt
-(vectorised, about a second at 100K chunks) on the first search after a change.
+(vectorised) on the first search after a change.
 
 Tokens suit code and docs: lowercase words and identifiers, plus the parts of dotted, snake_case
 and CamelCase identifiers (`os.path.join` -> os.path.join, os, path, join; `__init__` -> __init__, init),
 minus common English words; plain words are stemmed (Snowball English: "importing" -> "import"),
-which lifted BM25's MRR@10 on our evaluation's tuning half from 0.42 to 0.45. Digits stay with their
-word (`utf8`, `float32`).
+which lifted BM25's MRR@10 from 0.420 to 0.445 on the chunk-size sweep corpus of
+bench/eval_retrieval.py (tuning half). Digits stay with their word (`utf8`, `float32`).
 """
 from __future__ import annotations
 
@@ -35,13 +35,17 @@ STOPWORDS = frozenset(
     "a an and are as at be but by can do does for from has have how i if in into is it its may must no not "
     "of on or should so such than that the their then there these this to was we were what when where "
     "which while who why will with you your".split())
-STEMMER = snowballstemmer.stemmer("english")
+STEMMER = snowballstemmer.stemmer("english")  # keeps state while stemming: one thread at a time
+STEMMER_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1 << 18)
 def stem(term: str) -> str:
     """English Snowball stem of a plain word ("classes" -> "class"); identifiers and numbers as they are."""
-    return STEMMER.stemWord(term) if term.isalpha() else term
+    if not term.isalpha():
+        return term
+    with STEMMER_LOCK:
+        return STEMMER.stemWord(term)
 
 
 def tokenize(text: str) -> list[str]:

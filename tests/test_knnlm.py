@@ -47,7 +47,8 @@ def test_knn_probs_and_interpolation_match_a_hand_computed_case():
     assert p[0, 5].item() == pytest.approx(0.66850, abs=1e-5)
     assert p[0, 7].item() == pytest.approx(0.33150, abs=1e-5)
     assert p[0].sum().item() == pytest.approx(1.0) and (p[0, [0, 1, 2, 3, 4, 6, 8, 9]] == 0).all()
-    # λ = 0.25 with a uniform p_LM = 0.1: p(5) = 0.25*0.66850 + 0.75*0.1 = 0.24213, p(7) = 0.15787, others 0.075
+    # λ = 0.25 with a uniform p_LM = 0.1:
+    # p(5) = 0.25*0.66850 + 0.75*0.1 = 0.24213, p(7) = 0.15787, every other token 0.075
     mixed = interpolate(torch.full((1, 10), math.log(0.1)), p.log(), 0.25).exp()
     assert mixed[0, 5].item() == pytest.approx(0.24213, abs=1e-5)
     assert mixed[0, 7].item() == pytest.approx(0.15787, abs=1e-5)
@@ -252,7 +253,8 @@ def test_in_process_and_remote_datastores_give_the_same_results(tiny, server):
         tuned = [knn.tune([OTHER], k=8) for knn in (local, remote)]
         assert tuned[0] == tuned[1]
         assert client.memory("knnlm-equality").spec.metadata["knnlm"]["lam"] == tuned[0][0].lam
-        texts = ["".join(knn.generate("The csv", max_new_tokens=8, temperature=0.8, seed=1)) for knn in (local, remote)]
+        texts = ["".join(knn.generate("The csv", max_new_tokens=8, temperature=0.8, seed=1))
+                 for knn in (local, remote)]
         assert texts[0] == texts[1]
 
 
@@ -275,7 +277,8 @@ def cli(tiny, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cli-data")
 
     def run(*args: str):
-        return CliRunner().invoke(app, [*map(str, args), "--model", str(model_dir), "--data-dir", str(data_dir)])
+        args = [*map(str, args), "--model", str(model_dir), "--data-dir", str(data_dir)]
+        return CliRunner().invoke(app, args)
 
     run.data_dir = data_dir
     return run
@@ -294,7 +297,8 @@ def corpus(tmp_path_factory):
 def test_cli_build_tune_eval_json(cli, corpus):
     built = cli("knnlm", "build", "--memory", "cli-ds", corpus / "csv.txt", corpus / "json.txt")
     assert built.exit_code == 0, built.output
-    out = cli("knnlm", "eval", "--memory", "cli-ds", corpus / "csv.txt", "--json", "--lam", "0.5", "--temp", "1")
+    out = cli("knnlm", "eval", "--memory", "cli-ds", corpus / "csv.txt", "--json", "--lam", "0.5",
+              "--temp", "1")
     assert out.exit_code == 0, out.output
     result = json.loads(out.stdout)
     assert set(result) == {"tokens", "base_ppl", "knnlm_ppl", "lam", "temp", "k"}

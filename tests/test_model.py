@@ -53,7 +53,8 @@ def test_hook_replaces_the_logprobs_and_sees_the_outputs(tiny):
         return forced
 
     ids = tok("abc", return_tensors="pt").input_ids
-    assert list(stream_tokens(model, ids, max_new_tokens=5, temperature=0.7, logprobs_hook=force_42)) == [42] * 5
+    tokens = stream_tokens(model, ids, max_new_tokens=5, temperature=0.7, logprobs_hook=force_42)
+    assert list(tokens) == [42] * 5
     assert len(seen) == 5 and seen[0][:2] == (1, 1)
 
 

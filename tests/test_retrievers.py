@@ -251,6 +251,12 @@ def test_minmax_fusion_normalises_and_weights():
     assert [h.chunk_id for h in fused] == ["b", "c", "a", "d"]
 
 
+def test_raw_score_mix():
+    fused = ScoreFusion((0.1, 1.0), "none")([BM25_LIST, DENSE_LIST], 10)
+    # bm25 -> a 1, b 0.5, c 0; dense -> b 0.9, c 0.5, d 0.1; missing a, d get 0.1 and 0
+    assert {h.chunk_id: h.score for h in fused} == pytest.approx({"a": 1.1, "b": 1.4, "c": 0.5, "d": 0.1})
+
+
 def test_zscore_fusion_gives_missing_chunks_the_lowest_z():
     fused = ScoreFusion((1.0, 1.0), "zscore")([hits(("a", 3.0), ("b", 1.0)), hits(("b", 2.0), ("c", 0.0))], 10)
     # each list is (+1, -1) in z; a and c are missing from one list each and get its -1
