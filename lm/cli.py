@@ -92,7 +92,7 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
 def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
           api_key: ApiKey = None, model: Model = "smollm2",
           key: Annotated[Literal["final-norm", "mlp-input"] | None,
-                         typer.Option(help="hidden state used as key (default: the memory's, else final-norm)")]
+                         typer.Option(help="hidden state used as key (default: the memory's, else mlp-input)")]
           = None,
           index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
                            typer.Option(help="index of a new memory (default: hnsw)")] = None) -> None:

@@ -35,6 +35,7 @@ from memsvc.errors import InvalidInput
 from memsvc.store.base import IndexKind, MemoryBackend
 
 KeyKind = Literal["final-norm", "mlp-input"]
+DEFAULT_KEY: KeyKind = "mlp-input"  # lower perplexity than final-norm at every datastore size (bench/results/knnlm.md)
 KEY_KINDS: tuple[str, ...] = get_args(KeyKind)
 METADATA_KEY = "knnlm"
 
@@ -280,7 +281,7 @@ class KNNLM:
         built_with = self._stored(memory).get("key")
         if key is not None and built_with is not None and key != built_with:
             raise InvalidInput(f"memory '{spec.name}' was built with key '{built_with}', not '{key}'", "key")
-        self.key = check_key(key or built_with or "final-norm")
+        self.key = check_key(key or built_with or DEFAULT_KEY)
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
         self.window, self.batch_size, self.progress = window, batch_size, progress
 

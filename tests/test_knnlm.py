@@ -96,19 +96,19 @@ def test_captured_keys_are_the_lm_head_and_last_mlp_inputs(tiny):
 def test_datastore_lowers_perplexity_on_text_it_holds(tiny):
     knn = knnlm(tiny)
     n = knn.build([TEXT, OTHER])
-    assert n == len(knn.memory) and knn.memory.spec.metadata["knnlm"]["key"] == "final-norm"
+    assert n == len(knn.memory) and knn.memory.spec.metadata["knnlm"]["key"] == "mlp-input"
     result = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8)
     assert result.tokens == len(tiny[1](TEXT).input_ids) - 1
     assert result.knnlm_ppl < result.base_ppl / 10  # a random model knows nothing; exact neighbours do
     assert knn.build([TEXT]) == 0  # already there: skipped
 
 
-def test_mlp_input_key_is_recorded_and_enforced(tiny):
+def test_a_non_default_key_is_recorded_and_enforced(tiny):
     mem = datastore(tiny[0])
-    knnlm(tiny, mem, key="mlp-input").build([OTHER])
-    assert KNNLM(tiny[0], tiny[1], mem).key == "mlp-input"
-    with pytest.raises(InvalidInput, match="built with key 'mlp-input'"):
-        KNNLM(tiny[0], tiny[1], mem, key="final-norm")
+    knnlm(tiny, mem, key="final-norm").build([OTHER])
+    assert KNNLM(tiny[0], tiny[1], mem).key == "final-norm"
+    with pytest.raises(InvalidInput, match="built with key 'final-norm'"):
+        KNNLM(tiny[0], tiny[1], mem, key="mlp-input")
 
 
 class CrashingMemory:
