@@ -1,4 +1,5 @@
-"""Shared fixtures: a real `memsvc serve` subprocess on a free port (`ServerProcess`, `server`)."""
+"""Shared fixtures: a real `memsvc serve` subprocess on a free port (`ServerProcess`, `server`), one torch
+thread, and a tiny random sentence encoder (`tiny_encoder`)."""
 from __future__ import annotations
 
 import os
@@ -95,3 +96,25 @@ def server(tmp_path_factory):
     """A live server on a fresh data dir, shared by a test module (use unique memory names)."""
     with ServerProcess(tmp_path_factory.mktemp("server") / "data") as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A real SentenceTransformer with the MiniLM tokenizer, but a 1-layer random BERT: fast,
+    deterministic, not semantic. What the retriever, collection and RAG unit tests embed with."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from retrievers.dense import SentenceEncoder, model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    modules = [Transformer(str(path), max_seq_length=256), Pooling(32)]
+    return SentenceEncoder(SentenceTransformer(modules=modules, device="cpu"))

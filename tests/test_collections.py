@@ -11,39 +11,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from conftest import ServerProcess
-from transformers import AutoTokenizer, BertConfig, BertModel
 
 from memsvc.client import MemoryClient
 from memsvc.collections import MAX_DOCUMENT_BYTES, Collections, Document
 from memsvc.config import Settings
 from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
 from memsvc.service import Service
-from retrievers.dense import SentenceEncoder, model_path
 
 DOCS = {
     "a.md": "# Generators\n\nA generator is a function that returns an iterator with yield.\n",
     "b.md": "# Decorators\n\nA decorator wraps a function and returns another function.\n",
     "c.txt": "The walrus operator assigns values to names inside expressions.\n",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> SentenceEncoder:
-    """A real SentenceTransformer, but a 1-layer random BERT: fast, deterministic, not semantic."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    model = SentenceTransformer(modules=[Transformer(str(path), max_seq_length=256), Pooling(32)], device="cpu")
-    return SentenceEncoder(model)
 
 
 @pytest.fixture
@@ -259,6 +239,45 @@ def test_rest_bad_input(api):
     assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
 
 
+def test_rest_oversized_and_undecodable_documents_store_nothing(api):
+    """A 50 MB document is refused whole with its limit named (413), before anything is embedded;
+    a body over max_body_bytes is refused by the server's body limit; a JSON body that is not UTF-8 is 400
+    (`memsvc ingest` decodes files itself and names the offending byte)."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    fifty_mb = {"documents": [{"id": "a.md", "text": "changed"}, {"id": "big", "text": "word " * 10_000_000}]}
+    err = error(http.post("/v1/collections/docs/documents", json=fifty_mb), 413)
+    assert err["field"] == "documents[1].text" and f"larger than {MAX_DOCUMENT_BYTES >> 20} MiB" in err["message"]
+    over_body = b'{"documents": [{"id": "big", "text": "' + b"x" * (Settings().max_body_bytes + 1) + b'"}]}'
+    err = error(http.post("/v1/collections/docs/documents", content=over_body,
+                          headers={"Content-Type": "application/json"}), 413)
+    assert "max_body_bytes" in err["message"]
+    latin1 = '{"documents": [{"id": "latin1", "text": "caf\xe9"}]}'.encode("latin-1")
+    assert error(http.post("/v1/collections/docs/documents", content=latin1,
+                           headers={"Content-Type": "application/json"}), 400)["code"] == "bad_request"
+    assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
+    assert client.memory("col.docs").stats()["count"] == 3
+
+
+def test_rest_collection_memories_change_only_through_their_collection(api):
+    """`col.<name>` memories hold collections' vectors: the memories API reads them but refuses to
+    create, change or delete them, so no vector disappears behind its collection's back."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    create = {"name": "col.other", "dim": 32, "metric": "cosine"}
+    assert "reserved" in error(http.post("/v1/memories", json=create), 422)["message"]
+    writes = (("DELETE", "/v1/memories/col.docs", None), ("PATCH", "/v1/memories/col.docs", {"metadata": {}}),
+              ("POST", "/v1/memories/col.docs/entries", {"keys": [[0.5] * 32]}),
+              ("POST", "/v1/memories/col.docs/delete", {"ids": [0]}))
+    for method, path, body in writes:
+        err = error(http.request(method, path, json=body), 403)
+        assert (err["field"], "/v1/collections/docs" in err["message"]) == ("name", True), path
+    assert http.get("/v1/memories/col.docs").json()["count"] == 3
+    assert len(client.collection("docs").search("generator", k=3, mode="dense")) == 3
+    client.delete_collection("docs")  # which deletes its memory
+    assert "col.docs" not in [spec.name for spec in client.list_memories()]
+
+
 def test_rest_keys_scope_collections(api):
     http, client = api
     client.create_collection("t-docs").add_documents(docs())
@@ -298,17 +317,19 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
         (docs_dir / "lib" / name).write_bytes((LIBRARY / name).read_bytes())
     (docs_dir / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (docs_dir / "empty.txt").write_text("\n")
+    (docs_dir / "big.txt").write_text("word " * 10_000_000)  # 50 MB: refused whole, the rest ingested
     with ServerProcess(tmp_path / "data") as server:
         url = ("--url", server.url, "--collection", "py")
         first = run_cli("ingest", str(docs_dir), *url)
         assert first.exit_code == 1, first.output
         assert "skipped latin1.txt" not in first.stdout and "latin1.txt: not UTF-8" in first.stderr
         assert "skipped empty.txt" in first.stderr
-        assert first.stdout.startswith("4 added, 0 updated, 0 unchanged, 2 skipped")
+        assert f"skipped big.txt: document 'big.txt' is larger than {MAX_DOCUMENT_BYTES >> 20} MiB" in first.stderr
+        assert first.stdout.startswith("4 added, 0 updated, 0 unchanged, 3 skipped")
         again = run_cli("ingest", str(docs_dir), *url)
-        assert again.stdout.startswith("0 added, 0 updated, 4 unchanged, 2 skipped, 0 chunks")
-        (docs_dir / "latin1.txt").unlink()
-        (docs_dir / "empty.txt").unlink()
+        assert again.stdout.startswith("0 added, 0 updated, 4 unchanged, 3 skipped, 0 chunks")
+        for name in ("latin1.txt", "empty.txt", "big.txt"):
+            (docs_dir / name).unlink()
         with open(docs_dir / "lib" / "fnmatch.rst.txt", "a") as f:
             f.write("\nA new closing paragraph about wildcards.\n")
         edited = run_cli("ingest", str(docs_dir), *url)

@@ -4,7 +4,7 @@ SmolLM2 answering from real docs is test_collections' slow CLI test, through a r
 from __future__ import annotations
 
 import pytest
-from test_collections import docs, tiny_encoder  # noqa: F401  (a fixture)
+from test_collections import docs
 
 from lm.generate import generate
 from lm.model import tiny_llama
@@ -20,7 +20,7 @@ def hit(n: int, section: str = "") -> DocumentHit:
 
 
 @pytest.fixture
-def collection(tmp_path, tiny_encoder):  # noqa: F811
+def collection(tmp_path, tiny_encoder):
     with Service(Settings(data_dir=tmp_path / "data")) as service:
         col = Collections(service, encoder=lambda: tiny_encoder).create("docs")
         col.upsert(docs())

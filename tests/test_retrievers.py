@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rank_bm25 import BM25Okapi
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer
 
 from memsvc.errors import InvalidInput
 from memsvc.store import Memory
@@ -27,22 +26,6 @@ DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(model_path())
-
-
-@pytest.fixture(scope="module")
-def encoder(tokenizer, tmp_path_factory):
-    """A real SentenceTransformer, but a 1-layer random BERT: fast, deterministic, not semantic."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    model = SentenceTransformer(modules=[Transformer(str(path), max_seq_length=256), Pooling(32)], device="cpu")
-    return SentenceEncoder(model)
 
 
 def tokens(tokenizer, text: str) -> int:
@@ -284,8 +267,8 @@ def dense_retriever(encoder, path: Path | None = None) -> DenseRetriever:
     return DenseRetriever(Memory.create(spec, path) if path else Memory(spec), encoder)
 
 
-def test_dense_upsert_and_remove_keep_the_memory_in_step(encoder):
-    dense = dense_retriever(encoder)
+def test_dense_upsert_and_remove_keep_the_memory_in_step(tiny_encoder):
+    dense = dense_retriever(tiny_encoder)
     v1 = [chunk("a", 0, "alpha text"), chunk("a", 1, "more alpha"), chunk("b", 0, "bravo text")]
     assert dense.add(v1) == 3 and len(dense.memory) == 3
     assert dense.search("more alpha", 1)[0].chunk_id == v1[1].id  # identical text, cosine 1
@@ -299,27 +282,28 @@ def test_dense_upsert_and_remove_keep_the_memory_in_step(encoder):
     assert [h.document_id for h in dense.search("alpha", 10)] == ["b"]
 
 
-def test_dense_reopens_over_a_durable_memory(encoder, tmp_path):
-    dense = dense_retriever(encoder, tmp_path / "mem")
+def test_dense_reopens_over_a_durable_memory(tiny_encoder, tmp_path):
+    dense = dense_retriever(tiny_encoder, tmp_path / "mem")
     dense.add([chunk("a", 0, "alpha"), chunk("b", 0, "bravo")])
     dense.memory.close()
-    reopened = DenseRetriever(Memory.open(tmp_path / "mem"), encoder, dense.vector_ids)
+    reopened = DenseRetriever(Memory.open(tmp_path / "mem"), tiny_encoder, dense.vector_ids)
     assert reopened.search("bravo", 1)[0].document_id == "b"
     assert reopened.remove("b") == 1
     assert [h.document_id for h in reopened.search("bravo", 5)] == ["a"]
 
 
-def test_dense_needs_a_matching_cosine_memory(encoder):
+def test_dense_needs_a_matching_cosine_memory(tiny_encoder):
+    spec = DenseRetriever.spec("m", tiny_encoder)
     with pytest.raises(InvalidInput) as err:
-        DenseRetriever(Memory(DenseRetriever.spec("m", encoder).model_copy(update={"dim": 8})), encoder)
+        DenseRetriever(Memory(spec.model_copy(update={"dim": 8})), tiny_encoder)
     assert err.value.field == "dim"
     with pytest.raises(InvalidInput) as err:
-        DenseRetriever(Memory(DenseRetriever.spec("m", encoder).model_copy(update={"metric": "l2"})), encoder)
+        DenseRetriever(Memory(spec.model_copy(update={"metric": "l2"})), tiny_encoder)
     assert err.value.field == "metric"
 
 
-def test_hybrid_modes_upsert_remove_and_bad_input(encoder):
-    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(encoder), depth=10)
+def test_hybrid_modes_upsert_remove_and_bad_input(tiny_encoder):
+    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(tiny_encoder), depth=10)
     chunks = [chunk("paths", 0, "os.path.join joins paths"), chunk("json", 0, "json.loads parses JSON"),
               chunk("misc", 0, "unrelated prose about nothing")]
     assert hybrid.add(chunks) == 3
@@ -338,8 +322,8 @@ def test_hybrid_modes_upsert_remove_and_bad_input(encoder):
         assert err.value.field == field
 
 
-def test_rankings_are_completed_with_each_retrievers_own_scores(encoder):
-    bm25, dense = BM25Retriever(), dense_retriever(encoder)
+def test_rankings_are_completed_with_each_retrievers_own_scores(tiny_encoder):
+    bm25, dense = BM25Retriever(), dense_retriever(tiny_encoder)
     hybrid = HybridRetriever(bm25, dense, depth=2)
     hybrid.add([chunk(f"d{i}", 0, f"common words plus term{i}") for i in range(6)]
                + [chunk("x", 0, "nothing in common")])
@@ -354,13 +338,13 @@ def test_rankings_are_completed_with_each_retrievers_own_scores(encoder):
         assert all(h.score == pytest.approx(everything.get(h.chunk_id, 0.0), abs=1e-5) for h in ranking)
 
 
-def test_empty_retrievers_find_nothing(encoder):
-    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(encoder))
+def test_empty_retrievers_find_nothing(tiny_encoder):
+    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(tiny_encoder))
     assert [hybrid.search("anything", 5, mode) for mode in ("bm25", "dense", "hybrid")] == [[], [], []]
 
 
-def test_score_skips_unknown_chunks(encoder):
-    for retriever in (BM25Retriever(), dense_retriever(encoder)):
+def test_score_skips_unknown_chunks(tiny_encoder):
+    for retriever in (BM25Retriever(), dense_retriever(tiny_encoder)):
         known = chunk("a", 0, "alpha words")
         retriever.add([known])
         assert [h.chunk_id for h in retriever.score("alpha", ["b#0-x", known.id])] == [known.id]
@@ -368,8 +352,8 @@ def test_score_skips_unknown_chunks(encoder):
             retriever.score("", [known.id])
 
 
-def test_chunks_must_belong_to_their_document(encoder):
-    for retriever in (BM25Retriever(), dense_retriever(encoder)):
+def test_chunks_must_belong_to_their_document(tiny_encoder):
+    for retriever in (BM25Retriever(), dense_retriever(tiny_encoder)):
         with pytest.raises(InvalidInput):
             retriever.add([Chunk("other#0-x", "doc", "text")])
         with pytest.raises(InvalidInput):

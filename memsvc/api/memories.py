@@ -28,16 +28,31 @@ from memsvc.api.schemas import (
     SearchResponse,
 )
 from memsvc.api.wire import entries_fields, search_fields
-from memsvc.errors import NotFound
+from memsvc.collections import MEMORY_PREFIX
+from memsvc.errors import Forbidden, InvalidInput, NotFound
 from memsvc.store import MemorySpec
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authorize)])
 
 
+def not_a_collection_memory(name: str) -> None:
+    """Writes to a collection's memory go through the collection: vectors changed behind its back would
+    no longer match its documents."""
+    if name.startswith(MEMORY_PREFIX):
+        raise Forbidden(f"memory '{name}' holds a collection's vectors; change it through "
+                        f"/v1/collections/{name.removeprefix(MEMORY_PREFIX)}", "name")
+
+
+OWN = Depends(not_a_collection_memory)
+
+
 @router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE])
 def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> dict:
-    """Create a memory; 409 if the name is taken."""
+    """Create a memory; 409 if the name is taken. Names starting with `col.` are the collections'."""
     check_name(key, spec.name)
+    if spec.name.startswith(MEMORY_PREFIX):
+        raise InvalidInput(f"memory names starting with '{MEMORY_PREFIX}' are reserved for collections",
+                           "name")
     return service.create(spec).stats()
 
 
@@ -53,18 +68,18 @@ def memory_stats(name: str, service: ServiceDep) -> dict:
     return service.memory(name).stats()
 
 
-@router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE])
+@router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE, OWN])
 def set_metadata(name: str, patch: MetadataPatch, service: ServiceDep) -> MemorySpec:
     """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings)."""
     return service.set_metadata(name, patch.metadata)
 
 
-@router.delete("/{name}", status_code=204, dependencies=[WRITE])
+@router.delete("/{name}", status_code=204, dependencies=[WRITE, OWN])
 def delete_memory(name: str, service: ServiceDep) -> None:
     service.delete_memory(name)
 
 
-@router.post("/{name}/entries", status_code=201, response_model=AddResponse, dependencies=[WRITE],
+@router.post("/{name}/entries", status_code=201, response_model=AddResponse, dependencies=[WRITE, OWN],
              openapi_extra=binary_body(AddRequest), responses=BINARY_RESPONSE)
 def add_entries(name: str, request: Request, body: Annotated[AddRequest, Depends(body_of(AddRequest))],
                 service: ServiceDep, settings: SettingsDep) -> Response:
@@ -103,7 +118,7 @@ def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
                  partition=entries.partitions[0])
 
 
-@router.post("/{name}/delete", response_model=DeleteResponse, dependencies=[WRITE],
+@router.post("/{name}/delete", response_model=DeleteResponse, dependencies=[WRITE, OWN],
              openapi_extra=binary_body(DeleteRequest), responses=BINARY_RESPONSE)
 def delete_entries(name: str, request: Request, body: Annotated[DeleteRequest, Depends(body_of(DeleteRequest))],
                    service: ServiceDep, settings: SettingsDep) -> Response:
