@@ -18,6 +18,10 @@ tokens fit below `limit` again. Query-to-window distances stay the true token di
 within `limit` of every query, and no position ever leaves the trained range however long the stream.
 Re-basing every `period` tokens, not every token, is what lets a block of up to `period` tokens run in
 one forward and give exactly the logits of token-by-token decoding: `stream()` does that.
+
+These rules (`Full`, `Window`) decide from token indices alone. The stateful, content-dependent policies
+(attention scores, key norms, summaries) live in `lm.policies`: each brings its own layer type
+(`policy.layer_type`) to this cache, and `lm.policies.make_policy` is where every policy name is registered.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from memsvc.errors import InvalidInput
 
-POLICIES = ("full", "window", "sinks")
 DEFAULT_WINDOW, DEFAULT_SINKS = 256, 4
 FULL_BLOCK = 512  # tokens per forward when nothing bounds the block (full attention)
 
@@ -90,39 +93,6 @@ class Window:
         return (tokens < self.sinks) | (tokens > now - self.window)
 
 
-def make_policy(name: str, window: int | None = None, sinks: int | None = None) -> Policy:
-    """The policy `name` ("full", "window", "sinks"); options that do not apply to it are an error."""
-    if name == "full":
-        if window is not None or sinks is not None:
-            raise InvalidInput("policy 'full' takes neither a window nor sinks", "window" if window else "sinks")
-        return Full()
-    if name == "window":
-        if sinks:
-            raise InvalidInput("policy 'window' has no sinks; use --policy sinks", "sinks")
-        return Window(DEFAULT_WINDOW if window is None else window)
-    if name == "sinks":
-        return Window(DEFAULT_WINDOW if window is None else window, DEFAULT_SINKS if sinks is None else sinks)
-    raise InvalidInput(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}", "policy")
-
-
-def parse_cache_spec(spec: str) -> Policy:
-    """A policy from a spec like "window:256,sinks:4", "window:256" or "full" (for `--cache`)."""
-    if spec.strip() == "full":
-        return Full()
-    options: dict[str, int] = {}
-    for item in spec.split(","):
-        key, _, value = item.strip().partition(":")
-        if key not in ("window", "sinks") or key in options:
-            raise InvalidInput(f"bad cache spec {spec!r}: expected 'window:W[,sinks:S]' or 'full'", "cache")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            raise InvalidInput(f"bad cache spec {spec!r}: {key} must be an integer", "cache") from None
-    if "window" not in options:
-        raise InvalidInput(f"bad cache spec {spec!r}: the window is required", "cache")
-    return Window(options["window"], options.get("sinks", 0))
-
-
 def visible(policy: Policy, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Bool [q, n]: which entries (token indices [n]) each query (token indices [q]) attends to."""
     tokens, queries = tokens[None, :], queries[:, None]
@@ -133,6 +103,22 @@ class BoundedLayer(CacheLayerMixin):
     """One layer's entries: keys (rotated at `positions`), values, and their stream `tokens`."""
 
     is_sliding = False
+    needs_block_mask = True  # a block's queries see different entries: `BoundedCache.block_mask` says which
+    wants_attention = False  # the policy ranks nothing by attention (see `lm.policies`)
+
+    @staticmethod
+    def bounds(policy: Policy, max_positions: int, period: int | None) -> tuple[int | None, int | None]:
+        """(period, limit): tokens between re-bases and the position that triggers one; InvalidInput if none fit."""
+        if policy.budget is None:
+            return period, None
+        room = max_positions - policy.budget + 1
+        if room <= 1:
+            raise InvalidInput(f"window + sinks ({policy.budget}) must be below the model's trained context "
+                               f"({max_positions})", "window")
+        period = min(policy.budget, room) if period is None else period
+        if not 0 < period <= room:
+            raise InvalidInput(f"period must be in 1..{room} for this model and budget", "period")
+        return period, policy.budget - 1 + period  # a re-base leaves budget - 1 entries: room for one period
 
     def __init__(self, cache: BoundedCache, layer_idx: int):
         super().__init__()
@@ -172,6 +158,14 @@ class BoundedLayer(CacheLayerMixin):
         if self.cache.limit is not None and self.next_pos >= self.cache.limit:
             self._rebase()
         return keys, values
+
+    def in_view(self, q: int) -> torch.Tensor:
+        """Bool [q, n]: which entries of the last update's view each of its q queries attends to."""
+        return visible(self.cache.policy, self.view_tokens, self.view_tokens[-q:])
+
+    def head_mask(self, q: int) -> torch.Tensor | None:
+        """Bool [heads, n] restricting single query heads within the view; None: every head sees the view."""
+        return None
 
     def _evict(self, gone: torch.Tensor) -> None:
         if self.cache.on_evict is not None:
@@ -216,18 +210,10 @@ class BoundedCache(Cache):
         if getattr(self.rope, "attention_scaling", 1.0) != 1.0:
             raise InvalidInput("bounded caches need a plain rotation RoPE (this model scales its attention)", "model")
         self.policy, self.on_evict = policy, on_evict
-        self.limit = None
-        if policy.budget is not None:
-            room = config.max_position_embeddings - policy.budget + 1
-            if room <= 1:
-                raise InvalidInput(f"window + sinks ({policy.budget}) must be below the model's trained context "
-                                   f"({config.max_position_embeddings})", "window")
-            period = min(policy.budget, room) if period is None else period
-            if not 0 < period <= room:
-                raise InvalidInput(f"period must be in 1..{room} for this model and budget", "period")
-            self.limit = policy.budget - 1 + period  # a re-base leaves budget - 1 entries: room for one period
-        self.period = period
-        super().__init__(layers=[BoundedLayer(self, i) for i in range(config.num_hidden_layers)])
+        self.heads = config.num_attention_heads
+        layer_type = getattr(policy, "layer_type", BoundedLayer)
+        self.period, self.limit = layer_type.bounds(policy, config.max_position_embeddings, period)
+        super().__init__(layers=[layer_type(self, i) for i in range(config.num_hidden_layers)])
 
     @property
     def seen(self) -> int:
@@ -253,8 +239,11 @@ class BoundedCache(Cache):
         return x * cos + rotate_half(x) * sin
 
     def block_mask(self, q: int, model: PreTrainedModel, batch_size: int = 1) -> torch.Tensor | None:
-        """The exact mask for the next q tokens, in the format the model's attention implementation wants."""
+        """The exact mask for the next q tokens, in the format the model's attention implementation wants; None
+        where every kept entry is seen by the whole block (the model's causal mask is then exact)."""
         layer = self.layers[0]
+        if not layer.needs_block_mask:
+            return None
         kept = layer.tokens[self.policy.keep(layer.tokens, torch.tensor(layer.seen))]
         tokens = torch.cat([kept, layer.seen + torch.arange(q, device=kept.device)])
         allowed = visible(self.policy, tokens, tokens[-q:])

@@ -22,11 +22,15 @@ if TYPE_CHECKING:
 
     from lm.cache import Policy
     from lm.memory_attention import KnnConfig
+    from lm.policies import Selective
     from memsvc.store.base import MemoryBackend
 
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
-Window = Annotated[int | None, typer.Option(help="recent tokens each query sees (default 256)")]
-Sinks = Annotated[int | None, typer.Option(help="first tokens kept for good (policy sinks; default 4)")]
+Window = Annotated[int | None, typer.Option(help="recent tokens every policy keeps (default: the policy's)")]
+Sinks = Annotated[int | None, typer.Option(help="first tokens kept for good (default 4 where a policy has them)")]
+Budget = Annotated[int | None, typer.Option(help="entries a query attends to at most (default 260; not for "
+                                                 "full, window, sinks)")]
+Pool = Annotated[int | None, typer.Option(help="tokens per summary (moving-average, compressive)")]
 K = Annotated[int, typer.Option("--k", help="memory entries retrieved per query and layer")]
 Layers = Annotated[str, typer.Option(help="layers with memory attention: 'all' or e.g. '0,10,20'")]
 Positions = Annotated[Literal["absolute", "none", "window"],
@@ -70,8 +74,9 @@ def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_ke
 
 
 def eval_long(files: Files,
-              policy: Annotated[str, typer.Option(help="full | window | sinks")] = "sinks",
-              window: Window = None, sinks: Sinks = None,
+              policy: Annotated[str, typer.Option(help="cache policy, e.g. sinks, h2o, snapkv (lm.policies.POLICIES; "
+                                                       "an unknown name lists them all)")] = "sinks",
+              window: Window = None, sinks: Sinks = None, budget: Budget = None, pool: Pool = None,
               knn_memory: Annotated[bool, typer.Option(help="evicted entries go to a kNN memory that "
                                                              "attention retrieves from")] = False,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
@@ -89,10 +94,12 @@ def eval_long(files: Files,
               ) -> None:
     """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics)."""
     with cli_errors():
-        from lm.cache import make_policy
         from lm.memory_attention import KnnConfig
+        from lm.policies import make_policy
 
-        cache_policy = make_policy(policy, window, sinks)
+        cache_policy = make_policy(policy, window, sinks, budget, pool)
+        if knn_memory and cache_policy.budget is None:
+            raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
         knn = KnnConfig(layers=parse_layers(layers), k=k, mode=memory_mode, positions=positions) \
             if knn_memory else None
         result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model)
@@ -103,7 +110,7 @@ def eval_long(files: Files,
                f"{result['peak_cache_entries']} entries, {result['tokens_per_s']:.1f} tokens/s")
 
 
-def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: Path | None, index: str,
+def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
           max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
           model_name: str) -> dict:
     from lm.gate import Gate
@@ -124,8 +131,8 @@ def _eval(files: list[Path], policy: Policy, knn: KnnConfig | None, gate_path: P
         with attention_memory(model, index, url, api_key, memory_name) as memory:
             result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
                                     max_tokens=max_tokens, skip=skip)
-    return {**result, "policy": policy.name, "window": getattr(policy, "window", None),
-            "sinks": getattr(policy, "sinks", None),
+    return {**result, "policy": policy.name, "budget": policy.budget, "window": getattr(policy, "window", None),
+            "sinks": getattr(policy, "sinks", None), "pool": getattr(policy, "pool", None),
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
                                                     "layers": "all" if knn.layers is None else list(knn.layers),
                                                     "index": index}}

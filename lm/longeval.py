@@ -1,15 +1,17 @@
 """eval-long: perplexity of long documents decoded as one stream through a bounded cache (+ kNN memory),
 and the needle-in-a-haystack trial that asks for a fact planted deep in a long prompt.
 
-The semantics are those of token-by-token streaming decoding; `lm.cache.stream` runs it in exact blocks,
-so the numbers are the same and the run is many times faster. Perplexity counts the tokens past the first
+For window and sinks the semantics are those of token-by-token streaming decoding; `lm.cache.stream` runs
+it in exact blocks, so the numbers are the same and the run is many times faster. The policies of
+`lm.policies` run in blocks of 16 that shrink the cache to budget - 16 first (see there). Perplexity counts the tokens past the first
 `skip` (by default 256), where every policy but full attention has started to forget.
 """
 from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from lm.cache import BoundedCache, Policy, forward, stream
 from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig, memory_attention
+from lm.policies import Selective, policy_attention
 from memsvc.errors import InvalidInput, NotFound
 from memsvc.store.base import MemoryBackend
 
@@ -42,17 +45,28 @@ class StreamResult:
         return math.exp(self.nll[skip:].mean()) if len(self.nll) > skip else math.nan
 
 
-def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
+@contextmanager
+def wired(model: PreTrainedModel, cache: BoundedCache, knn: KnnConfig | None, memory: MemoryBackend | None,
+            gate: Gate | None) -> Iterator[None]:
+    """The model wired to `cache`: attention reported to its policy where it needs it, kNN memory if `knn`."""
+    with policy_attention(model, cache):
+        if knn is None:
+            yield
+            return
+        with memory_attention(model, cache, memory, knn, gate):
+            yield
+
+
+def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy | Selective, *,
                     knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
                     block: int | None = None) -> StreamResult:
     """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise InvalidInput("a stream is one sequence of at least 2 tokens", "input_ids")
     cache = BoundedCache(model, policy)
-    context = memory_attention(model, cache, memory, knn, gate) if knn is not None else nullcontext()
     nll = []
     started = time.perf_counter()
-    with context, torch.inference_mode():
+    with wired(model, cache, knn, memory, gate), torch.inference_mode():
         for start, out in stream(model, input_ids[:, :-1], cache, block):
             q = out.logits.shape[1]
             targets = input_ids[0, start + 1:start + q + 1]
@@ -76,7 +90,7 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens
 
 
 def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
-                   policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
+                   policy: Policy | Selective, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
                    gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP) -> dict:
     """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s."""
     if max_tokens is not None and max_tokens < 2:
@@ -115,14 +129,14 @@ def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int
     return encode_prompt(tokenizer, f"{text}\n\n{QUESTION}", chat=True)
 
 
-def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor, policy: Policy, *,
+def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor,
+           policy: Policy | Selective, *,
            knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
            max_new_tokens: int = 12) -> str:
     """Greedy answer to a prompt streamed through a bounded cache: the prompt prefills in exact blocks, then the
     one decoding loop (`lm.generate.stream_tokens`) continues from its last token."""
     cache = BoundedCache(model, policy)
-    context = memory_attention(model, cache, memory, knn, gate) if knn is not None else nullcontext()
-    with context, torch.inference_mode():
+    with wired(model, cache, knn, memory, gate), torch.inference_mode():
         forward(model, prompt[:, :-1], cache, logits_to_keep=1)
         tokens = list(stream_tokens(model, prompt[:, -1:], max_new_tokens=max_new_tokens, past_key_values=cache,
                                     stop_ids=stop_token_ids(model, tokenizer)))

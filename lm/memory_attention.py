@@ -18,6 +18,10 @@ at one position: distance 0); "window" stores the same un-rotated keys but score
 past the window (at a distance of the cache budget, window + sinks, from every query).
 `bench/results/longctx.md` measures all three.
 
+Any bounded policy works (`lm.policies` too): whatever it drops or folds into a summary is stored, and for
+policies that rank by attention (h2o, vatp, snapkv, adaptive) `attend` reports its local attention
+probabilities to the cache layer and applies the policy's per-head mask.
+
 Within a block of q tokens (see `lm.cache.stream`), entries a later query no longer sees but an earlier
 one did are still in the local tensor, not yet in memory: they are scored there and compete with the
 retrieved ones, so a block retrieves exactly what token-by-token decoding would.
@@ -33,11 +37,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lm.cache import BoundedCache, visible
+from lm.cache import BoundedCache
 from lm.gate import Gate
+from lm.policies import policy_attention_forward
 from memsvc.errors import InvalidInput
 from memsvc.store import Memory, MemorySpec
 from memsvc.store.base import IndexKind, MemoryBackend
@@ -50,10 +54,11 @@ Positions = Literal["absolute", "none", "window"]
 
 def _dispatch(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Layers with memory attached attend through it; the others use plain SDPA."""
+    """Layers with memory attached attend through it; the others as the cache policy wants (plain SDPA, or
+    explicit attention reported to the policy: `lm.policies.policy_attention_forward`)."""
     knn = getattr(module, "knn_memory", None)
     if knn is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return policy_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return knn.attend(module.layer_idx, query, key, value, kwargs["scaling"]), None
 
 
@@ -125,7 +130,7 @@ class KnnMemoryAttention:
         kv, g, n = key.shape[1], heads // key.shape[1], key.shape[2]
         cache_layer = self.cache.layers[layer]
         tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
-        seen = visible(self.cache.policy, tokens, tokens[-q:])  # [q, n]
+        seen = cache_layer.in_view(q)  # [q, n]
         left = (tokens[None, :] <= tokens[-q:, None]) & ~seen
         cols = left.any(0).nonzero().squeeze(1)  # entries leaving the window during this block (none if q == 1)
         left = left[:, cols]
@@ -147,18 +152,23 @@ class KnnMemoryAttention:
         if self.gate is not None:
             retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1))
 
-        local = local.masked_fill(~seen, -torch.inf)
+        heads_seen = cache_layer.head_mask(q)  # per-head restrictions of the policy (adaptive)
+        local = local.masked_fill(~(seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)), -torch.inf)
         values, left_values = value[0, :, None], value[0, :, None, cols]  # [kv, 1, n or c, d]
         if self.config.mode == "joint":
             weights = torch.cat([local, retrieved], -1).softmax(-1)
-            out = (weights[..., :n] @ values + weights[..., n:n + len(cols)] @ left_values
+            local_weights = weights[..., :n]
+            out = (local_weights @ values + weights[..., n:n + len(cols)] @ left_values
                    + _weigh(weights[..., n + len(cols):], mem_values))
         else:
             found = retrieved.isfinite().any(-1, keepdim=True)
             weights = retrieved.masked_fill(~found, 0.0).softmax(-1)
             mem_out = weights[..., :len(cols)] @ left_values + _weigh(weights[..., len(cols):], mem_values)
             gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1) * found
-            out = gate * mem_out + (1 - gate) * (local.softmax(-1) @ values)
+            local_weights = local.softmax(-1)
+            out = gate * mem_out + (1 - gate) * (local_weights @ values)
+        if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
+            cache_layer.observe(local_weights.reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
     def close(self) -> None:
@@ -212,7 +222,7 @@ def check_config(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBack
         raise InvalidInput(f"positions must be 'absolute', 'none' or 'window', got {config.positions!r}",
                            "positions")
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
-        raise InvalidInput("kNN-memory attention needs a bounded cache policy (window or sinks)", "policy")
+        raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
     dim, spec = head_dim(model), memory.spec
     if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
         raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from lm.cache import BoundedCache, Full, Window, forward, make_policy, parse_cache_spec, stream, visible
+from lm.cache import BoundedCache, Full, Window, forward, stream, visible
 from lm.model import tiny_llama
+from lm.policies import make_policy, parse_cache_spec
 from memsvc.errors import InvalidInput
 
 N = 70
