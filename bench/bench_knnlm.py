@@ -239,7 +239,7 @@ def ms_per_token(model, prompt: torch.Tensor, tokens: int, hook=None) -> float:
 
 @app.command()
 def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,ivfpq",
-             key: str = "final-norm") -> None:
+             key: str = "mlp-input") -> None:
     """Generation ms/token: base model vs kNN-LM with the datastore in-process (flat) and over REST (each
     index kind, memory built from the cached keys); plus test perplexity per index (tuned on validation)."""
     parts = split()
