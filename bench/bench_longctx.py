@@ -44,6 +44,9 @@ TEST_FILES = ["heapq", "zlib", "cmd", "uuid"]  # 3.2K-3.7K tokens each
 GATE_FILES = ["bisect", "mmap", "bz2", "base64", "readline", "compileall"]  # training only, never evaluated
 WINDOW, SINKS = 256, 4
 EVERY_THIRD = list(range(0, 30, 3))
+HEAD_DIM = 64  # SmolLM2-135M
+NEEDLE_WORDS = {0.1: "tangerine-47", 0.5: "copper-falcon", 0.9: "violet-9312", 0.25: "marble-otter",
+                0.75: "juniper-66"}  # one word per depth, whichever run plants it (others: amber-<depth>)
 
 
 
@@ -159,17 +162,24 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
 def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
            lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "1000,3000,8000,12000",
            depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
-           page: str = "multiprocessing", out: str = "longctx_needle") -> None:
+           page: str = "multiprocessing", out: str = "longctx_needle",
+           merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False) -> None:
     """Answer accuracy for a passphrase planted at each depth of each prompt length (greedy, chat template)."""
+    chosen = names(settings)
+    trials = {(name, int(n), float(d)) for name in chosen for n in lengths.split(",") for d in depths.split(",")}
+    rows = []
+    if merge:
+        saved = json.loads((RESULTS / f"{out}.json").read_text())
+        if saved["page"] != page:
+            raise typer.BadParameter(f"{out}.json used the page {saved['page']}")
+        rows = [r for r in saved["rows"] if (r["setting"], r["length"], r["depth"]) not in trials]
     model, tokenizer = load_model()
     haystack = (DOCS / f"{page}.rst.txt").read_text()
-    words = ["tangerine-47", "copper-falcon", "violet-9312", "marble-otter", "juniper-66"]
-    rows = []
     for length in map(int, lengths.split(",")):
-        for i, depth in enumerate(map(float, depths.split(","))):
-            word = words[i % len(words)]
+        for depth in map(float, depths.split(",")):
+            word = NEEDLE_WORDS.get(depth, f"amber-{round(1000 * depth)}")
             prompt = needle_prompt(tokenizer, haystack, length, depth, word)
-            for name in names(settings):
+            for name in chosen:
                 setting = SETTINGS[name]
                 started = time.perf_counter()
                 text = answer(model, tokenizer, prompt, setting.policy, knn=setting.knn, memory=setting.memory(model),
@@ -178,14 +188,15 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
                              "word": word, "answer": text, "correct": word in text,
                              "seconds": time.perf_counter() - started})
                 print(json.dumps(rows[-1]), flush=True)
-    save(out, {"page": page, "rows": rows})
-    print("\n| setting | " + " | ".join(f"{n} tokens" for n in lengths.split(",")) + " |")
-    print("|---|" + "---|" * len(lengths.split(",")))
-    for name in names(settings):
+                save(out, {"page": page, "rows": rows})  # a run cut short keeps the trials it finished
+    all_lengths = sorted({r["length"] for r in rows})
+    print("\n| setting | " + " | ".join(f"{n} tokens" for n in all_lengths) + " |")
+    print("|---|" + "---|" * len(all_lengths))
+    for name in dict.fromkeys(r["setting"] for r in rows):
         cells = []
-        for length in map(int, lengths.split(",")):
+        for length in all_lengths:
             hits = [r["correct"] for r in rows if r["setting"] == name and r["length"] == length]
-            cells.append(f"{sum(hits)}/{len(hits)}")
+            cells.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
         print(f"| {name} | {' | '.join(cells)} |")
 
 
@@ -193,53 +204,81 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
 def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-every3",
            lengths: Annotated[str, typer.Option()] = "1024,2048,4096,8192,16384,32768",
            steps: Annotated[int, typer.Option(help="decode steps timed at each length")] = 32,
-           out: str = "longctx_decode") -> None:
+           out: str = "longctx_decode",
+           merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False) -> None:
     """Token-by-token decode time per token and cache bytes at growing stream lengths (the stream is prefilled in
     exact blocks between measurements; the timed steps decode real docs tokens one at a time)."""
+    chosen = names(settings)
+    rows = []
+    if merge:
+        saved = json.loads((RESULTS / f"{out}.json").read_text())
+        if saved["steps"] != steps:
+            raise typer.BadParameter(f"{out}.json was measured with {saved['steps']} steps")
+        rows = [r for r in saved["rows"] if r["setting"] not in chosen]
     model, tokenizer = load_model()
     text = "\n".join((DOCS / f"{p}.rst.txt").read_text() for p in ("stdtypes", "os", "datetime"))
     marks = [int(n) for n in lengths.split(",")]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :marks[-1] + steps]
-    rows = []
-    for name in names(settings):
+    for name in chosen:
         setting = SETTINGS[name]
         cache = BoundedCache(model, setting.policy)
-        context = memory_attention(model, cache, setting.memory(model), setting.knn, setting.gate()) \
+        memory = setting.memory(model)
+        context = memory_attention(model, cache, memory, setting.knn, setting.gate()) \
             if setting.knn is not None else nullcontext()
+        begun = time.perf_counter()
         with context, torch.inference_mode():
             done = 0
             for mark in marks:
                 forward(model, ids[:, done:mark], cache, logits_to_keep=1)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 for i in range(mark, mark + steps):
                     model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
                 seconds = (time.perf_counter() - started) / steps
+                cpu_seconds = (time.process_time() - cpu_started) / steps  # what other load on the machine hides
                 done = mark + steps
                 layer = cache.layers[0]
                 entries = cache.entries()
                 cache_bytes = entries * layer.keys.shape[1] * layer.keys.shape[-1] * 2 * layer.keys.element_size()
                 evicted = cache.seen - len(layer.tokens)  # per layer and KV head: in memory when knn is on
                 rows.append({"setting": name, "length": mark, "ms_per_token": 1000 * seconds,
-                             "tokens_per_s": 1 / seconds, "cache_entries": entries, "cache_bytes": cache_bytes,
-                             "evicted_per_kv_head": evicted})
+                             "tokens_per_s": 1 / seconds, "cpu_ms_per_token": 1000 * cpu_seconds, "cache_entries": entries, "cache_bytes": cache_bytes,
+                             "evicted_per_kv_head": evicted, "memory_entries": 0 if memory is None else len(memory),
+                             "seconds_so_far": time.perf_counter() - begun})
                 print(json.dumps(rows[-1]), flush=True)
-    save(out, {"steps": steps, "rows": rows})
-    print("\n| setting | stream length | decode ms/token | tokens/s | cache entries (all layers) | cache MiB |")
-    print("|---|---|---|---|---|---|")
+                save(out, {"steps": steps, "rows": rows})  # a run cut short keeps the lengths it finished
+    report_decode(rows, out)
+
+
+def report_decode(rows: list[dict], out: str) -> None:
+    """The decode table (with kNN memory entries and MiB: keys + values, float32) and its plot."""
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    print("\n| setting | stream length | decode ms/token | CPU ms/token | tokens/s | cache entries (all layers) "
+          "| cache MiB | memory entries | memory MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['length']} | {r['ms_per_token']:.1f} | {r['tokens_per_s']:.1f} | "
-              f"{r['cache_entries']} | {r['cache_bytes'] / 2**20:.1f} |")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in names(settings):
+        entries = r.get("memory_entries", 0)
+        print(f"| {r['setting']} | {r['length']} | {r['ms_per_token']:.1f} | {r.get('cpu_ms_per_token', math.nan):.1f} "
+              f"| {r['tokens_per_s']:.1f} | "
+              f"{r['cache_entries']} | {r['cache_bytes'] / 2**20:.1f} | {entries} | "
+              f"{entries * 2 * HEAD_DIM * 4 / 2**20:.0f} |")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    for name in settings:
         mine = [r for r in rows if r["setting"] == name]
-        ax1.plot([r["length"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=name)
-        ax2.plot([r["length"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=name)
-    for ax, label in ((ax1, "decode tokens/s"), (ax2, "KV cache MiB")):
+        lengths = [r["length"] for r in mine]
+        ax1.plot(lengths, [r["tokens_per_s"] for r in mine], marker="o", label=f"{name} (wall)")
+        ax1.plot(lengths, [1000 / r.get("cpu_ms_per_token", math.nan) for r in mine], marker="x", linestyle="--",
+                 color=ax1.lines[-1].get_color(), label=f"{name} (CPU time)")
+        ax2.plot(lengths, [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=name)
+        ax3.plot(lengths, [r.get("memory_entries", 0) * 2 * HEAD_DIM * 4 / 2**20 for r in mine], marker="o",
+                 label=name)
+    for ax, label in ((ax1, "decode tokens/s"), (ax2, "KV cache MiB"), (ax3, "kNN memory MiB (keys + values)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("stream length (tokens)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.legend(fontsize=7)
+    ax1.set_ylim(top=ax1.get_ylim()[1] * 1.6)  # room above the curves for the legend
+    ax1.legend(fontsize=7, ncol=2, loc="upper center")
     fig.suptitle(f"SmolLM2-135M token-by-token decode, window {WINDOW} + {SINKS} sinks (1 CPU thread)")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{out}.png", dpi=120)

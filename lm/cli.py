@@ -156,8 +156,28 @@ def tune(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFA
                f"(validation perplexity {ppl:.3f})")
 
 
-def generate(prompt: Annotated[str, typer.Argument(help="text to continue, or a question with --chat")],
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """PROMPT or the text of --prompt-file, exactly one of them (a long prompt does not fit a command line)."""
+    if (prompt is None) == (prompt_file is None):
+        raise InvalidInput("give either PROMPT or --prompt-file", "prompt")
+    if prompt_file is None:
+        return prompt
+    if not prompt_file.is_file():
+        raise NotFound(f"{prompt_file}: no such file", "prompt_file")
+    return read_texts([prompt_file])[0]
+
+
+def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue, or a question with --chat")]
+             = None,
+             prompt_file: Annotated[Path | None, typer.Option(help="read the prompt from this UTF-8 file instead")]
+             = None,
              knn_memory: Annotated[str | None, typer.Option(help="kNN-LM datastore memory to decode with")] = None,
+             cache: Annotated[str | None, typer.Option(help="bounded KV cache, e.g. 'window:256,sinks:4' or "
+                                                             "'policy:h2o,budget:260' (default: full attention)")]
+             = None,
+             memory_attention: Annotated[bool, typer.Option(help="with --cache: what the cache evicts goes to an "
+                                                                 "in-process kNN memory every layer attends to "
+                                                                 "(top-32, see bench/results/longctx.md)")] = False,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
              model: Model = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
@@ -166,21 +186,33 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue, or a 
              chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
              seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
              lam: Lam = None, temp: Temp = None, k: K = None) -> None:
-    """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM."""
+    """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM; with --cache, through a
+    bounded KV cache (and --memory-attention: with the kNN memory of what it evicted)."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
+        from lm.cache import BoundedCache
         from lm.generate import check_sampling
         from lm.generate import generate as decode
+        from lm.longeval import wired
+        from lm.memory_attention import KnnConfig
         from lm.model import load_model
+        from lm.policies import parse_cache_spec
 
         check_sampling(max_new_tokens, temperature, top_p)
         check_settings(lam, temp, k)
-        if knn_memory is None:
-            pieces = decode(*load_model(model), prompt, **options)
-        else:
-            knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model))
-            pieces = knn.generate(prompt, lam=lam, temp=temp, k=k, **options)
+        text = read_prompt(prompt, prompt_file)
+        policy = parse_cache_spec(cache) if cache is not None else None
+        if memory_attention and policy is None:
+            raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
+        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model)) \
+            if knn_memory is not None else None
+        model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
+        if policy is not None:
+            options["past_key_values"] = bounded = BoundedCache(model_, policy)
+            stack.enter_context(wired(model_, bounded, KnnConfig() if memory_attention else None, None, None))
+        pieces = decode(model_, tokenizer, text, **options) if knn is None \
+            else knn.generate(text, lam=lam, temp=temp, k=k, **options)
         for piece in pieces:
             typer.echo(piece, nl=False)
     typer.echo()

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lm.cache import BoundedCache, forward
 from memsvc.errors import InvalidInput
 
 
@@ -106,9 +107,15 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt:
              logprobs_hook: LogprobsHook | None = None, seed: int | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces (see `stream_tokens` for the options).
 
-    A piece is yielded once its bytes decode to whole characters; special tokens are not shown.
+    A piece is yielded once its bytes decode to whole characters; special tokens are not shown. With a
+    `BoundedCache`, all but the prompt's last token prefill in exact blocks (`lm.cache.forward`): one forward
+    of a prompt longer than the cache's budget would not respect its bound.
     """
     input_ids = encode_prompt(tokenizer, prompt, chat, system)
+    if isinstance(past_key_values, BoundedCache) and input_ids.shape[1] > 1:
+        with torch.inference_mode():
+            forward(model, input_ids[:, :-1].to(model.device), past_key_values, logits_to_keep=1)
+        input_ids = input_ids[:, -1:]
     generated: list[int] = []
     shown = ""
     for token in stream_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,

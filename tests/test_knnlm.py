@@ -313,6 +313,39 @@ def test_cli_build_tune_eval_json(cli, corpus):
     assert gen.exit_code == 0 and gen.stdout.strip()
 
 
+def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_path):
+    """--prompt-file, --cache and --memory-attention decode what the same calls give in-process."""
+    from lm.cache import BoundedCache, Window
+    from lm.generate import generate
+    from lm.longeval import wired
+    from lm.memory_attention import KnnConfig
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(TEXT * 2)  # far more tokens than the window
+    common = ("generate", "--prompt-file", prompt, "--no-chat", "--max-new-tokens", "8", "--cache", "window:16,sinks:2")
+    for extra, knn in (((), None), (("--memory-attention",), KnnConfig())):
+        result = cli(*common, *extra)
+        assert result.exit_code == 0, result.output
+        cache = BoundedCache(tiny[0], Window(16, 2))
+        with wired(tiny[0], cache, knn, None, None):
+            expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, past_key_values=cache))
+        assert result.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--no-chat"), "either PROMPT or --prompt-file"),
+    (("generate", "text", "--prompt-file", "{csv}"), "either PROMPT or --prompt-file"),
+    (("generate", "--prompt-file", "{missing}"), "no such file"),
+    (("generate", "text", "--memory-attention"), "needs a bounded --cache"),
+    (("generate", "text", "--cache", "window:8,foo:2"), "bad cache spec"),
+])
+def test_cli_generate_bad_prompt_or_cache_exits_non_zero(cli, corpus, args, message):
+    paths = {"csv": corpus / "csv.txt", "missing": corpus / "missing.txt"}
+    result = cli(*[a.format(**paths) for a in args])
+    assert result.exit_code != 0
+    assert message in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (("eval", "--memory", "no-such", "{csv}"), "not found"),
     (("eval", "--memory", "cli-bad", "{csv}", "--lam", "1.5"), "lam"),

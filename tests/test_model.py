@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from lm.cache import BoundedCache, Window
 from lm.generate import generate, next_token, stream_tokens
 from lm.model import load_model, tiny_llama
 from memsvc.errors import InvalidInput, NotFound
@@ -31,6 +32,21 @@ def test_greedy_stream_matches_transformers_generate(tiny):
     ours = list(stream_tokens(model, ids, max_new_tokens=12))
     ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def test_bounded_cache_prompt_prefills_as_token_by_token_decoding(tiny):
+    """A prompt longer than the cache's budget: generate() gives what one-token-at-a-time prefill gives."""
+    model, tok = tiny
+    prompt = "def parse(text): return [line.split(',') for line in text.splitlines() if line] " * 3
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids.shape[1] > 3 * 16
+    cache = BoundedCache(model, Window(16, 2))
+    with torch.inference_mode():
+        for i in range(ids.shape[1] - 1):
+            model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    reference = list(stream_tokens(model, ids[:, -1:], max_new_tokens=10, past_key_values=cache))
+    pieces = generate(model, tok, prompt, max_new_tokens=10, past_key_values=BoundedCache(model, Window(16, 2)))
+    assert "".join(pieces) == tok.decode(reference, skip_special_tokens=True)
 
 
 def test_text_pieces_join_to_the_decoded_tokens(tiny):
