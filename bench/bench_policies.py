@@ -27,7 +27,7 @@ from lm.cache import DEFAULT_SINKS, Full
 from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import load_model
-from lm.policies import POLICIES, make_policy
+from lm.policies import OPTIONS, POLICIES, make_policy
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"
@@ -66,8 +66,7 @@ def main(policies: Annotated[str, typer.Option(help="comma-separated policy name
     rows = []
     for name in policies.split(","):
         policy = policy_at(name, budget)
-        row = {"policy": name, "options": {k: getattr(policy, k) for k in ("budget", "window", "sinks", "pool")
-                                           if hasattr(policy, k)}}
+        row = {"policy": name, "options": {"budget": policy.budget, **{k: getattr(policy, k) for k in OPTIONS[name]}}}
         for knn in (None, KnnConfig(k=32)) if name != "full" else (None,):
             tag = "" if knn is None else "knn_"
             results = {p: evaluate_stream(model, streams[p], policy, knn=knn,
