@@ -197,6 +197,12 @@ class SnapKV(Ranked):
     window: int = 32
     kernel: ClassVar[int] = 7
 
+    def check(self) -> None:
+        super().check()
+        if self.window < 1:
+            raise InvalidInput(f"window (the observation window) must be a positive integer, got {self.window}",
+                               "window")
+
     def score(self, layer: SelectiveLayer, e: Entries) -> torch.Tensor:
         if self.prefill(layer):
             votes = layer.observed[:, -self.window:].sum((0, 1)).float()
@@ -283,6 +289,8 @@ class Merging(Selective):
     def check(self) -> None:
         if self.pool < 1:
             raise InvalidInput(f"pool must be a positive integer, got {self.pool}", "pool")
+        if "window" in self.options and self.window < 1:
+            raise InvalidInput(f"window must be a positive integer, got {self.window}", "window")
         if self.slots < 1:
             _check_window(self)
 

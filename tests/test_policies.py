@@ -276,6 +276,8 @@ def test_parse_cache_spec_reaches_every_policy():
     ("h2o", {"budget": 64, "window": 64}, "must be below the budget"),
     ("moving-average", {"budget": 64, "window": 60}, "must be below the budget"),
     ("compressive", {"pool": 0}, "pool must be a positive integer"),
+    ("moving-average", {"window": 0}, "window must be a positive integer"),
+    ("snapkv", {"window": 0}, "the observation window) must be a positive integer"),
     ("snapkv", {"budget": -1}, "budget must be a non-negative integer"),
 ])
 def test_bad_policy_input_is_rejected(name, options, message):
