@@ -176,10 +176,10 @@ class Collection:
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
         hits = self.hybrid.search(query, check_k(k), mode)
-        with self._sessions() as session:
-            rows = {c.chunk_id: (c, d) for c, d in session.execute(
-                select(ChunkRow, DocumentRow).join(DocumentRow)
-                .where(DocumentRow.collection_id == self.row_id, ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))}
+        with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
+            found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
+                                    .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
+            rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 

@@ -72,6 +72,18 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_collections):
     assert top.chunk_id.startswith("b.md#")
 
 
+def test_collections_with_the_same_documents_answer_from_their_own(open_collections):
+    """Equal texts give equal chunk ids in two collections: hits carry their own collection's rows."""
+    collections = open_collections()
+    collections.create("one").upsert(docs())
+    two = collections.create("two")
+    two.upsert([Document(d.id, d.text, {"in": "two"}) for d in docs()])
+    for mode in ("bm25", "dense", "hybrid"):
+        hits = two.search("generator yield", k=3, mode=mode)
+        assert len(hits) == len({h.chunk_id for h in hits}) >= 1
+        assert all(h.metadata == {"in": "two"} for h in hits)
+
+
 def test_delete_document_and_collection(open_collections):
     collections = open_collections()
     col = collections.create("docs")

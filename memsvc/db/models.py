@@ -97,7 +97,7 @@ class ChunkRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     document_row_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
-    chunk_id: Mapped[str] = mapped_column(String(1100))
+    chunk_id: Mapped[str] = mapped_column(String(1100), index=True)  # a search looks its hits up by chunk id
     position: Mapped[int]
     section: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
