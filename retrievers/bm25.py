@@ -2,8 +2,9 @@
 
 rank-bm25 scores every chunk in a Python loop per query term and rebuilds its statistics from the
 whole corpus on every change, so each query costs time in proportion to the whole corpus
-(bench/bench_retrieval.py times both at 10K and 100K chunks). Here the term weights live in a column-sparse matrix W[chunk, term], so a
-query touches only the postings of its own terms: scores = W[:, q] @ (idf[q] * count[q]). The
+(bench/bench_retrieval.py, 100K chunks: 233.5 ms p50 for rank-bm25's scores alone, 0.9 ms for this
+retriever's search). Here the term weights live in a column-sparse matrix W[chunk, term], so a query
+touches only the postings of its own terms: scores = W[:, q] @ (idf[q] * count[q]). The
 scoring is rank-bm25's BM25Okapi (k1=1.5, b=0.75) with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)),
 which stays positive, so a term found in half of a tiny corpus still counts. The matrix is rebuilt
 (vectorised) on the first search after a change.
