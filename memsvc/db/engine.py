@@ -1,7 +1,9 @@
 """Engines and migrations: one way to connect (SQLite or PostgreSQL) and to bring the schema to head."""
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,23 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # we switch that off and emit BEGIN ourselves in `_sqlite_begin`.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _use_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(cursor: Any, patience: float = 30.0) -> None:
+    """Switch the file to WAL (it stays so). The switch needs the file to itself and SQLite may refuse it
+    at once, without its busy timeout, while another process is migrating a fresh database: retry."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def _sqlite_begin(connection: Connection) -> None:
