@@ -60,11 +60,16 @@ def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_to
                   seed: int | None = None) -> Iterator[int]:
     """Yield the next token ids of a single sequence `input_ids` [1, n] as they are decoded.
 
-    Stops after `max_new_tokens` or after yielding one of `stop_ids`.
+    Stops after `max_new_tokens` or after yielding one of `stop_ids`. With a `BoundedCache`, all but the last
+    input token prefill in exact blocks (`lm.cache.forward`): one forward of a prompt longer than the cache's
+    budget would not respect its bound.
     """
     check_sampling(max_new_tokens, temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     tokens = input_ids.to(model.device)
+    if isinstance(past_key_values, BoundedCache) and tokens.shape[1] > 1:
+        forward(model, tokens[:, :-1], past_key_values, logits_to_keep=1)
+        tokens = tokens[:, -1:]
     for _ in range(max_new_tokens):
         outputs = model(input_ids=tokens, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
         past_key_values = outputs.past_key_values
@@ -107,15 +112,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt:
              logprobs_hook: LogprobsHook | None = None, seed: int | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces (see `stream_tokens` for the options).
 
-    A piece is yielded once its bytes decode to whole characters; special tokens are not shown. With a
-    `BoundedCache`, all but the prompt's last token prefill in exact blocks (`lm.cache.forward`): one forward
-    of a prompt longer than the cache's budget would not respect its bound.
+    A piece is yielded once its bytes decode to whole characters; special tokens are not shown.
     """
     input_ids = encode_prompt(tokenizer, prompt, chat, system)
-    if isinstance(past_key_values, BoundedCache) and input_ids.shape[1] > 1:
-        with torch.inference_mode():
-            forward(model, input_ids[:, :-1].to(model.device), past_key_values, logits_to_keep=1)
-        input_ids = input_ids[:, -1:]
     generated: list[int] = []
     shown = ""
     for token in stream_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lm.cache import BoundedCache, Policy, forward, stream
+from lm.cache import BoundedCache, Policy, stream
 from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig, memory_attention
@@ -133,11 +133,10 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: t
            policy: Policy | Selective, *,
            knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
            max_new_tokens: int = 12) -> str:
-    """Greedy answer to a prompt streamed through a bounded cache: the prompt prefills in exact blocks, then the
-    one decoding loop (`lm.generate.stream_tokens`) continues from its last token."""
+    """Greedy answer to a prompt streamed through a bounded cache by the one decoding loop
+    (`lm.generate.stream_tokens`, which prefills the prompt in exact blocks)."""
     cache = BoundedCache(model, policy)
-    with wired(model, cache, knn, memory, gate), torch.inference_mode():
-        forward(model, prompt[:, :-1], cache, logits_to_keep=1)
-        tokens = list(stream_tokens(model, prompt[:, -1:], max_new_tokens=max_new_tokens, past_key_values=cache,
+    with wired(model, cache, knn, memory, gate):
+        tokens = list(stream_tokens(model, prompt, max_new_tokens=max_new_tokens, past_key_values=cache,
                                     stop_ids=stop_token_ids(model, tokenizer)))
     return tokenizer.decode(tokens, skip_special_tokens=True)

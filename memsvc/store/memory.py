@@ -282,10 +282,9 @@ class Memory:
             else:
                 shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
             found = [shard.index.search(queries, min(k, shard.count)) for shard in shards]
-            ids = np.concatenate([i for _, i in found], axis=1) if found else np.zeros((len(queries), 0), np.int64)
-            dist = self._as_distance(np.concatenate([d for d, _ in found], axis=1), ids) if found \
-                else np.zeros((len(queries), 0), np.float32)
-            return self._result(*_top_k(ids, dist, k))
+            none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
+            dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
+            return self._result(*_top_k(ids, self._as_distance(dist, ids), k))
 
     def get(self, ids: Any) -> Entries:
         """The stored entries with these ids; `found` is False (and the row zero/None) where missing."""
