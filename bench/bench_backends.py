@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt
 from bench_store import DIM, OUT, K, clustered, start_server, timed_adds, timed_search
 
 from memsvc.client import MemoryClient
-from memsvc.store import Memory, MemorySpec
+from memsvc.contract import MemorySpec
+from memsvc.store import Memory
 from memsvc.store.milvus import MilvusStore
 
 BATCHES = (1, 16)

@@ -45,8 +45,8 @@ from lm.knnlm import (
 )
 from lm.model import load_model, load_tokenizer
 from memsvc.client import MemoryClient
-from memsvc.errors import NotFound
-from memsvc.store import Memory, MemorySpec
+from memsvc.contract import MemorySpec, NotFound
+from memsvc.store import Memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_store import start_server

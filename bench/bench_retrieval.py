@@ -39,8 +39,9 @@ from bench_store import start_server
 from eval_retrieval import DOCS, OUT, RESULTS, CachedEncoder, corpus, faq, glossary
 from rank_bm25 import BM25Okapi
 
-from memsvc.collections import Collections, Document
+from memsvc.collections import Collections
 from memsvc.config import Settings
+from memsvc.contract import Document
 from memsvc.service import Service
 from memsvc.store import Memory
 from retrievers.base import Chunk

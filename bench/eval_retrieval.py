@@ -27,8 +27,8 @@ import os
 import random
 import re
 import time
-from itertools import product
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Sequence
 

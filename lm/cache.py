@@ -36,7 +36,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import rotate_half
 
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 DEFAULT_WINDOW, DEFAULT_SINKS = 256, 4
 FULL_BLOCK = 512  # tokens per forward when nothing bounds the block (full attention)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from memsvc.errors import InvalidInput, MemsvcError, NotFound
+from memsvc.contract import InvalidInput, MemsvcError, NotFound
 
 if TYPE_CHECKING:
     from lm.knnlm import KNNLM

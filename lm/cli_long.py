@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 
 from lm.cli import ApiKey, Model, Url, cli_errors
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lm.cache import Policy
     from lm.memory_attention import KnnConfig
     from lm.policies import Selective
-    from memsvc.store.base import MemoryBackend
+    from memsvc.contract import MemoryBackend
 
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
 Window = Annotated[int | None, typer.Option(help="recent tokens every policy keeps (default: the policy's)")]
@@ -59,7 +59,7 @@ def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_ke
         yield session_memory(model, index)
         return
     from memsvc.client import MemoryClient
-    from memsvc.errors import NotFound
+    from memsvc.contract import NotFound
 
     client = MemoryClient(url, api_key=api_key)
     try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from memsvc.errors import InvalidInput, NotFound
+from memsvc.contract import InvalidInput, NotFound
 
 PARAMS = Path(__file__).parent / "params"
 INITIAL_BIAS = -4.0

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.cache import BoundedCache, forward
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 
 class LogprobsHook(Protocol):

@@ -31,8 +31,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import LogprobsHook, generate
-from memsvc.errors import InvalidInput
-from memsvc.store.base import IndexKind, MemoryBackend
+from memsvc.contract import IndexKind, InvalidInput, MemoryBackend
 
 KeyKind = Literal["final-norm", "mlp-input"]
 DEFAULT_KEY: KeyKind = "mlp-input"  # lower perplexity than final-norm at every datastore size (bench/results/knnlm.md)

@@ -25,8 +25,7 @@ from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig, memory_attention
 from lm.policies import Selective, policy_attention
-from memsvc.errors import InvalidInput, NotFound
-from memsvc.store.base import MemoryBackend
+from memsvc.contract import InvalidInput, MemoryBackend, NotFound
 
 DEFAULT_SKIP = 256
 NEEDLE = "The secret passphrase is {word}."

@@ -42,10 +42,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.policies import policy_attention_forward
-from memsvc.errors import InvalidInput
-from memsvc.store import Memory, MemorySpec
-from memsvc.store.base import IndexKind, MemoryBackend
-from memsvc.store.memory import check_k
+from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec, check_k
+from memsvc.store import Memory
 
 KNN_ATTENTION = "memsvc_knn"
 Mode = Literal["joint", "gated"]

@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lm.cache import DEFAULT_SINKS, DEFAULT_WINDOW, BoundedCache, Full, Policy, Window
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 DEFAULT_BUDGET = 260  # window 256 + 4 sinks: the budget of the default `sinks` policy
 DEFAULT_BLOCK = 16  # tokens per forward of a stream under these policies

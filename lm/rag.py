@@ -15,8 +15,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import generate
-from memsvc.collections import Answer, Citation, DocumentHit
-from memsvc.errors import InvalidInput
+from memsvc.contract import Answer, Citation, DocumentHit, InvalidInput
 from retrievers.base import check_k
 
 SYSTEM = ("You answer questions using only the numbered passages given with the question. Cite the passages "

@@ -12,11 +12,12 @@ import typer
 
 from lm.cli import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
 from memsvc.config import Settings
-from memsvc.errors import MemsvcError, NotFound
+from memsvc.contract import MemsvcError, NotFound
 
 if TYPE_CHECKING:
     from memsvc.client import RemoteCollection
-    from memsvc.collections import Collection, Document
+    from memsvc.collections import Collection
+    from memsvc.contract import Document
 
 app = typer.Typer(help="memsvc: retrieval-augmented long-context memory for transformer LMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -100,7 +101,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
     """
     from tqdm import tqdm
 
-    from memsvc.collections import Document
+    from memsvc.contract import Document
 
     counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col:

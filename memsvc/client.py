@@ -1,8 +1,8 @@
 """Python client of the REST API: `MemoryClient`, `AsyncMemoryClient` and their remote memories.
 
 A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
-`MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.errors` types
-(rebuilt from the server's error body). Vectors travel as npz (`memsvc.api.wire`).
+`MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.contract` error types
+(rebuilt from the server's error body). Vectors travel as npz (`memsvc.contract.wire`).
 
 Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
 async client only differ in how they perform it. New resources (collections) add their calls the same way.
@@ -19,13 +19,26 @@ import httpx
 import numpy as np
 import orjson
 
-from memsvc.api.schemas import spec_from
-from memsvc.api.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
-from memsvc.collections import Answer, Citation, Document, DocumentHit, UpsertResult
-from memsvc.errors import InvalidInput, error_from_dict
-from memsvc.store.base import Entries, MemorySpec, SearchResult
-from memsvc.store.memory import (check_ids, check_k, check_partition, check_payloads, check_values,
-                                 check_vectors)
+from memsvc.contract import (
+    Answer,
+    Citation,
+    Document,
+    DocumentHit,
+    Entries,
+    InvalidInput,
+    MemorySpec,
+    SearchResult,
+    UpsertResult,
+    check_ids,
+    check_k,
+    check_partition,
+    check_payloads,
+    check_values,
+    check_vectors,
+    error_from_dict,
+    spec_from,
+)
+from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -56,7 +69,9 @@ class Call:
                 body = orjson.loads(response.content)
             except orjson.JSONDecodeError:
                 body = {"error": {"message": f"HTTP {response.status_code}: {response.text[:200]}"}}
-            raise error_from_dict(response.status_code, body)
+            exc = error_from_dict(body)
+            exc.status = response.status_code  # what the server answered, for callers that log it
+            raise exc
         content_type = response.headers.get("content-type")
         return self.read(decode(response.content, content_type) if response.content else None)
 

@@ -18,21 +18,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from memsvc.contract import (
+    MAX_DOCUMENT_BYTES,
+    MEMORY_PREFIX,
+    AlreadyExists,
+    Document,
+    DocumentHit,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    UpsertResult,
+    check_collection_name,
+    check_json,
+    check_k,
+)
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
-from memsvc.store.memory import check_json, check_k
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
@@ -42,65 +52,7 @@ from retrievers.hybrid import MODES, HybridRetriever, Mode
 if TYPE_CHECKING:  # memsvc.service imports the client, which imports this module's data types
     from memsvc.service import Service
 
-COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
-MEMORY_PREFIX = "col."
-MAX_DOCUMENT_BYTES = 8 << 20  # ~2M tokens: embedding one takes minutes on CPU, so larger ones get 413
 EMBED_BATCH = 256
-
-
-@dataclass(frozen=True)
-class Document:
-    """A document to upsert: `id` is the caller's (e.g. a path), `metadata` a JSON object returned with hits."""
-
-    id: str
-    text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DocumentHit:
-    """A search result with what an answer needs: the chunk's text and its document's metadata."""
-
-    document_id: str
-    chunk_id: str
-    score: float
-    text: str
-    section: str
-    metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    """Document ids by outcome, and how many chunks were embedded."""
-
-    added: list[str]
-    updated: list[str]
-    unchanged: list[str]
-    chunks: int
-
-
-@dataclass(frozen=True)
-class Citation:
-    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
-
-    n: int
-    document_id: str
-    chunk_id: str
-    score: float
-    cited: bool
-
-
-@dataclass(frozen=True)
-class Answer:
-    answer: str
-    citations: list[Citation]
-
-
-def check_collection_name(name: Any) -> str:
-    if not isinstance(name, str) or not re.fullmatch(COLLECTION_NAME, name):
-        raise InvalidInput("collection name must be 1..124 letters, digits, '.', '_' or '-', starting with a "
-                           "letter or digit", "name")
-    return name
 
 
 def content_hash(document: Document) -> str:

@@ -18,13 +18,19 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from memsvc.api.schemas import spec_from
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
+from memsvc.contract import (
+    NAME_PATTERN,
+    InvalidInput,
+    MemoryBackend,
+    MemorySpec,
+    NotFound,
+    check_json,
+    spec_from,
+)
 from memsvc.db import Catalog
-from memsvc.errors import InvalidInput, NotFound
-from memsvc.store import MemoryBackend, MemorySpec, Store
-from memsvc.store.base import NAME_PATTERN, check_json
+from memsvc.store import Store
 
 if TYPE_CHECKING:
     from memsvc.store.milvus import MilvusStore

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
-from memsvc.errors import InvalidInput
-from memsvc.store.memory import check_k
+from memsvc.contract import InvalidInput, check_k
 
 __all__ = ["Chunk", "Hit", "Retriever", "Scorer", "by_document", "check_k", "check_query", "document_of"]
 

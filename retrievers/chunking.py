@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 from retrievers.base import Chunk
 
 Format = Literal["markdown", "rst", "text"]

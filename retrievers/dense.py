@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from memsvc.errors import InvalidInput
-from memsvc.store.base import MemoryBackend, MemorySpec
+from memsvc.contract import InvalidInput, MemoryBackend, MemorySpec
 from retrievers.base import Chunk, Hit, by_document, check_k, check_query, document_of
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 from retrievers.base import Chunk, Hit, Scorer, check_k, check_query
 
 Mode = Literal["bm25", "dense", "hybrid"]

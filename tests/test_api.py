@@ -15,11 +15,11 @@ from conftest import ServerProcess
 from sqlalchemy import create_engine, make_url, text
 from typer.testing import CliRunner
 
-from memsvc.api.wire import NPZ, decode_npz, encode_npz, search_result
 from memsvc.cli import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
+from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
+from memsvc.contract.wire import NPZ, decode_npz, encode_npz, search_result
 from memsvc.db import Catalog
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
 from memsvc.service import Service, connect
 
 KEY = "secret-key"

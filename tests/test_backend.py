@@ -8,12 +8,11 @@ import uuid
 import numpy as np
 import pytest
 
-from memsvc.api.schemas import spec_from
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput, MemoryBackend, spec_from
 from memsvc.service import Service
-from memsvc.store import Memory, MemoryBackend
+from memsvc.store import Memory
 
 DIM = 16
 MILVUS_CONFIGURED = Settings().vector_backend == "milvus"  # MEMSVC_VECTOR_BACKEND=milvus: the Service uses it too

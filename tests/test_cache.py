@@ -5,7 +5,7 @@ import torch
 from lm.cache import BoundedCache, Full, Window, forward, stream, visible
 from lm.model import tiny_llama
 from lm.policies import make_policy, parse_cache_spec
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 N = 70
 

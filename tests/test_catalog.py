@@ -8,19 +8,19 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from pydantic import ValidationError
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pydantic import ValidationError
 from sqlalchemy import event, inspect, make_url, select, text
 from sqlalchemy.exc import OperationalError
 
+from memsvc.api.errors import http_status
+from memsvc.contract import AlreadyExists, InvalidInput, MemorySpec, NotFound
 from memsvc.db import Catalog
 from memsvc.db.engine import alembic_config, make_engine, upgrade
 from memsvc.db.models import Base, MemoryRow
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound
-from memsvc.store import MemorySpec
 
 POSTGRES_URL = os.environ.get("MEMSVC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -99,7 +99,7 @@ def test_duplicate_name_is_already_exists(catalog):
     catalog.create_memory(spec("dup", metadata={"first": True}))
     with pytest.raises(AlreadyExists) as e:
         catalog.create_memory(spec("dup", dim=8))
-    assert e.value.field == "name" and e.value.status == 409
+    assert e.value.field == "name" and http_status(e.value) == 409
     assert catalog.get_memory("dup") == spec("dup", metadata={"first": True})
 
 
@@ -109,7 +109,7 @@ def test_missing_name_is_not_found(catalog):
                  lambda: catalog.update_metadata("gone", {"a": 1})):
         with pytest.raises(NotFound) as e:
             call()
-        assert e.value.field == "name" and e.value.status == 404 and "gone" in e.value.message
+        assert e.value.field == "name" and http_status(e.value) == 404 and "gone" in e.value.message
     assert [s.name for s in catalog.list_memories()] == ["here"]
 
 

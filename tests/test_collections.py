@@ -14,9 +14,9 @@ import pytest
 from conftest import ServerProcess
 
 from memsvc.client import MemoryClient
-from memsvc.collections import MAX_DOCUMENT_BYTES, Collections, Document
+from memsvc.collections import Collections
 from memsvc.config import Settings
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound, TooLarge
+from memsvc.contract import MAX_DOCUMENT_BYTES, AlreadyExists, Document, InvalidInput, NotFound, TooLarge
 from memsvc.service import Service
 
 DOCS = {

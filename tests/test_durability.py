@@ -8,10 +8,11 @@ import time
 
 import numpy as np
 import pytest
-
-from memsvc.client import MemoryClient
-from memsvc.errors import MemsvcError, StorageFull
 from conftest import ServerProcess
+
+from memsvc.api.errors import http_status
+from memsvc.client import MemoryClient
+from memsvc.contract import MemsvcError, StorageFull
 
 DIM = 16
 
@@ -102,7 +103,7 @@ def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path, servers):
         except MemsvcError as exc:
             failure = exc
         batch += 1
-    assert isinstance(failure, StorageFull) and failure.status == 507
+    assert isinstance(failure, StorageFull) and http_status(failure) == 507
     assert mem.stats()["count"] == 200 * len(acked)  # the failed add left nothing behind
     assert mem.search(np.zeros((1, DIM), np.float32), k=1).ids[0, 0] == 0  # still serving
 

@@ -14,8 +14,8 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.transport.serialization import serialize_binary
 
 from memsvc.api.app import create_app
-from memsvc.api.wire import NPZ
 from memsvc.client import MemoryClient
+from memsvc.contract.wire import NPZ
 
 DIM = 4
 NAME = "fuzz"  # every {name} is this memory, so requests reach the vector checks rather than a 404

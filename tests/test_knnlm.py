@@ -11,8 +11,8 @@ import torch
 
 from lm.knnlm import KNNLM, KNNParams, capture_keys, datastore_spec, interpolate, knn_probs
 from lm.model import tiny_llama
-from memsvc.errors import InvalidInput
-from memsvc.store import Memory, MemorySpec
+from memsvc.contract import InvalidInput, MemorySpec
+from memsvc.store import Memory
 
 TEXT = ("The csv module implements classes to read and write tabular data in CSV format. It allows "
         "programmers to say, write this data in the format preferred by Excel, without knowing the precise "

@@ -12,7 +12,7 @@ from lm.gate import Gate, plot_curve, train_gate
 from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig
 from lm.model import tiny_llama
-from memsvc.errors import InvalidInput, NotFound
+from memsvc.contract import InvalidInput, NotFound
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/library"
 

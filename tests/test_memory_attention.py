@@ -9,8 +9,8 @@ from lm.cache import BoundedCache, Full, Window, stream
 from lm.gate import PARAMS, Gate
 from lm.memory_attention import KnnConfig, memory_attention, session_memory
 from lm.model import tiny_llama
-from memsvc.errors import InvalidInput, NotFound
-from memsvc.store import Memory, MemorySpec
+from memsvc.contract import InvalidInput, MemorySpec, NotFound
+from memsvc.store import Memory
 
 N = 60
 

@@ -13,10 +13,19 @@ import pytest
 pytest.importorskip("pymilvus", reason="the Milvus backend needs the 'milvus' extra")
 pytest.importorskip("milvus_lite", reason="the Milvus backend tests need the 'milvus' extra (milvus-lite)")
 
-from memsvc.errors import AlreadyExists, InvalidInput, MemsvcError, NotFound, TooLarge
-from memsvc.store import Memory, MemorySpec
 from conftest import ServerProcess, free_port
-from memsvc.errors import BackendUnavailable
+
+from memsvc.api.errors import http_status
+from memsvc.contract import (
+    AlreadyExists,
+    BackendUnavailable,
+    InvalidInput,
+    MemorySpec,
+    MemsvcError,
+    NotFound,
+    TooLarge,
+)
+from memsvc.store import Memory
 from memsvc.store.milvus import MilvusStore
 
 DIM = 16
@@ -204,7 +213,7 @@ def test_unreachable_uri_fails_at_start_with_a_clear_message(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     with pytest.raises(BackendUnavailable) as err:
         MilvusStore(uri, timeout=2)
-    assert uri in err.value.message and err.value.status == 503
+    assert uri in err.value.message and http_status(err.value) == 503
     with pytest.raises(BackendUnavailable) as err:
         MilvusStore(str(tmp_path / "no" / "such" / "dir.db"), timeout=2)
     assert "not exists" in err.value.message
@@ -242,7 +251,7 @@ def test_milvus_dying_mid_session_gives_503_and_loses_nothing_acknowledged(tmp_p
                      lambda: mem.delete(ids=[1])):
             with pytest.raises(BackendUnavailable) as err:
                 call()
-            assert err.value.status == 503 and err.value.code == "backend_unavailable"
+            assert http_status(err.value) == 503 and err.value.code == "backend_unavailable"
         server = start_server(tmp_path / "data", port)
         store = connect(uri)
         mem = store.get("m")

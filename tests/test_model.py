@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from lm.cache import BoundedCache, Window
 from lm.generate import generate, next_token, stream_tokens
 from lm.model import load_model, tiny_llama
-from memsvc.errors import InvalidInput, NotFound
+from memsvc.contract import InvalidInput, NotFound
 
 
 @pytest.fixture(scope="module")

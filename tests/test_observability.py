@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from memsvc.api.app import create_app
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
-from memsvc.errors import MemsvcError
+from memsvc.contract import MemsvcError
 from memsvc.observability import json_handler
 
 DIM = 8

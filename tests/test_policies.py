@@ -26,7 +26,7 @@ from lm.policies import (
     make_policy,
     parse_cache_spec,
 )
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 
 N = 90
 BUDGET = 24

@@ -9,9 +9,9 @@ from test_collections import docs
 from lm.generate import generate
 from lm.model import tiny_llama
 from lm.rag import SYSTEM, ask, build_prompt, citations
-from memsvc.collections import Collections, DocumentHit
+from memsvc.collections import Collections
 from memsvc.config import Settings
-from memsvc.errors import InvalidInput
+from memsvc.contract import DocumentHit, InvalidInput
 from memsvc.service import Service
 
 

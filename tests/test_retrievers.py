@@ -12,7 +12,7 @@ import pytest
 from rank_bm25 import BM25Okapi
 from transformers import AutoTokenizer
 
-from memsvc.errors import InvalidInput
+from memsvc.contract import InvalidInput
 from memsvc.store import Memory
 from retrievers.base import Chunk, Hit
 from retrievers.bm25 import BM25Retriever, tokenize

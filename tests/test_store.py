@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound
-from memsvc.store import Memory, MemorySpec, Store
+from memsvc.contract import AlreadyExists, CorruptLog, DataDirInUse, InvalidInput, MemorySpec, NotFound
+from memsvc.store import Memory, Store
 from memsvc.store.memory import RWLock
-from memsvc.store.store import DataDirInUse
-from memsvc.store.wal import CorruptLog, segment_numbers, segment_path
+from memsvc.store.wal import segment_numbers, segment_path
 
 DIM = 8
 
@@ -262,7 +261,8 @@ def test_searches_run_while_adds_happen():
 
 WRITER = r"""
 import sys, numpy as np
-from memsvc.store import Memory, MemorySpec
+from memsvc.store import Memory
+from memsvc.contract import MemorySpec
 path = sys.argv[1]
 m = Memory.create(MemorySpec(name="m", dim=8, value_kind="token"), path)
 rng = np.random.default_rng(0)

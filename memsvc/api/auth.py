@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from memsvc.config import ApiKey
-from memsvc.errors import Forbidden, Unauthorized
+from memsvc.contract import Forbidden, Unauthorized
 
 ANYONE = ApiKey(secret="", prefix="", read_only=False)  # the caller of a server without keys
 bearer = HTTPBearer(auto_error=False, description="one of MEMSVC_API_KEYS, when the server has keys")

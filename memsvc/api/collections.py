@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
 from memsvc.api.limits import check_max_k
-from memsvc.collections import Answer, Collection, Collections, Document, DocumentHit, UpsertResult
+from memsvc.collections import Collection, Collections
+from memsvc.contract import Answer, Document, DocumentHit, UpsertResult
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=[Depends(authorize)])
 _opening, _loading = threading.Lock(), threading.Lock()  # the LM loads for seconds: its own lock

@@ -7,9 +7,8 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 
-from memsvc.api import wire
-from memsvc.api.schemas import invalid_input
 from memsvc.config import Settings
+from memsvc.contract import invalid_input, wire
 from memsvc.service import Service
 
 M = TypeVar("M", bound=BaseModel)

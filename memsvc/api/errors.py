@@ -8,10 +8,20 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from memsvc.api.deps import JSONResponse
-from memsvc.api.schemas import invalid_input
-from memsvc.errors import ERRORS_BY_CODE, MemsvcError, Unauthorized
+from memsvc.contract import MemsvcError, Unauthorized, invalid_input
 
-CODE_BY_STATUS = {cls.status: cls.code for cls in ERRORS_BY_CODE.values()}
+# The HTTP status of each error code: decided here, at the edge, not by the error classes.
+STATUS_BY_CODE = {
+    "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "already_exists": 409,
+    "data_dir_in_use": 409, "too_large": 413, "invalid_input": 422, "corrupt_log": 500,
+    "backend_unavailable": 503, "insufficient_storage": 507,
+}
+CODE_BY_STATUS = {status: code for code, status in reversed(STATUS_BY_CODE.items())}  # 409: already_exists
+
+
+def http_status(exc: MemsvcError) -> int:
+    """The HTTP status an error answers with (400 for a code without its own)."""
+    return STATUS_BY_CODE.get(exc.code, 400)
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -22,12 +32,12 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 async def memsvc_error(request: Request, exc: MemsvcError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None  # as RFC 6750 asks
-    return error_response(exc.status, exc.code, exc.message, exc.field, headers)
+    return error_response(http_status(exc), exc.code, exc.message, exc.field, headers)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = invalid_input(exc.errors())
-    return error_response(err.status, err.code, err.message, err.field)
+    return error_response(http_status(err), err.code, err.message, err.field)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

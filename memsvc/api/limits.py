@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from memsvc.config import Settings
-from memsvc.errors import InvalidInput, TooLarge
+from memsvc.contract import InvalidInput, TooLarge
 
 
 class BodyLimit:

@@ -22,15 +22,12 @@ from memsvc.api.schemas import (
     Entry,
     GetRequest,
     MemoryList,
-    MemoryStats,
     MetadataPatch,
     SearchRequest,
     SearchResponse,
 )
-from memsvc.api.wire import entries_fields, search_fields
-from memsvc.collections import MEMORY_PREFIX
-from memsvc.errors import Forbidden, InvalidInput, NotFound
-from memsvc.store import MemorySpec
+from memsvc.contract import MEMORY_PREFIX, Forbidden, InvalidInput, MemorySpec, MemoryStats, NotFound
+from memsvc.contract.wire import entries_fields, search_fields
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authorize)])
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from memsvc.api.auth import Caller
-from memsvc.errors import Forbidden
+from memsvc.contract import Forbidden
 
 router = APIRouter(tags=["operations"])
 

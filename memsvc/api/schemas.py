@@ -5,33 +5,12 @@ Vector fields only take shape here (JSON lists become numpy arrays); what they h
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
-from memsvc.errors import InvalidInput
-from memsvc.store.base import MemorySpec
-
-REQUEST_PARTS = ("body", "query", "path", "header")
-
-
-def invalid_input(errors: Sequence[dict[str, Any]]) -> InvalidInput:
-    """The first of pydantic's errors as an InvalidInput whose field is the error's location."""
-    err = errors[0]
-    loc = [str(part) for part in err["loc"]]
-    field = ".".join(loc[1:] if loc and loc[0] in REQUEST_PARTS else loc) or None
-    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-    return InvalidInput(f"{field}: {msg}" if field else msg, field)
-
-
-def spec_from(**fields: Any) -> MemorySpec:
-    """A MemorySpec, or InvalidInput naming the bad field (the same error in-process and over REST)."""
-    try:
-        return MemorySpec(**fields)
-    except ValidationError as exc:
-        raise invalid_input(exc.errors()) from None
+from memsvc.contract import MemorySpec
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -116,22 +95,6 @@ class Entry(BaseModel):
 
 class DeleteResponse(BaseModel):
     deleted: int = Field(description="entries deleted")
-
-
-class Partition(BaseModel):
-    name: str | None
-    count: int
-
-
-class MemoryStats(MemorySpec):
-    count: int
-    partitions: list[Partition]
-    trained: bool
-    train_seconds: float | None = Field(None, description="how long training the ivfpq index took")
-    snapshot_seconds: float | None = Field(None, description="how long the memory's last snapshot took")
-    device: str
-    durable: bool
-    log_bytes: int
 
 
 class MemoryList(BaseModel):

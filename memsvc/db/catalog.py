@@ -12,10 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from memsvc.contract import AlreadyExists, InvalidInput, MemorySpec, NotFound
 from memsvc.db.engine import make_engine, upgrade
 from memsvc.db.models import MemoryRow
-from memsvc.errors import AlreadyExists, InvalidInput, NotFound
-from memsvc.store.base import MemorySpec
 
 
 class Catalog:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, MetaData, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from memsvc.store.base import MemorySpec
+from memsvc.contract import MemorySpec
 
 # Deterministic constraint names, so migrations can refer to (and later alter or drop) them.
 NAMING_CONVENTION = {

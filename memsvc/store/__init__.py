@@ -1,5 +1,5 @@
 """The memory store: FAISS indexes over durable segment logs. No HTTP, no SQL here."""
-from memsvc.store.base import Entries, MemoryBackend, MemorySpec, SearchResult
+from memsvc.contract import Entries, MemoryBackend, MemorySpec, SearchResult
 from memsvc.store.memory import Memory
 from memsvc.store.store import Store
 

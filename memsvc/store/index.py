@@ -6,7 +6,8 @@ import functools
 import faiss
 import numpy as np
 
-from memsvc.store.base import MemorySpec
+from memsvc.contract import MemorySpec
+
 
 @functools.cache
 def gpu_resources():

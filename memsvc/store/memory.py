@@ -27,15 +27,24 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from memsvc.errors import InvalidInput, NotFound
+from memsvc.contract import (
+    Entries,
+    InvalidInput,
+    MemorySpec,
+    NotFound,
+    SearchResult,
+    check_ids,
+    check_k,
+    check_partition,
+    check_payloads,
+    check_values,
+    check_vectors,
+)
 from memsvc.store import index as fx
-from memsvc.store.base import Entries, MemorySpec, SearchResult, check_json
 from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
 
 log = logging.getLogger(__name__)
 
-MAX_K = 2048  # the largest k faiss searches on every device
-MAX_PARTITION_LEN = 256
 
 
 class RWLock:
@@ -100,80 +109,6 @@ class Column:
         kept = self.data[mask]
         self.size = 0
         self.append(kept)
-
-
-# --- input checks: the same for every caller, so every backend rejects the same things ----------
-
-def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
-    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
-        raise InvalidInput(f"{field} must be floating point numbers, got dtype {a.dtype}", field)
-    if a.dtype.kind != "f":
-        raise InvalidInput(f"{field} must be floating point (float32), got integers ({a.dtype})", field)
-    if a.ndim != 2:
-        raise InvalidInput(f"{field} must be a 2-D array [n, {dim}], got shape {list(a.shape)}", field)
-    if a.shape[0] == 0:
-        raise InvalidInput(f"{field} is an empty batch", field)
-    if a.shape[1] != dim:
-        raise InvalidInput(f"{field} has dimension {a.shape[1]}, this memory expects {dim}", field)
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
-        raise InvalidInput(f"{field} contains NaN or infinity", field)
-    return a
-
-
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_K:
-        raise InvalidInput(f"k must be an integer in 1..{MAX_K}, got {k!r}", "k")
-    return int(k)
-
-
-def check_partition(partition: Any) -> str | None:
-    if partition is None:
-        return None
-    if not isinstance(partition, str) or not 0 < len(partition) <= MAX_PARTITION_LEN \
-            or not partition.isprintable():
-        raise InvalidInput(f"partition must be a printable string of 1..{MAX_PARTITION_LEN} characters", "partition")
-    return partition
-
-
-def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
-    """Values for n entries as the memory stores them (int64 token ids or float32 vectors), or None."""
-    kind = spec.value_kind
-    if kind == "none":
-        if values is not None:
-            raise InvalidInput("this memory stores no values (value_kind 'none')", "values")
-        return None
-    if values is None:
-        raise InvalidInput(f"values are required: this memory's value_kind is '{kind}'", "values")
-    if kind == "vector":
-        values = check_vectors(values, spec.value_dim, "values")
-    else:
-        values = np.asarray(values)
-        if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
-            raise InvalidInput("values must be a 1-D list of integer token ids", "values")
-        values = values.astype(np.int64)
-    if len(values) != n:
-        raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
-    return values
-
-
-def check_payloads(payloads: Any, n: int) -> list[Any] | None:
-    """None, or a list of n JSON payloads."""
-    if payloads is None:
-        return None
-    if not isinstance(payloads, list) or len(payloads) != n:
-        raise InvalidInput(f"payloads must be a list of {n} items, one per key", "payloads")
-    check_json(payloads, "payloads")
-    return payloads
-
-
-def check_ids(ids: Any) -> np.ndarray:
-    a = np.asarray(ids)
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise InvalidInput("ids must be a 1-D list of integers", "ids")
-    return a.astype(np.int64)
 
 
 class Shard:

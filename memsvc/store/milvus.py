@@ -42,10 +42,16 @@ from pymilvus import CollectionSchema, DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 from pymilvus.milvus_client import IndexParams
 
-from memsvc.errors import AlreadyExists, BackendUnavailable, InvalidInput, NotFound, TooLarge
-from memsvc.store.base import Entries, MemorySpec, SearchResult
-from memsvc.store.memory import (
+from memsvc.contract import (
     MAX_PARTITION_LEN,
+    AlreadyExists,
+    BackendUnavailable,
+    Entries,
+    InvalidInput,
+    MemorySpec,
+    NotFound,
+    SearchResult,
+    TooLarge,
     check_ids,
     check_k,
     check_partition,

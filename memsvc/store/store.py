@@ -9,15 +9,10 @@ import time
 import uuid
 from pathlib import Path
 
-from memsvc.errors import AlreadyExists, MemsvcError, NotFound
-from memsvc.store.base import MemorySpec
+from memsvc.contract import AlreadyExists, DataDirInUse, MemorySpec, NotFound
 from memsvc.store.memory import Memory
 
 log = logging.getLogger(__name__)
-
-
-class DataDirInUse(MemsvcError):
-    status, code = 409, "data_dir_in_use"
 
 
 class Store:

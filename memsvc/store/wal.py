@@ -18,17 +18,13 @@ from typing import Iterator
 
 import numpy as np
 
-from memsvc.errors import MemsvcError, StorageFull
+from memsvc.contract import CorruptLog, StorageFull
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"MSW1"
 HEADER = struct.Struct("<4sII")
 META_LEN = struct.Struct("<I")
-
-
-class CorruptLog(MemsvcError):
-    status, code = 500, "corrupt_log"
 
 
 def segment_path(directory: Path, number: int) -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from memsvc.errors import InvalidInput
-from memsvc.store.base import Entries, SearchResult
+from memsvc.contract.errors import InvalidInput
+from memsvc.contract.types import Entries, SearchResult
 
 NPZ = "application/x-npz"
 JSON = "application/json"

@@ -1,19 +1,16 @@
-"""The one memory abstraction: `MemoryBackend`, its `MemorySpec` and its `SearchResult`.
+"""What a memory is: `MemorySpec`, its metric, value and index kinds, and the limits on its name.
 
 Distances are always "smaller is closer": squared L2 for `l2`, the negated inner product for `ip`,
 and 1 - cosine similarity for `cosine`. Missing neighbours have id -1 and distance +inf.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
-import numpy as np
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from memsvc.errors import InvalidInput
+from memsvc.contract.checks import check_json, invalid_input
+from memsvc.contract.errors import InvalidInput
 
 Metric = Literal["l2", "ip", "cosine"]
 ValueKind = Literal["none", "vector", "token"]
@@ -27,17 +24,6 @@ def default_pq_m(dim: int) -> int:
     """The largest GPU-compatible sub-quantizer count dividing dim with at least 8 dims each."""
     fits = [m for m in GPU_PQ_M if dim % m == 0 and dim // m >= 8]
     return max(fits) if fits else 1
-
-
-def check_json(value: Any, field: str) -> None:
-    """JSON that every reader takes back as it was: finite numbers, integers within 64 bits, valid Unicode
-    (so a stored payload or metadata can never make a later JSON response fail)."""
-    try:
-        json.dumps(value, allow_nan=False)
-        orjson.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{field} must be JSON (finite numbers, 64-bit integers, valid Unicode): {exc}",
-                           field) from None
 
 
 class MemorySpec(BaseModel):
@@ -93,41 +79,9 @@ class MemorySpec(BaseModel):
         return self.train_size or 64 * self.nlist
 
 
-@dataclass
-class SearchResult:
-    """Top-k neighbours of m queries: ids/distances [m, k]; values [m, k, ...] and payloads [m][k] if stored."""
-
-    ids: np.ndarray
-    distances: np.ndarray
-    values: np.ndarray | None = None
-    payloads: list[list[Any]] | None = None
-
-
-@dataclass
-class Entries:
-    """Stored entries fetched by id: rows follow the requested ids; `found` marks which exist."""
-
-    ids: np.ndarray
-    found: np.ndarray
-    keys: np.ndarray
-    values: np.ndarray | None = None
-    payloads: list[Any] | None = None
-    partitions: list[str | None] | None = None
-
-
-@runtime_checkable
-class MemoryBackend(Protocol):
-    """Everything that remembers vectors goes through this: in-process `Memory` or REST `RemoteMemory`."""
-
-    spec: MemorySpec
-
-    def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
-            partition: str | None = None) -> np.ndarray: ...
-
-    def search(self, queries: np.ndarray, k: int, partition: str | None = None) -> SearchResult: ...
-
-    def get(self, ids: np.ndarray) -> Entries: ...
-
-    def delete(self, ids: np.ndarray | None = None, partition: str | None = None) -> int: ...
-
-    def stats(self) -> dict[str, Any]: ...
+def spec_from(**fields: Any) -> MemorySpec:
+    """A MemorySpec, or InvalidInput naming the bad field (the same error in-process and over REST)."""
+    try:
+        return MemorySpec(**fields)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None

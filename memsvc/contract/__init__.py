@@ -1,0 +1,62 @@
+"""The contract floor: the types, checks, wire format and errors every side of memsvc shares.
+
+It imports nothing above it (no FAISS, SQL, torch or HTTP), so the light client, the store, the model
+side and the server all build on it.
+"""
+from memsvc.contract.checks import (
+                                    MAX_K,
+                                    MAX_PARTITION_LEN,
+                                    check_ids,
+                                    check_json,
+                                    check_k,
+                                    check_partition,
+                                    check_payloads,
+                                    check_values,
+                                    check_vectors,
+                                    invalid_input,
+)
+from memsvc.contract.collections import (
+                                    COLLECTION_NAME,
+                                    MAX_DOCUMENT_BYTES,
+                                    MEMORY_PREFIX,
+                                    Answer,
+                                    Citation,
+                                    Document,
+                                    DocumentHit,
+                                    UpsertResult,
+                                    check_collection_name,
+)
+from memsvc.contract.errors import (
+                                    AlreadyExists,
+                                    BackendUnavailable,
+                                    CorruptLog,
+                                    DataDirInUse,
+                                    Forbidden,
+                                    InvalidInput,
+                                    MemsvcError,
+                                    NotFound,
+                                    StorageFull,
+                                    TooLarge,
+                                    Unauthorized,
+                                    error_from_dict,
+)
+from memsvc.contract.spec import (
+                                    NAME_PATTERN,
+                                    IndexKind,
+                                    MemorySpec,
+                                    Metric,
+                                    ValueKind,
+                                    default_pq_m,
+                                    spec_from,
+)
+from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_PARTITION_LEN", "COLLECTION_NAME", "MEMORY_PREFIX", "NAME_PATTERN",
+    "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CorruptLog", "DataDirInUse", "Document",
+    "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoryBackend", "MemorySpec",
+    "MemoryStats", "MemsvcError", "Metric", "NotFound", "Partition", "SearchResult", "StorageFull",
+    "TooLarge", "Unauthorized", "UpsertResult", "ValueKind", "check_collection_name", "check_ids",
+    "check_json", "check_k", "check_partition", "check_payloads", "check_values", "check_vectors",
+    "default_pq_m", "error_from_dict", "invalid_input", "spec_from",
+]

@@ -1,0 +1,84 @@
+"""The error family shared by every layer, so in-process and remote calls fail alike.
+
+Each error has a stable machine-readable `code` (what travels in `{"error": {code, message, field}}`);
+which HTTP status a code maps to is decided at the edge (`memsvc.api.errors`), never here.
+"""
+from __future__ import annotations
+
+
+class MemsvcError(Exception):
+    """Base error: `code` is a stable tag, `field` the input at fault (None when no single one is)."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict:
+        """The error as the REST API sends it: {"error": {code, message, field?}}."""
+        body = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return {"error": body}
+
+
+class InvalidInput(MemsvcError):
+    code = "invalid_input"
+
+
+class NotFound(MemsvcError):
+    code = "not_found"
+
+
+class AlreadyExists(MemsvcError):
+    code = "already_exists"
+
+
+class TooLarge(MemsvcError):
+    code = "too_large"
+
+
+class Unauthorized(MemsvcError):
+    code = "unauthorized"
+
+
+class Forbidden(MemsvcError):
+    code = "forbidden"
+
+
+class StorageFull(MemsvcError):
+    """The disk is full: the failed write was rolled back and nothing was acknowledged."""
+
+    code = "insufficient_storage"
+
+
+class BackendUnavailable(MemsvcError):
+    """The vector backend (e.g. Milvus) failed or could not be reached; the failed call stored nothing."""
+
+    code = "backend_unavailable"
+
+
+class CorruptLog(MemsvcError):
+    """A memory's write-ahead log is damaged somewhere other than a torn tail (the newest record)."""
+
+    code = "corrupt_log"
+
+
+class DataDirInUse(MemsvcError):
+    """Another process (a running server, another CLI) holds the data directory."""
+
+    code = "data_dir_in_use"
+
+
+ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
+                                            Forbidden, StorageFull, BackendUnavailable, CorruptLog,
+                                            DataDirInUse, MemsvcError)}
+
+
+def error_from_dict(body: dict) -> MemsvcError:
+    """Rebuild the typed error a server sent as {"error": {code, message, field?}} (used by the client)."""
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    cls = ERRORS_BY_CODE.get(err.get("code"), MemsvcError)
+    return cls(err.get("message", "unknown error"), err.get("field"))

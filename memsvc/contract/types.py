@@ -1,0 +1,73 @@
+"""The one memory abstraction: `MemoryBackend`, what its calls return (`SearchResult`, `Entries`) and
+its typed `MemoryStats`. Implemented in-process by `memsvc.store.Memory` and over REST by
+`memsvc.client.RemoteMemory`, with identical behaviour (one shared test suite runs against both).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from memsvc.contract.spec import MemorySpec
+
+
+@dataclass
+class SearchResult:
+    """Top-k neighbours of m queries: ids/distances [m, k]; values [m, k, ...] and payloads [m][k] if stored."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+    values: np.ndarray | None = None
+    payloads: list[list[Any]] | None = None
+
+
+@dataclass
+class Entries:
+    """Stored entries fetched by id: rows follow the requested ids; `found` marks which exist."""
+
+    ids: np.ndarray
+    found: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray | None = None
+    payloads: list[Any] | None = None
+    partitions: list[str | None] | None = None
+
+
+class Partition(BaseModel):
+    name: str | None
+    count: int
+
+
+class MemoryStats(MemorySpec):
+    count: int
+    partitions: list[Partition]
+    trained: bool
+    train_seconds: float | None = Field(None, description="how long training the ivfpq index took")
+    snapshot_seconds: float | None = Field(None, description="how long the memory's last snapshot took")
+    device: str
+    durable: bool
+    log_bytes: int
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """Everything that remembers vectors goes through this: in-process `Memory` or REST `RemoteMemory`."""
+
+    spec: MemorySpec
+
+    def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
+            partition: str | None = None) -> np.ndarray: ...
+
+    def search(self, queries: np.ndarray, k: int, partition: str | None = None) -> SearchResult: ...
+
+    def get(self, ids: np.ndarray) -> Entries: ...
+
+    def delete(self, ids: np.ndarray | None = None, partition: str | None = None) -> int: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def set_metadata(self, metadata: dict[str, Any]) -> None:
+        """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings) in `spec.metadata`."""
+        ...
