@@ -570,7 +570,10 @@ class Memory:
             shard = Shard(code, None)
             path = snap / f"index-{code}.faiss"
             rows = np.flatnonzero(self._parts.data == code)
-            shard.index = fx.load_index(str(path), self.spec) if path.exists() else self._build(rows)
+            shard.index = fx.load_index(str(path), self.spec, self._template is not None, count) \
+                if path.exists() else None
+            if shard.index is None:  # a flat index (never saved), or one laid out by an older version
+                shard.index = self._build(rows)
             shard.count = count
             self._shards[self._names[code]] = shard
         return int(snap.name.split("-")[1])
