@@ -54,8 +54,15 @@ class BackendUnavailable(MemsvcError):
     status, code = 503, "backend_unavailable"
 
 
+class MemoryUnavailable(MemsvcError):
+    """One memory cannot be opened (its files are damaged or unreadable); the others are served as usual."""
+
+    status, code = 503, "memory_unavailable"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
-                                            Forbidden, StorageFull, BackendUnavailable, MemsvcError)}
+                                            Forbidden, StorageFull, BackendUnavailable, MemoryUnavailable,
+                                            MemsvcError)}
 
 
 def error_from_dict(status: int, body: dict) -> MemsvcError:

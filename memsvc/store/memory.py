@@ -21,13 +21,14 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from memsvc.errors import InvalidInput, NotFound
+from memsvc.errors import InvalidInput, MemsvcError, NotFound
 from memsvc.store import index as fx
 from memsvc.store.base import Entries, MemorySpec, SearchResult, check_json
 from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
@@ -174,6 +175,12 @@ def check_ids(ids: Any) -> np.ndarray:
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         raise InvalidInput("ids must be a 1-D list of integers", "ids")
     return a.astype(np.int64)
+
+
+class CorruptSnapshot(MemsvcError):
+    """A snapshot file does not hold what was written (its checksum in state.json differs, or it is gone)."""
+
+    status, code = 500, "corrupt_snapshot"
 
 
 class Shard:
@@ -538,6 +545,7 @@ class Memory:
             state["codes"][shard.code] = shard.count
             if self.spec.index != "flat":
                 fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
+        state["crc32"] = {f.name: _crc32(f) for f in sorted(tmp.iterdir())}
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -552,6 +560,10 @@ class Memory:
             return 1
         snap = snaps[-1]
         state = json.loads((snap / "state.json").read_text())
+        for name, crc in state.get("crc32", {}).items():  # snapshots from before checksums have none
+            # checked before numpy or faiss reads a byte: faiss may abort the process on a damaged index
+            if not (snap / name).is_file() or _crc32(snap / name) != crc:
+                raise CorruptSnapshot(f"{snap / name} is missing or damaged (checksum mismatch)")
         ids = np.load(snap / "ids.npy")
         self._ids.append(ids)
         self._keys.append(np.load(snap / "keys.npy"))
@@ -589,6 +601,14 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     dist = np.concatenate([np.full((m, k), np.inf, dtype=np.float32), dist], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
