@@ -18,6 +18,7 @@ from memsvc.config import Settings
 from memsvc.errors import InvalidInput
 from memsvc.service import Service
 from memsvc.store import Memory, MemoryBackend
+from memsvc.store.memory import MAX_NORM, MIN_NORM
 
 DIM = 16
 MILVUS_CONFIGURED = Settings().vector_backend == "milvus"  # MEMSVC_VECTOR_BACKEND=milvus: the Service uses it too
@@ -395,6 +396,96 @@ def test_delete_then_restart_equals_search_over_the_remaining_entries(backend, t
         owner.close()
 
 
+def extreme_keys(seed: int = 0) -> np.ndarray:
+    """20 random directions, each at three norms: just above MIN_NORM, about 1, just below MAX_NORM."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((20, DIM))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    scales = [MIN_NORM * rng.uniform(1.05, 2.0, 20), rng.uniform(0.5, 2.0, 20), MAX_NORM * rng.uniform(0.5, 0.95, 20)]
+    return np.concatenate([directions * s[:, None] for s in scales]).astype(np.float32)
+
+
+def exact64(keys: np.ndarray, queries: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every distance in float64 [m, n], and how far float32 arithmetic may move each one: about 1e-6 of
+    the squared norms for l2, of the norms' product for ip, of 1 for cosine (we allow 1e-5)."""
+    q, k = queries.astype(np.float64), keys.astype(np.float64)
+    qn, kn = np.linalg.norm(q, axis=1)[:, None], np.linalg.norm(k, axis=1)[None, :]
+    if metric == "l2":
+        return ((q[:, None, :] - k[None, :, :]) ** 2).sum(-1), 1e-5 * (qn ** 2 + kn ** 2)
+    if metric == "ip":
+        return -q @ k.T, 1e-5 * qn * kn
+    return 1 - (q / qn) @ (k / kn.T).T, np.full((len(q), len(k)), 1e-5)
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_keys_at_the_accepted_norm_bounds_give_the_exact_neighbours(make, metric, index):
+    """Issue 12 #6: keys from MIN_NORM to MAX_NORM in one memory, each key a query (and a zero query where
+    the metric allows one): every entry comes back (none reported missing), distances are finite, sorted
+    and equal to float64's up to float32 rounding, and no entry is ranked after one that is really farther."""
+    mem = make(metric=metric, index=index, **EXHAUSTIVE[index])
+    keys = extreme_keys()
+    assert mem.add(keys).tolist() == list(range(60))
+    queries = keys if metric == "cosine" else np.concatenate([keys, np.zeros((1, DIM), np.float32)])
+    res = mem.search(queries, k=60)
+    assert (np.sort(res.ids, axis=1) == np.arange(60)).all()
+    assert np.isfinite(res.distances).all() and (np.diff(res.distances, axis=1) >= 0).all()
+    truth, tol = exact64(keys, queries, metric)
+    got, slack = np.take_along_axis(truth, res.ids, 1), np.take_along_axis(tol, res.ids, 1)
+    assert (np.abs(res.distances - got) <= slack).all()
+    later_min = np.minimum.accumulate((got + slack)[:, ::-1], axis=1)[:, ::-1]  # min over j' >= j
+    assert (got[:, :-1] - slack[:, :-1] <= later_min[:, 1:]).all()
+    if metric != "ip":  # each key is its own nearest neighbour; for cosine its copies at other norms too
+        same = np.arange(60) % 20 if metric == "cosine" else np.arange(60)
+        nearest = res.ids[:60, :3] % 20 if metric == "cosine" else res.ids[:60, :1]
+        assert (nearest == same[:, None]).all()
+
+
+def test_issue_12_keys_whose_distances_overflow_or_underflow_are_refused_with_the_reason(make):
+    """The issue's inputs: l2 keys at 1e19 (distances overflowed to inf: stored entries came back as
+    missing), cosine copies at 1e20 and 1e-30 (came back at distance 1); each is a 422 naming row and why."""
+    x = vecs(5, seed=5)
+    l2, cosine = make(), make(metric="cosine")
+    for mem, keys, words in ((l2, x * 1e19, "row 0 has L2 norm"),
+                             (cosine, np.stack([x[0], x[0] * 1e20]), "row 1 has L2 norm"),
+                             (cosine, np.stack([x[0], x[0] * 1e-30]), "row 1 has L2 norm"),
+                             (cosine, np.stack([x[0], np.zeros(DIM, np.float32)]), "row 1 is all zeros")):
+        with pytest.raises(InvalidInput, match=words) as err:
+            mem.add(keys.astype(np.float32))
+        assert err.value.field == "keys" and mem.stats()["count"] == 0
+    assert l2.add(x * 1e17).tolist() == [0, 1, 2, 3, 4]  # the largest norms accepted (about 4e17 here)
+    res = l2.search(x * 1e17, k=5)
+    assert res.ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.isfinite(res.distances).all()
+    assert l2.add(np.zeros((1, DIM), np.float32)).tolist() == [5]  # zero is a vector for l2 and ip
+    assert cosine.add(np.stack([x[0], x[0] * 1e15, x[0] * 1e-11]).astype(np.float32)).tolist() == [0, 1, 2]
+    res = cosine.search(x[:1] * 1e-9, k=3)
+    assert sorted(res.ids[0].tolist()) == [0, 1, 2]
+    np.testing.assert_allclose(res.distances, 0, atol=1e-6)
+
+
+def test_a_vector_and_its_scaled_copies_are_at_cosine_distance_0(make):
+    """The issue's case: a vector and its scaled copy came out at cosine distance 1."""
+    mem = make(metric="cosine")
+    x = vecs(1, seed=3)[0] / np.linalg.norm(vecs(1, seed=3)[0])
+    scales = [MIN_NORM * 1.5, 1e-6, 1.0, 1e6, 1e12, MAX_NORM * 0.9]
+    mem.add(np.stack([x * s for s in scales]).astype(np.float32))
+    mem.add(vecs(20, seed=4))
+    res = mem.search(np.stack([x * s for s in scales]).astype(np.float32), k=6)
+    assert (np.sort(res.ids, axis=1) == np.arange(6)).all()
+    assert (res.distances >= 0).all() and (res.distances < 1e-5).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_ivfpq_at_the_norm_bounds_gives_finite_sorted_distances(make, metric):
+    mem = make(metric=metric, index="ivfpq", **EXHAUSTIVE["ivfpq"])
+    keys = np.concatenate([extreme_keys(seed) for seed in range(5)])
+    mem.add(keys)
+    wait_trained(mem)
+    res = mem.search(keys[::7], k=50)
+    assert (res.ids >= 0).all() and np.isfinite(res.distances).all()
+    assert (np.diff(res.distances, axis=1) >= 0).all()
+
+
 def test_set_metadata(make):
     mem = make()
     mem.set_metadata({"knnlm": {"lam": 0.25, "temp": 1.0, "k": 32}})
@@ -408,6 +499,9 @@ BAD = {
     "keys NaN": (lambda m: m.add(np.where(np.eye(2, 8) > 0, np.nan, X), values=[1, 2]), "keys"),
     "keys inf": (lambda m: m.add(np.full((2, 8), np.inf, np.float32), values=[1, 2]), "keys"),
     "keys integers": (lambda m: m.add(np.ones((2, 8), np.int64), values=[1, 2]), "keys"),
+    "keys beyond float32": (lambda m: m.add(np.full((2, 8), 1e39), values=[1, 2]), "keys"),
+    "keys norm above MAX_NORM": (lambda m: m.add(np.full((2, 8), MAX_NORM / 2.8), values=[1, 2]), "keys"),
+    "keys norm below MIN_NORM": (lambda m: m.add(np.stack([X[0], X[1] * 1e-20]), values=[1, 2]), "keys"),
     "keys 1-D": (lambda m: m.add(X[0], values=[1]), "keys"),
     "keys empty batch": (lambda m: m.add(np.zeros((0, 8), np.float32), values=[]), "keys"),
     "values missing": (lambda m: m.add(X), "values"),
@@ -419,6 +513,8 @@ BAD = {
     "partition control char": (lambda m: m.add(X, values=[1, 2], partition="a\nb"), "partition"),
     "queries wrong dim": (lambda m: m.search(np.zeros((1, 9), np.float32), k=1), "queries"),
     "queries NaN": (lambda m: m.search(np.full((1, 8), np.nan, np.float32), k=1), "queries"),
+    "queries norm above MAX_NORM": (lambda m: m.search(X * 1e18, k=1), "queries"),
+    "queries norm below MIN_NORM": (lambda m: m.search(np.full((1, 8), 1e-14, np.float32), k=1), "queries"),
     "queries empty batch": (lambda m: m.search(np.zeros((0, 8), np.float32), k=1), "queries"),
     "k zero": (lambda m: m.search(X, k=0), "k"),
     "k negative": (lambda m: m.search(X, k=-3), "k"),

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 MAX_K = 2048  # the largest k faiss searches on every device
 MAX_PARTITION_LEN = 256
+# The L2 norms a key or query may have (besides 0): FAISS, Milvus and the GPU compute distances in float32
+# (largest 2^128, smallest normal 2^-126). Within these, squared L2 distances stay below (2 * 2^60)^2 =
+# 2^122, inner products below 2^120, every partial sum of the norm and distance kernels too, and the
+# squares of differences at float32's resolution of the smallest vectors (2^-63) stay normal numbers.
+MAX_NORM = 2.0 ** 60  # about 1.15e18
+MIN_NORM = 2.0 ** -40  # about 9.09e-13
 
 
 class RWLock:
@@ -118,9 +124,36 @@ def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
         raise InvalidInput(f"{field} is an empty batch", field)
     if a.shape[1] != dim:
         raise InvalidInput(f"{field} has dimension {a.shape[1]}, this memory expects {dim}", field)
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
+    with np.errstate(over="ignore"):  # numbers beyond float32 become inf, reported below
+        f32 = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(f32).all():
+        if np.isfinite(a).all():
+            raise InvalidInput(f"{field} has numbers beyond float32's range (about ±3.4e38)", field)
         raise InvalidInput(f"{field} contains NaN or infinity", field)
+    return f32
+
+
+def check_keys(x: Any, spec: MemorySpec, field: str) -> np.ndarray:
+    """Keys or queries of a memory: `check_vectors`, and each row's L2 norm is 0 or within
+    [MIN_NORM, MAX_NORM], so every distance is finite and ordered on every backend (issue 12 #6); a zero
+    row has no cosine similarity, so a cosine memory refuses it. Returns C-contiguous float32 [n, dim]."""
+    a = check_vectors(x, spec.dim, field)
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))  # float32 squares overflow past 1.8e19
+    zero = norms == 0
+    tiny = (norms < MIN_NORM) & (~zero | (spec.metric == "cosine"))
+    bad = np.flatnonzero((norms > MAX_NORM) | tiny)
+    if len(bad):
+        i, norm = int(bad[0]), float(norms[bad[0]])
+        if norm == 0:
+            why = "is all zeros, which has no cosine similarity to anything"
+        elif norm > MAX_NORM:
+            why = (f"has L2 norm {norm:.3g}, above the largest accepted {MAX_NORM:.3g} "
+                   "(float32 distances would overflow)")
+        else:
+            why = (f"has L2 norm {norm:.3g}, below the smallest accepted nonzero norm {MIN_NORM:.3g} "
+                   "(float32 distances would underflow): scale it up" + ("" if spec.metric == "cosine" else
+                                                                          ", or send zeros"))
+        raise InvalidInput(f"{field} row {i} {why}", field)
     return a
 
 
@@ -264,7 +297,7 @@ class Memory:
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
             partition: str | None = None) -> np.ndarray:
         """Store n entries and return their new ids; durable on return when the memory has a directory."""
-        keys = check_vectors(keys, self.spec.dim, "keys")
+        keys = check_keys(keys, self.spec, "keys")
         values = check_values(self.spec, values, len(keys))
         payloads = check_payloads(payloads, len(keys))
         partition = check_partition(partition)
@@ -280,7 +313,7 @@ class Memory:
 
     def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
         """Top-k entries per query (of one partition, or of the whole memory), closest first."""
-        queries = self._index_view(check_vectors(queries, self.spec.dim, "queries"))
+        queries = self._index_view(check_keys(queries, self.spec, "queries"))
         k = check_k(k)
         partition = check_partition(partition)
         with self._rw.read():
@@ -402,17 +435,22 @@ class Memory:
     # --- internals ---------------------------------------------------------------------------
 
     def _index_view(self, x: np.ndarray) -> np.ndarray:
+        """Keys as the index holds them: unit rows for cosine, normalised in float64 (float32 norms overflow
+        and underflow); a zero row (only in logs from before zeros were refused) stays zero."""
         if self.spec.metric != "cosine":
             return x
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+        norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+        return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
     def _as_distance(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """FAISS scores as our distances; float32 rounding can take squared L2 or 1 - cosine below 0."""
         d = d.astype(np.float32)
         if self.spec.metric == "ip":
             d = -d
         elif self.spec.metric == "cosine":
-            d = 1.0 - d
+            d = np.clip(1.0 - d, 0.0, 2.0)
+        else:
+            d = np.maximum(d, 0.0)
         d[i < 0] = np.inf
         return d
 
@@ -595,10 +633,11 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     """The k closest of the candidates [m, c] of every shard side by side, padded with -1 / +inf.
 
     One stable sort for all shards, not a merge per shard: a collection's memory has a partition per
-    document version, thousands of them (bench/results/retrieval.md)."""
+    document version, thousands of them (bench/results/retrieval.md). The padding goes last, so a found
+    entry always comes before a missing one."""
     m = len(ids)
-    ids = np.concatenate([np.full((m, k), -1, dtype=np.int64), ids], axis=1)
-    dist = np.concatenate([np.full((m, k), np.inf, dtype=np.float32), dist], axis=1)
+    ids = np.concatenate([ids, np.full((m, k), -1, dtype=np.int64)], axis=1)
+    dist = np.concatenate([dist, np.full((m, k), np.inf, dtype=np.float32)], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
 
