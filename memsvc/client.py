@@ -31,10 +31,10 @@ from memsvc.contract import (
     UpsertResult,
     check_ids,
     check_k,
+    check_keys,
     check_partition,
     check_payloads,
     check_values,
-    check_vectors,
     error_from_dict,
     spec_from,
 )
@@ -127,14 +127,14 @@ def stats_call(spec: MemorySpec) -> Call:
 
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
-    keys = check_vectors(keys, spec.dim, "keys")
+    keys = check_keys(keys, spec, "keys")
     return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
                      keys=keys, values=check_values(spec, values, len(keys)),
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
 def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:
-    queries = check_vectors(queries, spec.dim, "queries")
+    queries = check_keys(queries, spec, "queries")
     return _npz_call(_path(spec.name, "search"), search_result,
                      queries=queries, k=check_k(k), partition=check_partition(partition))
 

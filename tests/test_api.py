@@ -92,6 +92,12 @@ BAD_ADDS = {
                      "headers": {"Content-Type": NPZ}}, 422, "keys", "NaN"),
     "inf": (lambda: {"content": npz(keys=np.full((1, DIM), np.inf, np.float32), values=np.array([1])),
                      "headers": {"Content-Type": NPZ}}, 422, "keys", "infinity"),
+    "beyond float32 in JSON": (lambda: {"json": {"keys": [[1e39] + [1.0] * (DIM - 1)], "values": [1]}},
+                               422, "keys", "beyond float32"),
+    "norm above MAX_NORM": (lambda: {"content": npz(keys=np.full((1, DIM), 1e18, np.float32), values=np.array([1])),
+                                     "headers": {"Content-Type": NPZ}}, 422, "keys", "row 0", "largest accepted"),
+    "norm below MIN_NORM": (lambda: {"json": {"keys": [[1e-20] * DIM], "values": [1]}},
+                            422, "keys", "row 0", "smallest accepted"),
     "float64 keys": (lambda: {"content": npz(keys=vecs(2).astype(np.float64), values=np.array([1, 2])),
                               "headers": {"Content-Type": NPZ}}, 422, "keys", "float32", "float64"),
     "int keys": (lambda: {"content": npz(keys=np.ones((2, DIM), np.int32), values=np.array([1, 2])),
@@ -148,6 +154,8 @@ BAD_SEARCHES = {
     "k not an integer": ({"queries": vecs(1).tolist(), "k": "ten"}, 422, "k"),
     "queries wrong dim": ({"queries": vecs(1, dim=3).tolist(), "k": 1}, 422, "queries", "dimension 3"),
     "partition not a string": ({"queries": vecs(1).tolist(), "k": 1, "partition": 7}, 422, "partition"),
+    "queries norm above MAX_NORM": ({"queries": [[1e18] * DIM], "k": 1}, 422, "queries", "largest accepted"),
+    "queries beyond float32": ({"queries": [[-1e39] * DIM], "k": 1}, 422, "queries", "beyond float32"),
 }
 
 

@@ -2,15 +2,19 @@
 RemoteMemory of a live server must behave identically, down to the errors they raise."""
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ServerProcess
 
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
-from memsvc.contract import InvalidInput, MemoryBackend, spec_from
+from memsvc.contract import MAX_NORM, MIN_NORM, InvalidInput, MemoryBackend, spec_from
 from memsvc.service import Service
 from memsvc.store import Memory
 
@@ -191,6 +195,295 @@ def test_delete_by_ids(make):
     np.testing.assert_array_equal(mem.get(ids).found, [i not in (1, 3) for i in range(10)])
 
 
+def wait_trained(mem: MemoryBackend, timeout: float = 60) -> None:
+    """ivfpq trains in the background once it holds train_size entries (also after a restart's replay)."""
+    deadline = time.monotonic() + timeout
+    while not mem.stats()["trained"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mem.stats()["trained"]
+
+
+def test_issue_12_deleting_from_a_trained_ivfpq_keeps_the_ids(make):
+    """The issue's input: the first delete shifted every later id by one, the second aborted the process."""
+    mem = make(dim=8, index="ivfpq", nlist=4, pq_m=2, train_size=256, nprobe=4)
+    keys = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    mem.add(keys)
+    wait_trained(mem)
+    assert mem.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
+    assert mem.delete(ids=[0]) == 1
+    assert mem.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
+    assert mem.delete(ids=[1]) == 1
+    assert mem.delete(ids=[2, 3, 150]) == 3
+    assert mem.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
+    assert mem.search(keys[[4, 151]], k=1).ids.ravel().tolist() == [4, 151]
+    assert mem.stats()["count"] == 295
+
+
+# Every kind answers exactly here, so a delete is checked against the kind's own answer over what remains:
+# hnsw with ef_search above the entry count visits every entry; ivfpq with nprobe = nlist scans every
+# code, and the distance to a code does not depend on what else the index holds.
+EXHAUSTIVE = {"flat": {}, "hnsw": {"hnsw_m": 16, "ef_search": 512},
+              "ivfpq": {"nlist": 8, "train_size": 256, "nprobe": 8, "pq_m": 4}}
+
+
+class DeleteScenario:
+    """400 entries in partitions a, b and none; `steps` deletes by single ids (twice: the second single
+    delete aborted ivfpq), by ids across partitions, by ids within a partition, and a whole partition.
+    `check` compares a search with the reference: before any delete, each query's distance to every
+    entry as the memory itself ranks them; over the remaining entries the same distances must come back."""
+
+    def __init__(self, mem: MemoryBackend, metric: str = "l2"):
+        self.keys = vecs(400, seed=7)
+        self.ids = {"a": mem.add(self.keys[:200], partition="a"), "b": mem.add(self.keys[200:350], partition="b"),
+                    None: mem.add(self.keys[350:])}
+        wait_trained(mem)
+        self.queries = np.concatenate([self.keys[[5, 150, 201, 399]], vecs(4, seed=8)])
+        res = mem.search(self.queries, k=400)
+        assert (res.ids >= 0).all()
+        if mem.spec.index != "ivfpq":  # flat and exhaustive hnsw: exact search
+            _, dist = exact(self.keys, self.queries, metric, 400)
+            np.testing.assert_allclose(res.distances, dist, rtol=1e-4, atol=1e-4)
+        self.reference = [dict(zip(i.tolist(), d.tolist())) for i, d in zip(res.ids, res.distances)]
+        self.alive = set(range(400))
+
+    def steps(self) -> list[tuple[Callable[[MemoryBackend], int], set[int]]]:
+        """The deletes in order: (call on a memory, the ids it deletes)."""
+        a, b, none = self.ids["a"], self.ids["b"], self.ids[None]
+        across = np.concatenate([a[10:60:3], b[:2], none[-1:], [10_000]])
+        within = np.concatenate([a[100:105], b[10:20]])
+        return [(lambda m: m.delete(ids=[a[0]]), {a[0]}),
+                (lambda m: m.delete(ids=[a[1]]), {a[1]}),
+                (lambda m: m.delete(ids=across), set(across[:-1].tolist())),
+                (lambda m: m.delete(ids=within, partition="b"), set(b[10:20].tolist())),
+                (lambda m: m.delete(partition="b"), set(b.tolist()) - {*b[:2].tolist(), *b[10:20].tolist()})]
+
+    def delete(self, mem: MemoryBackend, step: tuple[Callable[[MemoryBackend], int], set[int]]) -> None:
+        call, gone = step
+        assert call(mem) == len(gone)
+        self.alive -= gone
+
+    def check(self, mem: MemoryBackend) -> None:
+        assert mem.stats()["count"] == len(self.alive)
+        for k in (1, 10, len(self.alive) + 5):
+            self._compare(mem.search(self.queries, k=k), k, None)
+        for part in ("a", "b"):
+            self._compare(mem.search(self.queries, k=10, partition=part), 10, self.alive & set(self.ids[part].tolist()))
+        found = mem.get(np.arange(400)).found
+        assert set(np.flatnonzero(found).tolist()) == self.alive
+
+    def _compare(self, res, k: int, scope: set[int] | None) -> None:
+        scope = self.alive if scope is None else scope
+        n = min(k, len(scope))
+        assert (res.ids[:, n:] == -1).all() and np.isinf(res.distances[:, n:]).all()
+        for ids, dist, ref in zip(res.ids[:, :n], res.distances[:, :n], self.reference):
+            assert set(ids.tolist()) <= scope and len(set(ids.tolist())) == n  # nothing deleted, no -1
+            np.testing.assert_allclose(dist, [ref[i] for i in ids], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dist, sorted(ref[i] for i in scope)[:n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", list(EXHAUSTIVE))
+def test_delete_then_search_equals_search_over_the_remaining_entries(make, index):
+    mem = make(index=index, **EXHAUSTIVE[index])
+    scenario = DeleteScenario(mem)
+    scenario.check(mem)
+    for step in scenario.steps():
+        scenario.delete(mem, step)
+        scenario.check(mem)
+
+
+class Durable:
+    """A Service on a data dir. A crash is a copy of the dir taken while it runs (acknowledged writes are
+    on disk, nothing else is flushed): the copy is opened and the log replayed; a clean restart closes the
+    service (which snapshots) and opens the same dir again."""
+
+    def __init__(self, root: Path):
+        self.root, self.n = root, 0
+        self.svc = Service(Settings(data_dir=root / "d0"))
+
+    def create(self, name: str, **spec) -> MemoryBackend:
+        return self.svc.create_memory(name, dim=DIM, **spec)
+
+    def memory(self, name: str) -> MemoryBackend:
+        return self.svc.memory(name)
+
+    def restart(self, crash: bool) -> None:
+        data_dir = self.svc.settings.data_dir
+        if crash:
+            self.n += 1
+            data_dir = self.root / f"d{self.n}"
+            shutil.copytree(self.svc.settings.data_dir, data_dir)
+        self.svc.close()
+        self.svc = Service(Settings(data_dir=data_dir))
+
+    def close(self) -> None:
+        self.svc.close()
+
+
+class Remote:
+    """A server process: a crash is SIGKILL, a clean restart SIGTERM (the server snapshots on shutdown)."""
+
+    def __init__(self, root: Path):
+        self.server = ServerProcess(root / "data").start()
+        self.client = MemoryClient(self.server.url)
+
+    def create(self, name: str, **spec) -> MemoryBackend:
+        return self.client.create_memory(name, dim=DIM, **spec)
+
+    def memory(self, name: str) -> MemoryBackend:
+        return self.client.memory(name)
+
+    def restart(self, crash: bool) -> None:
+        self.client.close()
+        self.server.kill() if crash else self.server.stop()
+        self.server.start()
+        self.client = MemoryClient(self.server.url)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.kill()
+
+
+class Lite:
+    """milvus-lite on one file, closed and opened again (it has no crash of its own to tell apart)."""
+
+    def __init__(self, root: Path):
+        pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+        from memsvc.store.milvus import MilvusStore
+
+        self.open = lambda: MilvusStore(str(root / "m.db"))
+        self.store = self.open()
+
+    def create(self, name: str, **spec) -> MemoryBackend:
+        return self.store.create(spec_from(name=name, dim=DIM, **spec))
+
+    def memory(self, name: str) -> MemoryBackend:
+        return self.store.get(name)
+
+    def restart(self, crash: bool) -> None:
+        self.store.close()
+        self.store = self.open()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.mark.parametrize("backend", [Durable, Remote, Lite], ids=["durable", "remote", "milvus"])
+def test_delete_then_restart_equals_search_over_the_remaining_entries(backend, tmp_path):
+    """Every kind: deletes, then a crash (log replay), a clean restart (snapshot), more deletes on the
+    indexes read back from the snapshot, and a crash again; after each, search answers over exactly the
+    remaining entries, and new ids continue after the old ones."""
+    if backend is not Lite and MILVUS_CONFIGURED:
+        pytest.skip("the Service uses Milvus here: the milvus case covers it")
+    owner = backend(tmp_path)
+    try:
+        kinds = [kind for kind in EXHAUSTIVE if not (backend is Lite and kind == "ivfpq")]
+        scenarios = {kind: DeleteScenario(owner.create(kind, index=kind, **EXHAUSTIVE[kind])) for kind in kinds}
+        steps = {kind: scenario.steps() for kind, scenario in scenarios.items()}
+        for count, crash in ((2, True), (1, False), (2, True)):
+            for kind, scenario in scenarios.items():
+                for step in steps[kind][:count]:
+                    scenario.delete(owner.memory(kind), step)
+                del steps[kind][:count]
+            owner.restart(crash)
+            for kind, scenario in scenarios.items():
+                wait_trained(owner.memory(kind))
+                scenario.check(owner.memory(kind))
+        for kind in kinds:
+            assert owner.memory(kind).add(vecs(1, seed=9))[0] == 400
+    finally:
+        owner.close()
+
+
+def extreme_keys(seed: int = 0) -> np.ndarray:
+    """20 random directions, each at three norms: just above MIN_NORM, about 1, just below MAX_NORM."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((20, DIM))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    scales = [MIN_NORM * rng.uniform(1.05, 2.0, 20), rng.uniform(0.5, 2.0, 20), MAX_NORM * rng.uniform(0.5, 0.95, 20)]
+    return np.concatenate([directions * s[:, None] for s in scales]).astype(np.float32)
+
+
+def exact64(keys: np.ndarray, queries: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every distance in float64 [m, n], and how far float32 arithmetic may move each one: about 1e-6 of
+    the squared norms for l2, of the norms' product for ip, of 1 for cosine (we allow 1e-5)."""
+    q, k = queries.astype(np.float64), keys.astype(np.float64)
+    qn, kn = np.linalg.norm(q, axis=1)[:, None], np.linalg.norm(k, axis=1)[None, :]
+    if metric == "l2":
+        return ((q[:, None, :] - k[None, :, :]) ** 2).sum(-1), 1e-5 * (qn ** 2 + kn ** 2)
+    if metric == "ip":
+        return -q @ k.T, 1e-5 * qn * kn
+    return 1 - (q / qn) @ (k / kn.T).T, np.full((len(q), len(k)), 1e-5)
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_keys_at_the_accepted_norm_bounds_give_the_exact_neighbours(make, metric, index):
+    """Issue 12 #6: keys from MIN_NORM to MAX_NORM in one memory, each key a query (and a zero query where
+    the metric allows one): every entry comes back (none reported missing), distances are finite, sorted
+    and equal to float64's up to float32 rounding, and no entry is ranked after one that is really farther."""
+    mem = make(metric=metric, index=index, **EXHAUSTIVE[index])
+    keys = extreme_keys()
+    assert mem.add(keys).tolist() == list(range(60))
+    queries = keys if metric == "cosine" else np.concatenate([keys, np.zeros((1, DIM), np.float32)])
+    res = mem.search(queries, k=60)
+    assert (np.sort(res.ids, axis=1) == np.arange(60)).all()
+    assert np.isfinite(res.distances).all() and (np.diff(res.distances, axis=1) >= 0).all()
+    truth, tol = exact64(keys, queries, metric)
+    got, slack = np.take_along_axis(truth, res.ids, 1), np.take_along_axis(tol, res.ids, 1)
+    assert (np.abs(res.distances - got) <= slack).all()
+    later_min = np.minimum.accumulate((got + slack)[:, ::-1], axis=1)[:, ::-1]  # min over j' >= j
+    assert (got[:, :-1] - slack[:, :-1] <= later_min[:, 1:]).all()
+    if metric != "ip":  # each key is its own nearest neighbour; for cosine its copies at other norms too
+        same = np.arange(60) % 20 if metric == "cosine" else np.arange(60)
+        nearest = res.ids[:60, :3] % 20 if metric == "cosine" else res.ids[:60, :1]
+        assert (nearest == same[:, None]).all()
+
+
+def test_issue_12_keys_whose_distances_overflow_or_underflow_are_refused_with_the_reason(make):
+    """The issue's inputs: l2 keys at 1e19 (distances overflowed to inf: stored entries came back as
+    missing), cosine copies at 1e20 and 1e-30 (came back at distance 1); each is a 422 naming row and why."""
+    x = vecs(5, seed=5)
+    l2, cosine = make(), make(metric="cosine")
+    for mem, keys, words in ((l2, x * 1e19, "row 0 has L2 norm"),
+                             (cosine, np.stack([x[0], x[0] * 1e20]), "row 1 has L2 norm"),
+                             (cosine, np.stack([x[0], x[0] * 1e-30]), "row 1 has L2 norm"),
+                             (cosine, np.stack([x[0], np.zeros(DIM, np.float32)]), "row 1 is all zeros")):
+        with pytest.raises(InvalidInput, match=words) as err:
+            mem.add(keys.astype(np.float32))
+        assert err.value.field == "keys" and mem.stats()["count"] == 0
+    assert l2.add(x * 1e17).tolist() == [0, 1, 2, 3, 4]  # the largest norms accepted (about 4e17 here)
+    res = l2.search(x * 1e17, k=5)
+    assert res.ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.isfinite(res.distances).all()
+    assert l2.add(np.zeros((1, DIM), np.float32)).tolist() == [5]  # zero is a vector for l2 and ip
+    assert cosine.add(np.stack([x[0], x[0] * 1e15, x[0] * 1e-11]).astype(np.float32)).tolist() == [0, 1, 2]
+    res = cosine.search(x[:1] * 1e-9, k=3)
+    assert sorted(res.ids[0].tolist()) == [0, 1, 2]
+    np.testing.assert_allclose(res.distances, 0, atol=1e-6)
+
+
+def test_a_vector_and_its_scaled_copies_are_at_cosine_distance_0(make):
+    """The issue's case: a vector and its scaled copy came out at cosine distance 1."""
+    mem = make(metric="cosine")
+    x = vecs(1, seed=3)[0] / np.linalg.norm(vecs(1, seed=3)[0])
+    scales = [MIN_NORM * 1.5, 1e-6, 1.0, 1e6, 1e12, MAX_NORM * 0.9]
+    mem.add(np.stack([x * s for s in scales]).astype(np.float32))
+    mem.add(vecs(20, seed=4))
+    res = mem.search(np.stack([x * s for s in scales]).astype(np.float32), k=6)
+    assert (np.sort(res.ids, axis=1) == np.arange(6)).all()
+    assert (res.distances >= 0).all() and (res.distances < 1e-5).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_ivfpq_at_the_norm_bounds_gives_finite_sorted_distances(make, metric):
+    mem = make(metric=metric, index="ivfpq", **EXHAUSTIVE["ivfpq"])
+    keys = np.concatenate([extreme_keys(seed) for seed in range(5)])
+    mem.add(keys)
+    wait_trained(mem)
+    res = mem.search(keys[::7], k=50)
+    assert (res.ids >= 0).all() and np.isfinite(res.distances).all()
+    assert (np.diff(res.distances, axis=1) >= 0).all()
+
+
 def test_set_metadata(make):
     mem = make()
     mem.set_metadata({"knnlm": {"lam": 0.25, "temp": 1.0, "k": 32}})
@@ -204,6 +497,9 @@ BAD = {
     "keys NaN": (lambda m: m.add(np.where(np.eye(2, 8) > 0, np.nan, X), values=[1, 2]), "keys"),
     "keys inf": (lambda m: m.add(np.full((2, 8), np.inf, np.float32), values=[1, 2]), "keys"),
     "keys integers": (lambda m: m.add(np.ones((2, 8), np.int64), values=[1, 2]), "keys"),
+    "keys beyond float32": (lambda m: m.add(np.full((2, 8), 1e39), values=[1, 2]), "keys"),
+    "keys norm above MAX_NORM": (lambda m: m.add(np.full((2, 8), MAX_NORM / 2.8), values=[1, 2]), "keys"),
+    "keys norm below MIN_NORM": (lambda m: m.add(np.stack([X[0], X[1] * 1e-20]), values=[1, 2]), "keys"),
     "keys 1-D": (lambda m: m.add(X[0], values=[1]), "keys"),
     "keys empty batch": (lambda m: m.add(np.zeros((0, 8), np.float32), values=[]), "keys"),
     "values missing": (lambda m: m.add(X), "values"),
@@ -215,6 +511,8 @@ BAD = {
     "partition control char": (lambda m: m.add(X, values=[1, 2], partition="a\nb"), "partition"),
     "queries wrong dim": (lambda m: m.search(np.zeros((1, 9), np.float32), k=1), "queries"),
     "queries NaN": (lambda m: m.search(np.full((1, 8), np.nan, np.float32), k=1), "queries"),
+    "queries norm above MAX_NORM": (lambda m: m.search(X * 1e18, k=1), "queries"),
+    "queries norm below MIN_NORM": (lambda m: m.search(np.full((1, 8), 1e-14, np.float32), k=1), "queries"),
     "queries empty batch": (lambda m: m.search(np.zeros((0, 8), np.float32), k=1), "queries"),
     "k zero": (lambda m: m.search(X, k=0), "k"),
     "k negative": (lambda m: m.search(X, k=-3), "k"),

@@ -1,4 +1,5 @@
-"""Faults against a real server: SIGKILL in the middle of add streams, and a disk that fills up."""
+"""Faults against a real server: SIGKILL in the middle of add streams, a disk that fills up, and memories
+whose files are damaged."""
 from __future__ import annotations
 
 import random
@@ -6,13 +7,14 @@ import subprocess
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess
 
 from memsvc.api.errors import http_status
 from memsvc.client import MemoryClient
-from memsvc.contract import MemsvcError, StorageFull
+from memsvc.contract import MemoryUnavailable, MemsvcError, StorageFull
 
 DIM = 16
 
@@ -115,3 +117,58 @@ def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path, servers):
     mem = MemoryClient(srv.url).memory("fill")
     assert mem.stats()["count"] == 200 * (len(acked) + 1)
     assert mem.get(np.concatenate(acked + [more])).found.all()
+
+
+def damage(path, at: int = -4) -> None:
+    """Flip 4 bytes of a file (from its end when `at` is negative)."""
+    data = bytearray(path.read_bytes())
+    data[at:at + 4 or None] = bytes(b ^ 0xFF for b in data[at:at + 4 or None])
+    path.write_bytes(bytes(data))
+
+
+def test_a_memory_that_cannot_be_opened_is_a_503_naming_it_and_the_others_keep_serving(tmp_path, servers):
+    srv = ServerProcess(tmp_path / "data")
+    servers.append(srv.start())
+    client = MemoryClient(srv.url)
+    keys = np.random.default_rng(0).standard_normal((300, DIM)).astype(np.float32)
+    kinds = {"good": {}, "bad-index": {"index": "hnsw"}, "bad-keys": {}, "bad-state": {}, "bad-log": {},
+             "bad-spec": {}}
+    for name, spec in kinds.items():
+        client.create_memory(name, dim=DIM, **spec).add(keys)
+    srv.stop()  # snapshots every memory
+    memories = srv.data_dir / "memories"
+    damage(next((memories / "bad-index").glob("snapshot-*")) / "index-0.faiss", at=200)  # faiss never reads it
+    damage(next((memories / "bad-keys").glob("snapshot-*")) / "keys.npy")
+    (next((memories / "bad-state").glob("snapshot-*")) / "state.json").write_text('{"next_id": 3')
+    (memories / "bad-spec" / "spec.json").write_text("{}")
+    srv.start()
+    client = MemoryClient(srv.url)
+    client.memory("bad-log").delete(ids=[0])  # into segment 2, after the snapshot
+    srv.kill()
+    (memories / "bad-log" / "wal-00000003.log").write_bytes(b"")  # segment 3 began: 2 is not the tail
+    damage(memories / "bad-log" / "wal-00000002.log", at=20)
+    srv.start()
+
+    client = MemoryClient(srv.url)
+    http = httpx.Client(base_url=srv.url)
+    for name in kinds:
+        if name == "good":
+            continue
+        for r in (http.get(f"/v1/memories/{name}"),
+                  http.post(f"/v1/memories/{name}/search", json={"queries": keys[:1].tolist(), "k": 1})):
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "memory_unavailable" and err["field"] == "name"
+            assert f"memory '{name}' is unavailable" in err["message"]
+        with pytest.raises(MemoryUnavailable):
+            client.memory(name).search(keys[:1], k=1)
+    assert http.get("/v1/health").status_code == 200
+    good = client.memory("good")
+    assert good.search(keys[[7, 299]], k=1).ids.ravel().tolist() == [7, 299]
+    assert good.add(keys[:1])[0] == 300
+    assert sorted(m.name for m in client.list_memories()) == sorted(kinds)
+    assert srv.proc.poll() is None  # still the same process
+
+    client.delete_memory("bad-keys")  # a damaged memory can be deleted, and its name used again
+    fresh = client.create_memory("bad-keys", dim=DIM)
+    assert fresh.add(keys[:2]).tolist() == [0, 1]

@@ -1,6 +1,7 @@
 """The store's own guarantees: log replay, torn tails, snapshots, crash safety, concurrency, partitions."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,10 +10,21 @@ import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
-from memsvc.contract import AlreadyExists, CorruptLog, DataDirInUse, InvalidInput, MemorySpec, NotFound
+from memsvc.api.errors import http_status
+from memsvc.contract import (
+    AlreadyExists,
+    CorruptLog,
+    CorruptSnapshot,
+    DataDirInUse,
+    InvalidInput,
+    MemorySpec,
+    MemoryUnavailable,
+    NotFound,
+)
 from memsvc.store import Memory, Store
 from memsvc.store.memory import RWLock
 from memsvc.store.wal import segment_numbers, segment_path
@@ -144,6 +156,83 @@ def test_hnsw_and_ivfpq_deletes_and_training(tmp_path):
     assert recall > 0.7
     q.delete(ids=np.arange(100))
     assert not np.isin(q.search(x[:100], k=10).ids, np.arange(100)).any()
+
+
+def issue_12_ivfpq(path: Path) -> tuple[Memory, np.ndarray]:
+    """The issue's trained ivfpq memory, durable at `path`, holding its 300 keys."""
+    m = Memory.create(MemorySpec(name="x", dim=8, index="ivfpq", nlist=4, pq_m=2, train_size=256, nprobe=4), path)
+    keys = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    m.add(keys)
+    assert m.wait_trained(60)
+    return m, keys
+
+
+def test_a_snapshot_of_ivfpq_inside_an_id_map_is_rebuilt_not_replayed_over(tmp_path):
+    """Snapshots written before the fix hold an IndexIDMap2 around the IVF index whose id table one
+    delete has already shifted; replaying a second delete over it aborted the process at every start."""
+    m, keys = issue_12_ivfpq(tmp_path / "x")
+    m.delete(ids=[0])
+    m.snapshot()
+    m.delete(ids=[1])  # in the log after the snapshot
+    m._log.close()  # a crash: no closing snapshot
+    snap = next((tmp_path / "x").glob("snapshot-*"))
+    old = faiss.IndexIDMap2(faiss.clone_index(m._template))  # what the old code saved
+    old.add_with_ids(keys, np.arange(300))
+    old.remove_ids(np.array([0]))
+    faiss.write_index(old, str(snap / "index-0.faiss"))
+    state = json.loads((snap / "state.json").read_text())
+    del state["crc32"]  # old snapshots have no checksums
+    (snap / "state.json").write_text(json.dumps(state))
+
+    r = Memory.open(tmp_path / "x")
+    assert isinstance(r._shards[None].index, faiss.IndexIVFPQ)  # rebuilt from the snapshot's keys
+    assert r.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
+    assert r.get([0, 1, 2]).found.tolist() == [False, False, True]
+    assert r.delete(ids=[2]) == 1 and len(r) == 297
+
+
+def test_a_trained_ivfpq_snapshot_is_read_back_and_deletes_keep_working(tmp_path):
+    m, keys = issue_12_ivfpq(tmp_path / "x")
+    m.delete(ids=[0])
+    m.close()  # snapshots
+    r = Memory.open(tmp_path / "x")
+    index = r._shards[None].index
+    assert isinstance(index, faiss.IndexIVFPQ) and index.ntotal == 299  # read, not rebuilt
+    for i in (1, 2, 3):
+        assert r.delete(ids=[i]) == 1
+        assert r.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
+
+
+@pytest.mark.parametrize("name", ["keys.npy", "index-0.faiss", "template.faiss"])
+def test_a_damaged_snapshot_file_is_reported_before_anything_reads_it(tmp_path, name):
+    m, _ = issue_12_ivfpq(tmp_path / "x")
+    m.close()
+    path = next((tmp_path / "x").glob("snapshot-*")) / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSnapshot, match=name):
+        Memory.open(tmp_path / "x")
+
+
+def test_store_reports_a_memory_it_cannot_open_and_serves_the_others(tmp_path):
+    s = Store(tmp_path)
+    s.create(spec(name="good")).add(vecs(5), values=np.arange(5))
+    s.create(spec(name="bad")).add(vecs(5), values=np.arange(5))
+    s.close()
+    (tmp_path / "memories" / "bad" / "wal-00000002.log").write_bytes(b"")  # segment 2 began: 1 is not the tail
+    with open(tmp_path / "memories" / "bad" / "snapshot-00000002" / "ids.npy", "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    s = Store(tmp_path)
+    for _ in range(2):  # the first failure is remembered, not retried on every call
+        with pytest.raises(MemoryUnavailable, match="memory 'bad' is unavailable.*ids.npy") as err:
+            s.get("bad")
+        assert (http_status(err.value), err.value.code, err.value.field) == (503, "memory_unavailable", "name")
+    assert s.get("good").search(vecs(5)[:1], k=1).ids[0, 0] == 0
+    s.drop("bad")
+    assert len(s.create(spec(name="bad"))) == 0
+    s.close()
 
 
 def test_compaction_keeps_ids_stable():

@@ -5,10 +5,13 @@ side and the server all build on it.
 """
 from memsvc.contract.checks import (
                                     MAX_K,
+                                    MAX_NORM,
                                     MAX_PARTITION_LEN,
+                                    MIN_NORM,
                                     check_ids,
                                     check_json,
                                     check_k,
+                                    check_keys,
                                     check_partition,
                                     check_payloads,
                                     check_values,
@@ -30,9 +33,11 @@ from memsvc.contract.errors import (
                                     AlreadyExists,
                                     BackendUnavailable,
                                     CorruptLog,
+                                    CorruptSnapshot,
                                     DataDirInUse,
                                     Forbidden,
                                     InvalidInput,
+                                    MemoryUnavailable,
                                     MemsvcError,
                                     NotFound,
                                     StorageFull,
@@ -52,11 +57,12 @@ from memsvc.contract.spec import (
 from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
 
 __all__ = [
-    "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_PARTITION_LEN", "COLLECTION_NAME", "MEMORY_PREFIX", "NAME_PATTERN",
-    "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CorruptLog", "DataDirInUse", "Document",
-    "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoryBackend", "MemorySpec",
-    "MemoryStats", "MemsvcError", "Metric", "NotFound", "Partition", "SearchResult", "StorageFull",
-    "TooLarge", "Unauthorized", "UpsertResult", "ValueKind", "check_collection_name", "check_ids",
-    "check_json", "check_k", "check_partition", "check_payloads", "check_values", "check_vectors",
-    "default_pq_m", "error_from_dict", "invalid_input", "spec_from",
+    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX", "MIN_NORM",
+    "NAME_PATTERN", "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CorruptLog", "CorruptSnapshot",
+    "DataDirInUse", "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput",
+    "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
+    "Partition", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult", "ValueKind",
+    "check_collection_name", "check_ids", "check_json", "check_k", "check_keys", "check_partition",
+    "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict", "invalid_input",
+    "spec_from",
 ]

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 MAX_K = 2048  # the largest k faiss searches on every device
 MAX_PARTITION_LEN = 256
+# The L2 norms a key or query may have (besides 0): FAISS, Milvus and the GPU compute distances in float32
+# (largest 2^128, smallest normal 2^-126). Within these, squared L2 distances stay below (2 * 2^60)^2 =
+# 2^122, inner products below 2^120, every partial sum of the norm and distance kernels too, and the
+# squares of differences at float32's resolution of the smallest vectors (2^-63) stay normal numbers.
+MAX_NORM = 2.0 ** 60  # about 1.15e18
+MIN_NORM = 2.0 ** -40  # about 9.09e-13
 REQUEST_PARTS = ("body", "query", "path", "header")
 
 
@@ -52,9 +58,36 @@ def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
         raise InvalidInput(f"{field} is an empty batch", field)
     if a.shape[1] != dim:
         raise InvalidInput(f"{field} has dimension {a.shape[1]}, this memory expects {dim}", field)
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
+    with np.errstate(over="ignore"):  # numbers beyond float32 become inf, reported below
+        f32 = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(f32).all():
+        if np.isfinite(a).all():
+            raise InvalidInput(f"{field} has numbers beyond float32's range (about ±3.4e38)", field)
         raise InvalidInput(f"{field} contains NaN or infinity", field)
+    return f32
+
+
+def check_keys(x: Any, spec: MemorySpec, field: str) -> np.ndarray:
+    """Keys or queries of a memory: `check_vectors`, and each row's L2 norm is 0 or within
+    [MIN_NORM, MAX_NORM], so every distance is finite and ordered on every backend; a zero row has no
+    cosine similarity, so a cosine memory refuses it. Returns C-contiguous float32 [n, dim]."""
+    a = check_vectors(x, spec.dim, field)
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))  # float32 squares overflow past 1.8e19
+    zero = norms == 0
+    tiny = (norms < MIN_NORM) & (~zero | (spec.metric == "cosine"))
+    bad = np.flatnonzero((norms > MAX_NORM) | tiny)
+    if len(bad):
+        i, norm = int(bad[0]), float(norms[bad[0]])
+        if norm == 0:
+            why = "is all zeros, which has no cosine similarity to anything"
+        elif norm > MAX_NORM:
+            why = (f"has L2 norm {norm:.3g}, above the largest accepted {MAX_NORM:.3g} "
+                   "(float32 distances would overflow)")
+        else:
+            why = (f"has L2 norm {norm:.3g}, below the smallest accepted nonzero norm {MIN_NORM:.3g} "
+                   "(float32 distances would underflow): scale it up" + ("" if spec.metric == "cosine" else
+                                                                          ", or send zeros"))
+        raise InvalidInput(f"{field} row {i} {why}", field)
     return a
 
 

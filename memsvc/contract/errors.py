@@ -60,6 +60,18 @@ class BackendUnavailable(MemsvcError):
     code = "backend_unavailable"
 
 
+class MemoryUnavailable(MemsvcError):
+    """One memory cannot be opened (its files are damaged or unreadable); the others are served as usual."""
+
+    code = "memory_unavailable"
+
+
+class CorruptSnapshot(MemsvcError):
+    """A snapshot file does not hold what was written (its checksum in state.json differs, or it is gone)."""
+
+    code = "corrupt_snapshot"
+
+
 class CorruptLog(MemsvcError):
     """A memory's write-ahead log is damaged somewhere other than a torn tail (the newest record)."""
 
@@ -73,7 +85,8 @@ class DataDirInUse(MemsvcError):
 
 
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
-                                            Forbidden, StorageFull, BackendUnavailable, CorruptLog,
+                                            Forbidden, StorageFull, BackendUnavailable, MemoryUnavailable,
+                                            CorruptSnapshot, CorruptLog,
                                             DataDirInUse, MemsvcError)}
 
 

@@ -37,18 +37,32 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
 
 
 def new_index(spec: MemorySpec, template: faiss.Index | None = None) -> faiss.Index:
-    """An empty id-mapped index for one partition.
+    """An empty index for one partition that takes our ids (`add_with_ids`) and can lose them (`remove_ids`).
 
-    ivfpq memories search exactly (flat) until `template`, the trained ivfpq index, exists.
+    ivfpq memories search exactly (flat) until `template`, the trained ivfpq index, exists; from then on a
+    partition is a bare clone of it. An IVF index stores the ids in its inverted lists itself, and its
+    `remove_ids` reorders those lists, so it must not sit inside an `IndexIDMap2`, whose id table follows
+    the inner index's positions: there, removals shift every later id by one and the second one fails a
+    C++ assertion that aborts the process (faiss wiki "Special operations on indexes"; faiss issues
+    #1643, #4535, #4655). Flat and HNSW number their entries by position, so they get the id map.
     """
+    if spec.index == "ivfpq" and template is not None:
+        return _to_device(faiss.clone_index(template), spec)
     if spec.index == "hnsw":
         inner = faiss.IndexHNSWFlat(spec.dim, spec.hnsw_m, faiss_metric(spec))
         inner.hnsw.efSearch = spec.ef_search
-    elif spec.index == "ivfpq" and template is not None:
-        inner = faiss.clone_index(template)
     else:
         inner = faiss.IndexFlat(spec.dim, faiss_metric(spec))
     return _to_device(faiss.IndexIDMap2(inner), spec)
+
+
+def _has_layout(index: faiss.Index, spec: MemorySpec, trained: bool) -> bool:
+    """Whether an index read back from a snapshot is built the way `new_index` builds one now (snapshots
+    written before ivfpq left the id map hold an `IndexIDMap2` around an IVF index: those are rebuilt)."""
+    if spec.index == "ivfpq" and trained:
+        return isinstance(index, faiss.IndexIVFPQ)
+    inner = faiss.IndexHNSWFlat if spec.index == "hnsw" else faiss.IndexFlat
+    return isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), inner)
 
 
 def train_template(spec: MemorySpec, sample: np.ndarray) -> faiss.Index:
@@ -66,9 +80,13 @@ def read_index(path: str) -> faiss.Index:
     return faiss.read_index(path)
 
 
-def load_index(path: str, spec: MemorySpec) -> faiss.Index:
-    """Read an index and place it on the device the memory's indexes live on."""
-    return _to_device(faiss.read_index(path), spec)
+def load_index(path: str, spec: MemorySpec, trained: bool, count: int) -> faiss.Index | None:
+    """Read a partition's index and place it on the device the memory's indexes live on; None when it is
+    not laid out as `new_index` lays one out or does not hold `count` entries (the caller rebuilds it)."""
+    index = faiss.read_index(path)
+    if not _has_layout(index, spec, trained) or index.ntotal != count:
+        return None
+    return _to_device(index, spec)
 
 
 def save_index(index: faiss.Index, path: str) -> None:

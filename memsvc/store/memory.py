@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from memsvc.contract import (
+    CorruptSnapshot,
     Entries,
     InvalidInput,
     MemorySpec,
@@ -35,10 +37,10 @@ from memsvc.contract import (
     SearchResult,
     check_ids,
     check_k,
+    check_keys,
     check_partition,
     check_payloads,
     check_values,
-    check_vectors,
 )
 from memsvc.store import index as fx
 from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
@@ -192,7 +194,7 @@ class Memory:
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
             partition: str | None = None) -> np.ndarray:
         """Store n entries and return their new ids; durable on return when the memory has a directory."""
-        keys = check_vectors(keys, self.spec.dim, "keys")
+        keys = check_keys(keys, self.spec, "keys")
         values = check_values(self.spec, values, len(keys))
         payloads = check_payloads(payloads, len(keys))
         partition = check_partition(partition)
@@ -208,7 +210,7 @@ class Memory:
 
     def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
         """Top-k entries per query (of one partition, or of the whole memory), closest first."""
-        queries = self._index_view(check_vectors(queries, self.spec.dim, "queries"))
+        queries = self._index_view(check_keys(queries, self.spec, "queries"))
         k = check_k(k)
         partition = check_partition(partition)
         with self._rw.read():
@@ -330,17 +332,22 @@ class Memory:
     # --- internals ---------------------------------------------------------------------------
 
     def _index_view(self, x: np.ndarray) -> np.ndarray:
+        """Keys as the index holds them: unit rows for cosine, normalised in float64 (float32 norms overflow
+        and underflow); a zero row (only in logs from before zeros were refused) stays zero."""
         if self.spec.metric != "cosine":
             return x
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+        norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+        return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
     def _as_distance(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """FAISS scores as our distances; float32 rounding can take squared L2 or 1 - cosine below 0."""
         d = d.astype(np.float32)
         if self.spec.metric == "ip":
             d = -d
         elif self.spec.metric == "cosine":
-            d = 1.0 - d
+            d = np.clip(1.0 - d, 0.0, 2.0)
+        else:
+            d = np.maximum(d, 0.0)
         d[i < 0] = np.inf
         return d
 
@@ -473,6 +480,7 @@ class Memory:
             state["codes"][shard.code] = shard.count
             if self.spec.index != "flat":
                 fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
+        state["crc32"] = {f.name: _crc32(f) for f in sorted(tmp.iterdir())}
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -487,6 +495,10 @@ class Memory:
             return 1
         snap = snaps[-1]
         state = json.loads((snap / "state.json").read_text())
+        for name, crc in state.get("crc32", {}).items():  # snapshots from before checksums have none
+            # checked before numpy or faiss reads a byte: faiss may abort the process on a damaged index
+            if not (snap / name).is_file() or _crc32(snap / name) != crc:
+                raise CorruptSnapshot(f"{snap / name} is missing or damaged (checksum mismatch)")
         ids = np.load(snap / "ids.npy")
         self._ids.append(ids)
         self._keys.append(np.load(snap / "keys.npy"))
@@ -505,7 +517,10 @@ class Memory:
             shard = Shard(code, None)
             path = snap / f"index-{code}.faiss"
             rows = np.flatnonzero(self._parts.data == code)
-            shard.index = fx.load_index(str(path), self.spec) if path.exists() else self._build(rows)
+            shard.index = fx.load_index(str(path), self.spec, self._template is not None, count) \
+                if path.exists() else None
+            if shard.index is None:  # a flat index (never saved), or one laid out by an older version
+                shard.index = self._build(rows)
             shard.count = count
             self._shards[self._names[code]] = shard
         return int(snap.name.split("-")[1])
@@ -515,12 +530,21 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     """The k closest of the candidates [m, c] of every shard side by side, padded with -1 / +inf.
 
     One stable sort for all shards, not a merge per shard: a collection's memory has a partition per
-    document version, thousands of them (bench/results/retrieval.md)."""
+    document version, thousands of them (bench/results/retrieval.md). The padding goes last, so a found
+    entry always comes before a missing one."""
     m = len(ids)
-    ids = np.concatenate([np.full((m, k), -1, dtype=np.int64), ids], axis=1)
-    dist = np.concatenate([np.full((m, k), np.inf, dtype=np.float32), dist], axis=1)
+    ids = np.concatenate([ids, np.full((m, k), -1, dtype=np.int64)], axis=1)
+    dist = np.concatenate([dist, np.full((m, k), np.inf, dtype=np.float32)], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

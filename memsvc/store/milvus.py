@@ -54,10 +54,10 @@ from memsvc.contract import (
     TooLarge,
     check_ids,
     check_k,
+    check_keys,
     check_partition,
     check_payloads,
     check_values,
-    check_vectors,
 )
 
 PREFIX = "memsvc_"
@@ -190,7 +190,7 @@ class MilvusMemory:
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
             partition: str | None = None) -> np.ndarray:
         """Store n entries and return their new ids; stored (with Strong consistency) on return."""
-        keys = check_vectors(keys, self.spec.dim, "keys")
+        keys = check_keys(keys, self.spec, "keys")
         values = check_values(self.spec, values, len(keys))
         partition = check_partition(partition)
         texts = payload_texts(check_payloads(payloads, len(keys)), len(keys))
@@ -218,7 +218,7 @@ class MilvusMemory:
 
     def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
         """Top-k entries per query (of one partition, or of the whole memory), closest first."""
-        queries = check_vectors(queries, self.spec.dim, "queries")
+        queries = check_keys(queries, self.spec, "queries")
         k = check_k(k)
         partition = check_partition(partition)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
@@ -246,8 +246,8 @@ class MilvusMemory:
         found = ids >= 0
         if self.spec.metric == "ip":
             dist[found] = -dist[found]
-        elif self.spec.metric == "cosine":
-            dist[found] = 1.0 - dist[found]
+        elif self.spec.metric == "cosine":  # float32 rounding can take a similarity past 1, as in Memory
+            dist[found] = np.clip(1.0 - dist[found], 0.0, 2.0)
         return SearchResult(ids=ids, distances=dist, values=values, payloads=payloads)
 
     def get(self, ids: Any) -> Entries:

@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from memsvc.contract import AlreadyExists, DataDirInUse, MemorySpec, NotFound
+from memsvc.contract import AlreadyExists, DataDirInUse, MemorySpec, MemoryUnavailable, NotFound
 from memsvc.store.memory import Memory
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 class Store:
     """Named durable memories under `root/memories/<name>`; snapshots a memory once its log passes
     `snapshot_bytes` (checked every `interval` seconds) and on close. One process at a time holds a
-    data directory (an advisory lock on `root/.lock`)."""
+    data directory (an advisory lock on `root/.lock`). A memory whose files cannot be opened (damaged or
+    unreadable) is reported as `MemoryUnavailable` (503) until it is deleted or the process restarts; the
+    other memories are served as usual."""
 
     def __init__(self, root: str | Path, snapshot_bytes: int = 256 << 20, interval: float = 5.0):
         self.root = Path(root) / "memories"
@@ -32,6 +34,7 @@ class Store:
                                "data_dir") from None
         self.snapshot_bytes = snapshot_bytes
         self._memories: dict[str, Memory] = {}
+        self._unavailable: dict[str, str] = {}  # name -> why its files could not be opened
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, args=(interval,), daemon=True,
@@ -61,13 +64,25 @@ class Store:
             if mem is None:
                 if not (self.root / name / "spec.json").exists():
                     raise NotFound(f"memory '{name}' not found", "name")
-                mem = self._memories[name] = Memory.open(self.root / name)
+                if name not in self._unavailable:
+                    try:
+                        mem = self._memories[name] = Memory.open(self.root / name)
+                    except Exception as exc:  # one damaged memory must not take the others down
+                        log.exception("memory '%s' cannot be opened", name)
+                        why = " ".join(str(exc).replace(f"{self.root / name}/", "").split())  # no server paths
+                        self._unavailable[name] = f"{type(exc).__name__}: {why[:300]}"
+                if mem is None:
+                    raise MemoryUnavailable(
+                        f"memory '{name}' is unavailable: its files could not be opened "
+                        f"({self._unavailable[name]}). The other memories are not affected; restore its "
+                        "files and restart the server, or delete the memory.", "name")
             return mem
 
     def drop(self, name: str) -> None:
         """Delete a memory and its files (renamed away first, so a crash never leaves half a memory)."""
         with self._lock:
             mem = self._memories.pop(name, None)
+            self._unavailable.pop(name, None)
             path = self.root / name
             if mem is None and not path.exists():
                 raise NotFound(f"memory '{name}' not found", "name")
@@ -82,6 +97,7 @@ class Store:
         """Move a memory's files aside to `root/../orphaned/` (kept, not deleted) and forget it."""
         with self._lock:
             self._memories.pop(name, None)
+            self._unavailable.pop(name, None)
             target = self.root.parent / "orphaned" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
             target.parent.mkdir(exist_ok=True)
             (self.root / name).rename(target)
