@@ -33,7 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from lm.cache import BoundedCache, Full, Policy, Window, forward
-from lm.gate import PARAMS, Gate, plot_curve, train_gate
+from lm.gate import PARAMS, Gate
+from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig, memory_attention, session_memory
 from lm.model import load_model

@@ -155,8 +155,8 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         WindowPolicy(window, sinks)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
-        from lm.gate import plot_curve
-        from lm.gate import train_gate as fit
+        from lm.gate_training import plot_curve
+        from lm.gate_training import train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from lm.cache import Full, Window
-from lm.gate import Gate, plot_curve, train_gate
+from lm.gate import Gate
+from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig
 from lm.model import tiny_llama
