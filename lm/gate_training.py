@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lm.attention import attach
 from lm.cache import BoundedCache, Window, stream
 from lm.gate import Gate
-from lm.memory_attention import KnnConfig, memory_attention
+from lm.memory_attention import KnnConfig
 
 
 def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window: int, sinks: int, k: int,
@@ -37,7 +38,7 @@ def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window:
     for epoch in range(epochs):
         for ids in documents:
             cache = BoundedCache(model, policy)
-            with memory_attention(model, cache, config=config, gate=gate):
+            with attach(model, cache, config, gate=gate):
                 for start, out in stream(model, ids[:, :-1], cache, block):
                     q = out.logits.shape[1]
                     scored = torch.arange(start, start + q) >= window  # memory only matters past the window

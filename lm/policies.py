@@ -23,30 +23,24 @@ Selection is per layer: scores are summed over a layer's query heads and one set
 all of them (rectangular tensors, simple eviction). kvpress selects per head; `adaptive` restricts single
 heads to subsets of the shared, budget-bounded set with a per-head mask.
 
-Attention weights: `h2o`, `vatp`, `snapkv` and `adaptive` need them. `policy_attention(model, cache)`
-makes the layers compute attention explicitly and report the probabilities to the cache (only for those
-policies); kNN-memory attention (`lm.memory_attention`) reports its local probabilities the same way.
+Attention weights: `h2o`, `vatp`, `snapkv` and `adaptive` need them. `lm.attention.attach(model, cache)`
+makes the layers compute attention explicitly and report the probabilities to the cache layer (only for
+those policies); kNN-memory attention (`lm.memory_attention`) reports its local probabilities the same way.
 """
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lm.cache import DEFAULT_SINKS, DEFAULT_WINDOW, BoundedCache, Full, Policy, Window
 from memsvc.contract import InvalidInput
 
 DEFAULT_BUDGET = 260  # window 256 + 4 sinks: the budget of the default `sinks` policy
 DEFAULT_BLOCK = 16  # tokens per forward of a stream under these policies
-POLICY_ATTENTION = "memsvc_policy"
 
 
 @dataclass(frozen=True)
@@ -565,43 +559,3 @@ class SelectiveLayer(CacheLayerMixin):
 
 
 Selective.layer_type = SelectiveLayer
-
-
-def policy_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Explicit attention that reports its probabilities to the cache layer, where the policy wants them; SDPA
-    elsewhere."""
-    layer = getattr(module, "cache_layer", None)
-    if layer is None or not layer.wants_attention:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    b, heads, q, d = query.shape
-    kv, n = key.shape[1], key.shape[2]
-    logits = query.view(b, kv, heads // kv, q, d) @ key[:, :, None].transpose(-1, -2) * kwargs["scaling"]
-    logits = logits.view(b, heads, q, n).masked_fill(~layer.allowed(q), -torch.inf)
-    probs = logits.float().softmax(-1).to(query.dtype)
-    layer.observe(probs[0])
-    out = (probs.view(b, kv, heads // kv, q, n) @ value[:, :, None]).view(b, heads, q, d)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(POLICY_ATTENTION, policy_attention_forward)
-AttentionMaskInterface.register(POLICY_ATTENTION, sdpa_mask)
-
-
-@contextmanager
-def policy_attention(model: PreTrainedModel, cache: BoundedCache) -> Iterator[None]:
-    """While open, the model's layers report attention probabilities to `cache` if its policy ranks by them."""
-    if not getattr(cache.policy, "needs_attention", False):
-        yield
-        return
-    attention = [layer.self_attn for layer in model.get_decoder().layers]
-    previous = model.config._attn_implementation
-    for module, layer in zip(attention, cache.layers, strict=True):
-        module.cache_layer = layer
-    model.set_attn_implementation(POLICY_ATTENTION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-        for module in attention:
-            del module.cache_layer

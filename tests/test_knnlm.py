@@ -315,9 +315,9 @@ def test_cli_build_tune_eval_json(cli, corpus):
 
 def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_path):
     """--prompt-file, --cache and --memory-attention decode what the same calls give in-process."""
+    from lm.attention import attach
     from lm.cache import BoundedCache, Window
     from lm.generate import generate
-    from lm.longeval import wired
     from lm.memory_attention import KnnConfig
 
     prompt = tmp_path / "prompt.txt"
@@ -327,7 +327,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
         result = cli(*common, *extra)
         assert result.exit_code == 0, result.output
         cache = BoundedCache(tiny[0], Window(16, 2))
-        with wired(tiny[0], cache, knn, None, None):
+        with attach(tiny[0], cache, knn):
             expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, past_key_values=cache))
         assert result.stdout == expected + "\n"
 

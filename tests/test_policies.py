@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lm.attention import attach
 from lm.cache import BoundedCache, stream
-from lm.longeval import wired
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import tiny_llama
 from lm.policies import (
@@ -73,7 +73,7 @@ def run(model, ids, cache, knn=None, decode=0):
             return keys, values
 
         layer.update = recorded
-    with wired(model, cache, knn, session_memory(model) if knn else None, None), torch.inference_mode():
+    with attach(model, cache, knn, session_memory(model) if knn else None, None), torch.inference_mode():
         for _ in stream(model, ids[:, :N - decode], cache):
             pass
         for i in range(N - decode, N):
@@ -117,7 +117,7 @@ def test_kv_memory_receives_what_the_policy_drops_and_attention_reaches_the_poli
     on 0, the kNN attend path on 1) report their local attention to h2o."""
     cache = BoundedCache(model, small("h2o"))
     memory = session_memory(model)
-    with wired(model, cache, KnnConfig(k=4, layers=[1]), memory, None), torch.inference_mode():
+    with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, None), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
         assert len(memory) == 2 * (N - len(cache.layers[1].tokens))  # 2 KV heads
@@ -132,7 +132,7 @@ def test_a_budget_beyond_the_stream_is_full_attention(model, ids, name):
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
         cache = BoundedCache(model, policy)
-        with wired(model, cache, None, None, None):
+        with attach(model, cache, None, None, None):
             logits = torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
     assert torch.allclose(logits, expected, atol=1e-4)
 
