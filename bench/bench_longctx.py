@@ -33,12 +33,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from lm.attention import attach
-from lm.cache import BoundedCache, Full, Policy, Window, forward
+from lm.cache import BoundedCache, forward
 from lm.gate import PARAMS, Gate
 from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import load_model
+from lm.policies import Full, Policy, Window
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"

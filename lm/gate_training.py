@@ -13,9 +13,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lm.attention import attach
-from lm.cache import BoundedCache, Window, stream
+from lm.cache import BoundedCache, stream
 from lm.gate import Gate
 from lm.memory_attention import KnnConfig
+from lm.policies import Window
 
 
 def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window: int, sinks: int, k: int,

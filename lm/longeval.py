@@ -19,11 +19,11 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.attention import attach
-from lm.cache import BoundedCache, Policy, stream
+from lm.cache import BoundedCache, stream
 from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig
-from lm.policies import Selective
+from lm.policies import Policy
 from memsvc.contract import InvalidInput, MemoryBackend, NotFound
 
 DEFAULT_SKIP = 256
@@ -43,7 +43,7 @@ class StreamResult:
         return math.exp(self.nll[skip:].mean()) if len(self.nll) > skip else math.nan
 
 
-def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy | Selective, *,
+def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
                     knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
                     block: int | None = None) -> StreamResult:
     """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss."""
@@ -76,7 +76,7 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens
 
 
 def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
-                   policy: Policy | Selective, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
+                   policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
                    gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP) -> dict:
     """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s."""
     if max_tokens is not None and max_tokens < 2:
@@ -116,7 +116,7 @@ def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor,
-           policy: Policy | Selective, *,
+           policy: Policy, *,
            knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
            max_new_tokens: int = 12) -> str:
     """Greedy answer to a prompt streamed through a bounded cache by the one decoding loop

@@ -316,9 +316,10 @@ def test_cli_build_tune_eval_json(cli, corpus):
 def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_path):
     """--prompt-file, --cache and --memory-attention decode what the same calls give in-process."""
     from lm.attention import attach
-    from lm.cache import BoundedCache, Window
+    from lm.cache import BoundedCache
     from lm.generate import generate
     from lm.memory_attention import KnnConfig
+    from lm.policies import Window
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(TEXT * 2)  # far more tokens than the window

@@ -7,12 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lm.cache import Full, Window
 from lm.gate import Gate
 from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig
 from lm.model import tiny_llama
+from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, NotFound
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/library"

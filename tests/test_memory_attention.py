@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lm.attention import ATTACHED, ATTENTION, attach
-from lm.cache import BoundedCache, Full, Window, stream
+from lm.cache import BoundedCache, stream
 from lm.gate import PARAMS, Gate
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import tiny_llama
+from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, MemorySpec, NotFound
 from memsvc.store import Memory
 

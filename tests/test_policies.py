@@ -16,8 +16,8 @@ from lm.policies import (
     POLICIES,
     SELECTIVE,
     Adaptive,
+    CacheEntries,
     CumulativeAverage,
-    Entries,
     HeavyHitters,
     KeyNorm,
     Recurrent,
@@ -140,7 +140,7 @@ def test_a_budget_beyond_the_stream_is_full_attention(model, ids, name):
 def entries(keys=None, values=None, scores=None, n=10, heads=4, kv=2, d=4, sinks_raw=True):
     """Synthetic raw entries 0..n-1 for calling a policy's compact directly."""
     g = torch.Generator().manual_seed(0)
-    return Entries(keys if keys is not None else torch.randn(1, kv, n, d, generator=g),
+    return CacheEntries(keys if keys is not None else torch.randn(1, kv, n, d, generator=g),
                    values if values is not None else torch.randn(1, kv, n, d, generator=g),
                    torch.arange(n), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.long),
                    scores if scores is not None else torch.zeros(heads, n), torch.zeros(n, dtype=torch.bool))
