@@ -13,7 +13,6 @@ restores the model and ends the memory session (its partitions are deleted).
 """
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.memory_attention import KnnConfig, KnnMemoryAttention
+from lm.policies import PolicyLayer
 from memsvc.contract import MemoryBackend
 
 ATTENTION = "memsvc"
@@ -38,11 +38,11 @@ ATTACHED = "memsvc_attached"  # the attribute `attach` sets on each decoder laye
 class Attached:
     """What one attention module attends through: its cache layer, and the memory session if it retrieves."""
 
-    layer: Any  # the cache layer (`lm.policies` layer types)
+    layer: PolicyLayer
     knn: KnnMemoryAttention | None
 
 
-def reported_attention(layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def reported_attention(layer: PolicyLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        scaling: float) -> torch.Tensor:
     """Attention output [b, q, heads, d] for query [b, heads, q, d] and key/value [b, kv heads, n, d] (GQA),
     each query restricted to what the cache layer lets it see (`layer.allowed`); the probabilities
@@ -81,8 +81,7 @@ def attach(model: PreTrainedModel, cache: Cache, knn: KnnConfig | None = None, m
     Yields the memory session (None without `knn`). InvalidInput before anything changes on a bad `knn`,
     memory, gate or cache (memory attention needs a bounded cache).
     """
-    knn_session = None if knn is None else KnnMemoryAttention(model, cache, memory, knn, gate,
-                                                              session or uuid.uuid4().hex[:12])
+    knn_session = None if knn is None else KnnMemoryAttention(model, cache, memory, knn, gate, session)
     reports = isinstance(cache, BoundedCache) and any(layer.wants_attention for layer in cache.layers)
     if knn_session is None and not reports:
         yield None

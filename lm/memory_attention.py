@@ -28,6 +28,7 @@ retrieved ones, so a block retrieves exactly what token-by-token decoding would.
 """
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -66,14 +67,16 @@ def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:
 class KnnMemoryAttention:
     """One session: the cache's evictions go into `memory`, and the attached layers attend to what they retrieve.
 
-    `memory` defaults to a RAM-only `session_memory`; InvalidInput on a bad config, memory, gate or cache.
+    `memory` defaults to a RAM-only `session_memory`, `session` (the partitions' prefix) to a random id;
+    InvalidInput on a bad config, memory, gate or cache.
     """
 
     def __init__(self, model: PreTrainedModel, cache: Cache, memory: MemoryBackend | None, config: KnnConfig,
-                 gate: Gate | None, session: str):
+                 gate: Gate | None = None, session: str | None = None):
         memory = session_memory(model) if memory is None else memory
         config = check_config(model, cache, memory, config, gate)
-        self.cache, self.memory, self.config, self.session = cache, memory, config, session
+        self.cache, self.memory, self.config = cache, memory, config
+        self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
         self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
         self.stored = {layer: 0 for layer in self.layers}
