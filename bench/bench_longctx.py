@@ -32,11 +32,14 @@ import typer
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from lm.cache import BoundedCache, Full, Policy, Window, forward
-from lm.gate import PARAMS, Gate, plot_curve, train_gate
+from lm.attention import attach
+from lm.cache import BoundedCache, forward
+from lm.gate import PARAMS, Gate
+from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
-from lm.memory_attention import KnnConfig, memory_attention, session_memory
+from lm.memory_attention import KnnConfig, session_memory
 from lm.model import load_model
+from lm.policies import Full, Policy, Window
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"
@@ -223,7 +226,7 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
         setting = SETTINGS[name]
         cache = BoundedCache(model, setting.policy)
         memory = setting.memory(model)
-        context = memory_attention(model, cache, memory, setting.knn, setting.gate()) \
+        context = attach(model, cache, setting.knn, memory, setting.gate()) \
             if setting.knn is not None else nullcontext()
         begun = time.perf_counter()
         with context, torch.inference_mode():

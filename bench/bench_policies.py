@@ -23,11 +23,10 @@ import typer
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from lm.cache import DEFAULT_SINKS, Full
 from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import load_model
-from lm.policies import OPTIONS, POLICIES, make_policy
+from lm.policies import DEFAULT_SINKS, OPTIONS, POLICIES, Full, make_policy
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"

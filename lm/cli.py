@@ -191,10 +191,10 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
+        from lm.attention import attach
         from lm.cache import BoundedCache
         from lm.generate import check_sampling
         from lm.generate import generate as decode
-        from lm.longeval import wired
         from lm.memory_attention import KnnConfig
         from lm.model import load_model
         from lm.policies import parse_cache_spec
@@ -210,7 +210,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
         if policy is not None:
             options["past_key_values"] = bounded = BoundedCache(model_, policy)
-            stack.enter_context(wired(model_, bounded, KnnConfig() if memory_attention else None, None, None))
+            stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
         for piece in pieces:

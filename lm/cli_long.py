@@ -20,9 +20,8 @@ from memsvc.contract import InvalidInput
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from lm.cache import Policy
     from lm.memory_attention import KnnConfig
-    from lm.policies import Selective
+    from lm.policies import Policy, Selective
     from memsvc.contract import MemoryBackend
 
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
@@ -150,13 +149,13 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                model: Model = "smollm2") -> None:
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
     with cli_errors():
-        from lm.cache import Window as WindowPolicy
+        from lm.policies import Window as WindowPolicy
 
         WindowPolicy(window, sinks)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
-        from lm.gate import plot_curve
-        from lm.gate import train_gate as fit
+        from lm.gate_training import plot_curve
+        from lm.gate_training import train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 

@@ -1,16 +1,11 @@
-"""The memory gate of gated kNN-memory attention: g = sigmoid(b_h) and a retrieved-logit scale per layer and head.
+"""The parameters of gated kNN-memory attention: g = sigmoid(b_h) and a retrieved-logit scale per layer and head.
 
-`Gate` holds the parameters and reads/writes them as a small JSON file; `train_gate` fits them with the model
-frozen, on long documents streamed through a bounded cache with gated memory attention (the loss is the
-next-token loss past the window, where memory can matter). The trained SmolLM2 gate ships in
-`lm/params/smollm2-gate.json`.
+`Gate` holds them and reads/writes them as a small JSON file; `lm.gate_training` fits them. The trained
+SmolLM2 gate ships in `lm/params/smollm2-gate.json`.
 """
 from __future__ import annotations
 
 import json
-import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,76 +61,3 @@ class Gate(nn.Module):
             return cls(torch.tensor(data["bias"]), torch.tensor(data["log_scale"]), data.get("meta"))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{path} is not a gate parameter file: {exc}", "gate") from None
-
-
-def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window: int, sinks: int, k: int,
-               positions: str, epochs: int, lr: float = 0.1, block: int | None = None,
-               on_step: Callable[[dict[str, float]], None] | None = None) -> tuple[Gate, list[dict[str, float]]]:
-    """Fit a gate to token streams `documents` ([1, n] each); returns it and its curve (one point per step).
-
-    Each epoch streams every document once; each block with tokens past the window is one step: forward
-    with the model frozen, gradient into the gate only (the cache stores detached entries, so nothing
-    flows into earlier blocks), one Adam step on the mean next-token loss of those tokens. The gate starts
-    nearly closed (window + sinks behaviour) and opens where retrieval lowers the loss.
-    """
-    from lm.cache import BoundedCache, Window, stream
-    from lm.memory_attention import KnnConfig, memory_attention
-
-    policy = Window(window, sinks)
-    gate = Gate.initial(model)
-    optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
-    model.requires_grad_(False)
-    config = KnnConfig(k=k, mode="gated", positions=positions)
-    curve: list[dict[str, float]] = []
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        for ids in documents:
-            cache = BoundedCache(model, policy)
-            with memory_attention(model, cache, config=config, gate=gate):
-                for start, out in stream(model, ids[:, :-1], cache, block):
-                    q = out.logits.shape[1]
-                    scored = torch.arange(start, start + q) >= window  # memory only matters past the window
-                    if not scored.any():
-                        continue
-                    targets = ids[0, start + 1:start + q + 1]
-                    loss = nn.functional.cross_entropy(out.logits[0, scored], targets[scored])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    curve.append({"step": len(curve), "epoch": epoch, "loss": loss.item(),
-                                  "seconds": time.perf_counter() - started})
-                    if on_step is not None:
-                        on_step(curve[-1])
-    gate.meta = {"window": window, "sinks": sinks, "k": k, "positions": positions, "epochs": epochs, "lr": lr,
-                 "steps": len(curve), "epoch_loss": epoch_means(curve)}
-    return gate, curve
-
-
-def epoch_means(curve: list[dict[str, float]]) -> list[float]:
-    """Mean step loss of each epoch (every epoch sees the same blocks, so these are comparable)."""
-    epochs = sorted({int(c["epoch"]) for c in curve})
-    return [_mean([c["loss"] for c in curve if c["epoch"] == e]) for e in epochs]
-
-
-def plot_curve(curve: list[dict[str, float]], path: str | Path) -> None:
-    """The training curve as a PNG: each step's block loss, and each epoch's mean over the same blocks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], alpha=0.35, label="block loss (one step)")
-    ends = [max(c["step"] for c in curve if c["epoch"] == e) for e in sorted({c["epoch"] for c in curve})]
-    ax.plot(ends, epoch_means(curve), marker="o", label="epoch mean (same blocks each epoch)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss past the window")
-    ax.set_title("memory gate training (model frozen)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan

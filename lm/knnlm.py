@@ -10,8 +10,9 @@ token, so every token but a document's first is predicted exactly once. Keys are
 hooks during the one forward pass that also gives p_LM.
 
 What a datastore was built with and the tuned (λ, temperature, k) live in the memory's metadata under
-"knnlm", so evaluation and generation default to them. A build records each finished document there; an
-interrupted build resumes from the memory's entry count.
+"knnlm" as one `DatastoreState`, so evaluation and generation default to them. A build writes it once per
+finished document (which documents are in, how many entries they made, which one is being added next);
+an interrupted build resumes from the memory's entry count.
 """
 from __future__ import annotations
 
@@ -37,6 +38,42 @@ KeyKind = Literal["final-norm", "mlp-input"]
 DEFAULT_KEY: KeyKind = "mlp-input"  # lower perplexity than final-norm at every datastore size (bench/results/knnlm.md)
 KEY_KINDS: tuple[str, ...] = get_args(KeyKind)
 METADATA_KEY = "knnlm"
+
+
+class DatastoreState(BaseModel):
+    """What a datastore was built with and tuned to: the memory's metadata under METADATA_KEY.
+
+    Its keys are those of the free-form dict earlier builds wrote, so datastores built before it read as
+    they are; keys it does not know are kept.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    key: KeyKind | None = None  # the hidden state used as key
+    window: int | None = None  # tokens per forward when the keys were made
+    sources: list[str] = Field(default_factory=list)  # `text_id` of every finished document
+    entries: int = 0  # entries the finished documents made (the rest of the memory: the document being added)
+    building: str | None = None  # `text_id` of the document being added
+    lam: float | None = None  # tuned settings (`KNNLM.tune`), None until tuned
+    temp: float | None = None
+    k: int | None = None
+    tuned_on_tokens: int | None = None
+    tuned_base_ppl: float | None = None
+    tuned_knnlm_ppl: float | None = None
+    tuned_continuous: bool | None = None
+
+    @classmethod
+    def of(cls, memory: MemoryBackend) -> DatastoreState:
+        """The state stored with `memory` (empty for a new memory); InvalidInput if it is not one."""
+        try:
+            return cls.model_validate(memory.spec.metadata.get(METADATA_KEY, {}))
+        except ValidationError as exc:
+            raise InvalidInput(f"memory '{memory.spec.name}' has metadata '{METADATA_KEY}' that is not a kNN-LM "
+                               f"datastore's: {exc.errors()[0]['msg']}", "memory") from None
+
+    def save(self, memory: MemoryBackend) -> None:
+        """Store this state with `memory` (one metadata write; the memory's other metadata stays)."""
+        memory.set_metadata({**memory.spec.metadata, METADATA_KEY: self.model_dump(mode="json", exclude_none=True)})
 
 
 class KNNParams(BaseModel):
@@ -277,24 +314,17 @@ class KNNLM:
         if spec.dim != model.config.hidden_size:
             raise InvalidInput(f"memory '{spec.name}' has dim {spec.dim} but the model's hidden size is "
                                f"{model.config.hidden_size}", "memory")
-        built_with = self._stored(memory).get("key")
+        built_with = DatastoreState.of(memory).key
         if key is not None and built_with is not None and key != built_with:
             raise InvalidInput(f"memory '{spec.name}' was built with key '{built_with}', not '{key}'", "key")
         self.key = check_key(key or built_with or DEFAULT_KEY)
         self.model, self.tokenizer, self.memory = model, tokenizer, memory
         self.window, self.batch_size, self.progress = window, batch_size, progress
 
-    @staticmethod
-    def _stored(memory: MemoryBackend) -> dict[str, Any]:
-        return dict(memory.spec.metadata.get(METADATA_KEY, {}))
-
-    def _save(self, **fields: Any) -> None:
-        meta = {**self.memory.spec.metadata, METADATA_KEY: {**self._stored(self.memory), **fields}}
-        self.memory.set_metadata(meta)
-
     def params(self, lam: float | None = None, temp: float | None = None, k: int | None = None) -> KNNParams:
         """The given settings, falling back to the tuned ones stored with the memory, then to defaults."""
-        stored = KNNParams.check(**self._stored(self.memory))
+        state = DatastoreState.of(self.memory)
+        stored = KNNParams.check(lam=state.lam, temp=state.temp, k=state.k)
         return KNNParams.check(lam=stored.lam if lam is None else lam, temp=stored.temp if temp is None else temp,
                                k=stored.k if k is None else k)
 
@@ -310,11 +340,11 @@ class KNNLM:
         Documents already in the datastore are skipped; a document a crash left half-added is finished.
         """
         docs = tokenize_documents(self.tokenizer, texts)
-        stored = self._stored(self.memory)
-        done = set(stored.get("sources", []))
-        partial = self._entries() - stored.get("entries", 0)
+        state = DatastoreState.of(self.memory)
+        done = set(state.sources)
+        partial = self._entries() - state.entries
         todo = {text_id(t): ids for t, ids in zip(texts, docs) if text_id(t) not in done}
-        current = stored.get("building")
+        current = state.building
         if partial < 0:
             raise InvalidInput(f"memory '{self.memory.spec.name}' has fewer entries than its recorded build; "
                                "entries were deleted behind the build's back, rebuild it in a new memory", "memory")
@@ -322,19 +352,21 @@ class KNNLM:
             raise InvalidInput(f"memory '{self.memory.spec.name}' holds {partial} entries of an unfinished build "
                                "of a document not among these texts; rerun the build with the same files", "texts")
         order = sorted(todo, key=lambda h: h != current)  # an unfinished document first
-        self._save(key=self.key, window=self.window)
+        nexts = [*order[1:], None]
+        state = state.model_copy(update={"key": self.key, "window": self.window, "building": order[0] if order else None})
+        state.save(self.memory)
         added = 0
-        for h, enc in zip(order, encode(self.model, [todo[h] for h in order], (self.key,), self.window,
-                                        self.batch_size, self.progress, logprobs=False)):
-            self._save(building=h)
+        for h, following, enc in zip(order, nexts, encode(self.model, [todo[h] for h in order], (self.key,),
+                                                          self.window, self.batch_size, self.progress, logprobs=False)):
             keys, targets = enc.keys[self.key][partial:], enc.targets[partial:]
             for s in range(0, len(keys), add_batch):
                 self.memory.add(keys[s:s + add_batch], values=targets[s:s + add_batch])
             added += len(keys)
             partial = 0
-            meta = self._stored(self.memory)
-            self._save(sources=[*meta.get("sources", []), h], entries=meta.get("entries", 0) + len(enc.targets),
-                       building=None)
+            # one write per document: it is in, and the next one is being added
+            state = state.model_copy(update={"sources": [*state.sources, h], "entries": state.entries + len(enc.targets),
+                                             "building": following})
+            state.save(self.memory)
         return added
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -369,8 +401,9 @@ class KNNLM:
         k = self.params(k=k).k
         scores = self.score(texts, k, continuous)
         tuned, ppl = scores.tune(k, lams, temps)
-        self._save(**tuned.model_dump(), tuned_on_tokens=len(scores.targets), tuned_base_ppl=scores.base_perplexity,
-                   tuned_knnlm_ppl=ppl, tuned_continuous=continuous)
+        DatastoreState.of(self.memory).model_copy(update={
+            **tuned.model_dump(), "tuned_on_tokens": len(scores.targets), "tuned_base_ppl": scores.base_perplexity,
+            "tuned_knnlm_ppl": ppl, "tuned_continuous": continuous}).save(self.memory)
         return tuned, ppl
 
     # --- generation --------------------------------------------------------------------------------

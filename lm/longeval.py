@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +18,12 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lm.cache import BoundedCache, Policy, stream
+from lm.attention import attach
+from lm.cache import BoundedCache, stream
 from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
-from lm.memory_attention import KnnConfig, memory_attention
-from lm.policies import Selective, policy_attention
+from lm.memory_attention import KnnConfig
+from lm.policies import Policy
 from memsvc.contract import InvalidInput, MemoryBackend, NotFound
 
 DEFAULT_SKIP = 256
@@ -44,19 +43,7 @@ class StreamResult:
         return math.exp(self.nll[skip:].mean()) if len(self.nll) > skip else math.nan
 
 
-@contextmanager
-def wired(model: PreTrainedModel, cache: BoundedCache, knn: KnnConfig | None, memory: MemoryBackend | None,
-            gate: Gate | None) -> Iterator[None]:
-    """The model wired to `cache`: attention reported to its policy where it needs it, kNN memory if `knn`."""
-    with policy_attention(model, cache):
-        if knn is None:
-            yield
-            return
-        with memory_attention(model, cache, memory, knn, gate):
-            yield
-
-
-def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy | Selective, *,
+def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
                     knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
                     block: int | None = None) -> StreamResult:
     """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss."""
@@ -65,7 +52,7 @@ def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Pol
     cache = BoundedCache(model, policy)
     nll = []
     started = time.perf_counter()
-    with wired(model, cache, knn, memory, gate), torch.inference_mode():
+    with attach(model, cache, knn, memory, gate), torch.inference_mode():
         for start, out in stream(model, input_ids[:, :-1], cache, block):
             q = out.logits.shape[1]
             targets = input_ids[0, start + 1:start + q + 1]
@@ -89,7 +76,7 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens
 
 
 def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
-                   policy: Policy | Selective, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
+                   policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
                    gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP) -> dict:
     """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s."""
     if max_tokens is not None and max_tokens < 2:
@@ -129,13 +116,13 @@ def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor,
-           policy: Policy | Selective, *,
+           policy: Policy, *,
            knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
            max_new_tokens: int = 12) -> str:
     """Greedy answer to a prompt streamed through a bounded cache by the one decoding loop
     (`lm.generate.stream_tokens`, which prefills the prompt in exact blocks)."""
     cache = BoundedCache(model, policy)
-    with wired(model, cache, knn, memory, gate):
+    with attach(model, cache, knn, memory, gate):
         tokens = list(stream_tokens(model, prompt, max_new_tokens=max_new_tokens, past_key_values=cache,
                                     stop_ids=stop_token_ids(model, tokenizer)))
     return tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,11 +1,11 @@
 """kNN-memory attention: what the bounded cache evicts stays searchable, and chosen layers attend to it again.
 
-`memory_attention(model, cache, memory, layers=..., k=32, mode=...)` is a context manager. While it is open,
-every entry the cache evicts at the chosen layers is added to `memory` (any `MemoryBackend`: in-process
-`Memory` or `RemoteMemory`) under the partition "{session}/l{layer}/h{kv_head}", and those layers' attention
-also attends to the top-k entries retrieved for each query from its KV head's partition (GQA: a group's
-query heads search together; one search per layer and KV head per forward). Closing it deletes the
-session's partitions.
+A `KnnMemoryAttention` is one session, attached to a model and its cache with `lm.attention.attach(model,
+cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at the chosen layers is added
+to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
+"{session}/l{layer}/h{kv_head}" (`store`), and those layers' attention also attends to the top-k entries
+retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
+search together; one search per layer and KV head per forward). Closing the session deletes its partitions.
 
 - joint: retrieved keys/values join the local keys in one softmax;
 - gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a
@@ -29,39 +29,22 @@ retrieved ones, so a block retrieves exactly what token-by-token decoding would.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from lm.cache import BoundedCache
 from lm.gate import Gate
-from lm.policies import policy_attention_forward
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec, check_k
 from memsvc.store import Memory
 
-KNN_ATTENTION = "memsvc_knn"
 Mode = Literal["joint", "gated"]
 Positions = Literal["absolute", "none", "window"]
-
-
-def _dispatch(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Layers with memory attached attend through it; the others as the cache policy wants (plain SDPA, or
-    explicit attention reported to the policy: `lm.policies.policy_attention_forward`)."""
-    knn = getattr(module, "knn_memory", None)
-    if knn is None:
-        return policy_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return knn.attend(module.layer_idx, query, key, value, kwargs["scaling"]), None
-
-
-AttentionInterface.register(KNN_ATTENTION, _dispatch)
-AttentionMaskInterface.register(KNN_ATTENTION, sdpa_mask)
 
 
 @dataclass(frozen=True)
@@ -82,11 +65,18 @@ def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:
 
 
 class KnnMemoryAttention:
-    """One session: the cache's evictions go into `memory`, and the attached layers attend to what they retrieve."""
+    """One session: the cache's evictions go into `memory`, and the attached layers attend to what they retrieve.
 
-    def __init__(self, model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend, config: KnnConfig,
-                 gate: Gate | None, session: str):
-        self.cache, self.memory, self.config, self.session = cache, memory, config, session
+    `memory` defaults to a RAM-only `session_memory`, `session` (the partitions' prefix) to a random id;
+    InvalidInput on a bad config, memory, gate or cache.
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: Cache, memory: MemoryBackend | None, config: KnnConfig,
+                 gate: Gate | None = None, session: str | None = None):
+        memory = session_memory(model) if memory is None else memory
+        config = check_config(model, cache, memory, config, gate)
+        self.cache, self.memory, self.config = cache, memory, config
+        self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
         self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
         self.stored = {layer: 0 for layer in self.layers}
@@ -178,31 +168,7 @@ class KnnMemoryAttention:
                 self.stored[layer] = 0
 
 
-@contextmanager
-def memory_attention(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend | None = None,
-                     config: KnnConfig = KnnConfig(), gate: Gate | None = None,
-                     session: str | None = None) -> Iterator[KnnMemoryAttention]:
-    """Attach kNN-memory attention to `config.layers` for one session (see the module docstring)."""
-    memory = session_memory(model) if memory is None else memory
-    config = check_config(model, cache, memory, config, gate)
-    knn = KnnMemoryAttention(model, cache, memory, config, gate, session or uuid.uuid4().hex[:12])
-    attention = [layer.self_attn for layer in model.get_decoder().layers]
-    previous = model.config._attn_implementation
-    for layer in config.layers:
-        attention[layer].knn_memory = knn
-    cache.on_evict = knn.store
-    model.set_attn_implementation(KNN_ATTENTION)
-    try:
-        yield knn
-    finally:
-        model.set_attn_implementation(previous)
-        cache.on_evict = None
-        for layer in config.layers:
-            del attention[layer].knn_memory
-        knn.close()
-
-
-def check_config(model: PreTrainedModel, cache: BoundedCache, memory: MemoryBackend, config: KnnConfig,
+def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, config: KnnConfig,
                  gate: Gate | None) -> KnnConfig:
     """The config with its layers resolved, or InvalidInput before any work is done."""
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lm.cache import BoundedCache, Full, Window, forward, stream, visible
+from lm.cache import BoundedCache, forward, stream
 from lm.model import tiny_llama
-from lm.policies import make_policy, parse_cache_spec
+from lm.policies import Full, Window, make_policy, parse_cache_spec, visible
 from memsvc.contract import InvalidInput
 
 N = 70

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm.knnlm import KNNLM, KNNParams, capture_keys, datastore_spec, interpolate, knn_probs
+from lm.knnlm import KNNLM, KNNParams, capture_keys, datastore_spec, interpolate, knn_probs, text_id
 from lm.model import tiny_llama
 from memsvc.contract import InvalidInput, MemorySpec
 from memsvc.store import Memory
@@ -151,6 +151,55 @@ def test_interrupted_build_resumes_to_the_same_datastore(tiny, tmp_path):
         with pytest.raises(RuntimeError):
             knnlm(tiny, CrashingMemory(crashed, adds=2)).build([TEXT], add_batch=10)
         knnlm(tiny, crashed).build([OTHER])
+
+
+class CountingMemory(CrashingMemory):
+    """A Memory that counts its metadata writes (and never crashes)."""
+
+    def __init__(self, memory: Memory):
+        super().__init__(memory, adds=-1)
+        self.writes = 0
+
+    def set_metadata(self, metadata):
+        self.writes += 1
+        super().set_metadata(metadata)
+
+
+def test_a_build_writes_its_state_once_per_document(tiny):
+    mem = CountingMemory(datastore(tiny[0]))
+    knnlm(tiny, mem).build([OTHER, TEXT, OTHER + TEXT])
+    assert mem.writes == 1 + 3  # the build's settings, then one write per finished document
+    state = mem.spec.metadata["knnlm"]
+    assert state["sources"] == [text_id(OTHER), text_id(TEXT), text_id(OTHER + TEXT)]
+    assert state["entries"] == len(mem.memory) and state.get("building") is None
+
+
+def test_a_datastore_with_the_old_free_form_state_reads_as_before(tiny):
+    """Metadata as builds wrote it before the typed state: the key is enforced, tuned settings are the
+    defaults, finished documents are skipped, an unknown key survives the next write."""
+    mem = datastore(tiny[0])
+    knnlm(tiny, mem, key="final-norm").build([OTHER])
+    mem.set_metadata({"owner": "me", "knnlm": {
+        "key": "final-norm", "window": 32, "sources": [text_id(OTHER)], "entries": len(mem), "building": None,
+        "lam": 0.5, "temp": 3.0, "k": 8, "tuned_on_tokens": 20, "tuned_base_ppl": 1e5, "tuned_knnlm_ppl": 9.5,
+        "tuned_continuous": False, "note": "kept"}})
+    with pytest.raises(InvalidInput, match="built with key 'final-norm'"):
+        knnlm(tiny, mem, key="mlp-input")
+    knn = knnlm(tiny, mem)
+    assert knn.key == "final-norm" and knn.params() == KNNParams(lam=0.5, temp=3.0, k=8)
+    assert knn.build([OTHER]) == 0
+    assert knn.build([TEXT]) == len(tiny[1](TEXT).input_ids) - 1
+    state = mem.spec.metadata["knnlm"]
+    assert state["sources"] == [text_id(OTHER), text_id(TEXT)] and state["entries"] == len(mem)
+    assert (state["lam"], state["note"], mem.spec.metadata["owner"]) == (0.5, "kept", "me")
+
+
+def test_metadata_that_is_not_a_datastore_state_is_rejected(tiny):
+    mem = datastore(tiny[0])
+    mem.set_metadata({"knnlm": {"sources": "not a list"}})
+    with pytest.raises(InvalidInput, match="not a kNN-LM datastore's") as err:
+        knnlm(tiny, mem)
+    assert err.value.field == "memory"
 
 
 def test_continuous_cache_reads_the_document_itself_and_leaves_nothing(tiny):
@@ -315,10 +364,11 @@ def test_cli_build_tune_eval_json(cli, corpus):
 
 def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_path):
     """--prompt-file, --cache and --memory-attention decode what the same calls give in-process."""
-    from lm.cache import BoundedCache, Window
+    from lm.attention import attach
+    from lm.cache import BoundedCache
     from lm.generate import generate
-    from lm.longeval import wired
     from lm.memory_attention import KnnConfig
+    from lm.policies import Window
 
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(TEXT * 2)  # far more tokens than the window
@@ -327,7 +377,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
         result = cli(*common, *extra)
         assert result.exit_code == 0, result.output
         cache = BoundedCache(tiny[0], Window(16, 2))
-        with wired(tiny[0], cache, knn, None, None):
+        with attach(tiny[0], cache, knn):
             expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, past_key_values=cache))
         assert result.stdout == expected + "\n"
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lm.cache import Full, Window
-from lm.gate import Gate, plot_curve, train_gate
+from lm.gate import Gate
+from lm.gate_training import plot_curve, train_gate
 from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
 from lm.memory_attention import KnnConfig
 from lm.model import tiny_llama
+from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, NotFound
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/library"
@@ -50,9 +51,9 @@ def test_window_losses_are_those_of_token_by_token_decoding(tiny, ids):
     assert result.peak_cache_entries == policy.budget
     losses = []
     cache = BoundedCache(model, policy)
-    from lm.memory_attention import memory_attention
+    from lm.attention import attach
 
-    with memory_attention(model, cache, config=KnnConfig(k=4)), torch.inference_mode():
+    with attach(model, cache, KnnConfig(k=4)), torch.inference_mode():
         for i in range(ids.shape[1] - 1):
             logits = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
             losses.append(torch.nn.functional.cross_entropy(logits, ids[0, i + 1]))

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from lm.cache import BoundedCache, Full, Window, stream
+from lm.attention import ATTACHED, ATTENTION, attach
+from lm.cache import BoundedCache, stream
 from lm.gate import PARAMS, Gate
-from lm.memory_attention import KnnConfig, memory_attention, session_memory
+from lm.memory_attention import KnnConfig, session_memory
 from lm.model import tiny_llama
+from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, MemorySpec, NotFound
 from memsvc.store import Memory
 
@@ -30,7 +32,7 @@ def ids():
 
 def run(model, ids, policy, config, memory=None, gate=None, token_by_token=False, session=None):
     cache = BoundedCache(model, policy)
-    with memory_attention(model, cache, memory, config, gate, session), torch.inference_mode():
+    with attach(model, cache, config, memory, gate, session), torch.inference_mode():
         if token_by_token:
             return torch.cat([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
                               for i in range(ids.shape[1])], 1)
@@ -72,7 +74,7 @@ def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_th
     other = np.ones((3, 16), dtype=np.float32)
     memory.add(other, values=other, partition="someone-else")
     cache = BoundedCache(model, Window(8, 2))
-    with memory_attention(model, cache, memory, KnnConfig(k=4, layers=[1]), session="s7"), torch.inference_mode():
+    with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, session="s7"), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
         parts = {p["name"]: p["count"] for p in memory.stats()["partitions"]}
@@ -83,10 +85,10 @@ def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_th
 
 def test_the_model_is_restored_after_the_session(model, ids):
     cache = BoundedCache(model, Window(8, 2))
-    with memory_attention(model, cache):
-        assert model.config._attn_implementation == "memsvc_knn"
+    with attach(model, cache, KnnConfig()):
+        assert model.config._attn_implementation == ATTENTION
     assert model.config._attn_implementation == "sdpa" and cache.on_evict is None
-    assert not any(hasattr(layer.self_attn, "knn_memory") for layer in model.model.layers)
+    assert not any(hasattr(layer.self_attn, ATTACHED) for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -105,7 +107,7 @@ def test_the_model_is_restored_after_the_session(model, ids):
 def test_bad_input_is_rejected_before_any_work(model, bad, field):
     cache = BoundedCache(model, bad.get("policy", Window(8, 2)))
     options = {name: value for name, value in bad.items() if name != "policy"}
-    with pytest.raises(InvalidInput) as err, memory_attention(model, cache, **options):
+    with pytest.raises(InvalidInput) as err, attach(model, cache, options.pop("config", KnnConfig()), **options):
         pytest.fail("the session must not start")
     assert err.value.field == field
     assert model.config._attn_implementation == "sdpa" and cache.on_evict is None

@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from lm.cache import BoundedCache, Window
+from lm.cache import BoundedCache
 from lm.generate import generate, next_token, stream_tokens
 from lm.model import load_model, tiny_llama
+from lm.policies import Window
 from memsvc.contract import InvalidInput, NotFound
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lm.attention import attach
 from lm.cache import BoundedCache, stream
-from lm.longeval import wired
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import tiny_llama
 from lm.policies import (
@@ -16,8 +16,8 @@ from lm.policies import (
     POLICIES,
     SELECTIVE,
     Adaptive,
+    CacheEntries,
     CumulativeAverage,
-    Entries,
     HeavyHitters,
     KeyNorm,
     Recurrent,
@@ -73,7 +73,7 @@ def run(model, ids, cache, knn=None, decode=0):
             return keys, values
 
         layer.update = recorded
-    with wired(model, cache, knn, session_memory(model) if knn else None, None), torch.inference_mode():
+    with attach(model, cache, knn, session_memory(model) if knn else None, None), torch.inference_mode():
         for _ in stream(model, ids[:, :N - decode], cache):
             pass
         for i in range(N - decode, N):
@@ -117,7 +117,7 @@ def test_kv_memory_receives_what_the_policy_drops_and_attention_reaches_the_poli
     on 0, the kNN attend path on 1) report their local attention to h2o."""
     cache = BoundedCache(model, small("h2o"))
     memory = session_memory(model)
-    with wired(model, cache, KnnConfig(k=4, layers=[1]), memory, None), torch.inference_mode():
+    with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, None), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
         assert len(memory) == 2 * (N - len(cache.layers[1].tokens))  # 2 KV heads
@@ -132,7 +132,7 @@ def test_a_budget_beyond_the_stream_is_full_attention(model, ids, name):
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
         cache = BoundedCache(model, policy)
-        with wired(model, cache, None, None, None):
+        with attach(model, cache, None, None, None):
             logits = torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
     assert torch.allclose(logits, expected, atol=1e-4)
 
@@ -140,7 +140,7 @@ def test_a_budget_beyond_the_stream_is_full_attention(model, ids, name):
 def entries(keys=None, values=None, scores=None, n=10, heads=4, kv=2, d=4, sinks_raw=True):
     """Synthetic raw entries 0..n-1 for calling a policy's compact directly."""
     g = torch.Generator().manual_seed(0)
-    return Entries(keys if keys is not None else torch.randn(1, kv, n, d, generator=g),
+    return CacheEntries(keys if keys is not None else torch.randn(1, kv, n, d, generator=g),
                    values if values is not None else torch.randn(1, kv, n, d, generator=g),
                    torch.arange(n), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.long),
                    scores if scores is not None else torch.zeros(heads, n), torch.zeros(n, dtype=torch.bool))
