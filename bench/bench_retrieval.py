@@ -199,7 +199,7 @@ def rest(args: argparse.Namespace, documents: dict[str, str], counts: Counter,
             for i in range(0, len(scaled), 64):
                 col.upsert(scaled[i:i + 64])
             seconds = time.perf_counter() - start
-            chunks = col.stats()["chunks"]
+            chunks = col.stats().chunks
         row = {"chunks": chunks, "documents": len(scaled), "ingest": "in-process Collections, cached vectors",
                "ingest chunks/s": chunks / seconds, "ingest s": seconds}
         proc, url = start_server(data_dir)

@@ -119,7 +119,7 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
             start = time.perf_counter()
             added = KNNLM(model_, tokenizer, mem, key=key).build(texts)
             seconds = time.perf_counter() - start
-            typer.echo(f"added {added} entries to '{memory}' ({mem.stats()['count']} in all) in {seconds:.0f}s "
+            typer.echo(f"added {added} entries to '{memory}' ({mem.stats().count} in all) in {seconds:.0f}s "
                        f"({added / seconds:.0f} tokens/s)", err=True)
 
 

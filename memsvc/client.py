@@ -22,11 +22,13 @@ import orjson
 from memsvc.contract import (
     Answer,
     Citation,
+    CollectionStats,
     Document,
     DocumentHit,
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
     SearchResult,
     UpsertResult,
     check_ids,
@@ -96,6 +98,11 @@ def _spec(fields: dict[str, Any]) -> MemorySpec:
     return MemorySpec(**{name: fields[name] for name in MemorySpec.model_fields})
 
 
+def _stats(fields: dict[str, Any]) -> MemoryStats:
+    """The stats the server sent (fields a newer server adds are left out)."""
+    return MemoryStats(**{name: fields[name] for name in MemoryStats.model_fields if name in fields})
+
+
 # --- the calls: inputs are checked here with the in-process Memory's own check functions -----------
 
 def health_call() -> Call:
@@ -123,7 +130,7 @@ def metadata_call(name: str, metadata: dict[str, Any]) -> Call:
 
 
 def stats_call(spec: MemorySpec) -> Call:
-    return Call("GET", _path(spec.name))
+    return Call("GET", _path(spec.name), _stats)
 
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
@@ -158,6 +165,10 @@ def create_collection_call(name: str) -> Call:
 
 def collection_call(name: str) -> Call:
     return Call("GET", _collection_path(name), lambda f: f["name"])
+
+
+def collection_stats_call(name: str) -> Call:
+    return Call("GET", _collection_path(name), lambda f: CollectionStats(**f))
 
 
 def list_collections_call() -> Call:
@@ -268,7 +279,7 @@ class RemoteMemory:
     def delete(self, ids: Any = None, partition: str | None = None) -> int:
         return self.client.send(delete_call(self.spec, ids, partition))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         return self.client.send(stats_call(self.spec))
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
@@ -298,8 +309,8 @@ class RemoteCollection:
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
 
-    def stats(self) -> dict[str, Any]:
-        return self.client.send(Call("GET", _collection_path(self.name)))
+    def stats(self) -> CollectionStats:
+        return self.client.send(collection_stats_call(self.name))
 
 
 # --- async ---------------------------------------------------------------------------------------
@@ -367,7 +378,7 @@ class AsyncRemoteMemory:
     async def delete(self, ids: Any = None, partition: str | None = None) -> int:
         return await self.client.send(delete_call(self.spec, ids, partition))
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> MemoryStats:
         return await self.client.send(stats_call(self.spec))
 
     async def set_metadata(self, metadata: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +32,7 @@ from memsvc.contract import (
     MAX_DOCUMENT_BYTES,
     MEMORY_PREFIX,
     AlreadyExists,
+    CollectionStats,
     Document,
     DocumentHit,
     InvalidInput,
@@ -74,9 +75,9 @@ class Collection:
             self._vector_ids = {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
             self.bm25.add(_chunks(documents))
             committed = {d.partition for d in documents}
-        for partition in self.memory.stats()["partitions"]:  # left by an upsert that never committed
-            if partition["name"] is not None and partition["name"] not in committed:
-                self.memory.delete(partition=partition["name"])
+        for partition in self.memory.stats().partitions:  # left by an upsert that never committed
+            if partition.name is not None and partition.name not in committed:
+                self.memory.delete(partition=partition.name)
         self._refresh()
 
     def upsert(self, documents: Sequence[Document]) -> UpsertResult:
@@ -135,8 +136,8 @@ class Collection:
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
-    def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "documents": len(self._vector_ids), "chunks": len(self.bm25)}
+    def stats(self) -> CollectionStats:
+        return CollectionStats(self.name, len(self._vector_ids), len(self.bm25))
 
     def _documents(self):
         return select(DocumentRow).where(DocumentRow.collection_id == self.row_id)

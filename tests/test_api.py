@@ -247,7 +247,7 @@ def test_async_client(limited):
                 np.testing.assert_array_equal(res.values, res.ids)
                 assert res.ids.shape == (8, 5)
             assert (await m.get(ids[:2])).found.all() and await m.delete(ids=ids[:10]) == 10
-            assert (await m.stats())["count"] == 90
+            assert (await m.stats()).count == 90
             await m.set_metadata({"lam": 0.5})
             assert (await c.memory(m.spec.name)).spec.metadata == {"lam": 0.5}
             with pytest.raises(InvalidInput):
@@ -274,14 +274,14 @@ def test_restart_keeps_data(tmp_path):
         proc.stop()  # clean shutdown: snapshot
         proc.start()
         m = c.memory("kept")
-        assert m.stats()["count"] == 140 and m.spec.metadata == {"tuned": True}
+        assert m.stats().count == 140 and m.spec.metadata == {"tuned": True}
         after = m.search(keys[:5], k=4)
         np.testing.assert_array_equal(before.ids, after.ids)
         assert before.payloads == after.payloads
         m.add(keys[150:], values=np.arange(150, 200))
         proc.kill()  # no shutdown: the log alone must hold the acknowledged adds
         proc.start()
-        assert c.memory("kept").stats()["count"] == 190
+        assert c.memory("kept").stats().count == 190
         assert [s.name for s in c.list_memories()] == ["kept"]
     finally:
         proc.kill()
@@ -308,8 +308,8 @@ def test_start_reconciles_store_with_catalog(tmp_path):
         with pytest.raises(NotFound):
             c.memory("rowonly")
         c.delete_memory("rowonly")
-        assert c.create_memory("orphan", dim=4).stats()["count"] == 0
-        assert c.memory("fine").stats()["count"] == 5
+        assert c.create_memory("orphan", dim=4).stats().count == 0
+        assert c.memory("fine").stats().count == 5
     finally:
         proc.kill()
 
@@ -344,7 +344,7 @@ def test_catalog_on_postgres(tmp_path, postgres_url):
         proc.stop()
         proc.start()
         assert [(s.name, s.metadata) for s in c.list_memories()] == [("pg", {"lam": 0.1})]
-        assert c.memory("pg").stats()["count"] == 7
+        assert c.memory("pg").stats().count == 7
         c.delete_memory("pg")
         assert c.list_memories() == []
     finally:

@@ -16,7 +16,15 @@ from conftest import ServerProcess
 from memsvc.client import MemoryClient
 from memsvc.collections import Collections
 from memsvc.config import Settings
-from memsvc.contract import MAX_DOCUMENT_BYTES, AlreadyExists, Document, InvalidInput, NotFound, TooLarge
+from memsvc.contract import (
+    MAX_DOCUMENT_BYTES,
+    AlreadyExists,
+    CollectionStats,
+    Document,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+)
 from memsvc.service import Service
 
 DOCS = {
@@ -53,16 +61,16 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_collections):
     col = open_collections().create("docs")
     first = col.upsert(docs())
     assert (first.added, first.updated, first.unchanged) == (list(DOCS), [], [])
-    assert first.chunks == 3 and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
-    assert col.memory.stats()["count"] == 3
+    assert first.chunks == 3 and col.stats() == CollectionStats("docs", documents=3, chunks=3)
+    assert col.memory.stats().count == 3
 
     again = col.upsert(docs())
     assert (again.added, again.updated, again.unchanged, again.chunks) == ([], [], list(DOCS), 0)
-    assert col.memory.stats()["count"] == 3  # nothing embedded twice
+    assert col.memory.stats().count == 3  # nothing embedded twice
 
     changed = col.upsert(docs(b_md="# Context managers\n\nThe with statement calls __enter__ and __exit__.\n"))
     assert (changed.updated, changed.unchanged) == (["b.md"], ["a.md", "c.txt"])
-    assert col.memory.stats()["count"] == 3 and len(col.memory.stats()["partitions"]) == 3
+    assert col.memory.stats().count == 3 and len(col.memory.stats().partitions) == 3
     for mode in ("bm25", "dense", "hybrid"):
         hits = col.search("__enter__ with statement", k=3, mode=mode)
         assert len(hits) >= 1 and all(h.text for h in hits)
@@ -91,7 +99,7 @@ def test_delete_document_and_collection(open_collections):
     col.delete("a.md")
     assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="bm25"))
     assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="dense"))
-    assert col.memory.stats()["count"] == 2 and col.stats()["documents"] == 2
+    assert col.memory.stats().count == 2 and col.stats().documents == 2
     with pytest.raises(NotFound):
         col.delete("a.md")
     collections.delete("docs")
@@ -111,7 +119,7 @@ def test_everything_survives_restart(open_collections):
     reopened = open_collections()
     assert reopened.list() == ["docs"]
     col = reopened.get("docs")
-    assert col.stats() == {"name": "docs", "documents": 2, "chunks": 2}
+    assert col.stats() == CollectionStats("docs", documents=2, chunks=2)
     for mode, hits in before.items():
         after = col.search("function returns", k=3, mode=mode)
         assert ids(after) == ids(hits) and np.allclose([h.score for h in after], [h.score for h in hits])
@@ -128,12 +136,12 @@ def test_uncommitted_vectors_are_dropped_on_open(open_collections, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         col.upsert(docs(a_md="# Generators\n\nChanged text.\n"))
     monkeypatch.undo()
-    assert col.memory.stats()["count"] == 1 and col.stats()["documents"] == 1
+    assert col.memory.stats().count == 1 and col.stats().documents == 1
 
     col.memory.add(np.ones((2, col.encoder.dim), np.float32), payloads=["x#0", "x#1"], partition="crashed")
     col = open_collections().get("docs")
-    assert col.memory.stats()["count"] == 1
-    assert [p["name"] for p in col.memory.stats()["partitions"]] != ["crashed"]
+    assert col.memory.stats().count == 1
+    assert [p.name for p in col.memory.stats().partitions] != ["crashed"]
     assert ids(col.search("generator", k=5, mode="dense")) == ["a.md"]
 
 
@@ -155,7 +163,7 @@ def test_bad_documents_store_nothing(open_collections, documents, error, field):
     with pytest.raises(error) as info:
         col.upsert(documents + docs(a_md="changed") if documents else documents)
     assert info.value.field == field
-    assert col.memory.stats()["count"] == 3 and col.stats()["documents"] == 3
+    assert col.memory.stats().count == 3 and col.stats().documents == 3
     assert col.upsert(docs()).unchanged == list(DOCS)
 
 
@@ -208,7 +216,7 @@ def test_rest_round_trip_through_remote_collection(api):
     col = client.create_collection("docs")
     result = col.add_documents([{"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs()])
     assert result.added == list(DOCS) and col.add_documents(docs()).unchanged == list(DOCS)
-    assert client.list_collections() == ["docs"] and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
+    assert client.list_collections() == ["docs"] and col.stats() == CollectionStats("docs", documents=3, chunks=3)
     local = client.http.app.state.collections.get("docs")
     for mode in ("bm25", "dense", "hybrid"):
         assert col.search("function returns", k=2, mode=mode) == local.search("function returns", 2, mode)
@@ -268,7 +276,7 @@ def test_rest_oversized_and_undecodable_documents_store_nothing(api):
     assert error(http.post("/v1/collections/docs/documents", content=latin1,
                            headers={"Content-Type": "application/json"}), 400)["code"] == "bad_request"
     assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
-    assert client.memory("col.docs").stats()["count"] == 3
+    assert client.memory("col.docs").stats().count == 3
 
 
 def test_rest_collection_memories_change_only_through_their_collection(api):
@@ -394,7 +402,7 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         vectors, chunks = 0, 0
         while writer.is_alive() and vectors <= chunks:  # until vectors exist that no committed document has
             time.sleep(0.02)
-            vectors, chunks = client.memory("col.py").stats()["count"], col.stats()["chunks"]
+            vectors, chunks = client.memory("col.py").stats().count, col.stats().chunks
         server.kill()
         assert vectors > chunks  # killed mid-upsert, with uncommitted vectors on disk
         writer.join()
@@ -403,8 +411,8 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         server.start()
         stats = col.stats()
         memory = client.memory("col.py").stats()
-        assert stats["documents"] >= 2 and memory["count"] == stats["chunks"]
-        assert len(memory["partitions"]) == stats["documents"]
+        assert stats.documents >= 2 and memory.count == stats.chunks
+        assert len(memory.partitions) == stats.documents
         result = col.upsert(documents)
-        assert len(result.unchanged) == stats["documents"] and len(result.added) == len(documents) - stats["documents"]
-        assert client.memory("col.py").stats()["count"] == col.stats()["chunks"]
+        assert len(result.unchanged) == stats.documents and len(result.added) == len(documents) - stats.documents
+        assert client.memory("col.py").stats().count == col.stats().chunks

@@ -16,7 +16,7 @@ from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
 from memsvc.api.limits import check_max_k
 from memsvc.collections import Collection, Collections
-from memsvc.contract import Answer, Document, DocumentHit, UpsertResult
+from memsvc.contract import Answer, CollectionStats, Document, DocumentHit, UpsertResult
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=[Depends(authorize)])
 _opening, _loading = threading.Lock(), threading.Lock()  # the LM loads for seconds: its own lock
@@ -50,12 +50,6 @@ class AskRequest(Body):
     question: str
     k: int = Field(4, gt=0, le=20, description="passages given to the model")
     max_new_tokens: int = Field(256, gt=0, le=1024)
-
-
-class CollectionStats(BaseModel):
-    name: str
-    documents: int
-    chunks: int
 
 
 class CollectionList(BaseModel):
@@ -96,7 +90,7 @@ def get_language_model(request: Request) -> tuple[Any, Any]:
 
 
 @router.post("", status_code=201, response_model=CollectionStats, dependencies=[WRITE])
-def create_collection(body: CreateRequest, collections: CollectionsDep, key: Caller) -> dict:
+def create_collection(body: CreateRequest, collections: CollectionsDep, key: Caller) -> CollectionStats:
     """Create an empty collection; 409 if the name is taken."""
     check_name(key, body.name)
     return collections.create(body.name).stats()
@@ -109,7 +103,7 @@ def list_collections(collections: CollectionsDep, key: Caller) -> CollectionList
 
 
 @router.get("/{name}", response_model=CollectionStats)
-def collection_stats(collection: CollectionDep) -> dict:
+def collection_stats(collection: CollectionDep) -> CollectionStats:
     return collection.stats()
 
 

@@ -21,6 +21,7 @@ from memsvc.contract.collections import (
                                     MEMORY_PREFIX,
                                     Answer,
                                     Citation,
+                                    CollectionStats,
                                     Document,
                                     DocumentHit,
                                     UpsertResult,
@@ -53,7 +54,7 @@ from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition
 
 __all__ = [
     "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_PARTITION_LEN", "COLLECTION_NAME", "MEMORY_PREFIX", "NAME_PATTERN",
-    "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CorruptLog", "DataDirInUse", "Document",
+    "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CollectionStats", "CorruptLog", "DataDirInUse", "Document",
     "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoryBackend", "MemorySpec",
     "MemoryStats", "MemsvcError", "Metric", "NotFound", "Partition", "SearchResult", "StorageFull",
     "TooLarge", "Unauthorized", "UpsertResult", "ValueKind", "check_collection_name", "check_ids",

@@ -47,6 +47,15 @@ class UpsertResult:
 
 
 @dataclass(frozen=True)
+class CollectionStats:
+    """What a collection's `stats()` returns: its name and how many documents and chunks it holds."""
+
+    name: str
+    documents: int
+    chunks: int
+
+
+@dataclass(frozen=True)
 class Citation:
     """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
 

@@ -31,7 +31,9 @@ from memsvc.contract import (
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
     NotFound,
+    Partition,
     SearchResult,
     check_ids,
     check_k,
@@ -250,19 +252,19 @@ class Memory:
             with self._rw.write():
                 return self._apply(meta, arrays)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         with self._rw.read():
-            return {
+            return MemoryStats(
                 **self.spec.model_dump(),
-                "count": int(self._keys.size - self._dead),
-                "partitions": [{"name": n, "count": s.count} for n, s in self._shards.items()],
-                "trained": self.spec.index != "ivfpq" or self._template is not None,
-                "train_seconds": self.train_seconds,
-                "snapshot_seconds": self.snapshot_seconds,
-                "device": fx.device() if self.spec.index != "hnsw" else "cpu",
-                "durable": self.path is not None,
-                "log_bytes": self._log.size if self._log is not None else 0,
-            }
+                count=int(self._keys.size - self._dead),
+                partitions=[Partition(name=n, count=s.count) for n, s in self._shards.items()],
+                trained=self.spec.index != "ivfpq" or self._template is not None,
+                train_seconds=self.train_seconds,
+                snapshot_seconds=self.snapshot_seconds,
+                device=fx.device() if self.spec.index != "hnsw" else "cpu",
+                durable=self.path is not None,
+                log_bytes=self._log.size if self._log is not None else 0,
+            )
 
     def __len__(self) -> int:
         return int(self._keys.size - self._dead)

@@ -49,7 +49,9 @@ from memsvc.contract import (
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
     NotFound,
+    Partition,
     SearchResult,
     TooLarge,
     check_ids,
@@ -294,7 +296,7 @@ class MilvusMemory:
                 deleted += count
         return deleted
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         """The spec, the entry count and each partition's count (a scan of the partition field)."""
         parts: Counter[str] = Counter()
         scan = self._milvus("query_iterator", self._collection, batch_size=ID_BATCH, output_fields=["part"])
@@ -302,15 +304,15 @@ class MilvusMemory:
             while batch := scan.next():
                 parts.update(row["part"] for row in batch)
             scan.close()
-        return {
+        return MemoryStats(
             **self.spec.model_dump(),
-            "count": sum(parts.values()),
-            "partitions": [{"name": name or None, "count": count} for name, count in parts.items()],
-            "trained": True,
-            "device": f"milvus ({self._milvus.version})",
-            "durable": True,
-            "log_bytes": 0,
-        }
+            count=sum(parts.values()),
+            partitions=[Partition(name=name or None, count=count) for name, count in parts.items()],
+            trained=True,
+            device=f"milvus ({self._milvus.version})",
+            durable=True,
+            log_bytes=0,
+        )
 
     def __len__(self) -> int:
         return self._count("")
