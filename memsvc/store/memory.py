@@ -174,10 +174,11 @@ class Memory:
         mem._log = SegmentLog(path, max(numbers[-1] if numbers else 1, first))
         return mem
 
-    def close(self) -> None:
-        """Snapshot if the log holds anything, then release the log."""
+    def close(self, snapshot: bool = True) -> None:
+        """Snapshot if the log holds anything (unless `snapshot` is False: the memory is being deleted),
+        then release the log."""
         if self._log is not None:
-            if self._log.size:
+            if snapshot and self._log.size:
                 self.snapshot()
             self._log.close()
             self._log = None
