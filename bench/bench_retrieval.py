@@ -39,7 +39,6 @@ from bench_store import start_server
 from eval_retrieval import DOCS, OUT, RESULTS, CachedEncoder, corpus, faq, glossary
 from rank_bm25 import BM25Okapi
 
-from memsvc.collections import Collections
 from memsvc.config import Settings
 from memsvc.contract import Document
 from memsvc.service import Service
@@ -193,8 +192,8 @@ def rest(args: argparse.Namespace, documents: dict[str, str], counts: Counter,
     for n in args.sizes:
         data_dir = work / f"prefilled-{n}"
         scaled = scaled_documents(documents, counts, n)
-        with Service(Settings(data_dir=data_dir)) as service:
-            col = Collections(service, encoder=lambda: encoder).create("bench")
+        with Service(Settings(data_dir=data_dir), encoder=lambda: encoder) as service:
+            col = service.create_collection("bench")
             start = time.perf_counter()
             for i in range(0, len(scaled), 64):
                 col.upsert(scaled[i:i + 64])

@@ -80,7 +80,7 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     """A KNNLM over an existing memory (NotFound if there is none)."""
     from lm.knnlm import KNNLM
     from lm.model import load_model
-    from memsvc.service import connect
+    from memsvc.connect import connect
 
     with connect(url, data_dir, api_key) as client:
         mem = client.memory(memory)
@@ -105,7 +105,7 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
         texts = read_texts(files)
         from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
         from lm.model import load_model
-        from memsvc.service import connect
+        from memsvc.connect import connect
 
         model_, tokenizer = load_model(model)
         tokenize_documents(tokenizer, texts)

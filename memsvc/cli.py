@@ -15,9 +15,7 @@ from memsvc.config import Settings
 from memsvc.contract import MemsvcError, NotFound
 
 if TYPE_CHECKING:
-    from memsvc.client import RemoteCollection
-    from memsvc.collections import Collection
-    from memsvc.contract import Document
+    from memsvc.contract import CollectionBackend, Document
 
 app = typer.Typer(help="memsvc: retrieval-augmented long-context memory for transformer LMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -52,26 +50,18 @@ Timeout = Annotated[float, typer.Option(min=1, help="seconds to wait for the ser
 
 @contextmanager
 def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None, timeout: float = 600.0,
-                    create: bool = False) -> Iterator[Collection | RemoteCollection]:
+                    create: bool = False) -> Iterator[CollectionBackend]:
     """The collection on the server at `url` (waiting up to `timeout` per request), or in the embedded
     store; created if missing and `create`."""
-    from memsvc.client import MemoryClient
-    from memsvc.collections import Collections
-    from memsvc.service import connect
+    from memsvc.connect import connect
 
-    with connect(url, data_dir, api_key) as conn:
-        if isinstance(conn, MemoryClient):
-            conn.http.timeout = timeout
-            get, make = conn.collection, conn.create_collection
-        else:
-            collections = Collections(conn)
-            get, make = collections.get, collections.create
+    with connect(url, data_dir, api_key, timeout) as client:
         try:
-            col = get(name)
+            col = client.collection(name)
         except NotFound:
             if not create:
                 raise
-            col = make(name)
+            col = client.create_collection(name)
         yield col
 
 
@@ -123,7 +113,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
         raise typer.Exit(1)
 
 
-def upsert_each(col: Collection | RemoteCollection, documents: list[Document],
+def upsert_each(col: CollectionBackend, documents: list[Document],
                 counts: dict[str, int]) -> Iterator[tuple[Document, MemsvcError | None]]:
     """Upsert a batch in one call; if the batch is refused, each document alone, so one bad document
     costs only itself. Yields each document's error (or None), counting outcomes into `counts`."""
@@ -181,13 +171,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         timeout: Timeout = 600.0) -> None:
     """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
-        if url:
-            answer = col.ask(question, k, max_new_tokens)
-        else:
-            from lm.model import load_model
-            from lm.rag import ask as rag_ask
-
-            answer = rag_ask(col, *load_model("smollm2"), question, k, max_new_tokens)
+        answer = col.ask(question, k, max_new_tokens)
     if json_:
         typer.echo(json.dumps(asdict(answer)))
         return

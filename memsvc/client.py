@@ -1,6 +1,7 @@
 """Python client of the REST API: `MemoryClient`, `AsyncMemoryClient` and their remote memories.
 
-A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
+`MemoryClient` is the REST face of the `memsvc.contract.Client` interface (`memsvc.service.Service` is the
+embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
 `MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.contract` error types
 (rebuilt from the server's error body). Vectors travel as npz (`memsvc.contract.wire`).
 
@@ -29,8 +30,10 @@ from memsvc.contract import (
     InvalidInput,
     MemorySpec,
     MemoryStats,
+    SearchMode,
     SearchResult,
     UpsertResult,
+    as_documents,
     check_ids,
     check_k,
     check_partition,
@@ -206,7 +209,7 @@ def _auth(api_key: str | None) -> dict[str, str]:
 # --- sync ---------------------------------------------------------------------------------------
 
 class MemoryClient:
-    """A memsvc server at `url`: create, open, list and delete its memories."""
+    """A memsvc server at `url`: its memories and collections (a `memsvc.contract.Client`)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None):
@@ -287,7 +290,7 @@ class RemoteMemory:
 
 
 class RemoteCollection:
-    """A document collection on a server; the same calls as the in-process `memsvc.collections.Collection`."""
+    """A document collection on a server (a `CollectionBackend`, as the embedded `memsvc.collections.Collection`)."""
 
     def __init__(self, client: MemoryClient, name: str):
         self.client = client
@@ -298,12 +301,12 @@ class RemoteCollection:
 
     def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
         """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
-        return self.upsert([d if isinstance(d, Document) else Document(**d) for d in documents])
+        return self.upsert(as_documents(documents))
 
     def delete(self, document_id: str) -> None:
         self.client.send(delete_document_call(self.name, document_id))
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[DocumentHit]:
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
         return self.client.send(collection_search_call(self.name, query, k, mode))
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:

@@ -12,7 +12,9 @@ version of a document owns one memory partition (a fresh random name kept on its
 
 An unchanged document (same sha256 of text and metadata) is skipped. BM25 state is rebuilt from the
 SQL chunks when a collection is first opened (bench numbers in the report); dense search reads the
-memory. `Collections` is what the API and the embedded CLI share.
+memory. `ask` answers from the best passages with the language model (`lm.rag`), loaded on first use.
+`Collections` are the collections of a `memsvc.service.Service`, which offers them through the `Client`
+calls (create_collection, collection, ...), as `MemoryClient` does over REST.
 """
 from __future__ import annotations
 
@@ -22,23 +24,29 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from memsvc.contract import (
     MAX_DOCUMENT_BYTES,
     MEMORY_PREFIX,
+    SEARCH_MODES,
     AlreadyExists,
+    Answer,
     CollectionStats,
     Document,
     DocumentHit,
     InvalidInput,
+    MemoriesClient,
+    MemoryBackend,
     NotFound,
+    SearchMode,
     TooLarge,
     UpsertResult,
+    as_documents,
     check_collection_name,
     check_json,
     check_k,
@@ -48,12 +56,26 @@ from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
 from retrievers.dense import DenseRetriever, SentenceEncoder
-from retrievers.hybrid import MODES, HybridRetriever, Mode
-
-if TYPE_CHECKING:  # memsvc.service imports the client, which imports this module's data types
-    from memsvc.service import Service
+from retrievers.hybrid import HybridRetriever
 
 EMBED_BATCH = 256
+T = TypeVar("T")
+LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.load_model gives them
+
+
+class Lazy(Generic[T]):
+    """`factory()`, made once on first use (by whichever thread asks first) and then kept."""
+
+    def __init__(self, factory: Callable[[], T]):
+        self._factory = factory
+        self._made: list[T] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if not self._made:
+                self._made.append(self._factory())
+            return self._made[0]
 
 
 def content_hash(document: Document) -> str:
@@ -61,13 +83,14 @@ def content_hash(document: Document) -> str:
 
 
 class Collection:
-    """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them."""
+    """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them; a
+    `CollectionBackend`."""
 
-    def __init__(self, name: str, row_id: int, service: Service, sessions: sessionmaker[Session],
-                 encoder: SentenceEncoder, chunker: Chunker):
-        self.name, self.row_id = name, row_id
-        self.memory = service.memory(MEMORY_PREFIX + name)
+    def __init__(self, name: str, row_id: int, memory: MemoryBackend, sessions: sessionmaker[Session],
+                 encoder: SentenceEncoder, chunker: Chunker, language_model: Callable[[], LanguageModel]):
+        self.name, self.row_id, self.memory = name, row_id, memory
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
+        self._language_model = language_model
         self._lock = threading.Lock()  # one writer at a time; searches use the retrievers they find
         self.bm25 = BM25Retriever()
         with sessions() as session:
@@ -111,6 +134,10 @@ class Collection:
                             unchanged=[d.id for d in documents if d not in changed],
                             chunks=sum(len(chunks[d.id]) for d in changed))
 
+    def add_documents(self, documents: Sequence[Document | dict[str, Any]]) -> UpsertResult:
+        """`upsert` of documents given as `Document`s or dicts {id, text, metadata?}."""
+        return self.upsert(as_documents(documents))
+
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
         with self._lock:
@@ -124,10 +151,10 @@ class Collection:
             self.bm25.remove(document_id)
             self._refresh()
 
-    def search(self, query: str, k: int = 10, mode: Mode = "hybrid") -> list[DocumentHit]:
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
         """The k best chunks for the query with their text and document metadata, best first."""
-        if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        if mode not in SEARCH_MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
         hits = self.hybrid.search(query, check_k(k), mode)
         with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
             found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
@@ -135,6 +162,14 @@ class Collection:
             rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
+
+    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        """Retrieve k passages, answer the question from them with the language model (loaded on the first
+        ask), cite them (`lm.rag.ask`)."""
+        from lm.rag import ask
+
+        model, tokenizer = self._language_model()
+        return ask(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self._vector_ids), len(self.bm25))
@@ -187,13 +222,16 @@ def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
 
 
 class Collections:
-    """The collections of a `Service`, each opened once (on first use) and kept open."""
+    """The collections of a catalog `engine`, their vectors in `memories` (`col.<name>`), each opened once
+    (on first use) and kept open. The embedder and the language model are made on first use, so a server
+    that never sees a collection never loads them."""
 
-    def __init__(self, service: Service, encoder: Callable[[], SentenceEncoder] = SentenceEncoder):
-        self.service = service
-        self._sessions = sessionmaker(service.catalog.engine, expire_on_commit=False)
-        self._make_encoder = encoder
-        self._encoder: SentenceEncoder | None = None
+    def __init__(self, engine: Engine, memories: MemoriesClient, encoder: Callable[[], SentenceEncoder],
+                 language_model: Callable[[], LanguageModel]):
+        self.memories = memories
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._encoder = Lazy(encoder)
+        self._language_model = Lazy(language_model)
         self._open: dict[str, Collection] = {}
         self._lock = threading.RLock()
 
@@ -205,8 +243,9 @@ class Collections:
                 session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name))
         except IntegrityError:
             raise AlreadyExists(f"collection '{name}' already exists", "name") from None
+        spec = DenseRetriever.spec(MEMORY_PREFIX + name, self.encoder)
         try:
-            self.service.create(DenseRetriever.spec(MEMORY_PREFIX + name, self.encoder))
+            self.memories.create_memory(spec.name, spec.dim, spec.metric)
         except BaseException:
             self._delete_row(name)
             raise
@@ -219,8 +258,8 @@ class Collections:
                     row = session.scalar(select(CollectionRow).where(CollectionRow.name == name))
                 if row is None:
                     raise NotFound(f"collection '{name}' not found", "name")
-                self._open[name] = Collection(name, row.id, self.service, self._sessions, self.encoder,
-                                              Chunker(self.encoder.tokenizer))
+                self._open[name] = Collection(name, row.id, self.memories.memory(row.memory), self._sessions,
+                                              self.encoder, Chunker(self.encoder.tokenizer), self._language_model)
             return self._open[name]
 
     def list(self) -> list[str]:
@@ -233,15 +272,12 @@ class Collections:
             self._delete_row(name)
             self._open.pop(name, None)
         with suppress(NotFound):
-            self.service.delete_memory(MEMORY_PREFIX + name)
+            self.memories.delete_memory(MEMORY_PREFIX + name)
 
     @property
     def encoder(self) -> SentenceEncoder:
-        """The embedder, loaded on first use (a server that never sees a collection never loads it)."""
-        with self._lock:
-            if self._encoder is None:
-                self._encoder = self._make_encoder()
-            return self._encoder
+        """The embedder, loaded on first use."""
+        return self._encoder()
 
     def _delete_row(self, name: str) -> None:
         with self._sessions.begin() as session:

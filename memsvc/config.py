@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
+    model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
+                                              "model directory or a .gguf file")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from memsvc.cli import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
+from memsvc.connect import connect
 from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
 from memsvc.contract.wire import NPZ, decode_npz, encode_npz, search_result
 from memsvc.db import Catalog
-from memsvc.service import Service, connect
+from memsvc.service import Service
 
 KEY = "secret-key"
 LIMITS = {"MEMSVC_MAX_BODY_BYTES": str(256 << 10), "MEMSVC_MAX_BATCH": "500", "MEMSVC_MAX_K": "64",

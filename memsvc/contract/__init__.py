@@ -15,16 +15,20 @@ from memsvc.contract.checks import (
                                     check_vectors,
                                     invalid_input,
 )
+from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
                                     COLLECTION_NAME,
                                     MAX_DOCUMENT_BYTES,
                                     MEMORY_PREFIX,
+                                    SEARCH_MODES,
                                     Answer,
                                     Citation,
                                     CollectionStats,
                                     Document,
                                     DocumentHit,
+                                    SearchMode,
                                     UpsertResult,
+                                    as_documents,
                                     check_collection_name,
 )
 from memsvc.contract.errors import (
@@ -54,10 +58,11 @@ from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition
 
 __all__ = [
     "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_PARTITION_LEN", "COLLECTION_NAME", "MEMORY_PREFIX", "NAME_PATTERN",
-    "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CollectionStats", "CorruptLog", "DataDirInUse", "Document",
-    "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoryBackend", "MemorySpec",
-    "MemoryStats", "MemsvcError", "Metric", "NotFound", "Partition", "SearchResult", "StorageFull",
-    "TooLarge", "Unauthorized", "UpsertResult", "ValueKind", "check_collection_name", "check_ids",
-    "check_json", "check_k", "check_partition", "check_payloads", "check_values", "check_vectors",
-    "default_pq_m", "error_from_dict", "invalid_input", "spec_from",
+    "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "Client",
+    "CollectionBackend", "CollectionStats", "CorruptLog", "DataDirInUse", "Document", "DocumentHit",
+    "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient", "MemoryBackend", "MemorySpec",
+    "MemoryStats", "MemsvcError", "Metric", "NotFound", "Partition", "SearchMode", "SearchResult",
+    "StorageFull", "TooLarge", "Unauthorized", "UpsertResult", "ValueKind", "as_documents",
+    "check_collection_name", "check_ids", "check_json", "check_k", "check_partition", "check_payloads",
+    "check_values", "check_vectors", "default_pq_m", "error_from_dict", "invalid_input", "spec_from",
 ]
