@@ -11,8 +11,9 @@ version of a document owns one memory partition (a fresh random name kept on its
   or its new version.
 
 An unchanged document (same sha256 of text and metadata) is skipped. BM25 state is rebuilt from the
-SQL chunks when a collection is first opened (bench numbers in the report); dense search reads the
-memory. `ask` answers from the best passages with the language model (`lm.rag`), loaded on first use.
+SQL chunks when a collection is first opened (bench numbers in the report); the collection writes chunk
+vectors through its `DenseIndex` (the one writer of dense vectors) and publishes a version's vector ids
+once its rows commit; dense search reads the memory. `ask` answers from the best passages with the language model (`lm.rag`), loaded on first use.
 `Collections` are the collections of a `memsvc.service.Service`, which offers them through the `Client`
 calls (create_collection, collection, ...), as `MemoryClient` does over REST.
 """
@@ -55,7 +56,7 @@ from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
-from retrievers.dense import DenseRetriever, SentenceEncoder
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
 from retrievers.hybrid import HybridRetriever
 
 EMBED_BATCH = 256
@@ -91,17 +92,17 @@ class Collection:
         self.name, self.row_id, self.memory = name, row_id, memory
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
-        self._lock = threading.Lock()  # one writer at a time; searches use the retrievers they find
+        self._lock = threading.Lock()  # one writer at a time
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
-            self._vector_ids = {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
+            self.dense = DenseIndex(memory, encoder, _vector_ids(documents), batch=EMBED_BATCH)
             self.bm25.add(_chunks(documents))
             committed = {d.partition for d in documents}
         for partition in self.memory.stats().partitions:  # left by an upsert that never committed
             if partition.name is not None and partition.name not in committed:
                 self.memory.delete(partition=partition.name)
-        self._refresh()
+        self.hybrid = HybridRetriever(self.bm25, DenseRetriever(self.dense))
 
     def upsert(self, documents: Sequence[Document]) -> UpsertResult:
         """Add or replace documents by id, all or nothing; unchanged ones are skipped."""
@@ -123,12 +124,11 @@ class Collection:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
                         self.memory.delete(partition=partition)
                 raise
-            for document, row in zip(changed, rows):
+            self.dense.publish(_vector_ids(rows))
+            for document in changed:
                 if document.id in old:
                     self.memory.delete(partition=old[document.id].partition)
-                self._vector_ids[document.id] = {c.chunk_id: c.vector_id for c in row.chunks}
             self.bm25.add(c for d in changed for c in chunks[d.id])
-            self._refresh()
         return UpsertResult(added=[d.id for d in changed if d.id not in old],
                             updated=[d.id for d in changed if d.id in old],
                             unchanged=[d.id for d in documents if d not in changed],
@@ -146,10 +146,9 @@ class Collection:
                 if row is None:
                     raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
                 session.delete(row)
+            self.dense.publish({document_id: None})
             self.memory.delete(partition=row.partition)
-            self._vector_ids.pop(document_id, None)
             self.bm25.remove(document_id)
-            self._refresh()
 
     def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
         """The k best chunks for the query with their text and document metadata, best first."""
@@ -172,7 +171,7 @@ class Collection:
         return ask(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
-        return CollectionStats(self.name, len(self._vector_ids), len(self.bm25))
+        return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))
 
     def _documents(self):
         return select(DocumentRow).where(DocumentRow.collection_id == self.row_id)
@@ -202,23 +201,20 @@ class Collection:
         """Embed and store one document version's vectors in a new partition; its (uncommitted) row."""
         partition = uuid.uuid4().hex
         written.append(partition)
-        vector_ids = []
-        for start in range(0, len(chunks), EMBED_BATCH):
-            batch = chunks[start:start + EMBED_BATCH]
-            vector_ids += self.memory.add(self.encoder.encode([c.text for c in batch]),
-                                          payloads=[c.id for c in batch], partition=partition).tolist()
+        vector_ids = self.dense.store(chunks, partition)
         return DocumentRow(collection_id=self.row_id, document_id=document.id, content_hash=content_hash(document),
                            partition=partition, meta=document.metadata,
                            chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text, vector_id=v)
                                    for n, (c, v) in enumerate(zip(chunks, vector_ids))])
 
-    def _refresh(self) -> None:
-        """Point dense search at the committed vectors (swapped whole, so searches never see a mix)."""
-        self.hybrid = HybridRetriever(self.bm25, DenseRetriever(self.memory, self.encoder, self._vector_ids))
-
 
 def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
     return (Chunk(c.chunk_id, d.document_id, c.text, c.section) for d in documents for c in d.chunks)
+
+
+def _vector_ids(documents: Iterable[DocumentRow]) -> dict[str, dict[str, int]]:
+    """document id -> chunk id -> vector id of these SQL rows."""
+    return {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
 
 
 class Collections:
@@ -243,7 +239,7 @@ class Collections:
                 session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name))
         except IntegrityError:
             raise AlreadyExists(f"collection '{name}' already exists", "name") from None
-        spec = DenseRetriever.spec(MEMORY_PREFIX + name, self.encoder)
+        spec = DenseIndex.spec(MEMORY_PREFIX + name, self.encoder)
         try:
             self.memories.create_memory(spec.name, spec.dim, spec.metric)
         except BaseException:
