@@ -15,7 +15,7 @@ from conftest import ServerProcess
 from sqlalchemy import create_engine, make_url, text
 from typer.testing import CliRunner
 
-from memsvc.cli import app
+from memsvc.cli.commands import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.connect import connect
 from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized

@@ -323,7 +323,7 @@ SMALL_DOCS = ("copy.rst.txt", "fnmatch.rst.txt", "atexit.rst.txt", "tomllib.rst.
 def run_cli(*args: str):
     from typer.testing import CliRunner
 
-    from memsvc.cli import app
+    from memsvc.cli.commands import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -266,7 +266,7 @@ def cli(tiny, tmp_path_factory):
     import typer
     from typer.testing import CliRunner
 
-    from lm.cli import generate, knnlm_app
+    from memsvc.cli.model import generate, knnlm_app
 
     model_dir = tmp_path_factory.mktemp("tiny-model")
     tiny[0].save_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli`.
+"""`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli.commands`.
 
 torch and transformers are imported inside the commands; bad options fail with a one-line message and
 exit status 2 before the model is loaded.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from lm.cli import ApiKey, Model, Url, cli_errors
+from memsvc.cli.model import ApiKey, Model, Url, cli_errors
 from memsvc.contract import InvalidInput
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from lm.cli import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
+from memsvc.cli.model import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
 from memsvc.config import Settings
 from memsvc.contract import MemsvcError, NotFound
 
@@ -182,8 +182,8 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
 
 def _register_model_commands() -> None:
     """The model-side commands live with their code in `lm`; their modules import torch lazily."""
-    from lm.cli import generate, knnlm_app
-    from lm.cli_long import eval_long, train_gate
+    from memsvc.cli.longctx import eval_long, train_gate
+    from memsvc.cli.model import generate, knnlm_app
 
     app.add_typer(knnlm_app, name="knnlm")
     app.command()(generate)
@@ -193,5 +193,3 @@ def _register_model_commands() -> None:
 
 _register_model_commands()
 
-if __name__ == "__main__":
-    app()
