@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.model import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Url, cli_errors
 from memsvc.config import Settings
 from memsvc.contract import MemsvcError, NotFound
 
@@ -30,7 +30,7 @@ def main() -> None:
 def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(envvar="MEMSVC_PORT", help="port")] = 8000,
           data_dir: Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="memories and catalog")]
-          = Path("memsvc-data")) -> None:
+          = DEFAULT_DATA_DIR) -> None:
     """Serve the REST API (docs at /docs); other MEMSVC_* environment variables set the rest."""
     import uvicorn
 
@@ -82,7 +82,7 @@ def ingest_files(paths: list[Path]) -> list[tuple[str, Path]]:
 @app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directories (recursed)")],
            collection: CollectionName, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-           api_key: ApiKey = None, timeout: Timeout = 600.0,
+           api_key: ApiKeyOption = None, timeout: Timeout = 600.0,
            batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16) -> None:
     """Upsert files as documents into the collection (created if missing); unchanged files are skipped.
 
@@ -149,7 +149,7 @@ def skip(what: str, why: str, counts: dict[str, int]) -> None:
 def search(query: Annotated[str, typer.Argument(help="what to look for")], collection: CollectionName,
            mode: Annotated[Literal["bm25", "dense", "hybrid"], typer.Option(help="retriever")] = "hybrid",
            k: Annotated[int, typer.Option("--k", help="hits to show")] = 10, json_: Json = False,
-           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
            timeout: Timeout = 600.0) -> None:
     """The collection's best chunks for QUERY."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
@@ -167,7 +167,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         collection: CollectionName,
         k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
-        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
         timeout: Timeout = 600.0) -> None:
     """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
@@ -181,7 +181,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
 
 
 def _register_model_commands() -> None:
-    """The model-side commands live with their code in `lm`; their modules import torch lazily."""
+    """The model-side commands (`memsvc.cli.model`, `memsvc.cli.longctx`); they import torch lazily."""
     from memsvc.cli.longctx import eval_long, train_gate
     from memsvc.cli.model import generate, knnlm_app
 
