@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
 from memsvc.api.limits import check_max_k
+from memsvc.api.schemas import Body
 from memsvc.contract import (
     Answer,
     CollectionBackend,
@@ -26,10 +27,6 @@ from memsvc.contract import (
 )
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=[Depends(authorize)])
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CreateRequest(Body):
@@ -46,7 +43,7 @@ class DocumentsRequest(Body):
     documents: list[DocumentIn]
 
 
-class SearchRequest(Body):
+class CollectionSearchRequest(Body):
     query: str
     k: int = Field(10, gt=0)
     mode: SearchMode = "hybrid"
@@ -62,7 +59,7 @@ class CollectionList(BaseModel):
     collections: list[str]
 
 
-class SearchResponse(BaseModel):
+class CollectionSearchResponse(BaseModel):
     hits: list[DocumentHit]
 
 
@@ -108,11 +105,11 @@ def delete_document(document_id: str, collection: CollectionDep) -> None:
     collection.delete(document_id)
 
 
-@router.post("/{name}/search", response_model=SearchResponse)
-def search(body: SearchRequest, collection: CollectionDep, settings: SettingsDep) -> SearchResponse:
+@router.post("/{name}/search", response_model=CollectionSearchResponse)
+def search(body: CollectionSearchRequest, collection: CollectionDep, settings: SettingsDep) -> CollectionSearchResponse:
     """The k best chunks for the query, best first."""
     check_max_k(body.k, settings)
-    return SearchResponse(hits=collection.search(body.query, body.k, body.mode))
+    return CollectionSearchResponse(hits=collection.search(body.query, body.k, body.mode))
 
 
 @router.post("/{name}/ask", response_model=Answer)
