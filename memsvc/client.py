@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-import orjson
 
 from memsvc.contract import (
     Answer,
@@ -43,7 +42,7 @@ from memsvc.contract import (
     error_from_dict,
     spec_from,
 )
-from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
+from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, loads_json, search_result
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -71,8 +70,8 @@ class Call:
         """The result of a response, or the typed error the server sent."""
         if response.is_error:
             try:
-                body = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
+                body = loads_json(response.content)
+            except ValueError:
                 body = {"error": {"message": f"HTTP {response.status_code}: {response.text[:200]}"}}
             exc = error_from_dict(body)
             exc.status = response.status_code  # what the server answered, for callers that log it

@@ -32,10 +32,11 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
           data_dir: Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="memories and catalog")]
           = DEFAULT_DATA_DIR) -> None:
     """Serve the REST API (docs at /docs); other MEMSVC_* environment variables set the rest."""
-    import uvicorn
+    with cli_errors():
+        import uvicorn
 
-    from memsvc.api.app import create_app
-    from memsvc.observability import configure_logging
+        from memsvc.api.app import create_app
+        from memsvc.observability import configure_logging
 
     settings = Settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level)

@@ -1,5 +1,5 @@
 """What the commands share: where the memories are (`--url` or `--data-dir`), the server's key, the model,
-and one way to report a user's error (`cli_errors`). Typer option aliases end in `Option` where a bare name
+and one way to report a user's error or a missing part (`cli_errors`). Typer option aliases end in `Option` where a bare name
 would shadow a domain class (`MemoryOption`, `WindowOption`, `ApiKeyOption`)."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from memsvc.cli import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
 from memsvc.contract import MemsvcError
 
@@ -23,9 +24,16 @@ Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory 
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Typed errors become `error: message` on stderr and exit status 2."""
+    """Typed errors, and a part of memsvc this install leaves out, become one line on stderr (`error: ...`)
+    and exit status 2."""
     try:
         yield
     except MemsvcError as exc:
         typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    except ModuleNotFoundError as exc:
+        message = missing_part(exc)
+        if message is None:
+            raise
+        typer.echo(message, err=True)
         raise typer.Exit(2) from None
