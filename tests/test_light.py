@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memsvc.cli import EXTRA_OF
+from memsvc.cli.extras import EXTRA_OF
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("faiss", "sqlalchemy", "torch", "scipy", "fastapi", "transformers")

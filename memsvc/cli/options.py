@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from memsvc.cli import missing_part
+from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
 from memsvc.contract import MemsvcError
 
