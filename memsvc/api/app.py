@@ -21,7 +21,7 @@ from memsvc.collections import LanguageModel
 from memsvc.config import Settings
 from memsvc.observability import Metrics, Observe
 from memsvc.service import Service
-from memsvc.store import Memory, Store
+from memsvc.store import Memory
 
 if TYPE_CHECKING:
     from retrievers.dense import SentenceEncoder
@@ -30,9 +30,8 @@ ROUTERS = (health.router, metrics.router, memories.router, collections.router)
 
 
 def open_memories(app: FastAPI) -> list[Memory]:
-    """What /metrics reports on: the FAISS memories opened since start (Milvus has its own metrics)."""
-    store = app.state.service.store
-    return store.loaded() if isinstance(store, Store) else []
+    """What /metrics reports on: the FAISS memories opened since start (none with Milvus)."""
+    return app.state.service.store.loaded()
 
 
 def create_app(settings: Settings | None = None, *, encoder: Callable[[], SentenceEncoder] | None = None,

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -61,6 +61,9 @@ from memsvc.contract import (
     check_values,
     check_vectors,
 )
+
+if TYPE_CHECKING:
+    from memsvc.store.memory import Memory
 
 PREFIX = "memsvc_"
 SPEC, NEXT_ID, PAYLOADS = "memsvc.spec", "memsvc.next_id", "memsvc.payloads"  # collection properties
@@ -356,6 +359,10 @@ class MilvusStore:
 
     def names(self) -> list[str]:
         return sorted(memory_name(c) for c in self._milvus("list_collections") if c.startswith(PREFIX))
+
+    def loaded(self) -> list[Memory]:
+        """The in-process memories for /metrics to report on: none (Milvus has its own metrics)."""
+        return []
 
     def create(self, spec: MemorySpec) -> MilvusMemory:
         collection = collection_name(spec.name)
