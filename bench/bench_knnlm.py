@@ -278,7 +278,7 @@ def overhead(size: int = 200_000, tokens: int = 40, indexes: str = "flat,hnsw,iv
                 memory = client.memory(name)
             except NotFound:
                 memory = client.create_memory(**datastore_spec(name, model, index))
-            if memory.stats()["count"] != size:
+            if memory.stats().count != size:
                 client.delete_memory(name)
                 memory = client.create_memory(**datastore_spec(name, model, index))
                 t = time.perf_counter()

@@ -1,6 +1,6 @@
 """Retrieval speed: ingestion chunks/s, and search QPS and p50/p99 latency per mode at 10K and 100K chunks.
 
-In-process: `HybridRetriever` over `BM25Retriever` and a `DenseRetriever` on an in-RAM flat
+In-process: `HybridRetriever` over `BM25Retriever` and a `DenseRetriever` (its `DenseIndex`) on an in-RAM flat
 `memsvc.store.Memory`, one query at a time on one thread. The chunks are the Python docs (all reST
 sources, default chunk size), repeated under new document ids up to the target count; search cost
 depends on the count, not on the copies being alike. Chunk vectors come from the embedding cache that
@@ -39,7 +39,6 @@ from bench_store import start_server
 from eval_retrieval import DOCS, OUT, RESULTS, CachedEncoder, corpus, faq, glossary
 from rank_bm25 import BM25Okapi
 
-from memsvc.collections import Collections
 from memsvc.config import Settings
 from memsvc.contract import Document
 from memsvc.service import Service
@@ -47,7 +46,7 @@ from memsvc.store import Memory
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever, tokenize
 from retrievers.chunking import Chunker
-from retrievers.dense import DenseRetriever, SentenceEncoder
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
 from retrievers.hybrid import HybridRetriever
 
 
@@ -126,14 +125,14 @@ def main() -> None:
         bm25 = BM25Retriever()
         _, add_s = timed(bm25.add, docs)
         _, build_s = timed(bm25.search, "warm up", 1)
-        dense = DenseRetriever(Memory(DenseRetriever.spec("bench", cached)), cached)
+        dense = DenseIndex(Memory(DenseIndex.spec("bench", cached)), cached)
         _, dense_s = timed(dense.add, docs)
         vectors = live.encode(queries)
         row = {"chunks": n, "live embedding chunks/s": len(sample) / seconds,
                "bm25 ingest chunks/s": n / (add_s + build_s), "bm25 index build s": build_s,
                "dense ingest chunks/s (cached vectors)": n / dense_s}
         for mode in ("bm25", "dense", "hybrid"):  # a fresh dense retriever: no query embeddings cached
-            hybrid = HybridRetriever(bm25, DenseRetriever(dense.memory, live, dense.vector_ids))
+            hybrid = HybridRetriever(bm25, DenseRetriever(dense, live))
             row[mode] = latencies(partial(hybrid.search, k=args.k, mode=mode), queries)
         row["memory.search only"] = latencies(partial(dense.memory.search, k=args.k),
                                               [vectors[i:i + 1] for i in range(len(queries))])
@@ -193,13 +192,13 @@ def rest(args: argparse.Namespace, documents: dict[str, str], counts: Counter,
     for n in args.sizes:
         data_dir = work / f"prefilled-{n}"
         scaled = scaled_documents(documents, counts, n)
-        with Service(Settings(data_dir=data_dir)) as service:
-            col = Collections(service, encoder=lambda: encoder).create("bench")
+        with Service(Settings(data_dir=data_dir), encoder=lambda: encoder) as service:
+            col = service.create_collection("bench")
             start = time.perf_counter()
             for i in range(0, len(scaled), 64):
                 col.upsert(scaled[i:i + 64])
             seconds = time.perf_counter() - start
-            chunks = col.stats()["chunks"]
+            chunks = col.stats().chunks
         row = {"chunks": chunks, "documents": len(scaled), "ingest": "in-process Collections, cached vectors",
                "ingest chunks/s": chunks / seconds, "ingest s": seconds}
         proc, url = start_server(data_dir)

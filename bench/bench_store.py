@@ -114,7 +114,7 @@ def bench_config(index: str, n: int, work: Path) -> list[dict]:
         client = MemoryClient(url, timeout=600)
         remote = client.create_memory("bench", **spec)
         rest_add = timed_adds(lambda k, v: remote.add(k, values=v), keys)
-        while not remote.stats()["trained"]:
+        while not remote.stats().trained:
             time.sleep(0.5)
         http = httpx.Client(base_url=url, timeout=600)
 

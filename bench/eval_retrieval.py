@@ -39,7 +39,7 @@ from memsvc.store import Memory
 from retrievers.base import Hit
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, split_sections
-from retrievers.dense import DenseRetriever, SentenceEncoder, model_path
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, model_path
 from retrievers.hybrid import DEFAULT_FUSION, RRF, Fusion, HybridRetriever, ScoreFusion
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -203,9 +203,10 @@ def main() -> None:
           f"in {time.perf_counter() - t0:.1f}s")
 
     encoder = CachedEncoder(OUT / "embeddings-minilm.npz")
-    dense = DenseRetriever(Memory(DenseRetriever.spec("eval", encoder)), encoder)
-    hybrid = HybridRetriever(BM25Retriever(), dense, depth=DEPTH)
-    hybrid.add(chunks)
+    bm25, index = BM25Retriever(), DenseIndex(Memory(DenseIndex.spec("eval", encoder)), encoder)
+    index.add(chunks)
+    bm25.add(chunks)
+    hybrid = HybridRetriever(bm25, DenseRetriever(index), depth=DEPTH)
 
     halves: dict[str, list[int]] = {"A": [], "B": []}
     for kind in KINDS:  # each query set split in two by a seeded shuffle

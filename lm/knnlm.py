@@ -330,7 +330,7 @@ class KNNLM:
 
     def _entries(self) -> int:
         """Entries in the unpartitioned datastore (continuous-cache partitions excluded)."""
-        return next((p["count"] for p in self.memory.stats()["partitions"] if p["name"] is None), 0)
+        return next((p.count for p in self.memory.stats().partitions if p.name is None), 0)
 
     # --- build -----------------------------------------------------------------------------------
 
@@ -376,7 +376,7 @@ class KNNLM:
         windows join the datastore while it is read (a temporary partition, deleted afterwards)."""
         k = self.params(k=k).k
         docs = tokenize_documents(self.tokenizer, texts)
-        if not self.memory.stats()["count"]:
+        if not self.memory.stats().count:
             raise InvalidInput(f"memory '{self.memory.spec.name}' is empty; build the datastore first", "memory")
         parts = []
         for enc in encode(self.model, docs, (self.key,), self.window, self.batch_size, self.progress):

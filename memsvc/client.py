@@ -1,6 +1,7 @@
 """Python client of the REST API: `MemoryClient`, `AsyncMemoryClient` and their remote memories.
 
-A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
+`MemoryClient` is the REST face of the `memsvc.contract.Client` interface (`memsvc.service.Service` is the
+embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
 `MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.contract` error types
 (rebuilt from the server's error body). Vectors travel as npz (`memsvc.contract.wire`).
 
@@ -17,18 +18,21 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-import orjson
 
 from memsvc.contract import (
     Answer,
     Citation,
+    CollectionStats,
     Document,
     DocumentHit,
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
+    SearchMode,
     SearchResult,
     UpsertResult,
+    as_documents,
     check_ids,
     check_k,
     check_keys,
@@ -38,7 +42,7 @@ from memsvc.contract import (
     error_from_dict,
     spec_from,
 )
-from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, search_result
+from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, loads_json, search_result
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -66,8 +70,8 @@ class Call:
         """The result of a response, or the typed error the server sent."""
         if response.is_error:
             try:
-                body = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
+                body = loads_json(response.content)
+            except ValueError:
                 body = {"error": {"message": f"HTTP {response.status_code}: {response.text[:200]}"}}
             exc = error_from_dict(body)
             exc.status = response.status_code  # what the server answered, for callers that log it
@@ -94,6 +98,11 @@ def _npz_call(path: str, read: Callable[[Any], Any], **fields: Any) -> Call:
 
 def _spec(fields: dict[str, Any]) -> MemorySpec:
     return MemorySpec(**{name: fields[name] for name in MemorySpec.model_fields})
+
+
+def _stats(fields: dict[str, Any]) -> MemoryStats:
+    """The stats the server sent (fields a newer server adds are left out)."""
+    return MemoryStats(**{name: fields[name] for name in MemoryStats.model_fields if name in fields})
 
 
 # --- the calls: inputs are checked here with the in-process Memory's own check functions -----------
@@ -123,7 +132,7 @@ def metadata_call(name: str, metadata: dict[str, Any]) -> Call:
 
 
 def stats_call(spec: MemorySpec) -> Call:
-    return Call("GET", _path(spec.name))
+    return Call("GET", _path(spec.name), _stats)
 
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
@@ -158,6 +167,10 @@ def create_collection_call(name: str) -> Call:
 
 def collection_call(name: str) -> Call:
     return Call("GET", _collection_path(name), lambda f: f["name"])
+
+
+def collection_stats_call(name: str) -> Call:
+    return Call("GET", _collection_path(name), lambda f: CollectionStats(**f))
 
 
 def list_collections_call() -> Call:
@@ -195,7 +208,7 @@ def _auth(api_key: str | None) -> dict[str, str]:
 # --- sync ---------------------------------------------------------------------------------------
 
 class MemoryClient:
-    """A memsvc server at `url`: create, open, list and delete its memories."""
+    """A memsvc server at `url`: its memories and collections (a `memsvc.contract.Client`)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None):
@@ -268,7 +281,7 @@ class RemoteMemory:
     def delete(self, ids: Any = None, partition: str | None = None) -> int:
         return self.client.send(delete_call(self.spec, ids, partition))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         return self.client.send(stats_call(self.spec))
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
@@ -276,7 +289,7 @@ class RemoteMemory:
 
 
 class RemoteCollection:
-    """A document collection on a server; the same calls as the in-process `memsvc.collections.Collection`."""
+    """A document collection on a server (a `CollectionBackend`, as the embedded `memsvc.collections.Collection`)."""
 
     def __init__(self, client: MemoryClient, name: str):
         self.client = client
@@ -287,19 +300,19 @@ class RemoteCollection:
 
     def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
         """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
-        return self.upsert([d if isinstance(d, Document) else Document(**d) for d in documents])
+        return self.upsert(as_documents(documents))
 
     def delete(self, document_id: str) -> None:
         self.client.send(delete_document_call(self.name, document_id))
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[DocumentHit]:
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
         return self.client.send(collection_search_call(self.name, query, k, mode))
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
 
-    def stats(self) -> dict[str, Any]:
-        return self.client.send(Call("GET", _collection_path(self.name)))
+    def stats(self) -> CollectionStats:
+        return self.client.send(collection_stats_call(self.name))
 
 
 # --- async ---------------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ class AsyncRemoteMemory:
     async def delete(self, ids: Any = None, partition: str | None = None) -> int:
         return await self.client.send(delete_call(self.spec, ids, partition))
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> MemoryStats:
         return await self.client.send(stats_call(self.spec))
 
     async def set_metadata(self, metadata: dict[str, Any]) -> None:

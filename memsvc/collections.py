@@ -11,8 +11,11 @@ version of a document owns one memory partition (a fresh random name kept on its
   or its new version.
 
 An unchanged document (same sha256 of text and metadata) is skipped. BM25 state is rebuilt from the
-SQL chunks when a collection is first opened (bench numbers in the report); dense search reads the
-memory. `Collections` is what the API and the embedded CLI share.
+SQL chunks when a collection is first opened (bench numbers in the report); the collection writes chunk
+vectors through its `DenseIndex` (the one writer of dense vectors) and publishes a version's vector ids
+once its rows commit; dense search reads the memory. `ask` answers from the best passages with the language model (`lm.rag`), loaded on first use.
+`Collections` are the collections of a `memsvc.service.Service`, which offers them through the `Client`
+calls (create_collection, collection, ...), as `MemoryClient` does over REST.
 """
 from __future__ import annotations
 
@@ -22,22 +25,29 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from memsvc.contract import (
     MAX_DOCUMENT_BYTES,
     MEMORY_PREFIX,
+    SEARCH_MODES,
     AlreadyExists,
+    Answer,
+    CollectionStats,
     Document,
     DocumentHit,
     InvalidInput,
+    MemoriesClient,
+    MemoryBackend,
     NotFound,
+    SearchMode,
     TooLarge,
     UpsertResult,
+    as_documents,
     check_collection_name,
     check_json,
     check_k,
@@ -46,13 +56,27 @@ from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
-from retrievers.dense import DenseRetriever, SentenceEncoder
-from retrievers.hybrid import MODES, HybridRetriever, Mode
-
-if TYPE_CHECKING:  # memsvc.service imports the client, which imports this module's data types
-    from memsvc.service import Service
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
+from retrievers.hybrid import HybridRetriever
 
 EMBED_BATCH = 256
+T = TypeVar("T")
+LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.load_model gives them
+
+
+class Lazy(Generic[T]):
+    """`factory()`, made once on first use (by whichever thread asks first) and then kept."""
+
+    def __init__(self, factory: Callable[[], T]):
+        self._factory = factory
+        self._made: list[T] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if not self._made:
+                self._made.append(self._factory())
+            return self._made[0]
 
 
 def content_hash(document: Document) -> str:
@@ -60,24 +84,25 @@ def content_hash(document: Document) -> str:
 
 
 class Collection:
-    """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them."""
+    """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them; a
+    `CollectionBackend`."""
 
-    def __init__(self, name: str, row_id: int, service: Service, sessions: sessionmaker[Session],
-                 encoder: SentenceEncoder, chunker: Chunker):
-        self.name, self.row_id = name, row_id
-        self.memory = service.memory(MEMORY_PREFIX + name)
+    def __init__(self, name: str, row_id: int, memory: MemoryBackend, sessions: sessionmaker[Session],
+                 encoder: SentenceEncoder, chunker: Chunker, language_model: Callable[[], LanguageModel]):
+        self.name, self.row_id, self.memory = name, row_id, memory
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
-        self._lock = threading.Lock()  # one writer at a time; searches use the retrievers they find
+        self._language_model = language_model
+        self._lock = threading.Lock()  # one writer at a time
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
-            self._vector_ids = {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
+            self.dense = DenseIndex(memory, encoder, _vector_ids(documents), batch=EMBED_BATCH)
             self.bm25.add(_chunks(documents))
             committed = {d.partition for d in documents}
-        for partition in self.memory.stats()["partitions"]:  # left by an upsert that never committed
-            if partition["name"] is not None and partition["name"] not in committed:
-                self.memory.delete(partition=partition["name"])
-        self._refresh()
+        for partition in self.memory.stats().partitions:  # left by an upsert that never committed
+            if partition.name is not None and partition.name not in committed:
+                self.memory.delete(partition=partition.name)
+        self.hybrid = HybridRetriever(self.bm25, DenseRetriever(self.dense))
 
     def upsert(self, documents: Sequence[Document]) -> UpsertResult:
         """Add or replace documents by id, all or nothing; unchanged ones are skipped."""
@@ -99,16 +124,19 @@ class Collection:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
                         self.memory.delete(partition=partition)
                 raise
-            for document, row in zip(changed, rows):
+            self.dense.publish(_vector_ids(rows))
+            for document in changed:
                 if document.id in old:
                     self.memory.delete(partition=old[document.id].partition)
-                self._vector_ids[document.id] = {c.chunk_id: c.vector_id for c in row.chunks}
             self.bm25.add(c for d in changed for c in chunks[d.id])
-            self._refresh()
         return UpsertResult(added=[d.id for d in changed if d.id not in old],
                             updated=[d.id for d in changed if d.id in old],
                             unchanged=[d.id for d in documents if d not in changed],
                             chunks=sum(len(chunks[d.id]) for d in changed))
+
+    def add_documents(self, documents: Sequence[Document | dict[str, Any]]) -> UpsertResult:
+        """`upsert` of documents given as `Document`s or dicts {id, text, metadata?}."""
+        return self.upsert(as_documents(documents))
 
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
@@ -118,15 +146,14 @@ class Collection:
                 if row is None:
                     raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
                 session.delete(row)
+            self.dense.publish({document_id: None})
             self.memory.delete(partition=row.partition)
-            self._vector_ids.pop(document_id, None)
             self.bm25.remove(document_id)
-            self._refresh()
 
-    def search(self, query: str, k: int = 10, mode: Mode = "hybrid") -> list[DocumentHit]:
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
         """The k best chunks for the query with their text and document metadata, best first."""
-        if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        if mode not in SEARCH_MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
         hits = self.hybrid.search(query, check_k(k), mode)
         with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
             found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
@@ -135,8 +162,16 @@ class Collection:
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
-    def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "documents": len(self._vector_ids), "chunks": len(self.bm25)}
+    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        """Retrieve k passages, answer the question from them with the language model (loaded on the first
+        ask), cite them (`lm.rag.ask`)."""
+        from lm.rag import ask
+
+        model, tokenizer = self._language_model()
+        return ask(self, model, tokenizer, question, k, max_new_tokens)
+
+    def stats(self) -> CollectionStats:
+        return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))
 
     def _documents(self):
         return select(DocumentRow).where(DocumentRow.collection_id == self.row_id)
@@ -166,33 +201,33 @@ class Collection:
         """Embed and store one document version's vectors in a new partition; its (uncommitted) row."""
         partition = uuid.uuid4().hex
         written.append(partition)
-        vector_ids = []
-        for start in range(0, len(chunks), EMBED_BATCH):
-            batch = chunks[start:start + EMBED_BATCH]
-            vector_ids += self.memory.add(self.encoder.encode([c.text for c in batch]),
-                                          payloads=[c.id for c in batch], partition=partition).tolist()
+        vector_ids = self.dense.store(chunks, partition)
         return DocumentRow(collection_id=self.row_id, document_id=document.id, content_hash=content_hash(document),
                            partition=partition, meta=document.metadata,
                            chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text, vector_id=v)
                                    for n, (c, v) in enumerate(zip(chunks, vector_ids))])
-
-    def _refresh(self) -> None:
-        """Point dense search at the committed vectors (swapped whole, so searches never see a mix)."""
-        self.hybrid = HybridRetriever(self.bm25, DenseRetriever(self.memory, self.encoder, self._vector_ids))
 
 
 def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
     return (Chunk(c.chunk_id, d.document_id, c.text, c.section) for d in documents for c in d.chunks)
 
 
-class Collections:
-    """The collections of a `Service`, each opened once (on first use) and kept open."""
+def _vector_ids(documents: Iterable[DocumentRow]) -> dict[str, dict[str, int]]:
+    """document id -> chunk id -> vector id of these SQL rows."""
+    return {d.document_id: {c.chunk_id: c.vector_id for c in d.chunks} for d in documents}
 
-    def __init__(self, service: Service, encoder: Callable[[], SentenceEncoder] = SentenceEncoder):
-        self.service = service
-        self._sessions = sessionmaker(service.catalog.engine, expire_on_commit=False)
-        self._make_encoder = encoder
-        self._encoder: SentenceEncoder | None = None
+
+class Collections:
+    """The collections of a catalog `engine`, their vectors in `memories` (`col.<name>`), each opened once
+    (on first use) and kept open. The embedder and the language model are made on first use, so a server
+    that never sees a collection never loads them."""
+
+    def __init__(self, engine: Engine, memories: MemoriesClient, encoder: Callable[[], SentenceEncoder],
+                 language_model: Callable[[], LanguageModel]):
+        self.memories = memories
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._encoder = Lazy(encoder)
+        self._language_model = Lazy(language_model)
         self._open: dict[str, Collection] = {}
         self._lock = threading.RLock()
 
@@ -204,8 +239,9 @@ class Collections:
                 session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name))
         except IntegrityError:
             raise AlreadyExists(f"collection '{name}' already exists", "name") from None
+        spec = DenseIndex.spec(MEMORY_PREFIX + name, self.encoder)
         try:
-            self.service.create(DenseRetriever.spec(MEMORY_PREFIX + name, self.encoder))
+            self.memories.create_memory(spec.name, spec.dim, spec.metric)
         except BaseException:
             self._delete_row(name)
             raise
@@ -218,8 +254,8 @@ class Collections:
                     row = session.scalar(select(CollectionRow).where(CollectionRow.name == name))
                 if row is None:
                     raise NotFound(f"collection '{name}' not found", "name")
-                self._open[name] = Collection(name, row.id, self.service, self._sessions, self.encoder,
-                                              Chunker(self.encoder.tokenizer))
+                self._open[name] = Collection(name, row.id, self.memories.memory(row.memory), self._sessions,
+                                              self.encoder, Chunker(self.encoder.tokenizer), self._language_model)
             return self._open[name]
 
     def list(self) -> list[str]:
@@ -232,15 +268,12 @@ class Collections:
             self._delete_row(name)
             self._open.pop(name, None)
         with suppress(NotFound):
-            self.service.delete_memory(MEMORY_PREFIX + name)
+            self.memories.delete_memory(MEMORY_PREFIX + name)
 
     @property
     def encoder(self) -> SentenceEncoder:
-        """The embedder, loaded on first use (a server that never sees a collection never loads it)."""
-        with self._lock:
-            if self._encoder is None:
-                self._encoder = self._make_encoder()
-            return self._encoder
+        """The embedder, loaded on first use."""
+        return self._encoder()
 
     def _delete_row(self, name: str) -> None:
         with self._sessions.begin() as session:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+DEFAULT_DATA_DIR = Path("memsvc-data")
 # One entry of MEMSVC_API_KEYS: KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro (keys are URL-safe tokens).
 API_KEY_ENTRY = re.compile(r"(?P<key>[A-Za-z0-9._~+/-]+)(?:=(?P<prefix>[A-Za-z0-9._-]+))?(?P<ro>:ro)?")
 
@@ -47,7 +48,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMSVC_", env_file=".env", extra="ignore",
                                       hide_input_in_errors=True)
 
-    data_dir: Path = Field(Path("memsvc-data"), description="memories, snapshots, logs, SQLite catalog")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="memories, snapshots, logs, SQLite catalog")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
+    model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
+                                              "model directory or a .gguf file")
 
     @field_validator("api_keys", mode="before")
     @classmethod

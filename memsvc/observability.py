@@ -87,8 +87,8 @@ class MemoryCollector:
         for mem in self.memories():
             stats = mem.stats()
             for field, gauge in gauges.items():
-                if stats[field] is not None:
-                    gauge.add_metric([mem.spec.name], stats[field])
+                if getattr(stats, field) is not None:
+                    gauge.add_metric([mem.spec.name], getattr(stats, field))
         yield from gauges.values()
 
 

@@ -1,4 +1,6 @@
-"""`Service`: the memories of one data directory and their SQL catalog, behind the client's method names.
+"""`Service`: the memories and document collections of one data directory and its SQL catalog, in this
+process: the embedded face of the `memsvc.contract.Client` interface (`memsvc.client.MemoryClient` is the
+REST one).
 
 The catalog is the source of truth for which memories exist: a create inserts the catalog row first
 (a duplicate fails there) and removes it again if the store cannot create the memory; a delete removes
@@ -7,18 +9,19 @@ know (a create interrupted by a crash, or a server pointed at another database) 
 `orphaned/`, never deleted, and catalog rows without a directory are reported.
 So never create memories in the store behind the catalog's back.
 
-`connect(url, data_dir)` gives a `MemoryClient` for a server or a `Service` on a data directory, so a
-command is written once against either.
+Collections (`memsvc.collections`) keep their documents in the catalog's database and their vectors in
+memories of this service; their embedder and the language model of `ask` (`Settings.model`) are loaded on
+first use.
 """
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from contextlib import suppress
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from memsvc.client import MemoryClient
+from memsvc.collections import Collection, Collections, LanguageModel
 from memsvc.config import Settings
 from memsvc.contract import (
     NAME_PATTERN,
@@ -31,6 +34,7 @@ from memsvc.contract import (
 )
 from memsvc.db import Catalog
 from memsvc.store import Store
+from retrievers.dense import SentenceEncoder
 
 if TYPE_CHECKING:
     from memsvc.store.milvus import MilvusStore
@@ -39,14 +43,22 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    """Store + Catalog of `settings.data_dir`; the embedded twin of `memsvc.client.MemoryClient`."""
+    """Store + Catalog (+ Collections) of `settings.data_dir`; the embedded twin of `MemoryClient`.
 
-    def __init__(self, settings: Settings | None = None):
+    `encoder` and `language_model` make the collections' embedder and the (model, tokenizer) of `ask`
+    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model)`.
+    """
+
+    def __init__(self, settings: Settings | None = None, *,
+                 encoder: Callable[[], SentenceEncoder] | None = None,
+                 language_model: Callable[[], LanguageModel] | None = None):
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(self.settings.catalog_url)
         self.store = open_store(self.settings)
         self._reconcile()
+        self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
+                                       language_model or (lambda: _load_model(self.settings.model)))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
@@ -87,6 +99,18 @@ class Service:
         self.memory(name).set_metadata(spec.metadata)
         return spec
 
+    def create_collection(self, name: str) -> Collection:
+        return self.collections.create(name)
+
+    def collection(self, name: str) -> Collection:
+        return self.collections.get(name)
+
+    def list_collections(self) -> list[str]:
+        return self.collections.list()
+
+    def delete_collection(self, name: str) -> None:
+        self.collections.delete(name)
+
     def close(self) -> None:
         self.store.close()
         self.catalog.close()
@@ -118,8 +142,7 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def connect(url: str | None, data_dir: Path, api_key: str | None = None) -> MemoryClient | Service:
-    """A client of the server at `url`, or, without a url, the embedded service on `data_dir`."""
-    if url:
-        return MemoryClient(url, api_key=api_key)
-    return Service(Settings(data_dir=data_dir))
+def _load_model(name: str) -> LanguageModel:
+    from lm.model import load_model
+
+    return load_model(name)

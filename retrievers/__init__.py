@@ -1,9 +1,9 @@
 """Retrieval: structure-aware chunking, BM25, dense vectors in a memsvc memory, and their fusion."""
-from retrievers.base import Chunk, Hit, Retriever, Scorer
+from retrievers.base import Chunk, ChunkIndex, Hit, Retriever, Scorer
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
-from retrievers.dense import DenseRetriever, SentenceEncoder
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
 from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
 
-__all__ = ["BM25Retriever", "Chunk", "Chunker", "DEFAULT_FUSION", "DenseRetriever", "Hit", "HybridRetriever",
-           "RRF", "Retriever", "ScoreFusion", "Scorer", "SentenceEncoder"]
+__all__ = ["BM25Retriever", "Chunk", "ChunkIndex", "Chunker", "DEFAULT_FUSION", "DenseIndex", "DenseRetriever",
+           "Hit", "HybridRetriever", "RRF", "Retriever", "ScoreFusion", "Scorer", "SentenceEncoder"]

@@ -1,9 +1,11 @@
-"""What every retriever shares: the `Chunk` it indexes, the `Hit` it returns, the `Retriever` protocol.
+"""What every retriever shares: the `Chunk` it indexes, the `Hit` it returns, and the protocols.
 
-A retriever indexes chunks (see `retrievers.chunking`) and answers a text query with its best chunks.
-`add` is an upsert by document: the chunks given for a document replace that document's previous
-chunks; chunks whose id is unchanged are kept as they are (chunk ids carry a content hash), so
-re-adding an unchanged document costs nothing.
+A `ChunkIndex` is written: it indexes chunks (see `retrievers.chunking`); `add` is an upsert by document:
+the chunks given for a document replace that document's previous chunks; chunks whose id is unchanged are
+kept as they are (chunk ids carry a content hash), so re-adding an unchanged document costs nothing.
+A `Retriever` is read: it answers a text query with its best chunks, and a `Scorer` also scores given
+chunks. BM25 keeps its own index in RAM (it is both); dense vectors have one writer, `DenseIndex`, and
+`DenseRetriever` only scores them.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from memsvc.contract import InvalidInput, check_k
 
-__all__ = ["Chunk", "Hit", "Retriever", "Scorer", "by_document", "check_k", "check_query", "document_of"]
+__all__ = ["Chunk", "ChunkIndex", "Hit", "Retriever", "Scorer", "by_document", "check_k", "check_query",
+           "document_of"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class Hit:
 
 
 @runtime_checkable
-class Retriever(Protocol):
-    """Index chunks, forget documents, answer queries."""
+class ChunkIndex(Protocol):
+    """Index chunks, forget documents."""
 
     def add(self, chunks: Iterable[Chunk]) -> int:
         """Upsert the documents these chunks belong to; returns how many chunks were newly indexed."""
@@ -46,6 +49,11 @@ class Retriever(Protocol):
     def remove(self, document_id: str) -> int:
         """Forget a document's chunks; returns how many there were."""
         ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Answer queries."""
 
     def search(self, query: str, k: int) -> list[Hit]:
         """At most k best chunks for the query, best first."""

@@ -73,7 +73,7 @@ class _Index:
 
 
 class BM25Retriever:
-    """Keyword retrieval; implements `Scorer`. State is in RAM: rebuild it by adding the chunks again."""
+    """Keyword retrieval; a `ChunkIndex` (its own, in RAM: rebuild it by adding the chunks again) and a `Scorer`."""
 
     def __init__(self, k1: float = 1.5, b: float = 0.75):
         self.k1, self.b = k1, b

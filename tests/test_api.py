@@ -15,12 +15,13 @@ from conftest import ServerProcess
 from sqlalchemy import create_engine, make_url, text
 from typer.testing import CliRunner
 
-from memsvc.cli import app
+from memsvc.cli.commands import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
+from memsvc.connect import connect
 from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
 from memsvc.contract.wire import NPZ, decode_npz, encode_npz, search_result
 from memsvc.db import Catalog
-from memsvc.service import Service, connect
+from memsvc.service import Service
 
 KEY = "secret-key"
 LIMITS = {"MEMSVC_MAX_BODY_BYTES": str(256 << 10), "MEMSVC_MAX_BATCH": "500", "MEMSVC_MAX_K": "64",
@@ -255,7 +256,7 @@ def test_async_client(limited):
                 np.testing.assert_array_equal(res.values, res.ids)
                 assert res.ids.shape == (8, 5)
             assert (await m.get(ids[:2])).found.all() and await m.delete(ids=ids[:10]) == 10
-            assert (await m.stats())["count"] == 90
+            assert (await m.stats()).count == 90
             await m.set_metadata({"lam": 0.5})
             assert (await c.memory(m.spec.name)).spec.metadata == {"lam": 0.5}
             with pytest.raises(InvalidInput):
@@ -282,14 +283,14 @@ def test_restart_keeps_data(tmp_path):
         proc.stop()  # clean shutdown: snapshot
         proc.start()
         m = c.memory("kept")
-        assert m.stats()["count"] == 140 and m.spec.metadata == {"tuned": True}
+        assert m.stats().count == 140 and m.spec.metadata == {"tuned": True}
         after = m.search(keys[:5], k=4)
         np.testing.assert_array_equal(before.ids, after.ids)
         assert before.payloads == after.payloads
         m.add(keys[150:], values=np.arange(150, 200))
         proc.kill()  # no shutdown: the log alone must hold the acknowledged adds
         proc.start()
-        assert c.memory("kept").stats()["count"] == 190
+        assert c.memory("kept").stats().count == 190
         assert [s.name for s in c.list_memories()] == ["kept"]
     finally:
         proc.kill()
@@ -316,8 +317,8 @@ def test_start_reconciles_store_with_catalog(tmp_path):
         with pytest.raises(NotFound):
             c.memory("rowonly")
         c.delete_memory("rowonly")
-        assert c.create_memory("orphan", dim=4).stats()["count"] == 0
-        assert c.memory("fine").stats()["count"] == 5
+        assert c.create_memory("orphan", dim=4).stats().count == 0
+        assert c.memory("fine").stats().count == 5
     finally:
         proc.kill()
 
@@ -352,7 +353,7 @@ def test_catalog_on_postgres(tmp_path, postgres_url):
         proc.stop()
         proc.start()
         assert [(s.name, s.metadata) for s in c.list_memories()] == [("pg", {"lam": 0.1})]
-        assert c.memory("pg").stats()["count"] == 7
+        assert c.memory("pg").stats().count == 7
         c.delete_memory("pg")
         assert c.list_memories() == []
     finally:

@@ -87,7 +87,7 @@ def exact(keys: np.ndarray, queries: np.ndarray, metric: str, k: int) -> tuple[n
 def test_is_a_memory_backend(make):
     mem = make()
     assert isinstance(mem, MemoryBackend)
-    assert mem.spec.dim == DIM and mem.stats()["count"] == 0
+    assert mem.spec.dim == DIM and mem.stats().count == 0
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
@@ -111,10 +111,10 @@ def test_approximate_indexes_find_stored_keys(make, index, metric):
     mem.add(keys[:200], partition="a")
     mem.add(keys[200:])
     deadline = time.monotonic() + 60  # ivfpq trains in the background once it holds train_size entries
-    while not mem.stats()["trained"] and time.monotonic() < deadline:
+    while not mem.stats().trained and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = mem.stats()
-    assert stats["count"] == 400 and stats["trained"]
+    assert stats.count == 400 and stats.trained
     res = mem.search(keys[::40], k=10)
     assert (np.diff(res.distances, axis=1) >= 0).all()
     truth, _ = exact(keys, keys[::40], metric, 10)
@@ -170,14 +170,14 @@ def test_partitions_scope_search_and_delete(make):
     res = mem.search(b[:5], k=10, partition="session-1/layer-3")
     assert np.isin(res.ids, ids_a).all() and (res.values == 0).all()
     assert (mem.search(a[:2], k=3, partition="nowhere").ids == -1).all()
-    parts = {p["name"]: p["count"] for p in mem.stats()["partitions"]}
+    parts = {p.name: p.count for p in mem.stats().partitions}
     assert parts == {"session-1/layer-3": 30, "session-2/layer-3": 30}
 
     assert mem.delete(ids=ids_b[:5], partition="session-1/layer-3") == 0  # ids of another partition
     assert mem.delete(ids=ids_b[:5], partition="session-2/layer-3") == 5
     assert mem.delete(partition="session-1/layer-3") == 30
     assert mem.delete(partition="session-1/layer-3") == 0
-    assert mem.stats()["count"] == 25
+    assert mem.stats().count == 25
     res = mem.search(a[:3], k=40)
     assert set(res.ids[res.ids >= 0].tolist()) == set(ids_b[5:].tolist())
     assert not mem.get(ids_a).found.any()
@@ -189,7 +189,7 @@ def test_delete_by_ids(make):
     ids = mem.add(keys)
     assert mem.delete(ids=[ids[1], ids[3], 12345]) == 2
     assert mem.delete(ids=[ids[1]]) == 0
-    assert mem.stats()["count"] == 8
+    assert mem.stats().count == 8
     res = mem.search(keys[[1, 3]], k=8)
     assert not np.isin([ids[1], ids[3]], res.ids).any()
     np.testing.assert_array_equal(mem.get(ids).found, [i not in (1, 3) for i in range(10)])
@@ -198,9 +198,9 @@ def test_delete_by_ids(make):
 def wait_trained(mem: MemoryBackend, timeout: float = 60) -> None:
     """ivfpq trains in the background once it holds train_size entries (also after a restart's replay)."""
     deadline = time.monotonic() + timeout
-    while not mem.stats()["trained"] and time.monotonic() < deadline:
+    while not mem.stats().trained and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert mem.stats()["trained"]
+    assert mem.stats().trained
 
 
 def test_issue_12_deleting_from_a_trained_ivfpq_keeps_the_ids(make):
@@ -216,7 +216,7 @@ def test_issue_12_deleting_from_a_trained_ivfpq_keeps_the_ids(make):
     assert mem.delete(ids=[2, 3, 150]) == 3
     assert mem.search(keys[-3:], k=1).ids.ravel().tolist() == [297, 298, 299]
     assert mem.search(keys[[4, 151]], k=1).ids.ravel().tolist() == [4, 151]
-    assert mem.stats()["count"] == 295
+    assert mem.stats().count == 295
 
 
 # Every kind answers exactly here, so a delete is checked against the kind's own answer over what remains:
@@ -263,7 +263,7 @@ class DeleteScenario:
         self.alive -= gone
 
     def check(self, mem: MemoryBackend) -> None:
-        assert mem.stats()["count"] == len(self.alive)
+        assert mem.stats().count == len(self.alive)
         for k in (1, 10, len(self.alive) + 5):
             self._compare(mem.search(self.queries, k=k), k, None)
         for part in ("a", "b"):
@@ -450,7 +450,7 @@ def test_issue_12_keys_whose_distances_overflow_or_underflow_are_refused_with_th
                              (cosine, np.stack([x[0], np.zeros(DIM, np.float32)]), "row 1 is all zeros")):
         with pytest.raises(InvalidInput, match=words) as err:
             mem.add(keys.astype(np.float32))
-        assert err.value.field == "keys" and mem.stats()["count"] == 0
+        assert err.value.field == "keys" and mem.stats().count == 0
     assert l2.add(x * 1e17).tolist() == [0, 1, 2, 3, 4]  # the largest norms accepted (about 4e17 here)
     res = l2.search(x * 1e17, k=5)
     assert res.ids[:, 0].tolist() == [0, 1, 2, 3, 4] and np.isfinite(res.distances).all()
@@ -488,7 +488,7 @@ def test_set_metadata(make):
     mem = make()
     mem.set_metadata({"knnlm": {"lam": 0.25, "temp": 1.0, "k": 32}})
     assert mem.spec.metadata == {"knnlm": {"lam": 0.25, "temp": 1.0, "k": 32}}
-    assert mem.stats()["metadata"] == mem.spec.metadata
+    assert mem.stats().metadata == mem.spec.metadata
 
 
 X = vecs(2, dim=8)
@@ -538,4 +538,4 @@ def test_bad_input_raises_the_same_error_and_stores_nothing(make, case):
     with pytest.raises(InvalidInput) as expected:
         call(reference)
     assert (got.value.field, got.value.message) == (field, expected.value.message)
-    assert mem.stats()["count"] == 2
+    assert mem.stats().count == 2

@@ -1,4 +1,4 @@
-"""Collections: upsert/skip/replace/delete/restart through `Collections`, the REST routes and
+"""Collections: upsert/skip/replace/delete/restart through the embedded `Service`, the REST routes and
 `RemoteCollection`, the CLI, and a SIGKILL during ingestion. Unit tests embed with a tiny random BERT
 (the MiniLM tokenizer, no weights); the slow tests run a server (the real embedder, SmolLM2 for ask) on real docs."""
 from __future__ import annotations
@@ -14,9 +14,16 @@ import pytest
 from conftest import ServerProcess
 
 from memsvc.client import MemoryClient
-from memsvc.collections import Collections
 from memsvc.config import Settings
-from memsvc.contract import MAX_DOCUMENT_BYTES, AlreadyExists, Document, InvalidInput, NotFound, TooLarge
+from memsvc.contract import (
+    MAX_DOCUMENT_BYTES,
+    AlreadyExists,
+    CollectionStats,
+    Document,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+)
 from memsvc.service import Service
 
 DOCS = {
@@ -27,15 +34,15 @@ DOCS = {
 
 
 @pytest.fixture
-def open_collections(tmp_path, tiny_encoder):
-    """Open the collections of one data dir; call again to 'restart' (the previous one is closed)."""
+def open_service(tmp_path, tiny_encoder):
+    """Open the service of one data dir; call again to 'restart' (the previous one is closed)."""
     opened: list[Service] = []
 
-    def open_() -> Collections:
+    def open_() -> Service:
         if opened:
             opened[-1].close()
-        opened.append(Service(Settings(data_dir=tmp_path / "data")))
-        return Collections(opened[-1], encoder=lambda: tiny_encoder)
+        opened.append(Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: tiny_encoder))
+        return opened[-1]
 
     yield open_
     opened[-1].close()
@@ -49,20 +56,20 @@ def ids(hits) -> list[str]:
     return [h.document_id for h in hits]
 
 
-def test_upsert_skips_unchanged_and_replaces_changed(open_collections):
-    col = open_collections().create("docs")
+def test_upsert_skips_unchanged_and_replaces_changed(open_service):
+    col = open_service().create_collection("docs")
     first = col.upsert(docs())
     assert (first.added, first.updated, first.unchanged) == (list(DOCS), [], [])
-    assert first.chunks == 3 and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
-    assert col.memory.stats()["count"] == 3
+    assert first.chunks == 3 and col.stats() == CollectionStats("docs", documents=3, chunks=3)
+    assert col.memory.stats().count == 3
 
     again = col.upsert(docs())
     assert (again.added, again.updated, again.unchanged, again.chunks) == ([], [], list(DOCS), 0)
-    assert col.memory.stats()["count"] == 3  # nothing embedded twice
+    assert col.memory.stats().count == 3  # nothing embedded twice
 
     changed = col.upsert(docs(b_md="# Context managers\n\nThe with statement calls __enter__ and __exit__.\n"))
     assert (changed.updated, changed.unchanged) == (["b.md"], ["a.md", "c.txt"])
-    assert col.memory.stats()["count"] == 3 and len(col.memory.stats()["partitions"]) == 3
+    assert col.memory.stats().count == 3 and len(col.memory.stats().partitions) == 3
     for mode in ("bm25", "dense", "hybrid"):
         hits = col.search("__enter__ with statement", k=3, mode=mode)
         assert len(hits) >= 1 and all(h.text for h in hits)
@@ -72,11 +79,11 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_collections):
     assert top.chunk_id.startswith("b.md#")
 
 
-def test_collections_with_the_same_documents_answer_from_their_own(open_collections):
+def test_collections_with_the_same_documents_answer_from_their_own(open_service):
     """Equal texts give equal chunk ids in two collections: hits carry their own collection's rows."""
-    collections = open_collections()
-    collections.create("one").upsert(docs())
-    two = collections.create("two")
+    service = open_service()
+    service.create_collection("one").upsert(docs())
+    two = service.create_collection("two")
     two.upsert([Document(d.id, d.text, {"in": "two"}) for d in docs()])
     for mode in ("bm25", "dense", "hybrid"):
         hits = two.search("generator yield", k=3, mode=mode)
@@ -84,56 +91,56 @@ def test_collections_with_the_same_documents_answer_from_their_own(open_collecti
         assert all(h.metadata == {"in": "two"} for h in hits)
 
 
-def test_delete_document_and_collection(open_collections):
-    collections = open_collections()
-    col = collections.create("docs")
+def test_delete_document_and_collection(open_service):
+    service = open_service()
+    col = service.create_collection("docs")
     col.upsert(docs())
     col.delete("a.md")
     assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="bm25"))
     assert "a.md" not in ids(col.search("generator yield iterator", k=3, mode="dense"))
-    assert col.memory.stats()["count"] == 2 and col.stats()["documents"] == 2
+    assert col.memory.stats().count == 2 and col.stats().documents == 2
     with pytest.raises(NotFound):
         col.delete("a.md")
-    collections.delete("docs")
-    assert collections.list() == []
-    assert "col.docs" not in [s.name for s in collections.service.list_memories()]
+    service.delete_collection("docs")
+    assert service.list_collections() == []
+    assert "col.docs" not in [s.name for s in service.list_memories()]
     with pytest.raises(NotFound):
-        collections.get("docs")
-    collections.create("docs")  # the name is free again
+        service.collection("docs")
+    service.create_collection("docs")  # the name is free again
 
 
-def test_everything_survives_restart(open_collections):
-    col = open_collections().create("docs")
+def test_everything_survives_restart(open_service):
+    col = open_service().create_collection("docs")
     col.upsert(docs())
     col.delete("c.txt")
     before = {mode: col.search("function returns", k=3, mode=mode) for mode in ("bm25", "dense", "hybrid")}
 
-    reopened = open_collections()
-    assert reopened.list() == ["docs"]
-    col = reopened.get("docs")
-    assert col.stats() == {"name": "docs", "documents": 2, "chunks": 2}
+    reopened = open_service()
+    assert reopened.list_collections() == ["docs"]
+    col = reopened.collection("docs")
+    assert col.stats() == CollectionStats("docs", documents=2, chunks=2)
     for mode, hits in before.items():
         after = col.search("function returns", k=3, mode=mode)
         assert ids(after) == ids(hits) and np.allclose([h.score for h in after], [h.score for h in hits])
     assert col.upsert(docs()).added == ["c.txt"] and col.upsert(docs()).unchanged == list(DOCS)
 
 
-def test_uncommitted_vectors_are_dropped_on_open(open_collections, monkeypatch):
+def test_uncommitted_vectors_are_dropped_on_open(open_service, monkeypatch):
     """A failure between writing vectors and committing SQL stores nothing; a crash there (vectors left
     behind) is cleaned when the collection opens."""
-    collections = open_collections()
-    col = collections.create("docs")
+    service = open_service()
+    col = service.create_collection("docs")
     col.upsert(docs()[:1])
     monkeypatch.setattr("memsvc.collections.DocumentRow.__init__", _fail)
     with pytest.raises(RuntimeError, match="boom"):
         col.upsert(docs(a_md="# Generators\n\nChanged text.\n"))
     monkeypatch.undo()
-    assert col.memory.stats()["count"] == 1 and col.stats()["documents"] == 1
+    assert col.memory.stats().count == 1 and col.stats().documents == 1
 
     col.memory.add(np.ones((2, col.encoder.dim), np.float32), payloads=["x#0", "x#1"], partition="crashed")
-    col = open_collections().get("docs")
-    assert col.memory.stats()["count"] == 1
-    assert [p["name"] for p in col.memory.stats()["partitions"]] != ["crashed"]
+    col = open_service().collection("docs")
+    assert col.memory.stats().count == 1
+    assert [p.name for p in col.memory.stats().partitions] != ["crashed"]
     assert ids(col.search("generator", k=5, mode="dense")) == ["a.md"]
 
 
@@ -149,27 +156,27 @@ def _fail(*args, **kwargs):
     ([Document("a", "x", {"n": float("nan")})], InvalidInput, "documents[0].metadata"),
     ([Document("a", "x"), Document("big", "x" * (MAX_DOCUMENT_BYTES + 1))], TooLarge, "documents[1].text"),
 ])
-def test_bad_documents_store_nothing(open_collections, documents, error, field):
-    col = open_collections().create("docs")
+def test_bad_documents_store_nothing(open_service, documents, error, field):
+    col = open_service().create_collection("docs")
     col.upsert(docs())
     with pytest.raises(error) as info:
         col.upsert(documents + docs(a_md="changed") if documents else documents)
     assert info.value.field == field
-    assert col.memory.stats()["count"] == 3 and col.stats()["documents"] == 3
+    assert col.memory.stats().count == 3 and col.stats().documents == 3
     assert col.upsert(docs()).unchanged == list(DOCS)
 
 
-def test_bad_names_and_queries(open_collections):
-    collections = open_collections()
-    col = collections.create("docs")
+def test_bad_names_and_queries(open_service):
+    service = open_service()
+    col = service.create_collection("docs")
     col.upsert(docs())
     with pytest.raises(AlreadyExists):
-        collections.create("docs")
+        service.create_collection("docs")
     for name in ("", "../x", "a" * 125, "-x"):
         with pytest.raises(InvalidInput):
-            collections.create(name)
+            service.create_collection(name)
     with pytest.raises(NotFound):
-        collections.get("nope")
+        service.collection("nope")
     for kwargs, field in (({"k": 0}, "k"), ({"k": -1}, "k"), ({"mode": "fuzzy"}, "mode")):
         with pytest.raises(InvalidInput) as info:
             col.search("generator", **kwargs)
@@ -189,10 +196,9 @@ def api(tmp_path, tiny_encoder):
     from lm.model import tiny_llama
     from memsvc.api.app import create_app
 
-    app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"))
+    app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"),
+                     encoder=lambda: tiny_encoder, language_model=tiny_llama)
     with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
-        app.state.collections = Collections(app.state.service, encoder=lambda: tiny_encoder)
-        app.state.language_model = tiny_llama()
         client = MemoryClient("http://testserver")
         client.http = http
         yield http, client
@@ -208,8 +214,8 @@ def test_rest_round_trip_through_remote_collection(api):
     col = client.create_collection("docs")
     result = col.add_documents([{"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs()])
     assert result.added == list(DOCS) and col.add_documents(docs()).unchanged == list(DOCS)
-    assert client.list_collections() == ["docs"] and col.stats() == {"name": "docs", "documents": 3, "chunks": 3}
-    local = client.http.app.state.collections.get("docs")
+    assert client.list_collections() == ["docs"] and col.stats() == CollectionStats("docs", documents=3, chunks=3)
+    local = client.http.app.state.service.collection("docs")
     for mode in ("bm25", "dense", "hybrid"):
         assert col.search("function returns", k=2, mode=mode) == local.search("function returns", 2, mode)
     hit = col.search("walrus operator", k=1, mode="bm25")[0]
@@ -224,6 +230,7 @@ def test_rest_round_trip_through_remote_collection(api):
     assert isinstance(answer.answer, str)
     assert [c.n for c in answer.citations] == [1, 2]
     assert answer.citations[0].chunk_id == col.search("What is a generator?", k=1)[0].chunk_id
+    assert answer == local.ask("What is a generator?", k=2, max_new_tokens=8)  # the embedded face, same wiring
     client.delete_collection("docs")
     assert client.list_collections() == []
 
@@ -268,7 +275,7 @@ def test_rest_oversized_and_undecodable_documents_store_nothing(api):
     assert error(http.post("/v1/collections/docs/documents", content=latin1,
                            headers={"Content-Type": "application/json"}), 400)["code"] == "bad_request"
     assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
-    assert client.memory("col.docs").stats()["count"] == 3
+    assert client.memory("col.docs").stats().count == 3
 
 
 def test_rest_collection_memories_change_only_through_their_collection(api):
@@ -316,7 +323,7 @@ SMALL_DOCS = ("copy.rst.txt", "fnmatch.rst.txt", "atexit.rst.txt", "tomllib.rst.
 def run_cli(*args: str):
     from typer.testing import CliRunner
 
-    from memsvc.cli import app
+    from memsvc.cli.commands import app
 
     return CliRunner().invoke(app, list(args))
 
@@ -394,7 +401,7 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         vectors, chunks = 0, 0
         while writer.is_alive() and vectors <= chunks:  # until vectors exist that no committed document has
             time.sleep(0.02)
-            vectors, chunks = client.memory("col.py").stats()["count"], col.stats()["chunks"]
+            vectors, chunks = client.memory("col.py").stats().count, col.stats().chunks
         server.kill()
         assert vectors > chunks  # killed mid-upsert, with uncommitted vectors on disk
         writer.join()
@@ -403,8 +410,8 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         server.start()
         stats = col.stats()
         memory = client.memory("col.py").stats()
-        assert stats["documents"] >= 2 and memory["count"] == stats["chunks"]
-        assert len(memory["partitions"]) == stats["documents"]
+        assert stats.documents >= 2 and memory.count == stats.chunks
+        assert len(memory.partitions) == stats.documents
         result = col.upsert(documents)
-        assert len(result.unchanged) == stats["documents"] and len(result.added) == len(documents) - stats["documents"]
-        assert client.memory("col.py").stats()["count"] == col.stats()["chunks"]
+        assert len(result.unchanged) == stats.documents and len(result.added) == len(documents) - stats.documents
+        assert client.memory("col.py").stats().count == col.stats().chunks

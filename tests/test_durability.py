@@ -69,7 +69,7 @@ def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path, ser
         assert got.found.all(), f"acknowledged batch {batch} lost entries"
         assert (got.values == batch).all() and (got.keys == batch).all()
     # nothing half-written: every stored entry belongs to a whole batch
-    total = mem.stats()["count"]
+    total = mem.stats().count
     everything = mem.get(np.arange(max(int(ids.max()) for ids in acked.values()) + 200))
     stored = everything.values[everything.found]
     assert len(stored) == total
@@ -106,7 +106,7 @@ def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path, servers):
             failure = exc
         batch += 1
     assert isinstance(failure, StorageFull) and http_status(failure) == 507
-    assert mem.stats()["count"] == 200 * len(acked)  # the failed add left nothing behind
+    assert mem.stats().count == 200 * len(acked)  # the failed add left nothing behind
     assert mem.search(np.zeros((1, DIM), np.float32), k=1).ids[0, 0] == 0  # still serving
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space returns
@@ -115,7 +115,7 @@ def test_full_disk_is_a_clean_507_and_recovers(small_disk, tmp_path, servers):
     srv.kill()
     srv.start()  # and a restart finds every acknowledged entry
     mem = MemoryClient(srv.url).memory("fill")
-    assert mem.stats()["count"] == 200 * (len(acked) + 1)
+    assert mem.stats().count == 200 * (len(acked) + 1)
     assert mem.get(np.concatenate(acked + [more])).found.all()
 
 

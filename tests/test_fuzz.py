@@ -80,12 +80,12 @@ LIMIT_VIOLATIONS = {
 def test_every_limit_is_a_clear_4xx(server, case):
     route, body, status, limit = LIMIT_VIOLATIONS[case]
     http = MemoryClient(server.url).http
-    before = MemoryClient(server.url).memory(NAME).stats()["count"]
+    before = MemoryClient(server.url).memory(NAME).stats().count
     response = http.post(f"/v1/memories/{NAME}/{route}", json=body)
     assert response.status_code == status and limit in response.json()["error"]["message"]
     dim_error = http.post("/v1/memories", json={"name": "too-wide", "dim": 513})
     assert dim_error.status_code == 422 and "max_dim=512" in dim_error.json()["error"]["message"]
-    assert MemoryClient(server.url).memory(NAME).stats()["count"] == before  # nothing was stored
+    assert MemoryClient(server.url).memory(NAME).stats().count == before  # nothing was stored
 
 
 

@@ -205,13 +205,13 @@ def test_metadata_that_is_not_a_datastore_state_is_rejected(tiny):
 def test_continuous_cache_reads_the_document_itself_and_leaves_nothing(tiny):
     knn = knnlm(tiny)
     knn.build([OTHER])
-    before = knn.memory.stats()["count"]
+    before = knn.memory.stats().count
     plain = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8)
     cached = knn.perplexity([TEXT], lam=0.5, temp=1.0, k=8, continuous=True)
     assert cached.knnlm_ppl < plain.knnlm_ppl / 2  # TEXT repeats itself across windows
     assert cached.base_ppl == pytest.approx(plain.base_ppl)
-    assert knn.memory.stats()["count"] == before
-    assert [p["name"] for p in knn.memory.stats()["partitions"]] == [None]
+    assert knn.memory.stats().count == before
+    assert [p.name for p in knn.memory.stats().partitions] == [None]
 
 
 def test_tune_stores_settings_that_become_the_defaults(tiny):
@@ -295,7 +295,7 @@ def test_in_process_and_remote_datastores_give_the_same_results(tiny, server):
         for knn in (local, remote):
             knn.build([TEXT, OTHER], add_batch=50)
         ids = np.arange(len(local.memory))
-        assert remote.memory.stats()["count"] == len(ids)
+        assert remote.memory.stats().count == len(ids)
         np.testing.assert_array_equal(remote.memory.get(ids).values, local.memory.get(ids).values)
         results = [knn.perplexity([TEXT], lam=0.4, temp=2.0, k=8, continuous=True) for knn in (local, remote)]
         assert results[0] == results[1]
@@ -315,7 +315,7 @@ def cli(tiny, tmp_path_factory):
     import typer
     from typer.testing import CliRunner
 
-    from lm.cli import generate, knnlm_app
+    from memsvc.cli.model import generate, knnlm_app
 
     model_dir = tmp_path_factory.mktemp("tiny-model")
     tiny[0].save_pretrained(model_dir)
@@ -427,7 +427,7 @@ def test_cli_memory_of_the_wrong_dim_is_rejected(cli, corpus):
     result = cli("knnlm", "build", "--memory", "cli-576", corpus / "csv.txt")
     assert result.exit_code != 0 and "hidden size is 64" in result.stderr
     with Service(Settings(data_dir=cli.data_dir)) as service:
-        assert service.memory("cli-576").stats()["count"] == 0
+        assert service.memory("cli-576").stats().count == 0
 
 
 @pytest.mark.slow

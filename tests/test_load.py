@@ -80,6 +80,6 @@ def test_32_clients_mixed_load_without_errors(tmp_path):
         assert all(len(latencies[op]) > 10 for op in MIX), {op: len(v) for op, v in latencies.items()}
         added = sum(a for a, _, _ in results)
         deleted = sum(d for _, d, _ in results)
-        assert mem.stats()["count"] == PREFILL + added - deleted
+        assert mem.stats().count == PREFILL + added - deleted
         kept = np.array([i for _, _, own in results for i in own], dtype=np.int64)
         assert mem.get(kept).found.all()

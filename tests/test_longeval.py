@@ -103,7 +103,7 @@ def tiny_dir(tiny, tmp_path_factory):
 def cli(*args):
     import typer
 
-    from lm.cli_long import eval_long, train_gate
+    from memsvc.cli.longctx import eval_long, train_gate
 
     app = typer.Typer()
     app.command("eval-long")(eval_long)

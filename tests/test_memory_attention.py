@@ -77,10 +77,10 @@ def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_th
     with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, session="s7"), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
-        parts = {p["name"]: p["count"] for p in memory.stats()["partitions"]}
+        parts = {p.name: p.count for p in memory.stats().partitions}
         evicted = N - len(cache.layers[1].tokens)
         assert parts == {"someone-else": 3, "s7/l1/h0": evicted, "s7/l1/h1": evicted}
-    assert {p["name"]: p["count"] for p in memory.stats()["partitions"]} == {"someone-else": 3}
+    assert {p.name: p.count for p in memory.stats().partitions} == {"someone-else": 3}
 
 
 def test_the_model_is_restored_after_the_session(model, ids):

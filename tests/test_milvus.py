@@ -100,9 +100,9 @@ def test_get_delete_and_stats_match_memory(store):
     assert_same_search(mil.search(vecs(5, 3), 20), ref.search(vecs(5, 3), 20))
     assert mil.search(vecs(1, 3), 5, partition="session-1/layer-2").ids.tolist() == [[-1] * 5]
     sa, sb = mil.stats(), ref.stats()
-    assert sa["count"] == sb["count"] == 179
-    assert sorted(p["name"] or "" for p in sa["partitions"]) == sorted(
-        p["name"] or "" for p in sb["partitions"] if p["count"])
+    assert sa.count == sb.count == 179
+    assert sorted(p.name or "" for p in sa.partitions) == sorted(
+        p.name or "" for p in sb.partitions if p.count)
     assert mil.get([150, 160]).found.tolist() == [False, True]  # the partition-scoped delete spared 160
 
 

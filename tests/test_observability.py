@@ -147,12 +147,12 @@ def test_sigterm_finishes_writes_and_restarts_from_a_snapshot(tmp_path):
         srv.start()
         mem = MemoryClient(srv.url).memory("stream")
         stats = mem.stats()
-        assert stats["log_bytes"] == 0  # the restart loaded the shutdown's snapshot and replayed nothing
+        assert stats.log_bytes == 0  # the restart loaded the shutdown's snapshot and replayed nothing
         assert list((tmp_path / "data" / "memories" / "stream").glob("snapshot-*"))
         for batch, ids in acked.items():
             got = mem.get(ids)
             assert got.found.all() and (got.values == batch).all(), f"acknowledged batch {batch} was lost"
-        assert stats["count"] == 25 * len(acked)  # every write the server took in was finished and answered
+        assert stats.count == 25 * len(acked)  # every write the server took in was finished and answered
     finally:
         srv.stop()
 

@@ -295,7 +295,7 @@ def test_a_block_the_budget_cannot_take_is_rejected(model):
 def cli(*args):
     import typer
 
-    from lm.cli_long import eval_long
+    from memsvc.cli.longctx import eval_long
 
     app = typer.Typer()
     app.command("eval-long")(eval_long)

@@ -9,7 +9,6 @@ from test_collections import docs
 from lm.generate import generate
 from lm.model import tiny_llama
 from lm.rag import SYSTEM, ask, build_prompt, citations
-from memsvc.collections import Collections
 from memsvc.config import Settings
 from memsvc.contract import DocumentHit, InvalidInput
 from memsvc.service import Service
@@ -21,8 +20,8 @@ def hit(n: int, section: str = "") -> DocumentHit:
 
 @pytest.fixture
 def collection(tmp_path, tiny_encoder):
-    with Service(Settings(data_dir=tmp_path / "data")) as service:
-        col = Collections(service, encoder=lambda: tiny_encoder).create("docs")
+    with Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: tiny_encoder) as service:
+        col = service.create_collection("docs")
         col.upsert(docs())
         yield col
 

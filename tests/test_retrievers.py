@@ -17,7 +17,7 @@ from memsvc.store import Memory
 from retrievers.base import Chunk, Hit
 from retrievers.bm25 import BM25Retriever, tokenize
 from retrievers.chunking import Chunker, decode, detect_format
-from retrievers.dense import DenseRetriever, SentenceEncoder, model_path
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, model_path
 from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -262,57 +262,80 @@ def test_fusion_needs_one_weight_per_ranking():
 
 # --- dense and hybrid ---------------------------------------------------------------------------
 
-def dense_retriever(encoder, path: Path | None = None) -> DenseRetriever:
-    spec = DenseRetriever.spec("chunks", encoder)
-    return DenseRetriever(Memory.create(spec, path) if path else Memory(spec), encoder)
+def dense_index(encoder, path: Path | None = None) -> DenseIndex:
+    spec = DenseIndex.spec("chunks", encoder)
+    return DenseIndex(Memory.create(spec, path) if path else Memory(spec), encoder)
+
+
+def add_to(index: DenseIndex, bm25: BM25Retriever, chunks: list[Chunk]) -> int:
+    """Add chunks to both indexes (dense first, as a collection does); how many were embedded."""
+    embedded = index.add(chunks)
+    bm25.add(chunks)
+    return embedded
 
 
 def test_dense_upsert_and_remove_keep_the_memory_in_step(tiny_encoder):
-    dense = dense_retriever(tiny_encoder)
+    index = dense_index(tiny_encoder)
+    dense = DenseRetriever(index)
     v1 = [chunk("a", 0, "alpha text"), chunk("a", 1, "more alpha"), chunk("b", 0, "bravo text")]
-    assert dense.add(v1) == 3 and len(dense.memory) == 3
+    assert index.add(v1) == 3 and len(index.memory) == 3
     assert dense.search("more alpha", 1)[0].chunk_id == v1[1].id  # identical text, cosine 1
     assert dense.search("more alpha", 1)[0].score == pytest.approx(1.0, abs=1e-5)
-    assert dense.add(v1) == 0 and len(dense.memory) == 3
+    assert index.add(v1) == 0 and len(index.memory) == 3
     v2 = [v1[0], chunk("a", 1, "changed alpha")]
-    assert dense.add(v2) == 1 and len(dense.memory) == 3
-    assert set(dense.vector_ids["a"]) == {v2[0].id, v2[1].id}
+    assert index.add(v2) == 1 and len(index.memory) == 3
+    assert set(index.vector_ids["a"]) == {v2[0].id, v2[1].id}
     assert v1[1].id not in {h.chunk_id for h in dense.search("more alpha", 10)}
-    assert dense.remove("a") == 2 and len(dense.memory) == 1
+    assert index.remove("a") == 2 and len(index.memory) == 1
     assert [h.document_id for h in dense.search("alpha", 10)] == ["b"]
 
 
 def test_dense_reopens_over_a_durable_memory(tiny_encoder, tmp_path):
-    dense = dense_retriever(tiny_encoder, tmp_path / "mem")
-    dense.add([chunk("a", 0, "alpha"), chunk("b", 0, "bravo")])
-    dense.memory.close()
-    reopened = DenseRetriever(Memory.open(tmp_path / "mem"), tiny_encoder, dense.vector_ids)
-    assert reopened.search("bravo", 1)[0].document_id == "b"
+    index = dense_index(tiny_encoder, tmp_path / "mem")
+    index.add([chunk("a", 0, "alpha"), chunk("b", 0, "bravo")])
+    index.memory.close()
+    reopened = DenseIndex(Memory.open(tmp_path / "mem"), tiny_encoder, index.vector_ids)
+    assert DenseRetriever(reopened).search("bravo", 1)[0].document_id == "b"
     assert reopened.remove("b") == 1
-    assert [h.document_id for h in reopened.search("bravo", 5)] == ["a"]
+    assert [h.document_id for h in DenseRetriever(reopened).search("bravo", 5)] == ["a"]
+
+
+def test_dense_vectors_stored_unpublished_are_not_scored_by_id(tiny_encoder):
+    """`store` writes vectors (a collection's uncommitted version); scoring by chunk id sees them once
+    `publish` names them, and a published replacement is what `score` reads."""
+    index = dense_index(tiny_encoder)
+    dense = DenseRetriever(index)
+    first = chunk("a", 0, "alpha text")
+    ids = index.store([first], partition="v1")
+    assert len(index.memory) == 1 and dense.score("alpha text", [first.id]) == []
+    index.publish({"a": dict(zip([first.id], ids))})
+    assert dense.score("alpha text", [first.id])[0].score == pytest.approx(1.0, abs=1e-5)
+    index.publish({"a": None})
+    assert dense.score("alpha text", [first.id]) == [] and index.vector_ids == {}
 
 
 def test_dense_needs_a_matching_cosine_memory(tiny_encoder):
-    spec = DenseRetriever.spec("m", tiny_encoder)
+    spec = DenseIndex.spec("m", tiny_encoder)
     with pytest.raises(InvalidInput) as err:
-        DenseRetriever(Memory(spec.model_copy(update={"dim": 8})), tiny_encoder)
+        DenseIndex(Memory(spec.model_copy(update={"dim": 8})), tiny_encoder)
     assert err.value.field == "dim"
     with pytest.raises(InvalidInput) as err:
-        DenseRetriever(Memory(spec.model_copy(update={"metric": "l2"})), tiny_encoder)
+        DenseIndex(Memory(spec.model_copy(update={"metric": "l2"})), tiny_encoder)
     assert err.value.field == "metric"
 
 
 def test_hybrid_modes_upsert_remove_and_bad_input(tiny_encoder):
-    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(tiny_encoder), depth=10)
+    bm25, index = BM25Retriever(), dense_index(tiny_encoder)
+    hybrid = HybridRetriever(bm25, DenseRetriever(index), depth=10)
     chunks = [chunk("paths", 0, "os.path.join joins paths"), chunk("json", 0, "json.loads parses JSON"),
               chunk("misc", 0, "unrelated prose about nothing")]
-    assert hybrid.add(chunks) == 3
+    assert add_to(index, bm25, chunks) == 3
     assert hybrid.search("os.path.join", 1, mode="bm25")[0].document_id == "paths"
     assert len(hybrid.search("os.path.join", 3, mode="dense")) == 3
     fused = hybrid.search("os.path.join", 3)
     assert fused[0].document_id == "paths" and len(fused) == 3
     assert fused == DEFAULT_FUSION(hybrid.rankings("os.path.join", 10), 3)
-    assert hybrid.remove("paths") == 1
+    assert index.remove("paths") == 1 and bm25.remove("paths") == 1
     assert "paths" not in {h.document_id for mode in ("bm25", "dense", "hybrid")
                            for h in hybrid.search("os.path.join", 5, mode)}
     for kwargs, field in [({"k": 0}, "k"), ({"k": -3}, "k"), ({"k": 2.5}, "k"), ({"mode": "sparse"}, "mode"),
@@ -323,10 +346,11 @@ def test_hybrid_modes_upsert_remove_and_bad_input(tiny_encoder):
 
 
 def test_rankings_are_completed_with_each_retrievers_own_scores(tiny_encoder):
-    bm25, dense = BM25Retriever(), dense_retriever(tiny_encoder)
+    bm25, index = BM25Retriever(), dense_index(tiny_encoder)
+    dense = DenseRetriever(index)
     hybrid = HybridRetriever(bm25, dense, depth=2)
-    hybrid.add([chunk(f"d{i}", 0, f"common words plus term{i}") for i in range(6)]
-               + [chunk("x", 0, "nothing in common")])
+    add_to(index, bm25, [chunk(f"d{i}", 0, f"common words plus term{i}") for i in range(6)]
+           + [chunk("x", 0, "nothing in common")])
     top_bm25, top_dense = bm25.search("term1 term2", 2), dense.search("term1 term2", 2)
     completed = hybrid.rankings("term1 term2", 2)
     assert completed[0][:2] == top_bm25 and completed[1][:2] == top_dense
@@ -339,25 +363,26 @@ def test_rankings_are_completed_with_each_retrievers_own_scores(tiny_encoder):
 
 
 def test_empty_retrievers_find_nothing(tiny_encoder):
-    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(tiny_encoder))
+    hybrid = HybridRetriever(BM25Retriever(), DenseRetriever(dense_index(tiny_encoder)))
     assert [hybrid.search("anything", 5, mode) for mode in ("bm25", "dense", "hybrid")] == [[], [], []]
 
 
 def test_score_skips_unknown_chunks(tiny_encoder):
-    for retriever in (BM25Retriever(), dense_retriever(tiny_encoder)):
+    bm25, index = BM25Retriever(), dense_index(tiny_encoder)
+    for writer, retriever in ((bm25, bm25), (index, DenseRetriever(index))):
         known = chunk("a", 0, "alpha words")
-        retriever.add([known])
+        writer.add([known])
         assert [h.chunk_id for h in retriever.score("alpha", ["b#0-x", known.id])] == [known.id]
         with pytest.raises(InvalidInput):
             retriever.score("", [known.id])
 
 
 def test_chunks_must_belong_to_their_document(tiny_encoder):
-    for retriever in (BM25Retriever(), dense_retriever(tiny_encoder)):
+    for index in (BM25Retriever(), dense_index(tiny_encoder)):
         with pytest.raises(InvalidInput):
-            retriever.add([Chunk("other#0-x", "doc", "text")])
+            index.add([Chunk("other#0-x", "doc", "text")])
         with pytest.raises(InvalidInput):
-            retriever.add([chunk("doc", 0, "same"), chunk("doc", 0, "same")])
+            index.add([chunk("doc", 0, "same"), chunk("doc", 0, "same")])
 
 
 # --- real embedder, real docs -------------------------------------------------------------------
@@ -370,8 +395,9 @@ def test_real_embedder_on_real_docs():
              "tutorial/controlflow.rst.txt"]
     chunks = [c for name in names for c in chunker.chunk(name, (DOCS / name).read_bytes())]
     assert all(tokens(encoder.tokenizer, c.text) <= encoder.max_tokens for c in chunks)
-    hybrid = HybridRetriever(BM25Retriever(), dense_retriever(encoder))
-    assert hybrid.add(chunks) == len(chunks)
+    bm25, index = BM25Retriever(), dense_index(encoder)
+    hybrid = HybridRetriever(bm25, DenseRetriever(index))
+    assert add_to(index, bm25, chunks) == len(chunks)
     questions = {"How do I get the directory name of a pathname?": "library/os.path.rst.txt",
                  "How can I decode a JSON string into a Python object?": "library/json.rst.txt",
                  "How do I read a file out of a zip archive?": "library/zipfile.rst.txt",

@@ -96,7 +96,7 @@ def test_snapshot_then_log_then_reopen(tmp_path):
     (tmp_path / "m" / "snapshot.tmp-99").mkdir()  # a snapshot that crashed half-way is ignored
     r = Memory.open(tmp_path / "m")
     assert len(r) == 200
-    assert {p["name"]: p["count"] for p in r.stats()["partitions"]} == {"p": 100, "q": 100}
+    assert {p.name: p.count for p in r.stats().partitions} == {"p": 100, "q": 100}
     res = r.search(x[[1, 250]], k=1)
     np.testing.assert_array_equal(res.ids[:, 0], [1, 250])
     assert not (tmp_path / "m" / "snapshot.tmp-99").exists()
@@ -144,11 +144,11 @@ def test_hnsw_and_ivfpq_deletes_and_training(tmp_path):
 
     q = Memory(spec(index="ivfpq", nlist=8, pq_m=4, train_size=1000, nprobe=8))
     q.add(x[:500], values=np.arange(500))
-    assert not q.stats()["trained"]
+    assert not q.stats().trained
     np.testing.assert_array_equal(q.search(x[:5], k=1).ids[:, 0], np.arange(5))  # exact until trained
     q.add(x[500:], values=np.arange(500, 2000))  # crosses train_size: training starts in the background
     np.testing.assert_array_equal(q.search(x[:5], k=1).ids[:, 0], np.arange(5))  # searches go on meanwhile
-    assert q.wait_trained(60) and q.stats()["trained"]
+    assert q.wait_trained(60) and q.stats().trained
     flat = Memory(spec())
     flat.add(x, values=np.arange(2000))
     approx, exact = q.search(x[:100], k=10).ids, flat.search(x[:100], k=10).ids

@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI app, whose lifespan opens and closes the `Service`.
+"""`create_app(settings)`: the FastAPI app, whose lifespan opens and closes the `Service` (its memories and
+collections).
 
 Routers are one module per resource; others add theirs to `ROUTERS`. A resource router depends on
 `auth.authorize` (and its writing routes on `auth.WRITE`) and names its resource's path parameter `name`.
@@ -7,34 +8,41 @@ snapshots every memory whose log holds anything, so the next start replays nothi
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from memsvc.api import collections, errors, health, memories, metrics
 from memsvc.api.deps import JSONResponse
 from memsvc.api.limits import BodyLimit
+from memsvc.collections import LanguageModel
 from memsvc.config import Settings
 from memsvc.observability import Metrics, Observe
 from memsvc.service import Service
-from memsvc.store import Memory, Store
+from memsvc.store import Memory
+
+if TYPE_CHECKING:
+    from retrievers.dense import SentenceEncoder
 
 ROUTERS = (health.router, metrics.router, memories.router, collections.router)
 
 
 def open_memories(app: FastAPI) -> list[Memory]:
-    """What /metrics reports on: the FAISS memories opened since start (Milvus has its own metrics)."""
-    store = app.state.service.store
-    return store.loaded() if isinstance(store, Store) else []
+    """What /metrics reports on: the FAISS memories opened since start (none with Milvus)."""
+    return app.state.service.store.loaded()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, encoder: Callable[[], SentenceEncoder] | None = None,
+               language_model: Callable[[], LanguageModel] | None = None) -> FastAPI:
+    """The app on `settings`; `encoder` and `language_model` replace the service's embedder and the model
+    of `ask` (see `Service`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with Service(settings) as service:
+        with Service(settings, encoder=encoder, language_model=language_model) as service:
             app.state.service = service
             yield
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import orjson
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 
@@ -49,7 +50,7 @@ class JSONResponse(Response):
     media_type = wire.JSON
 
     def render(self, content: Any) -> bytes:
-        return wire.dumps_json(content)
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def respond(request: Request, fields: dict[str, Any], status_code: int = 200) -> Response:

@@ -44,7 +44,7 @@ OWN = Depends(not_a_collection_memory)
 
 
 @router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE])
-def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> dict:
+def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> MemoryStats:
     """Create a memory; 409 if the name is taken. Names starting with `col.` are the collections'."""
     check_name(key, spec.name)
     if spec.name.startswith(MEMORY_PREFIX):
@@ -60,7 +60,7 @@ def list_memories(service: ServiceDep, key: Caller) -> MemoryList:
 
 
 @router.get("/{name}", response_model=MemoryStats)
-def memory_stats(name: str, service: ServiceDep) -> dict:
+def memory_stats(name: str, service: ServiceDep) -> MemoryStats:
     """The memory's spec, entry count, partitions and index state."""
     return service.memory(name).stats()
 

@@ -18,15 +18,20 @@ from memsvc.contract.checks import (
                                     check_vectors,
                                     invalid_input,
 )
+from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
                                     COLLECTION_NAME,
                                     MAX_DOCUMENT_BYTES,
                                     MEMORY_PREFIX,
+                                    SEARCH_MODES,
                                     Answer,
                                     Citation,
+                                    CollectionStats,
                                     Document,
                                     DocumentHit,
+                                    SearchMode,
                                     UpsertResult,
+                                    as_documents,
                                     check_collection_name,
 )
 from memsvc.contract.errors import (
@@ -57,12 +62,13 @@ from memsvc.contract.spec import (
 from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
 
 __all__ = [
-    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX", "MIN_NORM",
-    "NAME_PATTERN", "AlreadyExists", "Answer", "BackendUnavailable", "Citation", "CorruptLog", "CorruptSnapshot",
-    "DataDirInUse", "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput",
+    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX",
+    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation",
+    "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
+    "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
-    "Partition", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult", "ValueKind",
-    "check_collection_name", "check_ids", "check_json", "check_k", "check_keys", "check_partition",
-    "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict", "invalid_input",
-    "spec_from",
+    "Partition", "SearchMode", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult",
+    "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
+    "check_partition", "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
+    "invalid_input", "spec_from",
 ]

@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 
 from memsvc.contract.errors import InvalidInput
+
+try:  # what the server writes JSON with (always installed there); a light client checks with json alone
+    import orjson
+except ImportError:
+    orjson = None
 
 if TYPE_CHECKING:
     from memsvc.contract.spec import MemorySpec
@@ -39,7 +43,8 @@ def check_json(value: Any, field: str) -> None:
     (so a stored payload or metadata can never make a later JSON response fail)."""
     try:
         json.dumps(value, allow_nan=False)
-        orjson.dumps(value)
+        if orjson is not None:
+            orjson.dumps(value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{field} must be JSON (finite numbers, 64-bit integers, valid Unicode): {exc}",
                            field) from None

@@ -5,14 +5,17 @@ The in-process `memsvc.collections.Collection` and the client's `RemoteCollectio
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from memsvc.contract.errors import InvalidInput
 
 COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
 MEMORY_PREFIX = "col."
 MAX_DOCUMENT_BYTES = 8 << 20  # ~2M tokens: embedding one takes minutes on CPU, so larger ones get 413
+SearchMode = Literal["bm25", "dense", "hybrid"]
+SEARCH_MODES: tuple[SearchMode, ...] = ("bm25", "dense", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class UpsertResult:
 
 
 @dataclass(frozen=True)
+class CollectionStats:
+    """What a collection's `stats()` returns: its name and how many documents and chunks it holds."""
+
+    name: str
+    documents: int
+    chunks: int
+
+
+@dataclass(frozen=True)
 class Citation:
     """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
 
@@ -61,6 +73,11 @@ class Citation:
 class Answer:
     answer: str
     citations: list[Citation]
+
+
+def as_documents(documents: Sequence[Document | dict[str, Any]]) -> list[Document]:
+    """Documents given as `Document`s or dicts {id, text, metadata?}, as `Document`s."""
+    return [d if isinstance(d, Document) else Document(**d) for d in documents]
 
 
 def check_collection_name(name: Any) -> str:

@@ -36,11 +36,15 @@ class Entries:
 
 
 class Partition(BaseModel):
+    """A partition of a memory and its number of live entries; `name` None is the unpartitioned entries."""
+
     name: str | None
     count: int
 
 
 class MemoryStats(MemorySpec):
+    """What `MemoryBackend.stats()` returns: the spec, the live entry count, partitions and index state."""
+
     count: int
     partitions: list[Partition]
     trained: bool
@@ -66,7 +70,7 @@ class MemoryBackend(Protocol):
 
     def delete(self, ids: np.ndarray | None = None, partition: str | None = None) -> int: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> MemoryStats: ...
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings) in `spec.metadata`."""

@@ -4,6 +4,10 @@ One module for the server and the client, so both sides read and write the same 
 members are the JSON body's fields: arrays stay arrays (keys/queries float32 [n, d], values, ids int64),
 strings are 0-d unicode arrays, integers (k) 0-d integer arrays, and `payloads`/`partitions` are 0-d
 unicode arrays holding JSON. Nothing is ever unpickled. In JSON, +inf distances travel as null.
+
+JSON is read with orjson where it is installed, which is always on the server (`memsvc[server]`; strict:
+no NaN, no lone surrogates, only UTF-8); a light client without it reads the server's answers with the
+standard library.
 """
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ import zipfile
 from typing import Any
 
 import numpy as np
-import orjson
 
 from memsvc.contract.errors import InvalidInput
 from memsvc.contract.types import Entries, SearchResult
@@ -23,10 +26,21 @@ JSON = "application/json"
 FLOAT32_FIELDS = ("keys", "queries")  # binary bodies carry these as float32, nothing else
 JSON_FIELDS = ("payloads", "partitions")  # JSON text, read and written with `json` exactly as the store does
 
+try:
+    import orjson
+except ImportError:  # a light client
+    orjson = None
 
-def dumps_json(obj: Any) -> bytes:
-    """JSON bytes; numpy arrays and scalars serialise natively and non-finite floats become null."""
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+def loads_json(body: bytes) -> Any:
+    """The value of JSON bytes; ValueError if they are not JSON (NaN and infinity are not JSON numbers)."""
+    if orjson is not None:
+        return orjson.loads(body)
+    return json.loads(body, parse_constant=_not_a_number)
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def media_type(content_type: str | None) -> str:
@@ -43,8 +57,8 @@ def decode(body: bytes, content_type: str | None) -> dict[str, Any]:
     if kind not in (JSON, ""):
         raise InvalidInput(f"unsupported Content-Type {kind!r}: send {JSON} or {NPZ}", "body")
     try:
-        fields = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        fields = loads_json(body)
+    except ValueError as exc:
         raise InvalidInput(f"the body is not valid JSON (NaN and infinity are not JSON numbers): {exc}",
                            "body") from None
     if not isinstance(fields, dict):

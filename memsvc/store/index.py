@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import faiss
 import numpy as np
@@ -91,3 +92,12 @@ def load_index(path: str, spec: MemorySpec, trained: bool, count: int) -> faiss.
 
 def save_index(index: faiss.Index, path: str) -> None:
     faiss.write_index(to_cpu(index), path)
+
+
+class Shard:
+    """One partition: its FAISS index and how many live entries it has."""
+
+    def __init__(self, code: int, index: Any):
+        self.code = code
+        self.index = index
+        self.count = 0

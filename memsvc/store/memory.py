@@ -15,25 +15,22 @@ serialised, log their record outside the read/write lock, and hold the write loc
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from memsvc.contract import (
-    CorruptSnapshot,
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
     NotFound,
+    Partition,
     SearchResult,
     check_ids,
     check_k,
@@ -43,86 +40,16 @@ from memsvc.contract import (
     check_values,
 )
 from memsvc.store import index as fx
-from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers, segment_path
+from memsvc.store.column import Column
+from memsvc.store.index import Shard
+from memsvc.store.rwlock import RWLock
+from memsvc.store.snapshot import Snapshots
+from memsvc.store.wal import SegmentLog, fsync_dir, replay, segment_numbers
 
 log = logging.getLogger(__name__)
 
 
-
-class RWLock:
-    """Many readers or one writer; a waiting writer stops new readers, so searches cannot starve adds."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-class Column:
-    """An append-only numpy column with amortised growth; `data` is the filled prefix."""
-
-    def __init__(self, dtype: np.dtype | type, tail: tuple[int, ...] = ()):
-        self._buf = np.empty((1024, *tail), dtype=dtype)
-        self.size = 0
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._buf[: self.size]
-
-    def append(self, rows: np.ndarray) -> None:
-        need = self.size + len(rows)
-        if need > len(self._buf):
-            grown = np.empty((max(need, 2 * len(self._buf)), *self._buf.shape[1:]), dtype=self._buf.dtype)
-            grown[: self.size] = self.data
-            self._buf = grown
-        self._buf[self.size: need] = rows
-        self.size = need
-
-    def keep(self, mask: np.ndarray) -> None:
-        kept = self.data[mask]
-        self.size = 0
-        self.append(kept)
-
-
-class Shard:
-    """One partition: its FAISS index and how many live entries it has."""
-
-    def __init__(self, code: int, index: Any):
-        self.code = code
-        self.index = index
-        self.count = 0
-
-
-class Memory:
+class Memory(Snapshots):
     """An in-process memory; durable when opened on a directory (see module docstring)."""
 
     def __init__(self, spec: MemorySpec, path: str | Path | None = None, *, _log: SegmentLog | None = None):
@@ -174,10 +101,11 @@ class Memory:
         mem._log = SegmentLog(path, max(numbers[-1] if numbers else 1, first))
         return mem
 
-    def close(self) -> None:
-        """Snapshot if the log holds anything, then release the log."""
+    def close(self, snapshot: bool = True) -> None:
+        """Snapshot if the log holds anything (unless `snapshot` is False: the memory is being deleted),
+        then release the log."""
         if self._log is not None:
-            if self._log.size:
+            if snapshot and self._log.size:
                 self.snapshot()
             self._log.close()
             self._log = None
@@ -252,19 +180,19 @@ class Memory:
             with self._rw.write():
                 return self._apply(meta, arrays)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         with self._rw.read():
-            return {
+            return MemoryStats(
                 **self.spec.model_dump(),
-                "count": int(self._keys.size - self._dead),
-                "partitions": [{"name": n, "count": s.count} for n, s in self._shards.items()],
-                "trained": self.spec.index != "ivfpq" or self._template is not None,
-                "train_seconds": self.train_seconds,
-                "snapshot_seconds": self.snapshot_seconds,
-                "device": fx.device() if self.spec.index != "hnsw" else "cpu",
-                "durable": self.path is not None,
-                "log_bytes": self._log.size if self._log is not None else 0,
-            }
+                count=int(self._keys.size - self._dead),
+                partitions=[Partition(name=n, count=s.count) for n, s in self._shards.items()],
+                trained=self.spec.index != "ivfpq" or self._template is not None,
+                train_seconds=self.train_seconds,
+                snapshot_seconds=self.snapshot_seconds,
+                device=fx.device() if self.spec.index != "hnsw" else "cpu",
+                durable=self.path is not None,
+                log_bytes=self._log.size if self._log is not None else 0,
+            )
 
     def __len__(self) -> int:
         return int(self._keys.size - self._dead)
@@ -436,95 +364,6 @@ class Memory:
         self._payloads = [p for p, m in zip(self._payloads, mask) if m]
         self._dead = 0
 
-    # --- snapshots -----------------------------------------------------------------------------
-
-    def snapshot(self) -> None:
-        """Write the whole state to a new snapshot directory, then drop the log segments it covers."""
-        if self.path is None or self._log is None:
-            return
-        start = time.perf_counter()
-        with self._writer, self._rw.read():
-            number = self._log.rotate()
-            tmp = self.path / f"snapshot.tmp-{number}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
-                self._write_snapshot(tmp)
-            except BaseException:  # e.g. a full disk: give the space back, the log still has everything
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            final = self.path / f"snapshot-{number:08d}"
-            os.rename(tmp, final)
-            fsync_dir(self.path)
-        for old in self.path.glob("snapshot-*"):
-            if old != final:
-                shutil.rmtree(old)
-        for n in segment_numbers(self.path):
-            if n < number:
-                segment_path(self.path, n).unlink()
-        self.snapshot_seconds = time.perf_counter() - start
-
-    def _write_snapshot(self, tmp: Path) -> None:
-        live = self._alive.data
-        np.save(tmp / "ids.npy", self._ids.data[live])
-        np.save(tmp / "keys.npy", self._keys.data[live])
-        np.save(tmp / "parts.npy", self._parts.data[live])
-        if self._values is not None:
-            np.save(tmp / "values.npy", self._values.data[live])
-        payloads = [p for p, m in zip(self._payloads, live) if m]
-        state = {"next_id": self._next_id, "names": self._names, "codes": {},
-                 "payloads": payloads if any(p is not None for p in payloads) else None}
-        if self._template is not None:
-            fx.save_index(self._template, str(tmp / "template.faiss"))
-        for shard in self._shards.values():
-            state["codes"][shard.code] = shard.count
-            if self.spec.index != "flat":
-                fx.save_index(shard.index, str(tmp / f"index-{shard.code}.faiss"))
-        state["crc32"] = {f.name: _crc32(f) for f in sorted(tmp.iterdir())}
-        (tmp / "state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-    def _load_snapshot(self) -> int:
-        """Load the newest snapshot; returns the first log segment to replay after it."""
-        snaps = sorted(self.path.glob("snapshot-*"))
-        for tmp in self.path.glob("snapshot.tmp-*"):
-            shutil.rmtree(tmp)
-        if not snaps:
-            return 1
-        snap = snaps[-1]
-        state = json.loads((snap / "state.json").read_text())
-        for name, crc in state.get("crc32", {}).items():  # snapshots from before checksums have none
-            # checked before numpy or faiss reads a byte: faiss may abort the process on a damaged index
-            if not (snap / name).is_file() or _crc32(snap / name) != crc:
-                raise CorruptSnapshot(f"{snap / name} is missing or damaged (checksum mismatch)")
-        ids = np.load(snap / "ids.npy")
-        self._ids.append(ids)
-        self._keys.append(np.load(snap / "keys.npy"))
-        self._parts.append(np.load(snap / "parts.npy"))
-        self._alive.append(np.ones(len(ids), dtype=bool))
-        if self._values is not None:
-            self._values.append(np.load(snap / "values.npy"))
-        self._any_payloads = state["payloads"] is not None
-        self._payloads = state["payloads"] if self._any_payloads else [None] * len(ids)
-        self._names = state["names"]
-        self._next_id = state["next_id"]
-        if (snap / "template.faiss").exists():
-            self._template = fx.read_index(str(snap / "template.faiss"))
-        for code, count in state["codes"].items():
-            code = int(code)
-            shard = Shard(code, None)
-            path = snap / f"index-{code}.faiss"
-            rows = np.flatnonzero(self._parts.data == code)
-            shard.index = fx.load_index(str(path), self.spec, self._template is not None, count) \
-                if path.exists() else None
-            if shard.index is None:  # a flat index (never saved), or one laid out by an older version
-                shard.index = self._build(rows)
-            shard.count = count
-            self._shards[self._names[code]] = shard
-        return int(snap.name.split("-")[1])
-
 
 def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k closest of the candidates [m, c] of every shard side by side, padded with -1 / +inf.
@@ -537,14 +376,6 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     dist = np.concatenate([dist, np.full((m, k), np.inf, dtype=np.float32)], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -49,7 +49,9 @@ from memsvc.contract import (
     Entries,
     InvalidInput,
     MemorySpec,
+    MemoryStats,
     NotFound,
+    Partition,
     SearchResult,
     TooLarge,
     check_ids,
@@ -59,6 +61,9 @@ from memsvc.contract import (
     check_payloads,
     check_values,
 )
+
+if TYPE_CHECKING:
+    from memsvc.store.memory import Memory
 
 PREFIX = "memsvc_"
 SPEC, NEXT_ID, PAYLOADS = "memsvc.spec", "memsvc.next_id", "memsvc.payloads"  # collection properties
@@ -294,7 +299,7 @@ class MilvusMemory:
                 deleted += count
         return deleted
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MemoryStats:
         """The spec, the entry count and each partition's count (a scan of the partition field)."""
         parts: Counter[str] = Counter()
         scan = self._milvus("query_iterator", self._collection, batch_size=ID_BATCH, output_fields=["part"])
@@ -302,15 +307,15 @@ class MilvusMemory:
             while batch := scan.next():
                 parts.update(row["part"] for row in batch)
             scan.close()
-        return {
+        return MemoryStats(
             **self.spec.model_dump(),
-            "count": sum(parts.values()),
-            "partitions": [{"name": name or None, "count": count} for name, count in parts.items()],
-            "trained": True,
-            "device": f"milvus ({self._milvus.version})",
-            "durable": True,
-            "log_bytes": 0,
-        }
+            count=sum(parts.values()),
+            partitions=[Partition(name=name or None, count=count) for name, count in parts.items()],
+            trained=True,
+            device=f"milvus ({self._milvus.version})",
+            durable=True,
+            log_bytes=0,
+        )
 
     def __len__(self) -> int:
         return self._count("")
@@ -354,6 +359,10 @@ class MilvusStore:
 
     def names(self) -> list[str]:
         return sorted(memory_name(c) for c in self._milvus("list_collections") if c.startswith(PREFIX))
+
+    def loaded(self) -> list[Memory]:
+        """The in-process memories for /metrics to report on: none (Milvus has its own metrics)."""
+        return []
 
     def create(self, spec: MemorySpec) -> MilvusMemory:
         collection = collection_name(spec.name)

@@ -86,9 +86,8 @@ class Store:
             path = self.root / name
             if mem is None and not path.exists():
                 raise NotFound(f"memory '{name}' not found", "name")
-            if mem is not None and mem._log is not None:
-                mem._log.close()
-                mem._log = None
+            if mem is not None:
+                mem.close(snapshot=False)
             trash = self.root.parent / f".trash-{uuid.uuid4().hex}"
             path.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from memsvc.contract import InvalidInput, MemsvcError, NotFound
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Model, Url, cli_errors
+from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from lm.knnlm import KNNLM
@@ -25,27 +26,12 @@ if TYPE_CHECKING:
 knnlm_app = typer.Typer(help="kNN-LM: build a datastore from text, evaluate perplexity, tune λ and temperature.",
                         no_args_is_help=True)
 
-Memory = Annotated[str, typer.Option("--memory", "-m", help="name of the datastore memory")]
+MemoryOption = Annotated[str, typer.Option("--memory", "-m", help="name of the datastore memory")]
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files (directories: every file inside)")]
-Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
-DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
-ApiKey = Annotated[str | None, typer.Option(envvar="MEMSVC_API_KEY", help="bearer key of the server")]
-Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory or a .gguf file")]
 Lam = Annotated[float | None, typer.Option("--lam", help="weight of p_kNN in [0, 1]; default: tuned")]
 Temp = Annotated[float | None, typer.Option("--temp", help="softmax temperature over distances; default: tuned")]
 K = Annotated[int | None, typer.Option("--k", help="neighbours per token; default: tuned")]
 Continuous = Annotated[bool, typer.Option(help="also retrieve from the document's own earlier windows")]
-DEFAULT_DATA_DIR = Path("memsvc-data")
-
-
-@contextmanager
-def cli_errors() -> Iterator[None]:
-    """Typed errors become `error: message` on stderr and exit status 2."""
-    try:
-        yield
-    except MemsvcError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from None
 
 
 def read_texts(paths: list[Path]) -> list[str]:
@@ -80,7 +66,7 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     """A KNNLM over an existing memory (NotFound if there is none)."""
     from lm.knnlm import KNNLM
     from lm.model import load_model
-    from memsvc.service import connect
+    from memsvc.connect import connect
 
     with connect(url, data_dir, api_key) as client:
         mem = client.memory(memory)
@@ -89,8 +75,8 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
 
 
 @knnlm_app.command()
-def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-          api_key: ApiKey = None, model: Model = "smollm2",
+def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+          api_key: ApiKeyOption = None, model: Model = "smollm2",
           key: Annotated[Literal["final-norm", "mlp-input"] | None,
                          typer.Option(help="hidden state used as key (default: the memory's, else mlp-input)")]
           = None,
@@ -105,7 +91,7 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
         texts = read_texts(files)
         from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
         from lm.model import load_model
-        from memsvc.service import connect
+        from memsvc.connect import connect
 
         model_, tokenizer = load_model(model)
         tokenize_documents(tokenizer, texts)
@@ -119,13 +105,13 @@ def build(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEF
             start = time.perf_counter()
             added = KNNLM(model_, tokenizer, mem, key=key).build(texts)
             seconds = time.perf_counter() - start
-            typer.echo(f"added {added} entries to '{memory}' ({mem.stats()['count']} in all) in {seconds:.0f}s "
+            typer.echo(f"added {added} entries to '{memory}' ({mem.stats().count} in all) in {seconds:.0f}s "
                        f"({added / seconds:.0f} tokens/s)", err=True)
 
 
 @knnlm_app.command("eval")
-def evaluate(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-             api_key: ApiKey = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
+def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+             api_key: ApiKeyOption = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
              continuous: Continuous = False,
              as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
              ) -> None:
@@ -144,8 +130,8 @@ def evaluate(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = 
 
 
 @knnlm_app.command()
-def tune(files: Files, memory: Memory, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-         api_key: ApiKey = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False) -> None:
+def tune(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+         api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False) -> None:
     """Pick λ and temperature on validation FILES (never the test files) and store them with memory M."""
     with cli_errors():
         check_settings(k=k)
@@ -178,7 +164,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              memory_attention: Annotated[bool, typer.Option(help="with --cache: what the cache evicts goes to an "
                                                                  "in-process kNN memory every layer attends to "
                                                                  "(top-32, see bench/results/longctx.md)")] = False,
-             url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+             url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
              model: Model = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
              temperature: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,

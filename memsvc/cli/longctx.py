@@ -1,4 +1,4 @@
-"""`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli`.
+"""`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli.commands`.
 
 torch and transformers are imported inside the commands; bad options fail with a one-line message and
 exit status 2 before the model is loaded.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from lm.cli import ApiKey, Model, Url, cli_errors
+from memsvc.cli.options import ApiKeyOption, Model, Url, cli_errors
 from memsvc.contract import InvalidInput
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from memsvc.contract import MemoryBackend
 
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
-Window = Annotated[int | None, typer.Option(help="recent tokens every policy keeps (default: the policy's)")]
+WindowOption = Annotated[int | None, typer.Option(help="recent tokens every policy keeps (default: the policy's)")]
 Sinks = Annotated[int | None, typer.Option(help="first tokens kept for good (default 4 where a policy has them)")]
 Budget = Annotated[int | None, typer.Option(help="entries a query attends to at most (default 260; not for "
                                                  "full, window, sinks)")]
@@ -75,7 +75,7 @@ def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_ke
 def eval_long(files: Files,
               policy: Annotated[str, typer.Option(help="cache policy, e.g. sinks, h2o, snapkv (lm.policies.POLICIES; "
                                                        "an unknown name lists them all)")] = "sinks",
-              window: Window = None, sinks: Sinks = None, budget: Budget = None, pool: Pool = None,
+              window: WindowOption = None, sinks: Sinks = None, budget: Budget = None, pool: Pool = None,
               knn_memory: Annotated[bool, typer.Option(help="evicted entries go to a kNN memory that "
                                                              "attention retrieves from")] = False,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
@@ -87,7 +87,7 @@ def eval_long(files: Files,
               max_tokens: Annotated[int | None, typer.Option(help="evaluate at most this many tokens per file")]
               = None,
               skip: Annotated[int, typer.Option(help="perplexity counts tokens past the first SKIP")] = 256,
-              url: Url = None, api_key: ApiKey = None, memory: MemoryName = "knn-attention",
+              url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = "knn-attention",
               model: Model = "smollm2",
               as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
               ) -> None:
@@ -149,9 +149,9 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                model: Model = "smollm2") -> None:
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
     with cli_errors():
-        from lm.policies import Window as WindowPolicy
+        from lm.policies import Window
 
-        WindowPolicy(window, sinks)
+        Window(window, sinks)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         from lm.gate_training import plot_curve

@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from lm.cli import DEFAULT_DATA_DIR, ApiKey, DataDir, Url, cli_errors
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Url, cli_errors
 from memsvc.config import Settings
 from memsvc.contract import MemsvcError, NotFound
 
 if TYPE_CHECKING:
-    from memsvc.client import RemoteCollection
-    from memsvc.collections import Collection
-    from memsvc.contract import Document
+    from memsvc.contract import CollectionBackend, Document
 
 app = typer.Typer(help="memsvc: retrieval-augmented long-context memory for transformer LMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -32,12 +30,13 @@ def main() -> None:
 def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(envvar="MEMSVC_PORT", help="port")] = 8000,
           data_dir: Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="memories and catalog")]
-          = Path("memsvc-data")) -> None:
+          = DEFAULT_DATA_DIR) -> None:
     """Serve the REST API (docs at /docs); other MEMSVC_* environment variables set the rest."""
-    import uvicorn
+    with cli_errors():
+        import uvicorn
 
-    from memsvc.api.app import create_app
-    from memsvc.observability import configure_logging
+        from memsvc.api.app import create_app
+        from memsvc.observability import configure_logging
 
     settings = Settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level)
@@ -52,26 +51,18 @@ Timeout = Annotated[float, typer.Option(min=1, help="seconds to wait for the ser
 
 @contextmanager
 def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None, timeout: float = 600.0,
-                    create: bool = False) -> Iterator[Collection | RemoteCollection]:
+                    create: bool = False) -> Iterator[CollectionBackend]:
     """The collection on the server at `url` (waiting up to `timeout` per request), or in the embedded
     store; created if missing and `create`."""
-    from memsvc.client import MemoryClient
-    from memsvc.collections import Collections
-    from memsvc.service import connect
+    from memsvc.connect import connect
 
-    with connect(url, data_dir, api_key) as conn:
-        if isinstance(conn, MemoryClient):
-            conn.http.timeout = timeout
-            get, make = conn.collection, conn.create_collection
-        else:
-            collections = Collections(conn)
-            get, make = collections.get, collections.create
+    with connect(url, data_dir, api_key, timeout) as client:
         try:
-            col = get(name)
+            col = client.collection(name)
         except NotFound:
             if not create:
                 raise
-            col = make(name)
+            col = client.create_collection(name)
         yield col
 
 
@@ -92,7 +83,7 @@ def ingest_files(paths: list[Path]) -> list[tuple[str, Path]]:
 @app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directories (recursed)")],
            collection: CollectionName, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-           api_key: ApiKey = None, timeout: Timeout = 600.0,
+           api_key: ApiKeyOption = None, timeout: Timeout = 600.0,
            batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16) -> None:
     """Upsert files as documents into the collection (created if missing); unchanged files are skipped.
 
@@ -123,7 +114,7 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
         raise typer.Exit(1)
 
 
-def upsert_each(col: Collection | RemoteCollection, documents: list[Document],
+def upsert_each(col: CollectionBackend, documents: list[Document],
                 counts: dict[str, int]) -> Iterator[tuple[Document, MemsvcError | None]]:
     """Upsert a batch in one call; if the batch is refused, each document alone, so one bad document
     costs only itself. Yields each document's error (or None), counting outcomes into `counts`."""
@@ -159,7 +150,7 @@ def skip(what: str, why: str, counts: dict[str, int]) -> None:
 def search(query: Annotated[str, typer.Argument(help="what to look for")], collection: CollectionName,
            mode: Annotated[Literal["bm25", "dense", "hybrid"], typer.Option(help="retriever")] = "hybrid",
            k: Annotated[int, typer.Option("--k", help="hits to show")] = 10, json_: Json = False,
-           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+           url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
            timeout: Timeout = 600.0) -> None:
     """The collection's best chunks for QUERY."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
@@ -177,17 +168,11 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         collection: CollectionName,
         k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
-        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKey = None,
+        url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
         timeout: Timeout = 600.0) -> None:
     """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
-        if url:
-            answer = col.ask(question, k, max_new_tokens)
-        else:
-            from lm.model import load_model
-            from lm.rag import ask as rag_ask
-
-            answer = rag_ask(col, *load_model("smollm2"), question, k, max_new_tokens)
+        answer = col.ask(question, k, max_new_tokens)
     if json_:
         typer.echo(json.dumps(asdict(answer)))
         return
@@ -197,9 +182,9 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
 
 
 def _register_model_commands() -> None:
-    """The model-side commands live with their code in `lm`; their modules import torch lazily."""
-    from lm.cli import generate, knnlm_app
-    from lm.cli_long import eval_long, train_gate
+    """The model-side commands (`memsvc.cli.model`, `memsvc.cli.longctx`); they import torch lazily."""
+    from memsvc.cli.longctx import eval_long, train_gate
+    from memsvc.cli.model import generate, knnlm_app
 
     app.add_typer(knnlm_app, name="knnlm")
     app.command()(generate)
@@ -209,5 +194,3 @@ def _register_model_commands() -> None:
 
 _register_model_commands()
 
-if __name__ == "__main__":
-    app()

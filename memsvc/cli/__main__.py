@@ -1,0 +1,4 @@
+"""`python -m memsvc.cli ...` runs the `memsvc` command line."""
+from memsvc.cli import main
+
+main()

@@ -1,0 +1,39 @@
+"""What the commands share: where the memories are (`--url` or `--data-dir`), the server's key, the model,
+and one way to report a user's error or a missing part (`cli_errors`). Typer option aliases end in `Option` where a bare name
+would shadow a domain class (`MemoryOption`, `WindowOption`, `ApiKeyOption`)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memsvc.cli.extras import missing_part
+from memsvc.config import DEFAULT_DATA_DIR
+from memsvc.contract import MemsvcError
+
+__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "cli_errors"]
+
+Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
+DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
+ApiKeyOption = Annotated[str | None, typer.Option(envvar="MEMSVC_API_KEY", help="bearer key of the server")]
+Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory or a .gguf file")]
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """Typed errors, and a part of memsvc this install leaves out, become one line on stderr (`error: ...`)
+    and exit status 2."""
+    try:
+        yield
+    except MemsvcError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    except ModuleNotFoundError as exc:
+        message = missing_part(exc)
+        if message is None:
+            raise
+        typer.echo(message, err=True)
+        raise typer.Exit(2) from None
