@@ -253,6 +253,56 @@ def test_restart_keeps_entries_metadata_and_never_reuses_ids(uri):
     store.close()
 
 
+def exact_l2(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    d = (queries ** 2).sum(1)[:, None] - 2 * queries @ keys.T + (keys ** 2).sum(1)[None, :]
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_many_queries_over_many_entries_go_in_few_requests(store, monkeypatch, metric):
+    """200 queries over 20,000 entries of dim 64 (issue 12): milvus-lite walks its unsealed buffer row by
+    row on every request and materialises [queries, entries, dim] for exact L2, so the search seals the
+    buffer first and sends 13 L2 queries per request (64 MiB), all ip queries at once; a server takes
+    all 200 in one request."""
+    mem = store.create(MemorySpec(name="m", dim=64, metric=metric))
+    keys, queries = vecs(20_000, 1, 64), vecs(200, 2, 64)
+    mem.add(keys)
+    calls = []
+    send = store._milvus.client.search
+    monkeypatch.setattr(store._milvus.client, "search", lambda *a, **kw: calls.append(len(kw["data"])) or send(*a, **kw))
+    res = mem.search(queries, 10)
+    assert calls == ([13] * 15 + [5] if metric == "l2" and store._milvus.lite else [200])
+    expected = exact_l2(keys, queries, 10) if metric == "l2" else np.argsort(-queries @ keys.T, 1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(res.ids, expected)
+
+
+def test_a_call_of_many_requests_ends_at_its_timeout(store, monkeypatch):
+    """The timeout bounds a whole search, not each of its requests: a client waiting the same time
+    gets the 503, not a timeout of its own while Milvus is still busy."""
+    mem = store.create(MemorySpec(name="m", dim=DIM))
+    mem.add(vecs(10, 1))
+    send = store._milvus.client.search
+    monkeypatch.setattr(store._milvus, "timeout", 1.0)
+    monkeypatch.setattr(mem, "_search_batch", lambda k: 1)  # one query per request
+    monkeypatch.setattr(store._milvus.client, "search", lambda *a, **kw: time.sleep(0.3) or send(*a, **kw))
+    with pytest.raises(BackendUnavailable) as err:
+        mem.search(vecs(20, 2), 3)
+    assert "ran past its 1 s timeout" in err.value.message and err.value.status == 503
+
+
+def test_the_issue_search_through_the_client_on_milvus_lite_answers(tmp_path):
+    """Issue 12's input: 200 queries over 20,000 entries of dim 64 through the REST client on
+    milvus-lite timed out (one request per query, 0.4 s each over the unsealed buffer)."""
+    from memsvc.client import MemoryClient
+
+    with ServerProcess(tmp_path / "data", env={"MEMSVC_VECTOR_BACKEND": "milvus"}) as srv, \
+            MemoryClient(srv.url) as client:
+        mem = client.create_memory("big", dim=64, metric="l2")
+        keys, queries = vecs(20_000, 1, 64), vecs(200, 2, 64)
+        mem.add(keys)
+        np.testing.assert_array_equal(mem.search(queries, k=10).ids, exact_l2(keys, queries, 10))
+
+
 def test_server_refuses_to_start_on_an_unreachable_milvus(tmp_path):
     """No silent fallback to FAISS: `memsvc serve` exits and says why."""
     srv = ServerProcess(tmp_path / "data", env={"MEMSVC_VECTOR_BACKEND": "milvus", "MEMSVC_MILVUS_TIMEOUT": "5",
