@@ -9,8 +9,9 @@ paragraph, the next chunk repeats the trailing lines (at most `overlap` tokens) 
 context. A line longer than a chunk is cut at sentence ends, then between words, then between tokens.
 
 Work is linear in the document's length (issue 12): each line is tokenized once to count it, and a line
-longer than a chunk once more, with offsets, to cut it (and pieces cut inside a word once more, to
-recount them); no regular expression here backtracks more than linearly. Cutting at the token offsets of
+longer than a chunk once more, with offsets, to cut it (a line of more than 64K characters only this
+once; pieces cut inside a word once more, to recount them); no regular expression here backtracks more
+than linearly. Cutting at the token offsets of
 the whole line gives the pieces that re-tokenizing each piece would give, because the tokenizer splits
 text into words at spaces and punctuation before it cuts words into tokens (BERT's WordPiece, as all
 such pre-tokenizing tokenizers); only a cut inside a word can change the tokens next to it.
@@ -41,6 +42,7 @@ MD_ATX = re.compile(r"^(#{1,6})\s++(.*\S)")  # possessive: no backtracking over 
 MD_SETEXT = re.compile(r"^(=+|-+)\s*$")
 RST_ADORNMENT = re.compile(r"^([!-/:-@\[-`{-~])\1{2,}\s*$")
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+LONG_LINE = 1 << 16  # characters: a longer line is tokenized once, with offsets, not counted first
 INSIDE_WORD_SLACK = 2  # tokens a piece starting inside a word may gain when tokenized alone (seen: 1)
 
 
@@ -198,16 +200,17 @@ class Chunker:
                 continue
             lines.append(Line(text, 0, sep))
             sep = "\n"
-        for start in range(0, len(lines), 4096):
-            batch = lines[start:start + 4096]
+        short = [line for line in lines if len(line.text) <= LONG_LINE]
+        for start in range(0, len(short), 4096):
+            batch = short[start:start + 4096]
             for line, n in zip(batch, self.count([line.text for line in batch])):
                 line.tokens = n
         fitted = []
         for line in lines:
-            if line.tokens <= self.budget:
+            if len(line.text) <= LONG_LINE and line.tokens <= self.budget:
                 fitted.append(line)
                 continue
-            pieces = [(piece, n) for piece, n in self._fit(line.text.strip()) if piece]
+            pieces = [(piece, n) for piece, n in self._fit(line.text) if piece]
             for j, (piece, n) in enumerate(pieces):
                 fitted.append(Line(piece, n, line.sep if j == 0 else " "))
         return fitted
@@ -218,9 +221,12 @@ class Chunker:
         One tokenizer call over the text (one more for pieces cut inside a word): linear time."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         starts = [start for start, _ in enc["offset_mapping"]]
+        if len(starts) <= self.budget:  # a line of more than LONG_LINE characters that fits
+            return [(text, len(starts))]
         words = enc.word_ids()
         ends = [(m.start(), m.end()) for m in SENTENCE_END.finditer(text)]  # the spaces after sentence ends
-        spans = list(zip([0] + [b for _, b in ends], [a for a, _ in ends] + [len(text)]))  # the sentences
+        begin = len(text) - len(text.lstrip())  # a cut line loses its indentation
+        spans = list(zip([begin] + [b for _, b in ends], [a for a, _ in ends] + [len(text)]))  # the sentences
         pieces: list[tuple[str, int, bool]] = []  # text, tokens, whether a cut inside a word touches it
 
         def token(pos: int) -> int:
