@@ -8,6 +8,9 @@ EXTRAS ?= dev,milvus
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# A real Milvus standalone server for the tests (tests/milvus_server.py), in a virtualenv of its own.
+MILVUS_VENV ?= .venv-milvus
+MILVUS_STAMP := $(MILVUS_VENV)/.installed
 
 .PHONY: install serve test test-fast bench lint corpus
 
@@ -32,8 +35,13 @@ corpus:
 	@test -d /usr/share/doc/python3.11/html/_sources || \
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc) >/dev/null; }
 
-test: install corpus
-	$(PY) -m pytest $(PYTEST_ARGS)
+$(MILVUS_STAMP):
+	test -x $(MILVUS_VENV)/bin/python || python3 -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/python -m pip install -q "milvus==2.3.5"
+	touch $(MILVUS_STAMP)
+
+test: install corpus $(MILVUS_STAMP)
+	MEMSVC_TEST_MILVUS_VENV=$(abspath $(MILVUS_VENV)) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -6,6 +6,9 @@ bench/results/backends.{json,png}.
     .venv/bin/python bench/bench_backends.py --quick   # 20K, a smoke run
     .venv/bin/python bench/bench_backends.py --rest    # the same through the REST API, a server per backend
 
+With --rest, a third server runs on a real Milvus standalone server (PyPI `milvus` 2.3.5 from
+`.venv-milvus`, which `make test` creates; started as the tests start it, tests/milvus_server.py).
+
 Milvus is measured twice: on the first search after the adds (entries still buffered) and after
 `flush()` sealed them into an indexed segment (a Milvus server does that in the background).
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +29,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from bench_store import DIM, OUT, K, clustered, start_server, timed_adds, timed_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from milvus_server import MilvusServer, available  # a test helper: a real Milvus server
 
 from memsvc.client import MemoryClient
 from memsvc.contract import MemorySpec
@@ -108,14 +115,26 @@ def inprocess_rows(tmp: Path, spec: dict, keys: np.ndarray, queries: np.ndarray)
 def rest_rows(tmp: Path, spec: dict, keys: np.ndarray, queries: np.ndarray) -> list[dict]:
     """One server per backend, selected the way a deployment does: MEMSVC_VECTOR_BACKEND."""
     rows = []
-    for backend, label in (("faiss", "faiss REST"), ("milvus", "milvus-lite REST")):
-        proc, url = start_server(tmp / backend, {"MEMSVC_VECTOR_BACKEND": backend, "MEMSVC_MILVUS_TIMEOUT": "600"})
-        try:
-            client = MemoryClient(url, timeout=600)
-            rows.append(bench_backend(label, lambda name: client.create_memory(name, **spec), keys, queries))
-        finally:
-            proc.terminate()
-            proc.wait(120)
+    servers = [("faiss", "faiss REST", {}), ("milvus", "milvus-lite REST", {})]
+    milvus = None
+    if available() is None:
+        milvus = MilvusServer(tmp / "milvus-server").start()
+        servers.append(("milvus", "milvus-server REST", {"MEMSVC_MILVUS_URI": milvus.uri}))
+    else:
+        print(f"no Milvus server row: {available()}")
+    try:
+        for backend, label, env in servers:
+            proc, url = start_server(tmp / label.replace(" ", "-"),
+                                     {"MEMSVC_VECTOR_BACKEND": backend, "MEMSVC_MILVUS_TIMEOUT": "600", **env})
+            try:
+                client = MemoryClient(url, timeout=600)
+                rows.append(bench_backend(label, lambda name, c=client: c.create_memory(name, **spec), keys, queries))
+            finally:
+                proc.terminate()
+                proc.wait(120)
+    finally:
+        if milvus is not None:
+            milvus.stop(timeout=30)
     return rows
 
 
@@ -130,7 +149,7 @@ def plot(rows: list[dict], path: Path, how: str) -> None:
     ax.set_xticks(np.arange(len(metrics)) + width * (len(rows) - 1) / 2, [label for _, label in metrics])
     ax.set_yscale("log")
     ax.set_ylabel("per second (log)")
-    ax.set_title(f"FAISS store vs milvus-lite, {rows[0]['n'] // 1000}K x {DIM} flat l2, k={K}, {how}")
+    ax.set_title(f"FAISS store vs Milvus, {rows[0]['n'] // 1000}K x {DIM} flat l2, k={K}, {how}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

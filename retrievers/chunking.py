@@ -8,12 +8,21 @@ fills up ends at a paragraph start if one lies in its back half; when the cut fa
 paragraph, the next chunk repeats the trailing lines (at most `overlap` tokens) so the cut loses no
 context. A line longer than a chunk is cut at sentence ends, then between words, then between tokens.
 
+Work is linear in the document's length (issue 12): each line is tokenized once to count it, and a line
+longer than a chunk once more, with offsets, to cut it (a line of more than 64K characters only this
+once; pieces cut inside a word once more, to recount them); no regular expression here backtracks more
+than linearly. Cutting at the token offsets of
+the whole line gives the pieces that re-tokenizing each piece would give, because the tokenizer splits
+text into words at spaces and punctuation before it cuts words into tokens (BERT's WordPiece, as all
+such pre-tokenizing tokenizers); only a cut inside a word can change the tokens next to it.
+
 Chunk ids are `<document_id>#<n>-<hash>`, n the chunk's position and hash 12 hex digits of the sha1
 of its text, so chunking an unchanged document again gives the same ids, and an edit changes the ids
 of exactly the chunks whose text changed or moved.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 from dataclasses import dataclass
@@ -29,10 +38,12 @@ DEFAULT_OVERLAP = 32
 MAX_DOCUMENT_ID = 1024
 
 MD_FENCE = re.compile(r"^\s*(```|~~~)")
-MD_ATX = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+MD_ATX = re.compile(r"^(#{1,6})\s++(.*\S)")  # possessive: no backtracking over a long run of spaces
 MD_SETEXT = re.compile(r"^(=+|-+)\s*$")
 RST_ADORNMENT = re.compile(r"^([!-/:-@\[-`{-~])\1{2,}\s*$")
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+LONG_LINE = 1 << 16  # characters: a longer line is tokenized once, with offsets, not counted first
+INSIDE_WORD_SLACK = 2  # tokens a piece starting inside a word may gain when tokenized alone (seen: 1)
 
 
 @dataclass
@@ -85,6 +96,13 @@ def detect_format(document_id: str, text: str) -> Format:
     return "text"
 
 
+def atx_title(match: re.Match) -> str:
+    """The title of a Markdown ATX heading, without a closing sequence of '#' ("## Setup ##" -> "Setup")."""
+    title = match.group(2)
+    bare = title.rstrip("#")
+    return bare.rstrip() if bare != title and bare and bare[-1].isspace() else title
+
+
 def is_rst_title(line: str, under: str) -> bool:
     """reST title: unindented text over a line of one repeated punctuation character (4+, or as long)."""
     return (bool(line.strip()) and not line[0].isspace() and not RST_ADORNMENT.match(line)
@@ -116,7 +134,7 @@ def split_sections(text: str, fmt: Format) -> list[Section]:
                 fenced = not fenced
             atx = None if fenced else MD_ATX.match(line)
             if atx:
-                open_section(len(atx.group(1)), atx.group(2), line)
+                open_section(len(atx.group(1)), atx_title(atx), line)
                 i += 1
                 continue
             if not fenced and line.strip() and MD_SETEXT.match(nxt) and (i == 0 or not lines[i - 1].strip()):
@@ -182,38 +200,67 @@ class Chunker:
                 continue
             lines.append(Line(text, 0, sep))
             sep = "\n"
-        for start in range(0, len(lines), 4096):
-            batch = lines[start:start + 4096]
+        short = [line for line in lines if len(line.text) <= LONG_LINE]
+        for start in range(0, len(short), 4096):
+            batch = short[start:start + 4096]
             for line, n in zip(batch, self.count([line.text for line in batch])):
                 line.tokens = n
         fitted = []
         for line in lines:
-            if line.tokens <= self.budget:
+            if len(line.text) <= LONG_LINE and line.tokens <= self.budget:
                 fitted.append(line)
                 continue
-            pieces = [(piece, n) for piece, n in self._fit(line.text.strip()) if piece]
+            pieces = [(piece, n) for piece, n in self._fit(line.text) if piece]
             for j, (piece, n) in enumerate(pieces):
                 fitted.append(Line(piece, n, line.sep if j == 0 else " "))
         return fitted
 
-    def _fit(self, text: str) -> Iterator[tuple[str, int]]:
-        """Cut text into pieces of at most `budget` tokens: at sentence ends, else between words or tokens."""
-        n = self.count([text])[0]
-        if n <= self.budget:
-            yield text, n
-            return
-        sentences = [s for s in SENTENCE_END.split(text) if s]
-        if len(sentences) > 1:
-            middle = len(sentences) // 2
-            pieces = [" ".join(sentences[:middle]), " ".join(sentences[middle:])]
-        else:
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            words = enc.word_ids()
-            cut = next((j for j in range(self.budget, 0, -1) if words[j] != words[j - 1]), self.budget)
-            at = enc["offset_mapping"][cut][0]
-            pieces = [text[:at].rstrip(), text[at:].lstrip()]
-        for piece in pieces:
-            yield from self._fit(piece)
+    def _fit(self, text: str) -> list[tuple[str, int]]:
+        """Cut text into pieces of at most `budget` tokens: halve its run of sentences until each part
+        fits, then cut a sentence too long alone after the last word (else token) within the budget.
+        One tokenizer call over the text (one more for pieces cut inside a word): linear time."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [start for start, _ in enc["offset_mapping"]]
+        if len(starts) <= self.budget:  # a line of more than LONG_LINE characters that fits
+            return [(text, len(starts))]
+        words = enc.word_ids()
+        ends = [(m.start(), m.end()) for m in SENTENCE_END.finditer(text)]  # the spaces after sentence ends
+        begin = len(text) - len(text.lstrip())  # a cut line loses its indentation
+        spans = list(zip([begin] + [b for _, b in ends], [a for a, _ in ends] + [len(text)]))  # the sentences
+        pieces: list[tuple[str, int, bool]] = []  # text, tokens, whether a cut inside a word touches it
+
+        def token(pos: int) -> int:
+            """The index of the first token at or after character pos."""
+            return bisect.bisect_left(starts, pos)
+
+        def sentences(lo: int, hi: int) -> None:
+            first, last = token(spans[lo][0]), token(spans[hi - 1][1])
+            if last - first <= self.budget:
+                pieces.append((" ".join(text[a:b] for a, b in spans[lo:hi]), last - first, False))
+            elif hi - lo > 1:
+                sentences(lo, (lo + hi) // 2)
+                sentences((lo + hi) // 2, hi)
+            else:
+                cut_words(*spans[lo], first, last)
+
+        def cut_words(pos: int, end: int, first: int, last: int) -> None:
+            inside, limit = False, self.budget
+            while last - first > limit:
+                cut = next((j for j in range(first + limit, first, -1) if words[j] != words[j - 1]), first + limit)
+                was_inside, inside = inside, words[cut] == words[cut - 1]
+                pieces.append((text[pos:starts[cut]].rstrip(), cut - first, was_inside or inside))
+                pos, first = starts[cut], cut
+                limit = self.budget - (INSIDE_WORD_SLACK if inside else 0)
+            pieces.append((text[pos:end], last - first, inside))
+
+        sentences(0, len(spans))
+        touched = [piece for piece, _, inside in pieces if inside]
+        recount = iter(self.count(touched) if touched else [])
+        fitted = []
+        for piece, n, inside in pieces:
+            n = next(recount) if inside else n
+            fitted.extend([(piece, n)] if n <= self.budget else self._fit(piece))
+        return fitted
 
     def _pack(self, lines: list[Line]) -> Iterator[list[Line]]:
         """Greedy packing into chunks of at most `budget` tokens, with overlap where a paragraph is cut."""

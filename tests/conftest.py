@@ -42,12 +42,16 @@ class ServerProcess:
                "--data-dir", str(self.data_dir)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT)
+        return self.wait_healthy(f"{self.url}/v1/health", timeout)
+
+    def wait_healthy(self, url: str, timeout: float) -> Self:
+        """Return once GET url answers 200 (or fail with the server's log, after killing it on a timeout)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1.0).status_code == 200:
+                if httpx.get(url, timeout=1.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -118,3 +122,20 @@ def tiny_encoder(tmp_path_factory):
     tokenizer.save_pretrained(path)
     modules = [Transformer(str(path), max_seq_length=256), Pooling(32)]
     return SentenceEncoder(SentenceTransformer(modules=modules, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone server (PyPI `milvus` 2.3.5, see tests/milvus_server.py) shared by the
+    session, stopped at its end, also after failures. Skipped where the package is not installed,
+    unless MEMSVC_TEST_MILVUS_VENV names it (as `make test` does): then its absence is a failure."""
+    from milvus_server import MilvusServer, available
+
+    why = available()
+    if why:
+        (pytest.fail if os.environ.get("MEMSVC_TEST_MILVUS_VENV") else pytest.skip)(why)
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop(timeout=5)

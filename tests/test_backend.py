@@ -1,5 +1,6 @@
-"""One suite, three backends: the in-process Memory (in RAM, and durable through the Service) and the
-RemoteMemory of a live server must behave identically, down to the errors they raise."""
+"""One suite, every backend: the in-process Memory (in RAM, and durable through the Service), the
+RemoteMemory of a live server, and the Milvus backend on milvus-lite and on a real Milvus server must
+behave identically, down to the errors they raise."""
 from __future__ import annotations
 
 import shutil
@@ -46,7 +47,20 @@ def milvus(tmp_path_factory):
     store.close()
 
 
-@pytest.fixture(params=["memory", "durable", "remote", "milvus"])
+@pytest.fixture(scope="module")
+def milvus_on_server(milvus_server):
+    """The Milvus backend on a real Milvus server (tests/milvus_server.py)."""
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    from memsvc.store.milvus import MilvusStore
+
+    store = MilvusStore(milvus_server.uri)
+    yield store
+    for name in store.names():
+        store.drop(name)
+    store.close()
+
+
+@pytest.fixture(params=["memory", "durable", "remote", "milvus", "milvus-server"])
 def make(request):
     """make(**spec) -> a new, empty memory of the backend under test."""
 
@@ -58,8 +72,9 @@ def make(request):
         on_milvus = request.param == "milvus" or (request.param != "memory" and MILVUS_CONFIGURED)
         if on_milvus and spec.get("index") == "ivfpq":
             pytest.skip("milvus-lite has no IVF_PQ index")
-        if request.param == "milvus":
-            return request.getfixturevalue("milvus").create(spec_from(name=name, **spec))
+        if request.param in ("milvus", "milvus-server"):
+            store = request.getfixturevalue("milvus" if request.param == "milvus" else "milvus_on_server")
+            return store.create(spec_from(name=name, **spec))
         owner = request.getfixturevalue("service" if request.param == "durable" else "client")
         return owner.create_memory(name, **spec)
 

@@ -1,5 +1,6 @@
 """MilvusMemory behaves like the in-process Memory: same ids, distances, values, payloads, partitions,
-deletes and errors, on milvus-lite; it survives a restart and fails clearly when Milvus is away."""
+deletes and errors, on milvus-lite and on a real Milvus server (2.3.5, tests/milvus_server.py); it
+survives a restart and a SIGKILL of Milvus, and fails clearly when Milvus is away."""
 from __future__ import annotations
 
 import socket
@@ -14,6 +15,7 @@ pytest.importorskip("pymilvus", reason="the Milvus backend needs the 'milvus' ex
 pytest.importorskip("milvus_lite", reason="the Milvus backend tests need the 'milvus' extra (milvus-lite)")
 
 from conftest import ServerProcess, free_port
+from milvus_server import MilvusServer
 
 from memsvc.api.errors import http_status
 from memsvc.contract import (
@@ -26,15 +28,28 @@ from memsvc.contract import (
     TooLarge,
 )
 from memsvc.store import Memory
-from memsvc.store.milvus import MilvusStore
+from memsvc.store.milvus import MAX_VALUE_DIM, MilvusStore
 
 DIM = 16
 
 
+@pytest.fixture(params=["lite", "server"])
+def uri(request, tmp_path):
+    """Where a test's Milvus is: a new milvus-lite file, or the session's real server with no collections."""
+    if request.param == "lite":
+        return str(tmp_path / "milvus.db")
+    uri = request.getfixturevalue("milvus_server").uri
+    store = MilvusStore(uri, timeout=30)
+    for collection in store._milvus("list_collections"):
+        store._milvus("drop_collection", collection)
+    store.close()
+    return uri
+
+
 @pytest.fixture
-def store(tmp_path):
+def store(uri):
     try:
-        s = MilvusStore(str(tmp_path / "milvus.db"), timeout=30)
+        s = MilvusStore(uri, timeout=30)
     except BackendUnavailable as exc:
         pytest.skip(f"milvus-lite cannot start here: {exc}")
     yield s
@@ -138,6 +153,7 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.parametrize("uri", ["lite"], indirect=True)  # on the server: the bad-input cases of test_backend.py
 @pytest.mark.parametrize("method, kwargs, field", BAD_CALLS)
 def test_bad_input_is_rejected_like_memory_and_stores_nothing(store, method, kwargs, field):
     mil, ref = pair(store, value_kind="token")
@@ -162,9 +178,13 @@ def test_store_names_create_drop_and_errors(store):
     assert store.names() == sorted(["a.b-c_d", "x" * 128, "Z9"])
     with pytest.raises(AlreadyExists):
         store.create(MemorySpec(name="Z9", dim=8))
-    with pytest.raises(InvalidInput) as err:  # no silent substitute for an index milvus-lite lacks
+    if store._milvus.lite:
+        with pytest.raises(InvalidInput) as err:  # no silent substitute for an index milvus-lite lacks
+            store.create(MemorySpec(name="pq", dim=16, index="ivfpq", nlist=16, train_size=256))
+        assert err.value.field == "index" and "pq" not in store.names()
+    else:
         store.create(MemorySpec(name="pq", dim=16, index="ivfpq", nlist=16, train_size=256))
-    assert err.value.field == "index" and "pq" not in store.names()
+        store.drop("pq")
     store.drop("Z9")
     with pytest.raises(NotFound):
         store.get("Z9")
@@ -175,8 +195,53 @@ def test_store_names_create_drop_and_errors(store):
     assert store.names() == ["x" * 128] and moved in store._milvus("list_collections")
 
 
-def test_restart_keeps_entries_metadata_and_never_reuses_ids(tmp_path):
-    path = str(tmp_path / "milvus.db")
+def test_value_vectors_of_up_to_4096_dims_and_a_clear_refusal_beyond(store):
+    """Value vectors are an ARRAY field (Milvus 2.3 allows one vector field per collection): the widest
+    ARRAY round-trips exactly; a wider one is refused at create, naming the limit, and nothing is made."""
+    mil, ref = pair(store, value_kind="vector", value_dim=MAX_VALUE_DIM, metric="ip")
+    x, values = vecs(6, 1), vecs(6, 2, MAX_VALUE_DIM)
+    for mem in (mil, ref):
+        mem.add(x, values=values, partition="p")
+    assert_same_search(mil.search(x[:2], 3), ref.search(x[:2], 3))
+    np.testing.assert_array_equal(mil.get([5, 0]).values, values[[5, 0]])
+    with pytest.raises(InvalidInput) as err:
+        store.create(MemorySpec(name="wide", dim=DIM, value_kind="vector", value_dim=MAX_VALUE_DIM + 1))
+    assert err.value.field == "value_dim" and "at most 4096 dims" in err.value.message
+    assert store.names() == ["m"]
+
+
+def test_a_memory_made_with_a_vector_value_field_still_works(tmp_path):
+    """Earlier versions stored value vectors as a second FLOAT_VECTOR field (which milvus-lite and Milvus
+    >= 2.4 allow): such a memory still reads and writes as before."""
+    from pymilvus import DataType, MilvusClient
+
+    from memsvc.store.milvus import NEXT_ID, SPEC, collection_name
+
+    store = MilvusStore(str(tmp_path / "milvus.db"), timeout=30)
+    spec = MemorySpec(name="old", dim=DIM, value_kind="vector", value_dim=4)
+    old = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    old.add_field("id", DataType.INT64, is_primary=True)
+    old.add_field("key", DataType.FLOAT_VECTOR, dim=DIM)
+    old.add_field("part", DataType.VARCHAR, max_length=1024, is_partition_key=True)
+    old.add_field("value", DataType.FLOAT_VECTOR, dim=4)
+    old.add_field("payload", DataType.VARCHAR, max_length=65535)
+    index = MilvusClient.prepare_index_params()
+    index.add_index("key", index_type="FLAT", metric_type="L2")
+    index.add_index("value", index_type="FLAT", metric_type="L2")
+    store._milvus("create_collection", collection_name("old"), schema=old, consistency_level="Strong",
+                  properties={SPEC: spec.model_dump_json(), NEXT_ID: "0"}, index_params=index)
+    mem, ref = store.get("old"), Memory(spec)
+    x, values = vecs(20, 3), vecs(20, 4, 4)
+    for m in (mem, ref):
+        m.add(x[:12], values=values[:12])
+        m.add(x[12:], values=values[12:], partition="p")
+    assert_same_search(mem.search(x[:4], 5), ref.search(x[:4], 5))
+    np.testing.assert_array_equal(mem.get([19, 3]).values, values[[19, 3]])
+    store.close()
+
+
+def test_restart_keeps_entries_metadata_and_never_reuses_ids(uri):
+    path = uri
     store = MilvusStore(path, timeout=30)
     mem = store.create(MemorySpec(name="m", dim=DIM, value_kind="token"))
     x = vecs(50, 5)
@@ -195,6 +260,56 @@ def test_restart_keeps_entries_metadata_and_never_reuses_ids(tmp_path):
     assert got.found.tolist() == [True, False] and got.payloads[0] == {"i": 3} and got.partitions[0] == "p"
     assert mem.add(x[:1], values=[0]).tolist() == [50]
     store.close()
+
+
+def exact_l2(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    d = (queries ** 2).sum(1)[:, None] - 2 * queries @ keys.T + (keys ** 2).sum(1)[None, :]
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_many_queries_over_many_entries_go_in_few_requests(store, monkeypatch, metric):
+    """200 queries over 20,000 entries of dim 64 (issue 12): milvus-lite walks its unsealed buffer row by
+    row on every request and materialises [queries, entries, dim] for exact L2, so the search seals the
+    buffer first and sends 13 L2 queries per request (64 MiB), all ip queries at once; a server takes
+    all 200 in one request."""
+    mem = store.create(MemorySpec(name="m", dim=64, metric=metric))
+    keys, queries = vecs(20_000, 1, 64), vecs(200, 2, 64)
+    mem.add(keys)
+    calls = []
+    send = store._milvus.client.search
+    monkeypatch.setattr(store._milvus.client, "search", lambda *a, **kw: calls.append(len(kw["data"])) or send(*a, **kw))
+    res = mem.search(queries, 10)
+    assert calls == ([13] * 15 + [5] if metric == "l2" and store._milvus.lite else [200])
+    expected = exact_l2(keys, queries, 10) if metric == "l2" else np.argsort(-queries @ keys.T, 1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(res.ids, expected)
+
+
+def test_a_call_of_many_requests_ends_at_its_timeout(store, monkeypatch):
+    """The timeout bounds a whole search, not each of its requests: a client waiting the same time
+    gets the 503, not a timeout of its own while Milvus is still busy."""
+    mem = store.create(MemorySpec(name="m", dim=DIM))
+    mem.add(vecs(10, 1))
+    send = store._milvus.client.search
+    monkeypatch.setattr(store._milvus, "timeout", 1.0)
+    monkeypatch.setattr(mem, "_search_batch", lambda k: 1)  # one query per request
+    monkeypatch.setattr(store._milvus.client, "search", lambda *a, **kw: time.sleep(0.3) or send(*a, **kw))
+    with pytest.raises(BackendUnavailable) as err:
+        mem.search(vecs(20, 2), 3)
+    assert "ran past its 1 s timeout" in err.value.message and http_status(err.value) == 503
+
+
+def test_the_issue_search_through_the_client_on_milvus_lite_answers(tmp_path):
+    """Issue 12's input: 200 queries over 20,000 entries of dim 64 through the REST client on
+    milvus-lite timed out (one request per query, 0.4 s each over the unsealed buffer)."""
+    from memsvc.client import MemoryClient
+
+    with ServerProcess(tmp_path / "data", env={"MEMSVC_VECTOR_BACKEND": "milvus"}) as srv, \
+            MemoryClient(srv.url) as client:
+        mem = client.create_memory("big", dim=64, metric="l2")
+        keys, queries = vecs(20_000, 1, 64), vecs(200, 2, 64)
+        mem.add(keys)
+        np.testing.assert_array_equal(mem.search(queries, k=10).ids, exact_l2(keys, queries, 10))
 
 
 def test_server_refuses_to_start_on_an_unreachable_milvus(tmp_path):
@@ -220,44 +335,55 @@ def test_unreachable_uri_fails_at_start_with_a_clear_message(tmp_path):
     assert isinstance(err.value, MemsvcError)
 
 
-def start_server(data_dir, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class LiteServer:
+    """milvus-lite as a gRPC server process on `data_dir` (the calls of tests/milvus_server.MilvusServer)."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.port = data_dir, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir),
+                                      "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
-def connect(uri: str) -> MilvusStore:
+def connect(uri: str, timeout: float = 5) -> MilvusStore:
     for _ in range(300):
         try:
-            return MilvusStore(uri, timeout=5)
+            return MilvusStore(uri, timeout=timeout)
         except BackendUnavailable:
             time.sleep(0.1)
-    raise AssertionError(f"milvus-lite server at {uri} did not start")
+    raise AssertionError(f"Milvus at {uri} did not start")
 
 
-def test_milvus_dying_mid_session_gives_503_and_loses_nothing_acknowledged(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path / "data", port)
+@pytest.mark.parametrize("kind", ["lite", "server"])
+def test_milvus_dying_mid_session_gives_503_and_loses_nothing_acknowledged(request, tmp_path, kind):
+    if kind == "server":
+        request.getfixturevalue("milvus_server")  # skips (or fails) where the server package is missing
+    server = LiteServer(tmp_path / "data") if kind == "lite" else MilvusServer(tmp_path / "data")
+    server.start()
     try:
-        store = connect(uri)
+        store = connect(server.uri)
         mem = store.create(MemorySpec(name="m", dim=DIM, value_kind="token"))
         assert mem.add(vecs(20, 6), values=np.arange(20)).tolist() == list(range(20))
+        assert mem.add(vecs(3, 9), values=np.arange(3), payloads=["a", None, {"b": 1}]).tolist() == [20, 21, 22]
         server.kill()  # SIGKILL: no shutdown, no flush
-        server.wait()
         for call in (lambda: mem.add(vecs(5, 7), values=np.arange(5)), lambda: mem.search(vecs(1, 7), 3),
                      lambda: mem.delete(ids=[1])):
             with pytest.raises(BackendUnavailable) as err:
                 call()
             assert http_status(err.value) == 503 and err.value.code == "backend_unavailable"
-        server = start_server(tmp_path / "data", port)
-        store = connect(uri)
+        server.start()
+        store = connect(server.uri, timeout=120)  # a Milvus server recovers for a while after a restart
         mem = store.get("m")
-        assert len(mem) == 20  # every acknowledged add survived the kill; the failed ones left nothing
-        np.testing.assert_array_equal(mem.get(np.arange(20)).values, np.arange(20))
-        assert mem.add(vecs(1, 8), values=[1]).tolist() == [20]
+        assert len(mem) == 23  # every acknowledged add survived the kill; the failed ones left nothing
+        np.testing.assert_array_equal(mem.get(np.arange(23)).values, [*range(20), 0, 1, 2])
+        assert mem.search(vecs(3, 9), 1).payloads == [["a"], [None], [{"b": 1}]]
+        assert mem.add(vecs(1, 8), values=[1]).tolist() == [23]  # no id is handed out twice
     finally:
         server.kill()
-        server.wait()

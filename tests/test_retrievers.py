@@ -149,6 +149,80 @@ def test_bad_document_id_is_rejected(tokenizer, doc_id):
     assert err.value.field == "document_id"
 
 
+class CountingTokenizer:
+    """The MiniLM tokenizer, counting its calls and the characters it is given: the chunker's work."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        self.chars += len(text) if isinstance(text, str) else sum(map(len, text))
+        return self.tokenizer(text, **kwargs)
+
+    def num_special_tokens_to_add(self) -> int:
+        return self.tokenizer.num_special_tokens_to_add()
+
+
+def long_word(i: int) -> str:
+    """A 99-letter word (the tokenizer's limit is 100) of 33 or more tokens: cuts fall inside it."""
+    return "".join("bcdfghjklmnpqrstvwxz"[(i * 7 + j * j) % 20] + "aeiou"[j % 5] for j in range(49)) + "x"
+
+
+MIXED = "\n\n".join([" ".join(f"word{i}" for i in range(3000)),
+                      "\n".join(f"Short line {i}." for i in range(2000)),
+                      " ".join(f"Sentence number {i} ends here." for i in range(1500)),
+                      "".join(chr(0x4E00 + i % 2000) for i in range(3000))])
+# name: (text, chunk size, tokenizer calls, most characters tokenized per character of text)
+LONG_INPUTS = {
+    "one line of 20,000 words, no sentence end": (" ".join(f"word{i % 97}" for i in range(20_000)), 128, 1, 1),
+    "one line without spaces": ("/".join(f"seg{i % 89}" for i in range(20_000)), 128, 1, 1),
+    "one line of 20,000 CJK characters": ("".join(chr(0x4E00 + i % 2000) for i in range(20_000)), 128, 2, 2),
+    "one line of 5,000 words, under 64K characters": (" ".join(f"word{i % 97}" for i in range(5_000)), 128, 2, 2),
+    "one line of words longer than a chunk": (" ".join(long_word(i) for i in range(300)), 20, 3, 3),
+    "20,000 short lines": ("\n".join(f"line {i} of many" for i in range(20_000)), 128, 5, 1),
+    "mixed paragraphs": (MIXED, 128, 4, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_INPUTS))
+def test_chunking_work_is_linear_in_the_length_of_the_text(tokenizer, name):
+    """Issue 12: chunking one long line re-tokenized the rest of the line for every piece it cut
+    (20,000 words: 83.5 s). Now a line is tokenized once to count it and once to cut it (once in all past
+    64K characters), pieces cut inside a word once more; the chunks still fit and lose nothing."""
+    text, size, calls, per_char = LONG_INPUTS[name]
+    counting = CountingTokenizer(tokenizer)
+    chunks = Chunker(counting, size=size, overlap=0).chunk("long.txt", text)
+    assert counting.calls == calls
+    assert counting.chars <= per_char * len(text)
+    assert max(len(ids) for ids in tokenizer([c.text for c in chunks])["input_ids"]) <= size
+    assert "".join("".join(c.text.split()) for c in chunks) == "".join(text.split())
+
+
+def test_cutting_a_line_gives_what_cutting_piece_by_piece_gave(tokenizer):
+    """The pieces of a long line, cut at the whole line's token offsets, are those of the chunker that
+    re-tokenized each remainder (expected values from it): sentences halved until they fit, then a
+    sentence too long alone cut between words."""
+    line = "Short one. Another short sentence here! " + " ".join(f"w{i}" for i in range(30)) + \
+        "; tail sentence ends? Last one."
+    assert [c.text for c in Chunker(tokenizer, size=16, overlap=0).chunk("s.txt", line)] == [
+        "Short one. Another short sentence here!", "w0 w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11 w12 w13",
+        "w14 w15 w16 w17 w18 w19 w20", "w21 w22 w23 w24 w25 w26 w27", "w28 w29; tail sentence ends? Last one."]
+    words = " ".join(f"w{i}" for i in range(100))
+    assert [c.text for c in Chunker(tokenizer, size=40, overlap=0).chunk("w.txt", words)][:2] == [
+        " ".join(f"w{i}" for i in range(19)), " ".join(f"w{i}" for i in range(19, 38))]
+
+
+@pytest.mark.timeout(60)
+def test_markdown_headings_are_read_in_linear_time_and_lose_only_a_closing_sequence(tokenizer):
+    """A heading line with a long run of spaces took the old heading pattern cubic time (10,000 spaces:
+    more than 5 minutes); the closing '#' sequence is dropped only after a space (CommonMark)."""
+    chunker = Chunker(tokenizer)
+    text = "# a" + " " * 200_000 + "b\n\nbody\n\n## Setup ##\n\nx\n\n## C#\n\ny\n\n#  spaced  #   \n\nz"
+    assert [c.section for c in chunker.chunk("h.md", text)] == [
+        "a" + " " * 200_000 + "b", "a" + " " * 200_000 + "b > Setup", "a" + " " * 200_000 + "b > C#", "spaced"]
+
+
 # --- BM25 ---------------------------------------------------------------------------------------
 
 def test_tokenizer_splits_identifiers_and_drops_stopwords():

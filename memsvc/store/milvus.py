@@ -9,8 +9,13 @@ digits and '_'):
     id       INT64 primary key         assigned here, increasing, never reused (as in `Memory`)
     key      FLOAT_VECTOR[dim]         the searched field: FLAT, HNSW or IVF_PQ; L2, IP or COSINE
     part     VARCHAR, partition key    the partition name; "" for entries added without one
-    value    INT64 | FLOAT_VECTOR      only when the spec stores values (token id / value vector)
+    value    INT64 | ARRAY[FLOAT]      only when the spec stores values (token id / value vector)
     payload  VARCHAR                   the payload as JSON text ("null" when none)
+
+Value vectors are an ARRAY of FLOAT (at most 4096 elements), not a second vector field: Milvus before
+2.4 allows one vector field per collection ("multiple vector fields is not supported"), and an ARRAY
+works the same on Milvus 2.3 to 2.6 and on milvus-lite. Collections made by earlier versions with a
+FLOAT_VECTOR value field read and write the same way (both take and give lists of floats).
 
 Partitions are a partition-key field, not Milvus partitions: sessions come and go by the thousand,
 while Milvus caps partitions per collection (1024 by default) and creates and drops each one through
@@ -24,6 +29,15 @@ insert, so a failed or timed-out insert never makes an id be handed out twice, n
 Milvus returns squared L2, and inner-product and cosine *similarities*; they become memsvc distances
 (smaller is closer) here. Collections use Strong consistency: a search sees every acknowledged add.
 Any Milvus failure raises `BackendUnavailable` (HTTP 503), and an add that fails is rolled back.
+
+The timeout bounds a whole call (an add, search, get or delete), however many Milvus requests it
+takes, so the service answers 503 in time rather than a client giving up first. Searches go in
+batches: on a server up to Milvus' 16,384 queries and 64 MiB of request or expected result per
+request. milvus-lite searches in Python and NumPy: every request walks its unsealed buffer row by
+row (0.4 s per request at 20,000 entries of dim 64), and its exact L2 materialises a
+[queries, entries, dim] array. So on milvus-lite a search first seals a buffer of more than
+`LITE_FLUSH_ROWS` entries (`flush`), and sends as many queries per request as keep that array
+within `LITE_SEARCH_BYTES` (for ip and cosine, the [queries, entries] product).
 """
 from __future__ import annotations
 
@@ -70,6 +84,10 @@ SPEC, NEXT_ID, PAYLOADS = "memsvc.spec", "memsvc.next_id", "memsvc.payloads"  # 
 METRICS = {"l2": "L2", "ip": "IP", "cosine": "COSINE"}
 MAX_PAYLOAD_BYTES = 65535  # the longest Milvus VARCHAR
 MAX_NQ = 16384  # the most queries Milvus takes in one search
+MAX_VALUE_DIM = 4096  # the longest Milvus ARRAY
+REQUEST_BYTES = 64 << 20  # a search request (queries) or its expected result stays within about this size
+LITE_SEARCH_BYTES = 64 << 20  # milvus-lite: the distance array one search request may materialise
+LITE_FLUSH_ROWS = 4096  # milvus-lite: a search first seals more unsealed entries than this
 INSERT_BYTES = 64 << 20  # larger adds are sent as several inserts of about this size
 ID_BATCH = 16384  # ids per get/delete filter expression
 
@@ -94,9 +112,18 @@ class Connection:
         except MilvusException as exc:
             raise BackendUnavailable(f"Milvus {what} failed: {exc.message}") from exc
 
-    def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def deadline(self) -> float:
+        """The monotonic time by which a call that starts now must end."""
+        return time.monotonic() + self.timeout
+
+    def __call__(self, method: str, *args: Any, deadline: float | None = None, **kwargs: Any) -> Any:
+        """client.method(*args, **kwargs) within the timeout, or within what is left until `deadline`
+        (a `deadline()` taken at the start of a call made of several requests)."""
+        timeout = self.timeout if deadline is None else deadline - time.monotonic()
+        if timeout <= 0:
+            raise BackendUnavailable(f"Milvus {method} failed: the call ran past its {self.timeout:g} s timeout")
         with self.errors(method):
-            return getattr(self.client, method)(*args, timeout=self.timeout, **kwargs)
+            return getattr(self.client, method)(*args, timeout=timeout, **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -133,13 +160,13 @@ def schema(spec: MemorySpec) -> CollectionSchema:
     if spec.value_kind == "token":
         s.add_field("value", DataType.INT64)
     elif spec.value_kind == "vector":
-        s.add_field("value", DataType.FLOAT_VECTOR, dim=spec.value_dim)
+        s.add_field("value", DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=spec.value_dim)
     s.add_field("payload", DataType.VARCHAR, max_length=MAX_PAYLOAD_BYTES)
     return s
 
 
 def index_params(spec: MemorySpec) -> IndexParams:
-    """The key index the spec asks for; a value vector field gets FLAT (Milvus loads only indexed vectors)."""
+    """The key index the spec asks for."""
     kind, params = {
         "flat": ("FLAT", {}),
         "hnsw": ("HNSW", {"M": spec.hnsw_m, "efConstruction": 40}),  # faiss' default efConstruction
@@ -147,8 +174,6 @@ def index_params(spec: MemorySpec) -> IndexParams:
     }[spec.index]
     p = MilvusClient.prepare_index_params()
     p.add_index("key", index_type=kind, metric_type=METRICS[spec.metric], params=params)
-    if spec.value_kind == "vector":
-        p.add_index("value", index_type="FLAT", metric_type="L2")
     return p
 
 
@@ -174,14 +199,17 @@ class MilvusMemory:
         self._next_id = next_id
         self._any_payloads = any_payloads  # so searches of payload-free memories skip the payload field
         self._writer = threading.Lock()
+        self._unsealed = next_id if milvus.lite else 0  # milvus-lite: entries added since the last flush
 
     @classmethod
     def open(cls, milvus: Connection, name: str) -> MilvusMemory:
         collection = collection_name(name)
         props = milvus("describe_collection", collection)["properties"]
         milvus("load_collection", collection)  # a no-op when loaded; milvus-lite starts released
-        return cls(milvus, MemorySpec.model_validate_json(props[SPEC]), int(props[NEXT_ID]),
-                   props.get(PAYLOADS) == "true")
+        mem = cls(milvus, MemorySpec.model_validate_json(props[SPEC]), int(props[NEXT_ID]),
+                  props.get(PAYLOADS) == "true")
+        mem._recover()
+        return mem
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         """Replace the free-form metadata stored with the spec."""
@@ -208,17 +236,20 @@ class MilvusMemory:
             self._any_payloads |= payloads is not None
             columns = {"id": range(first, first + n), "key": keys, "part": [partition or ""] * n, "payload": texts}
             if values is not None:
-                columns["value"] = values.tolist() if self.spec.value_kind == "token" else values
+                columns["value"] = values.tolist()  # token ids, or value vectors as lists for the ARRAY
             rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
             size = keys.nbytes + (0 if values is None else values.nbytes) + sum(map(len, texts))
             step = max(1, n * INSERT_BYTES // size)
+            deadline = self._milvus.deadline()
             try:
                 for start in range(0, n, step):
-                    self._milvus("insert", self._collection, rows[start:start + step])
+                    self._milvus("insert", self._collection, rows[start:start + step], deadline=deadline)
             except BackendUnavailable:  # take back what may have been stored (also a timed-out insert)
                 with suppress(BackendUnavailable):
                     self._milvus("delete", self._collection, filter=f"id >= {first} and id < {first + n}")
                 raise
+            if self._milvus.lite:
+                self._unsealed += n
         return np.arange(first, first + n, dtype=np.int64)
 
     def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
@@ -228,14 +259,15 @@ class MilvusMemory:
         partition = check_partition(partition)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
                                             ("payload", self._any_payloads)) if wanted]
-        # milvus-lite's exact L2 materialises an [nq, entries, dim] array: 15 GB for 64 queries over 100K
-        # entries of dim 576. One query per call keeps it at one [entries, dim] array (and is faster).
-        step = 1 if self._milvus.lite else MAX_NQ
+        deadline = self._milvus.deadline()
+        if self._milvus.lite and self._unsealed > LITE_FLUSH_ROWS:
+            self._seal(deadline)
+        step = self._search_batch(k)
         hits = []
         for start in range(0, len(queries), step):
             hits += self._milvus("search", self._collection, data=queries[start:start + step], limit=k,
                                  anns_field="key", filter=where(partition=partition), output_fields=fields,
-                                 search_params=self._search_params(k))
+                                 search_params=self._search_params(k), deadline=deadline)
         m = len(queries)
         ids = np.full((m, k), -1, dtype=np.int64)
         dist = np.full((m, k), np.inf, dtype=np.float32)
@@ -261,9 +293,10 @@ class MilvusMemory:
         fields = ["key", "part", "payload"] + (["value"] if self.spec.value_kind != "none" else [])
         rows = {}
         unique = np.unique(ids)
+        deadline = self._milvus.deadline()
         for start in range(0, len(unique), ID_BATCH):
             for row in self._milvus("query", self._collection, filter=where(unique[start:start + ID_BATCH]),
-                                    output_fields=fields):
+                                    output_fields=fields, deadline=deadline):
                 rows[row["id"]] = row
         n = len(ids)
         found = np.zeros(n, dtype=bool)
@@ -291,11 +324,12 @@ class MilvusMemory:
         batches = [None] if ids is None else [ids[s:s + ID_BATCH] for s in range(0, len(ids), ID_BATCH)]
         deleted = 0
         with self._writer:
+            deadline = self._milvus.deadline()
             for batch in batches:
                 expr = where(batch, partition)
-                count = self._count(expr)  # Milvus' own delete count does not check that ids exist
+                count = self._count(expr, deadline)  # Milvus' own delete count does not check that ids exist
                 if count:
-                    self._milvus("delete", self._collection, filter=expr)
+                    self._milvus("delete", self._collection, filter=expr, deadline=deadline)
                 deleted += count
         return deleted
 
@@ -323,12 +357,41 @@ class MilvusMemory:
     def flush(self) -> None:
         """Seal buffered entries into indexed segments now (Milvus does it in the background; milvus-lite
         also fsyncs its log here)."""
-        self._milvus("flush", self._collection)
+        self._seal(self._milvus.deadline())
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _count(self, expr: str) -> int:
-        return self._milvus("query", self._collection, filter=expr, output_fields=["count(*)"])[0]["count(*)"]
+    def _recover(self) -> None:
+        """Check the id counter and the payload flag against the stored entries. A Milvus server that is
+        killed loses the most recent change of a collection's properties, while the inserts that followed
+        it survive (seen on 2.3.5 with SIGKILL): ids continue after the largest one stored, and payloads
+        are returned wherever some are stored."""
+        while rows := self._milvus("query", self._collection, filter=f"id >= {self._next_id}",
+                                   output_fields=["id"], limit=ID_BATCH):
+            self._next_id = max(row["id"] for row in rows) + 1
+        if not self._any_payloads:
+            self._any_payloads = bool(self._milvus("query", self._collection, filter='payload != "null"',
+                                                   output_fields=["id"], limit=1))
+
+    def _count(self, expr: str, deadline: float | None = None) -> int:
+        rows = self._milvus("query", self._collection, filter=expr, output_fields=["count(*)"], deadline=deadline)
+        return rows[0]["count(*)"]
+
+    def _seal(self, deadline: float) -> None:
+        """Flush: Milvus seals the buffered entries into segments (milvus-lite also fsyncs its log)."""
+        with self._writer:
+            self._milvus("flush", self._collection, deadline=deadline)
+            self._unsealed = 0
+
+    def _search_batch(self, k: int) -> int:
+        """Queries per search request: within Milvus' limit and REQUEST_BYTES of queries and of expected
+        hits; on milvus-lite also within LITE_SEARCH_BYTES of distances over at most `_next_id` entries."""
+        hit_bytes = 16 + {"none": 0, "token": 8, "vector": 4 * (self.spec.value_dim or 0)}[self.spec.value_kind]
+        step = min(MAX_NQ, REQUEST_BYTES // (4 * self.spec.dim), REQUEST_BYTES // (k * hit_bytes))
+        if self._milvus.lite:
+            per_query = 4 * max(self._next_id, 1) * (self.spec.dim if self.spec.metric == "l2" else 1)
+            step = min(step, LITE_SEARCH_BYTES // per_query)
+        return max(1, step)
 
     def _search_params(self, k: int) -> dict[str, Any]:
         if self.spec.index == "hnsw":
@@ -371,6 +434,9 @@ class MilvusStore:
                 raise AlreadyExists(f"memory '{spec.name}' already exists", "name")
             if spec.index == "ivfpq" and self._milvus.lite:
                 raise InvalidInput("milvus-lite has no IVF_PQ index: use flat or hnsw, or a Milvus server", "index")
+            if (spec.value_dim or 0) > MAX_VALUE_DIM:
+                raise InvalidInput(f"the Milvus backend stores value vectors of at most {MAX_VALUE_DIM} dims "
+                                   f"(a Milvus ARRAY field), not {spec.value_dim}", "value_dim")
             self._milvus("create_collection", collection, schema=schema(spec), consistency_level="Strong",
                          properties={SPEC: spec.model_dump_json(), NEXT_ID: "0"})
             try:
