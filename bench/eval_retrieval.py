@@ -16,7 +16,12 @@ default must be at least as good as either mode on every metric. A second table 
 (tune on B, report on A) as a check that the choice is not an accident of one split. Embeddings are cached under bench/out/ by text hash, so reruns embed
 only new chunk texts.
 
+Variants (bench/results/retrieval_v2.md): `--context title|trail` prefixes each chunk with its document
+title or heading path (for BM25, the embedder or both: `--context-in`); `--encoder` picks the embedder
+or backend; every run also reports document scores (max, sum, ...) per mode.
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_retrieval.py [--size 256] [--overlap 32] [--dirs library ...]
+        [--context none|title|trail] [--encoder minilm|minilm-openvino-int8|e5-small-q4|...] [--json F]
 """
 from __future__ import annotations
 
