@@ -16,30 +16,38 @@ default must be at least as good as either mode on every metric. A second table 
 (tune on B, report on A) as a check that the choice is not an accident of one split. Embeddings are cached under bench/out/ by text hash, so reruns embed
 only new chunk texts.
 
+Variants (bench/results/retrieval_v2.md): `--context title|trail` prefixes each chunk with its document
+title or heading path (for BM25, the embedder or both: `--context-in`); `--encoder` picks the embedder
+or backend; every run also reports document scores (max, sum, ...) per mode.
+
     HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_retrieval.py [--size 256] [--overlap 32] [--dirs library ...]
+        [--context none|title|trail] [--encoder minilm|minilm-openvino-int8|e5-small-q4|...] [--json F]
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from memsvc.store import Memory
-from retrievers.base import Hit
+from retrievers.base import Chunk, Hit
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import DEFAULT_OVERLAP, DEFAULT_SIZE, Chunker, split_sections
 from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, model_path
+from retrievers.encoders import E5Small, ExportedEncoder
 from retrievers.hybrid import DEFAULT_FUSION, RRF, Fusion, HybridRetriever, ScoreFusion
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -53,25 +61,36 @@ WEIGHTS = [round(w, 2) for w in np.arange(0.05, 1.0, 0.05)]  # the dense weight;
 
 
 class CachedEncoder:
-    """An `Encoder` that keeps every vector on disk by the sha1 of its text; loads the model on a miss."""
+    """An `Encoder` that keeps every vector on disk by the sha1 of its text; loads the model on a miss.
+    Queries of an asymmetric model (one with `encode_queries`, e.g. E5's "query: " prefix) are cached
+    under their own keys."""
 
-    def __init__(self, path: Path):
-        self.path, self._encoder = path, None
-        self.dim = json.loads((model_path() / "config.json").read_text())["hidden_size"]
+    def __init__(self, path: Path, make: Callable[[], Any] | None = None, dim: int | None = None,
+                 asymmetric: bool = False):
+        self.path, self._encoder, self._make, self.asymmetric = path, None, make or SentenceEncoder, asymmetric
+        self.dim = dim or json.loads((model_path() / "config.json").read_text())["hidden_size"]
         self.cache: dict[bytes, np.ndarray] = {}
         if path.exists():
             data = np.load(path)
-            self.cache = dict(zip(data["keys"].tolist(), data["vectors"]))
+            # numpy's S20 drops trailing NUL bytes of a digest: pad them back, or 1 text in 256 never hits
+            self.cache = dict(zip((k.ljust(20, b"\0") for k in data["keys"].tolist()), data["vectors"]))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        keys = [hashlib.sha1(t.encode()).digest() for t in texts]
+        return self._cached(texts, query=False)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._cached(texts, query=self.asymmetric)
+
+    def _cached(self, texts: Sequence[str], query: bool) -> np.ndarray:
+        keys = [text_key(t, query) for t in texts]
         missing = list({k: t for k, t in zip(keys, texts) if k not in self.cache}.items())
         if missing:
-            self._encoder = self._encoder or SentenceEncoder()
+            self._encoder = self._encoder or self._make()
+            embed = getattr(self._encoder, "encode_queries", self._encoder.encode) if query else self._encoder.encode
             batches = range(0, len(missing), 2048)
             for start in tqdm(batches, desc="embedding", unit="batch", disable=len(missing) < 2048):
                 batch = missing[start:start + 2048]
-                self.cache.update(zip([k for k, _ in batch], self._encoder.encode([t for _, t in batch])))
+                self.cache.update(zip([k for k, _ in batch], embed([t for _, t in batch])))
                 if len(missing) > 1:
                     self.save()
         return np.stack([self.cache[k] for k in keys])
@@ -83,6 +102,18 @@ class CachedEncoder:
         os.replace(tmp, self.path)
 
 
+def text_key(text: str, query: bool = False) -> bytes:
+    """The cache key of a text: sha1 of it (of "\0query\0" + it for an asymmetric model's queries)."""
+    return hashlib.sha1((("\0query\0" if query else "") + text).encode()).digest()
+
+
+class AsymmetricDense(DenseRetriever):
+    """A `DenseRetriever` that embeds queries with the encoder's `encode_queries` (E5's "query: ")."""
+
+    def _embed_query(self, query: str) -> np.ndarray:
+        return self.encoder.encode_queries([query])
+
+
 @dataclass(frozen=True)
 class Query:
     """A question, the document that answers it, and the answer's text (ingested as that document)."""
@@ -91,6 +122,7 @@ class Query:
     text: str
     document_id: str
     answer: str
+    context: str = ""  # the heading path above the answer in its source file (its own heading left out)
 
 
 def glossary() -> list[Query]:
@@ -104,7 +136,8 @@ def glossary() -> list[Query]:
             entries.append((line.strip().strip("`"), []))
         elif inside and entries:
             entries[-1][1].append(line[6:])
-    return [Query("glossary", question(term), f"glossary/{term}", "\n".join(body).strip())
+    title = next(s.trail for s in split_sections((DOCS / "glossary.rst.txt").read_text(), "rst") if s.trail)
+    return [Query("glossary", question(term), f"glossary/{term}", "\n".join(body).strip(), title)
             for term, body in entries if len(" ".join(body).split()) >= MIN_WORDS]
 
 
@@ -123,7 +156,8 @@ def faq() -> list[Query]:
             title = section.lines[section.titles - 1] if section.titles else ""
             answer = "\n".join(section.lines[section.titles:]).strip()
             if title.endswith("?") and len(answer.split()) >= MIN_WORDS:
-                queries.append(Query("faq", title, f"faq-answers/{path.name}/{n}", answer))
+                context = " > ".join(section.trail.split(" > ")[:-1])
+                queries.append(Query("faq", title, f"faq-answers/{path.name}/{n}", answer, context))
     return queries
 
 
@@ -138,10 +172,57 @@ def corpus(dirs: list[str] | None) -> dict[str, str]:
     return docs
 
 
-def rank_of(hits: list[Hit], relevant: str) -> float:
-    """1-based rank of the relevant document among the distinct documents of the hits, inf if absent."""
-    documents = list(dict.fromkeys(h.document_id for h in hits))
+def rank_of(hits: list[Hit], relevant: str, scoring: DocScore = ("max", 0.0)) -> float:
+    """1-based rank of the relevant document among the documents of the hits, inf if absent."""
+    documents = rank_documents(hits, scoring)
     return documents.index(relevant) + 1.0 if relevant in documents else np.inf
+
+
+DocScore = tuple[str, float]  # (how, λ)
+DOC_SCORES: list[DocScore] = [("max", 0.0), ("sum", 0.0), ("rrf-sum", 0.0)] + [
+    ("max+λ·rest", lam) for lam in (0.05, 0.1, 0.2, 0.3, 0.5)]
+
+
+def rank_documents(hits: list[Hit], scoring: DocScore) -> list[str]:
+    """The documents of a chunk ranking, best first, by a document score built from their chunks' scores:
+    max (the best chunk: the first occurrence), sum (of scores shifted so the list's lowest is 0),
+    rrf-sum (sum of 1/(60 + rank)), or max+λ·rest (the best chunk plus λ times the shifted others).
+    Ties keep the order of first occurrence."""
+    how, lam = scoring
+    if how == "max" or not hits:
+        return list(dict.fromkeys(h.document_id for h in hits))
+    low = min(h.score for h in hits)
+    chunks: dict[str, list[float]] = {}
+    for rank, hit in enumerate(hits):
+        value = 1.0 / (61 + rank) if how == "rrf-sum" else hit.score - low
+        chunks.setdefault(hit.document_id, []).append(value)
+    total = {doc: v[0] + lam * sum(v[1:]) if how == "max+λ·rest" else sum(v) for doc, v in chunks.items()}
+    return sorted(chunks, key=lambda doc: -total[doc])
+
+
+def with_context(chunks: list[Chunk], contexts: dict[str, str], chunker: Chunker, budget: int,
+                 title_only: bool = False) -> list[Chunk]:
+    """Contextual chunks: each chunk's text preceded by its document's heading path (the document title,
+    then the sections down to the chunk's own, or `contexts` for a document without headings), cut to
+    `budget` tokens (middle headings dropped first, then the tail); with `title_only`, the title alone."""
+    fitted: dict[str, str] = {}
+
+    def fit(trail: str) -> str:
+        parts = trail.split(" > ")
+        while len(parts) > 2 and chunker.count([" > ".join(parts)])[0] > budget:
+            del parts[1]
+        trail = " > ".join(parts)
+        enc = chunker.tokenizer(trail, add_special_tokens=False, return_offsets_mapping=True)
+        return trail if len(enc["input_ids"]) <= budget else trail[:enc["offset_mapping"][budget - 1][1]]
+
+    out = []
+    for c in chunks:
+        trail = " > ".join(p for p in (contexts.get(c.document_id, ""), c.section) if p)
+        trail = trail.split(" > ")[0] if title_only else trail
+        if trail and trail not in fitted:
+            fitted[trail] = fit(trail)
+        out.append(replace(c, text=f"{fitted[trail]}\n{c.text}") if trail else c)
+    return out
 
 
 def metrics(ranks: np.ndarray) -> dict[str, float]:
@@ -183,65 +264,108 @@ def table(rows: dict[str, dict[str, float]], params: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def build(embedded: list[Chunk], indexed: list[Chunk], encoder: CachedEncoder) -> HybridRetriever:
+    """The hybrid retriever of the eval: `embedded` chunks in an in-RAM dense memory, `indexed` in BM25."""
+    index = DenseIndex(Memory(DenseIndex.spec("eval", encoder)), encoder)
+    index.add(embedded)
+    bm25 = BM25Retriever()
+    bm25.add(indexed)
+    return HybridRetriever(bm25, AsymmetricDense(index), depth=DEPTH)
+
+
+def split(queries: list[Query], seed: int) -> dict[str, list[int]]:
+    """Query indices in halves A and B: each question set split in two by a seeded shuffle."""
+    halves: dict[str, list[int]] = {"A": [], "B": []}
+    for kind in KINDS:
+        members = [i for i, q in enumerate(queries) if q.kind == kind]
+        random.Random(seed).shuffle(members)
+        halves["A"] += members[: len(members) // 2]
+        halves["B"] += members[len(members) // 2:]
+    return halves
+
+
+ENCODERS = {"minilm": (lambda: SentenceEncoder(), False),  # the model, and whether queries differ
+            "e5-small-q4": (lambda: E5Small(), True)}
+for _backend in ("onnx-int8", "openvino", "openvino-int8"):  # the int8 IR is built by bench_embed.py
+    ENCODERS[f"minilm-{_backend}"] = (lambda b=_backend: ExportedEncoder(model_path(), b, OUT / "exported-minilm"), False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help="chunk size in embedder tokens")
     ap.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="chunk overlap in tokens")
     ap.add_argument("--dirs", nargs="*", help="only these top-level doc directories (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the query split")
+    ap.add_argument("--context", choices=["none", "title", "trail"], default="none",
+                    help="prefix each chunk with its document title (title) or title and heading path (trail)")
+    ap.add_argument("--context-in", choices=["both", "bm25", "dense"], default="both",
+                    help="which retriever sees the prefixed text (the other indexes the plain chunk)")
+    ap.add_argument("--context-tokens", type=int, default=32,
+                    help="tokens reserved for the heading path (chunks are cut to size minus this)")
+    ap.add_argument("--encoder", choices=list(ENCODERS), default="minilm")
+    ap.add_argument("--cache", type=Path, help="embedding cache (default bench/out/embeddings-<encoder>.npz)")
+    ap.add_argument("--export-texts", type=Path, help="write [key, text, is_query] of every text to embed "
+                    "(json.gz, for bench/gpu_embed.py) and stop")
+    ap.add_argument("--json", type=Path, help="write the held-out metrics here")
     ap.add_argument("--plot", type=Path, default=RESULTS / "retrieval_eval.png")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
 
-    chunker = Chunker(AutoTokenizer.from_pretrained(model_path()), args.size, args.overlap)
+    reserve = args.context_tokens if args.context != "none" else 0
+    chunker = Chunker(AutoTokenizer.from_pretrained(model_path()), args.size - reserve, args.overlap)
     queries = glossary() + faq()
     docs = corpus(args.dirs) | {q.document_id: q.answer for q in queries}
     t0 = time.perf_counter()
     chunks = [c for doc_id, text in docs.items() for c in chunker.chunk(doc_id, text)]
-    print(f"{len(docs)} documents -> {len(chunks)} chunks (size {args.size}, overlap {args.overlap}) "
-          f"in {time.perf_counter() - t0:.1f}s")
+    plain = chunks
+    if args.context != "none":
+        contexts = {q.document_id: q.context for q in queries}
+        chunks = with_context(chunks, contexts, chunker, reserve, title_only=args.context == "title")
+    print(f"{len(docs)} documents -> {len(chunks)} chunks (size {args.size}, overlap {args.overlap}, "
+          f"context {args.context}) in {time.perf_counter() - t0:.1f}s")
 
-    encoder = CachedEncoder(OUT / "embeddings-minilm.npz")
-    bm25, index = BM25Retriever(), DenseIndex(Memory(DenseIndex.spec("eval", encoder)), encoder)
-    index.add(chunks)
-    bm25.add(chunks)
-    hybrid = HybridRetriever(bm25, DenseRetriever(index), depth=DEPTH)
-
-    halves: dict[str, list[int]] = {"A": [], "B": []}
-    for kind in KINDS:  # each query set split in two by a seeded shuffle
-        members = [i for i, q in enumerate(queries) if q.kind == kind]
-        random.Random(args.seed).shuffle(members)
-        halves["A"] += members[: len(members) // 2]
-        halves["B"] += members[len(members) // 2:]
+    make, asymmetric = ENCODERS[args.encoder]
+    embedded = plain if args.context_in == "bm25" else chunks
+    if args.export_texts:
+        rows = [[text_key(c.text).hex(), c.text, False] for c in embedded]
+        rows += [[text_key(q.text, asymmetric).hex(), q.text, asymmetric] for q in queries]
+        args.export_texts.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(args.export_texts, "wt") as f:
+            json.dump(rows, f)
+        print(f"{len(rows)} texts -> {args.export_texts}")
+        return
+    encoder = CachedEncoder(args.cache or OUT / f"embeddings-{args.encoder}.npz", make, 384, asymmetric)
+    hybrid = build(embedded, plain if args.context_in == "dense" else chunks, encoder)
+    halves = split(queries, args.seed)
     lists = {mode: [hybrid.search(q.text, DEPTH, mode) for q in queries] for mode in ("bm25", "dense")}
     completed = [hybrid.rankings(q.text, DEPTH) for q in queries]
 
-    def ranks(rankings: list[list[Hit]]) -> np.ndarray:
-        return np.array([rank_of(hits, q.document_id) for hits, q in zip(rankings, queries)])
+    def ranks(rankings: list[list[Hit]], scoring: DocScore = ("max", 0.0)) -> np.ndarray:
+        return np.array([rank_of(hits, q.document_id, scoring) for hits, q in zip(rankings, queries)])
 
     def fused(fusion: Fusion, complete: bool) -> np.ndarray:
         inputs = completed if complete else zip(lists["bm25"], lists["dense"])
         return ranks([fusion(list(pair), DEPTH) for pair in inputs])
 
     single = {mode: ranks(lists[mode]) for mode in ("bm25", "dense")}
-    default = ranks([hybrid.search(q.text, DEPTH) for q in queries])
+    default_hits = [hybrid.search(q.text, DEPTH) for q in queries]
+    default = ranks(default_hits)
     grids = {name: [(f, fused(f, complete)) for f in grid] for name, (complete, grid) in families().items()}
     counts = {kind: sum(q.kind == kind for q in queries) for kind in KINDS}
     print(f"{len(queries)} queries ({counts}), half A {len(halves['A'])}, half B {len(halves['B'])}")
 
-    results = {}
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "chunks": len(chunks)}
     for tune, report in (("A", "B"), ("B", "A")):
         on, fit = np.array(halves[report]), np.array(halves[tune])
         rows = {mode: metrics(r[on]) for mode, r in single.items()}
         tuned = {mode: metrics(r[fit]) for mode, r in single.items()}
-        params, margins = {}, {}
+        params, margins, chosen = {}, {}, {}
         for name, grid in grids.items():
             best, best_ranks = max(grid, key=lambda fr: margin(fr[1][fit], [r[fit] for r in single.values()]))
-            rows[name], params[name] = metrics(best_ranks[on]), describe(best)
+            rows[name], params[name], chosen[name] = metrics(best_ranks[on]), describe(best), best
             tuned[name], margins[name] = metrics(best_ranks[fit]), margin(best_ranks[fit], [r[fit] for r in single.values()])
         rows["hybrid default"], params["hybrid default"] = metrics(default[on]), describe(DEFAULT_FUSION)
-        results[report] = rows
         print(f"\n### tuned on half {tune}, reported on half {report} ({len(on)} queries)\n")
         print(f"half {tune}, where each family's parameters are tuned and the default is chosen:\n")
         print(table(tuned, params))
@@ -253,8 +377,25 @@ def main() -> None:
             part = np.array([i for i in halves[report] if queries[i].kind == kind])
             by_kind = {mode: metrics(r[part]) for mode, r in (*single.items(), ("hybrid default", default))}
             print(f"\n{kind} questions only ({len(part)}):\n\n{table(by_kind, {})}")
-
-    plot(results["B"], args.plot)
+        # document-level scoring: each aggregation applied to every mode; λ tuned on the tuning half
+        zscore = chosen["zscore"]
+        tuned_hits = [zscore(list(pair), DEPTH) for pair in completed]
+        doc_rows, doc_params = {}, {}
+        for how in dict.fromkeys(h for h, _ in DOC_SCORES):
+            options = [d for d in DOC_SCORES if d[0] == how]
+            best = max(options, key=lambda d: metrics(ranks(tuned_hits, d)[fit])["MRR@10"])
+            for mode, hits in (("bm25", lists["bm25"]), ("dense", lists["dense"]),
+                               ("hybrid default", default_hits), ("hybrid zscore tuned", tuned_hits)):
+                name = f"{mode}, {how}"
+                doc_rows[name], doc_params[name] = metrics(ranks(hits, best)[on]), f"λ={best[1]:g}" if best[1] else ""
+        print(f"\ndocument scores (λ tuned on half {tune} by the tuned zscore hybrid's MRR@10), half {report}:\n")
+        print(table(doc_rows, doc_params))
+        results[report] = {"rows": rows, "params": params, "chosen": choice, "documents": doc_rows,
+                           "document params": doc_params}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    plot(results["B"]["rows"], args.plot)
 
 
 def plot(rows: dict[str, dict[str, float]], path: Path) -> None:
