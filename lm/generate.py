@@ -71,8 +71,8 @@ def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_to
         forward(model, tokens[:, :-1], past_key_values, logits_to_keep=1)
         tokens = tokens[:, -1:]
     for _ in range(max_new_tokens):
-        outputs = model(input_ids=tokens, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
-        past_key_values = outputs.past_key_values
+        outputs = model(input_ids=tokens, cache=past_key_values, use_cache=True, logits_to_keep=1)
+        past_key_values = outputs.cache
         logprobs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
         if logprobs_hook is not None:
             logprobs = logprobs_hook(logprobs, outputs)

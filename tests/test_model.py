@@ -43,7 +43,7 @@ def test_bounded_cache_prompt_prefills_as_token_by_token_decoding(tiny):
     cache = BoundedCache(model, Window(16, 2))
     with torch.inference_mode():
         for i in range(ids.shape[1] - 1):
-            model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
     reference = list(stream_tokens(model, ids[:, -1:], max_new_tokens=10, past_key_values=cache))
     pieces = generate(model, tok, prompt, max_new_tokens=10, past_key_values=BoundedCache(model, Window(16, 2)))
     assert "".join(pieces) == tok.decode(reference, skip_special_tokens=True)
