@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
+    model_cache: Path | None = Field(
+        None, description="converted copies of GGUF models; default $XDG_CACHE_HOME/memsvc/models or "
+        "~/.cache/memsvc/models")
 
     @field_validator("api_keys", mode="before")
     @classmethod
