@@ -235,7 +235,7 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
                 forward(model, ids[:, done:mark], cache, logits_to_keep=1)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 for i in range(mark, mark + steps):
-                    model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                    model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
                 seconds = (time.perf_counter() - started) / steps
                 cpu_seconds = (time.process_time() - cpu_started) / steps  # what other load on the machine hides
                 done = mark + steps

@@ -100,14 +100,14 @@ def stream(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache | None,
     """
     n = input_ids.shape[1]
     if not isinstance(cache, BoundedCache):
-        yield 0, model(input_ids=input_ids, past_key_values=cache, use_cache=True, **model_kwargs)
+        yield 0, model(input_ids=input_ids, cache=cache, use_cache=True, **model_kwargs)
         return
     start = 0
     while start < n:
         room = cache.room()
         q = min(n - start, block or cache.period or FULL_BLOCK, n if room is None else room)
         mask = cache.block_mask(q, model, input_ids.shape[0]) if q > 1 else None
-        yield start, model(input_ids=input_ids[:, start:start + q], past_key_values=cache, attention_mask=mask,
+        yield start, model(input_ids=input_ids[:, start:start + q], cache=cache, attention_mask=mask,
                            use_cache=True, **model_kwargs)
         start += q
 

@@ -7,7 +7,7 @@ incremental detokenisation, yielding text pieces as they decode.
 
 The hook sees the step's full model outputs, and whatever forward hooks it registered on the model
 captured during that same forward pass (kNN-LM reads its key vector that way), so it never reruns the
-model. With `past_key_values` given (any transformers `Cache`, e.g. a bounded one from `lm.cache`),
+model. With `cache` given (any transformers `Cache`, e.g. a bounded one from `lm.cache`),
 the model reads and updates that cache, and positions follow its `get_seq_length()`.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def next_token(logprobs: torch.Tensor, temperature: float = 0.0, top_p: float = 
 @torch.inference_mode()
 def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-                  past_key_values: Cache | None = None, logprobs_hook: LogprobsHook | None = None,
+                  cache: Cache | None = None, logprobs_hook: LogprobsHook | None = None,
                   seed: int | None = None) -> Iterator[int]:
     """Yield the next token ids of a single sequence `input_ids` [1, n] as they are decoded.
 
@@ -67,12 +67,12 @@ def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_to
     check_sampling(max_new_tokens, temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     tokens = input_ids.to(model.device)
-    if isinstance(past_key_values, BoundedCache) and tokens.shape[1] > 1:
-        forward(model, tokens[:, :-1], past_key_values, logits_to_keep=1)
+    if isinstance(cache, BoundedCache) and tokens.shape[1] > 1:
+        forward(model, tokens[:, :-1], cache, logits_to_keep=1)
         tokens = tokens[:, -1:]
     for _ in range(max_new_tokens):
-        outputs = model(input_ids=tokens, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
-        past_key_values = outputs.past_key_values
+        outputs = model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = outputs.cache
         logprobs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
         if logprobs_hook is not None:
             logprobs = logprobs_hook(logprobs, outputs)
@@ -108,7 +108,7 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, *,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, chat: bool = False,
-             system: str | None = None, past_key_values: Cache | None = None,
+             system: str | None = None, cache: Cache | None = None,
              logprobs_hook: LogprobsHook | None = None, seed: int | None = None) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces (see `stream_tokens` for the options).
 
@@ -119,7 +119,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt:
     shown = ""
     for token in stream_tokens(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, stop_ids=stop_token_ids(model, tokenizer),
-                               past_key_values=past_key_values, logprobs_hook=logprobs_hook, seed=seed):
+                               cache=cache, logprobs_hook=logprobs_hook, seed=seed):
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
         if len(text) > len(shown) and not text.endswith("\ufffd"):

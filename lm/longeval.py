@@ -123,6 +123,6 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: t
     (`lm.generate.stream_tokens`, which prefills the prompt in exact blocks)."""
     cache = BoundedCache(model, policy)
     with attach(model, cache, knn, memory, gate):
-        tokens = list(stream_tokens(model, prompt, max_new_tokens=max_new_tokens, past_key_values=cache,
+        tokens = list(stream_tokens(model, prompt, max_new_tokens=max_new_tokens, cache=cache,
                                     stop_ids=stop_token_ids(model, tokenizer)))
     return tokenizer.decode(tokens, skip_special_tokens=True)

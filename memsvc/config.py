@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
     model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
                                               "model directory or a .gguf file")
+    model_cache: Path | None = Field(
+        None, description="converted copies of GGUF models; default $XDG_CACHE_HOME/memsvc/models or "
+        "~/.cache/memsvc/models")
 
     @field_validator("api_keys", mode="before")
     @classmethod

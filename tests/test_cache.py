@@ -25,7 +25,7 @@ def ids():
 
 def token_by_token(model, ids, cache):
     with torch.inference_mode():
-        return torch.cat([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+        return torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                           for i in range(ids.shape[1])], 1)
 
 
@@ -79,7 +79,7 @@ def test_token_by_token_never_holds_more_than_window_plus_sinks(model, ids):
     cache = BoundedCache(model, policy)
     with torch.inference_mode():
         for i in range(N):
-            model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
             for layer in cache.layers:
                 assert len(layer.tokens) == layer.keys.shape[-2] == min(i + 1, policy.budget)
                 assert layer.positions.max() < cache.limit  # positions stay in range on any stream

@@ -378,7 +378,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
         assert result.exit_code == 0, result.output
         cache = BoundedCache(tiny[0], Window(16, 2))
         with attach(tiny[0], cache, knn):
-            expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, past_key_values=cache))
+            expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, cache=cache))
         assert result.stdout == expected + "\n"
 
 

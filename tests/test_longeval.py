@@ -55,7 +55,7 @@ def test_window_losses_are_those_of_token_by_token_decoding(tiny, ids):
 
     with attach(model, cache, KnnConfig(k=4)), torch.inference_mode():
         for i in range(ids.shape[1] - 1):
-            logits = model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[0, -1]
             losses.append(torch.nn.functional.cross_entropy(logits, ids[0, i + 1]))
     assert torch.allclose(torch.from_numpy(result.nll), torch.stack(losses), atol=1e-5)
 

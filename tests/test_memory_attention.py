@@ -34,7 +34,7 @@ def run(model, ids, policy, config, memory=None, gate=None, token_by_token=False
     cache = BoundedCache(model, policy)
     with attach(model, cache, config, memory, gate, session), torch.inference_mode():
         if token_by_token:
-            return torch.cat([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+            return torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                               for i in range(ids.shape[1])], 1)
         return torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
 

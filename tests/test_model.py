@@ -1,11 +1,14 @@
 """Model loading and the one decoding loop (lm/model.py, lm/generate.py)."""
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from lm.cache import BoundedCache
+from lm.cache import BoundedCache, forward
 from lm.generate import generate, next_token, stream_tokens
 from lm.model import load_model, tiny_llama
 from lm.policies import Window
@@ -44,9 +47,9 @@ def test_bounded_cache_prompt_prefills_as_token_by_token_decoding(tiny):
     cache = BoundedCache(model, Window(16, 2))
     with torch.inference_mode():
         for i in range(ids.shape[1] - 1):
-            model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
-    reference = list(stream_tokens(model, ids[:, -1:], max_new_tokens=10, past_key_values=cache))
-    pieces = generate(model, tok, prompt, max_new_tokens=10, past_key_values=BoundedCache(model, Window(16, 2)))
+            model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+    reference = list(stream_tokens(model, ids[:, -1:], max_new_tokens=10, cache=cache))
+    pieces = generate(model, tok, prompt, max_new_tokens=10, cache=BoundedCache(model, Window(16, 2)))
     assert "".join(pieces) == tok.decode(reference, skip_special_tokens=True)
 
 
@@ -79,7 +82,7 @@ def test_given_cache_is_used_and_grows(tiny):
     model, tok = tiny
     ids = tok("one two three", return_tensors="pt").input_ids
     cache = DynamicCache(config=model.config)
-    out = list(stream_tokens(model, ids, max_new_tokens=4, past_key_values=cache))
+    out = list(stream_tokens(model, ids, max_new_tokens=4, cache=cache))
     assert cache.get_seq_length() == ids.shape[1] + len(out) - 1
     assert out == list(stream_tokens(model, ids, max_new_tokens=4))
 
@@ -108,6 +111,30 @@ def test_bad_sampling_options(tiny, kwargs):
         list(generate(model, tok, "x", **kwargs))
     with pytest.raises(InvalidInput, match="empty"):
         list(generate(model, tok, ""))
+
+
+def test_decoding_uses_no_deprecated_transformers_keyword(tiny, monkeypatch):
+    """The model is called with `cache=` and its outputs read as `.cache`: no FutureWarning, no deprecation
+    log line. transformers logs those once per process, so the logger is replaced by a recorder here; the
+    deprecated spelling itself is the control that the recorder sees them."""
+    model, tok = tiny
+    notices: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: notices.append(str(msg)))
+    ids = tok("one two three four five six seven eight nine ten " * 4, return_tensors="pt").input_ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(stream_tokens(model, ids, max_new_tokens=3))
+        list(stream_tokens(model, ids, max_new_tokens=3, cache=BoundedCache(model, Window(16, 2))))
+        forward(model, ids, DynamicCache(config=model.config))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert [n for n in notices if "deprecated" in n] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            old = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    assert old.past_key_values is old.cache
+    assert any("past_key_values" in str(w.message) for w in caught if issubclass(w.category, FutureWarning))
+    assert any("deprecated" in n for n in notices)
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def run(model, ids, cache, knn=None, decode=0):
         for _ in stream(model, ids[:, :N - decode], cache):
             pass
         for i in range(N - decode, N):
-            model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
     return longest[0]
 
 

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from memsvc.api import collections, errors, health, memories, metrics
 from memsvc.api.deps import JSONResponse
@@ -46,8 +47,11 @@ def create_app(settings: Settings | None = None, *, encoder: Callable[[], Senten
             app.state.service = service
             yield
 
-    app = FastAPI(title="memsvc", summary="Retrieval-augmented long-context memory for transformer LMs",
-                  lifespan=lifespan, default_response_class=JSONResponse)
+    # /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN, so they work offline;
+    # no validator badge (Swagger UI would send the spec's URL to validator.swagger.io)
+    app = FastAPIOffline(title="memsvc", summary="Retrieval-augmented long-context memory for transformer LMs",
+                         lifespan=lifespan, default_response_class=JSONResponse,
+                         swagger_ui_parameters={"validatorUrl": None})
     app.state.settings = settings
     app.state.metrics = Metrics(lambda: open_memories(app))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -195,7 +195,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             if knn_memory is not None else None
         model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
         if policy is not None:
-            options["past_key_values"] = bounded = BoundedCache(model_, policy)
+            options["cache"] = bounded = BoundedCache(model_, policy)
             stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
