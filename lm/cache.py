@@ -57,7 +57,23 @@ class BoundedCache(Cache):
                                  for i in range(config.num_hidden_layers)])
         self.on_evict = on_evict
         self.reported = False  # whether attention reports to the layers (`lm.attention.attach` sets it)
+        self._given_to_generate = False
         exact_forward(model)
+
+    @property
+    def _is_user_defined(self) -> bool:
+        """Whether a `model.generate` call was given this cache (transformers sets this at each call)."""
+        return self._given_to_generate
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        # generate re-reads a given cache's sequence from token get_seq_length() on; once this cache re-based,
+        # that is its next position, not the tokens it has seen: refuse rather than re-read tokens
+        if value and self.seen != self.layers[0].next_pos:
+            raise InvalidInput(f"this BoundedCache holds a sequence of {self.seen} tokens past a re-base: "
+                               "model.generate cannot continue it; give generate a fresh cache, or continue with "
+                               "lm.generate.stream_tokens", "cache")
+        self._given_to_generate = value
 
     @property
     def on_evict(self) -> EvictCallback | None:

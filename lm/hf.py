@@ -66,7 +66,8 @@ class BoundedSequences:
 
     def before_forward(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """The forward pre-hook: hand the forward the current sequence's cache, or a new sequence's."""
-        given = next((kwargs.pop(name) for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        given = [value for value in (kwargs.pop(name, None) for name in CACHE_ARGUMENTS) if value is not None]
+        given = given[0] if given else None
         if isinstance(given, BoundedCache):
             cache = given
         elif given is None or (isinstance(given, Cache) and given.get_seq_length() == 0):

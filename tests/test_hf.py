@@ -196,3 +196,22 @@ def test_blocks_do_not_nest_and_close_cleanly(model):
     with torch.inference_mode():
         out = model(prompt(5))
     assert not isinstance(out.past_key_values, BoundedCache)
+
+
+def test_generate_continues_a_cache_until_it_re_bases(model):
+    """A second generate call on the same cache reads only the new tokens, as the own loop does; once the cache
+    has re-based, generate would re-read tokens it holds (it counts them by position): refused."""
+    ids, extra = prompt(40), prompt(5, seed=4)
+    own = BoundedCache(model, Window(64, 4))
+    with torch.inference_mode():
+        first = list(stream_tokens(model, ids, max_new_tokens=10, past_key_values=own))
+        second = list(stream_tokens(model, torch.cat([torch.tensor([first[-1:]]), extra], 1), max_new_tokens=10,
+                                    past_key_values=own))
+        cache = BoundedCache(model, Window(64, 4))
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        longer = torch.cat([out, extra], 1)
+        again = model.generate(longer, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        assert (out[0, 40:].tolist(), again[0, longer.shape[1]:].tolist()) == (first, second)
+        model.generate(prompt(), past_key_values=cache, max_new_tokens=40, do_sample=False)  # re-bases
+        with pytest.raises(InvalidInput, match="fresh cache"):
+            model.generate(prompt(), past_key_values=cache, max_new_tokens=2, do_sample=False)
