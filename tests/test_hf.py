@@ -215,3 +215,24 @@ def test_generate_continues_a_cache_until_it_re_bases(model):
         model.generate(prompt(), past_key_values=cache, max_new_tokens=40, do_sample=False)  # re-bases
         with pytest.raises(InvalidInput, match="fresh cache"):
             model.generate(prompt(), past_key_values=cache, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.slow
+def test_smollm2_generate_reads_the_issue_prompt_within_the_window():
+    """The report's case on the real model: a 245-token prompt, window 64 + 4 sinks. generate gives the own loop's
+    tokens, within 68 entries, and no longer the first token of full attention."""
+    from pathlib import Path
+
+    from lm.model import load_model
+
+    model, tokenizer = load_model()
+    text = Path("/usr/share/doc/python3.11/html/_sources/library/heapq.rst.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :PROMPT]
+    cache = BoundedCache(model, Window(64, 4))
+    with torch.inference_mode():
+        own = list(stream_tokens(model, ids, max_new_tokens=8, past_key_values=cache))
+        full = model.generate(ids, max_new_tokens=1, do_sample=False)[0, PROMPT:].tolist()
+        with bounded_cache(model, Window(64, 4)) as sequences:
+            hf = model.generate(ids, max_new_tokens=8, do_sample=False)[0, PROMPT:].tolist()
+    assert hf == own and hf[0] != full[0]
+    assert sequences.cache.peak_entries == cache.peak_entries == 68
