@@ -93,9 +93,11 @@ def attach(model: PreTrainedModel, cache: Cache, knn: KnnConfig | None = None, m
     model.set_attn_implementation(ATTENTION)
     if knn_session is not None:
         cache.on_evict = knn_session.store
+    cache.reported = True
     try:
         yield knn_session
     finally:
+        cache.reported = False
         model.set_attn_implementation(previous)
         for module in modules:
             delattr(module, ATTACHED)

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lm.cache import BoundedCache, forward
+from lm.cache import forward
 from memsvc.contract import InvalidInput
 
 
@@ -60,27 +60,24 @@ def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_to
                   seed: int | None = None) -> Iterator[int]:
     """Yield the next token ids of a single sequence `input_ids` [1, n] as they are decoded.
 
-    Stops after `max_new_tokens` or after yielding one of `stop_ids`. With a `BoundedCache`, all but the last
-    input token prefill in exact blocks (`lm.cache.forward`): one forward of a prompt longer than the cache's
-    budget would not respect its bound.
+    Stops after `max_new_tokens` or after yielding one of `stop_ids`. The prompt is one prefill (`lm.cache.forward`:
+    with a `BoundedCache`, in its exact blocks, as `model.generate` runs it too), then one forward per token.
     """
     check_sampling(max_new_tokens, temperature, top_p)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    tokens = input_ids.to(model.device)
-    if isinstance(cache, BoundedCache) and tokens.shape[1] > 1:
-        forward(model, tokens[:, :-1], cache, logits_to_keep=1)
-        tokens = tokens[:, -1:]
-    for _ in range(max_new_tokens):
-        outputs = model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+    if max_new_tokens == 0:
+        return
+    outputs = forward(model, input_ids.to(model.device), cache, logits_to_keep=1)
+    for step in range(1, max_new_tokens + 1):
         cache = outputs.cache
         logprobs = torch.log_softmax(outputs.logits[:, -1].float(), dim=-1)
         if logprobs_hook is not None:
             logprobs = logprobs_hook(logprobs, outputs)
         token = next_token(logprobs, temperature, top_p, generator)
         yield int(token)
-        if int(token) in stop_ids:
+        if int(token) in stop_ids or step == max_new_tokens:
             return
-        tokens = token[:, None]
+        outputs = model(input_ids=token[:, None], cache=cache, use_cache=True, logits_to_keep=1)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = False,

@@ -19,16 +19,18 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Self, get_args
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import LogprobsHook, generate
@@ -119,9 +121,9 @@ def check_key(kind: str) -> str:
     return kind
 
 
-@contextmanager
-def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, every forward pass leaves its key hidden states [batch, seq, hidden] in the dict."""
+def key_hooks(model: PreTrainedModel, kinds: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[RemovableHandle]]:
+    """(captured, handles): forward hooks that leave each forward pass's key hidden states [batch, seq, hidden]
+    in `captured` until the handles are removed."""
     for kind in kinds:
         check_key(kind)
     decoder = model.get_decoder()
@@ -134,11 +136,22 @@ def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[
         else:
             handles.append(decoder.layers[-1].mlp.register_forward_pre_hook(
                 lambda mod, args, kind=kind: captured.__setitem__(kind, args[0])))
+    return captured, handles
+
+
+@contextmanager
+def capture_keys(model: PreTrainedModel, kinds: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, every forward pass leaves its key hidden states [batch, seq, hidden] in the dict."""
+    captured, handles = key_hooks(model, kinds)
     try:
         yield captured
     finally:
-        for handle in handles:
-            handle.remove()
+        _remove(handles)
+
+
+def _remove(handles: Sequence[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 @dataclass
@@ -408,21 +421,60 @@ class KNNLM:
 
     # --- generation --------------------------------------------------------------------------------
 
+    def mix(self, logprobs: torch.Tensor, keys: torch.Tensor, params: KNNParams) -> torch.Tensor:
+        """log(λ·p_kNN + (1−λ)·p_LM) [batch, vocab] from log p_LM [batch, vocab] and the step's keys [batch,
+        hidden] (one search of the datastore)."""
+        found = self.memory.search(keys.float().cpu().numpy(), params.k)
+        probs = knn_probs(torch.from_numpy(found.distances), torch.from_numpy(found.values.astype(np.int64)),
+                          params.temp, logprobs.shape[-1])
+        return interpolate(logprobs, probs.log().to(logprobs.device), params.lam)
+
     @contextmanager
     def hook(self, params: KNNParams) -> Iterator[LogprobsHook]:
         """A decoding-loop hook that mixes p_kNN into each step's log-probabilities (one search per step);
         the key is captured from the same forward pass while the block is open."""
         with capture_keys(self.model, (self.key,)) as captured:
-            def mix(logprobs: torch.Tensor, outputs: Any) -> torch.Tensor:
-                found = self.memory.search(captured[self.key][:, -1].float().cpu().numpy(), params.k)
-                probs = knn_probs(torch.from_numpy(found.distances), torch.from_numpy(found.values.astype(np.int64)),
-                                  params.temp, logprobs.shape[-1])
-                return interpolate(logprobs, probs.log().to(logprobs.device), params.lam)
+            yield lambda logprobs, outputs: self.mix(logprobs, captured[self.key][:, -1], params)
 
-            yield mix
+    def logits_processor(self, lam: float | None = None, temp: float | None = None,
+                         k: int | None = None) -> KNNLogitsProcessor:
+        """kNN-LM for `model.generate(..., logits_processor=[...])` (settings default to the tuned ones);
+        see `KNNLogitsProcessor`."""
+        return KNNLogitsProcessor(self, self.params(lam, temp, k))
 
     def generate(self, prompt: str, lam: float | None = None, temp: float | None = None, k: int | None = None,
                  **options: Any) -> Iterator[str]:
         """Stream a continuation decoded from the kNN-LM mixture; `options` go to `lm.generate.generate`."""
         with self.hook(self.params(lam, temp, k)) as mix:
             yield from generate(self.model, self.tokenizer, prompt, logprobs_hook=mix, **options)
+
+
+class KNNLogitsProcessor(LogitsProcessor):
+    """kNN-LM as a transformers `LogitsProcessor`: `model.generate(ids, logits_processor=[processor])` decodes
+    from log(λ·p_kNN + (1−λ)·p_LM), as `KNNLM.generate` does (the same tokens, greedy).
+
+    Made by `KNNLM.logits_processor`. It registers forward hooks on the model that capture each forward's key
+    (the datastore's hidden state), and at each step searches the datastore (a local `Memory` or a served
+    `RemoteMemory`) with the last position's key. The hooks stay until `close()` (or the end of a `with`
+    block, or the processor being garbage collected). Put it first among custom processors: it reads the
+    scores as the model's logits, and generate applies its own warpers (temperature, top-k, top-p) after it.
+    """
+
+    def __init__(self, knnlm: KNNLM, params: KNNParams):
+        self.knnlm, self.params = knnlm, params
+        self.captured, handles = key_hooks(knnlm.model, (knnlm.key,))
+        self.close = weakref.finalize(self, _remove, handles)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Mixed log-probabilities [batch, vocab] for the step's logits `scores` [batch, vocab]."""
+        if self.knnlm.key not in self.captured:
+            raise InvalidInput("the kNN-LM logits processor saw no forward of its model (closed, or another model)",
+                               "logits_processor")
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return self.knnlm.mix(logprobs, self.captured.pop(self.knnlm.key)[:, -1], self.params)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

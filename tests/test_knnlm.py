@@ -240,6 +240,52 @@ def test_pure_knn_generation_replays_the_stored_text(tiny):
     assert base != out
 
 
+def hf_generate(knn, prompt, processor, max_new_tokens=10, **options):
+    """`model.generate` with the kNN-LM logits processor: the continuation's text."""
+    from lm.generate import encode_prompt
+
+    ids = encode_prompt(knn.tokenizer, prompt)
+    with torch.inference_mode():
+        out = knn.model.generate(ids, logits_processor=[processor], max_new_tokens=max_new_tokens, do_sample=False,
+                                 **options)
+    return knn.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.7, 1.0])
+def test_logits_processor_gives_the_tokens_of_knnlm_generate(tiny, lam):
+    knn = knnlm(tiny)
+    knn.build([TEXT])
+    expected = "".join(knn.generate("The csv module implements", lam=lam, temp=1.0, k=8, max_new_tokens=10))
+    with knn.logits_processor(lam=lam, temp=1.0, k=8) as processor:
+        assert hf_generate(knn, "The csv module implements", processor) == expected
+    assert expected != "".join(knn.generate("The csv module implements", lam=0.0, max_new_tokens=10))
+    decoder = tiny[0].get_decoder()
+    assert not decoder.norm._forward_hooks and not decoder.layers[-1].mlp._forward_pre_hooks  # closed: unhooked
+
+
+def test_logits_processor_with_a_bounded_cache_gives_the_own_loop_tokens(tiny):
+    from lm.cache import BoundedCache
+    from lm.hf import bounded_cache
+    from lm.policies import Window
+
+    knn = knnlm(tiny)
+    knn.build([TEXT])
+    prompt = TEXT[:300]
+    expected = "".join(knn.generate(prompt, lam=0.5, temp=1.0, k=8, max_new_tokens=10,
+                                    cache=BoundedCache(tiny[0], Window(16, 2))))
+    with knn.logits_processor(lam=0.5, temp=1.0, k=8) as processor, bounded_cache(tiny[0], Window(16, 2)):
+        assert hf_generate(knn, prompt, processor) == expected
+
+
+def test_a_closed_logits_processor_is_refused(tiny):
+    knn = knnlm(tiny)
+    knn.build([OTHER])
+    processor = knn.logits_processor()
+    processor.close()
+    with pytest.raises(InvalidInput, match="saw no forward"):
+        hf_generate(knn, "The json", processor, max_new_tokens=2)
+
+
 # --- bad input: clear errors before any work, nothing stored --------------------------------------
 
 def test_memory_that_does_not_fit_the_model_is_rejected(tiny):
@@ -305,6 +351,9 @@ def test_in_process_and_remote_datastores_give_the_same_results(tiny, server):
         texts = ["".join(knn.generate("The csv", max_new_tokens=8, temperature=0.8, seed=1))
                  for knn in (local, remote)]
         assert texts[0] == texts[1]
+        greedy = "".join(local.generate("The csv", max_new_tokens=8))
+        with remote.logits_processor() as served:  # model.generate over the served datastore
+            assert hf_generate(remote, "The csv", served, max_new_tokens=8) == greedy
 
 
 # --- the CLI -------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["lm.rope", "lm.model", "lm.gate", "lm.policies.base", "lm.policies.window", "lm.policies.selective",
          "lm.policies.ranked", "lm.policies.merging", "lm.policies.registry", "lm.policies", "lm.cache",
          "lm.generate", "lm.memory_attention", "lm.attention", "lm.longeval", "lm.gate_training", "lm.knnlm",
-         "lm.rag"]
+         "lm.rag", "lm.hf"]
 MOVING = {"lm.cli", "lm.cli_long"}  # typer commands on their way to memsvc/cli/
 
 
