@@ -440,23 +440,28 @@ def free_port() -> int:
 # --- profiling the memsvc server ------------------------------------------------------------------
 
 def profile_server(pid: int, mem, data: dict, seconds: float) -> dict:
-    """py-spy samples of the server (all threads, busy samples only) while one client sends batch-1 searches;
-    returns the share of samples per function (inclusive) and the raw collapsed stacks' path."""
-    raw = WORK / "profile-rest-b1.txt"
+    """py-spy samples of the server while one client sends batch-1 searches: all threads that are not idle
+    ("busy": running or waiting for a CPU), then only the thread holding the GIL ("gil": Python's own work).
+    Per view: the share of samples per place (PLACES), per function on the stack and at its top."""
     spy = shutil.which("py-spy") or str(PEERS_VENV / "bin" / "py-spy")
-    rec = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
-                            "--format", "raw", "--output", str(raw), "--nonblocking"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    t = timed(lambda q: mem.search(q, K), data["queries"], 1, seconds)
-    rec.wait(60)
-    inclusive, leaf = shares(raw)
-    return {"batch1": t, "raw": str(raw), "inclusive": inclusive, "leaf": leaf}
+    out = {}
+    for view, flags in (("busy", []), ("gil", ["--gil"])):
+        raw = WORK / f"profile-rest-b1-{view}.txt"
+        rec = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
+                                "--format", "raw", "--output", str(raw), "--nonblocking", *flags],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        t = timed(lambda q: mem.search(q, K), data["queries"], 1, seconds)
+        rec.wait(120)
+        inclusive, leaf = shares(raw)
+        out[view] = {"batch1": t, "raw": str(raw), "where": where(raw), "inclusive": inclusive, "leaf": leaf}
+        print(f"  profile ({view}):", ", ".join(f"{p} {v:.1%}" for p, v in out[view]["where"]), flush=True)
+    return out
 
 
 def shares(raw: Path, top: int = 60) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """From py-spy's collapsed stacks: the share of busy samples with each function on the stack
-    (inclusive) and at the top of it (leaf), for the top functions; a function is `name (file)`."""
+    """From py-spy's collapsed stacks: the share of samples with each function on the stack (inclusive)
+    and at the top of it (leaf), for the top functions; a function is `name (file)`."""
     total, inclusive, leaf = 0, Counter(), Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -473,6 +478,42 @@ def shares(raw: Path, top: int = 60) -> tuple[list[tuple[str, float]], list[tupl
         return [], []
     return ([(f, n / total) for f, n in inclusive.most_common(top)],
             [(f, n / total) for f, n in leaf.most_common(top)])
+
+
+# Where a sample's time goes: its innermost frame that matches one of these (function or file names).
+PLACES = (
+    ("FAISS search", ("replacement_search", "swigfaiss")),
+    ("top-k merge, ids -> rows, result", ("_top_k", "_result", "_as_distance", "_rows", "_value_rows")),
+    ("npz decode (request)", ("decode_npz", "wire.decode")),
+    ("npz encode (response)", ("encode_npz",)),
+    ("body -> pydantic model", ("model_validate", "invalid_input")),
+    ("metrics, access log, request id", ("observability.py", "prometheus_client", "logging/__init__.py",
+                                         "jsonlogger", "json.py")),
+    ("HTTP parsing and writing (h11/httptools, uvicorn protocol)", ("h11", "httptools", "protocols/http")),
+    ("thread hand-offs (anyio threadpool, run_in_threadpool)", ("to_thread", "run_sync", "WorkerThread",
+                                                               "run_in_threadpool", "concurrency.py",
+                                                               "Queue.get", "Condition.wait", "Condition.notify",
+                                                               "call_soon_threadsafe", "_write_to_self")),
+    ("routing, dependencies, middleware (starlette/fastapi)", ("routing.py", "dependencies/utils.py",
+                                                              "middleware", "_exception_handler.py",
+                                                              "applications.py", "starlette", "fastapi")),
+    ("event loop (asyncio)", ("base_events.py", "selector_events.py", "events.py", "selectors.py")),
+)
+
+
+def where(raw: Path) -> list[tuple[str, float]]:
+    """Share of the server's busy samples per place (PLACES, innermost match wins; the rest is "other")."""
+    total, per = 0, Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += int(count)
+        place = next((name for frame in reversed(frames) for name, marks in PLACES
+                      if any(m in frame for m in marks)), "other")
+        per[place] += int(count)
+    return [(p, n / total) for p, n in per.most_common()] if total else []
 
 
 # --- orchestration (project venv) -----------------------------------------------------------------
