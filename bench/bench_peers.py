@@ -328,33 +328,45 @@ def measure_memory(system: str, setting: str, mem, data: dict, seconds: float) -
 
 
 def run_chroma(server: bool, data: dict, seconds: float) -> list[dict]:
-    """Chroma at its default HNSW settings, then at its smallest ef_search reaching TARGET."""
+    """Chroma at its default HNSW settings, then at its smallest ef_search reaching TARGET.
+
+    Chroma 1.5.9 stores a modified ef_search but searches an index already loaded with the old one
+    (measured: 20K entries, ef 100 -> 32 gave the same recall until the index was loaded again), so every
+    change of ef_search is followed by a fresh load: a new server process, or a new embedded client."""
     import chromadb
+    from chromadb.api.client import SharedSystemClient
     from chromadb.config import Settings
 
     name = "chroma-server" if server else "chroma-embedded"
+    settings = Settings(anonymized_telemetry=False)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         proc = None
-        if server:
+
+        def connect():
+            nonlocal proc
+            if not server:
+                SharedSystemClient.clear_system_cache()
+                return chromadb.PersistentClient(path=tmp, settings=settings)
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
             port = free_port()
             proc = subprocess.Popen([str(Path(sys.executable).parent / "chroma"), "run", "--path", tmp,
                                      "--host", "127.0.0.1", "--port", str(port)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = None
-            for _ in range(300):
+            for _ in range(600):
                 try:
                     client = chromadb.HttpClient(host="127.0.0.1", port=port,
                                                  settings=Settings(anonymized_telemetry=False))
                     client.heartbeat()
-                    break
+                    return client
                 except ValueError:  # "Could not connect to a Chroma server": not up yet
                     time.sleep(0.2)
-        else:
-            client = chromadb.PersistentClient(path=tmp, settings=Settings(anonymized_telemetry=False))
+            raise RuntimeError("the Chroma server did not start")
+
         try:
-            col = client.create_collection("bench", configuration={"hnsw": {"space": "l2"}})
+            col = connect().create_collection("bench", configuration={"hnsw": {"space": "l2"}})
             hnsw = col.configuration.get("hnsw") or {}
-            default_ef = hnsw.get("ef_search")
             rate = insert_rate(lambda s, x: col.add(ids=[str(i) for i in range(s, s + len(x))], embeddings=x),
                                data["keys"])
 
@@ -363,14 +375,17 @@ def run_chroma(server: bool, data: dict, seconds: float) -> list[dict]:
                 return np.array([[int(i) for i in row] for row in res["ids"]], dtype=np.int64)
 
             def set_ef(ef: int) -> None:
+                nonlocal col
                 col.modify(configuration={"hnsw": {"ef_search": ef}})
+                col = connect().get_collection("bench")
+                assert col.configuration["hnsw"]["ef_search"] == ef
 
-            setting = f"hnsw M{hnsw.get('max_neighbors')} ef{default_ef}"
-            rows = [measure(name, setting + " (default)", search, data, seconds, insert_per_s=rate)]
+            setting = f"hnsw M{hnsw.get('max_neighbors')} ef"
+            rows = [measure(name, f"{setting}{hnsw.get('ef_search')} (default)", search, data, seconds,
+                            insert_per_s=rate)]
             ef = smallest_ef(set_ef, search, data)
             set_ef(ef)
-            rows.append(measure(name, f"hnsw M{hnsw.get('max_neighbors')} ef{ef}", search, data, seconds,
-                                insert_per_s=rate))
+            rows.append(measure(name, f"{setting}{ef}", search, data, seconds, insert_per_s=rate))
         finally:
             if proc is not None:
                 proc.terminate()
@@ -623,6 +638,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="results go to peers-TAG.{json,png}")
     ap.add_argument("--ef", type=int, default=0,
                     help="memsvc's HNSW ef_search (0: memsvc-inproc finds the smallest reaching 0.97)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only print and plot the rows of these result files together (as peers-TAG)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -630,6 +647,8 @@ def main() -> None:
         args.system = args.worker
         return worker(args)
 
+    if args.merge:
+        return merge(args.merge, args.tag or "merged")
     systems = args.systems.split(",")
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -693,6 +712,20 @@ def main() -> None:
     table = median_rows(rows)
     print_table(table, ratios(table))
     print(f"finished; load {uptime()}")
+
+
+def merge(paths: list[str], tag: str) -> None:
+    """One table and PNG from several runs' rows (e.g. a system re-run after a fix), noting each run's load."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    table = median_rows(rows)
+    print_table(table, ratios(table))
+    loads = "; ".join(f"{Path(p).stem} {run['started']['utc']} load {run['started']['uptime']}"
+                      for p, run in zip(paths, runs))
+    (RESULTS / f"peers-{tag}.json").write_text(json.dumps({"merged": paths, "loads": loads, "table": table,
+                                                           "targets": ratios(table)}, indent=1))
+    plot(table, RESULTS / f"peers-{tag}.png", f"{N:,} SmolLM2 hidden states (576-d), k={K}, rows with recall@{K}"
+         f" >= {TARGET}; {os.cpu_count()} cores; {loads}")
 
 
 def uptime() -> str:
