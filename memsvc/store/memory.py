@@ -141,7 +141,7 @@ class Memory(Snapshots):
         queries = self._index_view(check_keys(queries, self.spec, "queries"))
         k = check_k(k)
         partition = check_partition(partition)
-        with self._rw.read():
+        with self._rw.read(), fx.threads_for(len(queries)):
             if partition is None:
                 shards = [s for s in self._shards.values() if s.count]
             else:
