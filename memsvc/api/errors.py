@@ -13,7 +13,7 @@ from memsvc.contract import MemsvcError, Unauthorized, invalid_input
 # The HTTP status of each error code: decided here, at the edge, not by the error classes.
 STATUS_BY_CODE = {
     "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "already_exists": 409,
-    "data_dir_in_use": 409, "too_large": 413, "invalid_input": 422, "corrupt_log": 500, "corrupt_snapshot": 500,
+    "data_dir_in_use": 409, "too_large": 413, "unsupported_media_type": 415, "invalid_input": 422, "corrupt_log": 500, "corrupt_snapshot": 500,
     "backend_unavailable": 503, "memory_unavailable": 503, "insufficient_storage": 507,
 }
 CODE_BY_STATUS = {status: code for code, status in reversed(STATUS_BY_CODE.items())}  # 409: already_exists
