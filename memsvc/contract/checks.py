@@ -115,7 +115,7 @@ def check_search_params(spec: MemorySpec, ef_search: Any = None, nprobe: Any = N
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= bound:
                 raise InvalidInput(f"{field} must be an integer in 1..{bound}, got {value!r}", field)
             if spec.index != kind:
-                raise InvalidInput(f"{field} applies only to {kind} memories; memory '{spec.name}' has index "
+                raise InvalidInput(f"{field} applies only to {kind} memories; this memory's index is "
                                    f"'{spec.index}'", field)
             value = int(value)
         checked.append(value)
