@@ -19,7 +19,15 @@ from memsvc.cli.commands import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.connect import connect
 from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
-from memsvc.contract.wire import NPZ, TENSORS, decode_npz, decode_tensors, encode_npz, encode_tensors, search_result
+from memsvc.contract.wire import (
+    NPZ,
+    TENSORS,
+    decode_npz,
+    decode_tensors,
+    encode_npz,
+    encode_tensors,
+    search_result,
+)
 from memsvc.db import Catalog
 from memsvc.service import Service
 
