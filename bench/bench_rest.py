@@ -6,7 +6,9 @@ source trees put first on PYTHONPATH) serves that directory, and a client proces
 (so each side uses its own client and wire format) times one-at-a-time searches at batch 1 and 64 for
 `--seconds` each; rounds alternate the order. The in-process `Memory` of `--after` on the same snapshot is
 the floor. Random vectors, not the hidden states of bench_peers.py (which need SmolLM2 and its cache):
-the QPS of the REST layer is what is compared, recall is not reported.
+the QPS of the REST layer is what is compared, recall is not reported. Also the CPU time per call of the
+server process and of the client (from /proc and `time.process_time`): on a shared, oversubscribed machine
+it moves much less with the load than latency does. Rows: bench/results/rest-hotpath.json.
 
     nice -n 10 python bench/bench_rest.py --before /path/to/base/checkout --after . --rounds 2
 """
@@ -75,19 +77,34 @@ def timed(search, queries: np.ndarray, batch: int, seconds: float) -> dict:
             "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": len(lat), "load": os.getloadavg()[0]}
 
 
-def measure(search, queries: np.ndarray, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(search, queries: np.ndarray, seconds: float, server_pid: int | None = None) -> dict:
+    """`timed` at each batch size, with the CPU time per call of this process and of the server: what a
+    call costs, which the load of a shared machine changes much less than its latency."""
     search(queries[:64])  # warm: the memory is opened (snapshot read) on first use
-    return {str(batch): timed(search, queries, batch, seconds) for batch in BATCHES}
+    out = {}
+    for batch in BATCHES:
+        own, server = time.process_time(), cpu_seconds(server_pid) if server_pid else 0.0
+        out[str(batch)] = row = timed(search, queries, batch, seconds)
+        row["client_cpu_ms"] = 1e3 * (time.process_time() - own) / row["calls"]
+        if server_pid:
+            row["server_cpu_ms"] = 1e3 * (cpu_seconds(server_pid) - server) / row["calls"]
+    return out
 
 
-def client_main(url: str, seconds: float, queries_path: str) -> None:
+def client_main(url: str, seconds: float, queries_path: str, server_pid: int) -> None:
     """In a client process of one checkout: time its RemoteMemory against `url`, print JSON."""
     from memsvc.client import MemoryClient
 
     queries = np.load(queries_path)
     with MemoryClient(url, timeout=600) as client:
         mem = client.memory("hnsw")
-        print(json.dumps(measure(lambda q: mem.search(q, K), queries, seconds)))
+        print(json.dumps(measure(lambda q: mem.search(q, K), queries, seconds, server_pid)))
 
 
 def build(root: Path, data_dir: Path, n: int, ef: int, rng: np.random.Generator) -> float:
@@ -114,10 +131,10 @@ def main() -> None:
     parser.add_argument("--ef", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--client", nargs=3, metavar=("URL", "SECONDS", "QUERIES"), help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=4, metavar=("URL", "SECONDS", "QUERIES", "PID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        return client_main(args.client[0], float(args.client[1]), args.client[2])
+        return client_main(args.client[0], float(args.client[1]), args.client[2], int(args.client[3]))
 
     rng = np.random.default_rng(18)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +150,8 @@ def main() -> None:
                 proc, url = serve(root, data_dir)
                 try:
                     out = subprocess.run([sys.executable, __file__, "--before", ".", "--client", url, str(args.seconds),
-                                          str(queries_path)], env=env_for(root), check=True, capture_output=True,
+                                          str(queries_path), str(proc.pid)], env=env_for(root), check=True,
+                                         capture_output=True,
                                          text=True).stdout
                 finally:
                     stop(proc)
@@ -147,14 +165,18 @@ def main() -> None:
         rows.append({"side": "in-process", "round": 0, **measure(lambda q: mem.search(q, K), np.load(queries_path),
                                                                   args.seconds)})
         mem.close()
-    print("\n| server + client | batch | QPS (median of rounds) | p50 / p99 ms | load |\n|---|---:|---:|---:|---:|")
+    print("\n| server + client | batch | QPS (median of rounds) | p50 / p99 ms | CPU ms per call: server + client "
+          "| load |\n|---|---:|---:|---:|---:|---:|")
     for side in ("before", "after", "in-process"):
         for batch in map(str, BATCHES):
             ms = [row[batch] for row in rows if row["side"] == side]
             med = sorted(ms, key=lambda m: m["qps"])[len(ms) // 2]
+            cpu = f"{np.median([m.get('server_cpu_ms', 0) for m in ms]):.2f} + " \
+                  f"{np.median([m['client_cpu_ms'] for m in ms]):.2f}"
             print(f"| {side} | {batch} | {np.median([m['qps'] for m in ms]):,.0f} | "
-                  f"{med['p50_ms']:.2f} / {med['p99_ms']:.2f} | {min(m['load'] for m in ms):.1f}–"
+                  f"{med['p50_ms']:.2f} / {med['p99_ms']:.2f} | {cpu} | {min(m['load'] for m in ms):.1f}–"
                   f"{max(m['load'] for m in ms):.1f} |")
+    (Path(__file__).parent / "results" / "rest-hotpath.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
