@@ -158,15 +158,13 @@ class Memory(Snapshots):
         k = check_k(k)
         partition = check_partition(partition)
         ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
-        spec = self.spec
         with self._rw.read(), fx.threads_for(len(queries)):
             if partition is None:
                 shards = [s for s in self._shards.values() if s.count]
             else:
                 shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
-            found = [shard.index.search(queries, min(k, shard.count),
-                                        params=fx.search_params(shard.index, spec, k, ef_search, nprobe))
-                     for shard in shards]
+            params = fx.search_params(self.spec, k, self._template is not None, ef_search, nprobe)
+            found = [shard.index.search(queries, min(k, shard.count), params=params) for shard in shards]
             none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
             dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
             return self._result(*_top_k(ids, self._as_distance(dist, ids), k))
