@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_peers import free_port, timed  # one client calling search(batch) in turn: QPS, p50/p99 per call
 
 DIM, K, BATCHES = 576, 32, (1, 64)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(root: Path) -> dict[str, str]:
@@ -62,21 +56,6 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(600)
 
 
-def timed(search, queries: np.ndarray, batch: int, seconds: float) -> dict:
-    """QPS and per-call p50/p99 (ms) of one caller calling search(batch of queries) in turn."""
-    lat, i = [], 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(lat) < 10:
-        start = (i * batch) % (len(queries) - batch + 1)
-        t = time.perf_counter()
-        search(queries[start:start + batch])
-        lat.append(time.perf_counter() - t)
-        i += 1
-    lat = np.array(lat)
-    return {"qps": batch * len(lat) / lat.sum(), "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": len(lat), "load": os.getloadavg()[0]}
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -90,7 +69,7 @@ def measure(search, queries: np.ndarray, seconds: float, server_pid: int | None 
     out = {}
     for batch in BATCHES:
         own, server = time.process_time(), cpu_seconds(server_pid) if server_pid else 0.0
-        out[str(batch)] = row = timed(search, queries, batch, seconds)
+        out[str(batch)] = row = {**timed(search, queries, batch, seconds), "load": os.getloadavg()[0]}
         row["client_cpu_ms"] = 1e3 * (time.process_time() - own) / row["calls"]
         if server_pid:
             row["server_cpu_ms"] = 1e3 * (cpu_seconds(server_pid) - server) / row["calls"]
