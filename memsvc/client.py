@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-from httpx_sse import EventSource
 
 from memsvc.contract import (
     Answer,
@@ -48,11 +47,13 @@ from memsvc.contract import (
 from memsvc.contract.wire import (
     JSON,
     NPZ,
+    SSE,
     decode,
     encode_npz,
     entries_result,
     loads_json,
     media_type,
+    read_sse,
     search_result,
 )
 
@@ -216,8 +217,6 @@ def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool
     return _json_call("POST", _collection_path(name, "ask"), body, _answer)
 
 
-SSE = "text/event-stream"
-
 
 def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer]:
     """The pieces and the final Answer of a streamed ask (`memsvc.api.collections`: `token` events, then
@@ -230,15 +229,15 @@ def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer
             yield answer.answer
             yield answer
             return
-        for event in EventSource(response).iter_sse():
-            data = loads_json(event.data)
-            if event.event == "token":
-                yield data["text"]
-            elif event.event == "done":
-                yield _answer(data)
+        for event, data in read_sse(response.iter_lines()):
+            fields = loads_json(data)
+            if event == "token":
+                yield fields["text"]
+            elif event == "done":
+                yield _answer(fields)
                 return
-            elif event.event == "error":
-                raise error_from_dict(data)
+            elif event == "error":
+                raise error_from_dict(fields)
         raise MemsvcError("the server ended the answer stream before its end (no `done` event)")
     finally:
         response.close()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
@@ -39,6 +38,8 @@ from memsvc.contract import (
     SearchMode,
     UpsertResult,
 )
+
+from memsvc.contract.wire import SSE, sse_event
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ def search(body: CollectionSearchRequest, collection: CollectionDep, settings: S
     return CollectionSearchResponse(hits=collection.search(body.query, body.k, body.mode))
 
 
-def _event(event: str, data: Any) -> bytes:
-    """One server-sent event; the data is one line of JSON (orjson escapes newlines)."""
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+ANSWER = TypeAdapter(Answer)
 
 
 def answer_events(stream: AnswerStream) -> Iterator[bytes]:
@@ -150,14 +149,14 @@ def answer_events(stream: AnswerStream) -> Iterator[bytes]:
     with stream:
         try:
             for piece in stream:
-                yield _event("token", {"text": piece})
-            yield _event("done", asdict(stream.result()))
+                yield sse_event("token", orjson.dumps({"text": piece}))
+            yield sse_event("done", ANSWER.dump_json(stream.result()))  # as the JSON answer is serialised
         except MemsvcError as exc:
-            yield _event("error", exc.to_dict())
+            yield sse_event("error", orjson.dumps(exc.to_dict()))
         except Exception as exc:  # a bug: the client learns that the answer is cut short, the log tells why
             log.exception("ask stream failed")
-            yield _event("error", {"error": {"code": "internal_error",
-                                             "message": f"internal server error ({type(exc).__name__})"}})
+            yield sse_event("error", orjson.dumps({"error": {"code": "internal_error",
+                                                            "message": f"internal server error ({type(exc).__name__})"}}))
 
 
 def _data(schema: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +174,7 @@ ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the answer as JSON, or as server-sent events with stream=true or "
                                           "Accept: text/event-stream: `token` {text} events, then `done` (the "
                                           "JSON answer) or `error` (an ErrorBody)",
-          "content": {"text/event-stream": {"itemSchema": ANSWER_EVENTS}}},
+          "content": {SSE: {"itemSchema": ANSWER_EVENTS}}},
     **error_responses(*COLLECTION, *BODY),
 }
 
@@ -184,7 +183,7 @@ ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
 def ask(body: AskRequest, request: Request, collection: CollectionDep) -> Answer | Response:
     """Retrieve k passages, then answer the question from them with the language model, citing them; streamed
     as server-sent events with `stream` (see the module)."""
-    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
+    if body.stream or SSE in request.headers.get("accept", ""):
         stream = collection.ask_stream(body.question, body.k, body.max_new_tokens)
         return EventSourceResponse(answer_events(stream), headers={"Cache-Control": "no-cache"})
     return collection.ask(body.question, body.k, body.max_new_tokens)
