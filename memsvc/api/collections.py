@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
-from memsvc.api.errors import AUTH, BODY, NAMED, error_responses
+from memsvc.api.errors import AUTH, JSON_BODY, NAMED, error_responses
 from memsvc.api.limits import check_max_k
 from memsvc.api.schemas import Body
 from memsvc.contract import (
@@ -38,7 +38,6 @@ from memsvc.contract import (
     SearchMode,
     UpsertResult,
 )
-
 from memsvc.contract.wire import SSE, sse_event
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ CollectionDep = Annotated[CollectionBackend, Depends(get_collection)]
 
 
 @router.post("", status_code=201, response_model=CollectionStats, dependencies=[WRITE],
-             responses=error_responses(*NAMED, *BODY, "already_exists", "backend_unavailable"))
+             responses=error_responses(*NAMED, *JSON_BODY, "already_exists", "backend_unavailable"))
 def create_collection(body: CreateRequest, service: ServiceDep, key: Caller) -> CollectionStats:
     """Create an empty collection; 409 if the name is taken."""
     check_name(key, body.name)
@@ -121,7 +120,7 @@ def delete_collection(name: str, service: ServiceDep) -> None:
 
 
 @router.post("/{name}/documents", response_model=UpsertResult, dependencies=[WRITE],
-             responses=error_responses(*COLLECTION, *BODY, "insufficient_storage"))
+             responses=error_responses(*COLLECTION, *JSON_BODY, "insufficient_storage"))
 def upsert_documents(body: DocumentsRequest, collection: CollectionDep) -> UpsertResult:
     """Add or replace documents by id, all or nothing; unchanged ones are skipped."""
     return collection.upsert([Document(d.id, d.text, d.metadata) for d in body.documents])
@@ -134,7 +133,7 @@ def delete_document(document_id: str, collection: CollectionDep) -> None:
 
 
 @router.post("/{name}/search", response_model=CollectionSearchResponse,
-             responses=error_responses(*COLLECTION, *BODY))
+             responses=error_responses(*COLLECTION, *JSON_BODY))
 def search(body: CollectionSearchRequest, collection: CollectionDep, settings: SettingsDep) -> CollectionSearchResponse:
     """The k best chunks for the query, best first."""
     check_max_k(body.k, settings)
@@ -175,7 +174,7 @@ ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
                                           "Accept: text/event-stream: `token` {text} events, then `done` (the "
                                           "JSON answer) or `error` (an ErrorBody)",
           "content": {SSE: {"itemSchema": ANSWER_EVENTS}}},
-    **error_responses(*COLLECTION, *BODY),
+    **error_responses(*COLLECTION, *JSON_BODY),
 }
 
 

@@ -27,6 +27,7 @@ AUTH = ("unauthorized",)  # routes without a name (listings): a missing or wrong
 NAMED = ("unauthorized", "forbidden")  # a name outside the key's prefix, or a read-only key on a writing route
 MEMORY = (*NAMED, "not_found", "memory_unavailable", "backend_unavailable")  # routes that open a memory
 BODY = ("invalid_input", "too_large")  # routes with a request body (max_body_bytes, max_batch)
+JSON_BODY = ("bad_request", *BODY)  # a body FastAPI parses: 400 when it is not JSON at all (or not UTF-8)
 
 
 def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:

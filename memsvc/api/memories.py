@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep, binary_body, binary_response, body_of, respond
-from memsvc.api.errors import AUTH, BODY, MEMORY, NAMED, error_responses
+from memsvc.api.errors import AUTH, BODY, JSON_BODY, MEMORY, NAMED, error_responses
 from memsvc.api.limits import check_batch, check_max_k
 from memsvc.api.schemas import (
     AddRequest,
@@ -45,7 +45,7 @@ OWN = Depends(not_a_collection_memory)
 
 
 @router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE],
-             responses=error_responses(*NAMED, *BODY, "already_exists", "backend_unavailable"))
+             responses=error_responses(*NAMED, *JSON_BODY, "already_exists", "backend_unavailable"))
 def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> MemoryStats:
     """Create a memory; 409 if the name is taken. Names starting with `col.` are the collections'."""
     check_name(key, spec.name)
@@ -68,7 +68,7 @@ def memory_stats(name: str, service: ServiceDep) -> MemoryStats:
 
 
 @router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE, OWN],
-              responses=error_responses(*MEMORY, *BODY))
+              responses=error_responses(*MEMORY, *JSON_BODY))
 def set_metadata(name: str, patch: MetadataPatch, service: ServiceDep) -> MemorySpec:
     """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings)."""
     return service.set_metadata(name, patch.metadata)
