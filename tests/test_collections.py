@@ -539,6 +539,11 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
         body = json.loads(answer.stdout)
         assert "register" in body["answer"] and [c["n"] for c in body["citations"]] == [1, 2]
         assert body["citations"][0]["document_id"] == "lib/atexit.rst.txt"
+        streamed = run_cli("ask", "Which function of the atexit module registers a function to be called at "
+                           "interpreter exit?", "--k", "2", "--max-new-tokens", "48", *url)
+        assert streamed.exit_code == 0, streamed.output  # greedy: the streamed pieces join to the same answer
+        passages = "".join(f"[{c['n']}]{'*' if c['cited'] else ' '} {c['chunk_id']}\n" for c in body["citations"])
+        assert streamed.stdout == f"{body['answer']}\n{passages}"
 
         server.kill()
         server.start()

@@ -154,8 +154,8 @@ def answer_events(stream: AnswerStream) -> Iterator[bytes]:
             yield sse_event("error", orjson.dumps(exc.to_dict()))
         except Exception as exc:  # a bug: the client learns that the answer is cut short, the log tells why
             log.exception("ask stream failed")
-            yield sse_event("error", orjson.dumps({"error": {"code": "internal_error",
-                                                            "message": f"internal server error ({type(exc).__name__})"}}))
+            body = {"code": "internal_error", "message": f"internal server error ({type(exc).__name__})"}
+            yield sse_event("error", orjson.dumps({"error": body}))
 
 
 def _data(schema: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +170,9 @@ ANSWER_EVENTS = {"type": "object", "required": ["event", "data"], "oneOf": [
     {"properties": {"event": {"const": "error"}, "data": _data({"$ref": "#/components/schemas/ErrorBody"})}},
 ]}
 ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the answer as JSON, or as server-sent events with stream=true or "
-                                          "Accept: text/event-stream: `token` {text} events, then `done` (the "
-                                          "JSON answer) or `error` (an ErrorBody)",
+    200: {"description": "the answer as JSON, or as server-sent events with stream=true or Accept: "
+                         "text/event-stream: `token` {text} events, then `done` (the JSON answer) or `error` "
+                         "(an ErrorBody)",
           "content": {SSE: {"itemSchema": ANSWER_EVENTS}}},
     **error_responses(*COLLECTION, *JSON_BODY),
 }
