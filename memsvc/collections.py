@@ -37,6 +37,7 @@ from memsvc.contract import (
     SEARCH_MODES,
     AlreadyExists,
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -169,6 +170,14 @@ class Collection:
 
         model, tokenizer = self._language_model()
         return ask(self, model, tokenizer, question, k, max_new_tokens)
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` with the answer's text pieces as they decode (`lm.rag.ask_stream`); the model loads and the
+        passages are retrieved before this returns."""
+        from lm.rag import ask_stream
+
+        model, tokenizer = self._language_model()
+        return ask_stream(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))

@@ -14,6 +14,7 @@ import orjson
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse as StarletteJSONResponse
 
 from memsvc.config import Settings
 from memsvc.contract import invalid_input, wire
@@ -58,8 +59,9 @@ async def vector_call(request: Request, model: type[M], work: Callable[[M], dict
     return await run_in_threadpool(run)
 
 
-class JSONResponse(Response):
-    """orjson: fast, numpy arrays natively, +inf distances as null."""
+class JSONResponse(StarletteJSONResponse):
+    """orjson: fast, numpy arrays natively, +inf distances as null. A Starlette JSONResponse, so that FastAPI
+    documents each route's response model as its JSON schema."""
 
     media_type = wire.JSON
 
@@ -90,8 +92,10 @@ def binary_body(model: type[BaseModel]) -> dict[str, Any]:
                               "description": f"np.savez archive with the fields of {model.__name__}"}}}}}
 
 
-BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {wire.TENSORS: {"schema": {"type": "string", "format": "binary"}},
-                      wire.NPZ: {"schema": {"type": "string", "format": "binary"}}},
-          "description": "JSON, or the same fields as a tensor frame (Accept: application/x-memsvc-tensors) "
-                         "or an npz archive (Accept: application/x-npz)"}}
+def binary_response(status: int = 200) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a route that answers `status` with its response model as JSON, or as a tensor frame or
+    npz (`respond`)."""
+    return {status: {"content": {wire.TENSORS: {"schema": {"type": "string", "format": "binary"}},
+                                 wire.NPZ: {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "JSON, or the same fields as a tensor frame (Accept: "
+                                    "application/x-memsvc-tensors) or an npz archive (Accept: application/x-npz)"}}

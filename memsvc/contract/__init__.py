@@ -28,6 +28,7 @@ from memsvc.contract.collections import (
                                     MEMORY_PREFIX,
                                     SEARCH_MODES,
                                     Answer,
+                                    AnswerStream,
                                     Citation,
                                     CollectionStats,
                                     Document,
@@ -66,8 +67,9 @@ from memsvc.contract.spec import (
 from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
 
 __all__ = [
-    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_EF_SEARCH", "MAX_K", "MAX_NORM", "MAX_NPROBE", "MAX_PARTITION_LEN", "MEMORY_PREFIX",
-    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation",
+    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_EF_SEARCH", "MAX_K", "MAX_NORM", "MAX_NPROBE",
+    "MAX_PARTITION_LEN", "MEMORY_PREFIX", "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer",
+    "AnswerStream", "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
     "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
