@@ -588,3 +588,75 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         result = col.upsert(documents)
         assert len(result.unchanged) == stats.documents and len(result.added) == len(documents) - stats.documents
         assert client.memory("col.py").stats().count == col.stats().chunks
+
+
+# --- `memsvc ingest`: one document id per file (issue 12 #2) ------------------------------------
+
+def notes_dirs(root: Path) -> tuple[Path, Path]:
+    """The issue's input: a/notes.txt and b/notes.txt, and a/docs/README.md, b/docs/README.md."""
+    for name, fact in (("a", "Alpha: the deploy password rotates every Monday."), ("b", "Beta: lunch is at noon.")):
+        (root / name / "docs").mkdir(parents=True)
+        (root / name / "notes.txt").write_text(fact + "\n")
+        (root / name / "docs" / "README.md").write_text(f"# {name}\n\n{fact}\n")
+    return root / "a", root / "b"
+
+
+@pytest.mark.parametrize("inputs, document_id", [(("a/notes.txt", "b/notes.txt"), "notes.txt"),
+                                                 (("a", "b"), "docs/README.md")])
+def test_cli_ingest_refuses_two_files_for_one_id_before_writing(tmp_path, inputs, document_id):
+    """Two files that would be one document are an error naming both, exit 2, with --url and embedded;
+    nothing is created (the embedded store's directory does not even appear, no server is reached)."""
+    notes_dirs(tmp_path)
+    paths = [str(tmp_path / p) for p in inputs]
+    first, second = (tmp_path / p / "docs/README.md" if (tmp_path / p).is_dir() else tmp_path / p for p in inputs)
+    for where in (("--url", "http://127.0.0.1:9"), ("--data-dir", str(tmp_path / "data"))):
+        result = run_cli("ingest", *paths, "--collection", "c", *where)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (f"error: {first} and {second} would both be document {document_id!r}: ingest them "
+                                 "in separate calls with different --prefix values (e.g. --prefix a/), or name "
+                                 "documents by their paths (--id-from path)\n")
+        assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+def test_ingest_ids_same_file_twice_prefix_and_paths(tmp_path, monkeypatch):
+    from memsvc.cli.commands import ingest_files
+
+    a, b = notes_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    names = lambda found: [(i, p.relative_to(tmp_path).as_posix() if p.is_absolute() else p.as_posix())
+                           for i, p in found]  # noqa: E731
+    # one file given twice, or again inside its directory under the same id: one document
+    assert names(ingest_files([a / "notes.txt", a / "notes.txt", a, Path("a/notes.txt")])) == [
+        ("notes.txt", "a/notes.txt"), ("docs/README.md", "a/docs/README.md")]
+    # the same file under two different ids is two documents (the caller asked for both)
+    assert [i for i, _ in ingest_files([a, a / "docs/README.md"])] == ["docs/README.md", "notes.txt", "README.md"]
+    assert names(ingest_files([Path("a/notes.txt"), Path("b/notes.txt")], id_from="path")) == [
+        ("a/notes.txt", "a/notes.txt"), ("b/notes.txt", "b/notes.txt")]
+    assert [i for i, _ in ingest_files([Path("a"), Path("./b")], id_from="path")] == [
+        "a/docs/README.md", "a/notes.txt", "b/docs/README.md", "b/notes.txt"]
+    assert [i for i, _ in ingest_files([a], prefix="team-a/")] == ["team-a/docs/README.md", "team-a/notes.txt"]
+    with pytest.raises(InvalidInput, match="would both be document 'x/notes.txt'") as info:
+        ingest_files([a / "notes.txt", b / "notes.txt"], prefix="x/")
+    assert info.value.field == "paths"
+    with pytest.raises(NotFound, match="no such file or directory"):
+        ingest_files([a, tmp_path / "missing"])
+
+
+def test_cli_ingest_by_path_keeps_both_notes(tmp_path, monkeypatch, tiny_encoder):
+    """The issue's input ingested with --id-from path: two documents, each searchable with its own text
+    (the embedded store, with the tiny encoder)."""
+    notes_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("memsvc.connect.connect", lambda url, data_dir, *args: Service(
+        Settings(data_dir=data_dir), encoder=lambda: tiny_encoder))
+    result = run_cli("ingest", "a/notes.txt", "b/notes.txt", "--collection", "c", "--id-from", "path",
+                     "--data-dir", "data")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "2 added, 0 updated, 0 unchanged, 0 skipped, 2 chunks\n"
+    with Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: tiny_encoder) as service:
+        col = service.collection("c")
+        assert col.stats() == CollectionStats("c", documents=2, chunks=2)
+        hit = col.search("deploy password Monday", k=1, mode="bm25")[0]
+        assert (hit.document_id, hit.text) == ("a/notes.txt", "Alpha: the deploy password rotates every Monday.")
+        assert col.search("lunch noon", k=1, mode="bm25")[0].document_id == "b/notes.txt"
