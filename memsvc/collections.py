@@ -6,6 +6,10 @@ version of a document owns one memory partition (a fresh random name kept on its
 
 - an upsert embeds and stores the new version's vectors in a new partition first, then commits the SQL
   rows of the whole batch in one transaction, then drops the replaced versions' partitions;
+- readers see one version: the SQL commit and the in-RAM switch to the new versions (dense vector ids,
+  BM25 chunks) happen together under the collection's write lock, and a search (retrieval and the SQL
+  rows of its hits) runs under its read lock; dense search skips vectors whose ids are not the
+  published ones (a version stored but not committed yet, or replaced but not dropped yet);
 - opening a collection drops every partition no committed document names, which is all a crash (even
   SIGKILL mid-ingest) can leave behind: nothing is ever half-visible, and a document is either its old
   or its new version.
@@ -23,8 +27,8 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, delete, select
@@ -84,6 +88,46 @@ def content_hash(document: Document) -> str:
     return hashlib.sha256(json.dumps([document.text, document.metadata], sort_keys=True).encode()).hexdigest()
 
 
+class ReadWriteLock:
+    """Shared reads, exclusive writes (`threading` has no such lock). A writer that waits goes before readers
+    that come after it, so a stream of searches cannot hold an upsert off for ever. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._state:
+            self._state.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._readers -= 1
+                if not self._readers:
+                    self._state.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._state:
+            self._writers_waiting += 1
+            try:
+                self._state.wait_for(lambda: not self._writing and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._state:
+                self._writing = False
+                self._state.notify_all()
+
+
 class Collection:
     """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them; a
     `CollectionBackend`."""
@@ -94,6 +138,7 @@ class Collection:
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
         self._lock = threading.Lock()  # one writer at a time
+        self._view = ReadWriteLock()  # what readers see: SQL rows, published vector ids and BM25 change together
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
@@ -114,22 +159,26 @@ class Collection:
                     self._documents().where(DocumentRow.document_id.in_([d.id for d in documents])))}
             changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
             written: list[str] = []
+            committed = False
             try:
                 rows = [self._store(d, chunks[d.id], written) for d in changed]
-                with self._sessions.begin() as session:
-                    replaced = [old[d.id].id for d in changed if d.id in old]
-                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
-                    session.add_all(rows)
+                terms = self.bm25.tokenized(c for d in changed for c in chunks[d.id])  # before readers wait
+                with self._view.writing():
+                    with self._sessions.begin() as session:
+                        replaced = [old[d.id].id for d in changed if d.id in old]
+                        session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
+                        session.add_all(rows)
+                    committed = True
+                    self.dense.publish(_vector_ids(rows))
+                    self.bm25.add((c for d in changed for c in chunks[d.id]), terms)
             except BaseException:
-                for partition in written:
+                for partition in [] if committed else written:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
                         self.memory.delete(partition=partition)
                 raise
-            self.dense.publish(_vector_ids(rows))
-            for document in changed:
+            for document in changed:  # unpublished now: dense search skips them until they are gone
                 if document.id in old:
                     self.memory.delete(partition=old[document.id].partition)
-            self.bm25.add(c for d in changed for c in chunks[d.id])
         return UpsertResult(added=[d.id for d in changed if d.id not in old],
                             updated=[d.id for d in changed if d.id in old],
                             unchanged=[d.id for d in documents if d not in changed],
@@ -142,24 +191,28 @@ class Collection:
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
         with self._lock:
-            with self._sessions.begin() as session:
-                row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
-                if row is None:
-                    raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
-                session.delete(row)
-            self.dense.publish({document_id: None})
+            with self._view.writing():
+                with self._sessions.begin() as session:
+                    row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
+                    if row is None:
+                        raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
+                    session.delete(row)
+                self.dense.publish({document_id: None})
+                self.bm25.remove(document_id)
             self.memory.delete(partition=row.partition)
-            self.bm25.remove(document_id)
 
     def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
-        """The k best chunks for the query with their text and document metadata, best first."""
+        """The k best chunks for the query with their text and document metadata, best first; all of one
+        version of each document (the one committed when the search began)."""
         if mode not in SEARCH_MODES:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
-        hits = self.hybrid.search(query, check_k(k), mode)
-        with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
-            found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
-                                    .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
-            rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
+        k = check_k(k)
+        with self._view.reading():
+            hits = self.hybrid.search(query, k, mode)
+            with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
+                found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
+                                        .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
+                rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 

@@ -625,7 +625,7 @@ def test_ingest_ids_same_file_twice_prefix_and_paths(tmp_path, monkeypatch):
     a, b = notes_dirs(tmp_path)
     monkeypatch.chdir(tmp_path)
     names = lambda found: [(i, p.relative_to(tmp_path).as_posix() if p.is_absolute() else p.as_posix())
-                           for i, p in found]  # noqa: E731
+                           for i, p in found]
     # one file given twice, or again inside its directory under the same id: one document
     assert names(ingest_files([a / "notes.txt", a / "notes.txt", a, Path("a/notes.txt")])) == [
         ("notes.txt", "a/notes.txt"), ("docs/README.md", "a/docs/README.md")]
@@ -660,3 +660,144 @@ def test_cli_ingest_by_path_keeps_both_notes(tmp_path, monkeypatch, tiny_encoder
         hit = col.search("deploy password Monday", k=1, mode="bm25")[0]
         assert (hit.document_id, hit.text) == ("a/notes.txt", "Alpha: the deploy password rotates every Monday.")
         assert col.search("lunch noon", k=1, mode="bm25")[0].document_id == "b/notes.txt"
+
+
+# --- readers never see a mix of two versions of a document (issue 12 #3) -------------------------
+
+SECTIONS = 60  # one chunk each
+QUERIES = ("section 7 ferns", "section 30 zebra")
+MODES = ("bm25", "dense", "hybrid")
+
+
+def big_document(version: int) -> Document:
+    """A long Markdown document (one chunk per section); version 2 rewrites section 30 only."""
+    def body(i: int) -> str:
+        if i == 30:
+            return f"Section {i} zebra {'stripes rotate on Mondays' if version == 1 else 'deploy password notes'}."
+        return f"Section {i} talks about ferns number {i} and item {i * 7 % 13} of the catalogue."
+    text = "\n\n".join(f"## Part {i}\n\n{body(i)}" for i in range(SECTIONS))
+    return Document("big.md", text, {"version": version})
+
+
+def searches(col, ask: bool = False) -> dict[tuple[str, str], list]:
+    """Every query's top 5 in every mode (and, with `ask`, the passages `ask` cites for the second)."""
+    answers = {(query, mode): col.search(query, k=5, mode=mode) for query in QUERIES for mode in MODES}
+    if ask:
+        answers[(QUERIES[1], "ask")] = col.ask(QUERIES[1], k=5, max_new_tokens=1).citations
+    return answers
+
+
+class Reader(threading.Thread):
+    """Searches the collection (every query and mode) in rounds, every 50 ms and whenever the writer asks
+    (`pause`: the writer waits for it to finish a whole round), until `done`; keeps every answer."""
+
+    def __init__(self, col, ask: bool = False, limit: int = 200):
+        super().__init__()
+        self.col, self.ask, self.limit, self.seen, self.started = col, ask, limit, [], 0
+        self.state = threading.Condition()
+        self.waiting, self.stop = 0, False
+
+    def run(self) -> None:
+        while True:
+            with self.state:
+                self.started += 1
+            answer = searches(self.col, self.ask)
+            with self.state:
+                self.seen.append(answer)
+                self.state.notify_all()
+                self.state.wait_for(lambda: self.stop or self.waiting, 0.05)
+                if self.stop or len(self.seen) >= self.limit:
+                    return
+
+    def pause(self, timeout: float) -> None:
+        """Until a round that began after this call has ended, or `timeout` s."""
+        with self.state:
+            start, self.waiting = self.started, self.waiting + 1
+            self.state.notify_all()
+            self.state.wait_for(lambda: len(self.seen) > start, timeout)
+            self.waiting -= 1
+
+    def done(self) -> None:
+        with self.state:
+            self.stop = True
+            self.state.notify_all()
+        self.join()
+
+
+def paused(reader: Reader, step, before: bool, after: bool, timeout: float):
+    def wrapped(*args, **kwargs):
+        if before:
+            reader.pause(timeout)
+        result = step(*args, **kwargs)
+        if after:
+            reader.pause(timeout)
+        return result
+    return wrapped
+
+
+def changes_seen_by_a_reader(col, change, reader_col=None, ask: bool = False) -> tuple[dict, dict, list]:
+    """The answers before `change()`, after it, and every answer of a concurrent reader (of `reader_col`,
+    e.g. the collection over REST, by default `col`), whom the change lets search between each two of its
+    steps: storing the new vectors, committing SQL, publishing the vector ids, changing BM25, deleting the
+    replaced vectors."""
+    reader_col = reader_col or col
+    before, reader = searches(reader_col, ask), Reader(reader_col, ask)
+    inside = 0.1  # a step under the collection's write lock: the reader waits for it, the writer briefly
+    steps = {(col.dense, "store"): (False, True, 10), (col.dense, "publish"): (True, False, inside),
+             (col.bm25, "add"): (True, False, inside), (col.bm25, "remove"): (True, False, inside),
+             (col.memory, "delete"): (True, True, 10)}
+    for (owner, name), sides in steps.items():
+        setattr(owner, name, paused(reader, getattr(owner, name), *sides))
+    reader.start()
+    try:
+        change()
+    finally:
+        reader.done()
+        for owner, name in steps:
+            delattr(owner, name)
+    return before, searches(reader_col, ask), reader.seen
+
+
+def test_readers_see_one_version_during_upsert_and_delete(open_service):
+    """Replace a 60-chunk document whose new version changes one section, then delete it, while another
+    thread searches in every mode: each answer is exactly the answer before or after the change (no chunk
+    twice, no chunk of the other version, none missing)."""
+    col = open_service().create_collection("docs")
+    col.upsert([big_document(1), Document("other.md", "Deploy password notes live in the wiki.")])
+    assert col.stats().chunks == SECTIONS + 1
+    answers = []
+    for change in (lambda: col.upsert([big_document(2)]), lambda: col.delete("big.md")):
+        before, after, seen = changes_seen_by_a_reader(col, change)
+        assert before != after and len(seen) >= 2
+        for answer in seen:
+            for key, hits in answer.items():
+                assert hits in (before[key], after[key]), (key, [h.chunk_id for h in hits])
+        answers.append((before, after, len(seen)))
+    print("rounds read during the upsert and the delete:", [n for *_, n in answers])
+    (v1, v2, _), (_, deleted, _) = answers
+    assert [h.metadata for h in v1[("section 30 zebra", "bm25")]][:1] == [{"version": 1}]
+    new = v2[("section 30 zebra", "bm25")][0]
+    assert (new.chunk_id.split("-")[0], new.metadata, new.text) == (
+        "big.md#30", {"version": 2}, "## Part 30\n\nSection 30 zebra deploy password notes.")
+    assert all(len(hits) == 5 for key, hits in v2.items())
+    assert [h.document_id for h in deleted[("section 30 zebra", "dense")]] == ["other.md"]
+    assert deleted[("section 30 zebra", "bm25")] == []
+
+
+def test_rest_readers_and_ask_see_one_version_during_upsert_and_delete(api):
+    """The same over REST: searches in every mode and `ask`'s passages, while the document is replaced
+    and then deleted through the API."""
+    _, client = api
+    col = client.create_collection("docs")
+    col.upsert([big_document(1), Document("other.md", "Deploy password notes live in the wiki.")])
+    local = client.http.app.state.service.collection("docs")
+    searches(col, ask=True)  # loads the language model
+    for change in (lambda: col.upsert([big_document(2)]), lambda: col.delete("big.md")):
+        before, after, seen = changes_seen_by_a_reader(local, change, reader_col=col, ask=True)
+        assert before != after and len(seen) >= 2
+        for answer in seen:
+            for key, hits in answer.items():
+                assert hits in (before[key], after[key]), (key, [h.chunk_id for h in hits])
+        for answers in (before, after):
+            passages = [(c.chunk_id, c.score) for c in answers[(QUERIES[1], "ask")]]
+            assert passages == [(h.chunk_id, h.score) for h in answers[(QUERIES[1], "hybrid")]]
