@@ -56,6 +56,7 @@ from memsvc.contract import (
     check_collection_name,
     check_json,
     check_k,
+    check_unicode,
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
 from retrievers.base import Chunk
@@ -250,6 +251,8 @@ class Collection:
             if not isinstance(document.metadata, dict):
                 raise InvalidInput("metadata must be a JSON object", f"{where}.metadata")
             check_json(document.metadata, f"{where}.metadata")
+            if isinstance(document.text, str):
+                check_unicode(document.text, f"{where}.text")
             if isinstance(document.text, str) and len(document.text.encode()) > MAX_DOCUMENT_BYTES:
                 raise TooLarge(f"document {document.id!r} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; split it",
                                f"{where}.text")

@@ -258,6 +258,49 @@ def test_rest_bad_input(api):
     assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
 
 
+LONE = "abc \ud800 def"  # a lone UTF-16 surrogate (issue 12 #4): a JSON escape carries it, UTF-8 cannot
+
+
+def test_lone_surrogates_are_422_in_every_collection_route(api):
+    """Every string field of every collection route, and the same text in-process: 422 / InvalidInput
+    naming the field (before: 500 for a document's text and a search's query); nothing is stored."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    requests = {  # path, body, field
+        "create name": ("", {"name": LONE}, "name"),
+        "document text": ("/docs/documents", {"documents": [{"id": "a.md", "text": "new"}, {"id": "x", "text": LONE}]},
+                          "documents.1.text"),
+        "document id": ("/docs/documents", {"documents": [{"id": LONE, "text": "fine"}]}, "documents.0.id"),
+        "metadata value": ("/docs/documents", {"documents": [{"id": "x", "text": "t", "metadata": {"k": [LONE]}}]},
+                           "documents.0.metadata"),
+        "metadata key": ("/docs/documents", {"documents": [{"id": "x", "text": "t", "metadata": {LONE: 1}}]},
+                         "documents.0.metadata"),
+        "search query": ("/docs/search", {"query": "fruit \ud800"}, "query"),
+        "search mode": ("/docs/search", {"query": "fruit", "mode": LONE}, "mode"),  # pydantic's Literal check
+        "ask question": ("/docs/ask", {"question": LONE, "k": 1}, "question"),
+    }
+    for case, (path, body, field) in requests.items():
+        response = http.post(f"/v1/collections{path}", content=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+        err = error(response, 422)
+        assert (err["code"], err["field"]) == ("invalid_input", field), case
+        why = "unable to parse raw data as a unicode string" if field == "mode" else "lone UTF-16 surrogate (U+D800"
+        assert why in err["message"], case
+    assert error(http.delete("/v1/collections/docs/documents/%ED%A0%80"), 404)["field"] == "document_id"
+    assert http.get("/v1/collections").json() == {"collections": ["docs"]}
+    assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
+
+    local = client.http.app.state.service.collection("docs")
+    calls = {"documents[0].text": lambda: local.upsert([Document("x", LONE)]),
+             "query": lambda: local.search("fruit \ud800", k=3, mode="dense"),
+             "question": lambda: local.ask(LONE, k=1, max_new_tokens=1)}
+    for field, call in calls.items():
+        with pytest.raises(InvalidInput, match="lone UTF-16 surrogate") as info:
+            call()
+        assert info.value.field == field
+    assert local.stats() == CollectionStats("docs", documents=3, chunks=3)
+
+
 def test_rest_oversized_and_undecodable_documents_store_nothing(api):
     """A 50 MB document is refused whole with its limit named (413), before anything is embedded;
     a body over max_body_bytes is refused by the server's body limit; a JSON body that is not UTF-8 is 400
