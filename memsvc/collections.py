@@ -27,8 +27,8 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, delete, select
@@ -59,6 +59,7 @@ from memsvc.contract import (
     check_unicode,
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
+from memsvc.store.rwlock import RWLock
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
@@ -89,46 +90,6 @@ def content_hash(document: Document) -> str:
     return hashlib.sha256(json.dumps([document.text, document.metadata], sort_keys=True).encode()).hexdigest()
 
 
-class ReadWriteLock:
-    """Shared reads, exclusive writes (`threading` has no such lock). A writer that waits goes before readers
-    that come after it, so a stream of searches cannot hold an upsert off for ever. Not reentrant."""
-
-    def __init__(self) -> None:
-        self._state = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        with self._state:
-            self._state.wait_for(lambda: not self._writing and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._state:
-                self._readers -= 1
-                if not self._readers:
-                    self._state.notify_all()
-
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._state:
-            self._writers_waiting += 1
-            try:
-                self._state.wait_for(lambda: not self._writing and not self._readers)
-            finally:
-                self._writers_waiting -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._state:
-                self._writing = False
-                self._state.notify_all()
-
-
 class Collection:
     """One collection: its SQL rows, its memory, and the in-RAM BM25 + dense retrievers over them; a
     `CollectionBackend`."""
@@ -139,7 +100,7 @@ class Collection:
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
         self._lock = threading.Lock()  # one writer at a time
-        self._view = ReadWriteLock()  # what readers see: SQL rows, published vector ids and BM25 change together
+        self._view = RWLock()  # what readers see: SQL rows, published vector ids and BM25 change together
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
@@ -164,7 +125,7 @@ class Collection:
             try:
                 rows = [self._store(d, chunks[d.id], written) for d in changed]
                 terms = self.bm25.tokenized(c for d in changed for c in chunks[d.id])  # before readers wait
-                with self._view.writing():
+                with self._view.write():
                     with self._sessions.begin() as session:
                         replaced = [old[d.id].id for d in changed if d.id in old]
                         session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
@@ -192,7 +153,7 @@ class Collection:
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
         with self._lock:
-            with self._view.writing():
+            with self._view.write():
                 with self._sessions.begin() as session:
                     row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
                     if row is None:
@@ -208,7 +169,7 @@ class Collection:
         if mode not in SEARCH_MODES:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
         k = check_k(k)
-        with self._view.reading():
+        with self._view.read():
             hits = self.hybrid.search(query, k, mode)
             with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
                 found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
