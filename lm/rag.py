@@ -8,7 +8,7 @@ model was given, each marked `cited` when the answer refers to it as [n].
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from transformers import PreTrainedModel
@@ -47,10 +47,16 @@ def citations(answer: str, passages: Sequence[DocumentHit]) -> list[Citation]:
 
 
 def ask(searcher: Searcher, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, question: str,
-        k: int = 4, max_new_tokens: int = 256) -> Answer:
-    """Retrieve k passages (the searcher's default mode), answer from them, cite them."""
+        k: int = 4, max_new_tokens: int = 256, should_stop: Callable[[], bool] | None = None) -> Answer:
+    """Retrieve k passages (the searcher's default mode), answer from them, cite them. `should_stop` is
+    asked after every decoded piece: once it is true decoding ends there (the answer so far)."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidInput("question must be a non-empty string", "question")
     passages = searcher.search(question, check_k(k))
-    answer = "".join(stream_answer(model, tokenizer, question, passages, max_new_tokens)).strip()
+    pieces = []
+    for piece in stream_answer(model, tokenizer, question, passages, max_new_tokens):
+        pieces.append(piece)
+        if should_stop is not None and should_stop():
+            break
+    answer = "".join(pieces).strip()
     return Answer(answer, citations(answer, passages))

@@ -7,10 +7,18 @@ embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.stor
 
 Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
 async client only differ in how they perform it. New resources (collections) add their calls the same way.
+
+Failures: a refused connection is tried again by httpx's transport (`retries`, backoff 0.5 s, 1 s, 2 s, ...);
+a 503 with Retry-After (the server still loading its model) is sent again after the time it asks, until the
+call's timeout; a connection that broke after sending is sent again only for calls that change nothing or
+can be repeated (`Call.idempotent`). What still fails raises `ServerUnavailable`, never an httpx error.
+Generation (`ask`) has its own, longer timeout (`long_timeout`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -31,6 +39,7 @@ from memsvc.contract import (
     MemoryStats,
     SearchMode,
     SearchResult,
+    ServerUnavailable,
     UpsertResult,
     as_documents,
     check_ids,
@@ -59,6 +68,8 @@ class Call:
     read: Callable[[dict[str, Any] | None], Any] = _fields
     content: bytes | None = None
     content_type: str | None = None
+    idempotent: bool = True  # sending it twice does what sending it once does (safe to repeat after a break)
+    long: bool = False  # generation: waits up to the client's long_timeout
 
     @property
     def headers(self) -> dict[str, str]:
@@ -84,16 +95,17 @@ def _path(name: str, *rest: str) -> str:
     return "/".join(("/v1/memories", quote(name, safe=""), *rest))
 
 
-def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any]) -> Call:
+def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any],
+               idempotent: bool = True, long: bool = False) -> Call:
     try:
         content = json.dumps(body, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"metadata is not JSON: {exc}", "metadata") from None
-    return Call(method, path, read, content, JSON)
+    return Call(method, path, read, content, JSON, idempotent, long)
 
 
-def _npz_call(path: str, read: Callable[[Any], Any], **fields: Any) -> Call:
-    return Call("POST", path, read, encode_npz(fields), NPZ)
+def _npz_call(path: str, read: Callable[[Any], Any], idempotent: bool = True, **fields: Any) -> Call:
+    return Call("POST", path, read, encode_npz(fields), NPZ, idempotent)
 
 
 def _spec(fields: dict[str, Any]) -> MemorySpec:
@@ -112,7 +124,7 @@ def health_call() -> Call:
 
 
 def create_call(spec: MemorySpec) -> Call:
-    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec)
+    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec, idempotent=False)
 
 
 def spec_call(name: str) -> Call:
@@ -137,7 +149,7 @@ def stats_call(spec: MemorySpec) -> Call:
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
     keys = check_keys(keys, spec, "keys")
-    return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
+    return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
                      keys=keys, values=check_values(spec, values, len(keys)),
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
@@ -162,7 +174,7 @@ def _collection_path(name: str, *rest: str) -> str:
 
 
 def create_collection_call(name: str) -> Call:
-    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"])
+    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"], idempotent=False)
 
 
 def collection_call(name: str) -> Call:
@@ -198,11 +210,76 @@ def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
 def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
     return _json_call("POST", _collection_path(name, "ask"),
                       {"question": question, "k": k, "max_new_tokens": max_new_tokens},
-                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]))
+                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]), long=True)
 
 
 def _auth(api_key: str | None) -> dict[str, str]:
     return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+# --- how a call is sent: timeouts, retries, errors ------------------------------------------------
+
+TIMEOUT = 60.0  # seconds for a call, and for a connection to open (at most CONNECT_TIMEOUT)
+LONG_TIMEOUT = 900.0  # seconds for generation (ask): a first ask on CPU loads the model, then decodes
+CONNECT_TIMEOUT = 10.0
+RETRIES = 2  # connection attempts after a refused one (httpx transport retries)
+BACKOFF = 0.5  # seconds before the first resend of a broken idempotent call, doubling after each
+
+
+def check_url(url: str) -> str:
+    """The server URL, or InvalidInput when it has no http(s) scheme or no host ('localhost:8000')."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidInput(f"server URL {url!r} is not a URL ({exc})", "url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInput(f"server URL {url!r} needs a scheme and a host, e.g. http://127.0.0.1:8000", "url")
+    return url
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
+def _unavailable(url: str, exc: httpx.TransportError, timeout: float) -> ServerUnavailable:
+    """httpx's transport error as the memsvc error a caller handles."""
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return ServerUnavailable(f"cannot reach the memsvc server at {url} ({exc or type(exc).__name__}); "
+                                 "is it running, and is the URL right?", "url")
+    if isinstance(exc, httpx.TimeoutException):
+        return ServerUnavailable(f"the memsvc server at {url} did not answer within {timeout:g} s "
+                                 "(a longer timeout waits for slow calls)", "timeout")
+    return ServerUnavailable(f"the connection to the memsvc server at {url} failed: "
+                             f"{exc or type(exc).__name__}", "url")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 503 asks to wait before sending again (None: not a 503 that asks for a resend)."""
+    if response.status_code != 503:
+        return None
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _next_try(call: Call, attempt: int, deadline: float, response: httpx.Response | None = None,
+              error: httpx.TransportError | None = None, retries: int = RETRIES) -> float | None:
+    """Seconds to wait before sending `call` again after this `response` or `error`, or None to stop there.
+
+    A 503 with Retry-After is sent again while the call's time lasts; a connection that broke after sending
+    (not a timeout: the server may still be working on it), `retries` times for an idempotent call."""
+    left = deadline - time.monotonic()
+    if response is not None:
+        wait = _retry_after(response)
+    elif isinstance(error, httpx.TimeoutException | httpx.ConnectError) or not call.idempotent \
+            or attempt >= retries:
+        wait = None  # refused connections were already tried again by the transport
+    else:
+        wait = BACKOFF * 2 ** attempt
+    if wait is None or wait >= left:
+        return None
+    return wait
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -210,12 +287,37 @@ def _auth(api_key: str | None) -> dict[str, str]:
 class MemoryClient:
     """A memsvc server at `url`: its memories and collections (a `memsvc.contract.Client`)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.BaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        """`timeout`: seconds a call may take; `long_timeout`: the same for generation (ask); `retries`:
+        resends after a refused connection or a broken idempotent call. InvalidInput for a URL without
+        an http(s) scheme or host."""
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.HTTPTransport(retries=retries)
+        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                 transport=transport)
 
     def send(self, call: Call) -> Any:
-        return call.answer(self.http.request(call.method, call.path, content=call.content, headers=call.headers))
+        """Perform `call` (resending as the module says); its result, or the typed error."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = self.http.request(call.method, call.path, content=call.content, headers=call.headers,
+                                             **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            time.sleep(wait)
+            attempt += 1
 
     def health(self) -> dict[str, Any]:
         return self.send(health_call())
@@ -320,13 +422,34 @@ class RemoteCollection:
 class AsyncMemoryClient:
     """`MemoryClient` for asyncio."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.AsyncHTTPTransport(retries=retries)
+        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                      transport=transport)
 
     async def send(self, call: Call) -> Any:
-        response = await self.http.request(call.method, call.path, content=call.content, headers=call.headers)
-        return call.answer(response)
+        """`MemoryClient.send`, awaited."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = await self.http.request(call.method, call.path, content=call.content,
+                                                   headers=call.headers, **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def health(self) -> dict[str, Any]:
         return await self.send(health_call())
@@ -349,6 +472,18 @@ class AsyncMemoryClient:
 
     async def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return await self.send(metadata_call(name, metadata))
+
+    async def create_collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(create_collection_call(name)))
+
+    async def collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(collection_call(name)))
+
+    async def list_collections(self) -> list[str]:
+        return await self.send(list_collections_call())
+
+    async def delete_collection(self, name: str) -> None:
+        await self.send(drop_collection_call(name))
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -385,3 +520,30 @@ class AsyncRemoteMemory:
 
     async def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = await self.client.set_metadata(self.spec.name, metadata)
+
+
+class AsyncRemoteCollection:
+    """`RemoteCollection` for asyncio: the same calls, awaited."""
+
+    def __init__(self, client: AsyncMemoryClient, name: str):
+        self.client = client
+        self.name = name
+
+    async def upsert(self, documents: list[Document]) -> UpsertResult:
+        return await self.client.send(upsert_call(self.name, documents))
+
+    async def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
+        """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
+        return await self.upsert(as_documents(documents))
+
+    async def delete(self, document_id: str) -> None:
+        await self.client.send(delete_document_call(self.name, document_id))
+
+    async def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
+        return await self.client.send(collection_search_call(self.name, query, k, mode))
+
+    async def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        return await self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    async def stats(self) -> CollectionStats:
+        return await self.client.send(collection_stats_call(self.name))

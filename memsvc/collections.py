@@ -65,18 +65,40 @@ LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.
 
 
 class Lazy(Generic[T]):
-    """`factory()`, made once on first use (by whichever thread asks first) and then kept."""
+    """`factory()`, made once on first use (by whichever thread asks first) and then kept; `start()` makes
+    it in a background thread instead, and `ready()` says whether it is made (a server answers "loading"
+    meanwhile rather than hold a request)."""
 
     def __init__(self, factory: Callable[[], T]):
         self._factory = factory
         self._made: list[T] = []
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # why the last background make failed (None: it did not)
 
     def __call__(self) -> T:
         with self._lock:
             if not self._made:
                 self._made.append(self._factory())
             return self._made[0]
+
+    def ready(self) -> bool:
+        return bool(self._made)
+
+    def start(self) -> None:
+        """Make it in a daemon thread unless made or being made; a failure is kept in `error`."""
+        with self._lock:
+            if self._made or (self._thread is not None and self._thread.is_alive()):
+                return
+            self.error = None
+            self._thread = threading.Thread(target=self._make, daemon=True, name="memsvc-load-model")
+            self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            self()
+        except BaseException as exc:  # noqa: BLE001 - reported to the next caller, not lost in a thread
+            self.error = exc
 
 
 def content_hash(document: Document) -> str:
@@ -162,13 +184,14 @@ class Collection:
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
-    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256,
+            should_stop: Callable[[], bool] | None = None) -> Answer:
         """Retrieve k passages, answer the question from them with the language model (loaded on the first
-        ask), cite them (`lm.rag.ask`)."""
+        ask), cite them (`lm.rag.ask`); decoding ends early once `should_stop()` is true (a client gone)."""
         from lm.rag import ask
 
         model, tokenizer = self._language_model()
-        return ask(self, model, tokenizer, question, k, max_new_tokens)
+        return ask(self, model, tokenizer, question, k, max_new_tokens, should_stop=should_stop)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))
@@ -269,6 +292,11 @@ class Collections:
             self._open.pop(name, None)
         with suppress(NotFound):
             self.memories.delete_memory(MEMORY_PREFIX + name)
+
+    @property
+    def language_model(self) -> Lazy[LanguageModel]:
+        """The model of ask, made on first use (or in the background after `language_model.start()`)."""
+        return self._language_model
 
     @property
     def encoder(self) -> SentenceEncoder:

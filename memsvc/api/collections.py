@@ -1,16 +1,20 @@
 """`/v1/collections`: create, list, inspect and delete collections; upsert and delete documents; search; ask.
 
 Every route is one call of the service's `Client` interface (`Service.collection(name).search(...)`, ...).
-The service loads the embedder on the first request that needs it, the language model on the first ask.
+The service loads the embedder on the first request that needs it, the language model at start in the
+background (or on the first ask), answering ask with 503 `model_loading` meanwhile.
 Authorization is the memories': a key's prefix applies to collection names, and read-only keys may search
 and ask but not write.
 """
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
@@ -18,13 +22,18 @@ from memsvc.api.limits import check_max_k
 from memsvc.api.schemas import Body
 from memsvc.contract import (
     Answer,
+    BackendUnavailable,
     CollectionBackend,
     CollectionStats,
     Document,
     DocumentHit,
+    InvalidInput,
+    MemsvcError,
+    ModelLoading,
     SearchMode,
     UpsertResult,
 )
+from memsvc.service import Service
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=[Depends(authorize)])
 
@@ -113,6 +122,40 @@ def search(body: CollectionSearchRequest, collection: CollectionDep, settings: S
 
 
 @router.post("/{name}/ask", response_model=Answer)
-def ask(body: AskRequest, collection: CollectionDep) -> Answer:
-    """Retrieve k passages, then answer the question from them with the language model, citing them."""
-    return collection.ask(body.question, body.k, body.max_new_tokens)
+async def ask(body: AskRequest, collection: CollectionDep, service: ServiceDep, request: Request) -> Answer:
+    """Retrieve k passages, then answer the question from them with the language model, citing them.
+
+    503 `model_loading` with Retry-After while the model loads; decoding stops when the client disconnects."""
+    if not body.question.strip():  # bad input is answered before "loading"
+        raise InvalidInput("question must be a non-empty string", "question")
+    check_model_ready(service)
+    gone = threading.Event()
+    work = asyncio.ensure_future(run_in_threadpool(collection.ask, body.question, body.k, body.max_new_tokens,
+                                                   gone.is_set))
+    try:
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL))[0]:
+            if await request.is_disconnected():
+                gone.set()  # the decoding thread stops after its current token
+    finally:
+        gone.set()  # also when this request is cancelled (server shutdown)
+    return work.result()
+
+
+DISCONNECT_POLL = 0.25  # seconds between checks that the asking client is still there
+
+
+def check_model_ready(service: Service) -> None:
+    """ModelLoading (503) unless the model of ask is loaded (its load is started if it is not under way); the
+    error of a load that failed, once (the next ask loads again)."""
+    model = service.collections.language_model
+    if model.ready():
+        return
+    error, model.error = model.error, None
+    if error is not None:
+        if isinstance(error, MemsvcError):
+            raise error
+        raise BackendUnavailable(f"the language model could not be loaded: {type(error).__name__}: {error}",
+                                 "model")
+    model.start()
+    raise ModelLoading("the language model is loading (about a minute on CPU); retry shortly", "model",
+                       retry_after=2)
