@@ -73,7 +73,8 @@ class Lazy(Generic[T]):
         self._factory = factory
         self._made: list[T] = []
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._state = threading.Lock()  # guards _loading and error, never held while making
+        self._loading = False  # a background make is under way
         self.error: BaseException | None = None  # why the last background make failed (None: it did not)
 
     def __call__(self) -> T:
@@ -87,18 +88,20 @@ class Lazy(Generic[T]):
 
     def start(self) -> None:
         """Make it in a daemon thread unless made or being made; a failure is kept in `error`."""
-        with self._lock:
-            if self._made or (self._thread is not None and self._thread.is_alive()):
+        with self._state:
+            if self._made or self._loading:
                 return
-            self.error = None
-            self._thread = threading.Thread(target=self._make, daemon=True, name="memsvc-load-model")
-            self._thread.start()
+            self._loading, self.error = True, None
+            threading.Thread(target=self._make, daemon=True, name="memsvc-load-model").start()
 
     def _make(self) -> None:
+        error = None
         try:
             self()
         except BaseException as exc:  # noqa: BLE001 - reported to the next caller, not lost in a thread
-            self.error = exc
+            error = exc
+        with self._state:
+            self._loading, self.error = False, error
 
 
 def content_hash(document: Document) -> str:

@@ -91,17 +91,17 @@ def test_a_broken_connection_is_resent_only_for_idempotent_calls():
         assert [r.url.path for r in seen] == ["/v1/memories/m", "/v1/memories/m/search", "/v1/memories/m/search"]
 
     transport, seen = scripted(broken, httpx.Response(201, json={"ids": [0]}))
-    with MemoryClient("http://memsvc", transport=transport) as client:
-        with pytest.raises(ServerUnavailable, match="connection to the memsvc server at http://memsvc failed"):
-            RemoteMemory(client, memory.spec).add(np.eye(1, 4, dtype=np.float32))  # sent twice: stored twice
+    with MemoryClient("http://memsvc", transport=transport) as client, \
+            pytest.raises(ServerUnavailable, match="connection to the memsvc server at http://memsvc failed"):
+        RemoteMemory(client, memory.spec).add(np.eye(1, 4, dtype=np.float32))  # sent twice: stored twice
     assert len(seen) == 1
 
 
 def test_a_timeout_is_server_unavailable_and_not_sent_again():
     transport, seen = scripted(httpx.ReadTimeout("slow"), httpx.Response(200, json={"collections": []}))
-    with MemoryClient("http://memsvc", timeout=3, transport=transport) as client:
-        with pytest.raises(ServerUnavailable) as caught:
-            client.list_collections()
+    with MemoryClient("http://memsvc", timeout=3, transport=transport) as client, \
+            pytest.raises(ServerUnavailable) as caught:
+        client.list_collections()
     assert caught.value.field == "timeout" and "did not answer within 3 s" in caught.value.message
     assert len(seen) == 1
 
