@@ -95,8 +95,9 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
     from memsvc.contract import Document
 
     counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
+    with cli_errors():
+        files = ingest_files(paths)  # a missing path fails before the collection is made
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col:
-        files = ingest_files(paths)
         with tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
             for start in range(0, len(files), batch):
                 documents = []

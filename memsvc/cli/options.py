@@ -12,7 +12,7 @@ import typer
 
 from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
-from memsvc.contract import MemsvcError
+from memsvc.contract import DataDirInUse, MemsvcError
 
 __all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "cli_errors"]
 
@@ -28,6 +28,10 @@ def cli_errors() -> Iterator[None]:
     and exit status 2."""
     try:
         yield
+    except DataDirInUse as exc:
+        typer.echo(f"error: {exc.message}; to use a running server's memories, give its --url (or set "
+                   "MEMSVC_URL)", err=True)
+        raise typer.Exit(2) from None
     except MemsvcError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
