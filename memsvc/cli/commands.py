@@ -97,19 +97,19 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
     counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
     with cli_errors():
         files = ingest_files(paths)  # a missing path fails before the collection is made
-    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col:
-        with tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
-            for start in range(0, len(files), batch):
-                documents = []
-                for document_id, path in files[start:start + batch]:
-                    try:
-                        documents.append(Document(document_id, path.read_bytes().decode("utf-8")))
-                    except UnicodeDecodeError as exc:
-                        skip(str(path), f"not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})", counts)
-                for document, outcome in upsert_each(col, documents, counts):
-                    if isinstance(outcome, MemsvcError):
-                        skip(document.id, outcome.message, counts)
-                progress.update(len(files[start:start + batch]))
+    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col, \
+            tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
+        for start in range(0, len(files), batch):
+            documents = []
+            for document_id, path in files[start:start + batch]:
+                try:
+                    documents.append(Document(document_id, path.read_bytes().decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    skip(str(path), f"not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})", counts)
+            for document, outcome in upsert_each(col, documents, counts):
+                if isinstance(outcome, MemsvcError):
+                    skip(document.id, outcome.message, counts)
+            progress.update(len(files[start:start + batch]))
     typer.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
     if counts["skipped"]:
         raise typer.Exit(1)

@@ -12,9 +12,9 @@ import typer
 
 from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
-from memsvc.contract import DataDirInUse, MemsvcError
+from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
-__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "cli_errors"]
+__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "check_text_files", "cli_errors"]
 
 Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
 DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
@@ -41,3 +41,20 @@ def cli_errors() -> Iterator[None]:
             raise
         typer.echo(message, err=True)
         raise typer.Exit(2) from None
+
+
+def check_text_files(paths: list[Path]) -> None:
+    """Every path is a readable UTF-8 file (NotFound, InvalidInput): checked before anything slow starts."""
+    if not paths:
+        raise InvalidInput("no files given", "files")
+    for path in paths:
+        if not path.is_file():
+            raise NotFound(f"no such file: {path}", "files")
+        try:
+            with open(path, encoding="utf-8") as f:
+                while f.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{path} is not UTF-8 text ({exc.reason})", "files") from None
+        except OSError as exc:
+            raise InvalidInput(f"{path}: cannot be read ({exc.strerror})", "files") from None
