@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import ApiKeyOption, Model, Url, check_text_files, cli_errors
+from memsvc.cli.options import ApiKeyOption, Model, Url, check_text_files, cli_errors, need_model_side
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ def eval_long(files: Files,
             from memsvc.client import check_url
 
             check_url(url)
+        need_model_side()
 
         from lm.memory_attention import KnnConfig  # torch from here on
         from lm.policies import make_policy
@@ -177,11 +178,13 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         check_text_files(files)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
-        if window <= 0 or not 0 <= sinks <= window:
-            raise InvalidInput(f"window must be positive and sinks within 0..window, got window={window}, "
-                               f"sinks={sinks}", "window" if window <= 0 else "sinks")
+        if window <= 0:
+            raise InvalidInput(f"window must be a positive integer, got {window}", "window")
+        if not 0 <= sinks <= window:
+            raise InvalidInput(f"sinks ({sinks}) must be >= 0 and must not exceed the window ({window})", "sinks")
         if not out.parent.is_dir():
             raise NotFound(f"{out.parent}: no such directory for --out", "out")
+        need_model_side()
         from tqdm import tqdm
 
         from lm.gate_training import plot_curve

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Model, Url, cli_errors
+from memsvc.cli.options import (
+    DEFAULT_DATA_DIR,
+    ApiKeyOption,
+    DataDir,
+    Model,
+    Url,
+    cli_errors,
+    need_model_side,
+)
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -69,6 +77,7 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     from memsvc.connect import connect
 
     check_settings(lam, temp, k)
+    need_model_side()
     with connect(url, data_dir, api_key) as client:  # a held data dir or a bad URL fails fast
         mem = client.memory(memory)
         from lm.knnlm import KNNLM
@@ -96,6 +105,7 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     """
     with cli_errors():
         texts = read_texts(files)
+        need_model_side()
         from memsvc.connect import connect
 
         with connect(url, data_dir, api_key) as client:  # before torch: a held data dir or a bad URL fails fast
@@ -208,6 +218,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
 
             check_url(url)
         check_settings(lam, temp, k)
+        need_model_side()
         from tqdm import tqdm
 
         from lm.attention import attach

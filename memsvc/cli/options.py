@@ -3,6 +3,7 @@ and one way to report a user's error or a missing part (`cli_errors`). Typer opt
 would shadow a domain class (`MemoryOption`, `WindowOption`, `ApiKeyOption`)."""
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
 from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
-__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "check_text_files", "cli_errors"]
+__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "check_text_files", "cli_errors",
+           "need_model_side"]
 
 Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
 DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
@@ -58,3 +60,11 @@ def check_text_files(paths: list[Path]) -> None:
             raise InvalidInput(f"{path} is not UTF-8 text ({exc.reason})", "files") from None
         except OSError as exc:
             raise InvalidInput(f"{path}: cannot be read ({exc.strerror})", "files") from None
+
+
+def need_model_side() -> None:
+    """ModuleNotFoundError (which `cli_errors` turns into the extra to install) when torch or transformers is
+    not installed: found without importing them, so a model command says so before it does anything."""
+    for module in ("torch", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
