@@ -11,13 +11,15 @@ async client only differ in how they perform it. New resources (collections) add
 Failures: a refused connection is tried again by httpx's transport (`retries`, backoff 0.5 s, 1 s, 2 s, ...);
 a 503 with Retry-After (the server still loading its model) is sent again after the time it asks, until the
 call's timeout; a connection that broke after sending is sent again only for calls that change nothing or
-can be repeated (`Call.idempotent`). What still fails raises `ServerUnavailable`, never an httpx error.
+can be repeated (`Call.idempotent`); the first wait of a call is logged as a warning (so a first `ask` says
+that it waits for the model). What still fails raises `ServerUnavailable`, never an httpx error.
 Generation (`ask`) has its own, longer timeout (`long_timeout`).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +215,9 @@ def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
                       lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]), long=True)
 
 
+log = logging.getLogger(__name__)
+
+
 def _auth(api_key: str | None) -> dict[str, str]:
     return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
 
@@ -279,7 +284,19 @@ def _next_try(call: Call, attempt: int, deadline: float, response: httpx.Respons
         wait = BACKOFF * 2 ** attempt
     if wait is None or wait >= left:
         return None
+    if attempt == 0:  # once per call, on stderr even where logging is not set up (logging's last resort)
+        why = _said(response) if response is not None else f"{type(error).__name__}: {error}"
+        log.warning("%s %s: %s; sending it again in %g s (waiting up to %.0f s)", call.method, call.path, why,
+                    wait, left)
     return wait
+
+
+def _said(response: httpx.Response) -> str:
+    """The message of an error answer (its status when it has none)."""
+    try:
+        return str(loads_json(response.content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
 
 
 # --- sync ---------------------------------------------------------------------------------------

@@ -60,13 +60,15 @@ def test_a_url_without_scheme_or_host_fails_at_construction(url):
         assert caught.value.message == f"server URL {url!r} needs a scheme and a host, e.g. http://127.0.0.1:8000"
 
 
-def test_503_with_retry_after_is_sent_again_until_it_answers():
+def test_503_with_retry_after_is_sent_again_until_it_answers(caplog):
     transport, seen = scripted(httpx.Response(503, json=LOADING, headers={"Retry-After": "0"}),
                                httpx.Response(503, json=LOADING, headers={"Retry-After": "0"}),
                                httpx.Response(200, json={"collections": ["docs"]}))
     with MemoryClient("http://memsvc", transport=transport) as client:
         assert client.list_collections() == ["docs"]
     assert [r.url.path for r in seen] == ["/v1/collections"] * 3
+    assert [r.getMessage().split(" (waiting")[0] for r in caplog.records] == [
+        "GET /v1/collections: the language model is loading; sending it again in 0 s"]  # once per call
 
 
 def test_503_is_not_sent_again_past_the_timeout_or_without_retry_after():
