@@ -308,8 +308,8 @@ class MemoryClient:
                  transport: httpx.BaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
                  retries: int = RETRIES):
         """`timeout`: seconds a call may take; `long_timeout`: the same for generation (ask); `retries`:
-        resends after a refused connection or a broken idempotent call. InvalidInput for a URL without
-        an http(s) scheme or host."""
+        resends after a refused connection (by httpx's transport, so not with a `transport` of your own) or
+        a broken idempotent call. InvalidInput for a URL without an http(s) scheme or host."""
         self.url = check_url(url)
         self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
         transport = transport or httpx.HTTPTransport(retries=retries)

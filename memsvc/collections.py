@@ -187,10 +187,15 @@ class Collection:
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
-    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256,
-            should_stop: Callable[[], bool] | None = None) -> Answer:
+    def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         """Retrieve k passages, answer the question from them with the language model (loaded on the first
-        ask), cite them (`lm.rag.ask`); decoding ends early once `should_stop()` is true (a client gone)."""
+        ask), cite them (`lm.rag.ask`)."""
+        return self.ask_until(lambda: False, question, k, max_new_tokens)
+
+    def ask_until(self, should_stop: Callable[[], bool], question: str, k: int = 4,
+                  max_new_tokens: int = 256) -> Answer:
+        """`ask`, whose decoding ends early (the answer so far) once `should_stop()` is true: the server's ask
+        stops when its client has gone."""
         from lm.rag import ask
 
         model, tokenizer = self._language_model()

@@ -20,10 +20,10 @@ from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
 from memsvc.api.limits import check_max_k
 from memsvc.api.schemas import Body
+from memsvc.collections import Collection
 from memsvc.contract import (
     Answer,
     BackendUnavailable,
-    CollectionBackend,
     CollectionStats,
     Document,
     DocumentHit,
@@ -72,11 +72,11 @@ class CollectionSearchResponse(BaseModel):
     hits: list[DocumentHit]
 
 
-def get_collection(name: str, service: ServiceDep) -> CollectionBackend:
+def get_collection(name: str, service: ServiceDep) -> Collection:
     return service.collection(name)
 
 
-CollectionDep = Annotated[CollectionBackend, Depends(get_collection)]
+CollectionDep = Annotated[Collection, Depends(get_collection)]
 
 
 @router.post("", status_code=201, response_model=CollectionStats, dependencies=[WRITE])
@@ -130,8 +130,8 @@ async def ask(body: AskRequest, collection: CollectionDep, service: ServiceDep, 
         raise InvalidInput("question must be a non-empty string", "question")
     check_model_ready(service)
     gone = threading.Event()
-    work = asyncio.ensure_future(run_in_threadpool(collection.ask, body.question, body.k, body.max_new_tokens,
-                                                   gone.is_set))
+    work = asyncio.ensure_future(run_in_threadpool(collection.ask_until, gone.is_set, body.question, body.k,
+                                                   body.max_new_tokens))
     try:
         while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL))[0]:
             if await request.is_disconnected():
