@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import quote
@@ -31,6 +31,7 @@ import numpy as np
 
 from memsvc.contract import (
     Answer,
+    AnswerStream,
     Citation,
     CollectionStats,
     Document,
@@ -39,6 +40,7 @@ from memsvc.contract import (
     InvalidInput,
     MemorySpec,
     MemoryStats,
+    MemsvcError,
     SearchMode,
     SearchResult,
     ServerUnavailable,
@@ -53,7 +55,18 @@ from memsvc.contract import (
     error_from_dict,
     spec_from,
 )
-from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, loads_json, search_result
+from memsvc.contract.wire import (
+    JSON,
+    NPZ,
+    SSE,
+    decode,
+    encode_npz,
+    entries_result,
+    loads_json,
+    media_type,
+    read_sse,
+    search_result,
+)
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -209,10 +222,37 @@ def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
                       lambda f: [DocumentHit(**hit) for hit in f["hits"]])
 
 
-def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
-    return _json_call("POST", _collection_path(name, "ask"),
-                      {"question": question, "k": k, "max_new_tokens": max_new_tokens},
-                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]), long=True)
+def _answer(fields: dict[str, Any]) -> Answer:
+    return Answer(fields["answer"], [Citation(**c) for c in fields["citations"]])
+
+
+def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool = False) -> Call:
+    body = {"question": question, "k": k, "max_new_tokens": max_new_tokens, **({"stream": True} if stream else {})}
+    return _json_call("POST", _collection_path(name, "ask"), body, _answer, long=True)
+
+def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer]:
+    """The pieces and the final Answer of a streamed ask (`memsvc.api.collections`: `token` events, then
+    `done`, or `error`, raised as its memsvc error); closes the response when done or closed. A server that
+    answered plain JSON gives the whole answer as one piece."""
+    try:
+        if media_type(response.headers.get("content-type")) != SSE:
+            response.read()
+            answer = call.answer(response)
+            yield answer.answer
+            yield answer
+            return
+        for event, data in read_sse(response.iter_lines()):
+            fields = loads_json(data)
+            if event == "token":
+                yield fields["text"]
+            elif event == "done":
+                yield _answer(fields)
+                return
+            elif event == "error":
+                raise error_from_dict(fields)
+        raise MemsvcError("the server ended the answer stream before its end (no `done` event)")
+    finally:
+        response.close()
 
 
 log = logging.getLogger(__name__)
@@ -336,6 +376,41 @@ class MemoryClient:
             time.sleep(wait)
             attempt += 1
 
+    def stream(self, call: Call) -> AnswerStream:
+        """Send `call` asking for server-sent events (resending as `send` does, within `long_timeout`); the
+        typed error if the server refuses it up front, ServerUnavailable if the connection fails."""
+        timeout = self.long_timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        while True:
+            request = self.http.build_request(call.method, call.path, content=call.content,
+                                              headers={**call.headers, "Accept": SSE},
+                                              extensions={"timeout": _timeout(timeout).as_dict()})
+            try:
+                response = self.http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                if not response.is_error:
+                    return AnswerStream(self._events(call, response, timeout), on_close=response.close)
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    call.answer(response)  # raises the server's error
+            time.sleep(wait)
+            attempt += 1
+
+    def _events(self, call: Call, response: httpx.Response, timeout: float) -> Iterator[str | Answer]:
+        """`answer_events`, a broken or silent connection raised as ServerUnavailable."""
+        try:
+            yield from answer_events(call, response)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc, timeout) from None
+
     def health(self) -> dict[str, Any]:
         return self.send(health_call())
 
@@ -429,6 +504,11 @@ class RemoteCollection:
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` as server-sent events: iterate for the answer's pieces as the server decodes them, then
+        `result()` for the Answer with its citations; close the stream (or use `with`) to stop early."""
+        return self.client.stream(ask_call(self.name, question, k, max_new_tokens, stream=True))
 
     def stats(self) -> CollectionStats:
         return self.client.send(collection_stats_call(self.name))

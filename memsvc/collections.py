@@ -37,6 +37,7 @@ from memsvc.contract import (
     SEARCH_MODES,
     AlreadyExists,
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -190,16 +191,18 @@ class Collection:
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         """Retrieve k passages, answer the question from them with the language model (loaded on the first
         ask), cite them (`lm.rag.ask`)."""
-        return self.ask_until(lambda: False, question, k, max_new_tokens)
-
-    def ask_until(self, should_stop: Callable[[], bool], question: str, k: int = 4,
-                  max_new_tokens: int = 256) -> Answer:
-        """`ask`, whose decoding ends early (the answer so far) once `should_stop()` is true: the server's ask
-        stops when its client has gone."""
         from lm.rag import ask
 
         model, tokenizer = self._language_model()
-        return ask(self, model, tokenizer, question, k, max_new_tokens, should_stop=should_stop)
+        return ask(self, model, tokenizer, question, k, max_new_tokens)
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` with the answer's text pieces as they decode (`lm.rag.ask_stream`); the model loads and the
+        passages are retrieved before this returns."""
+        from lm.rag import ask_stream
+
+        model, tokenizer = self._language_model()
+        return ask_stream(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))

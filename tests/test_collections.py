@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, talking_llama
 
-from memsvc.client import MemoryClient
+from memsvc.client import MemoryClient, RemoteCollection
 from memsvc.config import Settings
 from memsvc.contract import (
     MAX_DOCUMENT_BYTES,
@@ -21,6 +21,7 @@ from memsvc.contract import (
     CollectionStats,
     Document,
     InvalidInput,
+    MemsvcError,
     NotFound,
     ServerUnavailable,
     TooLarge,
@@ -194,11 +195,10 @@ def api(tmp_path, tiny_encoder):
     tiny random LM, and a `MemoryClient` (admin) that talks to it in-process."""
     from fastapi.testclient import TestClient
 
-    from lm.model import tiny_llama
     from memsvc.api.app import create_app
 
     app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"),
-                     encoder=lambda: tiny_encoder, language_model=tiny_llama)
+                     encoder=lambda: tiny_encoder, language_model=talking_llama)
     with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
         client = MemoryClient("http://testserver")
         client.http = http
@@ -286,16 +286,16 @@ def test_ask_stops_decoding_when_the_client_disconnects(tmp_path, tiny_encoder):
     import uvicorn
     from conftest import free_port
 
-    from lm.generate import stop_token_ids
     from lm.model import tiny_llama
     from memsvc.api.app import create_app
 
     model, tokenizer = tiny_llama()
-    stops, steps = sorted(stop_token_ids(model, tokenizer)), []
+    word, steps = tokenizer(" yes").input_ids[-1], []
 
-    def slow_step(module, args, output):  # 20 ms a token, and never an end of sequence
+    def slow_step(module, args, output):  # 20 ms a token, each one " yes" (a piece, never an end of sequence)
         steps.append(time.monotonic())
-        output.logits[..., stops] = float("-inf")
+        output.logits.fill_(0.0)
+        output.logits[..., word] = 1.0
         time.sleep(0.02)
 
     model.register_forward_hook(slow_step)
@@ -436,6 +436,174 @@ def test_rest_keys_scope_collections(api):
     assert http.get("/v1/collections/t-docs", headers=reader).json()["documents"] == 3
 
 
+def sse_events(response) -> list[tuple[str, dict]]:
+    """(event, data) of a text/event-stream body, parsed by hand (the client reads with `wire.read_sse`)."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.text
+    events = []
+    for block in response.text.split("\n\n")[:-1]:
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+ASK = {"question": "What is a generator?", "k": 2, "max_new_tokens": 8}
+
+
+def test_server_sent_events_read_as_the_whatwg_format_says():
+    from memsvc.contract.wire import read_sse, sse_event
+
+    body = sse_event("token", b'{"text": "a"}') + b": a comment\n\nevent: done\ndata: 1\ndata:2\n\ndata: x\n\nevent: cut"
+    assert list(read_sse(body.decode().split("\n"))) == [("token", '{"text": "a"}'), ("done", "1\n2"),
+                                                          ("message", "x")]  # an event never ended is dropped
+
+
+def test_rest_ask_streams_server_sent_events(api):
+    http, client = api
+    col = client.create_collection("docs")
+    col.add_documents(docs())
+    whole = http.post("/v1/collections/docs/ask", json=ASK)
+    assert whole.headers["content-type"] == "application/json"
+    for streamed in (http.post("/v1/collections/docs/ask", json={**ASK, "stream": True}),
+                     http.post("/v1/collections/docs/ask", json=ASK, headers={"Accept": "text/event-stream"})):
+        events = sse_events(streamed)
+        assert [name for name, _ in events] == ["token"] * (len(events) - 1) + ["done"]
+        assert events[0][1] == {"text": "Rog"}  # the talking model's first word, its leading space dropped
+        assert events[-1][1] == whole.json()  # done: the JSON answer
+        assert "".join(data["text"] for _, data in events[:-1]) == whole.json()["answer"]
+
+    with col.ask_stream("What is a generator?", k=2, max_new_tokens=8) as stream:  # the client
+        pieces = list(stream)
+    local = client.http.app.state.service.collection("docs").ask_stream("What is a generator?", 2, 8)
+    assert pieces == list(local) and len(pieces) == 8
+    assert stream.result() == local.result() == col.ask("What is a generator?", k=2, max_new_tokens=8)
+
+
+def test_rest_ask_stream_errors(api):
+    """Bad input is a JSON error before any event; a failure while decoding is an `error` event, which the
+    client raises as its memsvc error."""
+    http, client = api
+    col = client.create_collection("docs")
+    col.add_documents(docs())
+    assert error(http.post("/v1/collections/docs/ask", json={**ASK, "question": " ", "stream": True}), 422)["field"] \
+        == "question"
+    assert error(http.post("/v1/collections/nope/ask", json={**ASK, "stream": True}), 404)["field"] == "name"
+    with pytest.raises(InvalidInput) as info:
+        col.ask_stream("x", k=0)
+    assert info.value.field == "k"
+    with pytest.raises(NotFound):
+        RemoteCollection(client, "nope").ask_stream("x")
+
+    model, _ = client.http.app.state.service.collections._language_model()
+    calls = []
+
+    def fail_on_the_fourth(*_):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the model broke")
+
+    hook = model.register_forward_hook(fail_on_the_fourth)
+    try:
+        events = sse_events(http.post("/v1/collections/docs/ask", json={**ASK, "stream": True}))
+        assert [name for name, _ in events] == ["token", "token", "token", "error"]
+        assert events[-1][1] == {"error": {"code": "internal_error", "message": "internal server error (RuntimeError)"}}
+        calls.clear()
+        stream = col.ask_stream("What is a generator?", k=2, max_new_tokens=8)
+        with pytest.raises(MemsvcError, match="internal server error"):
+            list(stream)
+    finally:
+        hook.remove()
+
+
+@pytest.fixture
+def live(tmp_path, tiny_encoder):
+    """The app (tiny encoder, talking tiny LM) served by uvicorn in a thread of this process, so a test can
+    hold the server's model while it reads the stream; (url, app)."""
+    import uvicorn
+    from conftest import free_port
+
+    from memsvc.api.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path / "live"), encoder=lambda: tiny_encoder, language_model=talking_llama)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(30)
+
+
+def forward_calls(app, on_call=None) -> tuple[list[int], object]:
+    """Count the server's LM forward passes (calling `on_call(n)` on each); (counts, hook handle)."""
+    model, _ = app.state.service.collections._language_model()
+    calls: list[int] = []
+
+    def hook(*_):
+        calls.append(1)
+        if on_call is not None:
+            on_call(len(calls))
+
+    return calls, model.register_forward_hook(hook)
+
+
+def test_ask_stream_pieces_arrive_as_they_decode_and_closing_stops_decoding(live):
+    url, app = live
+    question = "What is a generator?"
+    with MemoryClient(url) as client:
+        col = client.create_collection("docs")
+        col.add_documents(docs())
+        whole = col.ask(question, k=2, max_new_tokens=8)
+        release, released = threading.Event(), []
+        # the server holds after its 4th forward pass (the 4th token) until the client has read 3 pieces
+        calls, hook = forward_calls(app, lambda n: n == 4 and released.append(release.wait(10)))
+        try:
+            with col.ask_stream(question, k=2, max_new_tokens=8) as stream:
+                pieces = iter(stream)
+                first = [next(pieces) for _ in range(3)]
+                release.set()
+                rest = list(pieces)
+            assert released == [True]  # not a timeout: the 3 pieces came while the server was held
+            assert "".join(first + rest) == whole.answer and stream.result() == whole
+
+            calls.clear()
+            with col.ask_stream(question, k=2, max_new_tokens=1000) as stream:
+                next(iter(stream))
+            counted, deadline = -1, time.monotonic() + 30
+            while counted != len(calls) and time.monotonic() < deadline:  # until the server stops decoding
+                counted = len(calls)
+                time.sleep(0.5)
+            assert counted < 200  # it stopped soon after the client went away, far before 1000 tokens
+        finally:
+            hook.remove()
+
+
+def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, monkeypatch):
+    """`memsvc ask` prints the pieces, then the passages; --json one object. Through a server (--url) and
+    embedded (the service's embedder and model replaced by the tiny ones)."""
+    url, app = live
+    question = "What is a generator?"
+    with MemoryClient(url) as client:
+        client.create_collection("docs").add_documents(docs())
+    data_dir = tmp_path / "embedded"
+    with Service(Settings(data_dir=data_dir), encoder=lambda: tiny_encoder) as service:
+        service.create_collection("docs").add_documents(docs())
+    monkeypatch.setattr("memsvc.service.SentenceEncoder", lambda: tiny_encoder)
+    monkeypatch.setattr("memsvc.service._load_model", lambda name: talking_llama())
+    expected = app.state.service.collection("docs").ask(question, 2, 8)
+    for where in (("--url", url), ("--data-dir", str(data_dir))):
+        args = ("ask", question, "--collection", "docs", "--k", "2", "--max-new-tokens", "8", *where)
+        printed = run_cli(*args)
+        assert printed.exit_code == 0, printed.output
+        chunk_ids = [c.chunk_id for c in expected.citations]
+        assert printed.stdout == f"{expected.answer}\n[1]  {chunk_ids[0]}\n[2]  {chunk_ids[1]}\n"
+        as_json = run_cli(*args, "--json")
+        assert json.loads(as_json.stdout)["answer"] == expected.answer and as_json.stdout.count("\n") == 1
+
+
 # --- through a running server (the real embedder; ask loads SmolLM2 in the server) -----------------
 
 LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
@@ -493,6 +661,11 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
         body = json.loads(answer.stdout)
         assert "register" in body["answer"] and [c["n"] for c in body["citations"]] == [1, 2]
         assert body["citations"][0]["document_id"] == "lib/atexit.rst.txt"
+        streamed = run_cli("ask", "Which function of the atexit module registers a function to be called at "
+                           "interpreter exit?", "--k", "2", "--max-new-tokens", "48", *url)
+        assert streamed.exit_code == 0, streamed.output  # greedy: the streamed pieces join to the same answer
+        passages = "".join(f"[{c['n']}]{'*' if c['cited'] else ' '} {c['chunk_id']}\n" for c in body["citations"])
+        assert streamed.stdout == f"{body['answer']}\n{passages}"
 
         server.kill()
         server.start()

@@ -104,3 +104,17 @@ class MemoryList(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable tag, e.g. invalid_input, not_found, already_exists, "
+                                  "too_large, unauthorized, forbidden, insufficient_storage, memory_unavailable")
+    message: str = Field(description="what went wrong, for a person")
+    field: str | None = Field(None, description="the input at fault (a body field, `name`, `authorization`, "
+                                                "`body`); absent when no single one is")
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the API, whatever its status (memsvc.api.errors)."""
+
+    error: ErrorDetail

@@ -171,13 +171,18 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
         url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
         timeout: Timeout = 600.0) -> None:
-    """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
+    """Answer QUESTION from the collection's best passages with SmolLM2, citing them: the answer is printed as
+    it decodes, the passages given to the model at the end (* where the answer cites them); with --json, one
+    object once the answer is complete."""
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
-        answer = col.ask(question, k, max_new_tokens)
-    if json_:
-        typer.echo(json.dumps(asdict(answer)))
-        return
-    typer.echo(answer.answer)
+        if json_:
+            typer.echo(json.dumps(asdict(col.ask(question, k, max_new_tokens))))
+            return
+        with col.ask_stream(question, k, max_new_tokens) as stream:
+            for piece in stream:
+                typer.echo(piece, nl=False)  # click flushes each piece
+            answer = stream.result()
+        typer.echo()
     for c in answer.citations:
         typer.echo(f"[{c.n}]{'*' if c.cited else ' '} {c.chunk_id}")
 

@@ -25,6 +25,7 @@ from memsvc.contract.collections import (
                                     MEMORY_PREFIX,
                                     SEARCH_MODES,
                                     Answer,
+                                    AnswerStream,
                                     Citation,
                                     CollectionStats,
                                     Document,
@@ -65,7 +66,8 @@ from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition
 
 __all__ = [
     "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX",
-    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation",
+    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "AnswerStream",
+    "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
     "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "ModelLoading",
