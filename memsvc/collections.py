@@ -72,18 +72,43 @@ LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.
 
 
 class Lazy(Generic[T]):
-    """`factory()`, made once on first use (by whichever thread asks first) and then kept."""
+    """`factory()`, made once on first use (by whichever thread asks first) and then kept; `start()` makes
+    it in a background thread instead, and `ready()` says whether it is made (a server answers "loading"
+    meanwhile rather than hold a request)."""
 
     def __init__(self, factory: Callable[[], T]):
         self._factory = factory
         self._made: list[T] = []
         self._lock = threading.Lock()
+        self._state = threading.Lock()  # guards _loading and error, never held while making
+        self._loading = False  # a background make is under way
+        self.error: BaseException | None = None  # why the last background make failed (None: it did not)
 
     def __call__(self) -> T:
         with self._lock:
             if not self._made:
                 self._made.append(self._factory())
             return self._made[0]
+
+    def ready(self) -> bool:
+        return bool(self._made)
+
+    def start(self) -> None:
+        """Make it in a daemon thread unless made or being made; a failure is kept in `error`."""
+        with self._state:
+            if self._made or self._loading:
+                return
+            self._loading, self.error = True, None
+            threading.Thread(target=self._make, daemon=True, name="memsvc-load-model").start()
+
+    def _make(self) -> None:
+        error = None
+        try:
+            self()
+        except BaseException as exc:  # noqa: BLE001 - reported to the next caller, not lost in a thread
+            error = exc
+        with self._state:
+            self._loading, self.error = False, error
 
 
 def content_hash(document: Document) -> str:
@@ -295,6 +320,11 @@ class Collections:
             self._open.pop(name, None)
         with suppress(NotFound):
             self.memories.delete_memory(MEMORY_PREFIX + name)
+
+    @property
+    def language_model(self) -> Lazy[LanguageModel]:
+        """The model of ask, made on first use (or in the background after `language_model.start()`)."""
+        return self._language_model
 
     @property
     def encoder(self) -> SentenceEncoder:

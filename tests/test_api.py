@@ -104,6 +104,8 @@ BAD_ADDS = {
                               "headers": {"Content-Type": NPZ}}, 422, "keys", "float32", "float64"),
     "int keys": (lambda: {"content": npz(keys=np.ones((2, DIM), np.int32), values=np.array([1, 2])),
                           "headers": {"Content-Type": NPZ}}, 422, "keys", "int32"),
+    "negative token value": (lambda: {"json": {"keys": vecs(2).tolist(), "values": [5, -1]}}, 422, "values",
+                             "token ids >= 0", "got -1"),
     "float token values": (lambda: {"content": npz(keys=vecs(2), values=np.array([0.5, 1.5])),
                                     "headers": {"Content-Type": NPZ}}, 422, "values", "integer"),
     "empty batch": (lambda: {"content": npz(keys=np.zeros((0, DIM), np.float32), values=np.zeros(0, int)),
@@ -205,6 +207,26 @@ def test_lone_surrogates_are_422_in_every_memory_route(http, mem, case):
     assert entries(mem, http) == 3
     assert http.get(f"/v1/memories/{mem}").json()["metadata"] == {}
     assert "ok-name" not in [m["name"] for m in http.get("/v1/memories").json()["memories"]]
+
+
+def test_whole_number_lists_count_as_float_on_every_face(limited):
+    """`search([[0, 0, 1, 0]])` and int-list keys work through RemoteMemory as in a REST JSON body and in the
+    in-process Memory (converted to float32); an integer numpy array stays refused on every face."""
+    from memsvc.store import Memory
+
+    with MemoryClient(limited.url, api_key=KEY) as client:
+        remote = client.create_memory(f"ints-{uuid.uuid4().hex[:8]}", dim=4, value_kind="token")
+        local = Memory(remote.spec)  # in RAM
+        for mem in (remote, local):
+            assert mem.add([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], values=[7, 8, 9]).tolist() == [0, 1, 2]
+            found = mem.search([[0, 0, 1, 0]], k=1)
+            assert (found.ids.tolist(), found.values.tolist(), found.distances.tolist()) == ([[2]], [[9]], [[0.0]])
+            with pytest.raises(InvalidInput, match="got integers"):
+                mem.search(np.array([[0, 0, 1, 0]]), k=1)
+            with pytest.raises(InvalidInput, match="token ids >= 0") as negative:
+                mem.add([[0.5, 0.5, 0, 0]], values=[-1])
+            assert negative.value.field == "values" and mem.stats().count == 3
+        client.delete_memory(remote.spec.name)
 
 
 def test_unknown_things_are_404_and_duplicates_409(http, mem):

@@ -23,6 +23,7 @@ from memsvc.contract import (
     InvalidInput,
     MemsvcError,
     NotFound,
+    ServerUnavailable,
     TooLarge,
 )
 from memsvc.service import Service
@@ -233,6 +234,127 @@ def test_rest_round_trip_through_remote_collection(api):
     assert answer == local.ask("What is a generator?", k=2, max_new_tokens=8)  # the embedded face, same wiring
     client.delete_collection("docs")
     assert client.list_collections() == []
+
+
+def test_ask_answers_loading_while_the_model_loads_at_start(tmp_path, tiny_encoder):
+    """The model of ask loads in the background from the server's start; meanwhile ask is 503 model_loading
+    with Retry-After (bad input is still 422 first), then it answers. A load that fails is reported once as
+    503 backend_unavailable (no Retry-After), and the next ask loads again."""
+    from fastapi.testclient import TestClient
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+
+    started, release, fail = threading.Event(), threading.Event(), [True]
+
+    def slow_model():
+        started.set()
+        assert release.wait(30)
+        if fail.pop() if fail else False:
+            raise OSError("no such model file")
+        return tiny_llama()
+
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder, language_model=slow_model)
+    with TestClient(app) as http:
+        assert started.wait(10)  # loading before any ask
+        http.post("/v1/collections", json={"name": "docs"})
+        http.post("/v1/collections/docs/documents", json={"documents": [{"id": "a", "text": "Generators yield."}]})
+        assert error(http.post("/v1/collections/docs/ask", json={"question": " "}), 422)["field"] == "question"
+        loading = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert (loading.status_code, loading.headers["retry-after"]) == (503, "2")
+        assert loading.json()["error"]["code"] == "model_loading"
+        model = app.state.service.collections.language_model
+        release.set()  # the first load fails
+        while model.error is None:
+            time.sleep(0.01)
+        failed = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert (failed.status_code, "retry-after" in failed.headers) == (503, False)
+        assert failed.json()["error"] == {"code": "backend_unavailable", "field": "model", "message":
+                                          "the language model could not be loaded: OSError: no such model file"}
+        assert error(http.post("/v1/collections/docs/ask", json={"question": "What yields?"}), 503)["code"] \
+            == "model_loading"  # loading again
+        deadline = time.monotonic() + 30
+        while not model.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["citations"][0]["document_id"] == "a"
+
+
+def test_ask_stops_decoding_when_the_client_disconnects(tmp_path, tiny_encoder):
+    """A client that gives up (its timeout) ends the server's decoding within a token or two, and the server
+    then shuts down at once (before: it decoded all max_new_tokens for nobody)."""
+    import uvicorn
+    from conftest import free_port
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+
+    model, tokenizer = tiny_llama()
+    word, steps = tokenizer(" yes").input_ids[-1], []
+
+    def slow_step(module, args, output):  # 20 ms a token, each one " yes" (a piece, never an end of sequence)
+        steps.append(time.monotonic())
+        output.logits.fill_(0.0)
+        output.logits[..., word] = 1.0
+        time.sleep(0.02)
+
+    model.register_forward_hook(slow_step)
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder,
+                     language_model=lambda: (model, tokenizer))
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        with MemoryClient(url, long_timeout=1.0) as client:
+            while not server.started:
+                time.sleep(0.05)
+            client.create_collection("docs").add_documents([Document("a", "Generators yield values.")])
+            while not app.state.service.collections.language_model.ready():
+                time.sleep(0.05)
+            with pytest.raises(ServerUnavailable, match="did not answer within 1 s"):
+                client.collection("docs").ask("What yields?", k=1, max_new_tokens=1024)
+        gone = time.monotonic()
+        assert len(steps) > 10 and steps[-1] > gone - 0.1  # it was decoding when the client left
+        time.sleep(1.0)
+        assert steps[-1] < gone + 0.5 and len(steps) < 200  # and stopped soon after (1024 tokens: >20 s)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_async_client_collection_round_trip(tmp_path, tiny_encoder):
+    """AsyncMemoryClient has the collection calls of MemoryClient (create, upsert, search, ask, stats, delete)."""
+    import asyncio
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+    from memsvc.client import AsyncMemoryClient
+
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder, language_model=tiny_llama)
+
+    async def main():
+        async with app.router.lifespan_context(app), \
+                AsyncMemoryClient("http://memsvc", transport=httpx.ASGITransport(app)) as client:
+            col = await client.create_collection("docs")
+            assert (await col.add_documents(docs())).added == list(DOCS)
+            assert (await col.upsert(docs())).unchanged == list(DOCS)
+            assert await client.list_collections() == ["docs"]
+            assert await col.stats() == CollectionStats("docs", documents=3, chunks=3)
+            hit = (await col.search("walrus operator", k=1, mode="bm25"))[0]
+            assert (hit.document_id, hit.metadata) == ("c.txt", {"source": "c.txt"})
+            while not app.state.service.collections.language_model.ready():
+                await asyncio.sleep(0.05)
+            answer = await (await client.collection("docs")).ask("What is a generator?", k=2, max_new_tokens=4)
+            assert [c.n for c in answer.citations] == [1, 2]
+            await col.delete("c.txt")
+            assert (await col.stats()).documents == 2
+            await client.delete_collection("docs")
+            with pytest.raises(NotFound):
+                await client.collection("docs")
+
+    asyncio.run(main())
 
 
 def test_rest_bad_input(api):
@@ -609,7 +731,7 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
             try:
                 for start in range(2, len(documents), 4):
                     col.upsert(documents[start:start + 4])
-            except httpx.TransportError as exc:  # the server dies under it
+            except ServerUnavailable as exc:  # the server dies under it
                 failures.append(exc)
 
         writer = threading.Thread(target=ingest)

@@ -212,6 +212,7 @@ def app(tmp_path_factory, tiny_encoder):
                      encoder=lambda: tiny_encoder, language_model=talking_llama)
     with get_client(app):
         pass  # starts the lifespan, which stays up for the module
+    app.state.service.collections.language_model()  # the model the lifespan loads: ready, so ask is never 503
     yield app
     shutdown_lifespans()
 

@@ -102,10 +102,15 @@ def check_unicode(value: Any, field: str) -> Any:
 
 
 def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
-    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
+    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field.
+
+    Nested lists of whole numbers count as float, as they do in a REST JSON body (`[[0, 0, 1, 0]]`); an
+    integer numpy array is refused (float32 is asked for explicitly, as in a binary body)."""
     a = np.asarray(x)
     if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
         raise InvalidInput(f"{field} must be floating point numbers, got dtype {a.dtype}", field)
+    if a.dtype.kind != "f" and not isinstance(x, np.ndarray):
+        a = a.astype(np.float64)  # exact for whole numbers up to 2^53; float32 below as for any float input
     if a.dtype.kind != "f":
         raise InvalidInput(f"{field} must be floating point (float32), got integers ({a.dtype})", field)
     if a.ndim != 2:
@@ -177,7 +182,12 @@ def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
         values = np.asarray(values)
         if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
             raise InvalidInput("values must be a 1-D list of integer token ids", "values")
+        if values.dtype.kind == "u" and values.size and values.max() > np.iinfo(np.int64).max:
+            raise InvalidInput("values must be token ids below 2^63", "values")
         values = values.astype(np.int64)
+        if values.size and values.min() < 0:  # search answers -1 for a missing neighbour's value
+            raise InvalidInput(f"values must be token ids >= 0 (-1 marks a missing neighbour), got "
+                               f"{int(values.min())}", "values")
     if len(values) != n:
         raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
     return values
