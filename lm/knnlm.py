@@ -34,6 +34,7 @@ from transformers import LogitsProcessor, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import LogprobsHook, generate
+from lm.knn_params import KNNParams
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend
 
 KeyKind = Literal["final-norm", "mlp-input"]
@@ -76,26 +77,6 @@ class DatastoreState(BaseModel):
     def save(self, memory: MemoryBackend) -> None:
         """Store this state with `memory` (one metadata write; the memory's other metadata stays)."""
         memory.set_metadata({**memory.spec.metadata, METADATA_KEY: self.model_dump(mode="json", exclude_none=True)})
-
-
-class KNNParams(BaseModel):
-    """Interpolation settings: weight λ of p_kNN, softmax temperature over distances, neighbours k."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    lam: float = Field(0.25, ge=0, le=1)
-    temp: float = Field(10.0, gt=0, allow_inf_nan=False)
-    k: int = Field(64, gt=0, le=1024)
-
-    @classmethod
-    def check(cls, **fields: Any) -> KNNParams:
-        """KNNParams from the given (non-None) fields, or InvalidInput naming the bad one."""
-        try:
-            return cls(**{name: value for name, value in fields.items() if value is not None})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = str(err["loc"][0])
-            raise InvalidInput(f"{field}: {err['msg']} (got {err['input']!r})", field) from None
 
 
 # --- the math ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import generate
-from memsvc.contract import Answer, AnswerStream, Citation, DocumentHit, InvalidInput
+from memsvc.contract import Answer, AnswerStream, Citation, DocumentHit, InvalidInput, check_unicode
 from retrievers.base import check_k
 
 SYSTEM = ("You answer questions using only the numbered passages given with the question. Cite the passages "
@@ -71,6 +71,7 @@ def ask_stream(searcher: Searcher, model: PreTrainedModel, tokenizer: PreTrained
     searcher's errors are raised here, before anything decodes."""
     if not isinstance(question, str) or not question.strip():
         raise InvalidInput("question must be a non-empty string", "question")
+    check_unicode(question, "question")
     passages = searcher.search(question, check_k(k))
 
     def events() -> Iterator[str | Answer]:

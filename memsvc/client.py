@@ -8,10 +8,20 @@ embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.stor
 
 Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
 async client only differ in how they perform it. New resources (collections) add their calls the same way.
+
+Failures: a refused connection is tried again by httpx's transport (`retries`, backoff 0.5 s, 1 s, 2 s, ...);
+a 503 with Retry-After (the server still loading its model) is sent again after the time it asks, until the
+call's timeout; a connection that broke after sending is sent again only for calls that change nothing or
+can be repeated (`Call.idempotent`); the first wait of a call is logged as a warning (so a first `ask` says
+that it waits for the model). What still fails raises `ServerUnavailable`, never an httpx error.
+Generation (`ask`) has its own, longer timeout (`long_timeout`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self
@@ -34,6 +44,7 @@ from memsvc.contract import (
     MemsvcError,
     SearchMode,
     SearchResult,
+    ServerUnavailable,
     UpsertResult,
     as_documents,
     check_ids,
@@ -75,6 +86,8 @@ class Call:
     read: Callable[[dict[str, Any] | None], Any] = _fields
     content: bytes | None = None
     content_type: str | None = None
+    idempotent: bool = True  # sending it twice does what sending it once does (safe to repeat after a break)
+    long: bool = False  # generation: waits up to the client's long_timeout
 
     @property
     def headers(self) -> dict[str, str]:
@@ -101,16 +114,17 @@ def _path(name: str, *rest: str) -> str:
     return "/".join(("/v1/memories", quote(name, safe=""), *rest))
 
 
-def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any]) -> Call:
+def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any],
+               idempotent: bool = True, long: bool = False) -> Call:
     try:
         content = json.dumps(body, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"metadata is not JSON: {exc}", "metadata") from None
-    return Call(method, path, read, content, JSON)
+    return Call(method, path, read, content, JSON, idempotent, long)
 
 
-def _tensor_call(path: str, read: Callable[[Any], Any], **fields: Any) -> Call:
-    return Call("POST", path, read, encode_tensors(fields), TENSORS)
+def _tensor_call(path: str, read: Callable[[Any], Any], idempotent: bool = True, **fields: Any) -> Call:
+    return Call("POST", path, read, encode_tensors(fields), TENSORS, idempotent)
 
 
 def _spec(fields: dict[str, Any]) -> MemorySpec:
@@ -129,7 +143,7 @@ def health_call() -> Call:
 
 
 def create_call(spec: MemorySpec) -> Call:
-    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec)
+    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec, idempotent=False)
 
 
 def spec_call(name: str) -> Call:
@@ -160,7 +174,7 @@ def stats_call(spec: MemorySpec) -> Call:
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
     keys = check_keys(keys, spec, "keys")
-    return _tensor_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
+    return _tensor_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
                      keys=keys, values=check_values(spec, values, len(keys)),
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
@@ -188,7 +202,7 @@ def _collection_path(name: str, *rest: str) -> str:
 
 
 def create_collection_call(name: str) -> Call:
-    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"])
+    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"], idempotent=False)
 
 
 def collection_call(name: str) -> Call:
@@ -227,9 +241,7 @@ def _answer(fields: dict[str, Any]) -> Answer:
 
 def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool = False) -> Call:
     body = {"question": question, "k": k, "max_new_tokens": max_new_tokens, **({"stream": True} if stream else {})}
-    return _json_call("POST", _collection_path(name, "ask"), body, _answer)
-
-
+    return _json_call("POST", _collection_path(name, "ask"), body, _answer, long=True)
 
 def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer]:
     """The pieces and the final Answer of a streamed ask (`memsvc.api.collections`: `token` events, then
@@ -256,8 +268,88 @@ def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer
         response.close()
 
 
+log = logging.getLogger(__name__)
+
+
 def _auth(api_key: str | None) -> dict[str, str]:
     return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+# --- how a call is sent: timeouts, retries, errors ------------------------------------------------
+
+TIMEOUT = 60.0  # seconds for a call, and for a connection to open (at most CONNECT_TIMEOUT)
+LONG_TIMEOUT = 900.0  # seconds for generation (ask): a first ask on CPU loads the model, then decodes
+CONNECT_TIMEOUT = 10.0
+RETRIES = 2  # connection attempts after a refused one (httpx transport retries)
+BACKOFF = 0.5  # seconds before the first resend of a broken idempotent call, doubling after each
+
+
+def check_url(url: str) -> str:
+    """The server URL, or InvalidInput when it has no http(s) scheme or no host ('localhost:8000')."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidInput(f"server URL {url!r} is not a URL ({exc})", "url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInput(f"server URL {url!r} needs a scheme and a host, e.g. http://127.0.0.1:8000", "url")
+    return url
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
+def _unavailable(url: str, exc: httpx.TransportError, timeout: float) -> ServerUnavailable:
+    """httpx's transport error as the memsvc error a caller handles."""
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return ServerUnavailable(f"cannot reach the memsvc server at {url} ({exc or type(exc).__name__}); "
+                                 "is it running, and is the URL right?", "url")
+    if isinstance(exc, httpx.TimeoutException):
+        return ServerUnavailable(f"the memsvc server at {url} did not answer within {timeout:g} s "
+                                 "(a longer timeout waits for slow calls)", "timeout")
+    return ServerUnavailable(f"the connection to the memsvc server at {url} failed: "
+                             f"{exc or type(exc).__name__}", "url")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 503 asks to wait before sending again (None: not a 503 that asks for a resend)."""
+    if response.status_code != 503:
+        return None
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _next_try(call: Call, attempt: int, deadline: float, response: httpx.Response | None = None,
+              error: httpx.TransportError | None = None, retries: int = RETRIES) -> float | None:
+    """Seconds to wait before sending `call` again after this `response` or `error`, or None to stop there.
+
+    A 503 with Retry-After is sent again while the call's time lasts; a connection that broke after sending
+    (not a timeout: the server may still be working on it), `retries` times for an idempotent call."""
+    left = deadline - time.monotonic()
+    if response is not None:
+        wait = _retry_after(response)
+    elif isinstance(error, httpx.TimeoutException | httpx.ConnectError) or not call.idempotent \
+            or attempt >= retries:
+        wait = None  # refused connections were already tried again by the transport
+    else:
+        wait = BACKOFF * 2 ** attempt
+    if wait is None or wait >= left:
+        return None
+    if attempt == 0:  # once per call, on stderr even where logging is not set up (logging's last resort)
+        why = _said(response) if response is not None else f"{type(error).__name__}: {error}"
+        log.warning("%s %s: %s; sending it again in %g s (waiting up to %.0f s)", call.method, call.path, why,
+                    wait, left)
+    return wait
+
+
+def _said(response: httpx.Response) -> str:
+    """The message of an error answer (its status when it has none)."""
+    try:
+        return str(loads_json(response.content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -265,25 +357,72 @@ def _auth(api_key: str | None) -> dict[str, str]:
 class MemoryClient:
     """A memsvc server at `url`: its memories and collections (a `memsvc.contract.Client`)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.BaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        """`timeout`: seconds a call may take; `long_timeout`: the same for generation (ask); `retries`:
+        resends after a refused connection (by httpx's transport, so not with a `transport` of your own) or
+        a broken idempotent call. InvalidInput for a URL without an http(s) scheme or host."""
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.HTTPTransport(retries=retries)
+        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                 transport=transport)
 
     def send(self, call: Call) -> Any:
-        return call.answer(self.http.request(call.method, call.path, content=call.content, headers=call.headers))
+        """Perform `call` (resending as the module says); its result, or the typed error."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = self.http.request(call.method, call.path, content=call.content, headers=call.headers,
+                                             **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            time.sleep(wait)
+            attempt += 1
 
     def stream(self, call: Call) -> AnswerStream:
-        """Send `call` asking for server-sent events; the typed error if the server refuses it up front."""
-        request = self.http.build_request(call.method, call.path, content=call.content,
-                                          headers={**call.headers, "Accept": SSE})
-        response = self.http.send(request, stream=True)
-        if response.is_error:
+        """Send `call` asking for server-sent events (resending as `send` does, within `long_timeout`); the
+        typed error if the server refuses it up front, ServerUnavailable if the connection fails."""
+        timeout = self.long_timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        while True:
+            request = self.http.build_request(call.method, call.path, content=call.content,
+                                              headers={**call.headers, "Accept": SSE},
+                                              extensions={"timeout": _timeout(timeout).as_dict()})
             try:
-                response.read()
-            finally:
-                response.close()
-            call.answer(response)
-        return AnswerStream(answer_events(call, response), on_close=response.close)
+                response = self.http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                if not response.is_error:
+                    return AnswerStream(self._events(call, response, timeout), on_close=response.close)
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    call.answer(response)  # raises the server's error
+            time.sleep(wait)
+            attempt += 1
+
+    def _events(self, call: Call, response: httpx.Response, timeout: float) -> Iterator[str | Answer]:
+        """`answer_events`, a broken or silent connection raised as ServerUnavailable."""
+        try:
+            yield from answer_events(call, response)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc, timeout) from None
 
     def health(self) -> dict[str, Any]:
         return self.send(health_call())
@@ -401,13 +540,34 @@ class RemoteCollection:
 class AsyncMemoryClient:
     """`MemoryClient` for asyncio."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.AsyncHTTPTransport(retries=retries)
+        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                      transport=transport)
 
     async def send(self, call: Call) -> Any:
-        response = await self.http.request(call.method, call.path, content=call.content, headers=call.headers)
-        return call.answer(response)
+        """`MemoryClient.send`, awaited."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = await self.http.request(call.method, call.path, content=call.content,
+                                                   headers=call.headers, **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def health(self) -> dict[str, Any]:
         return await self.send(health_call())
@@ -434,6 +594,18 @@ class AsyncMemoryClient:
     async def set_search_params(self, name: str, ef_search: int | None = None,
                                 nprobe: int | None = None) -> MemorySpec:
         return await self.send(search_params_call(await self.send(spec_call(name)), ef_search, nprobe))
+
+    async def create_collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(create_collection_call(name)))
+
+    async def collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(collection_call(name)))
+
+    async def list_collections(self) -> list[str]:
+        return await self.send(list_collections_call())
+
+    async def delete_collection(self, name: str) -> None:
+        await self.send(drop_collection_call(name))
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -474,3 +646,30 @@ class AsyncRemoteMemory:
 
     async def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
         self.spec = await self.client.send(search_params_call(self.spec, ef_search, nprobe))
+
+
+class AsyncRemoteCollection:
+    """`RemoteCollection` for asyncio: the same calls, awaited."""
+
+    def __init__(self, client: AsyncMemoryClient, name: str):
+        self.client = client
+        self.name = name
+
+    async def upsert(self, documents: list[Document]) -> UpsertResult:
+        return await self.client.send(upsert_call(self.name, documents))
+
+    async def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
+        """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
+        return await self.upsert(as_documents(documents))
+
+    async def delete(self, document_id: str) -> None:
+        await self.client.send(delete_document_call(self.name, document_id))
+
+    async def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
+        return await self.client.send(collection_search_call(self.name, query, k, mode))
+
+    async def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        return await self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    async def stats(self) -> CollectionStats:
+        return await self.client.send(collection_stats_call(self.name))

@@ -55,8 +55,12 @@ class Service:
                  language_model: Callable[[], LanguageModel] | None = None):
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.settings.catalog_url)
-        self.store = open_store(self.settings)
+        self.store = open_store(self.settings)  # first: its lock says at once when another process holds the dir
+        try:
+            self.catalog = Catalog(self.settings.catalog_url)
+        except BaseException:
+            self.store.close()
+            raise
         self._reconcile()
         self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
                                        language_model or (lambda: _load_model(self.settings.model)))

@@ -30,7 +30,8 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
-        self.env = env or {}
+        # the model of ask loads on the first ask, not at every test server's start
+        self.env = {"MEMSVC_PRELOAD_MODEL": "false", **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.data_dir.parent / f"{self.data_dir.name}-server.log"

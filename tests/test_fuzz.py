@@ -12,6 +12,7 @@ import pytest
 import schemathesis
 from conftest import ServerProcess, talking_llama
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -26,6 +27,7 @@ from test_collections import docs
 from memsvc.api.app import create_app
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
+from memsvc.contract import lone_surrogate
 from memsvc.contract.wire import NPZ, TENSORS
 
 DIM = 4
@@ -211,6 +213,7 @@ def app(tmp_path_factory, tiny_encoder):
                      encoder=lambda: tiny_encoder, language_model=talking_llama)
     with get_client(app):
         pass  # starts the lifespan, which stays up for the module
+    app.state.service.collections.language_model()  # the model the lifespan loads: ready, so ask is never 503
     yield app
     shutdown_lifespans()
 
@@ -233,3 +236,44 @@ def test_every_answer_is_what_the_spec_documents(app, named, case):
     `default`), the media type one it documents, and the body (each event of a stream) matches its schema."""
     case.call_and_validate(app=app, checks=[not_a_server_error, status_code_conformance, content_type_conformance,
                                             response_schema_conformance])
+
+
+# --- lone UTF-16 surrogates in every string of every collection route's body (issue 12 #4) ----------
+
+SURROGATE_TEXT = "text-with-a-lone-surrogate"
+# schemathesis draws only encodable text; strings of this format hold at least one lone surrogate
+schemathesis.openapi.format(SURROGATE_TEXT, st.tuples(
+    st.text(max_size=8), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.text(max_size=8)).map("".join))
+
+
+def with_surrogates(node):
+    """The schemas under `node` (a copy) with every plain string (no format, pattern, enum or const) drawn
+    from SURROGATE_TEXT."""
+    if isinstance(node, list):
+        return [with_surrogates(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: with_surrogates(value) for key, value in node.items()}
+    if node.get("type") == "string" and not {"format", "pattern", "enum", "const"} & node.keys():
+        node["format"] = SURROGATE_TEXT
+    return node
+
+
+# the bodies' strings (components) hold surrogates, path parameters do not (a URL carries UTF-8 only);
+# positive cases only: negative ones are checked against the schema by jsonschema_rs, which takes no surrogates
+surrogates = schemathesis.openapi.from_dict({**SPEC, "components": with_surrogates(SPEC["components"])},
+                                            config=SchemathesisConfig.from_dict(
+                                                {"parameters": {"name": NAME}, "generation": {"mode": "positive"}}))
+
+
+@surrogates.include(path_regex="^/v1/collections").parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_lone_surrogates_in_collection_bodies_are_422(app, named, case):
+    """Every string of every collection route's body holds a lone surrogate: never a server error, and a
+    body that carries one (a JSON escape) is refused (422), unless the route's 404 (or an unknown method's
+    405) comes first."""
+    response = case.call(app=app)
+    assert response.status_code < 500, response.text
+    if lone_surrogate(case.body) is not None and response.status_code not in (404, 405):  # no such name, method
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "invalid_input"

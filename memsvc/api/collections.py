@@ -1,7 +1,8 @@
 """`/v1/collections`: create, list, inspect and delete collections; upsert and delete documents; search; ask.
 
 Every route is one call of the service's `Client` interface (`Service.collection(name).search(...)`, ...).
-The service loads the embedder on the first request that needs it, the language model on the first ask.
+The service loads the embedder on the first request that needs it, the language model at start in the
+background (or on the first ask), answering ask with 503 `model_loading` meanwhile.
 Authorization is the memories': a key's prefix applies to collection names, and read-only keys may search
 and ask but not write.
 
@@ -13,7 +14,9 @@ error responses, as without streaming.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -21,6 +24,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field, TypeAdapter
+from starlette.concurrency import run_in_threadpool
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
 from memsvc.api.deps import ServiceDep, SettingsDep
@@ -30,15 +34,19 @@ from memsvc.api.schemas import Body
 from memsvc.contract import (
     Answer,
     AnswerStream,
+    BackendUnavailable,
     CollectionBackend,
     CollectionStats,
     Document,
     DocumentHit,
+    InvalidInput,
     MemsvcError,
+    ModelLoading,
     SearchMode,
     UpsertResult,
 )
 from memsvc.contract.wire import SSE, sse_event
+from memsvc.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +182,57 @@ ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "text/event-stream: `token` {text} events, then `done` (the JSON answer) or `error` "
                          "(an ErrorBody)",
           "content": {SSE: {"itemSchema": ANSWER_EVENTS}}},
-    **error_responses(*COLLECTION, *JSON_BODY),
+    **error_responses(*COLLECTION, *JSON_BODY, "model_loading"),
 }
 
 
 @router.post("/{name}/ask", response_model=Answer, responses=ASK_RESPONSES)
-def ask(body: AskRequest, request: Request, collection: CollectionDep) -> Answer | Response:
+async def ask(body: AskRequest, request: Request, collection: CollectionDep, service: ServiceDep) -> Answer | Response:
     """Retrieve k passages, then answer the question from them with the language model, citing them; streamed
-    as server-sent events with `stream` (see the module)."""
+    as server-sent events with `stream` (see the module). 503 `model_loading` with Retry-After while the model
+    loads; decoding stops when the client disconnects."""
+    if not body.question.strip():  # bad input is answered before "loading"
+        raise InvalidInput("question must be a non-empty string", "question")
+    check_model_ready(service)
+    stream = await run_in_threadpool(collection.ask_stream, body.question, body.k, body.max_new_tokens)
     if body.stream or SSE in request.headers.get("accept", ""):
-        stream = collection.ask_stream(body.question, body.k, body.max_new_tokens)
         return EventSourceResponse(answer_events(stream), headers={"Cache-Control": "no-cache"})
-    return collection.ask(body.question, body.k, body.max_new_tokens)
+    gone = threading.Event()
+    work = asyncio.ensure_future(run_in_threadpool(answer_unless, stream, gone))
+    try:
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL))[0]:
+            if await request.is_disconnected():
+                gone.set()  # the decoding thread stops after its current piece
+    finally:
+        gone.set()  # also when this request is cancelled (server shutdown)
+    answer = work.result()
+    return Response(status_code=204) if answer is None else answer  # 204: for nobody, the client has gone
+
+
+def answer_unless(stream: AnswerStream, gone: threading.Event) -> Answer | None:
+    """The stream's Answer, read piece by piece; None once `gone` is set (the stream is closed: decoding stops)."""
+    with stream:
+        for _ in stream:
+            if gone.is_set():
+                return None
+        return stream.result()
+
+
+DISCONNECT_POLL = 0.25  # seconds between checks that the asking client is still there
+
+
+def check_model_ready(service: Service) -> None:
+    """ModelLoading (503) unless the model of ask is loaded (its load is started if it is not under way); the
+    error of a load that failed, once (the next ask loads again)."""
+    model = service.collections.language_model
+    if model.ready():
+        return
+    error, model.error = model.error, None
+    if error is not None:
+        if isinstance(error, MemsvcError):
+            raise error
+        raise BackendUnavailable(f"the language model could not be loaded: {type(error).__name__}: {error}",
+                                 "model")
+    model.start()
+    raise ModelLoading("the language model is loading (about a minute on CPU); retry shortly", "model",
+                       retry_after=2)

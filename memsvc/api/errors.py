@@ -11,14 +11,14 @@ from starlette.exceptions import HTTPException
 
 from memsvc.api.deps import JSONResponse
 from memsvc.api.schemas import ErrorBody
-from memsvc.contract import MemsvcError, Unauthorized, invalid_input
+from memsvc.contract import MemsvcError, ModelLoading, Unauthorized, invalid_input
 
 # The HTTP status of each error code: decided here, at the edge, not by the error classes.
 STATUS_BY_CODE = {
     "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "already_exists": 409,
     "data_dir_in_use": 409, "too_large": 413, "unsupported_media_type": 415, "invalid_input": 422,
     "corrupt_log": 500, "corrupt_snapshot": 500,
-    "backend_unavailable": 503, "memory_unavailable": 503, "insufficient_storage": 507,
+    "backend_unavailable": 503, "memory_unavailable": 503, "model_loading": 503, "insufficient_storage": 507,
 }
 CODE_BY_STATUS = {status: code for code, status in reversed(STATUS_BY_CODE.items())}  # 409: already_exists
 
@@ -61,6 +61,8 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 async def memsvc_error(request: Request, exc: MemsvcError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None  # as RFC 6750 asks
+    if isinstance(exc, ModelLoading):
+        headers = {"Retry-After": str(exc.retry_after)}  # seconds (RFC 9110); the client waits and resends
     return error_response(http_status(exc), exc.code, exc.message, exc.field, headers)
 
 

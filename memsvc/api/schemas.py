@@ -8,9 +8,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from memsvc.contract import MemorySpec
+from memsvc.contract import MemorySpec, lone_surrogate
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -36,7 +45,18 @@ Ids = _array({"type": "array", "items": {"type": "integer"}, "description": "ent
 
 
 class Body(BaseModel):
+    """A request body. Every field of every route's body, JSON or npz, is refused (422) if a string in it
+    holds a lone UTF-16 surrogate (`memsvc.contract.lone_surrogate`): one place for all routes."""
+
     model_config = ConfigDict(extra="forbid")  # an unknown field is a mistake worth reporting
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        wrong = lone_surrogate(value)
+        if wrong is not None:
+            raise ValueError(wrong)
+        return value
 
 
 class AddRequest(Body):

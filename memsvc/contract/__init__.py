@@ -17,9 +17,11 @@ from memsvc.contract.checks import (
                                     check_partition,
                                     check_payloads,
                                     check_search_params,
+                                    check_unicode,
                                     check_values,
                                     check_vectors,
                                     invalid_input,
+                                    lone_surrogate,
 )
 from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
@@ -48,7 +50,9 @@ from memsvc.contract.errors import (
                                     InvalidInput,
                                     MemoryUnavailable,
                                     MemsvcError,
+                                    ModelLoading,
                                     NotFound,
+                                    ServerUnavailable,
                                     StorageFull,
                                     TooLarge,
                                     Unauthorized,
@@ -72,9 +76,10 @@ __all__ = [
     "AnswerStream", "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
     "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
-    "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
-    "Partition", "SearchMode", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UnsupportedMediaType", "UpsertResult",
+    "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "ModelLoading",
+    "NotFound", "Partition", "SearchMode", "SearchResult", "ServerUnavailable", "StorageFull", "TooLarge",
+    "Unauthorized", "UnsupportedMediaType", "UpsertResult",
     "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
-    "check_partition", "check_payloads", "check_search_params", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
-    "invalid_input", "spec_from",
+    "check_partition", "check_payloads", "check_search_params", "check_unicode", "check_values", "check_vectors",
+    "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "spec_from",
 ]

@@ -52,11 +52,67 @@ def check_json(value: Any, field: str) -> None:
                            field) from None
 
 
+def lone_surrogate(value: Any) -> str | None:
+    """What is wrong if a string in `value` holds a lone UTF-16 surrogate (U+D800..U+DFFF), else None.
+
+    Strings are searched, and so are the items of lists and tuples, the keys and values of dicts and the
+    strings of numpy unicode arrays (an npz body's text fields). Such a code point comes in through a JSON
+    escape ("\\ud800") or a UTF-32 array, but no UTF-8 text holds it: SQL, tokenizers and JSON responses
+    fail on it. The answer reads "holds a lone UTF-16 surrogate (U+D800 at character 4 of [1]['k']), ..."."""
+    found = _surrogate(value, "")
+    if found is None:
+        return None
+    path, code_point, at = found
+    return (f"holds a lone UTF-16 surrogate (U+{code_point:04X} at character {at}{' of ' + path if path else ''}), "
+            "which is not valid Unicode: send UTF-8 text (a surrogate pair only as a whole pair)")
+
+
+def _surrogate(value: Any, path: str) -> tuple[str, int, int] | None:
+    """(path, code point, index) of the first lone surrogate in `value`, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, ord(value[exc.start]), exc.start
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _surrogate(key, f"{path} key {key!r}".lstrip()) or _surrogate(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return _surrogate(value.item(), path) if value.ndim == 0 else _surrogate(value.ravel().tolist(), path)
+    if isinstance(value, (list, tuple)):
+        for n, item in enumerate(value):
+            found = _surrogate(item, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+def check_unicode(value: Any, field: str) -> Any:
+    """`value` unchanged if no string in it holds a lone UTF-16 surrogate (`lone_surrogate`), else
+    InvalidInput naming the field. REST request bodies run it on every field (`memsvc.api.schemas.Body`);
+    collections on the text and queries they are given in-process."""
+    wrong = lone_surrogate(value)
+    if wrong is not None:
+        raise InvalidInput(f"{field} {wrong}", field)
+    return value
+
+
 def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
-    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
+    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field.
+
+    Nested lists of whole numbers count as float, as they do in a REST JSON body (`[[0, 0, 1, 0]]`); an
+    integer numpy array is refused (float32 is asked for explicitly, as in a binary body)."""
     a = np.asarray(x)
     if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
         raise InvalidInput(f"{field} must be floating point numbers, got dtype {a.dtype}", field)
+    if a.dtype.kind != "f" and not isinstance(x, np.ndarray):
+        a = a.astype(np.float64)  # exact for whole numbers up to 2^53; float32 below as for any float input
     if a.dtype.kind != "f":
         raise InvalidInput(f"{field} must be floating point (float32), got integers ({a.dtype})", field)
     if a.ndim != 2:
@@ -146,7 +202,12 @@ def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
         values = np.asarray(values)
         if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
             raise InvalidInput("values must be a 1-D list of integer token ids", "values")
+        if values.dtype.kind == "u" and values.size and values.max() > np.iinfo(np.int64).max:
+            raise InvalidInput("values must be token ids below 2^63", "values")
         values = values.astype(np.int64)
+        if values.size and values.min() < 0:  # search answers -1 for a missing neighbour's value
+            raise InvalidInput(f"values must be token ids >= 0 (-1 marks a missing neighbour), got "
+                               f"{int(values.min())}", "values")
     if len(values) != n:
         raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
     return values
