@@ -3,7 +3,8 @@
 `MemoryClient` is the REST face of the `memsvc.contract.Client` interface (`memsvc.service.Service` is the
 embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
 `MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.contract` error types
-(rebuilt from the server's error body). Vectors travel as npz (`memsvc.contract.wire`).
+(rebuilt from the server's error body). Vectors travel, both ways, as tensor frames
+(`application/x-memsvc-tensors`, `memsvc.contract.wire`).
 
 Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
 async client only differ in how they perform it. New resources (collections) add their calls the same way.
@@ -51,6 +52,7 @@ from memsvc.contract import (
     check_keys,
     check_partition,
     check_payloads,
+    check_search_params,
     check_values,
     error_from_dict,
     spec_from,
@@ -59,8 +61,9 @@ from memsvc.contract.wire import (
     JSON,
     NPZ,
     SSE,
+    TENSORS,
     decode,
-    encode_npz,
+    encode_tensors,
     entries_result,
     loads_json,
     media_type,
@@ -75,8 +78,8 @@ def _fields(fields: dict[str, Any] | None) -> Any:
 
 @dataclass(frozen=True)
 class Call:
-    """One HTTP exchange: an npz body also asks for an npz answer; `read` turns the answer's fields into
-    the result."""
+    """One HTTP exchange: a binary body (tensor frame or npz) also asks for an answer in its format;
+    `read` turns the answer's fields into the result."""
 
     method: str
     path: str
@@ -90,7 +93,8 @@ class Call:
     def headers(self) -> dict[str, str]:
         if self.content_type is None:
             return {}
-        return {"Content-Type": self.content_type, **({"Accept": NPZ} if self.content_type == NPZ else {})}
+        binary = self.content_type in (TENSORS, NPZ)
+        return {"Content-Type": self.content_type, **({"Accept": self.content_type} if binary else {})}
 
     def answer(self, response: httpx.Response) -> Any:
         """The result of a response, or the typed error the server sent."""
@@ -119,8 +123,8 @@ def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any
     return Call(method, path, read, content, JSON, idempotent, long)
 
 
-def _npz_call(path: str, read: Callable[[Any], Any], idempotent: bool = True, **fields: Any) -> Call:
-    return Call("POST", path, read, encode_npz(fields), NPZ, idempotent)
+def _tensor_call(path: str, read: Callable[[Any], Any], idempotent: bool = True, **fields: Any) -> Call:
+    return Call("POST", path, read, encode_tensors(fields), TENSORS, idempotent)
 
 
 def _spec(fields: dict[str, Any]) -> MemorySpec:
@@ -158,30 +162,39 @@ def metadata_call(name: str, metadata: dict[str, Any]) -> Call:
     return _json_call("PATCH", _path(name), {"metadata": metadata}, MemorySpec.model_validate)
 
 
+def search_params_call(spec: MemorySpec, ef_search: int | None, nprobe: int | None) -> Call:
+    ef_search, nprobe = check_search_params(spec, ef_search, nprobe)
+    body = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+    return _json_call("PATCH", _path(spec.name), body, MemorySpec.model_validate)
+
+
 def stats_call(spec: MemorySpec) -> Call:
     return Call("GET", _path(spec.name), _stats)
 
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
     keys = check_keys(keys, spec, "keys")
-    return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
+    return _tensor_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
                      keys=keys, values=check_values(spec, values, len(keys)),
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
-def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:
+def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None, ef_search: int | None = None,
+                nprobe: int | None = None) -> Call:
     queries = check_keys(queries, spec, "queries")
-    return _npz_call(_path(spec.name, "search"), search_result,
-                     queries=queries, k=check_k(k), partition=check_partition(partition))
+    k, partition = check_k(k), check_partition(partition)
+    ef_search, nprobe = check_search_params(spec, ef_search, nprobe)
+    return _tensor_call(_path(spec.name, "search"), search_result, queries=queries, k=k, partition=partition,
+                        ef_search=ef_search, nprobe=nprobe)
 
 
 def get_call(spec: MemorySpec, ids: Any) -> Call:
-    return _npz_call(_path(spec.name, "get"), entries_result, ids=check_ids(ids))
+    return _tensor_call(_path(spec.name, "get"), entries_result, ids=check_ids(ids))
 
 
 def delete_call(spec: MemorySpec, ids: Any, partition: str | None) -> Call:
     ids = None if ids is None else check_ids(ids)
-    return _npz_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
+    return _tensor_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
 
 
 def _collection_path(name: str, *rest: str) -> str:
@@ -433,6 +446,10 @@ class MemoryClient:
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return self.send(metadata_call(name, metadata))
 
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's ef_search (hnsw) / nprobe (ivfpq) on the server, kept across restarts."""
+        return self.send(search_params_call(self.send(spec_call(name)), ef_search, nprobe))
+
     def create_collection(self, name: str) -> RemoteCollection:
         return RemoteCollection(self, self.send(create_collection_call(name)))
 
@@ -466,8 +483,9 @@ class RemoteMemory:
             partition: str | None = None) -> np.ndarray:
         return self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return self.client.send(search_call(self.spec, queries, k, partition))
+    def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        return self.client.send(search_call(self.spec, queries, k, partition, ef_search, nprobe))
 
     def get(self, ids: Any) -> Entries:
         return self.client.send(get_call(self.spec, ids))
@@ -480,6 +498,9 @@ class RemoteMemory:
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = self.client.set_metadata(self.spec.name, metadata)
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        self.spec = self.client.send(search_params_call(self.spec, ef_search, nprobe))
 
 
 class RemoteCollection:
@@ -570,6 +591,10 @@ class AsyncMemoryClient:
     async def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return await self.send(metadata_call(name, metadata))
 
+    async def set_search_params(self, name: str, ef_search: int | None = None,
+                                nprobe: int | None = None) -> MemorySpec:
+        return await self.send(search_params_call(await self.send(spec_call(name)), ef_search, nprobe))
+
     async def create_collection(self, name: str) -> AsyncRemoteCollection:
         return AsyncRemoteCollection(self, await self.send(create_collection_call(name)))
 
@@ -603,8 +628,9 @@ class AsyncRemoteMemory:
                   partition: str | None = None) -> np.ndarray:
         return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    async def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return await self.client.send(search_call(self.spec, queries, k, partition))
+    async def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+                     nprobe: int | None = None) -> SearchResult:
+        return await self.client.send(search_call(self.spec, queries, k, partition, ef_search, nprobe))
 
     async def get(self, ids: Any) -> Entries:
         return await self.client.send(get_call(self.spec, ids))
@@ -617,6 +643,9 @@ class AsyncRemoteMemory:
 
     async def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = await self.client.set_metadata(self.spec.name, metadata)
+
+    async def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        self.spec = await self.client.send(search_params_call(self.spec, ef_search, nprobe))
 
 
 class AsyncRemoteCollection:

@@ -30,6 +30,7 @@ from memsvc.contract import (
     MemorySpec,
     NotFound,
     check_json,
+    check_search_params,
     spec_from,
 )
 from memsvc.db import Catalog
@@ -101,6 +102,17 @@ class Service:
         check_json(metadata, "metadata")
         spec = self.catalog.update_metadata(name, metadata)
         self.memory(name).set_metadata(spec.metadata)
+        return spec
+
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's `ef_search` (hnsw) / `nprobe` (ivfpq) in the catalog and in the memory's own
+        spec (both kept across restarts); None leaves one as it is. InvalidInput, before anything changes,
+        for another index kind or a value out of range."""
+        memory = self.memory(name)
+        ef_search, nprobe = check_search_params(memory.spec, ef_search, nprobe)
+        params = {field: value for field, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        spec = self.catalog.update_search_params(name, **params)
+        memory.set_search_params(ef_search, nprobe)
         return spec
 
     def create_collection(self, name: str) -> Collection:

@@ -16,7 +16,8 @@ from memsvc.contract import MemsvcError, ModelLoading, Unauthorized, invalid_inp
 # The HTTP status of each error code: decided here, at the edge, not by the error classes.
 STATUS_BY_CODE = {
     "bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404, "already_exists": 409,
-    "data_dir_in_use": 409, "too_large": 413, "invalid_input": 422, "corrupt_log": 500, "corrupt_snapshot": 500,
+    "data_dir_in_use": 409, "too_large": 413, "unsupported_media_type": 415, "invalid_input": 422,
+    "corrupt_log": 500, "corrupt_snapshot": 500,
     "backend_unavailable": 503, "memory_unavailable": 503, "model_loading": 503, "insufficient_storage": 507,
 }
 CODE_BY_STATUS = {status: code for code, status in reversed(STATUS_BY_CODE.items())}  # 409: already_exists
@@ -28,6 +29,7 @@ NAMED = ("unauthorized", "forbidden")  # a name outside the key's prefix, or a r
 MEMORY = (*NAMED, "not_found", "memory_unavailable", "backend_unavailable")  # routes that open a memory
 BODY = ("invalid_input", "too_large")  # routes with a request body (max_body_bytes, max_batch)
 JSON_BODY = ("bad_request", *BODY)  # a body FastAPI parses: 400 when it is not JSON at all (or not UTF-8)
+BINARY_BODY = (*BODY, "unsupported_media_type")  # a vector route's body (JSON, tensor frame or npz), parsed by us
 
 
 def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:

@@ -8,7 +8,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from memsvc.contract import MemorySpec, lone_surrogate
 
@@ -61,6 +70,10 @@ class SearchRequest(Body):
     queries: Matrix
     k: StrictInt = Field(description="neighbours per query")
     partition: str | None = Field(None, description="search only this partition")
+    ef_search: StrictInt | None = Field(None, description="hnsw: search breadth for this request (at least k "
+                                        "is used); default the memory's")
+    nprobe: StrictInt | None = Field(None, description="ivfpq: inverted lists probed for this request; default "
+                                     "the memory's")
 
 
 class GetRequest(Body):
@@ -72,8 +85,19 @@ class DeleteRequest(Body):
     partition: str | None = Field(None, description="delete this partition (or only `ids` within it)")
 
 
-class MetadataPatch(Body):
-    metadata: dict[str, Any] = Field(description="replaces the memory's free-form metadata")
+class MemoryPatch(Body):
+    """What PATCH /v1/memories/{name} changes: any of these, at least one."""
+
+    metadata: dict[str, Any] | None = Field(None, description="replaces the memory's free-form metadata")
+    ef_search: StrictInt | None = Field(None, description="hnsw: the memory's search breadth from now on")
+    nprobe: StrictInt | None = Field(None, description="ivfpq: inverted lists probed per query from now on")
+
+    @model_validator(mode="after")
+    def _something(self) -> MemoryPatch:
+        if self.metadata is None and self.ef_search is None and self.nprobe is None:
+            raise ValueError("give metadata, ef_search or nprobe")
+        return self
+
 
 
 class AddResponse(BaseModel):

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 MAX_K = 2048  # the largest k faiss searches on every device
 MAX_PARTITION_LEN = 256
+MAX_EF_SEARCH = 1 << 20  # hnsw search breadth, per memory and per query
+MAX_NPROBE = 1 << 20  # ivfpq inverted lists probed, per memory and per query
 # The L2 norms a key or query may have (besides 0): FAISS, Milvus and the GPU compute distances in float32
 # (largest 2^128, smallest normal 2^-126). Within these, squared L2 distances stay below (2 * 2^60)^2 =
 # 2^122, inner products below 2^120, every partial sum of the norm and distance kernels too, and the
@@ -156,6 +158,24 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= MAX_K:
         raise InvalidInput(f"k must be an integer in 1..{MAX_K}, got {k!r}", "k")
     return int(k)
+
+
+def check_search_params(spec: MemorySpec, ef_search: Any = None, nprobe: Any = None) -> tuple[int | None, int | None]:
+    """`(ef_search, nprobe)` as ints (None where not given), or InvalidInput naming the field: each an integer
+    in 1..MAX_EF_SEARCH / 1..MAX_NPROBE, and only for the memory's own index kind (ef_search for hnsw,
+    nprobe for ivfpq), so a parameter that would silently do nothing is refused."""
+    checked = []
+    for field, value, kind, bound in (("ef_search", ef_search, "hnsw", MAX_EF_SEARCH),
+                                      ("nprobe", nprobe, "ivfpq", MAX_NPROBE)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= bound:
+                raise InvalidInput(f"{field} must be an integer in 1..{bound}, got {value!r}", field)
+            if spec.index != kind:
+                raise InvalidInput(f"{field} applies only to {kind} memories; this memory's index is "
+                                   f"'{spec.index}'", field)
+            value = int(value)
+        checked.append(value)
+    return checked[0], checked[1]
 
 
 def check_partition(partition: Any) -> str | None:

@@ -79,6 +79,10 @@ class MemoriesClient(Protocol):
         """Replace a memory's free-form metadata; returns its updated spec."""
         ...
 
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's ef_search (hnsw) / nprobe (ivfpq), kept across restarts; returns its spec."""
+        ...
+
 
 @runtime_checkable
 class Client(MemoriesClient, Protocol):

@@ -28,6 +28,12 @@ class InvalidInput(MemsvcError):
     code = "invalid_input"
 
 
+class UnsupportedMediaType(InvalidInput):
+    """A body in a format the server does not read (HTTP 415)."""
+
+    code = "unsupported_media_type"
+
+
 class NotFound(MemsvcError):
     code = "not_found"
 
@@ -102,7 +108,7 @@ class DataDirInUse(MemsvcError):
     code = "data_dir_in_use"
 
 
-ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
+ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, UnsupportedMediaType, NotFound, AlreadyExists, TooLarge, Unauthorized,
                                             Forbidden, StorageFull, BackendUnavailable, MemoryUnavailable,
                                             CorruptSnapshot, CorruptLog, ServerUnavailable, ModelLoading,
                                             DataDirInUse, MemsvcError)}

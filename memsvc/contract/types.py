@@ -64,7 +64,11 @@ class MemoryBackend(Protocol):
     def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
             partition: str | None = None) -> np.ndarray: ...
 
-    def search(self, queries: np.ndarray, k: int, partition: str | None = None) -> SearchResult: ...
+    def search(self, queries: np.ndarray, k: int, partition: str | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k per query; `ef_search` (hnsw, at least k is used) / `nprobe` (ivfpq) override the memory's
+        own for this call (InvalidInput for another index kind or out of range)."""
+        ...
 
     def get(self, ids: np.ndarray) -> Entries: ...
 
@@ -74,4 +78,9 @@ class MemoryBackend(Protocol):
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings) in `spec.metadata`."""
+        ...
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change the memory's `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq) for every later search,
+        durably where the memory is; None leaves one as it is."""
         ...

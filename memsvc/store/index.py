@@ -42,6 +42,20 @@ def threads_for(n: int) -> Iterator[int]:
         if use != before:
             faiss.omp_set_num_threads(before)
 
+def search_params(spec: MemorySpec, k: int, trained: bool, ef_search: int | None = None,
+                  nprobe: int | None = None) -> faiss.SearchParameters | None:
+    """FAISS search parameters for one search of a memory's partitions: hnsw searches with efSearch =
+    max(ef_search or the spec's, k) (Milvus' rule, so both backends search alike), a trained ivfpq memory
+    probes `nprobe` or the spec's lists; None for exact (flat) indexes, an untrained ivfpq's included.
+    Passed per call rather than set on the indexes, so concurrent searches with different values do not
+    interfere and a changed spec applies to indexes read back from older snapshots too."""
+    if spec.index == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(ef_search or spec.ef_search, k))
+    if spec.index == "ivfpq" and trained:
+        return faiss.SearchParametersIVF(nprobe=nprobe or spec.nprobe)
+    return None
+
+
 @functools.cache
 def gpu_resources():
     """Shared GPU resources, or None when faiss has no GPU support or sees no GPU."""

@@ -37,6 +37,7 @@ from memsvc.contract import (
     check_keys,
     check_partition,
     check_payloads,
+    check_search_params,
     check_values,
 )
 from memsvc.store import index as fx
@@ -117,6 +118,19 @@ class Memory(Snapshots):
             if self.path is not None:
                 _write_atomic(self.path / "spec.json", self.spec.model_dump_json(indent=2).encode())
 
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq) for every later search, kept in spec.json
+        (so across restarts) when the memory has a directory; None leaves one as it is. InvalidInput for
+        another index kind or a value out of range (`check_search_params`). Searches read the spec at each
+        call (`index.search_params`), so no index is rebuilt."""
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        update = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        with self._writer:
+            spec = self.spec.model_copy(update=update)
+            if self.path is not None:
+                _write_atomic(self.path / "spec.json", spec.model_dump_json(indent=2).encode())
+            self.spec = spec
+
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
@@ -136,17 +150,21 @@ class Memory(Snapshots):
                 self._apply(meta, arrays)
         return np.arange(first, first + len(keys), dtype=np.int64)
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        """Top-k entries per query (of one partition, or of the whole memory), closest first."""
+    def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k entries per query (of one partition, or of the whole memory), closest first; `ef_search`
+        (hnsw: max(ef_search, k) is used) / `nprobe` (ivfpq) replace the spec's for this call."""
         queries = self._index_view(check_keys(queries, self.spec, "queries"))
         k = check_k(k)
         partition = check_partition(partition)
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
         with self._rw.read(), fx.threads_for(len(queries)):
             if partition is None:
                 shards = [s for s in self._shards.values() if s.count]
             else:
                 shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
-            found = [shard.index.search(queries, min(k, shard.count)) for shard in shards]
+            params = fx.search_params(self.spec, k, self._template is not None, ef_search, nprobe)
+            found = [shard.index.search(queries, min(k, shard.count), params=params) for shard in shards]
             none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
             dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
             return self._result(*_top_k(ids, self._as_distance(dist, ids), k))

@@ -73,6 +73,7 @@ from memsvc.contract import (
     check_keys,
     check_partition,
     check_payloads,
+    check_search_params,
     check_values,
 )
 
@@ -224,6 +225,16 @@ class MilvusMemory:
             self._milvus("alter_collection_properties", self._collection, properties={SPEC: spec.model_dump_json()})
             self.spec = spec
 
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq), kept with the spec in the collection's
+        properties; Milvus takes them per search (`ef`, `nprobe`), so the index stays as it is."""
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        update = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        with self._writer:
+            spec = self.spec.model_copy(update=update)
+            self._milvus("alter_collection_properties", self._collection, properties={SPEC: spec.model_dump_json()})
+            self.spec = spec
+
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
@@ -258,11 +269,15 @@ class MilvusMemory:
                 self._unsealed += n
         return np.arange(first, first + n, dtype=np.int64)
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        """Top-k entries per query (of one partition, or of the whole memory), closest first."""
+    def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k entries per query (of one partition, or of the whole memory), closest first; `ef_search`
+        (hnsw) / `nprobe` (ivfpq) replace the spec's for this call (Milvus' `ef` / `nprobe`)."""
         queries = check_keys(queries, self.spec, "queries")
         k = check_k(k)
         partition = check_partition(partition)
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        search_params = self._search_params(k, ef_search, nprobe)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
                                             ("payload", self._any_payloads)) if wanted]
         deadline = self._milvus.deadline()
@@ -273,7 +288,7 @@ class MilvusMemory:
         for start in range(0, len(queries), step):
             hits += self._milvus("search", self._collection, data=queries[start:start + step], limit=k,
                                  anns_field="key", filter=where(partition=partition), output_fields=fields,
-                                 search_params=self._search_params(k), deadline=deadline)
+                                 search_params=search_params, deadline=deadline)
         m = len(queries)
         ids = np.full((m, k), -1, dtype=np.int64)
         dist = np.full((m, k), np.inf, dtype=np.float32)
@@ -399,11 +414,11 @@ class MilvusMemory:
             step = min(step, LITE_SEARCH_BYTES // per_query)
         return max(1, step)
 
-    def _search_params(self, k: int) -> dict[str, Any]:
+    def _search_params(self, k: int, ef_search: int | None = None, nprobe: int | None = None) -> dict[str, Any]:
         if self.spec.index == "hnsw":
-            return {"params": {"ef": max(self.spec.ef_search, k)}}  # Milvus requires ef >= k
+            return {"params": {"ef": max(ef_search or self.spec.ef_search, k)}}  # Milvus requires ef >= k
         if self.spec.index == "ivfpq":
-            return {"params": {"nprobe": self.spec.nprobe}}
+            return {"params": {"nprobe": nprobe or self.spec.nprobe}}
         return {}
 
     def _empty_values(self, shape: tuple[int, ...]) -> np.ndarray | None:
