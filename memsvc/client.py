@@ -11,7 +11,7 @@ async client only differ in how they perform it. New resources (collections) add
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from memsvc.contract import (
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
     check_values,
     error_from_dict,
@@ -142,10 +143,12 @@ def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | Non
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
-def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:
+def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None,
+                partitions: Sequence[str | None] | None = None) -> Call:
     queries = check_keys(queries, spec, "queries")
-    return _npz_call(_path(spec.name, "search"), search_result,
-                     queries=queries, k=check_k(k), partition=check_partition(partition))
+    k, partition = check_k(k), check_partition(partition)
+    return _npz_call(_path(spec.name, "search"), search_result, queries=queries, k=k, partition=partition,
+                     partitions=check_partitions(partitions, len(queries), partition))
 
 
 def get_call(spec: MemorySpec, ids: Any) -> Call:
@@ -272,8 +275,10 @@ class RemoteMemory:
             partition: str | None = None) -> np.ndarray:
         return self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return self.client.send(search_call(self.spec, queries, k, partition))
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None) -> SearchResult:
+        """Top-k per query, closest first; `partitions`: one partition per query row, in one request."""
+        return self.client.send(search_call(self.spec, queries, k, partition, partitions))
 
     def get(self, ids: Any) -> Entries:
         return self.client.send(get_call(self.spec, ids))
@@ -371,8 +376,9 @@ class AsyncRemoteMemory:
                   partition: str | None = None) -> np.ndarray:
         return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    async def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return await self.client.send(search_call(self.spec, queries, k, partition))
+    async def search(self, queries: Any, k: int, partition: str | None = None,
+                     partitions: Sequence[str | None] | None = None) -> SearchResult:
+        return await self.client.send(search_call(self.spec, queries, k, partition, partitions))
 
     async def get(self, ids: Any) -> Entries:
         return await self.client.send(get_call(self.spec, ids))

@@ -93,7 +93,8 @@ def search(name: str, request: Request, body: Annotated[SearchRequest, Depends(b
     """Top-k entries per query, closest first; missing neighbours are id -1, distance null (+inf)."""
     check_batch(body.queries, "queries", settings)
     check_max_k(body.k, settings)
-    return respond(request, search_fields(service.memory(name).search(body.queries, body.k, body.partition)))
+    found = service.memory(name).search(body.queries, body.k, body.partition, partitions=body.partitions)
+    return respond(request, search_fields(found))
 
 
 @router.post("/{name}/get", response_model=EntriesResponse,

@@ -50,6 +50,9 @@ class SearchRequest(Body):
     queries: Matrix
     k: StrictInt = Field(description="neighbours per query")
     partition: str | None = Field(None, description="search only this partition")
+    partitions: list[str | None] | None = Field(
+        None, description="instead of `partition`: one partition per query row (null: the whole memory), "
+                          "each row answered as a search of its own partition")
 
 
 class GetRequest(Body):

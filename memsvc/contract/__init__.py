@@ -13,10 +13,12 @@ from memsvc.contract.checks import (
                                     check_k,
                                     check_keys,
                                     check_partition,
+                                    check_partitions,
                                     check_payloads,
                                     check_values,
                                     check_vectors,
                                     invalid_input,
+                                    partition_groups,
 )
 from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
@@ -69,6 +71,6 @@ __all__ = [
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
     "Partition", "SearchMode", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult",
     "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
-    "check_partition", "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
-    "invalid_input", "spec_from",
+    "check_partition", "check_partitions", "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
+    "invalid_input", "partition_groups", "spec_from",
 ]

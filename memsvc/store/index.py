@@ -109,6 +109,24 @@ def train_template(spec: MemorySpec, sample: np.ndarray) -> faiss.Index:
     return index
 
 
+def search_among(index: faiss.Index, spec: MemorySpec, queries: np.ndarray, k: int,
+                 bitmap: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search(queries, k)` -> (distances, ids) [m, k], counting only the ids whose bit is set in
+    `bitmap` (uint8, little-endian bit order: id i is bit i % 8 of byte i // 8; None: every id). FAISS
+    applies the `IDSelectorBitmap` inside the scan (flat, HNSW and IVF honour `SearchParameters.sel`; an
+    `IndexIDMap2` translates it to its positions), so excluded entries never take a result slot."""
+    if bitmap is None:
+        return index.search(queries, k)
+    selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    if spec.index == "hnsw":
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=spec.ef_search)
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    return index.search(queries, k, params=params)
+
+
 def read_index(path: str) -> faiss.Index:
     return faiss.read_index(path)
 
