@@ -5,7 +5,7 @@ cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at
 to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
 "{session}/l{layer}/h{kv_head}" (`store`), and those layers' attention also attends to the top-k entries
 retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
-search together; one search per layer and KV head per forward). Closing the session deletes its partitions.
+search together; one batched search per layer per forward, each KV head's queries in its partition). Closing the session deletes its partitions.
 
 - joint: retrieved keys/values join the local keys in one softmax;
 - gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a
@@ -97,17 +97,17 @@ class KnnMemoryAttention:
         self.stored[layer] += len(tokens)
 
     def retrieve(self, layer: int, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]."""
+        """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]: one
+        batched search for the layer, each KV head's g * q query rows in its own partition."""
         kv, g, q, d = queries.shape
         k = self.config.k
         if not self.stored[layer]:
             return queries.new_full((kv, g, q, k), -torch.inf), queries.new_zeros((kv, g, q, k, d))
-        logits, values = [], []
-        for h, group in enumerate(_numpy(queries)):
-            found = self.memory.search(group.reshape(g * q, d), k, partition=self.partition(layer, h))
-            logits.append(-torch.from_numpy(found.distances).view(g, q, k) * scaling)
-            values.append(torch.from_numpy(found.values).view(g, q, k, d))
-        return torch.stack(logits).to(queries), torch.stack(values).to(queries)
+        partitions = [self.partition(layer, h) for h in range(kv) for _ in range(g * q)]
+        found = self.memory.search(_numpy(queries).reshape(kv * g * q, d), k, partitions=partitions)
+        logits = -torch.from_numpy(found.distances).view(kv, g, q, k) * scaling
+        values = torch.from_numpy(found.values).view(kv, g, q, k, d)
+        return logits.to(queries), values.to(queries)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
