@@ -78,7 +78,8 @@ class KnnMemoryAttention:
         self.cache, self.memory, self.config = cache, memory, config
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
-        self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
+        self.gate = None if config.mode == "joint" else gate.to(model.device) if gate is not None \
+            else Gate.initial(model)  # float32 on the model's device (Module.to moves it in place)
         self.stored = {layer: 0 for layer in self.layers}
         self.distance = cache.policy.budget if config.positions == "window" else 0  # for un-rotated keys
 
@@ -138,7 +139,7 @@ class KnnMemoryAttention:
         if len(cols):
             retrieved = _top(retrieved, self.config.k)
         if self.gate is not None:
-            retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1))
+            retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1).to(retrieved.dtype))
 
         heads_seen = cache_layer.head_mask(q)  # per-head restrictions of the policy (adaptive)
         local = local.masked_fill(~(seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)), -torch.inf)
@@ -152,7 +153,7 @@ class KnnMemoryAttention:
             found = retrieved.isfinite().any(-1, keepdim=True)
             weights = retrieved.masked_fill(~found, 0.0).softmax(-1)
             mem_out = weights[..., :len(cols)] @ left_values + _weigh(weights[..., len(cols):], mem_values)
-            gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1) * found
+            gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1).to(mem_out.dtype) * found
             local_weights = local.softmax(-1)
             out = gate * mem_out + (1 - gate) * (local_weights @ values)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive

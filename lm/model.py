@@ -37,7 +37,7 @@ from transformers import (
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from memsvc.config import get_settings
-from memsvc.contract import NotFound
+from memsvc.contract import InvalidInput, NotFound
 from memsvc.store.wal import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -214,21 +214,69 @@ def load_tokenizer(name_or_path: str | Path = SMOLLM2, cache_dir: Path | None = 
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True)
 
 
-@functools.cache
-def load_model(name_or_path: str | Path = SMOLLM2, dtype: torch.dtype = torch.float32,
-               cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer), loaded once per process and argument tuple; never touches the network.
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu": the `--device` default of every model command."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    GGUF weights are de-quantised once per machine into the model cache (`converted`; `cache_dir` defaults to
-    `model_cache_dir()`), and every later load reads those safetensors, cast to `dtype`.
+
+def resolve_device(device: str | torch.device | None = None,
+                   dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) a model runs with: `device` None is `default_device()`; `dtype` None is float32 on the
+    CPU, bfloat16 on CUDA and float16 on mps (half the weights' bytes; the GPU's tensor cores). Accepts dtype
+    names ("float32", "bf16", "fp16", ...). InvalidInput for an unknown device or dtype, or a CUDA device on a
+    machine without one, before any model is read."""
+    asked = default_device() if device is None else device
+    try:
+        device = torch.device(asked)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInput(f"unknown device {str(asked)!r}: give cpu, cuda, cuda:N or mps", "device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInput("device 'mps' asked for, but torch sees no Apple GPU here", "device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here", "device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInput(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)",
+                           "device")
+    if dtype is None:
+        dtype = {"cpu": torch.float32, "cuda": torch.bfloat16, "mps": torch.float16}[device.type]
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidInput(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPES)}", "dtype")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_model(name_or_path: str | Path = SMOLLM2, dtype: str | torch.dtype | None = torch.float32,
+               cache_dir: Path | None = None, device: str | torch.device | None = "cpu"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode on `device`, in `dtype`; tokenizer), loaded once per process and argument tuple;
+    never touches the network.
+
+    `device` None picks `default_device()`, `dtype` None float32 on the CPU and bfloat16 on a GPU
+    (`resolve_device`; InvalidInput for a device this machine lacks). GGUF weights are de-quantised once
+    per machine into the model cache (`converted`; `cache_dir` defaults to `model_cache_dir()`), and every
+    later load reads those safetensors, cast to `dtype`.
     """
+    device, dtype = resolve_device(device, dtype)
+    return _load_model(name_or_path, dtype, cache_dir, device)
+
+
+@functools.cache
+def _load_model(name_or_path: str | Path, dtype: torch.dtype, cache_dir: Path | None,
+                device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     directory, gguf = _source(name_or_path)
     entry = converted(directory / gguf, "model", cache_dir) if gguf is not None else None
     if entry is not None:
         model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, local_files_only=True)
-    return model.eval(), load_tokenizer(name_or_path, cache_dir)
+    return model.to(device).eval(), load_tokenizer(name_or_path, cache_dir)
 
 
 def tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,

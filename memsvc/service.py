@@ -46,7 +46,7 @@ class Service:
     """Store + Catalog (+ Collections) of `settings.data_dir`; the embedded twin of `MemoryClient`.
 
     `encoder` and `language_model` make the collections' embedder and the (model, tokenizer) of `ask`
-    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model)`.
+    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model, device=settings.device)`.
     """
 
     def __init__(self, settings: Settings | None = None, *,
@@ -58,7 +58,7 @@ class Service:
         self.store = open_store(self.settings)
         self._reconcile()
         self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
-                                       language_model or (lambda: _load_model(self.settings.model)))
+                                       language_model or (lambda: _load_model(self.settings.model, self.settings.device)))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
@@ -142,7 +142,7 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def _load_model(name: str) -> LanguageModel:
+def _load_model(name: str, device: str | None = None) -> LanguageModel:
     from lm.model import load_model
 
-    return load_model(name)
+    return load_model(name, dtype=None, device=device)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import ApiKeyOption, Model, Url, cli_errors
+from memsvc.cli.options import ApiKeyOption, DeviceOption, Model, Url, cli_errors
 from memsvc.contract import InvalidInput
 
 if TYPE_CHECKING:
@@ -90,18 +90,22 @@ def eval_long(files: Files,
               url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = "knn-attention",
               model: Model = "smollm2",
               as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-              ) -> None:
+              device: DeviceOption = None) -> None:
     """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics)."""
     with cli_errors():
         from lm.memory_attention import KnnConfig
+        from lm.model import resolve_device
         from lm.policies import make_policy
+
+        resolve_device(device)
 
         cache_policy = make_policy(policy, window, sinks, budget, pool)
         if knn_memory and cache_policy.budget is None:
             raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
         knn = KnnConfig(layers=parse_layers(layers), k=k, mode=memory_mode, positions=positions) \
             if knn_memory else None
-        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model)
+        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model,
+                       device)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -111,7 +115,7 @@ def eval_long(files: Files,
 
 def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
           max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
-          model_name: str) -> dict:
+          model_name: str, device: str | None = None) -> dict:
     from lm.gate import Gate
     from lm.longeval import evaluate_files
     from lm.model import load_model
@@ -123,7 +127,7 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
         raise InvalidInput("--gate applies only to --knn-memory --memory-mode gated", "gate")
     if knn is None and url is not None:
         raise InvalidInput("--url applies only to --knn-memory", "url")
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=None, device=device)
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip)
     else:
@@ -146,10 +150,13 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.1,
                max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
                curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
-               model: Model = "smollm2") -> None:
+               model: Model = "smollm2", device: DeviceOption = None) -> None:
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
     with cli_errors():
+        from lm.model import resolve_device
         from lm.policies import Window
+
+        resolve_device(device)
 
         Window(window, sinks)
         if epochs <= 0 or lr <= 0:
@@ -159,7 +166,7 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         from lm.longeval import read_tokens
         from lm.model import load_model
 
-        model_, tokenizer = load_model(model)
+        model_, tokenizer = load_model(model, dtype=None, device=device)
         documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
         gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions, epochs=epochs,
                            lr=lr, on_step=lambda p: typer.echo(f"epoch {p['epoch']} step {p['step']}: loss "

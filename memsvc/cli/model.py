@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Model, Url, cli_errors
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, DeviceOption, Model, Url, cli_errors
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -62,15 +62,16 @@ def check_settings(lam: float | None = None, temp: float | None = None, k: int |
 
 @contextmanager
 def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None, model_name: str,
-               key: str | None = None) -> Iterator[KNNLM]:
-    """A KNNLM over an existing memory (NotFound if there is none)."""
+               key: str | None = None, device: str | None = None) -> Iterator[KNNLM]:
+    """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`)."""
     from lm.knnlm import KNNLM
-    from lm.model import load_model
+    from lm.model import load_model, resolve_device
     from memsvc.connect import connect
 
+    resolve_device(device)  # a bad device is reported before the memory is opened
     with connect(url, data_dir, api_key) as client:
         mem = client.memory(memory)
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_model(model_name, dtype=None, device=device)
         yield KNNLM(model, tokenizer, mem, key=key)
 
 
@@ -81,19 +82,22 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
                          typer.Option(help="hidden state used as key (default: the memory's, else mlp-input)")]
           = None,
           index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
-                           typer.Option(help="index of a new memory (default: hnsw)")] = None) -> None:
+                           typer.Option(help="index of a new memory (default: hnsw)")] = None,
+          device: DeviceOption = None) -> None:
     """Add (key, next token) entries for every token of FILES to memory M, creating it if needed (hnsw:
     near-exact neighbours at a few ms per lookup, see bench/results/knnlm.md).
 
     Documents already in the memory are skipped; rerunning an interrupted build finishes it.
     """
     with cli_errors():
+        from lm.model import load_model, resolve_device
+
+        resolve_device(device)
         texts = read_texts(files)
         from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
-        from lm.model import load_model
         from memsvc.connect import connect
 
-        model_, tokenizer = load_model(model)
+        model_, tokenizer = load_model(model, dtype=None, device=device)
         tokenize_documents(tokenizer, texts)
         with connect(url, data_dir, api_key) as client:
             try:
@@ -114,12 +118,12 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
              api_key: ApiKeyOption = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
              continuous: Continuous = False,
              as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-             ) -> None:
+             device: DeviceOption = None) -> None:
     """Base and kNN-LM perplexity of FILES with datastore M (λ, temperature, k default to the tuned ones)."""
     with cli_errors():
         check_settings(lam, temp, k)
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, device=device) as knn:
             result = knn.perplexity(texts, lam=lam, temp=temp, k=k, continuous=continuous)
     if as_json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
@@ -131,12 +135,13 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
 
 @knnlm_app.command()
 def tune(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-         api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False) -> None:
+         api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False,
+         device: DeviceOption = None) -> None:
     """Pick λ and temperature on validation FILES (never the test files) and store them with memory M."""
     with cli_errors():
         check_settings(k=k)
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, device=device) as knn:
             tuned, ppl = knn.tune(texts, k=k, continuous=continuous)
     typer.echo(f"stored with '{memory}': λ={tuned.lam:g} temperature={tuned.temp:g} k={tuned.k} "
                f"(validation perplexity {ppl:.3f})")
@@ -171,7 +176,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
              chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
              seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-             lam: Lam = None, temp: Temp = None, k: K = None) -> None:
+             lam: Lam = None, temp: Temp = None, k: K = None, device: DeviceOption = None) -> None:
     """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM; with --cache, through a
     bounded KV cache (and --memory-attention: with the kNN memory of what it evicted)."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
@@ -182,18 +187,20 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.generate import check_sampling
         from lm.generate import generate as decode
         from lm.memory_attention import KnnConfig
-        from lm.model import load_model
+        from lm.model import load_model, resolve_device
         from lm.policies import parse_cache_spec
 
+        resolve_device(device)
         check_sampling(max_new_tokens, temperature, top_p)
         check_settings(lam, temp, k)
         text = read_prompt(prompt, prompt_file)
         policy = parse_cache_spec(cache) if cache is not None else None
         if memory_attention and policy is None:
             raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
-        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model)) \
+        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, device=device)) \
             if knn_memory is not None else None
-        model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
+        model_, tokenizer = load_model(model, dtype=None, device=device) if knn is None \
+            else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
             stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))
