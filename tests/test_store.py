@@ -387,13 +387,15 @@ def test_searches_run_while_adds_happen():
     threads = [threading.Thread(target=searcher) for _ in range(4)]
     for t in threads:
         t.start()
-    for start in range(1000, 20000, 500):
-        m.add(x[start:start + 500], values=np.arange(start, start + 500))
+    for start in range(1000, 20000, 500):  # a partition per add, and every other one deleted again:
+        m.add(x[start:start + 500], values=np.arange(start, start + 500), partition=f"p{start}")
+        if start % 1000 == 0 and start >= 2000:  # the whole-memory index is built, grows and loses entries
+            m.delete(partition=f"p{start - 500}")
     stop.set()
     for t in threads:
         t.join()
     assert not errors
-    assert len(m) == 20000
+    assert len(m) == 20000 - 18 * 500
 
 
 WRITER = r"""

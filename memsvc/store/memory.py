@@ -174,13 +174,12 @@ class Memory(Snapshots):
         with fx.threads_for(len(queries)):
             if partition is not None:
                 shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
+            elif self._whole is not None and len(self):  # every live entry is in it: one FAISS search
+                bitmap = self._alive_bitmap() if self._whole_dead else None
+                dist, ids = fx.search_among(self._whole, self.spec, queries, min(k, len(self)), bitmap)
+                return _top_k(ids, self._as_distance(dist, ids), k)
             else:
                 shards = [s for s in self._shards.values() if s.count]
-                whole = self._whole
-                if len(shards) > 1 and whole is not None:
-                    bitmap = self._alive_bitmap() if self._whole_dead else None
-                    dist, ids = fx.search_among(whole, self.spec, queries, min(k, len(self)), bitmap)
-                    return _top_k(ids, self._as_distance(dist, ids), k)
             found = [shard.index.search(queries, min(k, shard.count)) for shard in shards]
             none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
             dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
@@ -359,12 +358,15 @@ class Memory(Snapshots):
         """Build the whole-memory index if a whole-memory search would otherwise search several partitions'
         indexes one by one (a collection keeps a partition per document version: thousands). Holds the
         writer lock (no add or delete meanwhile) and the read lock (searches go on) while building."""
-        if self._whole is not None or sum(1 for s in self._shards.values() if s.count) < 2:
+        if self._whole is not None or len(self._shards) < 2:  # len of a dict: atomic, no lock needed
             return
-        with self._writer:
-            if self._whole is not None:
+        with self._rw.read():
+            if sum(1 for s in self._shards.values() if s.count) < 2:
                 return
+        with self._writer:
             with self._rw.read():
+                if self._whole is not None:
+                    return
                 whole = self._build(np.flatnonzero(self._alive.data))
             with self._rw.write():
                 self._whole, self._whole_dead, self._bitmap = whole, 0, None
