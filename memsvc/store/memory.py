@@ -177,10 +177,13 @@ class Memory(Snapshots):
             elif self._whole is not None and len(self):  # every live entry is in it: one FAISS search
                 bitmap = self._alive_bitmap() if self._whole_dead else None
                 dist, ids = fx.search_among(self._whole, self.spec, queries, min(k, len(self)), bitmap)
-                return _top_k(ids, self._as_distance(dist, ids), k)
+                return _padded(ids, self._as_distance(dist, ids), k)
             else:
                 shards = [s for s in self._shards.values() if s.count]
             found = [shard.index.search(queries, min(k, shard.count)) for shard in shards]
+            if len(found) == 1:  # one FAISS answer is already sorted, closest first
+                dist, ids = found[0]
+                return _padded(ids, self._as_distance(dist, ids), k)
             none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
             dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
             return _top_k(ids, self._as_distance(dist, ids), k)
@@ -445,6 +448,15 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     dist = np.concatenate([dist, np.full((m, k), np.inf, dtype=np.float32)], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _padded(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One FAISS answer [m, <= k] (sorted, missing neighbours last) padded to k columns with -1 / +inf."""
+    if ids.shape[1] == k:
+        return ids, dist
+    m = len(ids)
+    return (np.concatenate([ids, np.full((m, k - ids.shape[1]), -1, dtype=np.int64)], axis=1),
+            np.concatenate([dist, np.full((m, k - ids.shape[1]), np.inf, dtype=np.float32)], axis=1))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
