@@ -36,8 +36,9 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lm.devices import resolve_device
 from memsvc.config import get_settings
-from memsvc.contract import InvalidInput, NotFound
+from memsvc.contract import NotFound
 from memsvc.store.wal import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -212,44 +213,6 @@ def load_tokenizer(name_or_path: str | Path = SMOLLM2, cache_dir: Path | None = 
     if entry is not None:
         return AutoTokenizer.from_pretrained(entry, local_files_only=True)
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True)
-
-
-def default_device() -> str:
-    """"cuda" when torch sees a GPU, else "cpu": the `--device` default of every model command."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(device: str | torch.device | None = None,
-                   dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) a model runs with: `device` None is `default_device()`; `dtype` None is float32 on the
-    CPU, bfloat16 on CUDA and float16 on mps (half the weights' bytes; the GPU's tensor cores). Accepts dtype
-    names ("float32", "bf16", "fp16", ...). InvalidInput for an unknown device or dtype, or a CUDA device on a
-    machine without one, before any model is read."""
-    asked = default_device() if device is None else device
-    try:
-        device = torch.device(asked)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise InvalidInput(f"unknown device {str(asked)!r}: give cpu, cuda, cuda:N or mps", "device")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidInput("device 'mps' asked for, but torch sees no Apple GPU here", "device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here", "device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InvalidInput(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)",
-                           "device")
-    if dtype is None:
-        dtype = {"cpu": torch.float32, "cuda": torch.bfloat16, "mps": torch.float16}[device.type]
-    elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InvalidInput(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPES)}", "dtype")
-        dtype = DTYPES[dtype]
-    return device, dtype
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def load_model(name_or_path: str | Path = SMOLLM2, dtype: str | torch.dtype | None = torch.float32,

@@ -9,13 +9,14 @@ import torch
 
 from lm.attention import attach
 from lm.cache import BoundedCache
+from lm.devices import resolve_device
 from lm.gate import Gate
 from lm.gate_training import train_gate
 from lm.generate import stream_tokens
 from lm.knnlm import interpolate, knn_probs
 from lm.longeval import evaluate_stream
 from lm.memory_attention import KnnConfig, session_memory
-from lm.model import load_model, resolve_device, tiny_llama
+from lm.model import load_model, tiny_llama
 from lm.policies import Window
 from memsvc.contract import InvalidInput
 

@@ -174,7 +174,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     runs the model on its own device (its MEMSVC_DEVICE); --device is for the embedded store."""
     with cli_errors():
         if url is None:
-            from lm.model import resolve_device
+            from lm.devices import resolve_device
 
             resolve_device(device)  # before the store is opened or the model loaded
         with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \

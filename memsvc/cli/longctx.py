@@ -93,8 +93,8 @@ def eval_long(files: Files,
               device: DeviceOption = None) -> None:
     """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics)."""
     with cli_errors():
+        from lm.devices import resolve_device
         from lm.memory_attention import KnnConfig
-        from lm.model import resolve_device
         from lm.policies import make_policy
 
         resolve_device(device)
@@ -153,7 +153,7 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                model: Model = "smollm2", device: DeviceOption = None) -> None:
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
     with cli_errors():
-        from lm.model import resolve_device
+        from lm.devices import resolve_device
         from lm.policies import Window
 
         resolve_device(device)

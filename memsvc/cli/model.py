@@ -64,8 +64,9 @@ def check_settings(lam: float | None = None, temp: float | None = None, k: int |
 def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None, model_name: str,
                key: str | None = None, device: str | None = None) -> Iterator[KNNLM]:
     """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`)."""
+    from lm.devices import resolve_device
     from lm.knnlm import KNNLM
-    from lm.model import load_model, resolve_device
+    from lm.model import load_model
     from memsvc.connect import connect
 
     resolve_device(device)  # a bad device is reported before the memory is opened
@@ -90,7 +91,8 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     Documents already in the memory are skipped; rerunning an interrupted build finishes it.
     """
     with cli_errors():
-        from lm.model import load_model, resolve_device
+        from lm.devices import resolve_device
+        from lm.model import load_model
 
         resolve_device(device)
         texts = read_texts(files)
@@ -184,10 +186,11 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
     with cli_errors(), ExitStack() as stack:
         from lm.attention import attach
         from lm.cache import BoundedCache
+        from lm.devices import resolve_device
         from lm.generate import check_sampling
         from lm.generate import generate as decode
         from lm.memory_attention import KnnConfig
-        from lm.model import load_model, resolve_device
+        from lm.model import load_model
         from lm.policies import parse_cache_spec
 
         resolve_device(device)
