@@ -11,7 +11,7 @@ async client only differ in how they perform it. New resources (collections) add
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import quote
@@ -21,6 +21,7 @@ import numpy as np
 
 from memsvc.contract import (
     Answer,
+    AnswerStream,
     Citation,
     CollectionStats,
     Document,
@@ -29,6 +30,7 @@ from memsvc.contract import (
     InvalidInput,
     MemorySpec,
     MemoryStats,
+    MemsvcError,
     SearchMode,
     SearchResult,
     UpsertResult,
@@ -43,7 +45,18 @@ from memsvc.contract import (
     error_from_dict,
     spec_from,
 )
-from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, loads_json, search_result
+from memsvc.contract.wire import (
+    JSON,
+    NPZ,
+    SSE,
+    decode,
+    encode_npz,
+    entries_result,
+    loads_json,
+    media_type,
+    read_sse,
+    search_result,
+)
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -198,10 +211,39 @@ def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
                       lambda f: [DocumentHit(**hit) for hit in f["hits"]])
 
 
-def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
-    return _json_call("POST", _collection_path(name, "ask"),
-                      {"question": question, "k": k, "max_new_tokens": max_new_tokens},
-                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]))
+def _answer(fields: dict[str, Any]) -> Answer:
+    return Answer(fields["answer"], [Citation(**c) for c in fields["citations"]])
+
+
+def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool = False) -> Call:
+    body = {"question": question, "k": k, "max_new_tokens": max_new_tokens, **({"stream": True} if stream else {})}
+    return _json_call("POST", _collection_path(name, "ask"), body, _answer)
+
+
+
+def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer]:
+    """The pieces and the final Answer of a streamed ask (`memsvc.api.collections`: `token` events, then
+    `done`, or `error`, raised as its memsvc error); closes the response when done or closed. A server that
+    answered plain JSON gives the whole answer as one piece."""
+    try:
+        if media_type(response.headers.get("content-type")) != SSE:
+            response.read()
+            answer = call.answer(response)
+            yield answer.answer
+            yield answer
+            return
+        for event, data in read_sse(response.iter_lines()):
+            fields = loads_json(data)
+            if event == "token":
+                yield fields["text"]
+            elif event == "done":
+                yield _answer(fields)
+                return
+            elif event == "error":
+                raise error_from_dict(fields)
+        raise MemsvcError("the server ended the answer stream before its end (no `done` event)")
+    finally:
+        response.close()
 
 
 def _auth(api_key: str | None) -> dict[str, str]:
@@ -219,6 +261,19 @@ class MemoryClient:
 
     def send(self, call: Call) -> Any:
         return call.answer(self.http.request(call.method, call.path, content=call.content, headers=call.headers))
+
+    def stream(self, call: Call) -> AnswerStream:
+        """Send `call` asking for server-sent events; the typed error if the server refuses it up front."""
+        request = self.http.build_request(call.method, call.path, content=call.content,
+                                          headers={**call.headers, "Accept": SSE})
+        response = self.http.send(request, stream=True)
+        if response.is_error:
+            try:
+                response.read()
+            finally:
+                response.close()
+            call.answer(response)
+        return AnswerStream(answer_events(call, response), on_close=response.close)
 
     def health(self) -> dict[str, Any]:
         return self.send(health_call())
@@ -315,6 +370,11 @@ class RemoteCollection:
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` as server-sent events: iterate for the answer's pieces as the server decodes them, then
+        `result()` for the Answer with its citations; close the stream (or use `with`) to stop early."""
+        return self.client.stream(ask_call(self.name, question, k, max_new_tokens, stream=True))
 
     def stats(self) -> CollectionStats:
         return self.client.send(collection_stats_call(self.name))

@@ -6,6 +6,10 @@ version of a document owns one memory partition (a fresh random name kept on its
 
 - an upsert embeds and stores the new version's vectors in a new partition first, then commits the SQL
   rows of the whole batch in one transaction, then drops the replaced versions' partitions;
+- readers see one version: the SQL commit and the in-RAM switch to the new versions (dense vector ids,
+  BM25 chunks) happen together under the collection's write lock, and a search (retrieval and the SQL
+  rows of its hits) runs under its read lock; dense search skips vectors whose ids are not the
+  published ones (a version stored but not committed yet, or replaced but not dropped yet);
 - opening a collection drops every partition no committed document names, which is all a crash (even
   SIGKILL mid-ingest) can leave behind: nothing is ever half-visible, and a document is either its old
   or its new version.
@@ -37,6 +41,7 @@ from memsvc.contract import (
     SEARCH_MODES,
     AlreadyExists,
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -51,8 +56,10 @@ from memsvc.contract import (
     check_collection_name,
     check_json,
     check_k,
+    check_unicode,
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
+from memsvc.store.rwlock import RWLock
 from retrievers.base import Chunk
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import Chunker
@@ -93,6 +100,7 @@ class Collection:
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
         self._lock = threading.Lock()  # one writer at a time
+        self._view = RWLock()  # what readers see: SQL rows, published vector ids and BM25 change together
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
@@ -113,22 +121,26 @@ class Collection:
                     self._documents().where(DocumentRow.document_id.in_([d.id for d in documents])))}
             changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
             written: list[str] = []
+            committed = False
             try:
                 rows = [self._store(d, chunks[d.id], written) for d in changed]
-                with self._sessions.begin() as session:
-                    replaced = [old[d.id].id for d in changed if d.id in old]
-                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
-                    session.add_all(rows)
+                terms = self.bm25.tokenized(c for d in changed for c in chunks[d.id])  # before readers wait
+                with self._view.write():
+                    with self._sessions.begin() as session:
+                        replaced = [old[d.id].id for d in changed if d.id in old]
+                        session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
+                        session.add_all(rows)
+                    committed = True
+                    self.dense.publish(_vector_ids(rows))
+                    self.bm25.add((c for d in changed for c in chunks[d.id]), terms)
             except BaseException:
-                for partition in written:
+                for partition in [] if committed else written:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
                         self.memory.delete(partition=partition)
                 raise
-            self.dense.publish(_vector_ids(rows))
-            for document in changed:
+            for document in changed:  # unpublished now: dense search skips them until they are gone
                 if document.id in old:
                     self.memory.delete(partition=old[document.id].partition)
-            self.bm25.add(c for d in changed for c in chunks[d.id])
         return UpsertResult(added=[d.id for d in changed if d.id not in old],
                             updated=[d.id for d in changed if d.id in old],
                             unchanged=[d.id for d in documents if d not in changed],
@@ -141,24 +153,28 @@ class Collection:
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
         with self._lock:
-            with self._sessions.begin() as session:
-                row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
-                if row is None:
-                    raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
-                session.delete(row)
-            self.dense.publish({document_id: None})
+            with self._view.write():
+                with self._sessions.begin() as session:
+                    row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
+                    if row is None:
+                        raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
+                    session.delete(row)
+                self.dense.publish({document_id: None})
+                self.bm25.remove(document_id)
             self.memory.delete(partition=row.partition)
-            self.bm25.remove(document_id)
 
     def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
-        """The k best chunks for the query with their text and document metadata, best first."""
+        """The k best chunks for the query with their text and document metadata, best first; all of one
+        version of each document (the one committed when the search began)."""
         if mode not in SEARCH_MODES:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
-        hits = self.hybrid.search(query, check_k(k), mode)
-        with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
-            found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
-                                    .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
-            rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
+        k = check_k(k)
+        with self._view.read():
+            hits = self.hybrid.search(query, k, mode)
+            with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
+                found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
+                                        .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
+                rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
@@ -169,6 +185,14 @@ class Collection:
 
         model, tokenizer = self._language_model()
         return ask(self, model, tokenizer, question, k, max_new_tokens)
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` with the answer's text pieces as they decode (`lm.rag.ask_stream`); the model loads and the
+        passages are retrieved before this returns."""
+        from lm.rag import ask_stream
+
+        model, tokenizer = self._language_model()
+        return ask_stream(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))
@@ -188,6 +212,8 @@ class Collection:
             if not isinstance(document.metadata, dict):
                 raise InvalidInput("metadata must be a JSON object", f"{where}.metadata")
             check_json(document.metadata, f"{where}.metadata")
+            if isinstance(document.text, str):
+                check_unicode(document.text, f"{where}.text")
             if isinstance(document.text, str) and len(document.text.encode()) > MAX_DOCUMENT_BYTES:
                 raise TooLarge(f"document {document.id!r} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; split it",
                                f"{where}.text")

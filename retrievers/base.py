@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
-from memsvc.contract import InvalidInput, check_k
+from memsvc.contract import InvalidInput, check_k, check_unicode
 
 __all__ = ["Chunk", "ChunkIndex", "Hit", "Retriever", "Scorer", "by_document", "check_k", "check_query",
            "document_of"]
@@ -72,7 +72,7 @@ class Scorer(Retriever, Protocol):
 def check_query(query: Any) -> str:
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("query must be a non-empty string", "query")
-    return query
+    return check_unicode(query, "query")
 
 
 def by_document(chunks: Iterable[Chunk]) -> dict[str, list[Chunk]]:

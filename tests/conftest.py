@@ -102,6 +102,20 @@ def server(tmp_path_factory):
         yield proc
 
 
+def talking_llama(seed: int = 2):
+    """`lm.model.tiny_llama` with an untied random output layer: the tied random model echoes the prompt's
+    last token ("\n" after a chat template) over and over, this one says varied tokens (seed 2, after a RAG
+    prompt: ' Rog', ' bowls', ' bb', ...), so that streamed answers have pieces to compare."""
+    import torch
+
+    from lm.model import tiny_llama
+
+    model, tokenizer = tiny_llama()
+    generator = torch.Generator().manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory):
     """A real SentenceTransformer with the MiniLM tokenizer, but a 1-layer random BERT: fast,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import uuid
@@ -165,6 +166,45 @@ def test_bad_search_is_rejected(http, mem, case):
     body, status, field, *words = BAD_SEARCHES[case]
     assert_error(http.post(f"/v1/memories/{mem}/search", json=body), status, field, *words)
     assert entries(mem, http) == 3
+
+
+LONE = "abc \ud800 def"  # a lone UTF-16 surrogate: JSON escapes and UTF-32 arrays carry it, UTF-8 cannot (issue 12 #4)
+
+
+def raw_json(body: dict) -> dict:
+    """A request whose body is `body` as JSON text with \\u escapes (what any client can send)."""
+    return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+
+
+LONE_SURROGATES = {  # route, request, field in the 422 (JSON bodies are refused whole by the strict reader)
+    "create name": ("POST", "", raw_json({"name": LONE, "dim": DIM}), "name"),
+    "create metadata": ("POST", "", raw_json({"name": "ok-name", "dim": DIM, "metadata": {"k": LONE}}), "metadata"),
+    "patch metadata key": ("PATCH", "/{mem}", raw_json({"metadata": {LONE: 1}}), "metadata"),
+    "add partition JSON": ("POST", "/{mem}/entries", raw_json({"keys": vecs(1).tolist(), "values": [1],
+                                                                "partition": LONE}), "body"),
+    "add partition npz": ("POST", "/{mem}/entries", {"content": npz(keys=vecs(1), values=np.array([1]),
+                                                                    partition=np.array(LONE)),
+                                                     "headers": {"Content-Type": NPZ}}, "partition"),
+    "add payload npz": ("POST", "/{mem}/entries", {"content": npz(keys=vecs(1), values=np.array([1]),
+                                                                  payloads=np.array(json.dumps([{"p": LONE}]))),
+                                                   "headers": {"Content-Type": NPZ}}, "payloads"),
+    "search partition JSON": ("POST", "/{mem}/search", raw_json({"queries": vecs(1).tolist(), "k": 1,
+                                                                 "partition": LONE}), "body"),
+    "search partition npz": ("POST", "/{mem}/search", {"content": npz(queries=vecs(1), k=np.array(1),
+                                                                      partition=np.array(LONE)),
+                                                       "headers": {"Content-Type": NPZ}}, "partition"),
+    "delete partition npz": ("POST", "/{mem}/delete", {"content": npz(partition=np.array(LONE)),
+                                                       "headers": {"Content-Type": NPZ}}, "partition"),
+}
+
+
+@pytest.mark.parametrize("case", list(LONE_SURROGATES))
+def test_lone_surrogates_are_422_in_every_memory_route(http, mem, case):
+    method, route, request, field = LONE_SURROGATES[case]
+    assert_error(http.request(method, "/v1/memories" + route.format(mem=mem), **request), 422, field)
+    assert entries(mem, http) == 3
+    assert http.get(f"/v1/memories/{mem}").json()["metadata"] == {}
+    assert "ok-name" not in [m["name"] for m in http.get("/v1/memories").json()["memories"]]
 
 
 def test_unknown_things_are_404_and_duplicates_409(http, mem):

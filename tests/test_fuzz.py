@@ -1,20 +1,33 @@
 """Bad input never gets a 5xx: schemathesis generates requests from the server's own OpenAPI spec (valid
-and invalid ones) against a live server, and each limit's violation is a 413/422 naming the limit."""
+and invalid ones) against a live server, and each limit's violation is a 413/422 naming the limit.
+The spec tells the truth: every answer (status, media type, body, each server-sent event) matches what the
+spec documents for its route, and every route documents the errors it can answer with as `ErrorBody`."""
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
 import pytest
 import schemathesis
-from conftest import ServerProcess
+from conftest import ServerProcess, talking_llama
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from hypothesis import strategies as st
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.config import SchemathesisConfig
+from schemathesis.python.asgi import get_client, shutdown_lifespans
 from schemathesis.transport.serialization import serialize_binary
+from test_collections import docs
 
 from memsvc.api.app import create_app
 from memsvc.client import MemoryClient
+from memsvc.config import Settings
+from memsvc.contract import lone_surrogate
 from memsvc.contract.wire import NPZ
 
 DIM = 4
@@ -45,8 +58,22 @@ def npz_bytes(ctx, value) -> dict:
 
 
 # the spec the server serves, taken from the app itself (building the app opens nothing)
-schema = schemathesis.openapi.from_dict(create_app().openapi(),
-                                        config=SchemathesisConfig.from_dict({"parameters": {"name": NAME}}))
+SPEC = create_app().openapi()
+CONFIG = SchemathesisConfig.from_dict({"parameters": {"name": NAME}})
+schema = schemathesis.openapi.from_dict(SPEC, config=CONFIG)
+
+
+def without_default(spec: dict) -> dict:
+    """The spec with each route's `default` response left out, so that every status the server answers
+    must be one the route names."""
+    spec = copy.deepcopy(spec)
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            operation["responses"].pop("default", None)
+    return spec
+
+
+named_only = schemathesis.openapi.from_dict(without_default(SPEC), config=CONFIG)
 
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -119,3 +146,132 @@ def test_json_that_responses_cannot_carry_is_refused(server, case):
     assert http.get("/v1/memories").status_code == 200
     assert http.get(f"/v1/memories/{NAME}").status_code == 200
     assert http.post(f"/v1/memories/{NAME}/search", json={"queries": [[1.0] * DIM], "k": DIM}).status_code == 200
+
+
+# --- the spec tells the truth ---------------------------------------------------------------------
+
+# What each route can fail with, beyond 500 (its `default`): checked against the spec below, and the server
+# answers nothing else to the generated requests (test_every_answer_is_what_the_spec_documents).
+NAMED, MEMORY = {401, 403}, {401, 403, 404, 503}
+ERRORS = {
+    "GET /v1/health": set(),
+    "GET /metrics": NAMED,
+    "GET /v1/memories": {401},
+    "POST /v1/memories": NAMED | {400, 409, 413, 422, 503},
+    "GET /v1/memories/{name}": MEMORY,
+    "PATCH /v1/memories/{name}": MEMORY | {400, 413, 422},
+    "DELETE /v1/memories/{name}": MEMORY,
+    "POST /v1/memories/{name}/entries": MEMORY | {413, 422, 507},
+    "POST /v1/memories/{name}/search": MEMORY | {413, 422},
+    "POST /v1/memories/{name}/get": MEMORY | {413, 422},
+    "GET /v1/memories/{name}/entries/{entry_id}": MEMORY | {422},
+    "POST /v1/memories/{name}/delete": MEMORY | {413, 422, 507},
+    "GET /v1/collections": {401},
+    "POST /v1/collections": NAMED | {400, 409, 413, 422, 503},
+    "GET /v1/collections/{name}": MEMORY,
+    "DELETE /v1/collections/{name}": MEMORY,
+    "POST /v1/collections/{name}/documents": MEMORY | {400, 413, 422, 507},
+    "DELETE /v1/collections/{name}/documents/{document_id}": MEMORY | {507},
+    "POST /v1/collections/{name}/search": MEMORY | {400, 413, 422},
+    "POST /v1/collections/{name}/ask": MEMORY | {400, 413, 422},
+}
+
+
+def test_every_route_documents_its_errors_as_error_bodies():
+    routes = {f"{method.upper()} {path}": operation for path, operations in SPEC["paths"].items()
+              for method, operation in operations.items()}
+    assert set(routes) == set(ERRORS)
+    assert "HTTPValidationError" not in str(SPEC) and "ValidationError" not in SPEC["components"]["schemas"]
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for route, operation in routes.items():
+        responses = operation["responses"]
+        errors = {int(status) for status in responses if status != "default" and int(status) >= 400}
+        assert errors == ERRORS[route], route
+        for status in [*map(str, errors), "default"]:
+            assert responses[status]["content"] == error_body, (route, status)
+        success = [status for status in responses if status != "default" and int(status) < 300]
+        assert len(success) == 1, route
+        content = responses[success[0]].get("content", {})
+        assert all(c.get("schema", c.get("itemSchema")) not in (None, {"type": "string"}) or media != "application/json"
+                   for media, c in content.items()), route  # a real model, not FastAPI's {"type": "string"}
+    assert SPEC["components"]["schemas"]["ErrorDetail"]["required"] == ["code", "message"]
+    ask = routes["POST /v1/collections/{name}/ask"]["responses"]["200"]["content"]
+    assert set(ask) == {"application/json", "text/event-stream"}
+    search = routes["POST /v1/memories/{name}/search"]["responses"]["200"]["content"]
+    assert search["application/x-npz"]["schema"] == {"type": "string", "format": "binary"}
+    assert set(routes["POST /v1/memories/{name}/entries"]["responses"]) - {"default", "401", "403", "404", "413",
+                                                                          "422", "503", "507"} == {"201"}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_encoder):
+    """The app in this process (schemathesis runs its lifespan), with the tiny encoder and the talking tiny
+    LM, so that the collection routes run in a fraction of a second."""
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("conformance") / "data", max_batch=100, max_k=50,
+                              max_dim=512, max_body_bytes=64 << 10),
+                     encoder=lambda: tiny_encoder, language_model=talking_llama)
+    with get_client(app):
+        pass  # starts the lifespan, which stays up for the module
+    yield app
+    shutdown_lifespans()
+
+
+@pytest.fixture
+def named(app):
+    """The memory and the collection the generated requests aim at (re-created after a DELETE's turn)."""
+    service = app.state.service
+    if NAME not in {spec.name for spec in service.list_memories()}:
+        mem = service.create_memory(NAME, dim=DIM, value_kind="token")
+        mem.add(np.eye(DIM, dtype=np.float32), values=np.arange(DIM), payloads=[{"i": i} for i in range(DIM)])
+    if NAME not in service.list_collections():
+        service.create_collection(NAME).upsert(docs())
+
+
+@named_only.parametrize()
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_every_answer_is_what_the_spec_documents(app, named, case):
+    """Valid and invalid requests, a few per route: the status is one the route names (not merely its
+    `default`), the media type one it documents, and the body (each event of a stream) matches its schema."""
+    case.call_and_validate(app=app, checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                            response_schema_conformance])
+
+
+# --- lone UTF-16 surrogates in every string of every collection route's body (issue 12 #4) ----------
+
+SURROGATE_TEXT = "text-with-a-lone-surrogate"
+# schemathesis draws only encodable text; strings of this format hold at least one lone surrogate
+schemathesis.openapi.format(SURROGATE_TEXT, st.tuples(
+    st.text(max_size=8), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.text(max_size=8)).map("".join))
+
+
+def with_surrogates(node):
+    """The schemas under `node` (a copy) with every plain string (no format, pattern, enum or const) drawn
+    from SURROGATE_TEXT."""
+    if isinstance(node, list):
+        return [with_surrogates(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: with_surrogates(value) for key, value in node.items()}
+    if node.get("type") == "string" and not {"format", "pattern", "enum", "const"} & node.keys():
+        node["format"] = SURROGATE_TEXT
+    return node
+
+
+# the bodies' strings (components) hold surrogates, path parameters do not (a URL carries UTF-8 only);
+# positive cases only: negative ones are checked against the schema by jsonschema_rs, which takes no surrogates
+surrogates = schemathesis.openapi.from_dict({**SPEC, "components": with_surrogates(SPEC["components"])},
+                                            config=SchemathesisConfig.from_dict(
+                                                {"parameters": {"name": NAME}, "generation": {"mode": "positive"}}))
+
+
+@surrogates.include(path_regex="^/v1/collections").parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_lone_surrogates_in_collection_bodies_are_422(app, named, case):
+    """Every string of every collection route's body holds a lone surrogate: never a server error, and a
+    body that carries one (a JSON escape) is refused (422), unless the route's 404 (or an unknown method's
+    405) comes first."""
+    response = case.call(app=app)
+    assert response.status_code < 500, response.text
+    if lone_surrogate(case.body) is not None and response.status_code not in (404, 405):  # no such name, method
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "invalid_input"

@@ -7,6 +7,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse as StarletteJSONResponse
 
 from memsvc.config import Settings
 from memsvc.contract import invalid_input, wire
@@ -44,8 +45,9 @@ def body_of(model: type[M]) -> Callable[..., M]:
     return parse
 
 
-class JSONResponse(Response):
-    """orjson: fast, numpy arrays natively, +inf distances as null."""
+class JSONResponse(StarletteJSONResponse):
+    """orjson: fast, numpy arrays natively, +inf distances as null. A Starlette JSONResponse, so that FastAPI
+    documents each route's response model as its JSON schema."""
 
     media_type = wire.JSON
 
@@ -69,6 +71,7 @@ def binary_body(model: type[BaseModel]) -> dict[str, Any]:
                               "description": f"np.savez archive with the fields of {model.__name__}"}}}}}
 
 
-BINARY_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {wire.NPZ: {"schema": {"type": "string", "format": "binary"}}},
-          "description": "JSON, or an npz archive of the same fields with Accept: application/x-npz"}}
+def binary_response(status: int = 200) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI for a route that answers `status` with its response model as JSON, or as npz (`respond`)."""
+    return {status: {"content": {wire.NPZ: {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "JSON, or an npz archive of the same fields with Accept: application/x-npz"}}

@@ -1,13 +1,16 @@
-"""Every error leaves as `{"error": {"code", "message", "field"?}}`: ours, FastAPI's and Starlette's."""
+"""Every error leaves as `{"error": {"code", "message", "field"?}}` (`schemas.ErrorBody`): ours, FastAPI's and
+Starlette's. `error_responses(...)` documents a route's errors in the OpenAPI spec from the codes it can raise."""
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from memsvc.api.deps import JSONResponse
+from memsvc.api.schemas import ErrorBody
 from memsvc.contract import MemsvcError, Unauthorized, invalid_input
 
 # The HTTP status of each error code: decided here, at the edge, not by the error classes.
@@ -17,6 +20,30 @@ STATUS_BY_CODE = {
     "backend_unavailable": 503, "memory_unavailable": 503, "insufficient_storage": 507,
 }
 CODE_BY_STATUS = {status: code for code, status in reversed(STATUS_BY_CODE.items())}  # 409: already_exists
+
+
+# the codes routes share: every resource route checks the API key, most the `{name}` it touches
+AUTH = ("unauthorized",)  # routes without a name (listings): a missing or wrong key
+NAMED = ("unauthorized", "forbidden")  # a name outside the key's prefix, or a read-only key on a writing route
+MEMORY = (*NAMED, "not_found", "memory_unavailable", "backend_unavailable")  # routes that open a memory
+BODY = ("invalid_input", "too_large")  # routes with a request body (max_body_bytes, max_batch)
+JSON_BODY = ("bad_request", *BODY)  # a body FastAPI parses: 400 when it is not JSON at all (or not UTF-8)
+
+
+def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that can fail with these error codes: each status they map to (as
+    `STATUS_BY_CODE` sends it) with the `ErrorBody` schema and its codes in the description, plus `default`
+    (the same body) for what any route may answer (500 internal_error). Declaring 422 or `default` also keeps
+    FastAPI from documenting its own HTTPValidationError, which this server never sends."""
+    by_status: dict[int, list[str]] = {}
+    for code in dict.fromkeys(codes):
+        by_status.setdefault(STATUS_BY_CODE[code], []).append(code)
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": f"{HTTPStatus(status).phrase}: {', '.join(names)}"}
+        for status, names in sorted(by_status.items())}
+    responses["default"] = {"model": ErrorBody, "description": "any other error (500 internal_error, "
+                                                               "corrupt_log, corrupt_snapshot), with the same body"}
+    return responses
 
 
 def http_status(exc: MemsvcError) -> int:

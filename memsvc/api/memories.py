@@ -11,7 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
-from memsvc.api.deps import BINARY_RESPONSE, ServiceDep, SettingsDep, binary_body, body_of, respond
+from memsvc.api.deps import ServiceDep, SettingsDep, binary_body, binary_response, body_of, respond
+from memsvc.api.errors import AUTH, BODY, JSON_BODY, MEMORY, NAMED, error_responses
 from memsvc.api.limits import check_batch, check_max_k
 from memsvc.api.schemas import (
     AddRequest,
@@ -43,7 +44,8 @@ def not_a_collection_memory(name: str) -> None:
 OWN = Depends(not_a_collection_memory)
 
 
-@router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE])
+@router.post("", status_code=201, response_model=MemoryStats, dependencies=[WRITE],
+             responses=error_responses(*NAMED, *JSON_BODY, "already_exists", "backend_unavailable"))
 def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> MemoryStats:
     """Create a memory; 409 if the name is taken. Names starting with `col.` are the collections'."""
     check_name(key, spec.name)
@@ -53,31 +55,33 @@ def create_memory(spec: MemorySpec, service: ServiceDep, key: Caller) -> MemoryS
     return service.create(spec).stats()
 
 
-@router.get("", response_model=MemoryList)
+@router.get("", response_model=MemoryList, responses=error_responses(*AUTH))
 def list_memories(service: ServiceDep, key: Caller) -> MemoryList:
     """The memories this key may use."""
     return MemoryList(memories=[spec for spec in service.list_memories() if key.allows(spec.name)])
 
 
-@router.get("/{name}", response_model=MemoryStats)
+@router.get("/{name}", response_model=MemoryStats, responses=error_responses(*MEMORY))
 def memory_stats(name: str, service: ServiceDep) -> MemoryStats:
     """The memory's spec, entry count, partitions and index state."""
     return service.memory(name).stats()
 
 
-@router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE, OWN])
+@router.patch("/{name}", response_model=MemorySpec, dependencies=[WRITE, OWN],
+              responses=error_responses(*MEMORY, *JSON_BODY))
 def set_metadata(name: str, patch: MetadataPatch, service: ServiceDep) -> MemorySpec:
     """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings)."""
     return service.set_metadata(name, patch.metadata)
 
 
-@router.delete("/{name}", status_code=204, dependencies=[WRITE, OWN])
+@router.delete("/{name}", status_code=204, dependencies=[WRITE, OWN], responses=error_responses(*MEMORY))
 def delete_memory(name: str, service: ServiceDep) -> None:
     service.delete_memory(name)
 
 
 @router.post("/{name}/entries", status_code=201, response_model=AddResponse, dependencies=[WRITE, OWN],
-             openapi_extra=binary_body(AddRequest), responses=BINARY_RESPONSE)
+             openapi_extra=binary_body(AddRequest),
+             responses={**binary_response(201), **error_responses(*MEMORY, *BODY, "insufficient_storage")})
 def add_entries(name: str, request: Request, body: Annotated[AddRequest, Depends(body_of(AddRequest))],
                 service: ServiceDep, settings: SettingsDep) -> Response:
     """Store entries; acknowledged once they are on disk. Returns their ids."""
@@ -87,7 +91,7 @@ def add_entries(name: str, request: Request, body: Annotated[AddRequest, Depends
 
 
 @router.post("/{name}/search", response_model=SearchResponse,
-             openapi_extra=binary_body(SearchRequest), responses=BINARY_RESPONSE)
+             openapi_extra=binary_body(SearchRequest), responses={**binary_response(), **error_responses(*MEMORY, *BODY)})
 def search(name: str, request: Request, body: Annotated[SearchRequest, Depends(body_of(SearchRequest))],
            service: ServiceDep, settings: SettingsDep) -> Response:
     """Top-k entries per query, closest first; missing neighbours are id -1, distance null (+inf)."""
@@ -98,7 +102,7 @@ def search(name: str, request: Request, body: Annotated[SearchRequest, Depends(b
 
 
 @router.post("/{name}/get", response_model=EntriesResponse,
-             openapi_extra=binary_body(GetRequest), responses=BINARY_RESPONSE)
+             openapi_extra=binary_body(GetRequest), responses={**binary_response(), **error_responses(*MEMORY, *BODY)})
 def get_entries(name: str, request: Request, body: Annotated[GetRequest, Depends(body_of(GetRequest))],
                 service: ServiceDep, settings: SettingsDep) -> Response:
     """Entries by id, in the order asked; `found` is false where an id does not exist."""
@@ -106,7 +110,7 @@ def get_entries(name: str, request: Request, body: Annotated[GetRequest, Depends
     return respond(request, entries_fields(service.memory(name).get(body.ids)))
 
 
-@router.get("/{name}/entries/{entry_id}", response_model=Entry)
+@router.get("/{name}/entries/{entry_id}", response_model=Entry, responses=error_responses(*MEMORY, "invalid_input"))
 def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
     entries = service.memory(name).get([entry_id])
     if not entries.found[0]:
@@ -117,7 +121,8 @@ def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
 
 
 @router.post("/{name}/delete", response_model=DeleteResponse, dependencies=[WRITE, OWN],
-             openapi_extra=binary_body(DeleteRequest), responses=BINARY_RESPONSE)
+             openapi_extra=binary_body(DeleteRequest),
+             responses={**binary_response(), **error_responses(*MEMORY, *BODY, "insufficient_storage")})
 def delete_entries(name: str, request: Request, body: Annotated[DeleteRequest, Depends(body_of(DeleteRequest))],
                    service: ServiceDep, settings: SettingsDep) -> Response:
     """Delete entries by ids, by partition, or ids within a partition; returns how many."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema, field_validator
 
-from memsvc.contract import MemorySpec
+from memsvc.contract import MemorySpec, lone_surrogate
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -36,7 +36,18 @@ Ids = _array({"type": "array", "items": {"type": "integer"}, "description": "ent
 
 
 class Body(BaseModel):
+    """A request body. Every field of every route's body, JSON or npz, is refused (422) if a string in it
+    holds a lone UTF-16 surrogate (`memsvc.contract.lone_surrogate`): one place for all routes."""
+
     model_config = ConfigDict(extra="forbid")  # an unknown field is a mistake worth reporting
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        wrong = lone_surrogate(value)
+        if wrong is not None:
+            raise ValueError(wrong)
+        return value
 
 
 class AddRequest(Body):
@@ -107,3 +118,17 @@ class MemoryList(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable tag, e.g. invalid_input, not_found, already_exists, "
+                                  "too_large, unauthorized, forbidden, insufficient_storage, memory_unavailable")
+    message: str = Field(description="what went wrong, for a person")
+    field: str | None = Field(None, description="the input at fault (a body field, `name`, `authorization`, "
+                                                "`body`); absent when no single one is")
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the API, whatever its status (memsvc.api.errors)."""
+
+    error: ErrorDetail

@@ -15,9 +15,11 @@ from memsvc.contract.checks import (
                                     check_partition,
                                     check_partitions,
                                     check_payloads,
+                                    check_unicode,
                                     check_values,
                                     check_vectors,
                                     invalid_input,
+                                    lone_surrogate,
                                     partition_groups,
 )
 from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
@@ -27,6 +29,7 @@ from memsvc.contract.collections import (
                                     MEMORY_PREFIX,
                                     SEARCH_MODES,
                                     Answer,
+                                    AnswerStream,
                                     Citation,
                                     CollectionStats,
                                     Document,
@@ -65,12 +68,13 @@ from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition
 
 __all__ = [
     "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX",
-    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation",
+    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "AnswerStream",
+    "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
     "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
     "Partition", "SearchMode", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult",
     "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
-    "check_partition", "check_partitions", "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
-    "invalid_input", "partition_groups", "spec_from",
+    "check_partition", "check_partitions", "check_payloads", "check_unicode", "check_values", "check_vectors",
+    "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "partition_groups", "spec_from",
 ]

@@ -50,6 +50,57 @@ def check_json(value: Any, field: str) -> None:
                            field) from None
 
 
+def lone_surrogate(value: Any) -> str | None:
+    """What is wrong if a string in `value` holds a lone UTF-16 surrogate (U+D800..U+DFFF), else None.
+
+    Strings are searched, and so are the items of lists and tuples, the keys and values of dicts and the
+    strings of numpy unicode arrays (an npz body's text fields). Such a code point comes in through a JSON
+    escape ("\\ud800") or a UTF-32 array, but no UTF-8 text holds it: SQL, tokenizers and JSON responses
+    fail on it. The answer reads "holds a lone UTF-16 surrogate (U+D800 at character 4 of [1]['k']), ..."."""
+    found = _surrogate(value, "")
+    if found is None:
+        return None
+    path, code_point, at = found
+    return (f"holds a lone UTF-16 surrogate (U+{code_point:04X} at character {at}{' of ' + path if path else ''}), "
+            "which is not valid Unicode: send UTF-8 text (a surrogate pair only as a whole pair)")
+
+
+def _surrogate(value: Any, path: str) -> tuple[str, int, int] | None:
+    """(path, code point, index) of the first lone surrogate in `value`, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, ord(value[exc.start]), exc.start
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _surrogate(key, f"{path} key {key!r}".lstrip()) or _surrogate(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return _surrogate(value.item(), path) if value.ndim == 0 else _surrogate(value.ravel().tolist(), path)
+    if isinstance(value, (list, tuple)):
+        for n, item in enumerate(value):
+            found = _surrogate(item, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+def check_unicode(value: Any, field: str) -> Any:
+    """`value` unchanged if no string in it holds a lone UTF-16 surrogate (`lone_surrogate`), else
+    InvalidInput naming the field. REST request bodies run it on every field (`memsvc.api.schemas.Body`);
+    collections on the text and queries they are given in-process."""
+    wrong = lone_surrogate(value)
+    if wrong is not None:
+        raise InvalidInput(f"{field} {wrong}", field)
+    return value
+
+
 def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
     """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
     a = np.asarray(x)

@@ -13,6 +13,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 from memsvc.contract.collections import (
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -45,6 +46,12 @@ class CollectionBackend(Protocol):
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         """Retrieve k passages, answer the question from them with the language model, cite them."""
+        ...
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask`, with the answer's text pieces as they decode: iterate the stream for them, then
+        `result()` for the `Answer` (the joined pieces and the citations). Bad input and a missing collection
+        raise here, before anything decodes."""
         ...
 
     def stats(self) -> CollectionStats: ...

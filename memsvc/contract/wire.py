@@ -8,12 +8,16 @@ unicode arrays holding JSON. Nothing is ever unpickled. In JSON, +inf distances 
 JSON is read with orjson where it is installed, which is always on the server (`memsvc[server]`; strict:
 no NaN, no lone surrogates, only UTF-8); a light client without it reads the server's answers with the
 standard library.
+
+A streamed answer travels as server-sent events (`text/event-stream`, the WHATWG format): `sse_event` writes
+one, `read_sse` reads them back from the body's lines.
 """
 from __future__ import annotations
 
 import io
 import json
 import zipfile
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,7 @@ from memsvc.contract.types import Entries, SearchResult
 
 NPZ = "application/x-npz"
 JSON = "application/json"
+SSE = "text/event-stream"
 FLOAT32_FIELDS = ("keys", "queries")  # binary bodies carry these as float32, nothing else
 JSON_FIELDS = ("payloads", "partitions")  # JSON text, read and written with `json` exactly as the store does
 
@@ -145,3 +150,29 @@ def _values(values: Any) -> np.ndarray | None:
         return None
     values = np.asarray(values)
     return values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int64)
+
+
+# --- server-sent events ------------------------------------------------------------------------
+
+def sse_event(event: str, data: bytes) -> bytes:
+    """One event named `event` whose data is `data`, one line of JSON (JSON text escapes its newlines)."""
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def read_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event name, data) of each event in the lines of a text/event-stream body, as the WHATWG
+    specification parses them: `field: value` lines, a blank line ends an event, `:` lines are comments,
+    several `data` lines join with newlines, an event without a name is a `message`."""
+    name, data = "", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name or "message", "\n".join(data)
+            name, data = "", []
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)

@@ -110,9 +110,15 @@ class Connection:
         try:
             yield
         except grpc.RpcError as exc:  # the codes pymilvus does not retry (deadline exceeded, ...)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self.overrun(what) from exc
             raise BackendUnavailable(f"Milvus {what} failed: {exc.code().name} {exc.details()}") from exc
         except MilvusException as exc:
             raise BackendUnavailable(f"Milvus {what} failed: {exc.message}") from exc
+
+    def overrun(self, what: str) -> BackendUnavailable:
+        """The error of a call that ran past the timeout, whether we or gRPC noticed first."""
+        return BackendUnavailable(f"Milvus {what} failed: the call ran past its {self.timeout:g} s timeout")
 
     def deadline(self) -> float:
         """The monotonic time by which a call that starts now must end."""
@@ -123,7 +129,7 @@ class Connection:
         (a `deadline()` taken at the start of a call made of several requests)."""
         timeout = self.timeout if deadline is None else deadline - time.monotonic()
         if timeout <= 0:
-            raise BackendUnavailable(f"Milvus {method} failed: the call ran past its {self.timeout:g} s timeout")
+            raise self.overrun(method)
         with self.errors(method):
             return getattr(self.client, method)(*args, timeout=timeout, **kwargs)
 
