@@ -58,7 +58,7 @@ class Service:
         self.store = open_store(self.settings)
         self._reconcile()
         self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
-                                       language_model or (lambda: _load_model(self.settings.model, self.settings.device)))
+                                       language_model or (lambda: _load_model(self.settings)))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
@@ -142,7 +142,8 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def _load_model(name: str, device: str | None = None) -> LanguageModel:
+def _load_model(settings: Settings) -> LanguageModel:
+    """The language model of `ask`: `settings.model` on `settings.device` (default: a GPU when there is one)."""
     from lm.model import load_model
 
-    return load_model(name, dtype=None, device=device)
+    return load_model(settings.model, dtype=None, device=settings.device)
