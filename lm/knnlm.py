@@ -85,12 +85,12 @@ def knn_probs(distances: torch.Tensor, tokens: torch.Tensor, temperature: float,
     """p_kNN [n, vocab] from neighbour distances and token ids [n, k] (missing: id -1, distance +inf)."""
     weights = torch.softmax(-distances.float() / temperature, dim=-1).nan_to_num(0.0)  # no neighbour: 0
     weights = weights.masked_fill(tokens < 0, 0.0)
-    return torch.zeros(len(tokens), vocab_size).scatter_add_(1, tokens.clamp(min=0), weights)
+    return torch.zeros(len(tokens), vocab_size, device=weights.device).scatter_add_(1, tokens.clamp(min=0), weights)
 
 
 def interpolate(lm_logprobs: torch.Tensor, knn_logprobs: torch.Tensor, lam: float) -> torch.Tensor:
     """log(λ·p_kNN + (1−λ)·p_LM) from the two log-probabilities, without leaving log space."""
-    lam = torch.tensor(lam, dtype=torch.float64)
+    lam = torch.tensor(lam, dtype=torch.float64, device=lm_logprobs.device)
     return torch.logaddexp(knn_logprobs + lam.log().float(), lm_logprobs + torch.log1p(-lam).float())
 
 

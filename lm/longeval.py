@@ -58,10 +58,10 @@ def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Pol
             tqdm(total=input_ids.shape[1] - 1, unit="tok", desc=progress, disable=progress is None) as bar:
         for start, out in stream(model, input_ids[:, :-1], cache, block):
             q = out.logits.shape[1]
-            targets = input_ids[0, start + 1:start + q + 1]
+            targets = input_ids[0, start + 1:start + q + 1].to(out.logits.device)
             nll.append(torch.nn.functional.cross_entropy(out.logits[0].float(), targets, reduction="none"))
             bar.update(q)
-    return StreamResult(torch.cat(nll).numpy(), time.perf_counter() - started, cache.peak_entries)
+    return StreamResult(torch.cat(nll).cpu().numpy(), time.perf_counter() - started, cache.peak_entries)
 
 
 def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens: int | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import quote
@@ -51,6 +51,7 @@ from memsvc.contract import (
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
     check_search_params,
     check_values,
@@ -179,12 +180,14 @@ def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | Non
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
-def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None, ef_search: int | None = None,
+def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None,
+                partitions: Sequence[str | None] | None = None, ef_search: int | None = None,
                 nprobe: int | None = None) -> Call:
     queries = check_keys(queries, spec, "queries")
     k, partition = check_k(k), check_partition(partition)
     ef_search, nprobe = check_search_params(spec, ef_search, nprobe)
     return _tensor_call(_path(spec.name, "search"), search_result, queries=queries, k=k, partition=partition,
+                        partitions=check_partitions(partitions, len(queries), partition),
                         ef_search=ef_search, nprobe=nprobe)
 
 
@@ -483,9 +486,11 @@ class RemoteMemory:
             partition: str | None = None) -> np.ndarray:
         return self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
                nprobe: int | None = None) -> SearchResult:
-        return self.client.send(search_call(self.spec, queries, k, partition, ef_search, nprobe))
+        """Top-k per query, closest first; `partitions`: one partition per query row, in one request."""
+        return self.client.send(search_call(self.spec, queries, k, partition, partitions, ef_search, nprobe))
 
     def get(self, ids: Any) -> Entries:
         return self.client.send(get_call(self.spec, ids))
@@ -628,9 +633,11 @@ class AsyncRemoteMemory:
                   partition: str | None = None) -> np.ndarray:
         return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    async def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+    async def search(self, queries: Any, k: int, partition: str | None = None,
+                     partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
                      nprobe: int | None = None) -> SearchResult:
-        return await self.client.send(search_call(self.spec, queries, k, partition, ef_search, nprobe))
+        return await self.client.send(search_call(self.spec, queries, k, partition, partitions, ef_search,
+                                                  nprobe))
 
     async def get(self, ids: Any) -> Entries:
         return await self.client.send(get_call(self.spec, ids))

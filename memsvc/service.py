@@ -47,7 +47,7 @@ class Service:
     """Store + Catalog (+ Collections) of `settings.data_dir`; the embedded twin of `MemoryClient`.
 
     `encoder` and `language_model` make the collections' embedder and the (model, tokenizer) of `ask`
-    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model)`.
+    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model, device=settings.device)`.
     """
 
     def __init__(self, settings: Settings | None = None, *,
@@ -63,7 +63,7 @@ class Service:
             raise
         self._reconcile()
         self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
-                                       language_model or (lambda: _load_model(self.settings.model)))
+                                       language_model or (lambda: _load_model(self.settings)))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
@@ -158,7 +158,8 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def _load_model(name: str) -> LanguageModel:
+def _load_model(settings: Settings) -> LanguageModel:
+    """The language model of `ask`: `settings.model` on `settings.device` (default: a GPU when there is one)."""
     from lm.model import load_model
 
-    return load_model(name)
+    return load_model(settings.model, dtype=None, device=settings.device)

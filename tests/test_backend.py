@@ -198,6 +198,39 @@ def test_partitions_scope_search_and_delete(make):
     assert not mem.get(ids_a).found.any()
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_batched_search_over_partitions_equals_one_search_per_partition(make, index):
+    """Issue 15: one call searches each query row in its own partition (None: the whole memory), as a
+    KV head's queries search that head's partition; every row equals its own single-partition search,
+    and flat (and hnsw visiting every entry) is exact within the row's partition."""
+    mem = make(index=index, value_kind="vector", value_dim=3, **({"ef_search": 512} if index == "hnsw" else {}))
+    keys = vecs(90, seed=3)
+    values = np.repeat(np.arange(90, dtype=np.float32)[:, None], 3, axis=1)
+    ids = {p: mem.add(keys[30 * i:30 * i + 30], values=values[30 * i:30 * i + 30], partition=p)
+           for i, p in enumerate(["l0/h0", "l0/h1", "l0/h2"])}
+    queries = vecs(8, seed=4)
+    partitions = ["l0/h2", "l0/h0", "l0/h0", None, "nowhere", "l0/h1", "l0/h2", "l0/h1"]
+    res = mem.search(queries, k=5, partitions=partitions)
+    assert res.ids.shape == (8, 5) and res.values.shape == (8, 5, 3)
+    for i, part in enumerate(partitions):
+        one = mem.search(queries[i:i + 1], k=5, partition=part)
+        np.testing.assert_array_equal(res.ids[i], one.ids[0])
+        np.testing.assert_allclose(res.distances[i], one.distances[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(res.values[i], one.values[0])
+        if part == "nowhere":
+            assert (res.ids[i] == -1).all() and np.isinf(res.distances[i]).all()
+            continue
+        scope = np.arange(90) if part is None else ids[part]
+        truth, dist = exact(keys[scope], queries[i:i + 1], "l2", 5)
+        np.testing.assert_array_equal(res.ids[i], scope[truth[0]])
+        np.testing.assert_allclose(res.distances[i], dist[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(res.values[i, :, 0], scope[truth[0]])
+    assert mem.delete(partition="l0/h0") == 30
+    res = mem.search(queries[:3], k=5, partitions=["l0/h0", "l0/h1", None])
+    assert (res.ids[0] == -1).all() and np.isin(res.ids[1], ids["l0/h1"]).all()
+    assert not np.isin(res.ids[2], ids["l0/h0"]).any()
+
+
 def test_delete_by_ids(make):
     mem = make()
     keys = vecs(10)
@@ -600,6 +633,10 @@ BAD = {
     "ef_search a float": (lambda m: m.search(X, k=1, ef_search=64.0), "ef_search"),
     "set ef_search on a flat memory": (lambda m: m.set_search_params(ef_search=64), "ef_search"),
     "set nprobe bool": (lambda m: m.set_search_params(nprobe=True), "nprobe"),
+    "partitions too few": (lambda m: m.search(X, k=1, partitions=["a"]), "partitions"),
+    "partitions a string": (lambda m: m.search(X, k=1, partitions="ab"), "partitions"),
+    "partitions bad name": (lambda m: m.search(X, k=1, partitions=["a", ""]), "partitions"),
+    "partitions and partition": (lambda m: m.search(X, k=1, partition="a", partitions=["a", "b"]), "partitions"),
     "ids 2-D": (lambda m: m.get([[0, 1]]), "ids"),
     "ids floats": (lambda m: m.get([0.5]), "ids"),
     "delete nothing named": (lambda m: m.delete(), "ids"),

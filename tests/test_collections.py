@@ -661,6 +661,12 @@ def run_cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def test_cli_ask_rejects_an_unknown_device_before_opening_the_store(tmp_path):
+    result = run_cli("ask", "a question", "-c", "docs", "--device", "tpu", "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.slow
 def test_cli_ingest_search_ask_through_a_server(tmp_path):
     docs_dir = tmp_path / "docs"

@@ -465,6 +465,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
     (("generate", "--prompt-file", "{missing}"), "no such file"),
     (("generate", "text", "--memory-attention"), "needs a bounded --cache"),
     (("generate", "text", "--cache", "window:8,foo:2"), "bad cache spec"),
+    (("generate", "text", "--device", "tpu"), "unknown device 'tpu'"),
 ])
 def test_cli_generate_bad_prompt_or_cache_exits_non_zero(cli, corpus, args, message):
     paths = {"csv": corpus / "csv.txt", "missing": corpus / "missing.txt"}
@@ -481,6 +482,7 @@ def test_cli_generate_bad_prompt_or_cache_exits_non_zero(cli, corpus, args, mess
     (("build", "--memory", "cli-bad", "{empty}"), "empty file"),
     (("build", "--memory", "cli-bad", "{binary}"), "not UTF-8"),
     (("build", "--memory", "cli-bad", "{csv}", "{missing}"), "no such file"),
+    (("build", "--memory", "cli-bad", "{csv}", "--device", "cuda:x"), "unknown device 'cuda:x'"),
 ])
 def test_cli_bad_input_exits_non_zero_and_stores_nothing(cli, corpus, args, message):
     paths = {"csv": corpus / "csv.txt", "empty": corpus / "empty.txt", "binary": corpus / "binary.txt",

@@ -116,11 +116,13 @@ async def add_entries(name: str, request: Request, service: ServiceDep, settings
              responses={**binary_response(), **error_responses(*MEMORY, *BINARY_BODY)})
 async def search(name: str, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     """Top-k entries per query, closest first; missing neighbours are id -1, distance null (+inf).
-    `ef_search` (hnsw) / `nprobe` (ivfpq) override the memory's own for this request."""
+    `partitions` searches each query row in its own partition; `ef_search` (hnsw) / `nprobe` (ivfpq)
+    override the memory's own for this request."""
     def search(body: SearchRequest) -> dict[str, Any]:
         check_batch(body.queries, "queries", settings)
         check_max_k(body.k, settings)
         return search_fields(service.memory(name).search(body.queries, body.k, body.partition,
+                                                         partitions=body.partitions,
                                                          ef_search=body.ef_search, nprobe=body.nprobe))
 
     return await vector_call(request, SearchRequest, search)

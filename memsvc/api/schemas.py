@@ -74,6 +74,9 @@ class SearchRequest(Body):
                                         "is used); default the memory's")
     nprobe: StrictInt | None = Field(None, description="ivfpq: inverted lists probed for this request; default "
                                      "the memory's")
+    partitions: list[str | None] | None = Field(
+        None, description="instead of `partition`: one partition per query row (null: the whole memory), "
+                          "each row answered as a search of its own partition")
 
 
 class GetRequest(Body):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Url, cli_errors
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, DeviceOption, Url, cli_errors
 from memsvc.config import Settings
 from memsvc.contract import InvalidInput, MemsvcError, NotFound
 
@@ -51,12 +51,12 @@ Timeout = Annotated[float, typer.Option(min=1, help="seconds to wait for the ser
 
 @contextmanager
 def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None, timeout: float = 600.0,
-                    create: bool = False) -> Iterator[CollectionBackend]:
+                    create: bool = False, device: str | None = None) -> Iterator[CollectionBackend]:
     """The collection on the server at `url` (waiting up to `timeout` per request), or in the embedded
-    store; created if missing and `create`."""
+    store (its `ask` model on `device`); created if missing and `create`."""
     from memsvc.connect import connect
 
-    with connect(url, data_dir, api_key, timeout) as client:
+    with connect(url, data_dir, api_key, timeout, device) as client:
         try:
             col = client.collection(name)
         except NotFound:
@@ -197,19 +197,26 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
         url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
-        timeout: Timeout = 600.0) -> None:
+        timeout: Timeout = 600.0, device: DeviceOption = None) -> None:
     """Answer QUESTION from the collection's best passages with SmolLM2, citing them: the answer is printed as
     it decodes, the passages given to the model at the end (* where the answer cites them); with --json, one
-    object once the answer is complete."""
-    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
-        if json_:
-            typer.echo(json.dumps(asdict(col.ask(question, k, max_new_tokens))))
-            return
-        with col.ask_stream(question, k, max_new_tokens) as stream:
-            for piece in stream:
-                typer.echo(piece, nl=False)  # click flushes each piece
-            answer = stream.result()
-        typer.echo()
+    object once the answer is complete. With --url the server runs the model on its own device (its
+    MEMSVC_DEVICE); --device is for the embedded store."""
+    with cli_errors():
+        if url is None:
+            from lm.devices import resolve_device
+
+            resolve_device(device)  # before the store is opened or the model loaded
+        with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \
+                as col:
+            if json_:
+                typer.echo(json.dumps(asdict(col.ask(question, k, max_new_tokens))))
+                return
+            with col.ask_stream(question, k, max_new_tokens) as stream:
+                for piece in stream:
+                    typer.echo(piece, nl=False)  # click flushes each piece
+                answer = stream.result()
+            typer.echo()
     for c in answer.citations:
         typer.echo(f"[{c.n}]{'*' if c.cited else ' '} {c.chunk_id}")
 

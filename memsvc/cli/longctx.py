@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import ApiKeyOption, Model, Url, check_text_files, cli_errors, need_model_side
+from memsvc.cli.options import (
+    ApiKeyOption,
+    DeviceOption,
+    Model,
+    Url,
+    check_text_files,
+    cli_errors,
+    need_model_side,
+)
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -96,7 +104,7 @@ def eval_long(files: Files,
               url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = "knn-attention",
               model: Model = "smollm2",
               as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-              ) -> None:
+              device: DeviceOption = None) -> None:
     """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics).
 
     Files and options are checked before torch is imported and the model loads; progress (tokens, tok/s)
@@ -125,12 +133,16 @@ def eval_long(files: Files,
             check_url(url)
         need_model_side()
 
-        from lm.memory_attention import KnnConfig  # torch from here on
+        from lm.devices import resolve_device  # torch from here on
+        from lm.memory_attention import KnnConfig
         from lm.policies import make_policy
+
+        resolve_device(device)
 
         cache_policy = make_policy(policy, window, sinks, budget, pool)
         knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions) if knn_memory else None
-        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model)
+        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model,
+                       device)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -140,7 +152,7 @@ def eval_long(files: Files,
 
 def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
           max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
-          model_name: str) -> dict:
+          model_name: str, device: str | None = None) -> dict:
     from lm.gate import Gate
     from lm.longeval import evaluate_files
     from lm.model import load_model
@@ -148,7 +160,7 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
     gate = None
     if knn is not None and knn.mode == "gated":
         gate = Gate.load(gate_path if gate_path is not None else model_name)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=None, device=device)
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
     else:
@@ -171,7 +183,7 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.1,
                max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
                curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
-               model: Model = "smollm2") -> None:
+               model: Model = "smollm2", device: DeviceOption = None) -> None:
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
     of steps with the loss, on stderr)."""
     with cli_errors():
@@ -187,12 +199,14 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         need_model_side()
         from tqdm import tqdm
 
+        from lm.devices import resolve_device  # torch from here on
         from lm.gate_training import plot_curve
         from lm.gate_training import train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 
-        model_, tokenizer = load_model(model)
+        resolve_device(device)
+        model_, tokenizer = load_model(model, dtype=None, device=device)
         documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
         with tqdm(unit="step", desc="train-gate") as bar:
             def step(p: dict[str, float]) -> None:

@@ -21,6 +21,7 @@ from memsvc.cli.options import (
     DEFAULT_DATA_DIR,
     ApiKeyOption,
     DataDir,
+    DeviceOption,
     Model,
     Url,
     cli_errors,
@@ -71,19 +72,22 @@ def check_settings(lam: float | None = None, temp: float | None = None, k: int |
 @contextmanager
 def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None, model_name: str,
                key: str | None = None, lam: float | None = None, temp: float | None = None,
-               k: int | None = None) -> Iterator[KNNLM]:
-    """A KNNLM over an existing memory (NotFound if there is none). λ, temperature and k, the server or data
-    dir (its lock) and the memory are checked, in that order, before torch is imported and the model loads."""
+               k: int | None = None, device: str | None = None) -> Iterator[KNNLM]:
+    """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`).
+    λ, temperature and k, the server or data dir (its lock) and the memory are checked, in that order, before
+    torch is imported; then the device, before the model loads."""
     from memsvc.connect import connect
 
     check_settings(lam, temp, k)
     need_model_side()
     with connect(url, data_dir, api_key) as client:  # a held data dir or a bad URL fails fast
         mem = client.memory(memory)
+        from lm.devices import resolve_device
         from lm.knnlm import KNNLM
         from lm.model import load_model
 
-        model, tokenizer = load_model(model_name)
+        resolve_device(device)
+        model, tokenizer = load_model(model_name, dtype=None, device=device)
         yield KNNLM(model, tokenizer, mem, key=key)
 
 
@@ -96,7 +100,7 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
           index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
                            typer.Option(help="index of a new memory (default: hnsw)")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-          ) -> None:
+          device: DeviceOption = None) -> None:
     """Add (key, next token) entries for every token of FILES to memory M, creating it if needed (hnsw:
     near-exact neighbours at a few ms per lookup, see bench/results/knnlm.md).
 
@@ -115,10 +119,12 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
                 mem = None
             if index is not None and mem is not None and mem.spec.index != index:
                 raise InvalidInput(f"memory '{memory}' already exists with index '{mem.spec.index}'", "index")
+            from lm.devices import resolve_device
             from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
             from lm.model import load_model
 
-            model_, tokenizer = load_model(model)
+            resolve_device(device)
+            model_, tokenizer = load_model(model, dtype=None, device=device)
             tokenize_documents(tokenizer, texts)
             if mem is None:
                 mem = client.create_memory(**datastore_spec(memory, model_, index or "hnsw"))
@@ -139,11 +145,11 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
              api_key: ApiKeyOption = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
              continuous: Continuous = False,
              as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-             ) -> None:
+             device: DeviceOption = None) -> None:
     """Base and kNN-LM perplexity of FILES with datastore M (λ, temperature, k default to the tuned ones)."""
     with cli_errors():
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k, device=device) as knn:
             result = knn.perplexity(texts, lam=lam, temp=temp, k=k, continuous=continuous)
     if as_json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
@@ -157,11 +163,11 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
 def tune(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
          api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False,
          as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-         ) -> None:
+         device: DeviceOption = None) -> None:
     """Pick λ and temperature on validation FILES (never the test files) and store them with memory M."""
     with cli_errors():
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model, k=k) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, k=k, device=device) as knn:
             tuned, ppl = knn.tune(texts, k=k, continuous=continuous)
     if as_json:
         sys.stdout.write(json.dumps({"memory": memory, "lam": tuned.lam, "temp": tuned.temp, "k": tuned.k,
@@ -200,7 +206,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
              chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
              seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-             lam: Lam = None, temp: Temp = None, k: K = None) -> None:
+             lam: Lam = None, temp: Temp = None, k: K = None, device: DeviceOption = None) -> None:
     """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM; with --cache, through a
     bounded KV cache (and --memory-attention: with the kNN memory of what it evicted)."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
@@ -223,17 +229,21 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
 
         from lm.attention import attach
         from lm.cache import BoundedCache
+        from lm.devices import resolve_device
         from lm.generate import check_sampling, encode_prompt
         from lm.generate import generate as decode
         from lm.memory_attention import KnnConfig
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
+        resolve_device(device)
         check_sampling(max_new_tokens, temperature, top_p)
         policy = parse_cache_spec(cache) if cache is not None else None
-        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k)) \
+        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k,
+                                             device=device)) \
             if knn_memory is not None else None
-        model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
+        model_, tokenizer = load_model(model, dtype=None, device=device) if knn is None \
+            else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
             stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))

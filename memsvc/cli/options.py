@@ -15,13 +15,17 @@ from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR
 from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
-__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "Model", "Url", "check_text_files", "cli_errors",
-           "need_model_side"]
+__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "DeviceOption", "Model", "Url", "check_text_files",
+           "cli_errors", "need_model_side"]
 
 Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
 DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
 ApiKeyOption = Annotated[str | None, typer.Option(envvar="MEMSVC_API_KEY", help="bearer key of the server")]
 Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory or a .gguf file")]
+DeviceOption = Annotated[str | None, typer.Option(
+    "--device", envvar="MEMSVC_DEVICE",
+    help="torch device of the model: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; "
+         "bfloat16 weights on a GPU, float32 on the CPU)")]
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from memsvc.contract.checks import (
                                     check_k,
                                     check_keys,
                                     check_partition,
+                                    check_partitions,
                                     check_payloads,
                                     check_search_params,
                                     check_unicode,
@@ -22,6 +23,7 @@ from memsvc.contract.checks import (
                                     check_vectors,
                                     invalid_input,
                                     lone_surrogate,
+                                    partition_groups,
 )
 from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
@@ -80,6 +82,7 @@ __all__ = [
     "NotFound", "Partition", "SearchMode", "SearchResult", "ServerUnavailable", "StorageFull", "TooLarge",
     "Unauthorized", "UnsupportedMediaType", "UpsertResult",
     "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
-    "check_partition", "check_payloads", "check_search_params", "check_unicode", "check_values", "check_vectors",
-    "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "spec_from",
+    "check_partition", "check_partitions", "check_payloads", "check_search_params", "check_unicode", "check_values",
+    "check_vectors", "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "partition_groups",
+    "spec_from",
 ]

@@ -187,6 +187,34 @@ def check_partition(partition: Any) -> str | None:
     return partition
 
 
+def check_partitions(partitions: Any, n: int, partition: str | None = None) -> list[str | None] | None:
+    """The per-query partitions of a batched search of `n` queries: one name (or None: the whole memory)
+    per query row, as a list; None when not given. InvalidInput (field "partitions") when it is not a
+    sequence of `n` such names, or when `partition` is given too."""
+    if partitions is None:
+        return None
+    if partition is not None:
+        raise InvalidInput("give partition or partitions, not both", "partitions")
+    if isinstance(partitions, np.ndarray) and partitions.ndim == 1 and partitions.dtype.kind in "UO":
+        partitions = partitions.tolist()
+    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Sequence) or len(partitions) != n:
+        raise InvalidInput(f"partitions must be a list of one partition name (or null) per query, {n} in all",
+                           "partitions")
+    try:
+        return [check_partition(name) for name in partitions]
+    except InvalidInput as exc:
+        raise InvalidInput(exc.message, "partitions") from None
+
+
+def partition_groups(partitions: list[str | None]) -> list[tuple[str | None, np.ndarray]]:
+    """The query rows of each distinct partition of a batched search, in order of first appearance:
+    [(name, rows int64)]; a backend searches each group once."""
+    rows: dict[str | None, list[int]] = {}
+    for i, name in enumerate(partitions):
+        rows.setdefault(name, []).append(i)
+    return [(name, np.asarray(r, dtype=np.int64)) for name, r in rows.items()]
+
+
 def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
     """Values for n entries as the memory stores them (int64 token ids or float32 vectors), or None."""
     kind = spec.value_kind

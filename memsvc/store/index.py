@@ -123,6 +123,25 @@ def train_template(spec: MemorySpec, sample: np.ndarray) -> faiss.Index:
     return index
 
 
+def search_among(index: faiss.Index, queries: np.ndarray, k: int, bitmap: np.ndarray | None,
+                 params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search(queries, k)` -> (distances, ids) [m, k] with `params` (from `search_params`),
+    counting only the ids whose bit is set in `bitmap` (uint8, little-endian bit order: id i is bit i % 8
+    of byte i // 8; None: every id). FAISS applies the `IDSelectorBitmap` inside the scan (flat, HNSW and
+    IVF honour `SearchParameters.sel`; an `IndexIDMap2` translates it to its positions), so excluded
+    entries never take a result slot. `params` is copied, not changed."""
+    if bitmap is None:
+        return index.search(queries, k, params=params)
+    selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    if isinstance(params, faiss.SearchParametersHNSW):
+        scoped = faiss.SearchParametersHNSW(sel=selector, efSearch=params.efSearch)
+    elif isinstance(params, faiss.SearchParametersIVF):
+        scoped = faiss.SearchParametersIVF(sel=selector, nprobe=params.nprobe)
+    else:
+        scoped = faiss.SearchParameters(sel=selector)
+    return index.search(queries, k, params=scoped)
+
+
 def read_index(path: str) -> faiss.Index:
     return faiss.read_index(path)
 

@@ -46,7 +46,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +72,11 @@ from memsvc.contract import (
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
     check_search_params,
     check_values,
+    partition_groups,
 )
 
 if TYPE_CHECKING:
@@ -269,13 +271,18 @@ class MilvusMemory:
                 self._unsealed += n
         return np.arange(first, first + n, dtype=np.int64)
 
-    def search(self, queries: Any, k: int, partition: str | None = None, *, ef_search: int | None = None,
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
                nprobe: int | None = None) -> SearchResult:
-        """Top-k entries per query (of one partition, or of the whole memory), closest first; `ef_search`
-        (hnsw) / `nprobe` (ivfpq) replace the spec's for this call (Milvus' `ef` / `nprobe`)."""
+        """Top-k entries per query (of one partition, or of the whole memory), closest first.
+
+        `partitions`: one partition (or None) per query row. Milvus takes one filter per search request,
+        so each distinct partition is one request (its rows batched), all within this call's timeout.
+        `ef_search` (hnsw) / `nprobe` (ivfpq) replace the spec's for this call (Milvus' `ef` / `nprobe`)."""
         queries = check_keys(queries, self.spec, "queries")
         k = check_k(k)
         partition = check_partition(partition)
+        partitions = check_partitions(partitions, len(queries), partition)
         ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
         search_params = self._search_params(k, ef_search, nprobe)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
@@ -284,11 +291,16 @@ class MilvusMemory:
         if self._milvus.lite and self._unsealed > LITE_FLUSH_ROWS:
             self._seal(deadline)
         step = self._search_batch(k)
-        hits = []
-        for start in range(0, len(queries), step):
-            hits += self._milvus("search", self._collection, data=queries[start:start + step], limit=k,
-                                 anns_field="key", filter=where(partition=partition), output_fields=fields,
-                                 search_params=search_params, deadline=deadline)
+        groups = [(partition, np.arange(len(queries)))] if partitions is None else partition_groups(partitions)
+        hits: list[Any] = [None] * len(queries)
+        for name, rows in groups:
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                found = self._milvus("search", self._collection, data=queries[chunk], limit=k, anns_field="key",
+                                     filter=where(partition=name), output_fields=fields,
+                                     search_params=search_params, deadline=deadline)
+                for i, row in zip(chunk, found):
+                    hits[i] = row
         m = len(queries)
         ids = np.full((m, k), -1, dtype=np.int64)
         dist = np.full((m, k), np.inf, dtype=np.float32)
