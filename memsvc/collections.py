@@ -121,7 +121,7 @@ class Collection:
             changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
             written: list[str] = []
             try:
-                rows = [self._store(d, chunks[d.id], written, old.get(d.id)) for d in changed]
+                rows = self._store(changed, chunks, old, written)
                 with self._sessions.begin() as session:
                     replaced = [old[d.id].id for d in changed if d.id in old]
                     session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
@@ -222,21 +222,26 @@ class Collection:
                 raise InvalidInput(exc.message, f"{where}.{exc.field}") from None
         return chunks
 
-    def _store(self, document: Document, chunks: list[Chunk], written: list[str],
-               old: DocumentRow | None = None) -> DocumentRow:
-        """Store one document version's vectors in a new partition; its (uncommitted) row. Chunks whose
-        embedding cache key the previous version `old` holds get a copy of its vector, the rest are embedded."""
-        partition = uuid.uuid4().hex
-        written.append(partition)
-        keys = [self.dense.key_of(c) for c in chunks]
-        reuse = {c.embed_key: c.vector_id for c in old.chunks if c.embed_key} if old is not None else {}
-        vector_ids = self.dense.store(chunks, partition, reuse=reuse, keys=keys)
-        return DocumentRow(collection_id=self.row_id, document_id=document.id, content_hash=content_hash(document),
-                           partition=partition, meta=document.metadata,
-                           chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text, vector_id=v,
-                                            embed_key=key)
-                                   for n, (c, v, key) in enumerate(zip(chunks, vector_ids, keys))])
-
+    def _store(self, documents: Sequence[Document], chunks: dict[str, list[Chunk]], old: dict[str, DocumentRow],
+               written: list[str]) -> list[DocumentRow]:
+        """Store each document version's vectors in a new partition; their (uncommitted) rows. The chunks of
+        all the documents are embedded together (batches sorted by length); a chunk whose embedding cache key
+        its document's previous version (`old`) holds gets a copy of that vector instead."""
+        partitions = {d.id: uuid.uuid4().hex for d in documents}
+        written.extend(partitions.values())
+        every = [c for d in documents for c in chunks[d.id]]
+        keys = [self.dense.key_of(c) for c in every]
+        reuse = {c.embed_key: c.vector_id for d in documents if d.id in old for c in old[d.id].chunks if c.embed_key}
+        vector_ids = iter(zip(keys, self.dense.store(every, [partitions[c.document_id] for c in every], reuse, keys)))
+        rows = []
+        for d in documents:
+            stored = [next(vector_ids) for _ in chunks[d.id]]
+            rows.append(DocumentRow(collection_id=self.row_id, document_id=d.id, content_hash=content_hash(d),
+                                    partition=partitions[d.id], meta=d.metadata,
+                                    chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text,
+                                                     vector_id=v, embed_key=key)
+                                            for n, (c, (key, v)) in enumerate(zip(chunks[d.id], stored))]))
+        return rows
 
 def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
     return (Chunk(c.chunk_id, d.document_id, c.text, c.section) for d in documents for c in d.chunks)

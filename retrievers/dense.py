@@ -147,37 +147,44 @@ class DenseIndex:
         """The chunk's embedding cache key (`embedding_key` of `text_of(chunk)`)."""
         return embedding_key(self.encoder, self.text_of(chunk))
 
-    def store(self, chunks: Sequence[Chunk], partition: str | None = None,
+    def store(self, chunks: Sequence[Chunk], partition: str | Sequence[str] | None = None,
               reuse: Mapping[str, int] | None = None, keys: Sequence[str] | None = None) -> list[int]:
-        """Embed the chunks and add them to the memory (in `partition`), `batch` at a time; their vector
-        ids, in order. Scoring by chunk id sees them once they are published (`publish`, or `add`).
+        """Embed the chunks and add them to the memory (in `partition`: one name, or one per chunk); their
+        vector ids, in order. Scoring by chunk id sees them once they are published (`publish`, or `add`).
 
         `reuse` maps embedding cache keys (`key_of`) to ids of vectors already in the memory: a chunk
         whose key is there gets a copy of that vector instead of being embedded (those vectors must stay
-        until this returns); `keys` are the chunks' keys if the caller has them already. The texts embedded
-        go to the encoder longest first, so each call's batches pad little; `embedded` counts them."""
+        until this returns); `keys` are the chunks' keys if the caller has them already. The texts to embed
+        go to the encoder `batch` at a time, longest first (across all the chunks given, e.g. every
+        document of an upsert), so batches pad little; `embedded` counts them. Vectors are added to the
+        memory per partition once all are made (float32, `len(chunks) * dim * 4` bytes held)."""
         reuse = reuse or {}
         if keys is None:
             keys = [self.key_of(c) for c in chunks] if reuse else [""] * len(chunks)
-        fresh = sorted((i for i, key in enumerate(keys) if key not in reuse),
-                       key=lambda i: -len(self.text_of(chunks[i])))
-        copied = [i for i, key in enumerate(keys) if key in reuse]
-        ids = [-1] * len(chunks)
+        partitions = [partition] * len(chunks) if partition is None or isinstance(partition, str) else list(partition)
+        if len(partitions) != len(chunks) or len(keys) != len(chunks):
+            raise InvalidInput("give one partition and one key per chunk", "partition")
+        vectors = np.zeros((len(chunks), self.encoder.dim), dtype=np.float32)
+        texts = {i: self.text_of(c) for i, c in enumerate(chunks) if keys[i] not in reuse}
+        fresh = sorted(texts, key=lambda i: -len(texts[i]))
         for start in range(0, len(fresh), self.batch):
             batch = fresh[start:start + self.batch]
-            vectors = self.encoder.encode([self.text_of(chunks[i]) for i in batch])
+            vectors[batch] = self.encoder.encode([texts[i] for i in batch])
             self.embedded += len(batch)
-            for i, vector_id in zip(batch, self.memory.add(vectors, payloads=[chunks[i].id for i in batch],
-                                                           partition=partition).tolist()):
-                ids[i] = vector_id
+        copied = [i for i, key in enumerate(keys) if key in reuse]
         for start in range(0, len(copied), self.batch):
             batch = copied[start:start + self.batch]
             entries = self.memory.get(np.array([reuse[keys[i]] for i in batch], dtype=np.int64))
             if not entries.found.all():
                 raise RuntimeError(f"memory '{self.memory.spec.name}' lost vectors the embedding cache names")
-            for i, vector_id in zip(batch, self.memory.add(np.asarray(entries.keys, dtype=np.float32),
-                                                           payloads=[chunks[i].id for i in batch],
-                                                           partition=partition).tolist()):
+            vectors[batch] = entries.keys
+        ids = [-1] * len(chunks)
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(partitions):
+            groups.setdefault(name, []).append(i)
+        for name, members in groups.items():
+            for i, vector_id in zip(members, self.memory.add(vectors[members], payloads=[chunks[i].id for i in members],
+                                                             partition=name).tolist()):
                 ids[i] = vector_id
         return ids
 
