@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_retrieval import KINDS, Query, corpus, faq, glossary, split  # noqa: E402
+from eval_retrieval import KINDS, Query, corpus, faq, glossary, split
 
 LITERAL = re.compile(r"``([^`]+)``|:([\w:]+):`~?([^`<]+?)(?:\s*<[^>]*>)?`")
 
