@@ -462,6 +462,23 @@ def test_dense_index_embeds_the_text_it_is_given_for_a_chunk(tiny_encoder):
         embedding_key("tiny", "Title\nbody")
 
 
+def test_sentence_encoder_embeds_on_its_threads_and_restores_the_callers(tiny_encoder, monkeypatch):
+    import torch
+
+    encoder = SentenceEncoder(tiny_encoder.model, threads=2)
+    seen, real = [], tiny_encoder.model.encode
+    monkeypatch.setattr(tiny_encoder.model, "encode", lambda *a, **kw: (seen.append(torch.get_num_threads()),
+                                                                         real(*a, **kw))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert encoder.encode(["one text", "and another"]).shape == (2, encoder.dim)
+        assert encoder.encode(["a query"]).shape == (1, encoder.dim)  # one text: the caller's threads
+        assert seen == [2, 1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_document_scores_rank_documents_from_chunk_hits():
     hits = [Hit("a#0", "a", 0.9), Hit("b#0", "b", 0.8), Hit("b#1", "b", 0.7), Hit("c#0", "c", 0.6),
             Hit("b#2", "b", 0.5), Hit("a#1", "a", 0.1)]
