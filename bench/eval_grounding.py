@@ -1,16 +1,19 @@
 """Grounding of `ask`: do the passages an answer was given (and cites) include the gold document, and does
 the answer say the gold answer's key phrase?
 
-Questions: a seeded subset of half B of bench/eval_retrieval.py's questions (glossary "What is a generator?"
-and FAQ questions, each answered by one known document), as many of each kind. Corpus: the answer
+Questions: half B of bench/eval_retrieval.py's questions (glossary "What is a generator?" and FAQ
+questions, each answered by one known document). Every one of them is searched (the k passages `ask`
+would be given: "given" below); a seeded subset of `--n` of them, as many of each kind, is answered
+(SmolLM2 on a CPU takes minutes per answer on a loaded machine). Corpus: the answer
 documents of *all* that eval's questions (so answers are each other's distractors) plus the reST sources of
 `--dirs` (default `tutorial`), ingested into a fresh collection with the real embedder; a smaller and
 easier corpus than the retrieval eval's 780 documents, which does not fit the CPU time of a loaded 2-core
-machine. Each question is asked through `Collection.ask` (hybrid search, k passages, SmolLM2 greedy,
-`--max-new-tokens`).
+machine. `--data-dir` keeps the ingested collection for the next run (unchanged documents are skipped).
+The subset is asked through `Collection.ask` (hybrid search, k passages, SmolLM2 greedy, `--max-new-tokens`).
 
 Reported per kind and overall:
-- given: the gold document is among the k passages the model was given (`Answer.citations`);
+- given: the gold document is among the k passages of the question's search (for the answered subset:
+  among the passages `Answer.citations` says the model was given);
 - cited: the answer cites ([n]) a passage of the gold document;
 - key phrase: where the gold answer has one, the answer contains it (case-insensitive). The key phrase is
   the first inline literal (``x``) or cross-reference target (:func:`x`, :term:`text <target>` -> text)
@@ -50,12 +53,16 @@ def key_phrase(answer: str) -> str | None:
     return None
 
 
+def held_out(queries: list[Query], seed: int) -> list[Query]:
+    """Half B of the questions (eval_retrieval.split)."""
+    return [queries[i] for i in split(queries, seed)["B"]]
+
+
 def pick(queries: list[Query], n: int, seed: int) -> list[Query]:
-    """n questions of half B (eval_retrieval.split), n // 2 of each kind, in a seeded order."""
-    held_out = [queries[i] for i in split(queries, seed)["B"]]
+    """n questions of half B, n // 2 of each kind, in a seeded order."""
     chosen = []
     for kind in KINDS:
-        members = [q for q in held_out if q.kind == kind]
+        members = [q for q in held_out(queries, seed) if q.kind == kind]
         random.Random(seed + 1).shuffle(members)
         chosen += members[: n // len(KINDS)]
     return chosen
@@ -75,6 +82,7 @@ def main() -> None:
                     "distractors but the other answers)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write every question's row here")
+    ap.add_argument("--data-dir", type=Path, help="keep the ingested collection here (default: a temporary dir)")
     args = ap.parse_args()
 
     from memsvc.config import Settings
@@ -86,15 +94,23 @@ def main() -> None:
     documents = [Document(q.document_id, q.answer) for q in queries]
     if args.dirs:  # corpus([]) would be every directory
         documents += [Document(doc_id, text) for doc_id, text in corpus(args.dirs).items()]
-    rows = []
+    rows, searched = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        service = Service(Settings(data_dir=Path(tmp) / "data"))
+        service = Service(Settings(data_dir=args.data_dir or Path(tmp) / "data"))
         try:
-            col = service.create_collection("grounding")
+            col = (service.collection("grounding") if "grounding" in service.list_collections()
+                   else service.create_collection("grounding"))
             started = time.perf_counter()
             chunks = sum(col.upsert(documents[i:i + 64]).chunks for i in range(0, len(documents), 64))
             print(f"ingested {len(documents)} documents, {chunks} chunks in {time.perf_counter() - started:.0f} s "
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+            for q in held_out(queries, args.seed):
+                hits = col.search(q.text, k=args.k)
+                searched.append({"kind": q.kind, "given": any(h.document_id == q.document_id for h in hits)})
+            print(f"| half B, searched only | n | gold passage among the k={args.k} |\n|---|---:|---:|")
+            for kind in (*KINDS, "all"):
+                part = [r for r in searched if kind in ("all", r["kind"])]
+                print(f"| {kind} | {len(part)} | {rate(part, 'given')} |", flush=True)
             for n, q in enumerate(chosen, start=1):
                 started = time.perf_counter()
                 answer = col.ask(q.text, k=args.k, max_new_tokens=args.max_new_tokens)
@@ -122,7 +138,7 @@ def main() -> None:
         print(f"| {kind} | {len(part)} | {rate(part, 'given')} | {rate(part, 'cited')} | {rate(part, 'cites_any')} | "
               f"{rate(part, 'says_key_phrase')} | {seconds:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"searched": searched, "answered": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess
+from test_retrievers import CountingEncoder
 
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
@@ -77,17 +78,6 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_service):
     top = col.search("__enter__ with statement", k=1, mode="bm25")[0]
     assert (top.document_id, top.metadata, top.section) == ("b.md", {"source": "b.md"}, "Context managers")
     assert top.chunk_id.startswith("b.md#")
-
-
-class CountingEncoder:
-    """The tiny encoder, recording every text it is asked to embed."""
-
-    def __init__(self, inner):
-        self.inner, self.dim, self.tokenizer, self.name, self.texts = inner, inner.dim, inner.tokenizer, "tiny", []
-
-    def encode(self, texts):
-        self.texts += list(texts)
-        return self.inner.encode(texts)
 
 
 GUIDE = "# Guide\n\nIntro to the guide.\n\n## Install\n\nRun pip install memsvc.\n\n## Use\n\nCall search.\n"
