@@ -58,7 +58,7 @@ from memsvc.contract import (
     check_k,
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
-from retrievers.base import Chunk, group_by_document
+from retrievers.base import DOCUMENT_SCORES, Chunk, group_by_document
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import CONTEXTS, Chunker, Context
 from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
@@ -161,7 +161,7 @@ class Collection:
                score: str = "max") -> list[DocumentHit]:
         """The k best chunks for the query with their text and document metadata, best first.
 
-        `group_by="document"` ranks documents instead (for questions whose answer is a document): one hit
+        `group_by="document"` (None or "chunk": chunks, the default) ranks documents instead (for questions whose answer is a document): one hit
         per document, its best chunk, scored by `score` over the document's chunks among the top
         max(k * 5, 50): "max" (its best chunk's score; the default, as bench/results/retrieval_v2.md
         found sums favour long documents) or "sum" (`retrievers.base.group_by_document`)."""
@@ -169,6 +169,8 @@ class Collection:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
         if group_by not in (None, "chunk", "document"):
             raise InvalidInput(f"group_by must be 'chunk' or 'document', got {group_by!r}", "group_by")
+        if score not in DOCUMENT_SCORES:
+            raise InvalidInput(f"score must be one of {', '.join(DOCUMENT_SCORES)}, got {score!r}", "score")
         k = check_k(k)
         if group_by == "document":
             hits = group_by_document(self.hybrid.search(query, max(k * 5, 50), mode), k, score)

@@ -117,9 +117,10 @@ def test_search_by_document_gives_one_hit_per_document(open_service):
     with pytest.raises(InvalidInput) as err:
         col.search("pip", group_by="section")
     assert err.value.field == "group_by"
-    with pytest.raises(InvalidInput) as err:
-        col.search("pip", group_by="document", score="mean")
-    assert err.value.field == "score"
+    for group_by in ("document", None):
+        with pytest.raises(InvalidInput) as err:
+            col.search("pip", group_by=group_by, score="mean")
+        assert err.value.field == "score"
 
 
 def test_a_contextual_collection_indexes_chunks_with_their_title_and_keeps_the_setting(open_service):
