@@ -6,6 +6,10 @@ version of a document owns one memory partition (a fresh random name kept on its
 
 - an upsert embeds and stores the new version's vectors in a new partition first, then commits the SQL
   rows of the whole batch in one transaction, then drops the replaced versions' partitions;
+- readers see one version: the SQL commit and the in-RAM switch to the new versions (dense vector ids,
+  BM25 chunks) happen together under the collection's write lock, and a search (retrieval and the SQL
+  rows of its hits) runs under its read lock; dense search skips vectors whose ids are not the
+  published ones (a version stored but not committed yet, or replaced but not dropped yet);
 - opening a collection drops every partition no committed document names, which is all a crash (even
   SIGKILL mid-ingest) can leave behind: nothing is ever half-visible, and a document is either its old
   or its new version.
@@ -42,6 +46,7 @@ from memsvc.contract import (
     SEARCH_MODES,
     AlreadyExists,
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -56,8 +61,10 @@ from memsvc.contract import (
     check_collection_name,
     check_json,
     check_k,
+    check_unicode,
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
+from memsvc.store.rwlock import RWLock
 from retrievers.base import DOCUMENT_SCORES, Chunk, group_by_document
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import CONTEXTS, Chunker, Context
@@ -70,18 +77,43 @@ LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.
 
 
 class Lazy(Generic[T]):
-    """`factory()`, made once on first use (by whichever thread asks first) and then kept."""
+    """`factory()`, made once on first use (by whichever thread asks first) and then kept; `start()` makes
+    it in a background thread instead, and `ready()` says whether it is made (a server answers "loading"
+    meanwhile rather than hold a request)."""
 
     def __init__(self, factory: Callable[[], T]):
         self._factory = factory
         self._made: list[T] = []
         self._lock = threading.Lock()
+        self._state = threading.Lock()  # guards _loading and error, never held while making
+        self._loading = False  # a background make is under way
+        self.error: BaseException | None = None  # why the last background make failed (None: it did not)
 
     def __call__(self) -> T:
         with self._lock:
             if not self._made:
                 self._made.append(self._factory())
             return self._made[0]
+
+    def ready(self) -> bool:
+        return bool(self._made)
+
+    def start(self) -> None:
+        """Make it in a daemon thread unless made or being made; a failure is kept in `error`."""
+        with self._state:
+            if self._made or self._loading:
+                return
+            self._loading, self.error = True, None
+            threading.Thread(target=self._make, daemon=True, name="memsvc-load-model").start()
+
+    def _make(self) -> None:
+        error = None
+        try:
+            self()
+        except BaseException as exc:  # noqa: BLE001 - reported to the next caller, not lost in a thread
+            error = exc
+        with self._state:
+            self._loading, self.error = False, error
 
 
 def content_hash(document: Document) -> str:
@@ -98,6 +130,7 @@ class Collection:
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
         self._lock = threading.Lock()  # one writer at a time
+        self._view = RWLock()  # what readers see: SQL rows, published vector ids and BM25 change together
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
@@ -120,22 +153,27 @@ class Collection:
                     .options(selectinload(DocumentRow.chunks)))}
             changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
             written: list[str] = []
+            committed = False
             try:
                 rows = self._store(changed, chunks, old, written)
-                with self._sessions.begin() as session:
-                    replaced = [old[d.id].id for d in changed if d.id in old]
-                    session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
-                    session.add_all(rows)
+                indexed = list(self._indexed(c for d in changed for c in chunks[d.id]))
+                terms = self.bm25.tokenized(indexed)  # before readers wait
+                with self._view.write():
+                    with self._sessions.begin() as session:
+                        replaced = [old[d.id].id for d in changed if d.id in old]
+                        session.execute(delete(DocumentRow).where(DocumentRow.id.in_(replaced)))
+                        session.add_all(rows)
+                    committed = True
+                    self.dense.publish(_vector_ids(rows))
+                    self.bm25.add(indexed, terms)
             except BaseException:
-                for partition in written:
+                for partition in [] if committed else written:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
                         self.memory.delete(partition=partition)
                 raise
-            self.dense.publish(_vector_ids(rows))
-            for document in changed:
+            for document in changed:  # unpublished now: dense search skips them until they are gone
                 if document.id in old:
                     self.memory.delete(partition=old[document.id].partition)
-            self.bm25.add(self._indexed(c for d in changed for c in chunks[d.id]))
         return UpsertResult(added=[d.id for d in changed if d.id not in old],
                             updated=[d.id for d in changed if d.id in old],
                             unchanged=[d.id for d in documents if d not in changed],
@@ -148,23 +186,26 @@ class Collection:
     def delete(self, document_id: str) -> None:
         """Delete a document: its SQL rows first (it is gone once that commits), then its vectors."""
         with self._lock:
-            with self._sessions.begin() as session:
-                row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
-                if row is None:
-                    raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
-                session.delete(row)
-            self.dense.publish({document_id: None})
+            with self._view.write():
+                with self._sessions.begin() as session:
+                    row = session.scalar(self._documents().where(DocumentRow.document_id == document_id))
+                    if row is None:
+                        raise NotFound(f"collection '{self.name}' has no document {document_id!r}", "document_id")
+                    session.delete(row)
+                self.dense.publish({document_id: None})
+                self.bm25.remove(document_id)
             self.memory.delete(partition=row.partition)
-            self.bm25.remove(document_id)
 
     def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid", group_by: str | None = None,
                score: str = "max") -> list[DocumentHit]:
-        """The k best chunks for the query with their text and document metadata, best first.
+        """The k best chunks for the query with their text and document metadata, best first; all of one
+        version of each document (the one committed when the search began).
 
-        `group_by="document"` (None or "chunk": chunks, the default) ranks documents instead (for questions whose answer is a document): one hit
-        per document, its best chunk, scored by `score` over the document's chunks among the top
-        max(k * 5, 50): "max" (its best chunk's score; the default, as bench/results/retrieval_v2.md
-        found sums favour long documents) or "sum" (`retrievers.base.group_by_document`)."""
+        `group_by="document"` (None or "chunk": chunks, the default) ranks documents instead, for questions
+        whose answer is a document: one hit per document, its best chunk, scored by `score` over the
+        document's chunks among the top max(k * 5, 50): "max" (its best chunk's score; the default, as
+        bench/results/retrieval_v2.md found sums favour long documents) or "sum"
+        (`retrievers.base.group_by_document`)."""
         if mode not in SEARCH_MODES:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
         if group_by not in (None, "chunk", "document"):
@@ -172,14 +213,15 @@ class Collection:
         if score not in DOCUMENT_SCORES:
             raise InvalidInput(f"score must be one of {', '.join(DOCUMENT_SCORES)}, got {score!r}", "score")
         k = check_k(k)
-        if group_by == "document":
-            hits = group_by_document(self.hybrid.search(query, max(k * 5, 50), mode), k, score)
-        else:
-            hits = self.hybrid.search(query, k, mode)
-        with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
-            found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
-                                    .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
-            rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
+        with self._view.read():
+            if group_by == "document":
+                hits = group_by_document(self.hybrid.search(query, max(k * 5, 50), mode), k, score)
+            else:
+                hits = self.hybrid.search(query, k, mode)
+            with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
+                found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
+                                        .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
+                rows = {c.chunk_id: (c, d) for c, d in found if d.collection_id == self.row_id}
         return [DocumentHit(h.document_id, h.chunk_id, h.score, rows[h.chunk_id][0].text, rows[h.chunk_id][0].section,
                             rows[h.chunk_id][1].meta) for h in hits if h.chunk_id in rows]
 
@@ -190,6 +232,14 @@ class Collection:
 
         model, tokenizer = self._language_model()
         return ask(self, model, tokenizer, question, k, max_new_tokens)
+
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` with the answer's text pieces as they decode (`lm.rag.ask_stream`); the model loads and the
+        passages are retrieved before this returns."""
+        from lm.rag import ask_stream
+
+        model, tokenizer = self._language_model()
+        return ask_stream(self, model, tokenizer, question, k, max_new_tokens)
 
     def stats(self) -> CollectionStats:
         return CollectionStats(self.name, len(self.dense.vector_ids), len(self.bm25))
@@ -215,6 +265,8 @@ class Collection:
             if not isinstance(document.metadata, dict):
                 raise InvalidInput("metadata must be a JSON object", f"{where}.metadata")
             check_json(document.metadata, f"{where}.metadata")
+            if isinstance(document.text, str):
+                check_unicode(document.text, f"{where}.text")
             if isinstance(document.text, str) and len(document.text.encode()) > MAX_DOCUMENT_BYTES:
                 raise TooLarge(f"document {document.id!r} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB; split it",
                                f"{where}.text")
@@ -311,6 +363,11 @@ class Collections:
             self._open.pop(name, None)
         with suppress(NotFound):
             self.memories.delete_memory(MEMORY_PREFIX + name)
+
+    @property
+    def language_model(self) -> Lazy[LanguageModel]:
+        """The model of ask, made on first use (or in the background after `language_model.start()`)."""
+        return self._language_model
 
     @property
     def encoder(self) -> SentenceEncoder:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from memsvc.contract import InvalidInput, check_k
+from memsvc.contract import InvalidInput, check_k, check_unicode
 
 __all__ = ["DOCUMENT_SCORES", "Chunk", "ChunkIndex", "Hit", "Retriever", "Scorer", "by_document", "check_k",
            "check_query", "document_of", "group_by_document"]
@@ -75,7 +75,7 @@ class Scorer(Retriever, Protocol):
 def check_query(query: Any) -> str:
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("query must be a non-empty string", "query")
-    return query
+    return check_unicode(query, "query")
 
 
 def by_document(chunks: Iterable[Chunk]) -> dict[str, list[Chunk]]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from memsvc.contract import InvalidInput, MemoryBackend, MemorySpec
+from memsvc.contract import MAX_K, InvalidInput, MemoryBackend, MemorySpec
 from retrievers.base import Chunk, Hit, by_document, check_k, check_query, document_of
 
 if TYPE_CHECKING:
@@ -242,11 +242,24 @@ class DenseRetriever:
         self._embed = lru_cache(maxsize=256)(self._embed_query)  # hybrid search embeds a query twice
 
     def search(self, query: str, k: int) -> list[Hit]:
+        """The k published chunks nearest the query, best first. The memory may also hold vectors that are
+        not (or no longer) published, e.g. a collection's new document version before its commit, or the
+        version it replaced before its partition is dropped; those are skipped by vector id, searching
+        deeper (doubling, up to MAX_K) until k published ones are found or the memory has no more, so a
+        chunk never comes back twice, nor from an unpublished version."""
         query, k = check_query(query), check_k(k)
-        result = self.index.memory.search(self._embed(query), k)
-        payloads = result.payloads[0] if result.payloads else []  # an empty memory stores no payloads
-        return [Hit(chunk_id, document_of(chunk_id), 1.0 - float(d))
-                for i, d, chunk_id in zip(result.ids[0], result.distances[0], payloads) if i >= 0]
+        embedded, fetch = self._embed(query), k
+        while True:
+            published = self.index.vector_ids
+            result = self.index.memory.search(embedded, fetch)
+            payloads = result.payloads[0] if result.payloads else []  # an empty memory stores no payloads
+            found = [(int(i), float(d), chunk_id) for i, d, chunk_id in zip(result.ids[0], result.distances[0],
+                                                                            payloads) if i >= 0]
+            hits = [Hit(chunk_id, document_of(chunk_id), 1.0 - d) for i, d, chunk_id in found
+                    if published.get(document_of(chunk_id), {}).get(chunk_id) == i]
+            if len(hits) >= k or len(found) < fetch or fetch >= MAX_K:
+                return hits[:k]
+            fetch = min(2 * fetch, MAX_K)
 
     def score(self, query: str, chunk_ids: Sequence[str]) -> list[Hit]:
         query = check_query(query)

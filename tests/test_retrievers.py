@@ -493,6 +493,22 @@ def test_document_scores_rank_documents_from_chunk_hits():
     assert err.value.field == "score"
 
 
+def test_dense_search_skips_vectors_not_published(tiny_encoder):
+    """A new version's vectors stored before it is published (a collection before its commit) hold the
+    unchanged chunks a second time: search skips them and still finds k distinct chunks (issue 12 #3)."""
+    index = dense_index(tiny_encoder)
+    dense = DenseRetriever(index)
+    v1 = [chunk("a", i, f"alpha text number {i}") for i in range(4)] + [chunk("b", 0, "bravo")]
+    index.add(v1)
+    published = {h.chunk_id: h.score for h in dense.search("alpha text number 1", 5)}
+    index.store(v1[:4] + [chunk("a", 4, "alpha text number 1")], partition="next")  # not published
+    assert len(index.memory) == 10
+    for k in (1, 3, 5, 8):
+        hits = dense.search("alpha text number 1", k)
+        assert len(hits) == min(k, 5) and len({h.chunk_id for h in hits}) == len(hits)
+        assert all(published[h.chunk_id] == h.score for h in hits)
+
+
 def test_dense_needs_a_matching_cosine_memory(tiny_encoder):
     spec = DenseIndex.spec("m", tiny_encoder)
     with pytest.raises(InvalidInput) as err:
