@@ -4,7 +4,7 @@ the answer's text pieces as they decode (what the REST route sends as server-sen
 
 The retriever is anything with `search(query, k) -> [DocumentHit]`: an in-process
 `memsvc.collections.Collection` or a `memsvc.client.RemoteCollection`. Citations list every passage the
-model was given, each marked `cited` when the answer refers to it as [n].
+model was given, with its text and section, each marked `cited` when the answer refers to it as [n].
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qu
 
 def citations(answer: str, passages: Sequence[DocumentHit]) -> list[Citation]:
     cited = {int(n) for n in CITATION.findall(answer)}
-    return [Citation(n, p.document_id, p.chunk_id, p.score, n in cited) for n, p in enumerate(passages, start=1)]
+    return [Citation(n, p.document_id, p.chunk_id, p.score, n in cited, p.text, p.section)
+            for n, p in enumerate(passages, start=1)]
 
 
 def trimmed(pieces: Iterator[str]) -> Iterator[str]:

@@ -14,8 +14,12 @@ version of a document owns one memory partition (a fresh random name kept on its
   SIGKILL mid-ingest) can leave behind: nothing is ever half-visible, and a document is either its old
   or its new version.
 
-An unchanged document (same sha256 of text and metadata) is skipped. BM25 state is rebuilt from the
-SQL chunks when a collection is first opened (bench numbers in the report); the collection writes chunk
+An unchanged document (same sha256 of text and metadata) is skipped. A changed one is embedded only where
+its chunks changed: each chunk row keeps its vector's embedding cache key (sha256 of the embedder's name
+and the text embedded), and the new version copies the old version's vector of a chunk with the same key.
+A collection may embed and BM25-index its chunks with their document title or heading trail
+(`context`, `retrievers.chunking.Chunker.contextual`); plain chunks by default (bench/results/retrieval_v2.md).
+BM25 state is rebuilt from the SQL chunks when a collection is first opened (bench numbers in the report); the collection writes chunk
 vectors through its `DenseIndex` (the one writer of dense vectors) and publishes a version's vector ids
 once its rows commit; dense search reads the memory. `ask` answers from the best passages with the language model (`lm.rag`), loaded on first use.
 `Collections` are the collections of a `memsvc.service.Service`, which offers them through the `Client`
@@ -29,6 +33,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine, delete, select
@@ -60,9 +65,9 @@ from memsvc.contract import (
 )
 from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
 from memsvc.store.rwlock import RWLock
-from retrievers.base import Chunk
+from retrievers.base import DOCUMENT_SCORES, Chunk, group_by_document
 from retrievers.bm25 import BM25Retriever
-from retrievers.chunking import Chunker
+from retrievers.chunking import CONTEXTS, Chunker, Context
 from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
 from retrievers.hybrid import HybridRetriever
 
@@ -129,8 +134,9 @@ class Collection:
         self.bm25 = BM25Retriever()
         with sessions() as session:
             documents = session.scalars(self._documents().options(selectinload(DocumentRow.chunks))).all()
-            self.dense = DenseIndex(memory, encoder, _vector_ids(documents), batch=EMBED_BATCH)
-            self.bm25.add(_chunks(documents))
+            self.dense = DenseIndex(memory, encoder, _vector_ids(documents), batch=EMBED_BATCH,
+                                    embed_text=chunker.contextual if chunker.context else None)
+            self.bm25.add(self._indexed(_chunks(documents)))
             committed = {d.partition for d in documents}
         for partition in self.memory.stats().partitions:  # left by an upsert that never committed
             if partition.name is not None and partition.name not in committed:
@@ -143,13 +149,15 @@ class Collection:
         with self._lock:
             with self._sessions() as session:
                 old = {d.document_id: d for d in session.scalars(
-                    self._documents().where(DocumentRow.document_id.in_([d.id for d in documents])))}
+                    self._documents().where(DocumentRow.document_id.in_([d.id for d in documents]))
+                    .options(selectinload(DocumentRow.chunks)))}
             changed = [d for d in documents if d.id not in old or old[d.id].content_hash != content_hash(d)]
             written: list[str] = []
             committed = False
             try:
-                rows = [self._store(d, chunks[d.id], written) for d in changed]
-                terms = self.bm25.tokenized(c for d in changed for c in chunks[d.id])  # before readers wait
+                rows = self._store(changed, chunks, old, written)
+                indexed = list(self._indexed(c for d in changed for c in chunks[d.id]))
+                terms = self.bm25.tokenized(indexed)  # before readers wait
                 with self._view.write():
                     with self._sessions.begin() as session:
                         replaced = [old[d.id].id for d in changed if d.id in old]
@@ -157,7 +165,7 @@ class Collection:
                         session.add_all(rows)
                     committed = True
                     self.dense.publish(_vector_ids(rows))
-                    self.bm25.add((c for d in changed for c in chunks[d.id]), terms)
+                    self.bm25.add(indexed, terms)
             except BaseException:
                 for partition in [] if committed else written:
                     with suppress(Exception):  # what stays behind is dropped when the collection next opens
@@ -188,14 +196,28 @@ class Collection:
                 self.bm25.remove(document_id)
             self.memory.delete(partition=row.partition)
 
-    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid", group_by: str | None = None,
+               score: str = "max") -> list[DocumentHit]:
         """The k best chunks for the query with their text and document metadata, best first; all of one
-        version of each document (the one committed when the search began)."""
+        version of each document (the one committed when the search began).
+
+        `group_by="document"` (None or "chunk": chunks, the default) ranks documents instead, for questions
+        whose answer is a document: one hit per document, its best chunk, scored by `score` over the
+        document's chunks among the top max(k * 5, 50): "max" (its best chunk's score; the default, as
+        bench/results/retrieval_v2.md found sums favour long documents) or "sum"
+        (`retrievers.base.group_by_document`)."""
         if mode not in SEARCH_MODES:
             raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}", "mode")
+        if group_by not in (None, "chunk", "document"):
+            raise InvalidInput(f"group_by must be 'chunk' or 'document', got {group_by!r}", "group_by")
+        if score not in DOCUMENT_SCORES:
+            raise InvalidInput(f"score must be one of {', '.join(DOCUMENT_SCORES)}, got {score!r}", "score")
         k = check_k(k)
         with self._view.read():
-            hits = self.hybrid.search(query, k, mode)
+            if group_by == "document":
+                hits = group_by_document(self.hybrid.search(query, max(k * 5, 50), mode), k, score)
+            else:
+                hits = self.hybrid.search(query, k, mode)
             with self._sessions() as session:  # by chunk id alone, or SQLite reads every chunk of the collection
                 found = session.execute(select(ChunkRow, DocumentRow).join(DocumentRow)
                                         .where(ChunkRow.chunk_id.in_([h.chunk_id for h in hits])))
@@ -225,6 +247,12 @@ class Collection:
     def _documents(self):
         return select(DocumentRow).where(DocumentRow.collection_id == self.row_id)
 
+    def _indexed(self, chunks: Iterable[Chunk]) -> Iterable[Chunk]:
+        """The chunks as BM25 indexes them: with their context prefix if the collection has one."""
+        if not self.chunker.context:
+            return chunks
+        return (replace(c, text=self.chunker.contextual(c)) for c in chunks)
+
     def _checked(self, documents: Sequence[Document]) -> dict[str, list[Chunk]]:
         """Every document's chunks, or the first input error before anything is stored."""
         if not documents:
@@ -248,16 +276,26 @@ class Collection:
                 raise InvalidInput(exc.message, f"{where}.{exc.field}") from None
         return chunks
 
-    def _store(self, document: Document, chunks: list[Chunk], written: list[str]) -> DocumentRow:
-        """Embed and store one document version's vectors in a new partition; its (uncommitted) row."""
-        partition = uuid.uuid4().hex
-        written.append(partition)
-        vector_ids = self.dense.store(chunks, partition)
-        return DocumentRow(collection_id=self.row_id, document_id=document.id, content_hash=content_hash(document),
-                           partition=partition, meta=document.metadata,
-                           chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text, vector_id=v)
-                                   for n, (c, v) in enumerate(zip(chunks, vector_ids))])
-
+    def _store(self, documents: Sequence[Document], chunks: dict[str, list[Chunk]], old: dict[str, DocumentRow],
+               written: list[str]) -> list[DocumentRow]:
+        """Store each document version's vectors in a new partition; their (uncommitted) rows. The chunks of
+        all the documents are embedded together (batches sorted by length); a chunk whose embedding cache key
+        its document's previous version (`old`) holds gets a copy of that vector instead."""
+        partitions = {d.id: uuid.uuid4().hex for d in documents}
+        written.extend(partitions.values())
+        every = [c for d in documents for c in chunks[d.id]]
+        keys = [self.dense.key_of(c) for c in every]
+        reuse = {c.embed_key: c.vector_id for d in documents if d.id in old for c in old[d.id].chunks if c.embed_key}
+        vector_ids = iter(zip(keys, self.dense.store(every, [partitions[c.document_id] for c in every], reuse, keys)))
+        rows = []
+        for d in documents:
+            stored = [next(vector_ids) for _ in chunks[d.id]]
+            rows.append(DocumentRow(collection_id=self.row_id, document_id=d.id, content_hash=content_hash(d),
+                                    partition=partitions[d.id], meta=d.metadata,
+                                    chunks=[ChunkRow(chunk_id=c.id, position=n, section=c.section, text=c.text,
+                                                     vector_id=v, embed_key=key)
+                                            for n, (c, (key, v)) in enumerate(zip(chunks[d.id], stored))]))
+        return rows
 
 def _chunks(documents: Iterable[DocumentRow]) -> Iterable[Chunk]:
     return (Chunk(c.chunk_id, d.document_id, c.text, c.section) for d in documents for c in d.chunks)
@@ -282,12 +320,16 @@ class Collections:
         self._open: dict[str, Collection] = {}
         self._lock = threading.RLock()
 
-    def create(self, name: str) -> Collection:
-        """A new, empty collection; 409 if the name is taken."""
+    def create(self, name: str, context: Context | None = None) -> Collection:
+        """A new, empty collection; 409 if the name is taken. `context` ("title", "trail" or None, the
+        default: plain chunks) makes it embed and BM25-index each chunk after its document title or
+        heading trail (`retrievers.chunking.Chunker.contextual`); it is kept with the collection."""
         name = check_collection_name(name)
+        if context not in (None, *CONTEXTS):
+            raise InvalidInput(f"context must be one of {', '.join(CONTEXTS)} or none, got {context!r}", "context")
         try:
             with self._sessions.begin() as session:
-                session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name))
+                session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name, context=context))
         except IntegrityError:
             raise AlreadyExists(f"collection '{name}' already exists", "name") from None
         spec = DenseIndex.spec(MEMORY_PREFIX + name, self.encoder)
@@ -306,7 +348,8 @@ class Collections:
                 if row is None:
                     raise NotFound(f"collection '{name}' not found", "name")
                 self._open[name] = Collection(name, row.id, self.memories.memory(row.memory), self._sessions,
-                                              self.encoder, Chunker(self.encoder.tokenizer), self._language_model)
+                                              self.encoder, Chunker(self.encoder.tokenizer, context=row.context),
+                                              self._language_model)
             return self._open[name]
 
     def list(self) -> list[str]:

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess, talking_llama
+from test_retrievers import CountingEncoder
 
 from memsvc.client import MemoryClient, RemoteCollection
 from memsvc.config import Settings
@@ -79,6 +80,67 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_service):
     top = col.search("__enter__ with statement", k=1, mode="bm25")[0]
     assert (top.document_id, top.metadata, top.section) == ("b.md", {"source": "b.md"}, "Context managers")
     assert top.chunk_id.startswith("b.md#")
+
+
+GUIDE = "# Guide\n\nIntro to the guide.\n\n## Install\n\nRun pip install memsvc.\n\n## Use\n\nCall search.\n"
+
+
+def test_a_changed_document_embeds_only_its_changed_chunks_also_after_restart(tmp_path, tiny_encoder):
+    encoder = CountingEncoder(tiny_encoder)
+    service = Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: encoder)
+    col = service.create_collection("docs")
+    col.upsert([Document("guide.md", GUIDE)])
+    assert len(encoder.texts) == 3
+    encoder.texts.clear()
+    edited = GUIDE.replace("Call search.", "Call search or ask.")
+    assert col.upsert([Document("guide.md", edited)]).chunks == 3
+    assert encoder.texts == ["## Use\n\nCall search or ask."]  # the two unchanged chunks were copied
+    assert col.memory.stats().count == 3 and len(col.memory.stats().partitions) == 1
+    top = col.search("## Install\n\nRun pip install memsvc.", k=1, mode="dense")[0]  # its copied vector
+    assert top.text == "## Install\n\nRun pip install memsvc." and top.score == pytest.approx(1.0, abs=1e-5)
+    service.close()
+    encoder.texts.clear()
+    service = Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: encoder)
+    col = service.collection("docs")  # the keys are in the catalog: a restart keeps the cache
+    col.upsert([Document("guide.md", "# Guide\n\nA new intro.\n" + edited[len("# Guide\n\nIntro to the guide.\n"):])])
+    assert encoder.texts == ["# Guide\n\nA new intro."]
+    service.close()
+
+
+def test_search_by_document_gives_one_hit_per_document(open_service):
+    col = open_service().create_collection("docs")
+    col.upsert([Document("guide.md", GUIDE.replace("Call search.", "Call pip search.")), *docs()])
+    chunks = col.search("pip install", k=10, mode="bm25")
+    assert [h.document_id for h in chunks] == ["guide.md", "guide.md"]
+    grouped = col.search("pip install", k=10, mode="bm25", group_by="document")
+    assert [(h.document_id, h.chunk_id, h.text) for h in grouped] == [("guide.md", chunks[0].chunk_id, chunks[0].text)]
+    hybrid = col.search("a generator function", k=2, mode="hybrid", group_by="document", score="sum")
+    assert len(hybrid) == 2 and len({h.document_id for h in hybrid}) == 2
+    with pytest.raises(InvalidInput) as err:
+        col.search("pip", group_by="section")
+    assert err.value.field == "group_by"
+    for group_by in ("document", None):
+        with pytest.raises(InvalidInput) as err:
+            col.search("pip", group_by=group_by, score="mean")
+        assert err.value.field == "score"
+
+
+def test_a_contextual_collection_indexes_chunks_with_their_title_and_keeps_the_setting(open_service):
+    service = open_service()
+    col = service.collections.create("ctx", context="title")
+    col.upsert([Document("guide.md", GUIDE)])
+    hits = col.search("guide", k=5, mode="bm25")  # only the first chunk says "guide"; the title is in all
+    assert len(hits) == 3 and all("Guide\n" not in h.text.split("# Guide")[0] for h in hits)
+    assert {h.text for h in hits} == {"# Guide\n\nIntro to the guide.", "## Install\n\nRun pip install memsvc.",
+                                      "## Use\n\nCall search."}  # what a search returns stays plain
+    plain = service.create_collection("plain")
+    plain.upsert([Document("guide.md", GUIDE)])
+    assert len(plain.search("guide", k=5, mode="bm25")) == 1
+    with pytest.raises(InvalidInput) as err:
+        service.collections.create("bad", context="heading")
+    assert err.value.field == "context" and "bad" not in service.list_collections()
+    reopened = open_service().collection("ctx")
+    assert reopened.chunker.context == "title" and len(reopened.search("guide", k=5, mode="bm25")) == 3
 
 
 def test_collections_with_the_same_documents_answer_from_their_own(open_service):

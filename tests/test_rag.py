@@ -38,6 +38,7 @@ def test_citations_mark_what_the_answer_cites():
     cited = citations("It is X [2], see also [2] and [7].", [hit(1), hit(2), hit(3)])
     assert [(c.n, c.chunk_id, c.cited) for c in cited] == [
         (1, "doc1.md#0-abc", False), (2, "doc2.md#0-abc", True), (3, "doc3.md#0-abc", False)]
+    assert [(c.text, c.section) for c in citations("[1]", [hit(1, "Intro")])] == [("text of passage 1", "Intro")]
 
 
 def test_ask_decodes_the_prompt_through_the_generation_loop(collection):
@@ -45,7 +46,8 @@ def test_ask_decodes_the_prompt_through_the_generation_loop(collection):
     question = "What is a generator?"
     answer = ask(collection, model, tokenizer, question, k=2, max_new_tokens=6)
     passages = collection.search(question, 2)
-    assert [c.chunk_id for c in answer.citations] == [p.chunk_id for p in passages]
+    assert [(c.chunk_id, c.text, c.section) for c in answer.citations] == [(p.chunk_id, p.text, p.section)
+                                                                           for p in passages]  # what it read
     expected = "".join(generate(model, tokenizer, build_prompt(question, passages), chat=True, system=SYSTEM,
                                 max_new_tokens=6)).strip()
     assert answer.answer == expected

@@ -136,6 +136,8 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
             for document, outcome in upsert_each(col, documents, counts):
                 if isinstance(outcome, MemsvcError):
                     skip(document.id, outcome.message, counts)
+            progress.set_postfix(chunks=counts["chunks"],  # chunks/s: embedding is the slow part
+                                 chunks_per_s=f"{counts['chunks'] / max(progress.format_dict['elapsed'], 1e-9):.1f}")
             progress.update(len(files[start:start + batch]))
     typer.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
     if counts["skipped"]:

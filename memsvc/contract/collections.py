@@ -60,13 +60,16 @@ class CollectionStats:
 
 @dataclass(frozen=True)
 class Citation:
-    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
+    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n];
+    `text` and `section` are the passage as the model read it (empty from a server that predates them)."""
 
     n: int
     document_id: str
     chunk_id: str
     score: float
     cited: bool
+    text: str = ""
+    section: str = ""
 
 
 @dataclass(frozen=True)
