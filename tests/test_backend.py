@@ -584,15 +584,19 @@ def test_ef_search_per_query_and_per_memory_changes_recall(make, request):
     np.testing.assert_array_equal(mem.search(queries, 10, ef_search=10).ids, narrow.ids)  # per query wins
 
 
-def test_nprobe_per_query_and_per_memory(make):
-    """nprobe 1 of 8 lists finds fewer true neighbours than all 8; set_search_params keeps the value."""
+def test_nprobe_per_query_and_per_memory(make, request):
+    """nprobe 1 of 8 lists finds fewer true neighbours than all 8; set_search_params keeps the value. The
+    Milvus server searches a growing segment exactly, so there only the calls are checked."""
     mem = make(index="ivfpq", nlist=8, train_size=512, nprobe=8, pq_m=4)
     keys, queries = vecs(1000, seed=5), vecs(30, seed=6)
     mem.add(keys)
     wait_trained(mem)
     truth, _ = exact(keys, queries, "l2", 10)
     one, all_ = mem.search(queries, 10, nprobe=1), mem.search(queries, 10, nprobe=8)
-    assert recall(one.ids, truth) <= recall(all_.ids, truth) - 0.1
+    exact_anyway = request.node.callspec.params["make"].startswith("milvus") or (
+        MILVUS_CONFIGURED and request.node.callspec.params["make"] in ("durable", "remote"))
+    if not exact_anyway:
+        assert recall(one.ids, truth) <= recall(all_.ids, truth) - 0.1
     mem.set_search_params(nprobe=1)
     assert mem.spec.nprobe == 1 and mem.stats().nprobe == 1
     np.testing.assert_array_equal(mem.search(queries, 10).ids, one.ids)
