@@ -233,8 +233,10 @@ def delete_document_call(name: str, document_id: str) -> Call:
     return Call("DELETE", _collection_path(name, "documents", quote(document_id, safe="")))
 
 
-def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
-    return _json_call("POST", _collection_path(name, "search"), {"query": query, "k": k, "mode": mode},
+def collection_search_call(name: str, query: str, k: int, mode: str, group_by: str | None = None,
+                           score: str = "max") -> Call:
+    body = {"query": query, "k": k, "mode": mode, "group_by": group_by, "score": score}
+    return _json_call("POST", _collection_path(name, "search"), body,
                       lambda f: [DocumentHit(**hit) for hit in f["hits"]])
 
 
@@ -525,8 +527,9 @@ class RemoteCollection:
     def delete(self, document_id: str) -> None:
         self.client.send(delete_document_call(self.name, document_id))
 
-    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
-        return self.client.send(collection_search_call(self.name, query, k, mode))
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid", group_by: str | None = None,
+               score: str = "max") -> list[DocumentHit]:
+        return self.client.send(collection_search_call(self.name, query, k, mode, group_by, score))
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
@@ -672,8 +675,9 @@ class AsyncRemoteCollection:
     async def delete(self, document_id: str) -> None:
         await self.client.send(delete_document_call(self.name, document_id))
 
-    async def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
-        return await self.client.send(collection_search_call(self.name, query, k, mode))
+    async def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid", group_by: str | None = None,
+                     score: str = "max") -> list[DocumentHit]:
+        return await self.client.send(collection_search_call(self.name, query, k, mode, group_by, score))
 
     async def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return await self.client.send(ask_call(self.name, question, k, max_new_tokens))

@@ -419,6 +419,21 @@ def test_async_client_collection_round_trip(tmp_path, tiny_encoder):
     asyncio.run(main())
 
 
+def test_rest_search_by_document_equals_the_embedded_one(api, open_service):
+    """group_by/score travel through REST and RemoteCollection and answer as the embedded collection does."""
+    http, client = api
+    remote, local = client.create_collection("bydoc"), open_service().create_collection("bydoc")
+    for col in (remote, local):
+        col.upsert([Document("guide.md", GUIDE.replace("Call search.", "Call pip search.")), *docs()])
+    for options in ({"group_by": "document"}, {"group_by": "document", "score": "sum"}, {}):
+        assert remote.search("pip install", k=10, mode="bm25", **options) == \
+            local.search("pip install", k=10, mode="bm25", **options)
+    assert [h.document_id for h in remote.search("pip install", k=10, mode="bm25", group_by="document")] == \
+        ["guide.md"]
+    bad = http.post("/v1/collections/bydoc/search", json={"query": "pip", "group_by": "section"})
+    assert error(bad, 422)["field"] == "group_by"
+
+
 def test_rest_bad_input(api):
     http, client = api
     client.create_collection("docs").add_documents(docs())

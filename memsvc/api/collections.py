@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -72,6 +72,10 @@ class CollectionSearchRequest(Body):
     query: str
     k: int = Field(10, gt=0)
     mode: SearchMode = "hybrid"
+    group_by: Literal["chunk", "document"] | None = Field(
+        None, description="document: the k best documents, each as its best chunk (default: chunks)")
+    score: Literal["max", "sum"] = Field("max", description="with group_by=document: a document's score over "
+                                                           "its chunks' scores")
 
 
 class AskRequest(Body):
@@ -143,9 +147,10 @@ def delete_document(document_id: str, collection: CollectionDep) -> None:
 @router.post("/{name}/search", response_model=CollectionSearchResponse,
              responses=error_responses(*COLLECTION, *JSON_BODY))
 def search(body: CollectionSearchRequest, collection: CollectionDep, settings: SettingsDep) -> CollectionSearchResponse:
-    """The k best chunks for the query, best first."""
+    """The k best chunks (or with `group_by=document`, documents) for the query, best first."""
     check_max_k(body.k, settings)
-    return CollectionSearchResponse(hits=collection.search(body.query, body.k, body.mode))
+    return CollectionSearchResponse(hits=collection.search(body.query, body.k, body.mode, body.group_by,
+                                                           body.score))
 
 
 ANSWER = TypeAdapter(Answer)

@@ -40,8 +40,11 @@ class CollectionBackend(Protocol):
 
     def delete(self, document_id: str) -> None: ...
 
-    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
-        """The k best chunks for the query with their text and document metadata, best first."""
+    def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid", group_by: str | None = None,
+               score: str = "max") -> list[DocumentHit]:
+        """The k best chunks for the query with their text and document metadata, best first;
+        `group_by="document"`: the k best documents instead, each as its best chunk, scored by `score`
+        ("max" or "sum") over its chunks."""
         ...
 
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
