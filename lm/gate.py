@@ -61,3 +61,30 @@ class Gate(nn.Module):
             return cls(torch.tensor(data["bias"]), torch.tensor(data["log_scale"]), data.get("meta"))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{path} is not a gate parameter file: {exc}", "gate") from None
+
+
+class MemoryBias(nn.Module):
+    """The gate of block memory (`lm.blocks`): bias [layers, heads] added to each head's retrieved logits inside
+    the joint softmax over local and retrieved entries. 0 is exactly joint attention, the untrained mode;
+    a positive bias trusts the (re-positioned) memory more than the local window, a negative one less."""
+
+    def __init__(self, bias: torch.Tensor, meta: dict[str, Any] | None = None):
+        super().__init__()
+        if bias.ndim != 2:
+            raise InvalidInput(f"memory bias must be [layers, heads], got {list(bias.shape)}", "gate")
+        self.bias = nn.Parameter(bias.float())
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def initial(cls, model: PreTrainedModel) -> MemoryBias:
+        """Zero bias: exactly joint attention."""
+        config = model.config.get_text_config(decoder=True)
+        return cls(torch.zeros(config.num_hidden_layers, config.num_attention_heads))
+
+    def check(self, model: PreTrainedModel) -> None:
+        """InvalidInput unless the bias is shaped [layers, heads] for `model`."""
+        config = model.config.get_text_config(decoder=True)
+        expected = (config.num_hidden_layers, config.num_attention_heads)
+        if tuple(self.bias.shape) != expected:
+            raise InvalidInput(f"memory bias is for {list(self.bias.shape)} layers x heads, the model has "
+                               f"{list(expected)}", "gate")

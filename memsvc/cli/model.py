@@ -164,6 +164,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              memory_attention: Annotated[bool, typer.Option(help="with --cache: what the cache evicts goes to an "
                                                                  "in-process kNN memory every layer attends to "
                                                                  "(top-32, see bench/results/longctx.md)")] = False,
+             memory_blocks: Annotated[int, typer.Option(help="with --memory-attention: memory in blocks of this "
+                                                             "many evicted tokens, retrieved whole (lm.blocks); 0: "
+                                                             "per-token")] = 0,
+             retrieved_blocks: Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, "
+                                                                "layer and KV head")] = 4,
+             positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
+                                                                "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
              model: Model = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
@@ -181,12 +188,16 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.cache import BoundedCache
         from lm.generate import check_sampling
         from lm.generate import generate as decode
-        from lm.memory_attention import KnnConfig
+        from lm.knn_config import KnnConfig, check_options
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
         check_sampling(max_new_tokens, temperature, top_p)
         check_settings(lam, temp, k)
+        memory_config = KnnConfig(blocks=memory_blocks, top_blocks=retrieved_blocks, positions=positions)
+        check_options(memory_config)
+        if not memory_attention and (memory_blocks or positions is not None):
+            raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
         text = read_prompt(prompt, prompt_file)
         policy = parse_cache_spec(cache) if cache is not None else None
         if memory_attention and policy is None:
@@ -196,7 +207,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
-            stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))
+            stack.enter_context(attach(model_, bounded, memory_config if memory_attention else None))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
         for piece in pieces:
