@@ -40,9 +40,12 @@ from transformers.cache_utils import Cache
 
 from lm.cache import BoundedCache
 from lm.gate import Gate
-from lm.knn_config import KnnConfig, check_options
+from lm.knn_config import KnnConfig, Mode, Positions, check_options
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
+
+__all__ = ["KnnConfig", "KnnMemoryAttention", "Mode", "Positions", "check_config", "check_session", "head_dim",
+           "session_memory"]  # Mode, Positions: re-exported from lm.knn_config
 
 
 def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:

@@ -227,3 +227,14 @@ def test_cli_rejects_bad_block_options_before_loading_the_model(no_model_load, t
     result = cli(command, *common, *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hf_bounded_cache_takes_block_memory(model, ids):
+    from lm.hf import bounded_cache
+
+    config = KnnConfig(blocks=4, top_blocks=N, precision="float32")
+    with bounded_cache(model, "window:8", knn=config) as sequences, torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        assert sequences.session.stored[0] > 0
+    with torch.inference_mode():
+        assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-4)
