@@ -160,7 +160,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
     for name, per_file in results.items():
         cells = " | ".join(f"{per_file[p]['perplexity']:.2f}" for p in pages)
         recovered = f"{100 * (base - ppl[name]) / (base - full):.0f}%" \
-            if base is not None and full is not None and name.startswith("knn") else ""
+            if base is not None and full is not None and name.startswith(("knn", "block")) else ""
         speed = np.mean([per_file[p]["tokens_per_s"] for p in pages])
         print(f"| {name} | {cells} | {ppl[name]:.2f} | {recovered} | {speed:.0f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
