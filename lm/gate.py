@@ -38,11 +38,7 @@ class Gate(nn.Module):
         return cls(torch.full(shape, INITIAL_BIAS), torch.zeros(shape))
 
     def check(self, model: PreTrainedModel) -> None:
-        config = model.config.get_text_config(decoder=True)
-        expected = (config.num_hidden_layers, config.num_attention_heads)
-        if tuple(self.bias.shape) != expected:
-            raise InvalidInput(f"gate is for {list(self.bias.shape)} layers x heads, the model has "
-                               f"{list(expected)}", "gate")
+        _check_shape(self.bias, model, "gate")
 
     def save(self, path: str | Path) -> None:
         data = {"bias": self.bias.tolist(), "log_scale": self.log_scale.tolist(), "meta": self.meta}
@@ -78,13 +74,19 @@ class MemoryBias(nn.Module):
     @classmethod
     def initial(cls, model: PreTrainedModel) -> MemoryBias:
         """Zero bias: exactly joint attention."""
-        config = model.config.get_text_config(decoder=True)
-        return cls(torch.zeros(config.num_hidden_layers, config.num_attention_heads))
+        return cls(torch.zeros(_layers_heads(model)))
 
     def check(self, model: PreTrainedModel) -> None:
         """InvalidInput unless the bias is shaped [layers, heads] for `model`."""
-        config = model.config.get_text_config(decoder=True)
-        expected = (config.num_hidden_layers, config.num_attention_heads)
-        if tuple(self.bias.shape) != expected:
-            raise InvalidInput(f"memory bias is for {list(self.bias.shape)} layers x heads, the model has "
-                               f"{list(expected)}", "gate")
+        _check_shape(self.bias, model, "memory bias")
+
+
+def _layers_heads(model: PreTrainedModel) -> tuple[int, int]:
+    config = model.config.get_text_config(decoder=True)
+    return config.num_hidden_layers, config.num_attention_heads
+
+
+def _check_shape(bias: torch.Tensor, model: PreTrainedModel, what: str) -> None:
+    expected = _layers_heads(model)
+    if tuple(bias.shape) != expected:
+        raise InvalidInput(f"{what} is for {list(bias.shape)} layers x heads, the model has {list(expected)}", "gate")
