@@ -181,33 +181,39 @@ class BlockMemoryAttention:
         distance = positions[-q:, None] - positions[None, :]
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
 
-        mem_logits, mem_values = self.retrieve(layer, query[0], tokens, positions, scaling)
+        group = self.config.query_group or q
+        retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
+                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+        mem_logits = torch.cat([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
-        out = weights[..., :n] @ value[0, :, None] + weights[..., n:] @ mem_values[:, None]
+        mem_weights = weights[..., n:].split(group, 2)
+        out = weights[..., :n] @ value[0, :, None] + torch.cat(
+            [w @ values[:, None] for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
-    def retrieve(self, layer: int, query: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [kv, g, q, r] (-inf on empty slots) and values [kv, r, d] of the blocks retrieved for the
-        queries [heads, q, d] (rotated at the view's last q positions); r = 0 while memory is empty."""
+        queries [heads, q, d] rotated at positions `at` [q] (some of the view's last positions; `place` frames
+        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty."""
         heads, q, d = query.shape
         store = self.stores[layer]
         if not store.count:
             kv = self.cache.layers[layer].keys.shape[1]
             return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
         kv = store.keys.shape[0]
-        frame = self.cache.rotate(query, self.cache.policy.budget - positions[-q:])  # keys just past the window
+        frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
         scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative)
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
         placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
         r = placed.shape[1]
         rotated = self.cache.rotate(keys.to(query.dtype).reshape(kv * r, d), placed.reshape(-1)).view(kv, r, d)
-        logits = query.view(kv, heads // kv, q, d) @ rotated[:, None].transpose(-1, -2) * scaling
+        logits = query.reshape(kv, heads // kv, q, d) @ rotated[:, None].transpose(-1, -2) * scaling
         self.max_distance = max(self.max_distance, int(positions[-1] - placed[valid].min()))
         return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values.to(query.dtype)
 

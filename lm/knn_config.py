@@ -10,7 +10,7 @@ Two memories share this config:
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
   contiguous blocks of B tokens; each block of queries retrieves its `top_blocks` best blocks whole
   (ranked by `representative`: "max" = the best query-key score over all the block's keys, "mean" = the
-  score of the block's mean key); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  score of the block's mean key; every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -48,6 +48,7 @@ class KnnConfig:
     top_blocks: int = 4  # block memory: blocks retrieved per block of queries, per layer and KV head
     representative: Representative = "max"  # block memory: how a block is ranked
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
+    query_group: int = 0  # block memory: queries of a forward that share one retrieval; 0: the whole forward
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -78,6 +79,9 @@ def check_options(config: KnnConfig) -> None:
     if config.representative not in REPRESENTATIVES:
         raise InvalidInput(f"block representative must be 'max' or 'mean', got {config.representative!r}",
                            "representative")
+    if not _whole(config.query_group) or config.query_group < 0:
+        raise InvalidInput(f"query group must be a non-negative integer (0: the whole forward), got "
+                           f"{config.query_group!r}", "query_group")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

@@ -71,12 +71,12 @@ def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, toke
         assert seen["tokens"] == list(range(2, N - 8))
 
 
-@pytest.mark.parametrize("positions", ["ordered", "hybrid", "absolute"])
+@pytest.mark.parametrize("positions, query_group", [("ordered", 0), ("hybrid", 0), ("absolute", 0), ("ordered", 3)])
 @pytest.mark.parametrize("token_by_token", [False, True])
-def test_retrieving_every_block_is_full_attention(model, ids, positions, token_by_token):
+def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token):
     """Reference: full attention. With no sinks, all of the history retrieved and in-range true distances,
     every position scheme puts each past token at its true distance from the query."""
-    config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32")
+    config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32", query_group=query_group)
     logits = run(model, ids, Window(8), config, token_by_token=token_by_token)
     with torch.inference_mode():
         full = model(input_ids=ids).logits
@@ -88,6 +88,10 @@ def test_a_few_blocks_change_what_the_window_predicts(model, ids):
     some = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2))
     assert not torch.allclose(some, alone, atol=1e-3)
     assert torch.allclose(some, run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2)))  # deterministic
+    one_query = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2), token_by_token=True)
+    grouped = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=1))
+    assert not torch.allclose(grouped, some, atol=1e-3)  # each query retrieves its own blocks, as in decoding
+    assert grouped[0, :10].allclose(one_query[0, :10], atol=1e-5)  # nothing evicted yet: the same
 
 
 @pytest.mark.parametrize("positions", ["ordered", "hybrid"])
@@ -167,6 +171,7 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, top_blocks=0)}, "top_blocks"),
     ({"config": KnnConfig(blocks=4, representative="median")}, "representative"),
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
+    ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
