@@ -92,13 +92,15 @@ SETTINGS: dict[str, Setting] = {
     "knn-edge": Setting(SINKS_POLICY, KnnConfig(k=32, positions="window")),
     "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
     "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
-    # block memory (lm.blocks): 64-token blocks, 4 retrieved per forward, layer and KV head (256 tokens)
-    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4)),
-    "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean")),
-    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid")),
-    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute")),
-    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8)),
-    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8)),
+    # block memory (lm.blocks): 64-token blocks, 4 retrieved per forward (or per 4 queries: -g4), layer and KV
+    # head (256 tokens), max representative, ordered positions
+    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0)),
+    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4)),
+    "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean", query_group=0)),
+    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0)),
+    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0)),
+    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0)),
+    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

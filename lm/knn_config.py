@@ -48,7 +48,7 @@ class KnnConfig:
     top_blocks: int = 4  # block memory: blocks retrieved per block of queries, per layer and KV head
     representative: Representative = "max"  # block memory: how a block is ranked
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
-    query_group: int = 0  # block memory: queries of a forward that share one retrieval; 0: the whole forward
+    query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
 
     def __post_init__(self) -> None:
         if self.positions is None:
