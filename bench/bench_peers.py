@@ -12,8 +12,8 @@ following documents are the queries. Computed once with `lm.knnlm.encode` and ca
 Each system, in its own process: insert all entries in batches of 1,000 (insert/s), then per setting
 recall@32 over every query against exact search, QPS at batch 1 and batch 64 (one client, one call at a
 time) and per-call p50/p99 at batch 1. Settings: each system's defaults, and its smallest setting that
-reaches recall@32 >= 0.97 (HNSW ef_search swept upwards over SWEEP on the built index). memsvc fixes
-ef_search when a memory is created: memsvc-inproc finds it (first in round 1) and memsvc-rest creates its
+reaches recall@32 >= 0.97 (HNSW ef_search swept upwards over SWEEP on the built index). memsvc sets
+ef_search per memory (set_search_params): memsvc-inproc finds it (first in round 1) and memsvc-rest creates its
 HNSW memory with it. memsvc is also measured as before issue 18 (FAISS on its default OpenMP threads for
 every search: rows marked "before") on the same index, so the per-call thread rule is an A/B in one run.
 
@@ -235,8 +235,6 @@ def run_memsvc(rest: bool, ef: int, data: dict, seconds: float, profile: float) 
     """memsvc at its default (flat) and HNSW (m 32) at `ef`, each measured with the per-call thread rule
     and again as before it (FAISS on its default threads) on the same index. In-process also at the default
     ef_search, and `ef` = 0 means: find it here (the smallest reaching TARGET), on this build."""
-    import faiss
-
     from memsvc.store import Memory, MemorySpec
 
     name = "memsvc-rest" if rest else "memsvc-inproc"
@@ -264,9 +262,8 @@ def run_memsvc(rest: bool, ef: int, data: dict, seconds: float, profile: float) 
                 hnsw = Memory.create(MemorySpec(name="hnsw", dim=DIM, index="hnsw"), Path(tmp) / "hnsw")
                 rows.append(measure_memory(name, f"hnsw m32 ef{default_ef} (default)", hnsw, data, seconds))
 
-                def set_ef(value: int) -> None:  # what a memory created with ef_search=value searches with
-                    for shard in hnsw._shards.values():
-                        faiss.downcast_index(shard.index.index).hnsw.efSearch = value
+                def set_ef(value: int) -> None:  # the memory's own ef_search from now on (issue 18 #3)
+                    hnsw.set_search_params(ef_search=value)
                 ef = ef or smallest_ef(set_ef, lambda q: hnsw.search(q, K).ids, data)
                 set_ef(ef)
                 rows.append(measure(name, f"hnsw m32 ef{ef}", lambda q: hnsw.search(q, K).ids, data, seconds,

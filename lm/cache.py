@@ -158,8 +158,10 @@ def stream(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache | None,
     """Run input_ids [b, n] through the model as token-by-token decoding would; yield (start, outputs) per block.
 
     With a `BoundedCache` the tokens go in blocks of at most `block` (default: the cache's period) that
-    never cross a re-base, each with its exact mask; any other cache gets one plain forward.
+    never cross a re-base, each with its exact mask; any other cache gets one plain forward. The ids go to
+    the model's device.
     """
+    input_ids = input_ids.to(model.device)
     if not isinstance(cache, BoundedCache):
         yield 0, model(input_ids=input_ids, cache=cache, use_cache=True, **model_kwargs)
         return

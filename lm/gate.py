@@ -35,7 +35,7 @@ class Gate(nn.Module):
         """An untrained gate: nearly closed (g = sigmoid(INITIAL_BIAS) ~ 0.02, memory barely used), scale 1."""
         config = model.config.get_text_config(decoder=True)
         shape = (config.num_hidden_layers, config.num_attention_heads)
-        return cls(torch.full(shape, INITIAL_BIAS), torch.zeros(shape))
+        return cls(torch.full(shape, INITIAL_BIAS, device=model.device), torch.zeros(shape, device=model.device))
 
     def check(self, model: PreTrainedModel) -> None:
         _check_shape(self.bias, model, "gate")

@@ -42,10 +42,11 @@ def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window:
             with attach(model, cache, config, gate=gate):
                 for start, out in stream(model, ids[:, :-1], cache, block):
                     q = out.logits.shape[1]
-                    scored = torch.arange(start, start + q) >= window  # memory only matters past the window
+                    device = out.logits.device
+                    scored = torch.arange(start, start + q, device=device) >= window  # memory only matters past the window
                     if not scored.any():
                         continue
-                    targets = ids[0, start + 1:start + q + 1]
+                    targets = ids[0, start + 1:start + q + 1].to(device)
                     loss = nn.functional.cross_entropy(out.logits[0, scored], targets[scored])
                     optimizer.zero_grad()
                     loss.backward()

@@ -64,7 +64,7 @@ def stream_tokens(model: PreTrainedModel, input_ids: torch.Tensor, *, max_new_to
     with a `BoundedCache`, in its exact blocks, as `model.generate` runs it too), then one forward per token.
     """
     check_sampling(max_new_tokens, temperature, top_p)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None  # where logits are
     if max_new_tokens == 0:
         return
     outputs = forward(model, input_ids.to(model.device), cache, logits_to_keep=1)

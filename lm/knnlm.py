@@ -34,6 +34,7 @@ from transformers import LogitsProcessor, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.generate import LogprobsHook, generate
+from lm.knn_params import KNNParams
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend
 
 KeyKind = Literal["final-norm", "mlp-input"]
@@ -78,38 +79,18 @@ class DatastoreState(BaseModel):
         memory.set_metadata({**memory.spec.metadata, METADATA_KEY: self.model_dump(mode="json", exclude_none=True)})
 
 
-class KNNParams(BaseModel):
-    """Interpolation settings: weight λ of p_kNN, softmax temperature over distances, neighbours k."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    lam: float = Field(0.25, ge=0, le=1)
-    temp: float = Field(10.0, gt=0, allow_inf_nan=False)
-    k: int = Field(64, gt=0, le=1024)
-
-    @classmethod
-    def check(cls, **fields: Any) -> KNNParams:
-        """KNNParams from the given (non-None) fields, or InvalidInput naming the bad one."""
-        try:
-            return cls(**{name: value for name, value in fields.items() if value is not None})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            field = str(err["loc"][0])
-            raise InvalidInput(f"{field}: {err['msg']} (got {err['input']!r})", field) from None
-
-
 # --- the math ------------------------------------------------------------------------------------
 
 def knn_probs(distances: torch.Tensor, tokens: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
     """p_kNN [n, vocab] from neighbour distances and token ids [n, k] (missing: id -1, distance +inf)."""
     weights = torch.softmax(-distances.float() / temperature, dim=-1).nan_to_num(0.0)  # no neighbour: 0
     weights = weights.masked_fill(tokens < 0, 0.0)
-    return torch.zeros(len(tokens), vocab_size).scatter_add_(1, tokens.clamp(min=0), weights)
+    return torch.zeros(len(tokens), vocab_size, device=weights.device).scatter_add_(1, tokens.clamp(min=0), weights)
 
 
 def interpolate(lm_logprobs: torch.Tensor, knn_logprobs: torch.Tensor, lam: float) -> torch.Tensor:
     """log(λ·p_kNN + (1−λ)·p_LM) from the two log-probabilities, without leaving log space."""
-    lam = torch.tensor(lam, dtype=torch.float64)
+    lam = torch.tensor(lam, dtype=torch.float64, device=lm_logprobs.device)
     return torch.logaddexp(knn_logprobs + lam.log().float(), lm_logprobs + torch.log1p(-lam).float())
 
 

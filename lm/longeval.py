@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -47,19 +48,22 @@ class StreamResult:
 
 def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
                     knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
-                    block: int | None = None) -> StreamResult:
-    """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss."""
+                    block: int | None = None, progress: str | None = None) -> StreamResult:
+    """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss.
+    With `progress` (a label), a tqdm bar of tokens done / n - 1 and tok/s on stderr."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise InvalidInput("a stream is one sequence of at least 2 tokens", "input_ids")
     cache = BoundedCache(model, policy)
     nll = []
     started = time.perf_counter()
-    with attach(model, cache, knn, memory, gate), torch.inference_mode():
+    with attach(model, cache, knn, memory, gate), torch.inference_mode(), \
+            tqdm(total=input_ids.shape[1] - 1, unit="tok", desc=progress, disable=progress is None) as bar:
         for start, out in stream(model, input_ids[:, :-1], cache, block):
             q = out.logits.shape[1]
-            targets = input_ids[0, start + 1:start + q + 1]
+            targets = input_ids[0, start + 1:start + q + 1].to(out.logits.device)
             nll.append(torch.nn.functional.cross_entropy(out.logits[0].float(), targets, reduction="none"))
-    return StreamResult(torch.cat(nll).numpy(), time.perf_counter() - started, cache.peak_entries)
+            bar.update(q)
+    return StreamResult(torch.cat(nll).cpu().numpy(), time.perf_counter() - started, cache.peak_entries)
 
 
 def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens: int | None = None) -> torch.Tensor:
@@ -79,8 +83,10 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens
 
 def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
                    policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
-                   gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP) -> dict:
-    """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s."""
+                   gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP,
+                   progress: bool = False) -> dict:
+    """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s.
+    With `progress`, a tqdm bar per file on stderr."""
     if max_tokens is not None and max_tokens < 2:
         raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
     if skip < 0:
@@ -88,7 +94,8 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
     streams = {str(f): read_tokens(tokenizer, f, max_tokens) for f in files}  # every file checked before work
     if not streams:
         raise InvalidInput("give at least one file", "files")
-    results = {name: evaluate_stream(model, ids, policy, knn=knn, memory=memory, gate=gate)
+    results = {name: evaluate_stream(model, ids, policy, knn=knn, memory=memory, gate=gate,
+                                     progress=Path(name).name if progress else None)
                for name, ids in streams.items()}
     scored = np.concatenate([r.nll[skip:] for r in results.values()])
     processed = sum(len(r.nll) for r in results.values())

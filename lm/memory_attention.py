@@ -5,7 +5,7 @@ cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at
 to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
 "{session}/l{layer}/h{kv_head}" (`store`), and those layers' attention also attends to the top-k entries
 retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
-search together; one search per layer and KV head per forward). Closing the session deletes its partitions.
+search together; one batched search per layer per forward, each KV head's queries in its partition). Closing the session deletes its partitions.
 
 - joint: retrieved keys/values join the local keys in one softmax;
 - gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a
@@ -69,7 +69,8 @@ class KnnMemoryAttention:
         self.cache, self.memory, self.config = cache, memory, config
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
-        self.gate = None if config.mode == "joint" else gate if gate is not None else Gate.initial(model)
+        self.gate = None if config.mode == "joint" else gate.to(model.device) if gate is not None \
+            else Gate.initial(model)  # float32 on the model's device (Module.to moves it in place)
         self.stored = {layer: 0 for layer in self.layers}
         self.distance = cache.policy.budget if config.positions == "window" else 0  # for un-rotated keys
 
@@ -88,17 +89,17 @@ class KnnMemoryAttention:
         self.stored[layer] += len(tokens)
 
     def retrieve(self, layer: int, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]."""
+        """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]: one
+        batched search for the layer, each KV head's g * q query rows in its own partition."""
         kv, g, q, d = queries.shape
         k = self.config.k
         if not self.stored[layer]:
             return queries.new_full((kv, g, q, k), -torch.inf), queries.new_zeros((kv, g, q, k, d))
-        logits, values = [], []
-        for h, group in enumerate(_numpy(queries)):
-            found = self.memory.search(group.reshape(g * q, d), k, partition=self.partition(layer, h))
-            logits.append(-torch.from_numpy(found.distances).view(g, q, k) * scaling)
-            values.append(torch.from_numpy(found.values).view(g, q, k, d))
-        return torch.stack(logits).to(queries), torch.stack(values).to(queries)
+        partitions = [self.partition(layer, h) for h in range(kv) for _ in range(g * q)]
+        found = self.memory.search(_numpy(queries).reshape(kv * g * q, d), k, partitions=partitions)
+        logits = -torch.from_numpy(found.distances).view(kv, g, q, k) * scaling
+        values = torch.from_numpy(found.values).view(kv, g, q, k, d)
+        return logits.to(queries), values.to(queries)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -129,7 +130,7 @@ class KnnMemoryAttention:
         if len(cols):
             retrieved = _top(retrieved, self.config.k)
         if self.gate is not None:
-            retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1))
+            retrieved = _scale(retrieved, self.gate.log_scale[layer].exp().view(kv, g, 1, 1).to(retrieved.dtype))
 
         heads_seen = cache_layer.head_mask(q)  # per-head restrictions of the policy (adaptive)
         local = local.masked_fill(~(seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)), -torch.inf)
@@ -143,7 +144,7 @@ class KnnMemoryAttention:
             found = retrieved.isfinite().any(-1, keepdim=True)
             weights = retrieved.masked_fill(~found, 0.0).softmax(-1)
             mem_out = weights[..., :len(cols)] @ left_values + _weigh(weights[..., len(cols):], mem_values)
-            gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1) * found
+            gate = torch.sigmoid(self.gate.bias[layer]).view(kv, g, 1, 1).to(mem_out.dtype) * found
             local_weights = local.softmax(-1)
             out = gate * mem_out + (1 - gate) * (local_weights @ values)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive

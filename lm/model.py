@@ -36,6 +36,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lm.devices import resolve_device
 from memsvc.config import get_settings
 from memsvc.contract import NotFound
 from memsvc.store.wal import fsync_dir
@@ -214,21 +215,31 @@ def load_tokenizer(name_or_path: str | Path = SMOLLM2, cache_dir: Path | None = 
     return AutoTokenizer.from_pretrained(directory, gguf_file=gguf, local_files_only=True)
 
 
-@functools.cache
-def load_model(name_or_path: str | Path = SMOLLM2, dtype: torch.dtype = torch.float32,
-               cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer), loaded once per process and argument tuple; never touches the network.
+def load_model(name_or_path: str | Path = SMOLLM2, dtype: str | torch.dtype | None = torch.float32,
+               cache_dir: Path | None = None, device: str | torch.device | None = "cpu"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode on `device`, in `dtype`; tokenizer), loaded once per process and argument tuple;
+    never touches the network.
 
-    GGUF weights are de-quantised once per machine into the model cache (`converted`; `cache_dir` defaults to
-    `model_cache_dir()`), and every later load reads those safetensors, cast to `dtype`.
+    `device` None picks `default_device()`, `dtype` None float32 on the CPU and bfloat16 on a GPU
+    (`resolve_device`; InvalidInput for a device this machine lacks). GGUF weights are de-quantised once
+    per machine into the model cache (`converted`; `cache_dir` defaults to `model_cache_dir()`), and every
+    later load reads those safetensors, cast to `dtype`.
     """
+    device, dtype = resolve_device(device, dtype)
+    return _load_model(name_or_path, dtype, cache_dir, device)
+
+
+@functools.cache
+def _load_model(name_or_path: str | Path, dtype: torch.dtype, cache_dir: Path | None,
+                device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     directory, gguf = _source(name_or_path)
     entry = converted(directory / gguf, "model", cache_dir) if gguf is not None else None
     if entry is not None:
         model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, local_files_only=True)
-    return model.eval(), load_tokenizer(name_or_path, cache_dir)
+    return model.to(device).eval(), load_tokenizer(name_or_path, cache_dir)
 
 
 def tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,

@@ -3,15 +3,26 @@
 `MemoryClient` is the REST face of the `memsvc.contract.Client` interface (`memsvc.service.Service` is the
 embedded one). A `RemoteMemory` behaves exactly like the in-process `memsvc.store.Memory`: it implements
 `MemoryBackend`, checks its inputs with the same functions and raises the same `memsvc.contract` error types
-(rebuilt from the server's error body). Vectors travel as npz (`memsvc.contract.wire`).
+(rebuilt from the server's error body). Vectors travel, both ways, as tensor frames
+(`application/x-memsvc-tensors`, `memsvc.contract.wire`).
 
 Each operation is described once as a `Call` (what to send, how to read the answer); the sync and the
 async client only differ in how they perform it. New resources (collections) add their calls the same way.
+
+Failures: a refused connection is tried again by httpx's transport (`retries`, backoff 0.5 s, 1 s, 2 s, ...);
+a 503 with Retry-After (the server still loading its model) is sent again after the time it asks, until the
+call's timeout; a connection that broke after sending is sent again only for calls that change nothing or
+can be repeated (`Call.idempotent`); the first wait of a call is logged as a warning (so a first `ask` says
+that it waits for the model). What still fails raises `ServerUnavailable`, never an httpx error.
+Generation (`ask`) has its own, longer timeout (`long_timeout`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import quote
@@ -21,6 +32,7 @@ import numpy as np
 
 from memsvc.contract import (
     Answer,
+    AnswerStream,
     Citation,
     CollectionStats,
     Document,
@@ -29,20 +41,36 @@ from memsvc.contract import (
     InvalidInput,
     MemorySpec,
     MemoryStats,
+    MemsvcError,
     SearchMode,
     SearchResult,
+    ServerUnavailable,
     UpsertResult,
     as_documents,
     check_ids,
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
+    check_search_params,
     check_values,
     error_from_dict,
     spec_from,
 )
-from memsvc.contract.wire import JSON, NPZ, decode, encode_npz, entries_result, loads_json, search_result
+from memsvc.contract.wire import (
+    JSON,
+    NPZ,
+    SSE,
+    TENSORS,
+    decode,
+    encode_tensors,
+    entries_result,
+    loads_json,
+    media_type,
+    read_sse,
+    search_result,
+)
 
 
 def _fields(fields: dict[str, Any] | None) -> Any:
@@ -51,20 +79,23 @@ def _fields(fields: dict[str, Any] | None) -> Any:
 
 @dataclass(frozen=True)
 class Call:
-    """One HTTP exchange: an npz body also asks for an npz answer; `read` turns the answer's fields into
-    the result."""
+    """One HTTP exchange: a binary body (tensor frame or npz) also asks for an answer in its format;
+    `read` turns the answer's fields into the result."""
 
     method: str
     path: str
     read: Callable[[dict[str, Any] | None], Any] = _fields
     content: bytes | None = None
     content_type: str | None = None
+    idempotent: bool = True  # sending it twice does what sending it once does (safe to repeat after a break)
+    long: bool = False  # generation: waits up to the client's long_timeout
 
     @property
     def headers(self) -> dict[str, str]:
         if self.content_type is None:
             return {}
-        return {"Content-Type": self.content_type, **({"Accept": NPZ} if self.content_type == NPZ else {})}
+        binary = self.content_type in (TENSORS, NPZ)
+        return {"Content-Type": self.content_type, **({"Accept": self.content_type} if binary else {})}
 
     def answer(self, response: httpx.Response) -> Any:
         """The result of a response, or the typed error the server sent."""
@@ -84,16 +115,17 @@ def _path(name: str, *rest: str) -> str:
     return "/".join(("/v1/memories", quote(name, safe=""), *rest))
 
 
-def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any]) -> Call:
+def _json_call(method: str, path: str, body: dict[str, Any], read: Callable[[Any], Any],
+               idempotent: bool = True, long: bool = False) -> Call:
     try:
         content = json.dumps(body, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"metadata is not JSON: {exc}", "metadata") from None
-    return Call(method, path, read, content, JSON)
+    return Call(method, path, read, content, JSON, idempotent, long)
 
 
-def _npz_call(path: str, read: Callable[[Any], Any], **fields: Any) -> Call:
-    return Call("POST", path, read, encode_npz(fields), NPZ)
+def _tensor_call(path: str, read: Callable[[Any], Any], idempotent: bool = True, **fields: Any) -> Call:
+    return Call("POST", path, read, encode_tensors(fields), TENSORS, idempotent)
 
 
 def _spec(fields: dict[str, Any]) -> MemorySpec:
@@ -112,7 +144,7 @@ def health_call() -> Call:
 
 
 def create_call(spec: MemorySpec) -> Call:
-    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec)
+    return _json_call("POST", "/v1/memories", spec.model_dump(), _spec, idempotent=False)
 
 
 def spec_call(name: str) -> Call:
@@ -131,30 +163,41 @@ def metadata_call(name: str, metadata: dict[str, Any]) -> Call:
     return _json_call("PATCH", _path(name), {"metadata": metadata}, MemorySpec.model_validate)
 
 
+def search_params_call(spec: MemorySpec, ef_search: int | None, nprobe: int | None) -> Call:
+    ef_search, nprobe = check_search_params(spec, ef_search, nprobe)
+    body = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+    return _json_call("PATCH", _path(spec.name), body, MemorySpec.model_validate)
+
+
 def stats_call(spec: MemorySpec) -> Call:
     return Call("GET", _path(spec.name), _stats)
 
 
 def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
     keys = check_keys(keys, spec, "keys")
-    return _npz_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64),
+    return _tensor_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
                      keys=keys, values=check_values(spec, values, len(keys)),
                      payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
 
 
-def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None) -> Call:
+def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None,
+                partitions: Sequence[str | None] | None = None, ef_search: int | None = None,
+                nprobe: int | None = None) -> Call:
     queries = check_keys(queries, spec, "queries")
-    return _npz_call(_path(spec.name, "search"), search_result,
-                     queries=queries, k=check_k(k), partition=check_partition(partition))
+    k, partition = check_k(k), check_partition(partition)
+    ef_search, nprobe = check_search_params(spec, ef_search, nprobe)
+    return _tensor_call(_path(spec.name, "search"), search_result, queries=queries, k=k, partition=partition,
+                        partitions=check_partitions(partitions, len(queries), partition),
+                        ef_search=ef_search, nprobe=nprobe)
 
 
 def get_call(spec: MemorySpec, ids: Any) -> Call:
-    return _npz_call(_path(spec.name, "get"), entries_result, ids=check_ids(ids))
+    return _tensor_call(_path(spec.name, "get"), entries_result, ids=check_ids(ids))
 
 
 def delete_call(spec: MemorySpec, ids: Any, partition: str | None) -> Call:
     ids = None if ids is None else check_ids(ids)
-    return _npz_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
+    return _tensor_call(_path(spec.name, "delete"), lambda f: int(f["deleted"]), ids=ids, partition=partition)
 
 
 def _collection_path(name: str, *rest: str) -> str:
@@ -162,7 +205,7 @@ def _collection_path(name: str, *rest: str) -> str:
 
 
 def create_collection_call(name: str) -> Call:
-    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"])
+    return _json_call("POST", "/v1/collections", {"name": name}, lambda f: f["name"], idempotent=False)
 
 
 def collection_call(name: str) -> Call:
@@ -195,14 +238,121 @@ def collection_search_call(name: str, query: str, k: int, mode: str) -> Call:
                       lambda f: [DocumentHit(**hit) for hit in f["hits"]])
 
 
-def ask_call(name: str, question: str, k: int, max_new_tokens: int) -> Call:
-    return _json_call("POST", _collection_path(name, "ask"),
-                      {"question": question, "k": k, "max_new_tokens": max_new_tokens},
-                      lambda f: Answer(f["answer"], [Citation(**c) for c in f["citations"]]))
+def _answer(fields: dict[str, Any]) -> Answer:
+    return Answer(fields["answer"], [Citation(**c) for c in fields["citations"]])
+
+
+def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool = False) -> Call:
+    body = {"question": question, "k": k, "max_new_tokens": max_new_tokens, **({"stream": True} if stream else {})}
+    return _json_call("POST", _collection_path(name, "ask"), body, _answer, long=True)
+
+def answer_events(call: Call, response: httpx.Response) -> Iterator[str | Answer]:
+    """The pieces and the final Answer of a streamed ask (`memsvc.api.collections`: `token` events, then
+    `done`, or `error`, raised as its memsvc error); closes the response when done or closed. A server that
+    answered plain JSON gives the whole answer as one piece."""
+    try:
+        if media_type(response.headers.get("content-type")) != SSE:
+            response.read()
+            answer = call.answer(response)
+            yield answer.answer
+            yield answer
+            return
+        for event, data in read_sse(response.iter_lines()):
+            fields = loads_json(data)
+            if event == "token":
+                yield fields["text"]
+            elif event == "done":
+                yield _answer(fields)
+                return
+            elif event == "error":
+                raise error_from_dict(fields)
+        raise MemsvcError("the server ended the answer stream before its end (no `done` event)")
+    finally:
+        response.close()
+
+
+log = logging.getLogger(__name__)
 
 
 def _auth(api_key: str | None) -> dict[str, str]:
     return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+# --- how a call is sent: timeouts, retries, errors ------------------------------------------------
+
+TIMEOUT = 60.0  # seconds for a call, and for a connection to open (at most CONNECT_TIMEOUT)
+LONG_TIMEOUT = 900.0  # seconds for generation (ask): a first ask on CPU loads the model, then decodes
+CONNECT_TIMEOUT = 10.0
+RETRIES = 2  # connection attempts after a refused one (httpx transport retries)
+BACKOFF = 0.5  # seconds before the first resend of a broken idempotent call, doubling after each
+
+
+def check_url(url: str) -> str:
+    """The server URL, or InvalidInput when it has no http(s) scheme or no host ('localhost:8000')."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidInput(f"server URL {url!r} is not a URL ({exc})", "url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInput(f"server URL {url!r} needs a scheme and a host, e.g. http://127.0.0.1:8000", "url")
+    return url
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
+
+
+def _unavailable(url: str, exc: httpx.TransportError, timeout: float) -> ServerUnavailable:
+    """httpx's transport error as the memsvc error a caller handles."""
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return ServerUnavailable(f"cannot reach the memsvc server at {url} ({exc or type(exc).__name__}); "
+                                 "is it running, and is the URL right?", "url")
+    if isinstance(exc, httpx.TimeoutException):
+        return ServerUnavailable(f"the memsvc server at {url} did not answer within {timeout:g} s "
+                                 "(a longer timeout waits for slow calls)", "timeout")
+    return ServerUnavailable(f"the connection to the memsvc server at {url} failed: "
+                             f"{exc or type(exc).__name__}", "url")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds a 503 asks to wait before sending again (None: not a 503 that asks for a resend)."""
+    if response.status_code != 503:
+        return None
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _next_try(call: Call, attempt: int, deadline: float, response: httpx.Response | None = None,
+              error: httpx.TransportError | None = None, retries: int = RETRIES) -> float | None:
+    """Seconds to wait before sending `call` again after this `response` or `error`, or None to stop there.
+
+    A 503 with Retry-After is sent again while the call's time lasts; a connection that broke after sending
+    (not a timeout: the server may still be working on it), `retries` times for an idempotent call."""
+    left = deadline - time.monotonic()
+    if response is not None:
+        wait = _retry_after(response)
+    elif isinstance(error, httpx.TimeoutException | httpx.ConnectError) or not call.idempotent \
+            or attempt >= retries:
+        wait = None  # refused connections were already tried again by the transport
+    else:
+        wait = BACKOFF * 2 ** attempt
+    if wait is None or wait >= left:
+        return None
+    if attempt == 0:  # once per call, on stderr even where logging is not set up (logging's last resort)
+        why = _said(response) if response is not None else f"{type(error).__name__}: {error}"
+        log.warning("%s %s: %s; sending it again in %g s (waiting up to %.0f s)", call.method, call.path, why,
+                    wait, left)
+    return wait
+
+
+def _said(response: httpx.Response) -> str:
+    """The message of an error answer (its status when it has none)."""
+    try:
+        return str(loads_json(response.content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -210,12 +360,72 @@ def _auth(api_key: str | None) -> dict[str, str]:
 class MemoryClient:
     """A memsvc server at `url`: its memories and collections (a `memsvc.contract.Client`)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.BaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        """`timeout`: seconds a call may take; `long_timeout`: the same for generation (ask); `retries`:
+        resends after a refused connection (by httpx's transport, so not with a `transport` of your own) or
+        a broken idempotent call. InvalidInput for a URL without an http(s) scheme or host."""
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.HTTPTransport(retries=retries)
+        self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                 transport=transport)
 
     def send(self, call: Call) -> Any:
-        return call.answer(self.http.request(call.method, call.path, content=call.content, headers=call.headers))
+        """Perform `call` (resending as the module says); its result, or the typed error."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = self.http.request(call.method, call.path, content=call.content, headers=call.headers,
+                                             **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            time.sleep(wait)
+            attempt += 1
+
+    def stream(self, call: Call) -> AnswerStream:
+        """Send `call` asking for server-sent events (resending as `send` does, within `long_timeout`); the
+        typed error if the server refuses it up front, ServerUnavailable if the connection fails."""
+        timeout = self.long_timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        while True:
+            request = self.http.build_request(call.method, call.path, content=call.content,
+                                              headers={**call.headers, "Accept": SSE},
+                                              extensions={"timeout": _timeout(timeout).as_dict()})
+            try:
+                response = self.http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                if not response.is_error:
+                    return AnswerStream(self._events(call, response, timeout), on_close=response.close)
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    call.answer(response)  # raises the server's error
+            time.sleep(wait)
+            attempt += 1
+
+    def _events(self, call: Call, response: httpx.Response, timeout: float) -> Iterator[str | Answer]:
+        """`answer_events`, a broken or silent connection raised as ServerUnavailable."""
+        try:
+            yield from answer_events(call, response)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.url, exc, timeout) from None
 
     def health(self) -> dict[str, Any]:
         return self.send(health_call())
@@ -238,6 +448,10 @@ class MemoryClient:
 
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return self.send(metadata_call(name, metadata))
+
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's ef_search (hnsw) / nprobe (ivfpq) on the server, kept across restarts."""
+        return self.send(search_params_call(self.send(spec_call(name)), ef_search, nprobe))
 
     def create_collection(self, name: str) -> RemoteCollection:
         return RemoteCollection(self, self.send(create_collection_call(name)))
@@ -272,8 +486,11 @@ class RemoteMemory:
             partition: str | None = None) -> np.ndarray:
         return self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return self.client.send(search_call(self.spec, queries, k, partition))
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k per query, closest first; `partitions`: one partition per query row, in one request."""
+        return self.client.send(search_call(self.spec, queries, k, partition, partitions, ef_search, nprobe))
 
     def get(self, ids: Any) -> Entries:
         return self.client.send(get_call(self.spec, ids))
@@ -286,6 +503,9 @@ class RemoteMemory:
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = self.client.set_metadata(self.spec.name, metadata)
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        self.spec = self.client.send(search_params_call(self.spec, ef_search, nprobe))
 
 
 class RemoteCollection:
@@ -311,6 +531,11 @@ class RemoteCollection:
     def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
         return self.client.send(ask_call(self.name, question, k, max_new_tokens))
 
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask` as server-sent events: iterate for the answer's pieces as the server decodes them, then
+        `result()` for the Answer with its citations; close the stream (or use `with`) to stop early."""
+        return self.client.stream(ask_call(self.name, question, k, max_new_tokens, stream=True))
+
     def stats(self) -> CollectionStats:
         return self.client.send(collection_stats_call(self.name))
 
@@ -320,13 +545,34 @@ class RemoteCollection:
 class AsyncMemoryClient:
     """`MemoryClient` for asyncio."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=timeout, transport=transport)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
+                 retries: int = RETRIES):
+        self.url = check_url(url)
+        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        transport = transport or httpx.AsyncHTTPTransport(retries=retries)
+        self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
+                                      transport=transport)
 
     async def send(self, call: Call) -> Any:
-        response = await self.http.request(call.method, call.path, content=call.content, headers=call.headers)
-        return call.answer(response)
+        """`MemoryClient.send`, awaited."""
+        timeout = self.long_timeout if call.long else self.timeout
+        deadline, attempt = time.monotonic() + timeout, 0
+        extra = {"extensions": {"timeout": _timeout(timeout).as_dict()}} if call.long else {}  # httpx's per-request
+        while True:
+            try:
+                response = await self.http.request(call.method, call.path, content=call.content,
+                                                   headers=call.headers, **extra)
+            except httpx.TransportError as exc:
+                wait = _next_try(call, attempt, deadline, error=exc, retries=self.retries)
+                if wait is None:
+                    raise _unavailable(self.url, exc, timeout) from None
+            else:
+                wait = _next_try(call, attempt, deadline, response=response, retries=self.retries)
+                if wait is None:
+                    return call.answer(response)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def health(self) -> dict[str, Any]:
         return await self.send(health_call())
@@ -350,6 +596,22 @@ class AsyncMemoryClient:
     async def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         return await self.send(metadata_call(name, metadata))
 
+    async def set_search_params(self, name: str, ef_search: int | None = None,
+                                nprobe: int | None = None) -> MemorySpec:
+        return await self.send(search_params_call(await self.send(spec_call(name)), ef_search, nprobe))
+
+    async def create_collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(create_collection_call(name)))
+
+    async def collection(self, name: str) -> AsyncRemoteCollection:
+        return AsyncRemoteCollection(self, await self.send(collection_call(name)))
+
+    async def list_collections(self) -> list[str]:
+        return await self.send(list_collections_call())
+
+    async def delete_collection(self, name: str) -> None:
+        await self.send(drop_collection_call(name))
+
     async def aclose(self) -> None:
         await self.http.aclose()
 
@@ -371,8 +633,11 @@ class AsyncRemoteMemory:
                   partition: str | None = None) -> np.ndarray:
         return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
 
-    async def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        return await self.client.send(search_call(self.spec, queries, k, partition))
+    async def search(self, queries: Any, k: int, partition: str | None = None,
+                     partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
+                     nprobe: int | None = None) -> SearchResult:
+        return await self.client.send(search_call(self.spec, queries, k, partition, partitions, ef_search,
+                                                  nprobe))
 
     async def get(self, ids: Any) -> Entries:
         return await self.client.send(get_call(self.spec, ids))
@@ -385,3 +650,33 @@ class AsyncRemoteMemory:
 
     async def set_metadata(self, metadata: dict[str, Any]) -> None:
         self.spec = await self.client.set_metadata(self.spec.name, metadata)
+
+    async def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        self.spec = await self.client.send(search_params_call(self.spec, ef_search, nprobe))
+
+
+class AsyncRemoteCollection:
+    """`RemoteCollection` for asyncio: the same calls, awaited."""
+
+    def __init__(self, client: AsyncMemoryClient, name: str):
+        self.client = client
+        self.name = name
+
+    async def upsert(self, documents: list[Document]) -> UpsertResult:
+        return await self.client.send(upsert_call(self.name, documents))
+
+    async def add_documents(self, documents: list[Document | dict[str, Any]]) -> UpsertResult:
+        """Upsert documents given as `Document`s or dicts {id, text, metadata?}."""
+        return await self.upsert(as_documents(documents))
+
+    async def delete(self, document_id: str) -> None:
+        await self.client.send(delete_document_call(self.name, document_id))
+
+    async def search(self, query: str, k: int = 10, mode: SearchMode = "hybrid") -> list[DocumentHit]:
+        return await self.client.send(collection_search_call(self.name, query, k, mode))
+
+    async def ask(self, question: str, k: int = 4, max_new_tokens: int = 256) -> Answer:
+        return await self.client.send(ask_call(self.name, question, k, max_new_tokens))
+
+    async def stats(self) -> CollectionStats:
+        return await self.client.send(collection_stats_call(self.name))

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
     model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
                                               "model directory or a .gguf file")
+    preload_model: bool = Field(True, description="load the model of ask at start, in the background (ask "
+                                                  "answers 503 model_loading + Retry-After until it is ready); "
+                                                  "false: load it on the first ask (also in the background)")
+    device: str | None = Field(None, description="torch device of the language model of ask: cpu, cuda or "
+                                                 "cuda:N; default cuda when torch sees a GPU, else cpu")
     model_cache: Path | None = Field(
         None, description="converted copies of GGUF models; default $XDG_CACHE_HOME/memsvc/models or "
         "~/.cache/memsvc/models")

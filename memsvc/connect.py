@@ -10,9 +10,11 @@ from pathlib import Path
 from memsvc.contract import Client
 
 
-def connect(url: str | None, data_dir: Path, api_key: str | None = None, timeout: float = 60.0) -> Client:
+def connect(url: str | None, data_dir: Path, api_key: str | None = None, timeout: float = 60.0,
+            device: str | None = None) -> Client:
     """A client of the server at `url` (waiting up to `timeout` seconds per request), or, without a url,
-    the embedded service on `data_dir` (DataDirInUse when a server or another command holds it)."""
+    the embedded service on `data_dir` (DataDirInUse when a server or another command holds it), whose
+    `ask` runs the language model on `device` (default: the settings', MEMSVC_DEVICE)."""
     if url:
         from memsvc.client import MemoryClient
 
@@ -20,4 +22,4 @@ def connect(url: str | None, data_dir: Path, api_key: str | None = None, timeout
     from memsvc.config import Settings
     from memsvc.service import Service
 
-    return Service(Settings(data_dir=data_dir))
+    return Service(Settings(data_dir=data_dir, **({"device": device} if device is not None else {})))

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import IO
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -100,6 +100,16 @@ class Metrics:
         self.requests = Histogram("memsvc_http_request_duration_seconds", "time to answer a request",
                                   ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(MemoryCollector(memories))
+        self._children: dict[tuple[str, str, int], Any] = {}  # bounded: routes are templates, not paths
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request's latency; the labelled child is looked up once per (method, route, status)
+        (`labels()` validates and locks on every call)."""
+        key = (method, route, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(method, route, str(status))
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -135,7 +145,7 @@ class Observe:
         finally:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")  # set by the router once it matched
-            self.metrics.requests.labels(scope["method"], route, str(status)).observe(seconds)
+            self.metrics.observe(scope["method"], route, status, seconds)
             access_log.info("%s %s %d", scope["method"], scope["path"], status, extra={
                 "method": scope["method"], "path": scope["path"], "route": route, "status": status,
                 "ms": round(seconds * 1000, 3)})

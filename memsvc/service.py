@@ -30,6 +30,7 @@ from memsvc.contract import (
     MemorySpec,
     NotFound,
     check_json,
+    check_search_params,
     spec_from,
 )
 from memsvc.db import Catalog
@@ -46,7 +47,7 @@ class Service:
     """Store + Catalog (+ Collections) of `settings.data_dir`; the embedded twin of `MemoryClient`.
 
     `encoder` and `language_model` make the collections' embedder and the (model, tokenizer) of `ask`
-    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model)`.
+    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model, device=settings.device)`.
     """
 
     def __init__(self, settings: Settings | None = None, *,
@@ -54,11 +55,15 @@ class Service:
                  language_model: Callable[[], LanguageModel] | None = None):
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(self.settings.catalog_url)
-        self.store = open_store(self.settings)
+        self.store = open_store(self.settings)  # first: its lock says at once when another process holds the dir
+        try:
+            self.catalog = Catalog(self.settings.catalog_url)
+        except BaseException:
+            self.store.close()
+            raise
         self._reconcile()
         self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
-                                       language_model or (lambda: _load_model(self.settings.model)))
+                                       language_model or (lambda: _load_model(self.settings)))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:
@@ -97,6 +102,17 @@ class Service:
         check_json(metadata, "metadata")
         spec = self.catalog.update_metadata(name, metadata)
         self.memory(name).set_metadata(spec.metadata)
+        return spec
+
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's `ef_search` (hnsw) / `nprobe` (ivfpq) in the catalog and in the memory's own
+        spec (both kept across restarts); None leaves one as it is. InvalidInput, before anything changes,
+        for another index kind or a value out of range."""
+        memory = self.memory(name)
+        ef_search, nprobe = check_search_params(memory.spec, ef_search, nprobe)
+        params = {field: value for field, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        spec = self.catalog.update_search_params(name, **params)
+        memory.set_search_params(ef_search, nprobe)
         return spec
 
     def create_collection(self, name: str) -> Collection:
@@ -142,7 +158,8 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def _load_model(name: str) -> LanguageModel:
+def _load_model(settings: Settings) -> LanguageModel:
+    """The language model of `ask`: `settings.model` on `settings.device` (default: a GPU when there is one)."""
     from lm.model import load_model
 
-    return load_model(name)
+    return load_model(settings.model, dtype=None, device=settings.device)

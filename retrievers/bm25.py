@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import numpy as np
 import snowballstemmer
@@ -86,7 +86,16 @@ class BM25Retriever:
     def __len__(self) -> int:
         return len(self._chunks)
 
-    def add(self, chunks: Iterable[Chunk]) -> int:
+    def tokenized(self, chunks: Iterable[Chunk]) -> dict[str, Counter[str]]:
+        """The terms and their counts of each chunk this retriever does not hold yet, by chunk id: the slow
+        part of `add`, done ahead (and outside the lock) so that `add(chunks, terms)` is short."""
+        return {c.id: Counter(tokenize(c.text)) for c in chunks if c.id not in self._chunks}
+
+    def add(self, chunks: Iterable[Chunk], terms: Mapping[str, Counter[str]] | None = None) -> int:
+        """Upsert documents: each document's chunks become exactly these (its other chunks go); chunks
+        already held are kept as they are. `terms` may give chunks' terms (`tokenized`); the others are
+        tokenized here. Returns how many chunks were new."""
+        terms = terms or {}
         added = 0
         with self._lock:
             for document_id, new in by_document(chunks).items():
@@ -95,7 +104,7 @@ class BM25Retriever:
                     del self._chunks[chunk_id]
                 for chunk in new:
                     if chunk.id not in old:
-                        self._chunks[chunk.id] = (document_id, *self._terms(chunk.text))
+                        self._chunks[chunk.id] = (document_id, *self._terms(chunk.text, terms.get(chunk.id)))
                         added += 1
                 if old != {c.id for c in new}:
                     self._index = None
@@ -138,9 +147,9 @@ class BM25Retriever:
         cols, counts = np.unique(ids, return_counts=True)
         return index, index.weights[:, cols] @ (index.idf[cols] * counts)
 
-    def _terms(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Term ids and their counts in one chunk (growing the vocabulary)."""
-        counts = Counter(tokenize(text))
+    def _terms(self, text: str, counts: Counter[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Term ids and their counts in one chunk (growing the vocabulary); `counts` if already tokenized."""
+        counts = Counter(tokenize(text)) if counts is None else counts
         ids = [self._vocab.setdefault(term, len(self._vocab)) for term in counts]
         return np.array(ids, dtype=np.int64), np.array(list(counts.values()), dtype=np.float64)
 

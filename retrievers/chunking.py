@@ -16,6 +16,16 @@ the whole line gives the pieces that re-tokenizing each piece would give, becaus
 text into words at spaces and punctuation before it cuts words into tokens (BERT's WordPiece, as all
 such pre-tokenizing tokenizers); only a cut inside a word can change the tokens next to it.
 
+A section's heading trail always starts with the document's title, its first heading: a later heading at
+the title's level or above (reST files that reuse the title's adornment further down, several `#`
+headings in Markdown) becomes a child of the title, not its sibling.
+
+Contextual chunks (`Chunker(..., context="title"|"trail")`, bench/results/retrieval_v2.md): the text
+embedded and BM25-indexed for a chunk is `"<title>\n<text>"` or `"<title> > <section> > ...\n<text>"`
+(`Chunker.contextual`), the prefix cut to `context_tokens` tokens (middle headings dropped first), and
+chunks are packed `context_tokens` smaller so the prefixed text still fits the embedder's window. The
+chunk's own text (what a search returns, what its id hashes) stays plain.
+
 Chunk ids are `<document_id>#<n>-<hash>`, n the chunk's position and hash 12 hex digits of the sha1
 of its text, so chunking an unchanged document again gives the same ids, and an edit changes the ids
 of exactly the chunks whose text changed or moved.
@@ -25,16 +35,20 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 from memsvc.contract import InvalidInput
 from retrievers.base import Chunk
 
 Format = Literal["markdown", "rst", "text"]
+Context = Literal["title", "trail"]
+CONTEXTS = ("title", "trail")
 
 DEFAULT_SIZE = 256  # all-MiniLM-L6-v2's window; chosen by bench/eval_retrieval.py
 DEFAULT_OVERLAP = 32
+DEFAULT_CONTEXT_TOKENS = 32  # the heading prefix of a contextual chunk, at most
 MAX_DOCUMENT_ID = 1024
 
 MD_FENCE = re.compile(r"^\s*(```|~~~)")
@@ -114,14 +128,14 @@ def split_sections(text: str, fmt: Format) -> list[Section]:
     A heading with nothing under it before the next heading is carried into the next section."""
     lines = text.splitlines()
     sections = [Section("", [])]
-    stack: list[tuple[int, str]] = []
+    stack: list[tuple[int, str]] = []  # the document's title, once seen, at level -1: never popped
     styles: list[str] = []  # reST: heading levels in order of first appearance
     fenced = False
 
     def open_section(level: int, title: str, line: str) -> None:
         while stack and stack[-1][0] >= level:
             stack.pop()
-        stack.append((level, title))
+        stack.append((level, title) if stack else (-1, title))
         carried = sections.pop() if sections[-1].empty and sections[-1].titles else Section("", [])
         titles = [t for t in carried.lines if t.strip()]
         sections.append(Section(" > ".join(t for _, t in stack), [*titles, line], len(titles) + 1))
@@ -159,14 +173,37 @@ def split_sections(text: str, fmt: Format) -> list[Section]:
 class Chunker:
     """Chunks documents for one tokenizer (the embedder's, so chunks fit its window)."""
 
-    def __init__(self, tokenizer, size: int = DEFAULT_SIZE, overlap: int = DEFAULT_OVERLAP):
-        self.tokenizer = tokenizer
-        self.budget = size - tokenizer.num_special_tokens_to_add()
+    def __init__(self, tokenizer, size: int = DEFAULT_SIZE, overlap: int = DEFAULT_OVERLAP,
+                 context: Context | None = None, context_tokens: int = DEFAULT_CONTEXT_TOKENS):
+        if context not in (None, *CONTEXTS):
+            raise InvalidInput(f"context must be one of {', '.join(CONTEXTS)} or none, got {context!r}", "context")
+        self.tokenizer, self.context = tokenizer, context
+        self.context_tokens = context_tokens if context else 0
+        self.budget = size - tokenizer.num_special_tokens_to_add() - self.context_tokens
         if self.budget < 8:
             raise InvalidInput(f"chunk size {size} leaves fewer than 8 tokens for text", "size")
         if not 0 <= overlap <= self.budget // 2:
             raise InvalidInput(f"overlap must be in 0..{self.budget // 2} for chunk size {size}", "overlap")
         self.size, self.overlap = size, overlap
+
+    def contextual(self, chunk: Chunk) -> str:
+        """The text embedded and BM25-indexed for a chunk: its text, after its document title
+        (`context="title"`) or heading trail (`"trail"`) and a newline; with no context, its text alone.
+        The prefix is at most `context_tokens` tokens: middle headings are dropped first
+        ("A > B > C > D" -> "A > D"), then the rest is cut after its last whole token that fits."""
+        if not self.context or not chunk.section:
+            return chunk.text
+        parts = chunk.section.split(" > ")
+        if self.context == "title":
+            parts = parts[:1]
+        prefix = " > ".join(parts)
+        while len(parts) > 2 and self.count([prefix])[0] > self.context_tokens:
+            del parts[1]
+            prefix = " > ".join(parts)
+        offsets = self.tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > self.context_tokens:
+            prefix = prefix[:offsets[self.context_tokens - 1][1]]
+        return f"{prefix}\n{chunk.text}"
 
     def chunk(self, document_id: str, text: str | bytes, fmt: Format | None = None) -> list[Chunk]:
         """The chunks of one document, in order."""

@@ -26,13 +26,12 @@ from typing import Literal
 
 import numpy as np
 
+from retrievers.dense import cores
+
+__all__ = ["Backend", "E5Small", "ExportedEncoder", "by_length", "cores", "mean_pool"]
+
 Backend = Literal["onnx", "onnx-int8", "openvino", "openvino-int8"]
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

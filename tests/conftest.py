@@ -30,7 +30,8 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
-        self.env = env or {}
+        # the model of ask loads on the first ask, not at every test server's start
+        self.env = {"MEMSVC_PRELOAD_MODEL": "false", **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.data_dir.parent / f"{self.data_dir.name}-server.log"
@@ -100,6 +101,20 @@ def server(tmp_path_factory):
     """A live server on a fresh data dir, shared by a test module (use unique memory names)."""
     with ServerProcess(tmp_path_factory.mktemp("server") / "data") as proc:
         yield proc
+
+
+def talking_llama(seed: int = 2):
+    """`lm.model.tiny_llama` with an untied random output layer: the tied random model echoes the prompt's
+    last token ("\n" after a chat template) over and over, this one says varied tokens (seed 2, after a RAG
+    prompt: ' Rog', ' bowls', ' bb', ...), so that streamed answers have pieces to compare."""
+    import torch
+
+    from lm.model import tiny_llama
+
+    model, tokenizer = tiny_llama()
+    generator = torch.Generator().manual_seed(seed)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
+    return model, tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """The REST API over HTTP: every kind of bad input gets a 4xx error body naming the problem and stores
-nothing; JSON and npz bodies agree; data survives restarts; the catalog runs on SQLite and PostgreSQL."""
+nothing; JSON, tensor-frame and npz bodies agree; the client sends and reads tensor frames; data survives restarts; the catalog runs on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import uuid
@@ -19,7 +20,15 @@ from memsvc.cli.commands import app
 from memsvc.client import AsyncMemoryClient, MemoryClient
 from memsvc.connect import connect
 from memsvc.contract import AlreadyExists, InvalidInput, NotFound, TooLarge, Unauthorized
-from memsvc.contract.wire import NPZ, decode_npz, encode_npz, search_result
+from memsvc.contract.wire import (
+    NPZ,
+    TENSORS,
+    decode_npz,
+    decode_tensors,
+    encode_npz,
+    encode_tensors,
+    search_result,
+)
 from memsvc.db import Catalog
 from memsvc.service import Service
 
@@ -103,6 +112,8 @@ BAD_ADDS = {
                               "headers": {"Content-Type": NPZ}}, 422, "keys", "float32", "float64"),
     "int keys": (lambda: {"content": npz(keys=np.ones((2, DIM), np.int32), values=np.array([1, 2])),
                           "headers": {"Content-Type": NPZ}}, 422, "keys", "int32"),
+    "negative token value": (lambda: {"json": {"keys": vecs(2).tolist(), "values": [5, -1]}}, 422, "values",
+                             "token ids >= 0", "got -1"),
     "float token values": (lambda: {"content": npz(keys=vecs(2), values=np.array([0.5, 1.5])),
                                     "headers": {"Content-Type": NPZ}}, 422, "values", "integer"),
     "empty batch": (lambda: {"content": npz(keys=np.zeros((0, DIM), np.float32), values=np.zeros(0, int)),
@@ -131,7 +142,22 @@ BAD_ADDS = {
     "payloads not JSON": (lambda: {"content": npz(keys=vecs(1), values=np.array([1]), payloads=np.array("{nope")),
                                    "headers": {"Content-Type": NPZ}}, 422, "payloads", "JSON"),
     "wrong content type": (lambda: {"content": b"keys=1", "headers": {"Content-Type": "text/plain"}},
-                           422, "body", "Content-Type"),
+                           415, "body", "Content-Type"),
+    "tensors: npz body": (lambda: {"content": npz(keys=vecs(1), values=np.array([1])),
+                                   "headers": {"Content-Type": TENSORS}}, 422, "body", "malformed", "MSVT"),
+    "tensors: cut short": (lambda: {"content": encode_tensors({"keys": vecs(2), "values": [1, 2]})[:-8],
+                                    "headers": {"Content-Type": TENSORS}}, 422, "body", "malformed"),
+    "tensors: version 9": (lambda: {"content": b"MSVT\x09" + encode_tensors({"keys": vecs(1), "values": [1]})[5:],
+                                    "headers": {"Content-Type": TENSORS}}, 422, "body", "version 9"),
+    "tensors: int keys": (lambda: {"content": encode_tensors({"keys": np.ones((1, DIM), np.int64), "values": [1]}),
+                                   "headers": {"Content-Type": TENSORS}}, 422, "keys", "float32"),
+    "tensors: NaN": (lambda: {"content": encode_tensors({"keys": np.full((1, DIM), np.nan, np.float32),
+                                                         "values": [1]}),
+                              "headers": {"Content-Type": TENSORS}}, 422, "keys", "NaN"),
+    "tensors: unknown field": (lambda: {"content": encode_tensors({"keys": vecs(1), "values": [1], "x": 1}),
+                                        "headers": {"Content-Type": TENSORS}}, 422, "x", "Extra"),
+    "tensors: too many rows": (lambda: {"content": encode_tensors({"keys": vecs(600), "values": np.arange(600)}),
+                                        "headers": {"Content-Type": TENSORS}}, 413, "keys", "max_batch=500"),
 }
 
 
@@ -157,6 +183,10 @@ BAD_SEARCHES = {
     "partition not a string": ({"queries": vecs(1).tolist(), "k": 1, "partition": 7}, 422, "partition"),
     "queries norm above MAX_NORM": ({"queries": [[1e18] * DIM], "k": 1}, 422, "queries", "largest accepted"),
     "queries beyond float32": ({"queries": [[-1e39] * DIM], "k": 1}, 422, "queries", "beyond float32"),
+    "ef_search on a flat memory": ({"queries": vecs(1).tolist(), "k": 1, "ef_search": 64}, 422, "ef_search",
+                                   "only to hnsw"),
+    "nprobe on a flat memory": ({"queries": vecs(1).tolist(), "k": 1, "nprobe": 4}, 422, "nprobe", "only to ivfpq"),
+    "ef_search not an integer": ({"queries": vecs(1).tolist(), "k": 1, "ef_search": 1.5}, 422, "ef_search"),
 }
 
 
@@ -165,6 +195,65 @@ def test_bad_search_is_rejected(http, mem, case):
     body, status, field, *words = BAD_SEARCHES[case]
     assert_error(http.post(f"/v1/memories/{mem}/search", json=body), status, field, *words)
     assert entries(mem, http) == 3
+
+
+LONE = "abc \ud800 def"  # a lone UTF-16 surrogate: JSON escapes and UTF-32 arrays carry it, UTF-8 cannot (issue 12 #4)
+
+
+def raw_json(body: dict) -> dict:
+    """A request whose body is `body` as JSON text with \\u escapes (what any client can send)."""
+    return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+
+
+LONE_SURROGATES = {  # route, request, field in the 422 (JSON bodies are refused whole by the strict reader)
+    "create name": ("POST", "", raw_json({"name": LONE, "dim": DIM}), "name"),
+    "create metadata": ("POST", "", raw_json({"name": "ok-name", "dim": DIM, "metadata": {"k": LONE}}), "metadata"),
+    "patch metadata key": ("PATCH", "/{mem}", raw_json({"metadata": {LONE: 1}}), "metadata"),
+    "add partition JSON": ("POST", "/{mem}/entries", raw_json({"keys": vecs(1).tolist(), "values": [1],
+                                                                "partition": LONE}), "body"),
+    "add partition npz": ("POST", "/{mem}/entries", {"content": npz(keys=vecs(1), values=np.array([1]),
+                                                                    partition=np.array(LONE)),
+                                                     "headers": {"Content-Type": NPZ}}, "partition"),
+    "add payload npz": ("POST", "/{mem}/entries", {"content": npz(keys=vecs(1), values=np.array([1]),
+                                                                  payloads=np.array(json.dumps([{"p": LONE}]))),
+                                                   "headers": {"Content-Type": NPZ}}, "payloads"),
+    "search partition JSON": ("POST", "/{mem}/search", raw_json({"queries": vecs(1).tolist(), "k": 1,
+                                                                 "partition": LONE}), "body"),
+    "search partition npz": ("POST", "/{mem}/search", {"content": npz(queries=vecs(1), k=np.array(1),
+                                                                      partition=np.array(LONE)),
+                                                       "headers": {"Content-Type": NPZ}}, "partition"),
+    "delete partition npz": ("POST", "/{mem}/delete", {"content": npz(partition=np.array(LONE)),
+                                                       "headers": {"Content-Type": NPZ}}, "partition"),
+}
+
+
+@pytest.mark.parametrize("case", list(LONE_SURROGATES))
+def test_lone_surrogates_are_422_in_every_memory_route(http, mem, case):
+    method, route, request, field = LONE_SURROGATES[case]
+    assert_error(http.request(method, "/v1/memories" + route.format(mem=mem), **request), 422, field)
+    assert entries(mem, http) == 3
+    assert http.get(f"/v1/memories/{mem}").json()["metadata"] == {}
+    assert "ok-name" not in [m["name"] for m in http.get("/v1/memories").json()["memories"]]
+
+
+def test_whole_number_lists_count_as_float_on_every_face(limited):
+    """`search([[0, 0, 1, 0]])` and int-list keys work through RemoteMemory as in a REST JSON body and in the
+    in-process Memory (converted to float32); an integer numpy array stays refused on every face."""
+    from memsvc.store import Memory
+
+    with MemoryClient(limited.url, api_key=KEY) as client:
+        remote = client.create_memory(f"ints-{uuid.uuid4().hex[:8]}", dim=4, value_kind="token")
+        local = Memory(remote.spec)  # in RAM
+        for mem in (remote, local):
+            assert mem.add([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], values=[7, 8, 9]).tolist() == [0, 1, 2]
+            found = mem.search([[0, 0, 1, 0]], k=1)
+            assert (found.ids.tolist(), found.values.tolist(), found.distances.tolist()) == ([[2]], [[9]], [[0.0]])
+            with pytest.raises(InvalidInput, match="got integers"):
+                mem.search(np.array([[0, 0, 1, 0]]), k=1)
+            with pytest.raises(InvalidInput, match="token ids >= 0") as negative:
+                mem.add([[0.5, 0.5, 0, 0]], values=[-1])
+            assert negative.value.field == "values" and mem.stats().count == 3
+        client.delete_memory(remote.spec.name)
 
 
 def test_unknown_things_are_404_and_duplicates_409(http, mem):
@@ -228,8 +317,80 @@ def test_json_and_npz_agree(http, mem):
     assert a.payloads == b.payloads and np.isinf(a.distances[:, 20:]).all()
     assert set(a.ids[:, :20].ravel()) == set(range(3, 23))
 
+    as_tensors = http.post(f"/v1/memories/{mem}/search", headers={"Content-Type": TENSORS, "Accept": TENSORS},
+                           content=encode_tensors({"queries": queries, "k": 30, "partition": "p"}))
+    assert as_tensors.headers["content-type"] == TENSORS
+    c = search_result(decode_tensors(as_tensors.content))
+    np.testing.assert_array_equal(a.ids, c.ids)
+    np.testing.assert_array_equal(a.distances, c.distances)
+    np.testing.assert_array_equal(a.values, c.values)
+    assert a.payloads == c.payloads
+
     entry = http.get(f"/v1/memories/{mem}/entries/13").json()
     assert entry == {"id": 13, "key": keys[10].tolist(), "value": 10, "payload": {"i": 10}, "partition": "p"}
+
+
+class Recording(httpx.HTTPTransport):
+    """An HTTP transport that notes the Content-Type of each request and of its answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str, str | None, str | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.seen.append((request.method, request.url.path.rsplit("/", 1)[-1], request.headers.get("content-type"),
+                          response.headers.get("content-type")))
+        return response
+
+
+def test_the_client_sends_and_reads_tensor_frames(limited):
+    """RemoteMemory's add, search, get and delete travel as tensor frames both ways; values vectors,
+    payloads and partitions come back as sent."""
+    transport = Recording()
+    with MemoryClient(limited.url, api_key=KEY, transport=transport) as c:
+        m = c.create_memory(f"t-{uuid.uuid4().hex[:8]}", dim=DIM, value_kind="vector", value_dim=3)
+        keys, values = vecs(5, seed=6), np.random.default_rng(7).random((5, 3), np.float32)
+        ids = m.add(keys, values=values, payloads=[{"i": i} for i in range(5)], partition="p")
+        res = m.search(keys[:2], k=3)
+        got = m.get(np.array([ids[4], 99]))
+        assert m.delete(ids=ids[:1]) == 1
+        c.delete_memory(m.spec.name)
+    np.testing.assert_array_equal(ids, np.arange(5))
+    np.testing.assert_array_equal(res.ids[:, 0], [0, 1])
+    np.testing.assert_array_equal(res.values[0, 0], values[0])
+    assert res.payloads[1][0] == {"i": 1} and res.ids.dtype == np.int64 and res.distances.dtype == np.float32
+    np.testing.assert_array_equal(got.keys[0], keys[4])
+    assert got.found.tolist() == [True, False] and got.partitions == ["p", None] and got.payloads == [{"i": 4}, None]
+    vector_calls = [seen for seen in transport.seen if seen[1] in ("entries", "search", "get", "delete")]
+    assert [call[1] for call in vector_calls] == ["entries", "search", "get", "delete"]
+    assert all(call[2] == TENSORS and call[3] == TENSORS for call in vector_calls), vector_calls
+
+
+def test_search_params_over_rest(http):
+    """Per request: ef_search on an hnsw memory, nprobe refused there; PATCH: ef_search changed and
+    answered, bad values and the wrong kind refused before anything (metadata included) changes."""
+    name = f"h-{uuid.uuid4().hex[:8]}"
+    assert http.post("/v1/memories", json={"name": name, "dim": DIM, "index": "hnsw"}).status_code == 201
+    http.post(f"/v1/memories/{name}/entries", json={"keys": vecs(50).tolist()})
+    r = http.post(f"/v1/memories/{name}/search", json={"queries": vecs(2).tolist(), "k": 3, "ef_search": 8})
+    assert r.status_code == 200 and r.json()["ids"][0][0] == 0
+    assert_error(http.post(f"/v1/memories/{name}/search", json={"queries": vecs(1).tolist(), "k": 3, "nprobe": 8}),
+                 422, "nprobe", "only to ivfpq")
+    assert_error(http.post(f"/v1/memories/{name}/search", json={"queries": vecs(1).tolist(), "k": 3,
+                                                                 "ef_search": 0}), 422, "ef_search", "1..1048576")
+    r = http.patch(f"/v1/memories/{name}", json={"ef_search": 40})
+    assert r.status_code == 200 and r.json()["ef_search"] == 40 and r.json()["metadata"] == {}
+    for body, field, words in (({"metadata": {"a": 1}, "nprobe": 4}, "nprobe", "only to ivfpq"),
+                               ({"metadata": {"a": 1}, "ef_search": 1 << 21}, "ef_search", "1..1048576"),
+                               ({"ef_search": True}, "ef_search", "integer"),
+                               ({}, None, "give metadata, ef_search or nprobe")):
+        assert_error(http.patch(f"/v1/memories/{name}", json=body), 422, field, words)
+    assert http.get(f"/v1/memories/{name}").json()["ef_search"] == 40
+    assert http.get(f"/v1/memories/{name}").json()["metadata"] == {}
+    r = http.patch(f"/v1/memories/{name}", json={"metadata": {"b": 2}, "ef_search": 64})
+    assert (r.json()["metadata"], r.json()["ef_search"]) == ({"b": 2}, 64)
+    assert http.delete(f"/v1/memories/{name}").status_code == 204
 
 
 def test_openapi_and_docs(limited, http):
@@ -238,9 +399,10 @@ def test_openapi_and_docs(limited, http):
                  "/v1/memories/{name}/search", "/v1/memories/{name}/delete", "/v1/memories/{name}/entries/{entry_id}"):
         assert path in spec["paths"], path
     search = spec["paths"]["/v1/memories/{name}/search"]["post"]
-    assert set(search["requestBody"]["content"]) == {"application/json", NPZ}
-    assert "queries" in search["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert NPZ in search["responses"]["200"]["content"]
+    assert set(search["requestBody"]["content"]) == {"application/json", TENSORS, NPZ}
+    assert {"queries", "ef_search", "nprobe"} <= set(
+        search["requestBody"]["content"]["application/json"]["schema"]["properties"])
+    assert {TENSORS, NPZ} <= set(search["responses"]["200"]["content"])
     assert {"name", "dim", "metric"} <= set(spec["components"]["schemas"]["MemorySpec"]["properties"])
     assert "swagger" in http.get("/docs").text.lower()
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, talking_llama
+from test_retrievers import CountingEncoder
 
-from memsvc.client import MemoryClient
+from memsvc.client import MemoryClient, RemoteCollection
 from memsvc.config import Settings
 from memsvc.contract import (
     MAX_DOCUMENT_BYTES,
@@ -21,7 +22,9 @@ from memsvc.contract import (
     CollectionStats,
     Document,
     InvalidInput,
+    MemsvcError,
     NotFound,
+    ServerUnavailable,
     TooLarge,
 )
 from memsvc.service import Service
@@ -77,6 +80,67 @@ def test_upsert_skips_unchanged_and_replaces_changed(open_service):
     top = col.search("__enter__ with statement", k=1, mode="bm25")[0]
     assert (top.document_id, top.metadata, top.section) == ("b.md", {"source": "b.md"}, "Context managers")
     assert top.chunk_id.startswith("b.md#")
+
+
+GUIDE = "# Guide\n\nIntro to the guide.\n\n## Install\n\nRun pip install memsvc.\n\n## Use\n\nCall search.\n"
+
+
+def test_a_changed_document_embeds_only_its_changed_chunks_also_after_restart(tmp_path, tiny_encoder):
+    encoder = CountingEncoder(tiny_encoder)
+    service = Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: encoder)
+    col = service.create_collection("docs")
+    col.upsert([Document("guide.md", GUIDE)])
+    assert len(encoder.texts) == 3
+    encoder.texts.clear()
+    edited = GUIDE.replace("Call search.", "Call search or ask.")
+    assert col.upsert([Document("guide.md", edited)]).chunks == 3
+    assert encoder.texts == ["## Use\n\nCall search or ask."]  # the two unchanged chunks were copied
+    assert col.memory.stats().count == 3 and len(col.memory.stats().partitions) == 1
+    top = col.search("## Install\n\nRun pip install memsvc.", k=1, mode="dense")[0]  # its copied vector
+    assert top.text == "## Install\n\nRun pip install memsvc." and top.score == pytest.approx(1.0, abs=1e-5)
+    service.close()
+    encoder.texts.clear()
+    service = Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: encoder)
+    col = service.collection("docs")  # the keys are in the catalog: a restart keeps the cache
+    col.upsert([Document("guide.md", "# Guide\n\nA new intro.\n" + edited[len("# Guide\n\nIntro to the guide.\n"):])])
+    assert encoder.texts == ["# Guide\n\nA new intro."]
+    service.close()
+
+
+def test_search_by_document_gives_one_hit_per_document(open_service):
+    col = open_service().create_collection("docs")
+    col.upsert([Document("guide.md", GUIDE.replace("Call search.", "Call pip search.")), *docs()])
+    chunks = col.search("pip install", k=10, mode="bm25")
+    assert [h.document_id for h in chunks] == ["guide.md", "guide.md"]
+    grouped = col.search("pip install", k=10, mode="bm25", group_by="document")
+    assert [(h.document_id, h.chunk_id, h.text) for h in grouped] == [("guide.md", chunks[0].chunk_id, chunks[0].text)]
+    hybrid = col.search("a generator function", k=2, mode="hybrid", group_by="document", score="sum")
+    assert len(hybrid) == 2 and len({h.document_id for h in hybrid}) == 2
+    with pytest.raises(InvalidInput) as err:
+        col.search("pip", group_by="section")
+    assert err.value.field == "group_by"
+    for group_by in ("document", None):
+        with pytest.raises(InvalidInput) as err:
+            col.search("pip", group_by=group_by, score="mean")
+        assert err.value.field == "score"
+
+
+def test_a_contextual_collection_indexes_chunks_with_their_title_and_keeps_the_setting(open_service):
+    service = open_service()
+    col = service.collections.create("ctx", context="title")
+    col.upsert([Document("guide.md", GUIDE)])
+    hits = col.search("guide", k=5, mode="bm25")  # only the first chunk says "guide"; the title is in all
+    assert len(hits) == 3 and all("Guide\n" not in h.text.split("# Guide")[0] for h in hits)
+    assert {h.text for h in hits} == {"# Guide\n\nIntro to the guide.", "## Install\n\nRun pip install memsvc.",
+                                      "## Use\n\nCall search."}  # what a search returns stays plain
+    plain = service.create_collection("plain")
+    plain.upsert([Document("guide.md", GUIDE)])
+    assert len(plain.search("guide", k=5, mode="bm25")) == 1
+    with pytest.raises(InvalidInput) as err:
+        service.collections.create("bad", context="heading")
+    assert err.value.field == "context" and "bad" not in service.list_collections()
+    reopened = open_service().collection("ctx")
+    assert reopened.chunker.context == "title" and len(reopened.search("guide", k=5, mode="bm25")) == 3
 
 
 def test_collections_with_the_same_documents_answer_from_their_own(open_service):
@@ -193,11 +257,10 @@ def api(tmp_path, tiny_encoder):
     tiny random LM, and a `MemoryClient` (admin) that talks to it in-process."""
     from fastapi.testclient import TestClient
 
-    from lm.model import tiny_llama
     from memsvc.api.app import create_app
 
     app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"),
-                     encoder=lambda: tiny_encoder, language_model=tiny_llama)
+                     encoder=lambda: tiny_encoder, language_model=talking_llama)
     with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
         client = MemoryClient("http://testserver")
         client.http = http
@@ -235,6 +298,127 @@ def test_rest_round_trip_through_remote_collection(api):
     assert client.list_collections() == []
 
 
+def test_ask_answers_loading_while_the_model_loads_at_start(tmp_path, tiny_encoder):
+    """The model of ask loads in the background from the server's start; meanwhile ask is 503 model_loading
+    with Retry-After (bad input is still 422 first), then it answers. A load that fails is reported once as
+    503 backend_unavailable (no Retry-After), and the next ask loads again."""
+    from fastapi.testclient import TestClient
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+
+    started, release, fail = threading.Event(), threading.Event(), [True]
+
+    def slow_model():
+        started.set()
+        assert release.wait(30)
+        if fail.pop() if fail else False:
+            raise OSError("no such model file")
+        return tiny_llama()
+
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder, language_model=slow_model)
+    with TestClient(app) as http:
+        assert started.wait(10)  # loading before any ask
+        http.post("/v1/collections", json={"name": "docs"})
+        http.post("/v1/collections/docs/documents", json={"documents": [{"id": "a", "text": "Generators yield."}]})
+        assert error(http.post("/v1/collections/docs/ask", json={"question": " "}), 422)["field"] == "question"
+        loading = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert (loading.status_code, loading.headers["retry-after"]) == (503, "2")
+        assert loading.json()["error"]["code"] == "model_loading"
+        model = app.state.service.collections.language_model
+        release.set()  # the first load fails
+        while model.error is None:
+            time.sleep(0.01)
+        failed = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert (failed.status_code, "retry-after" in failed.headers) == (503, False)
+        assert failed.json()["error"] == {"code": "backend_unavailable", "field": "model", "message":
+                                          "the language model could not be loaded: OSError: no such model file"}
+        assert error(http.post("/v1/collections/docs/ask", json={"question": "What yields?"}), 503)["code"] \
+            == "model_loading"  # loading again
+        deadline = time.monotonic() + 30
+        while not model.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["citations"][0]["document_id"] == "a"
+
+
+def test_ask_stops_decoding_when_the_client_disconnects(tmp_path, tiny_encoder):
+    """A client that gives up (its timeout) ends the server's decoding within a token or two, and the server
+    then shuts down at once (before: it decoded all max_new_tokens for nobody)."""
+    import uvicorn
+    from conftest import free_port
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+
+    model, tokenizer = tiny_llama()
+    word, steps = tokenizer(" yes").input_ids[-1], []
+
+    def slow_step(module, args, output):  # 20 ms a token, each one " yes" (a piece, never an end of sequence)
+        steps.append(time.monotonic())
+        output.logits.fill_(0.0)
+        output.logits[..., word] = 1.0
+        time.sleep(0.02)
+
+    model.register_forward_hook(slow_step)
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder,
+                     language_model=lambda: (model, tokenizer))
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        with MemoryClient(url, long_timeout=1.0) as client:
+            while not server.started:
+                time.sleep(0.05)
+            client.create_collection("docs").add_documents([Document("a", "Generators yield values.")])
+            while not app.state.service.collections.language_model.ready():
+                time.sleep(0.05)
+            with pytest.raises(ServerUnavailable, match="did not answer within 1 s"):
+                client.collection("docs").ask("What yields?", k=1, max_new_tokens=1024)
+        gone = time.monotonic()
+        assert len(steps) > 10 and steps[-1] > gone - 0.1  # it was decoding when the client left
+        time.sleep(1.0)
+        assert steps[-1] < gone + 0.5 and len(steps) < 200  # and stopped soon after (1024 tokens: >20 s)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_async_client_collection_round_trip(tmp_path, tiny_encoder):
+    """AsyncMemoryClient has the collection calls of MemoryClient (create, upsert, search, ask, stats, delete)."""
+    import asyncio
+
+    from lm.model import tiny_llama
+    from memsvc.api.app import create_app
+    from memsvc.client import AsyncMemoryClient
+
+    app = create_app(Settings(data_dir=tmp_path / "api"), encoder=lambda: tiny_encoder, language_model=tiny_llama)
+
+    async def main():
+        async with app.router.lifespan_context(app), \
+                AsyncMemoryClient("http://memsvc", transport=httpx.ASGITransport(app)) as client:
+            col = await client.create_collection("docs")
+            assert (await col.add_documents(docs())).added == list(DOCS)
+            assert (await col.upsert(docs())).unchanged == list(DOCS)
+            assert await client.list_collections() == ["docs"]
+            assert await col.stats() == CollectionStats("docs", documents=3, chunks=3)
+            hit = (await col.search("walrus operator", k=1, mode="bm25"))[0]
+            assert (hit.document_id, hit.metadata) == ("c.txt", {"source": "c.txt"})
+            while not app.state.service.collections.language_model.ready():
+                await asyncio.sleep(0.05)
+            answer = await (await client.collection("docs")).ask("What is a generator?", k=2, max_new_tokens=4)
+            assert [c.n for c in answer.citations] == [1, 2]
+            await col.delete("c.txt")
+            assert (await col.stats()).documents == 2
+            await client.delete_collection("docs")
+            with pytest.raises(NotFound):
+                await client.collection("docs")
+
+    asyncio.run(main())
+
+
 def test_rest_bad_input(api):
     http, client = api
     client.create_collection("docs").add_documents(docs())
@@ -256,6 +440,49 @@ def test_rest_bad_input(api):
     assert error(http.post("/v1/collections/docs/ask", json={"question": "", "k": 2}), 422)["field"] == "question"
     assert error(http.post("/v1/collections/docs/ask", json={"question": "x", "k": 0}), 422)["field"] == "k"
     assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
+
+
+LONE = "abc \ud800 def"  # a lone UTF-16 surrogate (issue 12 #4): a JSON escape carries it, UTF-8 cannot
+
+
+def test_lone_surrogates_are_422_in_every_collection_route(api):
+    """Every string field of every collection route, and the same text in-process: 422 / InvalidInput
+    naming the field (before: 500 for a document's text and a search's query); nothing is stored."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    requests = {  # path, body, field
+        "create name": ("", {"name": LONE}, "name"),
+        "document text": ("/docs/documents", {"documents": [{"id": "a.md", "text": "new"}, {"id": "x", "text": LONE}]},
+                          "documents.1.text"),
+        "document id": ("/docs/documents", {"documents": [{"id": LONE, "text": "fine"}]}, "documents.0.id"),
+        "metadata value": ("/docs/documents", {"documents": [{"id": "x", "text": "t", "metadata": {"k": [LONE]}}]},
+                           "documents.0.metadata"),
+        "metadata key": ("/docs/documents", {"documents": [{"id": "x", "text": "t", "metadata": {LONE: 1}}]},
+                         "documents.0.metadata"),
+        "search query": ("/docs/search", {"query": "fruit \ud800"}, "query"),
+        "search mode": ("/docs/search", {"query": "fruit", "mode": LONE}, "mode"),  # pydantic's Literal check
+        "ask question": ("/docs/ask", {"question": LONE, "k": 1}, "question"),
+    }
+    for case, (path, body, field) in requests.items():
+        response = http.post(f"/v1/collections{path}", content=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+        err = error(response, 422)
+        assert (err["code"], err["field"]) == ("invalid_input", field), case
+        why = "unable to parse raw data as a unicode string" if field == "mode" else "lone UTF-16 surrogate (U+D800"
+        assert why in err["message"], case
+    assert error(http.delete("/v1/collections/docs/documents/%ED%A0%80"), 404)["field"] == "document_id"
+    assert http.get("/v1/collections").json() == {"collections": ["docs"]}
+    assert http.get("/v1/collections/docs").json() == {"name": "docs", "documents": 3, "chunks": 3}
+
+    local = client.http.app.state.service.collection("docs")
+    calls = {"documents[0].text": lambda: local.upsert([Document("x", LONE)]),
+             "query": lambda: local.search("fruit \ud800", k=3, mode="dense"),
+             "question": lambda: local.ask(LONE, k=1, max_new_tokens=1)}
+    for field, call in calls.items():
+        with pytest.raises(InvalidInput, match="lone UTF-16 surrogate") as info:
+            call()
+        assert info.value.field == field
+    assert local.stats() == CollectionStats("docs", documents=3, chunks=3)
 
 
 def test_rest_oversized_and_undecodable_documents_store_nothing(api):
@@ -314,6 +541,174 @@ def test_rest_keys_scope_collections(api):
     assert http.get("/v1/collections/t-docs", headers=reader).json()["documents"] == 3
 
 
+def sse_events(response) -> list[tuple[str, dict]]:
+    """(event, data) of a text/event-stream body, parsed by hand (the client reads with `wire.read_sse`)."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.text
+    events = []
+    for block in response.text.split("\n\n")[:-1]:
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+ASK = {"question": "What is a generator?", "k": 2, "max_new_tokens": 8}
+
+
+def test_server_sent_events_read_as_the_whatwg_format_says():
+    from memsvc.contract.wire import read_sse, sse_event
+
+    body = sse_event("token", b'{"text": "a"}') + b": a comment\n\nevent: done\ndata: 1\ndata:2\n\ndata: x\n\nevent: cut"
+    assert list(read_sse(body.decode().split("\n"))) == [("token", '{"text": "a"}'), ("done", "1\n2"),
+                                                          ("message", "x")]  # an event never ended is dropped
+
+
+def test_rest_ask_streams_server_sent_events(api):
+    http, client = api
+    col = client.create_collection("docs")
+    col.add_documents(docs())
+    whole = http.post("/v1/collections/docs/ask", json=ASK)
+    assert whole.headers["content-type"] == "application/json"
+    for streamed in (http.post("/v1/collections/docs/ask", json={**ASK, "stream": True}),
+                     http.post("/v1/collections/docs/ask", json=ASK, headers={"Accept": "text/event-stream"})):
+        events = sse_events(streamed)
+        assert [name for name, _ in events] == ["token"] * (len(events) - 1) + ["done"]
+        assert events[0][1] == {"text": "Rog"}  # the talking model's first word, its leading space dropped
+        assert events[-1][1] == whole.json()  # done: the JSON answer
+        assert "".join(data["text"] for _, data in events[:-1]) == whole.json()["answer"]
+
+    with col.ask_stream("What is a generator?", k=2, max_new_tokens=8) as stream:  # the client
+        pieces = list(stream)
+    local = client.http.app.state.service.collection("docs").ask_stream("What is a generator?", 2, 8)
+    assert pieces == list(local) and len(pieces) == 8
+    assert stream.result() == local.result() == col.ask("What is a generator?", k=2, max_new_tokens=8)
+
+
+def test_rest_ask_stream_errors(api):
+    """Bad input is a JSON error before any event; a failure while decoding is an `error` event, which the
+    client raises as its memsvc error."""
+    http, client = api
+    col = client.create_collection("docs")
+    col.add_documents(docs())
+    assert error(http.post("/v1/collections/docs/ask", json={**ASK, "question": " ", "stream": True}), 422)["field"] \
+        == "question"
+    assert error(http.post("/v1/collections/nope/ask", json={**ASK, "stream": True}), 404)["field"] == "name"
+    with pytest.raises(InvalidInput) as info:
+        col.ask_stream("x", k=0)
+    assert info.value.field == "k"
+    with pytest.raises(NotFound):
+        RemoteCollection(client, "nope").ask_stream("x")
+
+    model, _ = client.http.app.state.service.collections._language_model()
+    calls = []
+
+    def fail_on_the_fourth(*_):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the model broke")
+
+    hook = model.register_forward_hook(fail_on_the_fourth)
+    try:
+        events = sse_events(http.post("/v1/collections/docs/ask", json={**ASK, "stream": True}))
+        assert [name for name, _ in events] == ["token", "token", "token", "error"]
+        assert events[-1][1] == {"error": {"code": "internal_error", "message": "internal server error (RuntimeError)"}}
+        calls.clear()
+        stream = col.ask_stream("What is a generator?", k=2, max_new_tokens=8)
+        with pytest.raises(MemsvcError, match="internal server error"):
+            list(stream)
+    finally:
+        hook.remove()
+
+
+@pytest.fixture
+def live(tmp_path, tiny_encoder):
+    """The app (tiny encoder, talking tiny LM) served by uvicorn in a thread of this process, so a test can
+    hold the server's model while it reads the stream; (url, app)."""
+    import uvicorn
+    from conftest import free_port
+
+    from memsvc.api.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path / "live"), encoder=lambda: tiny_encoder, language_model=talking_llama)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(30)
+
+
+def forward_calls(app, on_call=None) -> tuple[list[int], object]:
+    """Count the server's LM forward passes (calling `on_call(n)` on each); (counts, hook handle)."""
+    model, _ = app.state.service.collections._language_model()
+    calls: list[int] = []
+
+    def hook(*_):
+        calls.append(1)
+        if on_call is not None:
+            on_call(len(calls))
+
+    return calls, model.register_forward_hook(hook)
+
+
+def test_ask_stream_pieces_arrive_as_they_decode_and_closing_stops_decoding(live):
+    url, app = live
+    question = "What is a generator?"
+    with MemoryClient(url) as client:
+        col = client.create_collection("docs")
+        col.add_documents(docs())
+        whole = col.ask(question, k=2, max_new_tokens=8)
+        release, released = threading.Event(), []
+        # the server holds after its 4th forward pass (the 4th token) until the client has read 3 pieces
+        calls, hook = forward_calls(app, lambda n: n == 4 and released.append(release.wait(10)))
+        try:
+            with col.ask_stream(question, k=2, max_new_tokens=8) as stream:
+                pieces = iter(stream)
+                first = [next(pieces) for _ in range(3)]
+                release.set()
+                rest = list(pieces)
+            assert released == [True]  # not a timeout: the 3 pieces came while the server was held
+            assert "".join(first + rest) == whole.answer and stream.result() == whole
+
+            calls.clear()
+            with col.ask_stream(question, k=2, max_new_tokens=1000) as stream:
+                next(iter(stream))
+            counted, deadline = -1, time.monotonic() + 30
+            while counted != len(calls) and time.monotonic() < deadline:  # until the server stops decoding
+                counted = len(calls)
+                time.sleep(0.5)
+            assert counted < 200  # it stopped soon after the client went away, far before 1000 tokens
+        finally:
+            hook.remove()
+
+
+def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, monkeypatch):
+    """`memsvc ask` prints the pieces, then the passages; --json one object. Through a server (--url) and
+    embedded (the service's embedder and model replaced by the tiny ones)."""
+    url, app = live
+    question = "What is a generator?"
+    with MemoryClient(url) as client:
+        client.create_collection("docs").add_documents(docs())
+    data_dir = tmp_path / "embedded"
+    with Service(Settings(data_dir=data_dir), encoder=lambda: tiny_encoder) as service:
+        service.create_collection("docs").add_documents(docs())
+    monkeypatch.setattr("memsvc.service.SentenceEncoder", lambda: tiny_encoder)
+    monkeypatch.setattr("memsvc.service._load_model", lambda name: talking_llama())
+    expected = app.state.service.collection("docs").ask(question, 2, 8)
+    for where in (("--url", url), ("--data-dir", str(data_dir))):
+        args = ("ask", question, "--collection", "docs", "--k", "2", "--max-new-tokens", "8", *where)
+        printed = run_cli(*args)
+        assert printed.exit_code == 0, printed.output
+        chunk_ids = [c.chunk_id for c in expected.citations]
+        assert printed.stdout == f"{expected.answer}\n[1]  {chunk_ids[0]}\n[2]  {chunk_ids[1]}\n"
+        as_json = run_cli(*args, "--json")
+        assert json.loads(as_json.stdout)["answer"] == expected.answer and as_json.stdout.count("\n") == 1
+
+
 # --- through a running server (the real embedder; ask loads SmolLM2 in the server) -----------------
 
 LIBRARY = Path("/usr/share/doc/python3.11/html/_sources/library")
@@ -326,6 +721,12 @@ def run_cli(*args: str):
     from memsvc.cli.commands import app
 
     return CliRunner().invoke(app, list(args))
+
+
+def test_cli_ask_rejects_an_unknown_device_before_opening_the_store(tmp_path):
+    result = run_cli("ask", "a question", "-c", "docs", "--device", "tpu", "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.slow
@@ -371,6 +772,11 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
         body = json.loads(answer.stdout)
         assert "register" in body["answer"] and [c["n"] for c in body["citations"]] == [1, 2]
         assert body["citations"][0]["document_id"] == "lib/atexit.rst.txt"
+        streamed = run_cli("ask", "Which function of the atexit module registers a function to be called at "
+                           "interpreter exit?", "--k", "2", "--max-new-tokens", "48", *url)
+        assert streamed.exit_code == 0, streamed.output  # greedy: the streamed pieces join to the same answer
+        passages = "".join(f"[{c['n']}]{'*' if c['cited'] else ' '} {c['chunk_id']}\n" for c in body["citations"])
+        assert streamed.stdout == f"{body['answer']}\n{passages}"
 
         server.kill()
         server.start()
@@ -393,7 +799,7 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
             try:
                 for start in range(2, len(documents), 4):
                     col.upsert(documents[start:start + 4])
-            except httpx.TransportError as exc:  # the server dies under it
+            except ServerUnavailable as exc:  # the server dies under it
                 failures.append(exc)
 
         writer = threading.Thread(target=ingest)
@@ -415,3 +821,216 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         result = col.upsert(documents)
         assert len(result.unchanged) == stats.documents and len(result.added) == len(documents) - stats.documents
         assert client.memory("col.py").stats().count == col.stats().chunks
+
+
+# --- `memsvc ingest`: one document id per file (issue 12 #2) ------------------------------------
+
+def notes_dirs(root: Path) -> tuple[Path, Path]:
+    """The issue's input: a/notes.txt and b/notes.txt, and a/docs/README.md, b/docs/README.md."""
+    for name, fact in (("a", "Alpha: the deploy password rotates every Monday."), ("b", "Beta: lunch is at noon.")):
+        (root / name / "docs").mkdir(parents=True)
+        (root / name / "notes.txt").write_text(fact + "\n")
+        (root / name / "docs" / "README.md").write_text(f"# {name}\n\n{fact}\n")
+    return root / "a", root / "b"
+
+
+@pytest.mark.parametrize("inputs, document_id", [(("a/notes.txt", "b/notes.txt"), "notes.txt"),
+                                                 (("a", "b"), "docs/README.md")])
+def test_cli_ingest_refuses_two_files_for_one_id_before_writing(tmp_path, inputs, document_id):
+    """Two files that would be one document are an error naming both, exit 2, with --url and embedded;
+    nothing is created (the embedded store's directory does not even appear, no server is reached)."""
+    notes_dirs(tmp_path)
+    paths = [str(tmp_path / p) for p in inputs]
+    first, second = (tmp_path / p / "docs/README.md" if (tmp_path / p).is_dir() else tmp_path / p for p in inputs)
+    for where in (("--url", "http://127.0.0.1:9"), ("--data-dir", str(tmp_path / "data"))):
+        result = run_cli("ingest", *paths, "--collection", "c", *where)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (f"error: {first} and {second} would both be document {document_id!r}: ingest them "
+                                 "in separate calls with different --prefix values (e.g. --prefix a/), or name "
+                                 "documents by their paths (--id-from path)\n")
+        assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+def test_ingest_ids_same_file_twice_prefix_and_paths(tmp_path, monkeypatch):
+    from memsvc.cli.commands import ingest_files
+
+    a, b = notes_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    names = lambda found: [(i, p.relative_to(tmp_path).as_posix() if p.is_absolute() else p.as_posix())
+                           for i, p in found]
+    # one file given twice, or again inside its directory under the same id: one document
+    assert names(ingest_files([a / "notes.txt", a / "notes.txt", a, Path("a/notes.txt")])) == [
+        ("notes.txt", "a/notes.txt"), ("docs/README.md", "a/docs/README.md")]
+    # the same file under two different ids is two documents (the caller asked for both)
+    assert [i for i, _ in ingest_files([a, a / "docs/README.md"])] == ["docs/README.md", "notes.txt", "README.md"]
+    assert names(ingest_files([Path("a/notes.txt"), Path("b/notes.txt")], id_from="path")) == [
+        ("a/notes.txt", "a/notes.txt"), ("b/notes.txt", "b/notes.txt")]
+    assert [i for i, _ in ingest_files([Path("a"), Path("./b")], id_from="path")] == [
+        "a/docs/README.md", "a/notes.txt", "b/docs/README.md", "b/notes.txt"]
+    assert [i for i, _ in ingest_files([a], prefix="team-a/")] == ["team-a/docs/README.md", "team-a/notes.txt"]
+    with pytest.raises(InvalidInput, match="would both be document 'x/notes.txt'") as info:
+        ingest_files([a / "notes.txt", b / "notes.txt"], prefix="x/")
+    assert info.value.field == "paths"
+    with pytest.raises(NotFound, match="no such file or directory"):
+        ingest_files([a, tmp_path / "missing"])
+
+
+def test_cli_ingest_by_path_keeps_both_notes(tmp_path, monkeypatch, tiny_encoder):
+    """The issue's input ingested with --id-from path: two documents, each searchable with its own text
+    (the embedded store, with the tiny encoder)."""
+    notes_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("memsvc.connect.connect", lambda url, data_dir, *args: Service(
+        Settings(data_dir=data_dir), encoder=lambda: tiny_encoder))
+    result = run_cli("ingest", "a/notes.txt", "b/notes.txt", "--collection", "c", "--id-from", "path",
+                     "--data-dir", "data")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "2 added, 0 updated, 0 unchanged, 0 skipped, 2 chunks\n"
+    with Service(Settings(data_dir=tmp_path / "data"), encoder=lambda: tiny_encoder) as service:
+        col = service.collection("c")
+        assert col.stats() == CollectionStats("c", documents=2, chunks=2)
+        hit = col.search("deploy password Monday", k=1, mode="bm25")[0]
+        assert (hit.document_id, hit.text) == ("a/notes.txt", "Alpha: the deploy password rotates every Monday.")
+        assert col.search("lunch noon", k=1, mode="bm25")[0].document_id == "b/notes.txt"
+
+
+# --- readers never see a mix of two versions of a document (issue 12 #3) -------------------------
+
+SECTIONS = 60  # one chunk each
+QUERIES = ("section 7 ferns", "section 30 zebra")
+MODES = ("bm25", "dense", "hybrid")
+
+
+def big_document(version: int) -> Document:
+    """A long Markdown document (one chunk per section); version 2 rewrites section 30 only."""
+    def body(i: int) -> str:
+        if i == 30:
+            return f"Section {i} zebra {'stripes rotate on Mondays' if version == 1 else 'deploy password notes'}."
+        return f"Section {i} talks about ferns number {i} and item {i * 7 % 13} of the catalogue."
+    text = "\n\n".join(f"## Part {i}\n\n{body(i)}" for i in range(SECTIONS))
+    return Document("big.md", text, {"version": version})
+
+
+def searches(col, ask: bool = False) -> dict[tuple[str, str], list]:
+    """Every query's top 5 in every mode (and, with `ask`, the passages `ask` cites for the second)."""
+    answers = {(query, mode): col.search(query, k=5, mode=mode) for query in QUERIES for mode in MODES}
+    if ask:
+        answers[(QUERIES[1], "ask")] = col.ask(QUERIES[1], k=5, max_new_tokens=1).citations
+    return answers
+
+
+class Reader(threading.Thread):
+    """Searches the collection (every query and mode) in rounds, every 50 ms and whenever the writer asks
+    (`pause`: the writer waits for it to finish a whole round), until `done`; keeps every answer."""
+
+    def __init__(self, col, ask: bool = False, limit: int = 200):
+        super().__init__()
+        self.col, self.ask, self.limit, self.seen, self.started = col, ask, limit, [], 0
+        self.state = threading.Condition()
+        self.waiting, self.stop = 0, False
+
+    def run(self) -> None:
+        while True:
+            with self.state:
+                self.started += 1
+            answer = searches(self.col, self.ask)
+            with self.state:
+                self.seen.append(answer)
+                self.state.notify_all()
+                self.state.wait_for(lambda: self.stop or self.waiting, 0.05)
+                if self.stop or len(self.seen) >= self.limit:
+                    return
+
+    def pause(self, timeout: float) -> None:
+        """Until a round that began after this call has ended, or `timeout` s."""
+        with self.state:
+            start, self.waiting = self.started, self.waiting + 1
+            self.state.notify_all()
+            self.state.wait_for(lambda: len(self.seen) > start, timeout)
+            self.waiting -= 1
+
+    def done(self) -> None:
+        with self.state:
+            self.stop = True
+            self.state.notify_all()
+        self.join()
+
+
+def paused(reader: Reader, step, before: bool, after: bool, timeout: float):
+    def wrapped(*args, **kwargs):
+        if before:
+            reader.pause(timeout)
+        result = step(*args, **kwargs)
+        if after:
+            reader.pause(timeout)
+        return result
+    return wrapped
+
+
+def changes_seen_by_a_reader(col, change, reader_col=None, ask: bool = False) -> tuple[dict, dict, list]:
+    """The answers before `change()`, after it, and every answer of a concurrent reader (of `reader_col`,
+    e.g. the collection over REST, by default `col`), whom the change lets search between each two of its
+    steps: storing the new vectors, committing SQL, publishing the vector ids, changing BM25, deleting the
+    replaced vectors."""
+    reader_col = reader_col or col
+    before, reader = searches(reader_col, ask), Reader(reader_col, ask)
+    inside = 0.1  # a step under the collection's write lock: the reader waits for it, the writer briefly
+    steps = {(col.dense, "store"): (False, True, 10), (col.dense, "publish"): (True, False, inside),
+             (col.bm25, "add"): (True, False, inside), (col.bm25, "remove"): (True, False, inside),
+             (col.memory, "delete"): (True, True, 10)}
+    for (owner, name), sides in steps.items():
+        setattr(owner, name, paused(reader, getattr(owner, name), *sides))
+    reader.start()
+    try:
+        change()
+    finally:
+        reader.done()
+        for owner, name in steps:
+            delattr(owner, name)
+    return before, searches(reader_col, ask), reader.seen
+
+
+def test_readers_see_one_version_during_upsert_and_delete(open_service):
+    """Replace a 60-chunk document whose new version changes one section, then delete it, while another
+    thread searches in every mode: each answer is exactly the answer before or after the change (no chunk
+    twice, no chunk of the other version, none missing)."""
+    col = open_service().create_collection("docs")
+    col.upsert([big_document(1), Document("other.md", "Deploy password notes live in the wiki.")])
+    assert col.stats().chunks == SECTIONS + 1
+    answers = []
+    for change in (lambda: col.upsert([big_document(2)]), lambda: col.delete("big.md")):
+        before, after, seen = changes_seen_by_a_reader(col, change)
+        assert before != after and len(seen) >= 2
+        for answer in seen:
+            for key, hits in answer.items():
+                assert hits in (before[key], after[key]), (key, [h.chunk_id for h in hits])
+        answers.append((before, after, len(seen)))
+    print("rounds read during the upsert and the delete:", [n for *_, n in answers])
+    (v1, v2, _), (_, deleted, _) = answers
+    assert [h.metadata for h in v1[("section 30 zebra", "bm25")]][:1] == [{"version": 1}]
+    new = v2[("section 30 zebra", "bm25")][0]
+    assert (new.chunk_id.split("-")[0], new.metadata, new.text) == (
+        "big.md#30", {"version": 2}, "## Part 30\n\nSection 30 zebra deploy password notes.")
+    assert all(len(hits) == 5 for key, hits in v2.items())
+    assert [h.document_id for h in deleted[("section 30 zebra", "dense")]] == ["other.md"]
+    assert deleted[("section 30 zebra", "bm25")] == []
+
+
+def test_rest_readers_and_ask_see_one_version_during_upsert_and_delete(api):
+    """The same over REST: searches in every mode and `ask`'s passages, while the document is replaced
+    and then deleted through the API."""
+    _, client = api
+    col = client.create_collection("docs")
+    col.upsert([big_document(1), Document("other.md", "Deploy password notes live in the wiki.")])
+    local = client.http.app.state.service.collection("docs")
+    searches(col, ask=True)  # loads the language model
+    for change in (lambda: col.upsert([big_document(2)]), lambda: col.delete("big.md")):
+        before, after, seen = changes_seen_by_a_reader(local, change, reader_col=col, ask=True)
+        assert before != after and len(seen) >= 2
+        for answer in seen:
+            for key, hits in answer.items():
+                assert hits in (before[key], after[key]), (key, [h.chunk_id for h in hits])
+        for answers in (before, after):
+            passages = [(c.chunk_id, c.score) for c in answers[(QUERIES[1], "ask")]]
+            assert passages == [(h.chunk_id, h.score) for h in answers[(QUERIES[1], "hybrid")]]

@@ -364,6 +364,7 @@ def cli(tiny, tmp_path_factory):
     import typer
     from typer.testing import CliRunner
 
+    from memsvc.cli.longctx import eval_long
     from memsvc.cli.model import generate, knnlm_app
 
     model_dir = tmp_path_factory.mktemp("tiny-model")
@@ -372,10 +373,12 @@ def cli(tiny, tmp_path_factory):
     app = typer.Typer()
     app.add_typer(knnlm_app, name="knnlm")
     app.command("generate")(generate)
+    app.command("eval-long")(eval_long)
     data_dir = tmp_path_factory.mktemp("cli-data")
 
     def run(*args: str):
-        args = [*map(str, args), "--model", str(model_dir), "--data-dir", str(data_dir)]
+        args = [*map(str, args), "--model", str(model_dir), *(("--data-dir", str(data_dir)) if args[0] != "eval-long"
+                                                              else ())]
         return CliRunner().invoke(app, args)
 
     run.data_dir = data_dir
@@ -411,6 +414,30 @@ def test_cli_build_tune_eval_json(cli, corpus):
     assert gen.exit_code == 0 and gen.stdout.strip()
 
 
+def test_cli_json_is_clean_and_eval_long_url_leaves_nothing_on_the_server(cli, corpus, server, tmp_path):
+    """knnlm build/tune --json print one JSON object on stdout (progress goes to stderr); eval-long --url
+    --knn-memory deletes the memory it made for the run (before: an empty `knn-attention` and its log stayed)."""
+    from memsvc.client import MemoryClient
+
+    built = cli("knnlm", "build", "--memory", "cli-json", corpus / "csv.txt", "--json")
+    assert built.exit_code == 0, built.output
+    result = json.loads(built.stdout)
+    assert (result["memory"], result["added"], result["count"]) == ("cli-json", result["count"], result["count"])
+    assert result["count"] > 100 and "kNN-LM encode" in built.stderr
+    tuned = json.loads(cli("knnlm", "tune", "--memory", "cli-json", corpus / "json.txt", "--k", "8", "--json").stdout)
+    assert set(tuned) == {"memory", "lam", "temp", "k", "validation_perplexity"} and tuned["k"] == 8
+
+    with MemoryClient(server.url) as client:
+        before = [spec.name for spec in client.list_memories()]
+        run = cli("eval-long", corpus / "csv.txt", "--window", 8, "--sinks", 2, "--knn-memory", "--k", 4,
+                  "--layers", "1", "--max-tokens", 64, "--skip", 10, "--url", server.url, "--json")
+        assert run.exit_code == 0, run.output
+        assert json.loads(run.stdout)["tokens"] == 53  # 63 predicted, the first 10 not scored
+        assert "tok/s" in run.stderr  # the progress bar
+        assert [spec.name for spec in client.list_memories()] == before
+        assert "knn-attention" not in before
+
+
 def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_path):
     """--prompt-file, --cache and --memory-attention decode what the same calls give in-process."""
     from lm.attention import attach
@@ -429,6 +456,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
         with attach(tiny[0], cache, knn):
             expected = "".join(generate(*tiny, TEXT * 2, max_new_tokens=8, cache=cache))
         assert result.stdout == expected + "\n"
+        assert "prefill" in result.stderr and "tok/s" in result.stderr  # the prompt file's prefill bar
 
 
 @pytest.mark.parametrize("args, message", [
@@ -437,6 +465,7 @@ def test_cli_generate_long_prompt_file_through_a_bounded_cache(cli, tiny, tmp_pa
     (("generate", "--prompt-file", "{missing}"), "no such file"),
     (("generate", "text", "--memory-attention"), "needs a bounded --cache"),
     (("generate", "text", "--cache", "window:8,foo:2"), "bad cache spec"),
+    (("generate", "text", "--device", "tpu"), "unknown device 'tpu'"),
 ])
 def test_cli_generate_bad_prompt_or_cache_exits_non_zero(cli, corpus, args, message):
     paths = {"csv": corpus / "csv.txt", "missing": corpus / "missing.txt"}
@@ -453,6 +482,7 @@ def test_cli_generate_bad_prompt_or_cache_exits_non_zero(cli, corpus, args, mess
     (("build", "--memory", "cli-bad", "{empty}"), "empty file"),
     (("build", "--memory", "cli-bad", "{binary}"), "not UTF-8"),
     (("build", "--memory", "cli-bad", "{csv}", "{missing}"), "no such file"),
+    (("build", "--memory", "cli-bad", "{csv}", "--device", "cuda:x"), "unknown device 'cuda:x'"),
 ])
 def test_cli_bad_input_exits_non_zero_and_stores_nothing(cli, corpus, args, message):
     paths = {"csv": corpus / "csv.txt", "empty": corpus / "empty.txt", "binary": corpus / "binary.txt",

@@ -24,7 +24,6 @@ LAYERS = [
     ["memsvc.cli"],                                                   # the command line, on top of everything
 ]
 ONLY = {"memsvc.client": {FLOOR}}  # the light client: the floor and nothing else of memsvc
-# Circles of the model side left to its own re-layering (issue 13, item 4), checked again once it lands.
 def project_modules() -> dict[str, Path]:
     """Dotted name -> file of every module of the three packages (alembic migrations left out)."""
     found = {}

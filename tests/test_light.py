@@ -12,6 +12,7 @@ import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import httpx
 import pytest
 
 from memsvc.cli.extras import EXTRA_OF
@@ -88,6 +89,9 @@ CLI = "from memsvc.cli import main; main()"
 def test_cli_url_commands_work_and_the_rest_name_their_extra(server, tmp_path):
     missing = run_light(CLI, "search", "x", "--collection", "nope", "--url", server.url, "--json")
     assert (missing.returncode, missing.stderr.strip()) == (2, "error: collection 'nope' not found")
+    no_file = run_light(CLI, "ingest", "/nonexistent", "--collection", "nope", "--url", server.url)
+    assert (no_file.returncode, no_file.stderr.strip()) == (2, "error: /nonexistent: no such file or directory")
+    assert "nope" not in httpx.get(f"{server.url}/v1/collections").json()["collections"]  # nothing half-made
     for args, extra in ((["serve"], "server"),
                         (["search", "x", "--collection", "c", "--data-dir", str(tmp_path)], "server"),
                         (["knnlm", "eval", str(ROOT / "README.md"), "--memory", "m", "--url", server.url], "lm")):

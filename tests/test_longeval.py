@@ -130,6 +130,7 @@ def test_eval_long_cli_prints_one_json_object(tiny_dir, tmp_path):
     (["--knn-memory", "--layers", "0,7"], "unknown layer index 7"),
     (["--knn-memory", "--layers", "x"], "comma-separated integers"),
     (["--max-tokens", 1], "max_tokens must be at least 2"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_eval_long_cli_rejects_bad_input(tiny_dir, tmp_path, args, message):
     doc = tmp_path / "doc.txt"

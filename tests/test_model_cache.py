@@ -17,13 +17,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lm.model as model_module
-from lm.model import MANIFEST, _build, _intact, converted, gguf_sha256, load_model, load_tokenizer
+from lm.model import MANIFEST, _build, _intact, _load_model, converted, gguf_sha256, load_tokenizer
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TEXT = "the cat sat in the hat, and then the bat"
+CPU = torch.device("cpu")
 
 
 def byte_symbols() -> list[str]:
@@ -125,7 +126,7 @@ def test_second_load_reads_the_cache_and_gives_identical_logits(tiny_gguf, tmp_p
     path, _, direct = tiny_gguf
     direct_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     calls = loads_from(monkeypatch)
-    first, first_tok = load_model.__wrapped__(path, torch.float32, tmp_path)
+    first, first_tok = _load_model.__wrapped__(path, torch.float32, tmp_path, CPU)
     converted_from_gguf = [c for c in calls if c[1] is not None]
     assert sorted(converted_from_gguf) == sorted([(str(path.parent), path.name)] * 2)  # model + tokenizer, once
     model_entry, tok_entry = entry_of(tmp_path, path, "model"), entry_of(tmp_path, path, "tokenizer")
@@ -134,7 +135,7 @@ def test_second_load_reads_the_cache_and_gives_identical_logits(tiny_gguf, tmp_p
 
     calls.clear()
     load_tokenizer.cache_clear()
-    second, second_tok = load_model.__wrapped__(path, torch.float32, tmp_path)
+    second, second_tok = _load_model.__wrapped__(path, torch.float32, tmp_path, CPU)
     assert calls == [(str(model_entry), None), (str(tok_entry), None)]  # nothing read from the GGUF
     expected = logits(direct, direct_tok)
     assert torch.equal(logits(first, first_tok), expected)
@@ -145,20 +146,20 @@ def test_second_load_reads_the_cache_and_gives_identical_logits(tiny_gguf, tmp_p
         "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
     assert second.generation_config.eos_token_id == direct.generation_config.eos_token_id == 2
     assert not hasattr(second.config, "quantization_config")
-    bf16, _ = load_model.__wrapped__(path, torch.bfloat16, tmp_path)  # the float32 copy, cast on load
+    bf16, _ = _load_model.__wrapped__(path, torch.bfloat16, tmp_path, CPU)  # the float32 copy, cast on load
     assert bf16.dtype == torch.bfloat16
     load_tokenizer.cache_clear()
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tiny_gguf, tmp_path, monkeypatch):
     path, _, direct = tiny_gguf
-    load_model.__wrapped__(path, torch.float32, tmp_path)
+    _load_model.__wrapped__(path, torch.float32, tmp_path, CPU)
     weights = entry_of(tmp_path, path, "model") / "model.safetensors"
     with open(weights, "r+b") as f:  # a copy cut short, e.g. by a full disk
         f.truncate(weights.stat().st_size // 2)
     calls = loads_from(monkeypatch)
     load_tokenizer.cache_clear()
-    model, tok = load_model.__wrapped__(path, torch.float32, tmp_path)
+    model, tok = _load_model.__wrapped__(path, torch.float32, tmp_path, CPU)
     assert (str(path.parent), path.name) in calls  # converted again
     assert torch.equal(logits(model, tok), logits(direct, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)))
     assert _intact(weights.parent)

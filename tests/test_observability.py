@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess
@@ -18,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from memsvc.api.app import create_app
 from memsvc.client import MemoryClient
 from memsvc.config import Settings
-from memsvc.contract import MemsvcError
+from memsvc.contract import MemsvcError, ServerUnavailable
 from memsvc.observability import json_handler
 
 DIM = 8
@@ -126,7 +125,7 @@ def test_sigterm_finishes_writes_and_restarts_from_a_snapshot(tmp_path):
             for batch in range(first, 10**6, writers):
                 try:
                     acked[batch] = mem.add(np.full((25, DIM), batch, np.float32), values=np.full(25, batch))
-                except httpx.TransportError:  # the server is going away: this batch was not acknowledged
+                except ServerUnavailable:  # the server is going away: this batch was not acknowledged
                     return
                 except MemsvcError as exc:
                     errors.append(exc)

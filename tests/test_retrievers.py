@@ -14,10 +14,10 @@ from transformers import AutoTokenizer
 
 from memsvc.contract import InvalidInput
 from memsvc.store import Memory
-from retrievers.base import Chunk, Hit
+from retrievers.base import Chunk, Hit, group_by_document
 from retrievers.bm25 import BM25Retriever, tokenize
 from retrievers.chunking import Chunker, decode, detect_format
-from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, model_path
+from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, embedding_key, model_path
 from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -77,6 +77,39 @@ def test_markdown_headings_ignore_code_fences_and_carry_empty_headings(tokenizer
     assert [c.section for c in chunks] == ["Guide > Install", "Guide > Use"]
     assert chunks[0].text.startswith("# Guide\n## Install")  # the empty "Guide" heading leads its child
     assert "# not a heading\npip install x" in chunks[0].text
+
+
+def test_the_title_starts_every_trail_even_when_its_adornment_comes_back(tokenizer):
+    """c-api/float.rst.txt reuses its title's adornment further down: those headings used to lose the
+    title from their trail (31% of the Python docs' sections, bench/results/retrieval_v2.md)."""
+    rst = ("Floating Point Objects\n----------------------\n\nIntro.\n\nPack and Unpack\n===============\n\n"
+           "Both ways.\n\nPack functions\n--------------\n\nPack text.\n")
+    assert [c.section for c in Chunker(tokenizer).chunk("float.rst", rst)] == [
+        "Floating Point Objects", "Floating Point Objects > Pack and Unpack", "Floating Point Objects > Pack functions"]
+
+
+MD_GUIDE = "# Guide\n\n## Install\n\nRun pip install memsvc.\n\n### On Windows\n\nUse py -m pip.\n"
+
+
+def test_contextual_chunk_text_prefixes_the_title_or_the_trail(tokenizer):
+    plain = Chunker(tokenizer).chunk("guide.md", MD_GUIDE)
+    assert [c.section for c in plain] == ["Guide > Install", "Guide > Install > On Windows"]
+    assert [Chunker(tokenizer).contextual(c) for c in plain] == [c.text for c in plain]
+    trail, title = Chunker(tokenizer, context="trail"), Chunker(tokenizer, context="title")
+    assert [c.id for c in trail.chunk("guide.md", MD_GUIDE)] == [c.id for c in plain]  # ids hash the plain text
+    assert [trail.contextual(c) for c in plain] == [
+        "Guide > Install\n# Guide\n## Install\n\nRun pip install memsvc.",
+        "Guide > Install > On Windows\n### On Windows\n\nUse py -m pip."]
+    assert title.contextual(plain[1]) == "Guide\n### On Windows\n\nUse py -m pip."
+    assert trail.budget == Chunker(tokenizer).budget - 32  # room for the prefix in the embedder's window
+    short = Chunker(tokenizer, context="trail", context_tokens=4)  # middle headings go first, then tokens
+    assert short.contextual(plain[1]) == "Guide > On Windows\n### On Windows\n\nUse py -m pip."
+    long_title = Chunk("d#0-x", "d", "body", "A very long document title indeed")
+    assert Chunker(tokenizer, context="title", context_tokens=3).contextual(long_title) == "A very long\nbody"
+    assert trail.contextual(Chunk("d#0-x", "d", "no heading")) == "no heading"
+    with pytest.raises(InvalidInput) as err:
+        Chunker(tokenizer, context="heading")
+    assert err.value.field == "context"
 
 
 def test_format_detection():
@@ -220,7 +253,8 @@ def test_markdown_headings_are_read_in_linear_time_and_lose_only_a_closing_seque
     chunker = Chunker(tokenizer)
     text = "# a" + " " * 200_000 + "b\n\nbody\n\n## Setup ##\n\nx\n\n## C#\n\ny\n\n#  spaced  #   \n\nz"
     assert [c.section for c in chunker.chunk("h.md", text)] == [
-        "a" + " " * 200_000 + "b", "a" + " " * 200_000 + "b > Setup", "a" + " " * 200_000 + "b > C#", "spaced"]
+        "a" + " " * 200_000 + "b", "a" + " " * 200_000 + "b > Setup", "a" + " " * 200_000 + "b > C#",
+        "a" + " " * 200_000 + "b > spaced"]  # a later top-level heading stays under the title
 
 
 # --- BM25 ---------------------------------------------------------------------------------------
@@ -386,6 +420,93 @@ def test_dense_vectors_stored_unpublished_are_not_scored_by_id(tiny_encoder):
     assert dense.score("alpha text", [first.id])[0].score == pytest.approx(1.0, abs=1e-5)
     index.publish({"a": None})
     assert dense.score("alpha text", [first.id]) == [] and index.vector_ids == {}
+
+
+class CountingEncoder:
+    """Wraps an encoder and records every text it is asked to embed."""
+
+    def __init__(self, inner, name: str = "tiny"):
+        self.inner, self.dim, self.name, self.texts = inner, inner.dim, name, []
+        self.tokenizer = getattr(inner, "tokenizer", None)
+
+    def encode(self, texts):
+        self.texts += list(texts)
+        return self.inner.encode(texts)
+
+
+def test_dense_store_copies_the_vectors_of_cached_texts_and_embeds_the_rest(tiny_encoder):
+    encoder = CountingEncoder(tiny_encoder)
+    index = DenseIndex(Memory(DenseIndex.spec("chunks", encoder)), encoder)
+    v1 = [chunk("a", 0, "alpha"), chunk("a", 1, "the longest text of all"), chunk("a", 2, "charlie text")]
+    first = index.store(v1, partition="v1")
+    assert encoder.texts == ["the longest text of all", "charlie text", "alpha"]  # longest first
+    reuse = {index.key_of(c): vector_id for c, vector_id in zip(v1, first)}
+    encoder.texts.clear()
+    v2 = [chunk("a", 0, "a new first chunk"), chunk("a", 1, "alpha"), chunk("a", 2, "charlie text")]
+    second = index.store(v2, partition="v2", reuse=reuse)
+    assert encoder.texts == ["a new first chunk"] and index.embedded == 4  # moved or kept: copied
+    assert len(set(first + second)) == 6 and len(index.memory) == 6
+    got = index.memory.get(np.array([first[0], second[1], first[2], second[2]], dtype=np.int64)).keys
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[2], got[3])
+    assert index.memory.get(np.array(second, dtype=np.int64)).payloads == [c.id for c in v2]
+    assert index.key_of(v1[0]) == embedding_key("tiny", "alpha") != embedding_key("other-model", "alpha")
+    assert len(index.key_of(v1[0])) == 64
+
+
+def test_dense_index_embeds_the_text_it_is_given_for_a_chunk(tiny_encoder):
+    encoder = CountingEncoder(tiny_encoder)
+    index = DenseIndex(Memory(DenseIndex.spec("chunks", encoder)), encoder, embed_text=lambda c: f"{c.section}\n{c.text}")
+    index.add([Chunk("a#0-x", "a", "body", "Title")])
+    assert encoder.texts == ["Title\nbody"] and index.key_of(Chunk("a#0-x", "a", "body", "Title")) == \
+        embedding_key("tiny", "Title\nbody")
+
+
+def test_sentence_encoder_embeds_on_its_threads_and_restores_the_callers(tiny_encoder, monkeypatch):
+    import torch
+
+    encoder = SentenceEncoder(tiny_encoder.model, threads=2)
+    seen, real = [], tiny_encoder.model.encode
+    monkeypatch.setattr(tiny_encoder.model, "encode", lambda *a, **kw: (seen.append(torch.get_num_threads()),
+                                                                         real(*a, **kw))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert encoder.encode(["one text", "and another"]).shape == (2, encoder.dim)
+        assert encoder.encode(["a query"]).shape == (1, encoder.dim)  # one text: the caller's threads
+        assert seen == [2, 1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_document_scores_rank_documents_from_chunk_hits():
+    hits = [Hit("a#0", "a", 0.9), Hit("b#0", "b", 0.8), Hit("b#1", "b", 0.7), Hit("c#0", "c", 0.6),
+            Hit("b#2", "b", 0.5), Hit("a#1", "a", 0.1)]
+    assert group_by_document(hits, 10) == [Hit("a#0", "a", 0.9), Hit("b#0", "b", 0.8), Hit("c#0", "c", 0.6)]
+    assert group_by_document(hits, 2, "max") == [Hit("a#0", "a", 0.9), Hit("b#0", "b", 0.8)]
+    by_sum = group_by_document(hits, 10, "sum")  # each chunk adds its score minus the lowest (0.1)
+    assert [(h.chunk_id, h.document_id) for h in by_sum] == [("b#0", "b"), ("a#0", "a"), ("c#0", "c")]
+    assert [h.score for h in by_sum] == pytest.approx([0.7 + 0.6 + 0.4, 0.8 + 0.0, 0.5])
+    assert group_by_document([], 3, "sum") == []
+    with pytest.raises(InvalidInput) as err:
+        group_by_document(hits, 3, "mean")
+    assert err.value.field == "score"
+
+
+def test_dense_search_skips_vectors_not_published(tiny_encoder):
+    """A new version's vectors stored before it is published (a collection before its commit) hold the
+    unchanged chunks a second time: search skips them and still finds k distinct chunks (issue 12 #3)."""
+    index = dense_index(tiny_encoder)
+    dense = DenseRetriever(index)
+    v1 = [chunk("a", i, f"alpha text number {i}") for i in range(4)] + [chunk("b", 0, "bravo")]
+    index.add(v1)
+    published = {h.chunk_id: h.score for h in dense.search("alpha text number 1", 5)}
+    index.store(v1[:4] + [chunk("a", 4, "alpha text number 1")], partition="next")  # not published
+    assert len(index.memory) == 10
+    for k in (1, 3, 5, 8):
+        hits = dense.search("alpha text number 1", k)
+        assert len(hits) == min(k, 5) and len({h.chunk_id for h in hits}) == len(hits)
+        assert all(published[h.chunk_id] == h.score for h in hits)
 
 
 def test_dense_needs_a_matching_cosine_memory(tiny_encoder):

@@ -134,6 +134,54 @@ def test_search_over_many_partitions_equals_one_partition(metric):
     assert (a.ids[:, 600:] == -1).all() and np.isinf(a.distances[:, 600:]).all()
 
 
+def merged_per_partition(mem: Memory, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-memory answer the per-partition way: each partition searched alone, the top k merged."""
+    found = [mem.search(queries, k, partition=p.name) for p in mem.stats().partitions if p.count]
+    ids = np.concatenate([f.ids for f in found], 1)
+    dist = np.concatenate([f.distances for f in found], 1)
+    order = np.argsort(dist, 1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_whole_memory_search_is_one_index_and_equals_the_per_partition_way(index):
+    """Issue 16 #3: a collection keeps a partition per document; an unscoped search is one search of a
+    whole-memory index. Deleted partitions and ids stay in it as tombstones, skipped by an id bitmap,
+    until they are half of it; then it is dropped and rebuilt on the next unscoped search."""
+    kinds = {"flat": {}, "hnsw": {"ef_search": 1024}, "ivfpq": {"nlist": 4, "train_size": 256, "nprobe": 4,
+                                                                 "pq_m": 2}}
+    mem = Memory(spec(index=index, metric="ip", **kinds[index]))
+    keys = vecs(800, seed=5)
+    for p in range(100):
+        mem.add(keys[8 * p:8 * p + 8], values=np.arange(8 * p, 8 * p + 8), partition=f"doc{p}")
+    assert mem.wait_trained(60)
+    queries = vecs(6, seed=6)
+
+    def check() -> None:
+        for k in (1, 10):
+            got = mem.search(queries, k)
+            ids, dist = merged_per_partition(mem, queries, k)
+            np.testing.assert_array_equal(got.ids, ids)
+            np.testing.assert_allclose(got.distances, dist, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(got.values, np.where(ids >= 0, ids, -1))  # value i for id i
+
+    check()
+    whole = mem._whole
+    assert whole is not None and whole.ntotal == 800
+    assert mem.delete(partition="doc3") == 8 and mem.delete(ids=[100, 101, 799]) == 3
+    assert mem._whole is whole and mem._whole_dead == 11  # a delete is a flag, the index is kept
+    check()
+    mem.add(keys[:8], values=np.arange(800, 808), partition="doc3")  # a new version, same partition name
+    assert mem._whole.ntotal == 808
+    assert np.isin(np.arange(800, 808), mem.search(keys[:1], 800).ids).all()
+    check()
+    for p in range(4, 60):
+        mem.delete(partition=f"doc{p}")
+    assert mem._whole is None  # more than half tombstones: dropped
+    check()
+    assert mem._whole is not None and mem._whole.ntotal == len(mem) == 351  # 808 - 8 - 3 - (56 * 8 - 2): ids 100, 101 were in doc12
+
+
 def test_hnsw_and_ivfpq_deletes_and_training(tmp_path):
     x = vecs(2000, 3)
     h = Memory(spec(index="hnsw"))
@@ -339,13 +387,15 @@ def test_searches_run_while_adds_happen():
     threads = [threading.Thread(target=searcher) for _ in range(4)]
     for t in threads:
         t.start()
-    for start in range(1000, 20000, 500):
-        m.add(x[start:start + 500], values=np.arange(start, start + 500))
+    for start in range(1000, 20000, 500):  # a partition per add, and every other one deleted again:
+        m.add(x[start:start + 500], values=np.arange(start, start + 500), partition=f"p{start}")
+        if start % 1000 == 0 and start >= 2000:  # the whole-memory index is built, grows and loses entries
+            m.delete(partition=f"p{start - 500}")
     stop.set()
     for t in threads:
         t.join()
     assert not errors
-    assert len(m) == 20000
+    assert len(m) == 20000 - 18 * 500
 
 
 WRITER = r"""

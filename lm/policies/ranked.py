@@ -172,5 +172,5 @@ class Adaptive(Ranked):
         if layer.modes is None:
             return None
         masks = self.candidates(layer.tokens, layer.raw, layer.scores, q)
-        return masks[layer.modes, torch.arange(len(layer.modes))]
+        return masks[layer.modes, torch.arange(len(layer.modes), device=masks.device)]
 

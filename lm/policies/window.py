@@ -63,7 +63,7 @@ class WindowLayer(PolicyLayer):
 
     def kept(self) -> torch.Tensor:
         """Bool [n]: which held entries the next token still sees."""
-        return self.policy.keep(self.tokens, torch.tensor(self.seen))
+        return self.policy.keep(self.tokens, torch.tensor(self.seen, device=self.tokens.device))
 
     def rebase(self) -> None:
         """Re-rotate the entries the next token sees to positions 0..n-1 (the others leave at the next update)."""

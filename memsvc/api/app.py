@@ -3,7 +3,8 @@ collections).
 
 Routers are one module per resource; others add theirs to `ROUTERS`. A resource router depends on
 `auth.authorize` (and its writing routes on `auth.WRITE`) and names its resource's path parameter `name`.
-Closing the service on shutdown (uvicorn runs it on SIGTERM once in-flight requests have finished)
+The language model of ask loads at start in a background thread (`Settings.preload_model`); until it is
+ready, ask answers 503 `model_loading` with Retry-After. Closing the service on shutdown (uvicorn runs it on SIGTERM once in-flight requests have finished)
 snapshots every memory whose log holds anything, so the next start replays nothing.
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None, *, encoder: Callable[[], Senten
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with Service(settings, encoder=encoder, language_model=language_model) as service:
             app.state.service = service
+            if settings.preload_model:  # in the background: the server answers at once, ask says "loading"
+                service.collections.language_model.start()
             yield
 
     # /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN, so they work offline;

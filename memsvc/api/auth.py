@@ -25,9 +25,10 @@ def check_name(key: ApiKey, name: str, field: str = "name") -> None:
         raise Forbidden(f"this API key may only use names starting with '{key.prefix}'", field)
 
 
-def authorize(request: Request,
+async def authorize(request: Request,
               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
-    """The caller's key (compared in constant time against every configured key), within its prefix."""
+    """The caller's key (compared in constant time against every configured key), within its prefix.
+    `async`: it does no blocking work, so it runs on the event loop, not in a threadpool hop."""
     keys: list[ApiKey] = request.app.state.settings.api_keys
     if not keys:
         return ANYONE
@@ -46,7 +47,7 @@ def authorize(request: Request,
 Caller = Annotated[ApiKey, Depends(authorize)]
 
 
-def writable(key: Caller) -> ApiKey:
+async def writable(key: Caller) -> ApiKey:
     if key.read_only:
         raise Forbidden("this API key is read-only", "authorization")
     return key

@@ -8,9 +8,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from memsvc.contract import MemorySpec
+from memsvc.contract import MemorySpec, lone_surrogate
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -36,7 +45,18 @@ Ids = _array({"type": "array", "items": {"type": "integer"}, "description": "ent
 
 
 class Body(BaseModel):
+    """A request body. Every field of every route's body, JSON or npz, is refused (422) if a string in it
+    holds a lone UTF-16 surrogate (`memsvc.contract.lone_surrogate`): one place for all routes."""
+
     model_config = ConfigDict(extra="forbid")  # an unknown field is a mistake worth reporting
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        wrong = lone_surrogate(value)
+        if wrong is not None:
+            raise ValueError(wrong)
+        return value
 
 
 class AddRequest(Body):
@@ -50,6 +70,13 @@ class SearchRequest(Body):
     queries: Matrix
     k: StrictInt = Field(description="neighbours per query")
     partition: str | None = Field(None, description="search only this partition")
+    ef_search: StrictInt | None = Field(None, description="hnsw: search breadth for this request (at least k "
+                                        "is used); default the memory's")
+    nprobe: StrictInt | None = Field(None, description="ivfpq: inverted lists probed for this request; default "
+                                     "the memory's")
+    partitions: list[str | None] | None = Field(
+        None, description="instead of `partition`: one partition per query row (null: the whole memory), "
+                          "each row answered as a search of its own partition")
 
 
 class GetRequest(Body):
@@ -61,8 +88,19 @@ class DeleteRequest(Body):
     partition: str | None = Field(None, description="delete this partition (or only `ids` within it)")
 
 
-class MetadataPatch(Body):
-    metadata: dict[str, Any] = Field(description="replaces the memory's free-form metadata")
+class MemoryPatch(Body):
+    """What PATCH /v1/memories/{name} changes: any of these, at least one."""
+
+    metadata: dict[str, Any] | None = Field(None, description="replaces the memory's free-form metadata")
+    ef_search: StrictInt | None = Field(None, description="hnsw: the memory's search breadth from now on")
+    nprobe: StrictInt | None = Field(None, description="ivfpq: inverted lists probed per query from now on")
+
+    @model_validator(mode="after")
+    def _something(self) -> MemoryPatch:
+        if self.metadata is None and self.ef_search is None and self.nprobe is None:
+            raise ValueError("give metadata, ef_search or nprobe")
+        return self
+
 
 
 class AddResponse(BaseModel):
@@ -104,3 +142,17 @@ class MemoryList(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable tag, e.g. invalid_input, not_found, already_exists, "
+                                  "too_large, unauthorized, forbidden, insufficient_storage, memory_unavailable")
+    message: str = Field(description="what went wrong, for a person")
+    field: str | None = Field(None, description="the input at fault (a body field, `name`, `authorization`, "
+                                                "`body`); absent when no single one is")
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the API, whatever its status (memsvc.api.errors)."""
+
+    error: ErrorDetail

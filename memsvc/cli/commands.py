@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Url, cli_errors
+from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, DeviceOption, Url, cli_errors
 from memsvc.config import Settings
-from memsvc.contract import MemsvcError, NotFound
+from memsvc.contract import InvalidInput, MemsvcError, NotFound
 
 if TYPE_CHECKING:
     from memsvc.contract import CollectionBackend, Document
@@ -51,12 +51,12 @@ Timeout = Annotated[float, typer.Option(min=1, help="seconds to wait for the ser
 
 @contextmanager
 def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | None, timeout: float = 600.0,
-                    create: bool = False) -> Iterator[CollectionBackend]:
+                    create: bool = False, device: str | None = None) -> Iterator[CollectionBackend]:
     """The collection on the server at `url` (waiting up to `timeout` per request), or in the embedded
-    store; created if missing and `create`."""
+    store (its `ask` model on `device`); created if missing and `create`."""
     from memsvc.connect import connect
 
-    with connect(url, data_dir, api_key, timeout) as client:
+    with connect(url, data_dir, api_key, timeout, device) as client:
         try:
             col = client.collection(name)
         except NotFound:
@@ -66,26 +66,53 @@ def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | N
         yield col
 
 
-def ingest_files(paths: list[Path]) -> list[tuple[str, Path]]:
-    """(document id, file) of every file: a file argument's id is its name, a directory's files are
-    identified by their path relative to it (directories recurse, sorted)."""
-    files = []
+def ingest_files(paths: list[Path], prefix: str = "",
+                 id_from: Literal["relative", "path"] = "relative") -> list[tuple[str, Path]]:
+    """(document id, file) of every file, in argument order. With `id_from` "relative", a file argument's
+    id is its name and a directory's files are identified by their path relative to that directory
+    (recursed, sorted); with "path", every file by its path as given (`a/notes.txt`, `docs/guide/x.md`).
+    Each id is prefixed with `prefix`. The same file reached twice under one id counts once; two different files
+    that would get one id are an InvalidInput naming both, before anything is read or written.
+
+    Ids depend only on each argument, never on the others given with it, so ingesting a directory alone
+    or together with another gives its documents the same ids (an id relative to the arguments' common
+    root would change with the set of arguments and silently duplicate documents on the next ingest).
+    Raises NotFound for a path that does not exist."""
+    files: dict[str, Path] = {}
     for path in paths:
         if path.is_dir():
-            files += [(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()]
+            found = [(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()]
         elif path.is_file():
-            files.append((path.name, path))
+            found = [(path.name, path)]
         else:
             raise NotFound(f"{path}: no such file or directory", "paths")
-    return files
+        for name, file in found:
+            document_id = prefix + (file.as_posix() if id_from == "path" else name)
+            first = files.setdefault(document_id, file)
+            if first != file and first.resolve() != file.resolve():
+                raise InvalidInput(
+                    f"{first} and {file} would both be document {document_id!r}: ingest them in separate calls "
+                    "with different --prefix values (e.g. --prefix a/), or name documents by their paths (--id-from path)",
+                    "paths")
+    return list(files.items())
 
 
 @app.command()
 def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directories (recursed)")],
            collection: CollectionName, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
            api_key: ApiKeyOption = None, timeout: Timeout = 600.0,
-           batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16) -> None:
+           batch: Annotated[int, typer.Option(min=1, help="documents per request")] = 16,
+           prefix: Annotated[str, typer.Option(help="put this before every document id, e.g. 'a/'")] = "",
+           id_from: Annotated[Literal["relative", "path"], typer.Option(
+               help="relative: a file's name, a directory's files by their path inside it; "
+                    "path: every file by its path as given")] = "relative") -> None:
     """Upsert files as documents into the collection (created if missing); unchanged files are skipped.
+
+    A file's document id is its name; a directory's files are identified by their path relative to that
+    directory (`docs/` holding `guide/intro.md` gives `guide/intro.md`); with `--id-from path`, every
+    file by its path as given (`docs/guide/intro.md`). `--prefix` goes before every id. Two different
+    files that would get one id (`a/notes.txt b/notes.txt`) are an error naming both (exit 2) before
+    anything is written: use `--id-from path`, or separate calls with different `--prefix`es.
 
     A file that cannot be a document (not UTF-8, empty, too large) is skipped with a message on stderr,
     the rest are ingested, and the exit status is then 1.
@@ -95,20 +122,23 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files and directori
     from memsvc.contract import Document
 
     counts = {"added": 0, "updated": 0, "unchanged": 0, "skipped": 0, "chunks": 0}
-    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col:
-        files = ingest_files(paths)
-        with tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress:
-            for start in range(0, len(files), batch):
-                documents = []
-                for document_id, path in files[start:start + batch]:
-                    try:
-                        documents.append(Document(document_id, path.read_bytes().decode("utf-8")))
-                    except UnicodeDecodeError as exc:
-                        skip(str(path), f"not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})", counts)
-                for document, outcome in upsert_each(col, documents, counts):
-                    if isinstance(outcome, MemsvcError):
-                        skip(document.id, outcome.message, counts)
-                progress.update(len(files[start:start + batch]))
+    with cli_errors():
+        files = ingest_files(paths, prefix, id_from)  # every id settled before anything is created
+    with (cli_errors(), open_collection(collection, url, data_dir, api_key, timeout, create=True) as col,
+          tqdm(total=len(files), unit="file", desc=f"ingest {collection}") as progress):
+        for start in range(0, len(files), batch):
+            documents = []
+            for document_id, path in files[start:start + batch]:
+                try:
+                    documents.append(Document(document_id, path.read_bytes().decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    skip(str(path), f"not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})", counts)
+            for document, outcome in upsert_each(col, documents, counts):
+                if isinstance(outcome, MemsvcError):
+                    skip(document.id, outcome.message, counts)
+            progress.set_postfix(chunks=counts["chunks"],  # chunks/s: embedding is the slow part
+                                 chunks_per_s=f"{counts['chunks'] / max(progress.format_dict['elapsed'], 1e-9):.1f}")
+            progress.update(len(files[start:start + batch]))
     typer.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
     if counts["skipped"]:
         raise typer.Exit(1)
@@ -169,14 +199,26 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         k: Annotated[int, typer.Option("--k", help="passages given to the model")] = 4,
         max_new_tokens: Annotated[int, typer.Option(help="longest answer, in tokens")] = 256, json_: Json = False,
         url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
-        timeout: Timeout = 600.0) -> None:
-    """Answer QUESTION from the collection's best passages with SmolLM2, citing them."""
-    with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
-        answer = col.ask(question, k, max_new_tokens)
-    if json_:
-        typer.echo(json.dumps(asdict(answer)))
-        return
-    typer.echo(answer.answer)
+        timeout: Timeout = 600.0, device: DeviceOption = None) -> None:
+    """Answer QUESTION from the collection's best passages with SmolLM2, citing them: the answer is printed as
+    it decodes, the passages given to the model at the end (* where the answer cites them); with --json, one
+    object once the answer is complete. With --url the server runs the model on its own device (its
+    MEMSVC_DEVICE); --device is for the embedded store."""
+    with cli_errors():
+        if url is None:
+            from lm.devices import resolve_device
+
+            resolve_device(device)  # before the store is opened or the model loaded
+        with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \
+                as col:
+            if json_:
+                typer.echo(json.dumps(asdict(col.ask(question, k, max_new_tokens))))
+                return
+            with col.ask_stream(question, k, max_new_tokens) as stream:
+                for piece in stream:
+                    typer.echo(piece, nl=False)  # click flushes each piece
+                answer = stream.result()
+            typer.echo()
     for c in answer.citations:
         typer.echo(f"[{c.n}]{'*' if c.cited else ' '} {c.chunk_id}")
 

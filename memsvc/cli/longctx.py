@@ -1,7 +1,7 @@
 """`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli.commands`.
 
-torch and transformers are imported inside the commands; bad options fail with a one-line message and
-exit status 2 before the model is loaded.
+torch and transformers are imported inside the commands; missing files and bad options fail with a one-line
+message and exit status 2 before torch is imported (the policies' numbers: before the model is loaded).
 """
 from __future__ import annotations
 
@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from memsvc.cli.options import ApiKeyOption, Model, Url, cli_errors
-from memsvc.contract import InvalidInput
+from memsvc.cli.options import (
+    ApiKeyOption,
+    DeviceOption,
+    Model,
+    Url,
+    check_text_files,
+    cli_errors,
+    need_model_side,
+)
+from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -68,15 +76,21 @@ def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_ke
     from memsvc.contract import NotFound
 
     client = MemoryClient(url, api_key=api_key)
+    created = False
     try:
         try:
             memory = client.memory(name)
         except NotFound:
             dim = head_dim(model)
             memory = client.create_memory(name, dim=dim, metric="ip", value_kind="vector", value_dim=dim, index=index)
-        yield memory
+            created = True
+        yield memory  # each session deletes its own partitions when it ends
     finally:
-        client.close()
+        try:
+            if created:  # a memory made for this run goes with it (its log too), whatever the outcome
+                client.delete_memory(name)
+        finally:
+            client.close()
 
 
 def eval_long(files: Files,
@@ -98,21 +112,54 @@ def eval_long(files: Files,
               url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = "knn-attention",
               model: Model = "smollm2",
               as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-              ) -> None:
-    """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics)."""
+              device: DeviceOption = None) -> None:
+    """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics).
+
+    Files and options are checked before torch is imported and the model loads; progress (tokens, tok/s)
+    goes to stderr."""
     with cli_errors():
+        from lm.cache_specs import policy_options
         from lm.knn_config import KnnConfig, check_options
+
+        check_text_files(files)
+        policy_options(policy, window, sinks, budget, pool)
+        if knn_memory and policy == "full":
+            raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
+        if url is not None and not knn_memory:
+            raise InvalidInput("--url applies only to --knn-memory", "url")
+        if gate is not None and not (knn_memory and memory_mode == "gated"):
+            raise InvalidInput("--gate applies only to --knn-memory --memory-mode gated", "gate")
+        if gate is not None and not gate.is_file():
+            raise NotFound(f"{gate}: no such file", "gate")
+        if max_tokens is not None and max_tokens < 2:
+            raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
+        if skip < 0:
+            raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+        layer_list = parse_layers(layers)
+        knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions, blocks=memory_blocks,
+                        top_blocks=retrieved_blocks)
+        check_options(knn)  # torch-free
+        if knn_memory and knn.blocks and (memory_mode == "gated" or gate is not None):
+            raise InvalidInput("block memory has no trained gate yet (its untrained gate, a zero bias, is exactly "
+                               "--memory-mode joint)", "gate")
+        if knn_memory and knn.blocks and url is not None:
+            raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
+                               "RAM", "url")
+        if url is not None:
+            from memsvc.client import check_url
+
+            check_url(url)
+        need_model_side()
+
+        from lm.devices import resolve_device  # torch from here on
         from lm.policies import make_policy
 
+        resolve_device(device)
+
         cache_policy = make_policy(policy, window, sinks, budget, pool)
-        if knn_memory and cache_policy.budget is None:
-            raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
-        knn = KnnConfig(layers=parse_layers(layers), k=k, mode=memory_mode, positions=positions,
-                        blocks=memory_blocks, top_blocks=retrieved_blocks)
-        check_options(knn)
-        if not knn_memory:
-            knn = None
-        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model)
+        knn = knn if knn_memory else None
+        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model,
+                       device)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -122,33 +169,22 @@ def eval_long(files: Files,
 
 def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
           max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
-          model_name: str) -> dict:
+          model_name: str, device: str | None = None) -> dict:
     from lm.gate import Gate
     from lm.longeval import evaluate_files
     from lm.model import load_model
 
     gate = None
-    if knn is not None and knn.blocks:
-        if knn.mode == "gated" or gate_path is not None:
-            raise InvalidInput("block memory has no trained gate yet (its untrained gate, a zero bias, is exactly "
-                               "--memory-mode joint)", "gate")
-        if url is not None:
-            raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
-                               "RAM", "url")
-    elif knn is not None and knn.mode == "gated":
+    if knn is not None and not knn.blocks and knn.mode == "gated":
         gate = Gate.load(gate_path if gate_path is not None else model_name)
-    elif gate_path is not None:
-        raise InvalidInput("--gate applies only to --knn-memory --memory-mode gated", "gate")
-    if knn is None and url is not None:
-        raise InvalidInput("--url applies only to --knn-memory", "url")
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=None, device=device)
     if knn is None:
-        result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip)
+        result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
     else:
         with attention_memory(model, index, url, api_key, memory_name) if not knn.blocks else nullcontext() \
                 as memory:
             result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
-                                    max_tokens=max_tokens, skip=skip)
+                                    max_tokens=max_tokens, skip=skip, progress=True)
     return {**result, "policy": policy.name, "budget": policy.budget, "window": getattr(policy, "window", None),
             "sinks": getattr(policy, "sinks", None), "pool": getattr(policy, "pool", None),
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
@@ -166,26 +202,41 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.1,
                max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
                curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
-               model: Model = "smollm2") -> None:
-    """Train the memory gate (model frozen) on long FILES and write its parameters to OUT."""
+               model: Model = "smollm2", device: DeviceOption = None) -> None:
+    """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
+    of steps with the loss, on stderr)."""
     with cli_errors():
         from lm.knn_config import KnnConfig, check_options
-        from lm.policies import Window
 
-        Window(window, sinks)
+        check_text_files(files)
         check_options(KnnConfig(k=k, mode="gated", positions=positions))
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
+        if window <= 0:
+            raise InvalidInput(f"window must be a positive integer, got {window}", "window")
+        if not 0 <= sinks <= window:
+            raise InvalidInput(f"sinks ({sinks}) must be >= 0 and must not exceed the window ({window})", "sinks")
+        if not out.parent.is_dir():
+            raise NotFound(f"{out.parent}: no such directory for --out", "out")
+        need_model_side()
+        from tqdm import tqdm
+
+        from lm.devices import resolve_device  # torch from here on
         from lm.gate_training import plot_curve
         from lm.gate_training import train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 
-        model_, tokenizer = load_model(model)
+        resolve_device(device)
+        model_, tokenizer = load_model(model, dtype=None, device=device)
         documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
-        gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions, epochs=epochs,
-                           lr=lr, on_step=lambda p: typer.echo(f"epoch {p['epoch']} step {p['step']}: loss "
-                                                              f"{p['loss']:.4f}", err=True))
+        with tqdm(unit="step", desc="train-gate") as bar:
+            def step(p: dict[str, float]) -> None:
+                bar.set_postfix(epoch=int(p["epoch"]), loss=f"{p['loss']:.4f}", refresh=False)
+                bar.update()
+
+            gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions,
+                               epochs=epochs, lr=lr, on_step=step)
         gate.meta.update({"model": model, "files": [f.name for f in files], "curve": points})
         gate.save(out)
         if curve is not None:

@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, Model, Url, cli_errors
+from memsvc.cli.options import (
+    DEFAULT_DATA_DIR,
+    ApiKeyOption,
+    DataDir,
+    DeviceOption,
+    Model,
+    Url,
+    cli_errors,
+    need_model_side,
+)
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -54,23 +63,31 @@ def read_texts(paths: list[Path]) -> list[str]:
 
 
 def check_settings(lam: float | None = None, temp: float | None = None, k: int | None = None) -> None:
-    """Fail on bad λ, temperature or k before anything is loaded."""
-    from lm.knnlm import KNNParams
+    """Fail on bad λ, temperature or k before anything is loaded (torch-free)."""
+    from lm.knn_params import KNNParams
 
     KNNParams.check(lam=lam, temp=temp, k=k)
 
 
 @contextmanager
 def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None, model_name: str,
-               key: str | None = None) -> Iterator[KNNLM]:
-    """A KNNLM over an existing memory (NotFound if there is none)."""
-    from lm.knnlm import KNNLM
-    from lm.model import load_model
+               key: str | None = None, lam: float | None = None, temp: float | None = None,
+               k: int | None = None, device: str | None = None) -> Iterator[KNNLM]:
+    """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`).
+    λ, temperature and k, the server or data dir (its lock) and the memory are checked, in that order, before
+    torch is imported; then the device, before the model loads."""
     from memsvc.connect import connect
 
-    with connect(url, data_dir, api_key) as client:
+    check_settings(lam, temp, k)
+    need_model_side()
+    with connect(url, data_dir, api_key) as client:  # a held data dir or a bad URL fails fast
         mem = client.memory(memory)
-        model, tokenizer = load_model(model_name)
+        from lm.devices import resolve_device
+        from lm.knnlm import KNNLM
+        from lm.model import load_model
+
+        resolve_device(device)
+        model, tokenizer = load_model(model_name, dtype=None, device=device)
         yield KNNLM(model, tokenizer, mem, key=key)
 
 
@@ -81,32 +98,46 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
                          typer.Option(help="hidden state used as key (default: the memory's, else mlp-input)")]
           = None,
           index: Annotated[Literal["flat", "ivfpq", "hnsw"] | None,
-                           typer.Option(help="index of a new memory (default: hnsw)")] = None) -> None:
+                           typer.Option(help="index of a new memory (default: hnsw)")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
+          device: DeviceOption = None) -> None:
     """Add (key, next token) entries for every token of FILES to memory M, creating it if needed (hnsw:
     near-exact neighbours at a few ms per lookup, see bench/results/knnlm.md).
 
-    Documents already in the memory are skipped; rerunning an interrupted build finishes it.
+    Documents already in the memory are skipped; rerunning an interrupted build finishes it. Files, the
+    server or data dir and the memory's index are checked before the model loads; progress on stderr.
     """
     with cli_errors():
         texts = read_texts(files)
-        from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
-        from lm.model import load_model
+        need_model_side()
         from memsvc.connect import connect
 
-        model_, tokenizer = load_model(model)
-        tokenize_documents(tokenizer, texts)
-        with connect(url, data_dir, api_key) as client:
+        with connect(url, data_dir, api_key) as client:  # before torch: a held data dir or a bad URL fails fast
             try:
                 mem = client.memory(memory)
             except NotFound:
-                mem = client.create_memory(**datastore_spec(memory, model_, index or "hnsw"))
-            if index is not None and mem.spec.index != index:
+                mem = None
+            if index is not None and mem is not None and mem.spec.index != index:
                 raise InvalidInput(f"memory '{memory}' already exists with index '{mem.spec.index}'", "index")
+            from lm.devices import resolve_device
+            from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
+            from lm.model import load_model
+
+            resolve_device(device)
+            model_, tokenizer = load_model(model, dtype=None, device=device)
+            tokenize_documents(tokenizer, texts)
+            if mem is None:
+                mem = client.create_memory(**datastore_spec(memory, model_, index or "hnsw"))
             start = time.perf_counter()
             added = KNNLM(model_, tokenizer, mem, key=key).build(texts)
             seconds = time.perf_counter() - start
-            typer.echo(f"added {added} entries to '{memory}' ({mem.stats().count} in all) in {seconds:.0f}s "
-                       f"({added / seconds:.0f} tokens/s)", err=True)
+            result = {"memory": memory, "added": added, "count": mem.stats().count, "seconds": round(seconds, 3),
+                      "tokens_per_s": round(added / seconds, 1) if seconds else None}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        typer.echo(f"added {added} entries to '{memory}' ({result['count']} in all) in {seconds:.0f}s "
+                   f"({result['tokens_per_s']} tokens/s)")
 
 
 @knnlm_app.command("eval")
@@ -114,12 +145,11 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
              api_key: ApiKeyOption = None, model: Model = "smollm2", lam: Lam = None, temp: Temp = None, k: K = None,
              continuous: Continuous = False,
              as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
-             ) -> None:
+             device: DeviceOption = None) -> None:
     """Base and kNN-LM perplexity of FILES with datastore M (λ, temperature, k default to the tuned ones)."""
     with cli_errors():
-        check_settings(lam, temp, k)
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k, device=device) as knn:
             result = knn.perplexity(texts, lam=lam, temp=temp, k=k, continuous=continuous)
     if as_json:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
@@ -131,13 +161,18 @@ def evaluate(files: Files, memory: MemoryOption, url: Url = None, data_dir: Data
 
 @knnlm_app.command()
 def tune(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR,
-         api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False) -> None:
+         api_key: ApiKeyOption = None, model: Model = "smollm2", k: K = None, continuous: Continuous = False,
+         as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
+         device: DeviceOption = None) -> None:
     """Pick λ and temperature on validation FILES (never the test files) and store them with memory M."""
     with cli_errors():
-        check_settings(k=k)
         texts = read_texts(files)
-        with open_knnlm(memory, url, data_dir, api_key, model) as knn:
+        with open_knnlm(memory, url, data_dir, api_key, model, k=k, device=device) as knn:
             tuned, ppl = knn.tune(texts, k=k, continuous=continuous)
+    if as_json:
+        sys.stdout.write(json.dumps({"memory": memory, "lam": tuned.lam, "temp": tuned.temp, "k": tuned.k,
+                                     "validation_perplexity": ppl}) + "\n")
+        return
     typer.echo(f"stored with '{memory}': λ={tuned.lam:g} temperature={tuned.temp:g} k={tuned.k} "
                f"(validation perplexity {ppl:.3f})")
 
@@ -178,38 +213,62 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
              chat: Annotated[bool, typer.Option(help="wrap the prompt in the model's chat template")] = True,
              seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-             lam: Lam = None, temp: Temp = None, k: K = None) -> None:
+             lam: Lam = None, temp: Temp = None, k: K = None, device: DeviceOption = None) -> None:
     """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM; with --cache, through a
     bounded KV cache (and --memory-attention: with the kNN memory of what it evicted)."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
+        from lm.cache_specs import parse_cache_options
+        from lm.knn_config import KnnConfig, check_options
+
+        text = read_prompt(prompt, prompt_file)  # the prompt file and the --cache syntax before torch
+        if cache is not None:
+            parse_cache_options(cache)
+        if memory_attention and cache is None:
+            raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
+        memory_config = KnnConfig(blocks=memory_blocks, top_blocks=retrieved_blocks, positions=positions)
+        check_options(memory_config)  # torch-free
+        if not memory_attention and (memory_blocks or positions is not None):
+            raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
+        if url is not None and knn_memory is not None:
+            from memsvc.client import check_url
+
+            check_url(url)
+        check_settings(lam, temp, k)
+        need_model_side()
+        from tqdm import tqdm
+
         from lm.attention import attach
         from lm.cache import BoundedCache
-        from lm.generate import check_sampling
+        from lm.devices import resolve_device
+        from lm.generate import check_sampling, encode_prompt
         from lm.generate import generate as decode
-        from lm.knn_config import KnnConfig, check_options
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
+        resolve_device(device)
         check_sampling(max_new_tokens, temperature, top_p)
-        check_settings(lam, temp, k)
-        memory_config = KnnConfig(blocks=memory_blocks, top_blocks=retrieved_blocks, positions=positions)
-        check_options(memory_config)
-        if not memory_attention and (memory_blocks or positions is not None):
-            raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
-        text = read_prompt(prompt, prompt_file)
         policy = parse_cache_spec(cache) if cache is not None else None
-        if memory_attention and policy is None:
-            raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
-        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model)) \
+        knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k,
+                                             device=device)) \
             if knn_memory is not None else None
-        model_, tokenizer = load_model(model) if knn is None else (knn.model, knn.tokenizer)
+        model_, tokenizer = load_model(model, dtype=None, device=device) if knn is None \
+            else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
             stack.enter_context(attach(model_, bounded, memory_config if memory_attention else None))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
+        # a long --prompt-file takes a while before the first token: its prefill as a bar on stderr
+        prefill = tqdm(total=encode_prompt(tokenizer, text, chat).shape[1], unit="tok", desc="prefill") \
+            if prompt_file is not None else None
         for piece in pieces:
+            if prefill is not None:
+                prefill.update(prefill.total)
+                prefill.close()
+                prefill = None
             typer.echo(piece, nl=False)
+        if prefill is not None:
+            prefill.close()
     typer.echo()

@@ -4,8 +4,10 @@ It imports nothing above it (no FAISS, SQL, torch or HTTP), so the light client,
 side and the server all build on it.
 """
 from memsvc.contract.checks import (
+                                    MAX_EF_SEARCH,
                                     MAX_K,
                                     MAX_NORM,
+                                    MAX_NPROBE,
                                     MAX_PARTITION_LEN,
                                     MIN_NORM,
                                     check_ids,
@@ -13,10 +15,15 @@ from memsvc.contract.checks import (
                                     check_k,
                                     check_keys,
                                     check_partition,
+                                    check_partitions,
                                     check_payloads,
+                                    check_search_params,
+                                    check_unicode,
                                     check_values,
                                     check_vectors,
                                     invalid_input,
+                                    lone_surrogate,
+                                    partition_groups,
 )
 from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
@@ -25,6 +32,7 @@ from memsvc.contract.collections import (
                                     MEMORY_PREFIX,
                                     SEARCH_MODES,
                                     Answer,
+                                    AnswerStream,
                                     Citation,
                                     CollectionStats,
                                     Document,
@@ -44,10 +52,13 @@ from memsvc.contract.errors import (
                                     InvalidInput,
                                     MemoryUnavailable,
                                     MemsvcError,
+                                    ModelLoading,
                                     NotFound,
+                                    ServerUnavailable,
                                     StorageFull,
                                     TooLarge,
                                     Unauthorized,
+                                    UnsupportedMediaType,
                                     error_from_dict,
 )
 from memsvc.contract.spec import (
@@ -62,13 +73,16 @@ from memsvc.contract.spec import (
 from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
 
 __all__ = [
-    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_K", "MAX_NORM", "MAX_PARTITION_LEN", "MEMORY_PREFIX",
-    "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer", "BackendUnavailable", "Citation",
+    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_EF_SEARCH", "MAX_K", "MAX_NORM", "MAX_NPROBE",
+    "MAX_PARTITION_LEN", "MEMORY_PREFIX", "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer",
+    "AnswerStream", "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
     "Document", "DocumentHit", "Entries", "Forbidden", "IndexKind", "InvalidInput", "MemoriesClient",
-    "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "NotFound",
-    "Partition", "SearchMode", "SearchResult", "StorageFull", "TooLarge", "Unauthorized", "UpsertResult",
+    "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "ModelLoading",
+    "NotFound", "Partition", "SearchMode", "SearchResult", "ServerUnavailable", "StorageFull", "TooLarge",
+    "Unauthorized", "UnsupportedMediaType", "UpsertResult",
     "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
-    "check_partition", "check_payloads", "check_values", "check_vectors", "default_pq_m", "error_from_dict",
-    "invalid_input", "spec_from",
+    "check_partition", "check_partitions", "check_payloads", "check_search_params", "check_unicode", "check_values",
+    "check_vectors", "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "partition_groups",
+    "spec_from",
 ]

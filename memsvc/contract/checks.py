@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 MAX_K = 2048  # the largest k faiss searches on every device
 MAX_PARTITION_LEN = 256
+MAX_EF_SEARCH = 1 << 20  # hnsw search breadth, per memory and per query
+MAX_NPROBE = 1 << 20  # ivfpq inverted lists probed, per memory and per query
 # The L2 norms a key or query may have (besides 0): FAISS, Milvus and the GPU compute distances in float32
 # (largest 2^128, smallest normal 2^-126). Within these, squared L2 distances stay below (2 * 2^60)^2 =
 # 2^122, inner products below 2^120, every partial sum of the norm and distance kernels too, and the
@@ -50,11 +52,67 @@ def check_json(value: Any, field: str) -> None:
                            field) from None
 
 
+def lone_surrogate(value: Any) -> str | None:
+    """What is wrong if a string in `value` holds a lone UTF-16 surrogate (U+D800..U+DFFF), else None.
+
+    Strings are searched, and so are the items of lists and tuples, the keys and values of dicts and the
+    strings of numpy unicode arrays (an npz body's text fields). Such a code point comes in through a JSON
+    escape ("\\ud800") or a UTF-32 array, but no UTF-8 text holds it: SQL, tokenizers and JSON responses
+    fail on it. The answer reads "holds a lone UTF-16 surrogate (U+D800 at character 4 of [1]['k']), ..."."""
+    found = _surrogate(value, "")
+    if found is None:
+        return None
+    path, code_point, at = found
+    return (f"holds a lone UTF-16 surrogate (U+{code_point:04X} at character {at}{' of ' + path if path else ''}), "
+            "which is not valid Unicode: send UTF-8 text (a surrogate pair only as a whole pair)")
+
+
+def _surrogate(value: Any, path: str) -> tuple[str, int, int] | None:
+    """(path, code point, index) of the first lone surrogate in `value`, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, ord(value[exc.start]), exc.start
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _surrogate(key, f"{path} key {key!r}".lstrip()) or _surrogate(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return _surrogate(value.item(), path) if value.ndim == 0 else _surrogate(value.ravel().tolist(), path)
+    if isinstance(value, (list, tuple)):
+        for n, item in enumerate(value):
+            found = _surrogate(item, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+def check_unicode(value: Any, field: str) -> Any:
+    """`value` unchanged if no string in it holds a lone UTF-16 surrogate (`lone_surrogate`), else
+    InvalidInput naming the field. REST request bodies run it on every field (`memsvc.api.schemas.Body`);
+    collections on the text and queries they are given in-process."""
+    wrong = lone_surrogate(value)
+    if wrong is not None:
+        raise InvalidInput(f"{field} {wrong}", field)
+    return value
+
+
 def check_vectors(x: Any, dim: int, field: str) -> np.ndarray:
-    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field."""
+    """A non-empty [n, dim] finite float matrix as C-contiguous float32, or InvalidInput naming the field.
+
+    Nested lists of whole numbers count as float, as they do in a REST JSON body (`[[0, 0, 1, 0]]`); an
+    integer numpy array is refused (float32 is asked for explicitly, as in a binary body)."""
     a = np.asarray(x)
     if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
         raise InvalidInput(f"{field} must be floating point numbers, got dtype {a.dtype}", field)
+    if a.dtype.kind != "f" and not isinstance(x, np.ndarray):
+        a = a.astype(np.float64)  # exact for whole numbers up to 2^53; float32 below as for any float input
     if a.dtype.kind != "f":
         raise InvalidInput(f"{field} must be floating point (float32), got integers ({a.dtype})", field)
     if a.ndim != 2:
@@ -102,6 +160,24 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def check_search_params(spec: MemorySpec, ef_search: Any = None, nprobe: Any = None) -> tuple[int | None, int | None]:
+    """`(ef_search, nprobe)` as ints (None where not given), or InvalidInput naming the field: each an integer
+    in 1..MAX_EF_SEARCH / 1..MAX_NPROBE, and only for the memory's own index kind (ef_search for hnsw,
+    nprobe for ivfpq), so a parameter that would silently do nothing is refused."""
+    checked = []
+    for field, value, kind, bound in (("ef_search", ef_search, "hnsw", MAX_EF_SEARCH),
+                                      ("nprobe", nprobe, "ivfpq", MAX_NPROBE)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= bound:
+                raise InvalidInput(f"{field} must be an integer in 1..{bound}, got {value!r}", field)
+            if spec.index != kind:
+                raise InvalidInput(f"{field} applies only to {kind} memories; this memory's index is "
+                                   f"'{spec.index}'", field)
+            value = int(value)
+        checked.append(value)
+    return checked[0], checked[1]
+
+
 def check_partition(partition: Any) -> str | None:
     if partition is None:
         return None
@@ -109,6 +185,34 @@ def check_partition(partition: Any) -> str | None:
             or not partition.isprintable():
         raise InvalidInput(f"partition must be a printable string of 1..{MAX_PARTITION_LEN} characters", "partition")
     return partition
+
+
+def check_partitions(partitions: Any, n: int, partition: str | None = None) -> list[str | None] | None:
+    """The per-query partitions of a batched search of `n` queries: one name (or None: the whole memory)
+    per query row, as a list; None when not given. InvalidInput (field "partitions") when it is not a
+    sequence of `n` such names, or when `partition` is given too."""
+    if partitions is None:
+        return None
+    if partition is not None:
+        raise InvalidInput("give partition or partitions, not both", "partitions")
+    if isinstance(partitions, np.ndarray) and partitions.ndim == 1 and partitions.dtype.kind in "UO":
+        partitions = partitions.tolist()
+    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Sequence) or len(partitions) != n:
+        raise InvalidInput(f"partitions must be a list of one partition name (or null) per query, {n} in all",
+                           "partitions")
+    try:
+        return [check_partition(name) for name in partitions]
+    except InvalidInput as exc:
+        raise InvalidInput(exc.message, "partitions") from None
+
+
+def partition_groups(partitions: list[str | None]) -> list[tuple[str | None, np.ndarray]]:
+    """The query rows of each distinct partition of a batched search, in order of first appearance:
+    [(name, rows int64)]; a backend searches each group once."""
+    rows: dict[str | None, list[int]] = {}
+    for i, name in enumerate(partitions):
+        rows.setdefault(name, []).append(i)
+    return [(name, np.asarray(r, dtype=np.int64)) for name, r in rows.items()]
 
 
 def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
@@ -126,7 +230,12 @@ def check_values(spec: MemorySpec, values: Any, n: int) -> np.ndarray | None:
         values = np.asarray(values)
         if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
             raise InvalidInput("values must be a 1-D list of integer token ids", "values")
+        if values.dtype.kind == "u" and values.size and values.max() > np.iinfo(np.int64).max:
+            raise InvalidInput("values must be token ids below 2^63", "values")
         values = values.astype(np.int64)
+        if values.size and values.min() < 0:  # search answers -1 for a missing neighbour's value
+            raise InvalidInput(f"values must be token ids >= 0 (-1 marks a missing neighbour), got "
+                               f"{int(values.min())}", "values")
     if len(values) != n:
         raise InvalidInput(f"values has {len(values)} rows for {n} keys", "values")
     return values

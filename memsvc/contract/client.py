@@ -13,6 +13,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 from memsvc.contract.collections import (
     Answer,
+    AnswerStream,
     CollectionStats,
     Document,
     DocumentHit,
@@ -47,6 +48,12 @@ class CollectionBackend(Protocol):
         """Retrieve k passages, answer the question from them with the language model, cite them."""
         ...
 
+    def ask_stream(self, question: str, k: int = 4, max_new_tokens: int = 256) -> AnswerStream:
+        """`ask`, with the answer's text pieces as they decode: iterate the stream for them, then
+        `result()` for the `Answer` (the joined pieces and the citations). Bad input and a missing collection
+        raise here, before anything decodes."""
+        ...
+
     def stats(self) -> CollectionStats: ...
 
 
@@ -70,6 +77,10 @@ class MemoriesClient(Protocol):
 
     def set_metadata(self, name: str, metadata: dict[str, Any]) -> MemorySpec:
         """Replace a memory's free-form metadata; returns its updated spec."""
+        ...
+
+    def set_search_params(self, name: str, ef_search: int | None = None, nprobe: int | None = None) -> MemorySpec:
+        """Change a memory's ef_search (hnsw) / nprobe (ivfpq), kept across restarts; returns its spec."""
         ...
 
 

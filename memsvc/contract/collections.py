@@ -5,9 +5,9 @@ The in-process `memsvc.collections.Collection` and the client's `RemoteCollectio
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from memsvc.contract.errors import InvalidInput
 
@@ -60,19 +60,66 @@ class CollectionStats:
 
 @dataclass(frozen=True)
 class Citation:
-    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n]."""
+    """A passage an answer was given: `n` is its number in the prompt, `cited` whether the answer says [n];
+    `text` and `section` are the passage as the model read it (empty from a server that predates them)."""
 
     n: int
     document_id: str
     chunk_id: str
     score: float
     cited: bool
+    text: str = ""
+    section: str = ""
 
 
 @dataclass(frozen=True)
 class Answer:
     answer: str
     citations: list[Citation]
+
+
+class AnswerStream:
+    """An answer as it decodes (`ask_stream`): iterating yields its text pieces in order; `result()` gives the
+    whole `Answer` (the pieces joined, and the citations) once they are all out, reading whatever is left.
+
+    `events` yields the pieces (str), then the one final `Answer`. Closing the stream (or leaving its `with`
+    block) closes `events` and calls `on_close`, which stops the generation, in process or on the server
+    (the client closes the HTTP response). Errors raised while decoding come out of the iteration.
+    """
+
+    def __init__(self, events: Iterator[str | Answer], on_close: Callable[[], None] | None = None):
+        self._events = events
+        self._on_close = on_close
+        self._answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self._events:
+            if isinstance(event, Answer):
+                self._answer = event
+            else:
+                yield event
+
+    def result(self) -> Answer:
+        """The whole answer; reads the pieces not iterated yet. RuntimeError if the stream was closed before
+        its end."""
+        for _ in self:
+            pass
+        if self._answer is None:
+            raise RuntimeError("the answer stream was closed before its end")
+        return self._answer
+
+    def close(self) -> None:
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def as_documents(documents: Sequence[Document | dict[str, Any]]) -> list[Document]:

@@ -28,6 +28,12 @@ class InvalidInput(MemsvcError):
     code = "invalid_input"
 
 
+class UnsupportedMediaType(InvalidInput):
+    """A body in a format the server does not read (HTTP 415)."""
+
+    code = "unsupported_media_type"
+
+
 class NotFound(MemsvcError):
     code = "not_found"
 
@@ -60,6 +66,24 @@ class BackendUnavailable(MemsvcError):
     code = "backend_unavailable"
 
 
+class ServerUnavailable(MemsvcError):
+    """The client could not reach the server (nothing listens at the URL, the connection broke, or no answer
+    came within the timeout); `memsvc.client` raises it in place of httpx's transport errors."""
+
+    code = "server_unavailable"
+
+
+class ModelLoading(MemsvcError):
+    """The server is still loading its language model (503 with a Retry-After header of `retry_after`
+    seconds); nothing was done, so the client sends the call again."""
+
+    code = "model_loading"
+
+    def __init__(self, message: str, field: str | None = None, retry_after: int = 2):
+        super().__init__(message, field)
+        self.retry_after = retry_after
+
+
 class MemoryUnavailable(MemsvcError):
     """One memory cannot be opened (its files are damaged or unreadable); the others are served as usual."""
 
@@ -84,9 +108,9 @@ class DataDirInUse(MemsvcError):
     code = "data_dir_in_use"
 
 
-ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, NotFound, AlreadyExists, TooLarge, Unauthorized,
+ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, UnsupportedMediaType, NotFound, AlreadyExists, TooLarge, Unauthorized,
                                             Forbidden, StorageFull, BackendUnavailable, MemoryUnavailable,
-                                            CorruptSnapshot, CorruptLog,
+                                            CorruptSnapshot, CorruptLog, ServerUnavailable, ModelLoading,
                                             DataDirInUse, MemsvcError)}
 
 

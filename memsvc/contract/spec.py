@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from memsvc.contract.checks import check_json, invalid_input
+from memsvc.contract.checks import MAX_EF_SEARCH, MAX_NPROBE, check_json, invalid_input
 from memsvc.contract.errors import InvalidInput
 
 Metric = Literal["l2", "ip", "cosine"]
@@ -27,7 +27,8 @@ def default_pq_m(dim: int) -> int:
 
 
 class MemorySpec(BaseModel):
-    """What a memory is: fixed at creation (except `metadata`, which callers may update)."""
+    """What a memory is: fixed at creation, except `metadata` and the search parameters `ef_search` and
+    `nprobe`, which callers may change (`set_metadata`, `set_search_params`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,9 +43,11 @@ class MemorySpec(BaseModel):
                              description="ivfpq: sub-quantizers (must divide dim); default about dim/8")
     train_size: int | None = Field(default=None, gt=0, le=1 << 30,
                                    description="ivfpq: entries to train on; default 64*nlist")
-    nprobe: int = Field(default=16, gt=0, le=1 << 20, description="ivfpq: lists probed per query")
+    nprobe: int = Field(default=16, gt=0, le=MAX_NPROBE,
+                        description="ivfpq: lists probed per query (changeable, and per search)")
     hnsw_m: int = Field(default=32, gt=1, le=1024, description="hnsw: links per node")
-    ef_search: int = Field(default=128, gt=0, le=1 << 20, description="hnsw: search breadth")
+    ef_search: int = Field(default=128, gt=0, le=MAX_EF_SEARCH,
+                           description="hnsw: search breadth, at least k is used (changeable, and per search)")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, e.g. tuned kNN-LM settings")
 
     @field_validator("metadata")

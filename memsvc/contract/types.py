@@ -4,6 +4,7 @@ its typed `MemoryStats`. Implemented in-process by `memsvc.store.Memory` and ove
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,7 +65,18 @@ class MemoryBackend(Protocol):
     def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
             partition: str | None = None) -> np.ndarray: ...
 
-    def search(self, queries: np.ndarray, k: int, partition: str | None = None) -> SearchResult: ...
+    def search(self, queries: np.ndarray, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k entries of each query [m, dim], closest first: ids/distances [m, k].
+
+        `partition` scopes every query to one partition (None: the whole memory). `partitions` (instead
+        of `partition`) is a batched search: one name per query row, row i answered exactly as
+        `search(queries[i:i + 1], k, partition=partitions[i])` would answer it, in one call (e.g. all
+        KV heads of a layer, each head a partition). `ef_search` (hnsw, at least k is used) / `nprobe`
+        (ivfpq) override the memory's own for this call (InvalidInput for another index kind or out of
+        range)."""
+        ...
 
     def get(self, ids: np.ndarray) -> Entries: ...
 
@@ -74,4 +86,9 @@ class MemoryBackend(Protocol):
 
     def set_metadata(self, metadata: dict[str, Any]) -> None:
         """Replace the memory's free-form metadata (e.g. tuned kNN-LM settings) in `spec.metadata`."""
+        ...
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change the memory's `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq) for every later search,
+        durably where the memory is; None leaves one as it is."""
         ...

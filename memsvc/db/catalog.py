@@ -55,6 +55,14 @@ class Catalog:
             row.meta = metadata
             return row.to_spec()
 
+    def update_search_params(self, name: str, **params: int) -> MemorySpec:
+        """Set index parameters of a memory (`ef_search`, `nprobe`: the ones a spec may change, already
+        checked by the caller); returns the new spec."""
+        with self._session.begin() as session:
+            row = _row(session, name)
+            row.index_params = {**row.index_params, **params}  # a new dict, so SQLAlchemy sees the change
+            return row.to_spec()
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -71,6 +71,7 @@ class CollectionRow(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     memory: Mapped[str] = mapped_column(String(128))
+    context: Mapped[str | None] = mapped_column(String(16))  # contextual chunks: "title", "trail" or none
 
 
 class DocumentRow(Timestamped, Base):
@@ -91,7 +92,8 @@ class DocumentRow(Timestamped, Base):
 
 
 class ChunkRow(Base):
-    """A chunk of a document version: its text for BM25 and answers, and the id of its vector."""
+    """A chunk of a document version: its text for BM25 and answers, the id of its vector and that vector's
+    embedding cache key."""
 
     __tablename__ = "chunks"
 
@@ -102,3 +104,6 @@ class ChunkRow(Base):
     section: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
     vector_id: Mapped[int] = mapped_column(BigInteger)
+    # sha256 of the embedder's name and the text embedded (retrievers.dense.embedding_key): the next
+    # version of the document copies this vector for a chunk with the same key instead of embedding it
+    embed_key: Mapped[str | None] = mapped_column(String(64))

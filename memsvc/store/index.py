@@ -42,6 +42,20 @@ def threads_for(n: int) -> Iterator[int]:
         if use != before:
             faiss.omp_set_num_threads(before)
 
+def search_params(spec: MemorySpec, k: int, trained: bool, ef_search: int | None = None,
+                  nprobe: int | None = None) -> faiss.SearchParameters | None:
+    """FAISS search parameters for one search of a memory's partitions: hnsw searches with efSearch =
+    max(ef_search or the spec's, k) (Milvus' rule, so both backends search alike), a trained ivfpq memory
+    probes `nprobe` or the spec's lists; None for exact (flat) indexes, an untrained ivfpq's included.
+    Passed per call rather than set on the indexes, so concurrent searches with different values do not
+    interfere and a changed spec applies to indexes read back from older snapshots too."""
+    if spec.index == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(ef_search or spec.ef_search, k))
+    if spec.index == "ivfpq" and trained:
+        return faiss.SearchParametersIVF(nprobe=nprobe or spec.nprobe)
+    return None
+
+
 @functools.cache
 def gpu_resources():
     """Shared GPU resources, or None when faiss has no GPU support or sees no GPU."""
@@ -107,6 +121,25 @@ def train_template(spec: MemorySpec, sample: np.ndarray) -> faiss.Index:
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     index.nprobe = spec.nprobe
     return index
+
+
+def search_among(index: faiss.Index, queries: np.ndarray, k: int, bitmap: np.ndarray | None,
+                 params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search(queries, k)` -> (distances, ids) [m, k] with `params` (from `search_params`),
+    counting only the ids whose bit is set in `bitmap` (uint8, little-endian bit order: id i is bit i % 8
+    of byte i // 8; None: every id). FAISS applies the `IDSelectorBitmap` inside the scan (flat, HNSW and
+    IVF honour `SearchParameters.sel`; an `IndexIDMap2` translates it to its positions), so excluded
+    entries never take a result slot. `params` is copied, not changed."""
+    if bitmap is None:
+        return index.search(queries, k, params=params)
+    selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+    if isinstance(params, faiss.SearchParametersHNSW):
+        scoped = faiss.SearchParametersHNSW(sel=selector, efSearch=params.efSearch)
+    elif isinstance(params, faiss.SearchParametersIVF):
+        scoped = faiss.SearchParametersIVF(sel=selector, nprobe=params.nprobe)
+    else:
+        scoped = faiss.SearchParameters(sel=selector)
+    return index.search(queries, k, params=scoped)
 
 
 def read_index(path: str) -> faiss.Index:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ from memsvc.contract import (
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
+    check_search_params,
     check_values,
+    partition_groups,
 )
 from memsvc.store import index as fx
 from memsvc.store.column import Column
@@ -74,6 +78,13 @@ class Memory(Snapshots):
         self._names: list[str | None] = []  # partition code -> name
         self._shards: dict[str | None, Shard] = {}
         self._dead = 0
+        # One index over every partition, for whole-memory searches; built on the first one that spans
+        # several partitions, then kept up to date. Deletes leave their entries in it ("tombstones",
+        # skipped at search time by an id bitmap) until they are half of it, then it is dropped and
+        # rebuilt on the next whole-memory search: deleting a partition stays one flag per row.
+        self._whole: Any = None
+        self._whole_dead = 0
+        self._bitmap: np.ndarray | None = None  # live ids as bits, for the tombstones; None: to compute
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -117,6 +128,19 @@ class Memory(Snapshots):
             if self.path is not None:
                 _write_atomic(self.path / "spec.json", self.spec.model_dump_json(indent=2).encode())
 
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq) for every later search, kept in spec.json
+        (so across restarts) when the memory has a directory; None leaves one as it is. InvalidInput for
+        another index kind or a value out of range (`check_search_params`). Searches read the spec at each
+        call (`index.search_params`), so no index is rebuilt."""
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        update = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        with self._writer:
+            spec = self.spec.model_copy(update=update)
+            if self.path is not None:
+                _write_atomic(self.path / "spec.json", spec.model_dump_json(indent=2).encode())
+            self.spec = spec
+
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
@@ -136,20 +160,52 @@ class Memory(Snapshots):
                 self._apply(meta, arrays)
         return np.arange(first, first + len(keys), dtype=np.int64)
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        """Top-k entries per query (of one partition, or of the whole memory), closest first."""
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k entries per query [m, dim] (of one partition, or of the whole memory), closest first.
+
+        `partitions`: one partition (or None: the whole memory) per query row, searched in this one call
+        (one FAISS search per distinct partition, under one read lock). A whole-memory search of a memory
+        with several partitions is one search of the whole-memory index (`_ensure_whole`). `ef_search`
+        (hnsw: max(ef_search, k) is used) / `nprobe` (ivfpq) replace the spec's for this call."""
         queries = self._index_view(check_keys(queries, self.spec, "queries"))
         k = check_k(k)
         partition = check_partition(partition)
-        with self._rw.read(), fx.threads_for(len(queries)):
-            if partition is None:
-                shards = [s for s in self._shards.values() if s.count]
-            else:
+        partitions = check_partitions(partitions, len(queries), partition)
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        groups = [(partition, None)] if partitions is None else partition_groups(partitions)
+        if any(name is None for name, _ in groups):
+            self._ensure_whole()
+        with self._rw.read():
+            params = fx.search_params(self.spec, k, self._template is not None, ef_search, nprobe)
+            if len(groups) == 1:
+                return self._result(*self._search_scope(queries, k, groups[0][0], params))
+            ids = np.empty((len(queries), k), dtype=np.int64)
+            dist = np.empty((len(queries), k), dtype=np.float32)
+            for name, rows in groups:
+                ids[rows], dist[rows] = self._search_scope(queries[rows], k, name, params)
+            return self._result(ids, dist)
+
+    def _search_scope(self, queries: np.ndarray, k: int, partition: str | None,
+                      params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, distances) [m, k] of one partition, or of the whole memory; the read lock is held."""
+        with fx.threads_for(len(queries)):
+            if partition is not None:
                 shards = [s for s in (self._shards.get(partition),) if s is not None and s.count]
-            found = [shard.index.search(queries, min(k, shard.count)) for shard in shards]
+            elif self._whole is not None and len(self):  # every live entry is in it: one FAISS search
+                bitmap = self._alive_bitmap() if self._whole_dead else None
+                dist, ids = fx.search_among(self._whole, queries, min(k, len(self)), bitmap, params)
+                return _padded(ids, self._as_distance(dist, ids), k)
+            else:
+                shards = [s for s in self._shards.values() if s.count]
+            found = [shard.index.search(queries, min(k, shard.count), params=params) for shard in shards]
+            if len(found) == 1:  # one FAISS answer is already sorted, closest first
+                dist, ids = found[0]
+                return _padded(ids, self._as_distance(dist, ids), k)
             none = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64))]
             dist, ids = (np.concatenate(part, axis=1) for part in zip(*(found or none)))
-            return self._result(*_top_k(ids, self._as_distance(dist, ids), k))
+            return _top_k(ids, self._as_distance(dist, ids), k)
 
     def get(self, ids: Any) -> Entries:
         """The stored entries with these ids; `found` is False (and the row zero/None) where missing."""
@@ -224,6 +280,9 @@ class Memory(Snapshots):
         self._any_payloads |= payloads is not None
         shard.index.add_with_ids(self._index_view(keys), ids)
         shard.count += n
+        if self._whole is not None:
+            self._whole.add_with_ids(self._index_view(keys), ids)
+            self._bitmap = None
         self._next_id = first + n
         if self.spec.index == "ivfpq" and self._template is None and self._trainer is None \
                 and len(self) >= self.spec.train_count:
@@ -253,6 +312,11 @@ class Memory(Snapshots):
                 self._remove_from_index(shard, gone)
         self._alive.data[rows] = False
         self._dead += len(rows)
+        if self._whole is not None and len(rows):
+            self._whole_dead += len(rows)
+            self._bitmap = None
+            if self._whole_dead > self._whole.ntotal // 2 or fx.device() == "gpu":  # GPU: no id selectors
+                self._whole = None
         if self._dead > max(4096, self._keys.size // 2):
             self._compact()
         return len(rows)
@@ -312,6 +376,32 @@ class Memory(Snapshots):
             payloads = [[self._payloads[r] if r >= 0 else None for r in row] for row in rows]
         return SearchResult(ids=ids, distances=dist, values=self._value_rows(rows), payloads=payloads)
 
+    def _ensure_whole(self) -> None:
+        """Build the whole-memory index if a whole-memory search would otherwise search several partitions'
+        indexes one by one (a collection keeps a partition per document version: thousands). Holds the
+        writer lock (no add or delete meanwhile) and the read lock (searches go on) while building."""
+        if self._whole is not None or len(self._shards) < 2:  # len of a dict: atomic, no lock needed
+            return
+        with self._rw.read():
+            if sum(1 for s in self._shards.values() if s.count) < 2:
+                return
+        with self._writer:
+            with self._rw.read():
+                if self._whole is not None:
+                    return
+                whole = self._build(np.flatnonzero(self._alive.data))
+            with self._rw.write():
+                self._whole, self._whole_dead, self._bitmap = whole, 0, None
+
+    def _alive_bitmap(self) -> np.ndarray:
+        """The live ids as a bitmap for `fx.search_among` (computed once after each write)."""
+        bitmap = self._bitmap
+        if bitmap is None:
+            alive = np.zeros(self._next_id, dtype=bool)
+            alive[self._ids.data[self._alive.data]] = True
+            bitmap = self._bitmap = np.packbits(alive, bitorder="little")
+        return bitmap
+
     def _remove_from_index(self, shard: Shard, ids: np.ndarray) -> None:
         try:
             shard.index.remove_ids(ids)
@@ -345,6 +435,7 @@ class Memory(Snapshots):
                     for name, index in built.items():
                         self._shards[name].index = index
                     self._template = template
+                    self._whole = None  # rebuilt as ivfpq by the next whole-memory search
             self.train_seconds = time.perf_counter() - start
         except Exception:  # keep serving exactly; the next add tries again
             log.exception("ivfpq training of %s failed", self.spec.name)
@@ -376,6 +467,15 @@ def _top_k(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     dist = np.concatenate([dist, np.full((m, k), np.inf, dtype=np.float32)], axis=1)
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _padded(ids: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One FAISS answer [m, <= k] (sorted, missing neighbours last) padded to k columns with -1 / +inf."""
+    if ids.shape[1] == k:
+        return ids, dist
+    m = len(ids)
+    return (np.concatenate([ids, np.full((m, k - ids.shape[1]), -1, dtype=np.int64)], axis=1),
+            np.concatenate([dist, np.full((m, k - ids.shape[1]), np.inf, dtype=np.float32)], axis=1))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -46,7 +46,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
@@ -72,8 +72,11 @@ from memsvc.contract import (
     check_k,
     check_keys,
     check_partition,
+    check_partitions,
     check_payloads,
+    check_search_params,
     check_values,
+    partition_groups,
 )
 
 if TYPE_CHECKING:
@@ -108,9 +111,15 @@ class Connection:
         try:
             yield
         except grpc.RpcError as exc:  # the codes pymilvus does not retry (deadline exceeded, ...)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self.overrun(what) from exc
             raise BackendUnavailable(f"Milvus {what} failed: {exc.code().name} {exc.details()}") from exc
         except MilvusException as exc:
             raise BackendUnavailable(f"Milvus {what} failed: {exc.message}") from exc
+
+    def overrun(self, what: str) -> BackendUnavailable:
+        """The error of a call that ran past the timeout, whether we or gRPC noticed first."""
+        return BackendUnavailable(f"Milvus {what} failed: the call ran past its {self.timeout:g} s timeout")
 
     def deadline(self) -> float:
         """The monotonic time by which a call that starts now must end."""
@@ -121,7 +130,7 @@ class Connection:
         (a `deadline()` taken at the start of a call made of several requests)."""
         timeout = self.timeout if deadline is None else deadline - time.monotonic()
         if timeout <= 0:
-            raise BackendUnavailable(f"Milvus {method} failed: the call ran past its {self.timeout:g} s timeout")
+            raise self.overrun(method)
         with self.errors(method):
             return getattr(self.client, method)(*args, timeout=timeout, **kwargs)
 
@@ -218,6 +227,16 @@ class MilvusMemory:
             self._milvus("alter_collection_properties", self._collection, properties={SPEC: spec.model_dump_json()})
             self.spec = spec
 
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change `spec.ef_search` (hnsw) / `spec.nprobe` (ivfpq), kept with the spec in the collection's
+        properties; Milvus takes them per search (`ef`, `nprobe`), so the index stays as it is."""
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        update = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        with self._writer:
+            spec = self.spec.model_copy(update=update)
+            self._milvus("alter_collection_properties", self._collection, properties={SPEC: spec.model_dump_json()})
+            self.spec = spec
+
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
@@ -252,22 +271,36 @@ class MilvusMemory:
                 self._unsealed += n
         return np.arange(first, first + n, dtype=np.int64)
 
-    def search(self, queries: Any, k: int, partition: str | None = None) -> SearchResult:
-        """Top-k entries per query (of one partition, or of the whole memory), closest first."""
+    def search(self, queries: Any, k: int, partition: str | None = None,
+               partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
+               nprobe: int | None = None) -> SearchResult:
+        """Top-k entries per query (of one partition, or of the whole memory), closest first.
+
+        `partitions`: one partition (or None) per query row. Milvus takes one filter per search request,
+        so each distinct partition is one request (its rows batched), all within this call's timeout.
+        `ef_search` (hnsw) / `nprobe` (ivfpq) replace the spec's for this call (Milvus' `ef` / `nprobe`)."""
         queries = check_keys(queries, self.spec, "queries")
         k = check_k(k)
         partition = check_partition(partition)
+        partitions = check_partitions(partitions, len(queries), partition)
+        ef_search, nprobe = check_search_params(self.spec, ef_search, nprobe)
+        search_params = self._search_params(k, ef_search, nprobe)
         fields = [name for name, wanted in (("value", self.spec.value_kind != "none"),
                                             ("payload", self._any_payloads)) if wanted]
         deadline = self._milvus.deadline()
         if self._milvus.lite and self._unsealed > LITE_FLUSH_ROWS:
             self._seal(deadline)
         step = self._search_batch(k)
-        hits = []
-        for start in range(0, len(queries), step):
-            hits += self._milvus("search", self._collection, data=queries[start:start + step], limit=k,
-                                 anns_field="key", filter=where(partition=partition), output_fields=fields,
-                                 search_params=self._search_params(k), deadline=deadline)
+        groups = [(partition, np.arange(len(queries)))] if partitions is None else partition_groups(partitions)
+        hits: list[Any] = [None] * len(queries)
+        for name, rows in groups:
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                found = self._milvus("search", self._collection, data=queries[chunk], limit=k, anns_field="key",
+                                     filter=where(partition=name), output_fields=fields,
+                                     search_params=search_params, deadline=deadline)
+                for i, row in zip(chunk, found):
+                    hits[i] = row
         m = len(queries)
         ids = np.full((m, k), -1, dtype=np.int64)
         dist = np.full((m, k), np.inf, dtype=np.float32)
@@ -393,11 +426,11 @@ class MilvusMemory:
             step = min(step, LITE_SEARCH_BYTES // per_query)
         return max(1, step)
 
-    def _search_params(self, k: int) -> dict[str, Any]:
+    def _search_params(self, k: int, ef_search: int | None = None, nprobe: int | None = None) -> dict[str, Any]:
         if self.spec.index == "hnsw":
-            return {"params": {"ef": max(self.spec.ef_search, k)}}  # Milvus requires ef >= k
+            return {"params": {"ef": max(ef_search or self.spec.ef_search, k)}}  # Milvus requires ef >= k
         if self.spec.index == "ivfpq":
-            return {"params": {"nprobe": self.spec.nprobe}}
+            return {"params": {"nprobe": nprobe or self.spec.nprobe}}
         return {}
 
     def _empty_values(self, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -1,0 +1,46 @@
+"""Where the model side runs: the device and dtype a model is loaded with (`lm.model.load_model`) and that
+every model command's `--device` names. Imports torch only, so a command checks its `--device` before it
+loads transformers or a model."""
+from __future__ import annotations
+
+import torch
+
+from memsvc.contract import InvalidInput
+
+
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu": the `--device` default of every model command."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None = None,
+                   dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) a model runs with: `device` None is `default_device()`; `dtype` None is float32 on the
+    CPU, bfloat16 on CUDA and float16 on mps (half the weights' bytes; the GPU's tensor cores). Accepts dtype
+    names ("float32", "bf16", "fp16", ...). InvalidInput for an unknown device or dtype, or a CUDA device on a
+    machine without one, before any model is read."""
+    asked = default_device() if device is None else device
+    try:
+        device = torch.device(asked)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInput(f"unknown device {str(asked)!r}: give cpu, cuda, cuda:N or mps", "device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInput("device 'mps' asked for, but torch sees no Apple GPU here", "device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here", "device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInput(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)",
+                           "device")
+    if dtype is None:
+        dtype = {"cpu": torch.float32, "cuda": torch.bfloat16, "mps": torch.float16}[device.type]
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidInput(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPES)}", "dtype")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}

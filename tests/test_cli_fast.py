@@ -1,0 +1,92 @@
+"""The CLI answers a user's mistake at once: a missing file, a bad option, a held data dir, a dead or
+scheme-less --url each exit 2 with one line on stderr, before torch is imported or a model loads (issue 17:
+`eval-long /nonexistent.txt` took 135 s, a typo in `--cache` 33-72 s). All cases run in one fresh interpreter,
+which then reports whether torch was imported."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import fcntl, json, sys, time
+from pathlib import Path
+from typer.testing import CliRunner
+from memsvc.cli.commands import app
+
+cases, data_dir, held = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+held.mkdir(parents=True)
+lock = open(held / ".lock", "w")
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running server holds its data dir
+out = []
+for args in cases:
+    start = time.monotonic()
+    result = CliRunner().invoke(app, args)
+    out.append([result.exit_code, result.stdout, result.stderr, round(time.monotonic() - start, 2)])
+print(json.dumps({"results": out, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait".encode("latin-1"))
+    data, held = tmp_path / "data", tmp_path / "held"
+    dead = f"http://127.0.0.1:{free_port()}"
+    cases = {
+        ("eval-long", "/nonexistent.txt"): "error: no such file: /nonexistent.txt",
+        ("eval-long", str(latin1)): f"error: {latin1} is not UTF-8 text (invalid continuation byte)",
+        ("eval-long", str(doc), "--policy", "lru"): "error: unknown policy 'lru'; valid policies: full, window, "
+                                                    "sinks, moving-average, cumulative-average, recurrent, "
+                                                    "compressive, h2o, vatp, knorm, snapkv, adaptive",
+        ("eval-long", str(doc), "--policy", "window", "--sinks", "4"):
+            "error: policy 'window' takes no sinks (it takes: window)",
+        ("eval-long", str(doc), "--knn-memory", "--layers", "x"):
+            "error: layers must be 'all' or comma-separated integers, got 'x'",
+        ("eval-long", str(doc), "--url", dead): "error: --url applies only to --knn-memory",
+        ("eval-long", str(doc), "--knn-memory", "--url", "localhost:8000"):
+            "error: server URL 'localhost:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
+        ("generate", "hi", "--cache", "windw:256"):
+            "error: bad cache spec 'windw:256': expected 'window:W[,sinks:S]', 'full' or "
+            "'policy:NAME[,budget:B,window:W,sinks:S,pool:P]'",
+        ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
+        ("generate", "hi", "--knn-memory", "m", "--lam", "2"):
+            "error: lam: Input should be less than or equal to 1 (got 2.0)",
+        ("knnlm", "build", "/nonexistent.txt", "--memory", "m", "--data-dir", str(data)):
+            "error: /nonexistent.txt: no such file",
+        ("knnlm", "tune", str(doc), "--memory", "m", "--k", "0", "--data-dir", str(data)):
+            "error: k: Input should be greater than 0 (got 0)",
+        ("train-gate", "/nonexistent.txt", "--out", str(tmp_path / "g.json")): "error: no such file: /nonexistent.txt",
+        ("train-gate", str(doc), "--out", str(tmp_path / "no" / "g.json")):
+            f"error: {tmp_path / 'no'}: no such directory for --out",
+        ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(held)):
+            f"error: {held} is in use by another memsvc process (a server or an embedded command); to use a "
+            "running server's memories, give its --url (or set MEMSVC_URL)",
+        ("search", "x", "--collection", "c", "--url", dead):
+            f"error: cannot reach the memsvc server at {dead} ([Errno 111] Connection refused); is it running, "
+            "and is the URL right?",
+        ("ask", "x", "--collection", "c", "--url", "127.0.0.1:8000"):
+            "error: server URL '127.0.0.1:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
+        ("ingest", "/nonexistent", "--collection", "c", "--url", dead):
+            "error: /nonexistent: no such file or directory",
+        ("eval-long", str(doc), "--positions", "sideways"):
+            "error: positions must be one of absolute, none, window, ordered, hybrid; got 'sideways'",
+        ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--positions", "ordered"):
+            "error: positions 'ordered' need block memory (memory blocks > 0); per-token retrieval takes absolute, "
+            "none, window",
+    }
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for (args, expected), (code, stdout, stderr, seconds) in zip(cases.items(), report["results"]):
+        assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
+        assert seconds < 10, (args, seconds)  # no model, no torch: the dead --url costs two 0.5 s resends
+    assert report["torch"] is False and report["transformers"] is False
+    assert not (data / "memories").exists()  # nothing was opened, let alone made

@@ -1,0 +1,91 @@
+"""Issue 15 #3: the model side on any device. `resolve_device`/`load_model(device=, dtype=)`, bf16 on the CPU
+through generate with a bounded cache and memory attention, and the same paths on CUDA where there is a GPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lm.attention import attach
+from lm.cache import BoundedCache
+from lm.devices import resolve_device
+from lm.gate import Gate
+from lm.gate_training import train_gate
+from lm.generate import stream_tokens
+from lm.knnlm import interpolate, knn_probs
+from lm.longeval import evaluate_stream
+from lm.memory_attention import KnnConfig, session_memory
+from lm.model import load_model, tiny_llama
+from lm.policies import Window
+from memsvc.contract import InvalidInput
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CUDA = torch.cuda.is_available()
+
+
+def test_resolve_device_defaults_and_bad_values():
+    assert resolve_device("cpu") == (torch.device("cpu"), torch.float32)
+    assert resolve_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_device("cpu", torch.float16) == (torch.device("cpu"), torch.float16)
+    assert resolve_device(None)[0].type == ("cuda" if CUDA else "cpu")
+    for bad in ("tpu", "cuda:x", "meta", ""):
+        with pytest.raises(InvalidInput, match="unknown device") as err:
+            resolve_device(bad)
+        assert err.value.field == "device"
+    with pytest.raises(InvalidInput, match="unknown dtype 'int8'"):
+        resolve_device("cpu", "int8")
+    if not CUDA:
+        with pytest.raises(InvalidInput, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_load_model_puts_the_model_on_the_device_in_the_dtype(tmp_path):
+    model, tokenizer = tiny_llama(num_layers=1)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    bf16, _ = load_model(tmp_path, dtype="bf16", device="cpu")
+    assert bf16.dtype == torch.bfloat16 and bf16.device.type == "cpu"
+    assert load_model(tmp_path, dtype=torch.bfloat16, device=torch.device("cpu"))[0] is bf16  # one load per device
+    if not CUDA:
+        assert load_model(tmp_path, dtype=None, device=None)[0].dtype == torch.float32  # CPU default
+
+
+def decode_with_memory(model: torch.nn.Module, mode: str, device: torch.device) -> tuple[list[int], int]:
+    """Sampled tokens (seeded) of a prompt 3x longer than the window, memory attention on; memory entries."""
+    ids = torch.randint(0, 2000, (1, 60), generator=torch.Generator().manual_seed(0))
+    cache = BoundedCache(model, Window(16, 2))
+    memory = session_memory(model)
+    gate = Gate.initial(model) if mode == "gated" else None
+    with attach(model, cache, KnnConfig(k=8, mode=mode), memory, gate):
+        tokens = list(stream_tokens(model, ids, max_new_tokens=6, cache=cache, temperature=1.0, seed=1))
+        assert cache.layers[0].keys.device.type == device.type and cache.entries() <= 2 * (16 + 2)
+        return tokens, len(memory)
+
+
+@pytest.mark.parametrize("mode", ["joint", "gated"])
+def test_bf16_on_the_cpu_generates_through_a_bounded_cache_with_memory_attention(mode):
+    model = tiny_llama(num_layers=2)[0].to(torch.bfloat16)
+    tokens, stored = decode_with_memory(model, mode, torch.device("cpu"))
+    assert len(tokens) == 6 and all(0 <= t < model.config.vocab_size for t in tokens)
+    assert stored == 2 * 2 * (60 + 5 - 18)  # layers x KV heads x evicted tokens (prompt + 5 fed back)
+    result = evaluate_stream(model, torch.randint(0, 2000, (1, 40)), Window(8, 2), knn=KnnConfig(k=4),
+                             memory=session_memory(model))
+    assert result.nll.dtype.kind == "f" and len(result.nll) == 39 and math.isfinite(result.nll.mean())
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")
+def test_on_cuda_generate_memory_attention_eval_long_gate_training_and_knnlm_math():
+    device = torch.device("cuda")
+    model = tiny_llama(num_layers=2)[0].to(device, torch.bfloat16)
+    for mode in ("joint", "gated"):
+        tokens, stored = decode_with_memory(model, mode, device)
+        assert len(tokens) == 6 and stored > 0
+    ids = torch.randint(0, 2000, (1, 40))  # on the CPU: the loops move them to the model's device
+    result = evaluate_stream(model, ids, Window(8, 2), knn=KnnConfig(k=4), memory=session_memory(model))
+    assert math.isfinite(result.nll.mean())
+    gate, curve = train_gate(model.float(), [ids], window=8, sinks=2, k=4, epochs=1)
+    assert gate.bias.device.type == "cuda" and curve and math.isfinite(curve[-1]["loss"])
+    probs = knn_probs(torch.tensor([[0.0, 1.0]], device=device), torch.tensor([[3, -1]], device=device), 1.0, 8)
+    mixed = interpolate(torch.full((1, 8), -math.log(8), device=device), probs.log(), 0.5)
+    assert mixed.device.type == "cuda" and torch.allclose(mixed.exp().sum(), torch.tensor(1.0, device=device))
