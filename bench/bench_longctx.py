@@ -36,7 +36,16 @@ from lm.attention import attach
 from lm.cache import BoundedCache, forward
 from lm.gate import PARAMS, Gate
 from lm.gate_training import plot_curve, train_gate
-from lm.longeval import answer, evaluate_stream, needle_prompt, read_tokens
+from lm.longeval import (
+    NEEDLE,
+    PASSCODE_NEEDLE,
+    PASSCODE_QUESTION,
+    QUESTION,
+    answer,
+    evaluate_stream,
+    needle_prompt,
+    read_tokens,
+)
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import load_model
 from lm.policies import Full, Policy, Window
@@ -50,6 +59,7 @@ EVERY_THIRD = list(range(0, 30, 3))
 HEAD_DIM = 64  # SmolLM2-135M
 NEEDLE_WORDS = {0.1: "tangerine-47", 0.5: "copper-falcon", 0.9: "violet-9312", 0.25: "marble-otter",
                 0.75: "juniper-66"}  # one word per depth, whichever run plants it (others: amber-<depth>)
+PASSCODES = {0.1: "4817", 0.3: "2956", 0.5: "7342", 0.7: "6083", 0.9: "1529"}
 
 
 
@@ -60,7 +70,7 @@ class Setting:
     index: str = "flat"  # of the session's in-process memory
 
     def memory(self, model):
-        return session_memory(model, self.index) if self.knn is not None else None
+        return session_memory(model, self.index) if self.knn is not None and not self.knn.blocks else None
 
     def gate(self) -> Gate | None:
         if self.knn is None or self.knn.mode != "gated":
@@ -82,6 +92,15 @@ SETTINGS: dict[str, Setting] = {
     "knn-edge": Setting(SINKS_POLICY, KnnConfig(k=32, positions="window")),
     "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
     "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
+    # block memory (lm.blocks): 64-token blocks, 4 retrieved per forward (or per 4 queries: -g4), layer and KV
+    # head (256 tokens), max representative, ordered positions
+    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0)),
+    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4)),
+    "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean", query_group=0)),
+    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0)),
+    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0)),
+    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0)),
+    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -143,7 +162,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
     for name, per_file in results.items():
         cells = " | ".join(f"{per_file[p]['perplexity']:.2f}" for p in pages)
         recovered = f"{100 * (base - ppl[name]) / (base - full):.0f}%" \
-            if base is not None and full is not None and name.startswith("knn") else ""
+            if base is not None and full is not None and name.startswith(("knn", "block")) else ""
         speed = np.mean([per_file[p]["tokens_per_s"] for p in pages])
         print(f"| {name} | {cells} | {ppl[name]:.2f} | {recovered} | {speed:.0f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -166,6 +185,7 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
            lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "1000,3000,8000,12000",
            depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
            page: str = "multiprocessing", out: str = "longctx_needle",
+           kind: Annotated[str, typer.Option(help="passphrase (a word) or passcode (4 digits)")] = "passphrase",
            merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False) -> None:
     """Answer accuracy for a passphrase planted at each depth of each prompt length (greedy, chat template)."""
     chosen = names(settings)
@@ -180,14 +200,17 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
     haystack = (DOCS / f"{page}.rst.txt").read_text()
     for length in map(int, lengths.split(",")):
         for depth in map(float, depths.split(",")):
-            word = NEEDLE_WORDS.get(depth, f"amber-{round(1000 * depth)}")
-            prompt = needle_prompt(tokenizer, haystack, length, depth, word)
+            if kind == "passcode":
+                word, planted = PASSCODES.get(depth, f"{1000 + round(8999 * depth)}"), (PASSCODE_NEEDLE, PASSCODE_QUESTION)
+            else:
+                word, planted = NEEDLE_WORDS.get(depth, f"amber-{round(1000 * depth)}"), (NEEDLE, QUESTION)
+            prompt = needle_prompt(tokenizer, haystack, length, depth, word, *planted)
             for name in chosen:
                 setting = SETTINGS[name]
                 started = time.perf_counter()
                 text = answer(model, tokenizer, prompt, setting.policy, knn=setting.knn, memory=setting.memory(model),
                               gate=setting.gate())
-                rows.append({"setting": name, "length": length, "prompt_tokens": prompt.shape[1], "depth": depth,
+                rows.append({"setting": name, "kind": kind, "length": length, "prompt_tokens": prompt.shape[1], "depth": depth,
                              "word": word, "answer": text, "correct": word in text,
                              "seconds": time.perf_counter() - started})
                 print(json.dumps(rows[-1]), flush=True)

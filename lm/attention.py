@@ -4,7 +4,8 @@ transformers runs a model's attention through the function registered under `con
 memsvc registers one, `ATTENTION` ("memsvc"). While `attach(model, cache, knn, ...)` is open the model runs
 on it, and each decoder layer's attention module knows what it attends through:
 - a layer with kNN memory (`knn` given and the layer among `knn.layers`): `KnnMemoryAttention.attend`, the
-  local entries and the ones retrieved from memory (`lm.memory_attention`);
+  local entries and the ones retrieved from memory (`lm.memory_attention`), or with `knn.blocks` > 0
+  `BlockMemoryAttention.attend` (`lm.blocks`);
 - a layer whose cache policy ranks entries by the attention they receive (h2o, vatp, snapkv, adaptive):
   `reported_attention`, explicit attention that reports its probabilities to the cache layer;
 - any other layer: transformers' SDPA.
@@ -24,8 +25,9 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lm.blocks import BlockMemoryAttention
 from lm.cache import BoundedCache
-from lm.gate import Gate
+from lm.gate import Gate, MemoryBias
 from lm.memory_attention import KnnConfig, KnnMemoryAttention
 from lm.policies import PolicyLayer
 from memsvc.contract import MemoryBackend
@@ -39,7 +41,7 @@ class Attached:
     """What one attention module attends through: its cache layer, and the memory session if it retrieves."""
 
     layer: PolicyLayer
-    knn: KnnMemoryAttention | None
+    knn: KnnMemoryAttention | BlockMemoryAttention | None
 
 
 def reported_attention(layer: PolicyLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -74,14 +76,17 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 @contextmanager
 def attach(model: PreTrainedModel, cache: Cache, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
-           gate: Gate | None = None, session: str | None = None) -> Iterator[KnnMemoryAttention | None]:
+           gate: Gate | MemoryBias | None = None,
+           session: str | None = None) -> Iterator[KnnMemoryAttention | BlockMemoryAttention | None]:
     """Wire `model` to `cache` while open: attention reported to the cache policy where it ranks by it, and with
-    `knn` kNN-memory attention over `memory` (default: a RAM-only `session_memory`) for one session.
+    `knn` kNN-memory attention over `memory` (default: a RAM-only `session_memory`) for one session, or with
+    `knn.blocks` > 0 block memory (`lm.blocks`: RAM tensors, no `memory`; `gate` a `MemoryBias`).
 
     Yields the memory session (None without `knn`). InvalidInput before anything changes on a bad `knn`,
     memory, gate or cache (memory attention needs a bounded cache).
     """
-    knn_session = None if knn is None else KnnMemoryAttention(model, cache, memory, knn, gate, session)
+    session_type = BlockMemoryAttention if knn is not None and knn.blocks else KnnMemoryAttention
+    knn_session = None if knn is None else session_type(model, cache, memory, knn, gate, session)
     reports = isinstance(cache, BoundedCache) and any(layer.wants_attention for layer in cache.layers)
     if knn_session is None and not reports:
         yield None

@@ -38,11 +38,7 @@ class Gate(nn.Module):
         return cls(torch.full(shape, INITIAL_BIAS, device=model.device), torch.zeros(shape, device=model.device))
 
     def check(self, model: PreTrainedModel) -> None:
-        config = model.config.get_text_config(decoder=True)
-        expected = (config.num_hidden_layers, config.num_attention_heads)
-        if tuple(self.bias.shape) != expected:
-            raise InvalidInput(f"gate is for {list(self.bias.shape)} layers x heads, the model has "
-                               f"{list(expected)}", "gate")
+        _check_shape(self.bias, model, "gate")
 
     def save(self, path: str | Path) -> None:
         data = {"bias": self.bias.tolist(), "log_scale": self.log_scale.tolist(), "meta": self.meta}
@@ -61,3 +57,36 @@ class Gate(nn.Module):
             return cls(torch.tensor(data["bias"]), torch.tensor(data["log_scale"]), data.get("meta"))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{path} is not a gate parameter file: {exc}", "gate") from None
+
+
+class MemoryBias(nn.Module):
+    """The gate of block memory (`lm.blocks`): bias [layers, heads] added to each head's retrieved logits inside
+    the joint softmax over local and retrieved entries. 0 is exactly joint attention, the untrained mode;
+    a positive bias trusts the (re-positioned) memory more than the local window, a negative one less."""
+
+    def __init__(self, bias: torch.Tensor, meta: dict[str, Any] | None = None):
+        super().__init__()
+        if bias.ndim != 2:
+            raise InvalidInput(f"memory bias must be [layers, heads], got {list(bias.shape)}", "gate")
+        self.bias = nn.Parameter(bias.float())
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def initial(cls, model: PreTrainedModel) -> MemoryBias:
+        """Zero bias: exactly joint attention."""
+        return cls(torch.zeros(_layers_heads(model)))
+
+    def check(self, model: PreTrainedModel) -> None:
+        """InvalidInput unless the bias is shaped [layers, heads] for `model`."""
+        _check_shape(self.bias, model, "memory bias")
+
+
+def _layers_heads(model: PreTrainedModel) -> tuple[int, int]:
+    config = model.config.get_text_config(decoder=True)
+    return config.num_hidden_layers, config.num_attention_heads
+
+
+def _check_shape(bias: torch.Tensor, model: PreTrainedModel, what: str) -> None:
+    expected = _layers_heads(model)
+    if tuple(bias.shape) != expected:
+        raise InvalidInput(f"{what} is for {list(bias.shape)} layers x heads, the model has {list(expected)}", "gate")

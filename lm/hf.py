@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from lm.attention import attach
+from lm.blocks import check_block_config
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.memory_attention import KnnConfig, KnnMemoryAttention, Mode, check_config, session_memory
@@ -100,7 +101,9 @@ def bounded_cache(model: PreTrainedModel, policy: Policy | str = f"window:{DEFAU
     if getattr(model, OPEN, False):
         raise InvalidInput("a bounded_cache block is already open on this model", "model")
     probe = BoundedCache(model, policy, period)  # checks the policy and period against the model
-    if knn is not None:
+    if knn is not None and knn.blocks:
+        knn = check_block_config(model, probe, knn, gate)
+    elif knn is not None:
         knn = check_config(model, probe, session_memory(model) if memory is None else memory, knn, gate)
     sequences = BoundedSequences(model, policy, period, knn, memory, gate)
     hook = model.register_forward_pre_hook(sequences.before_forward, with_kwargs=True)

@@ -30,6 +30,8 @@ from memsvc.contract import InvalidInput, MemoryBackend, NotFound
 DEFAULT_SKIP = 256
 NEEDLE = "The secret passphrase is {word}."
 QUESTION = "What is the secret passphrase? Answer with the passphrase only."
+PASSCODE_NEEDLE = "The secret passcode is {word}."  # word: 4 digits
+PASSCODE_QUESTION = "What is the secret passcode? Answer with the 4-digit passcode only."
 
 
 @dataclass
@@ -108,9 +110,9 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
 
 
 def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int, depth: float,
-                  word: str) -> torch.Tensor:
-    """Chat prompt ids [1, n]: about `tokens` tokens of haystack, the needle planted at the line nearest
-    `depth` (0 = start, 1 = end), then the question."""
+                  word: str, needle: str = NEEDLE, question: str = QUESTION) -> torch.Tensor:
+    """Chat prompt ids [1, n]: about `tokens` tokens of haystack, the needle (`needle` with `word` in it) planted
+    at the line nearest `depth` (0 = start, 1 = end), then the question."""
     if not 0 <= depth <= 1:
         raise InvalidInput(f"depth must be in [0, 1], got {depth}", "depth")
     ids = tokenizer(haystack).input_ids
@@ -118,8 +120,8 @@ def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int
         ids = ids + ids
     lines = tokenizer.decode(ids[:tokens]).split("\n")
     at = round(depth * len(lines))
-    text = "\n".join(lines[:at] + [NEEDLE.format(word=word)] + lines[at:])
-    return encode_prompt(tokenizer, f"{text}\n\n{QUESTION}", chat=True)
+    text = "\n".join(lines[:at] + [needle.format(word=word)] + lines[at:])
+    return encode_prompt(tokenizer, f"{text}\n\n{question}", chat=True)
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor,

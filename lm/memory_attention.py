@@ -18,6 +18,8 @@ at one position: distance 0); "window" stores the same un-rotated keys but score
 past the window (at a distance of the cache budget, window + sinks, from every query).
 `bench/results/longctx.md` measures all three.
 
+Block memory (`KnnConfig.blocks` > 0, positions kept inside the trained range) is `lm.blocks`.
+
 Any bounded policy works (`lm.policies` too): whatever it drops or folds into a summary is stored, and for
 policies that rank by attention (h2o, vatp, snapkv, adaptive) `attend` reports its local attention
 probabilities to the cache layer and applies the policy's per-head mask.
@@ -28,10 +30,8 @@ retrieved ones, so a block retrieves exactly what token-by-token decoding would.
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -40,21 +40,12 @@ from transformers.cache_utils import Cache
 
 from lm.cache import BoundedCache
 from lm.gate import Gate
-from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec, check_k
+from lm.knn_config import KnnConfig, Mode, Positions, check_options
+from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
 
-Mode = Literal["joint", "gated"]
-Positions = Literal["absolute", "none", "window"]
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    """Which layers retrieve, how many entries, how they combine, and how retrieved keys are positioned."""
-
-    layers: Sequence[int] | None = None  # None: every layer
-    k: int = 32
-    mode: Mode = "joint"
-    positions: Positions = "absolute"
+__all__ = ["KnnConfig", "KnnMemoryAttention", "Mode", "Positions", "check_config", "check_session", "head_dim",
+           "session_memory"]  # Mode, Positions: re-exported from lm.knn_config
 
 
 def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:
@@ -172,6 +163,22 @@ class KnnMemoryAttention:
 def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, config: KnnConfig,
                  gate: Gate | None) -> KnnConfig:
     """The config with its layers resolved, or InvalidInput before any work is done."""
+    config = check_session(model, cache, config)
+    if config.blocks:
+        raise InvalidInput("block memory runs in lm.blocks.BlockMemoryAttention (lm.attention.attach picks it)",
+                           "memory_blocks")
+    dim, spec = head_dim(model), memory.spec
+    if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
+        raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "
+                           f"value_dim={dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
+                           f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
+    if gate is not None:
+        gate.check(model)
+    return config
+
+
+def check_session(model: PreTrainedModel, cache: Cache, config: KnnConfig) -> KnnConfig:
+    """What every memory session checks (options, layers, a bounded cache): the config with its layers resolved."""
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     layers = sorted(set(range(num_layers) if config.layers is None else config.layers))
     if not layers:
@@ -180,22 +187,10 @@ def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, co
            or not 0 <= layer < num_layers]
     if bad:
         raise InvalidInput(f"unknown layer index {bad[0]!r}: the model has layers 0..{num_layers - 1}", "layers")
-    check_k(config.k)
-    if config.mode not in ("joint", "gated"):
-        raise InvalidInput(f"memory mode must be 'joint' or 'gated', got {config.mode!r}", "memory_mode")
-    if config.positions not in ("absolute", "none", "window"):
-        raise InvalidInput(f"positions must be 'absolute', 'none' or 'window', got {config.positions!r}",
-                           "positions")
+    check_options(config)
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
-    dim, spec = head_dim(model), memory.spec
-    if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
-        raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "
-                           f"value_dim={dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
-                           f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
-    if gate is not None:
-        gate.check(model)
-    return KnnConfig(layers=layers, k=config.k, mode=config.mode, positions=config.positions)
+    return dataclasses.replace(config, layers=layers)
 
 
 def head_dim(model: PreTrainedModel) -> int:

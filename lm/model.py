@@ -243,13 +243,14 @@ def _load_model(name_or_path: str | Path, dtype: torch.dtype, cache_dir: Path | 
 
 
 def tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-               seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """A small random-weight Llama (GQA, SmolLM2's vocabulary) and SmolLM2's tokenizer, for unit tests."""
+               seed: int = 0, max_positions: int = 2048) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """A small random-weight Llama (GQA, SmolLM2's vocabulary, `max_positions` trained positions) and SmolLM2's
+    tokenizer, for unit tests."""
     tokenizer = load_tokenizer(SMOLLM2)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=True,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

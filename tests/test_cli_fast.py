@@ -75,16 +75,17 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: server URL '127.0.0.1:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
         ("ingest", "/nonexistent", "--collection", "c", "--url", dead):
             "error: /nonexistent: no such file or directory",
-        ("eval-long", str(doc), "--positions", "sideways"): None,  # typer's own message (a box of lines)
+        ("eval-long", str(doc), "--positions", "sideways"):
+            "error: positions must be one of absolute, none, window, ordered, hybrid; got 'sideways'",
+        ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--positions", "ordered"):
+            "error: positions 'ordered' need block memory (memory blocks > 0); per-token retrieval takes absolute, "
+            "none, window",
     }
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for (args, expected), (code, stdout, stderr, seconds) in zip(cases.items(), report["results"]):
-        if expected is None:
-            assert code == 2 and "Invalid value for '--positions'" in stderr, stderr
-            continue
         assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
         assert seconds < 10, (args, seconds)  # no model, no torch: the dead --url costs two 0.5 s resends
     assert report["torch"] is False and report["transformers"] is False

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -40,9 +40,16 @@ Budget = Annotated[int | None, typer.Option(help="entries a query attends to at 
 Pool = Annotated[int | None, typer.Option(help="tokens per summary (moving-average, compressive)")]
 K = Annotated[int, typer.Option("--k", help="memory entries retrieved per query and layer")]
 Layers = Annotated[str, typer.Option(help="layers with memory attention: 'all' or e.g. '0,10,20'")]
-Positions = Annotated[Literal["absolute", "none", "window"],
-                      typer.Option(help="retrieved keys: at their stream index, position-free (distance 0), or "
-                                        "just past the window")]
+Positions = Annotated[str | None,
+                      typer.Option(help="where retrieved keys sit. Per-token: absolute (stream index), none "
+                                        "(distance 0), window (just past the window); default absolute. Block "
+                                        "memory: ordered (in stream order just beyond the window), hybrid (exact "
+                                        "inside the trained range, beyond it at its edge), absolute; default "
+                                        "ordered")]
+MemoryBlocks = Annotated[int, typer.Option(help="kNN memory in blocks of this many evicted tokens, retrieved "
+                                                "whole (lm.blocks); 0: per-token retrieval")]
+RetrievedBlocks = Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, layer and "
+                                                   "KV head")]
 MemoryName = Annotated[str, typer.Option("--memory", help="memory on the --url server (created if missing)")]
 
 
@@ -94,7 +101,8 @@ def eval_long(files: Files,
                                                              "attention retrieves from")] = False,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
               = "joint",
-              k: K = 32, layers: Layers = "all", positions: Positions = "absolute",
+              k: K = 32, layers: Layers = "all", positions: Positions = None, memory_blocks: MemoryBlocks = 0,
+              retrieved_blocks: RetrievedBlocks = 4,
               index: Annotated[Literal["flat", "hnsw"], typer.Option(help="memory index: exact or HNSW")] = "flat",
               gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated "
                                                               "(default: the shipped ones for smollm2)")] = None,
@@ -111,6 +119,7 @@ def eval_long(files: Files,
     goes to stderr."""
     with cli_errors():
         from lm.cache_specs import policy_options
+        from lm.knn_config import KnnConfig, check_options
 
         check_text_files(files)
         policy_options(policy, window, sinks, budget, pool)
@@ -127,6 +136,15 @@ def eval_long(files: Files,
         if skip < 0:
             raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
         layer_list = parse_layers(layers)
+        knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions, blocks=memory_blocks,
+                        top_blocks=retrieved_blocks)
+        check_options(knn)  # torch-free
+        if knn_memory and knn.blocks and (memory_mode == "gated" or gate is not None):
+            raise InvalidInput("block memory has no trained gate yet (its untrained gate, a zero bias, is exactly "
+                               "--memory-mode joint)", "gate")
+        if knn_memory and knn.blocks and url is not None:
+            raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
+                               "RAM", "url")
         if url is not None:
             from memsvc.client import check_url
 
@@ -134,13 +152,12 @@ def eval_long(files: Files,
         need_model_side()
 
         from lm.devices import resolve_device  # torch from here on
-        from lm.memory_attention import KnnConfig
         from lm.policies import make_policy
 
         resolve_device(device)
 
         cache_policy = make_policy(policy, window, sinks, budget, pool)
-        knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions) if knn_memory else None
+        knn = knn if knn_memory else None
         result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model,
                        device)
     if as_json:
@@ -158,20 +175,22 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
     from lm.model import load_model
 
     gate = None
-    if knn is not None and knn.mode == "gated":
+    if knn is not None and not knn.blocks and knn.mode == "gated":
         gate = Gate.load(gate_path if gate_path is not None else model_name)
     model, tokenizer = load_model(model_name, dtype=None, device=device)
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
     else:
-        with attention_memory(model, index, url, api_key, memory_name) as memory:
+        with attention_memory(model, index, url, api_key, memory_name) if not knn.blocks else nullcontext() \
+                as memory:
             result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
                                     max_tokens=max_tokens, skip=skip, progress=True)
     return {**result, "policy": policy.name, "budget": policy.budget, "window": getattr(policy, "window", None),
             "sinks": getattr(policy, "sinks", None), "pool": getattr(policy, "pool", None),
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
                                                     "layers": "all" if knn.layers is None else list(knn.layers),
-                                                    "index": index}}
+                                                    "index": index, "blocks": knn.blocks,
+                                                    "retrieved_blocks": knn.top_blocks}}
 
 
 def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],
@@ -187,7 +206,10 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
     of steps with the loss, on stderr)."""
     with cli_errors():
+        from lm.knn_config import KnnConfig, check_options
+
         check_text_files(files)
+        check_options(KnnConfig(k=k, mode="gated", positions=positions))
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:

@@ -199,6 +199,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              memory_attention: Annotated[bool, typer.Option(help="with --cache: what the cache evicts goes to an "
                                                                  "in-process kNN memory every layer attends to "
                                                                  "(top-32, see bench/results/longctx.md)")] = False,
+             memory_blocks: Annotated[int, typer.Option(help="with --memory-attention: memory in blocks of this "
+                                                             "many evicted tokens, retrieved whole (lm.blocks); 0: "
+                                                             "per-token")] = 0,
+             retrieved_blocks: Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, "
+                                                                "layer and KV head")] = 4,
+             positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
+                                                                "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
              model: Model = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
@@ -213,12 +220,17 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
         from lm.cache_specs import parse_cache_options
+        from lm.knn_config import KnnConfig, check_options
 
         text = read_prompt(prompt, prompt_file)  # the prompt file and the --cache syntax before torch
         if cache is not None:
             parse_cache_options(cache)
         if memory_attention and cache is None:
             raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
+        memory_config = KnnConfig(blocks=memory_blocks, top_blocks=retrieved_blocks, positions=positions)
+        check_options(memory_config)  # torch-free
+        if not memory_attention and (memory_blocks or positions is not None):
+            raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
         if url is not None and knn_memory is not None:
             from memsvc.client import check_url
 
@@ -232,7 +244,6 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.devices import resolve_device
         from lm.generate import check_sampling, encode_prompt
         from lm.generate import generate as decode
-        from lm.memory_attention import KnnConfig
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
@@ -246,7 +257,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
-            stack.enter_context(attach(model_, bounded, KnnConfig() if memory_attention else None))
+            stack.enter_context(attach(model_, bounded, memory_config if memory_attention else None))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
         # a long --prompt-file takes a while before the first token: its prefill as a bar on stderr

@@ -1,0 +1,258 @@
+"""Block memory: what the bounded cache evicts is kept in contiguous blocks, retrieved whole, and attended at
+positions inside the model's trained range, however long the stream.
+
+After InfLLM (Xiao et al. 2024, "InfLLM: Training-free long-context extrapolation for LLMs with an
+efficient context memory"); our own code. A `BlockMemoryAttention` is one session, attached like the
+per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`):
+
+- Store: at each chosen layer, the evicted entries (pre-RoPE keys and values, `KnnConfig.precision`)
+  go into that layer's `BlockStore`, RAM torch tensors [kv heads, n, d]; entry i is in block i // B, so
+  blocks are runs of B consecutive evictions (consecutive stream tokens under window + sinks; the newest
+  block may be partial and is searchable too).
+- Retrieve: once per layer and forward (a block of q queries, or one decoded token), for every KV head
+  at once: the queries are put in one frame (as if every memory key sat just past the window, at a
+  distance of the cache budget), averaged over the q queries, and scored against each block by its
+  representative ("max": the best score over all the block's keys; "mean": the score of its mean key),
+  summed over the group's query heads; the `top_blocks` best blocks are attended whole.
+- Position: the retrieved keys are rotated at attention time (`KnnConfig.positions`):
+  "ordered" (InfLLM's fixed distance): the retrieved tokens, in stream order, take the positions just
+  before the oldest window entry, contiguous and block-internal order kept: the farthest is at most
+  budget + block of queries + retrieved tokens from any query, which `check_block_config` requires to
+  be within the trained range; "hybrid": a retrieved token keeps its true distance while that is below
+  max_position_embeddings - retrieved tokens, and the farther ones take, in stream order, the
+  positions at the range's far edge; "absolute": true distances, even past the trained range (for
+  comparison).
+- Attend: the retrieved tokens join the local entries in one softmax ("joint"), or with a learned
+  per-head bias on their logits ("gated", `lm.gate.MemoryBias`; its initial value 0 is exactly joint).
+
+Within a forward of q tokens, entries that later queries of the block no longer see but that are not
+yet in memory are attended at their true positions (inside the trained range: the cache re-bases). So
+a prefill block sees a little more than token-by-token decoding would, and retrieves once for its q
+queries: block memory is not token-exact the way the per-token memory (`lm.memory_attention`) is.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from lm.gate import MemoryBias
+from lm.knn_config import KnnConfig
+from lm.memory_attention import check_session
+from memsvc.contract import InvalidInput
+
+
+class BlockStore:
+    """One layer's evicted entries: pre-RoPE keys and values [kv heads, n, d] in `dtype`, stream indices [n];
+    entry i belongs to block i // `block`; the mean key of every full block is kept (float32)."""
+
+    def __init__(self, block: int, dtype: torch.dtype):
+        self.block, self.dtype = block, dtype
+        self.count = 0
+        self.last_token = -1  # the newest stream index stored
+        self.keys = self.values = self.means = None
+        self.tokens = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.count / self.block)
+
+    def add(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append entries: stream indices [m] (int64), keys and values [kv heads, m, d]."""
+        m, (kv, _, d) = len(tokens), keys.shape
+        if self.keys is None:
+            self._allocate(kv, d, max(4 * self.block, m), keys.device)
+        elif self.count + m > self.keys.shape[1]:
+            self._allocate(kv, d, max(self.keys.shape[1] * 3 // 2, self.count + m), keys.device)
+        end = self.count + m
+        self.keys[:, self.count:end] = keys.detach()
+        self.values[:, self.count:end] = values.detach()
+        self.tokens[self.count:end] = tokens
+        full_before, self.count = self.count // self.block, end
+        self.last_token = max(self.last_token, int(tokens.max()))
+        full = end // self.block
+        if full > full_before:
+            done = self.keys[:, full_before * self.block:full * self.block].float()
+            self.means[:, full_before:full] = done.view(kv, full - full_before, self.block, d).mean(2)
+
+    def _allocate(self, kv: int, d: int, capacity: int, device: torch.device) -> None:
+        capacity = math.ceil(capacity / self.block) * self.block
+        keys = torch.empty(kv, capacity, d, dtype=self.dtype, device=device)
+        values, means = torch.empty_like(keys), torch.empty(kv, capacity // self.block, d, device=device)
+        tokens = torch.empty(capacity, dtype=torch.long, device=device)
+        if self.keys is not None:
+            keys[:, :self.count], values[:, :self.count] = self.keys[:, :self.count], self.values[:, :self.count]
+            full = self.count // self.block
+            means[:, :full], tokens[:self.count] = self.means[:, :full], self.tokens[:self.count]
+        self.keys, self.values, self.means, self.tokens = keys, values, means, tokens
+
+    def scores(self, query: torch.Tensor, representative: str) -> torch.Tensor:
+        """Each block's score [kv, blocks] for queries [kv, g, d] (float32), summed over the g query heads:
+        "max" = the best query-key product over the block's keys, "mean" = the product with its mean key."""
+        kv, g, _ = query.shape
+        full, nb = self.count // self.block, self.num_blocks
+        if representative == "mean":
+            reps = self.means[:, :full]
+            if nb > full:
+                reps = torch.cat([reps, self.keys[:, full * self.block:self.count].float().mean(1, keepdim=True)], 1)
+            return (query @ reps.transpose(-1, -2)).sum(1)
+        logits = query @ self.keys[:, :self.count].float().transpose(-1, -2)  # [kv, g, n]
+        logits = torch.nn.functional.pad(logits, (0, nb * self.block - self.count), value=-torch.inf)
+        return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d], stream
+        indices [kv, s * B] and which slots hold an entry [kv, s * B] (bool; a partial block's tail does not)."""
+        kv, s = blocks.shape
+        slots = (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).view(kv, s * self.block)
+        valid = slots < self.count
+        slots = slots.clamp(max=self.count - 1)
+        index = slots[..., None].expand(-1, -1, self.keys.shape[-1])
+        return (self.keys[:, :self.count].gather(1, index), self.values[:, :self.count].gather(1, index),
+                self.tokens[slots], valid)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored entries (keys, values, stream indices; block means), not counting spare capacity."""
+        if self.keys is None:
+            return 0
+        kv, _, d = self.keys.shape
+        return (self.count * (2 * kv * d * self.keys.element_size() + self.tokens.element_size())
+                + (self.count // self.block) * kv * d * 4)
+
+
+class BlockMemoryAttention:
+    """One block-memory session (see the module): the cache's evictions at `config.layers` go into a
+    `BlockStore` per layer; those layers attend to the local entries and the retrieved blocks.
+
+    `memory` must be None (the session lives in RAM tensors); `gate` is a `MemoryBias` for mode "gated"
+    (default: zeros, exactly joint). InvalidInput on a bad config, gate or cache.
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: Cache, memory: object | None, config: KnnConfig,
+                 gate: MemoryBias | None = None, session: str | None = None):
+        if memory is not None:
+            raise InvalidInput("block memory keeps its session in RAM tensors: give no memory backend "
+                               "(per-token retrieval, memory blocks 0, uses one)", "memory")
+        config = check_block_config(model, cache, config, gate)
+        self.cache, self.config = cache, config
+        self.session = session or uuid.uuid4().hex[:12]
+        self.layers = set(config.layers)
+        self.gate = None if config.mode == "joint" else gate if gate is not None else MemoryBias.initial(model)
+        dtype = getattr(torch, config.precision)
+        self.stores = {layer: BlockStore(config.blocks, dtype) for layer in self.layers}
+        self.trained = model.config.get_text_config(decoder=True).max_position_embeddings
+        self.retrieved = config.blocks * config.top_blocks  # the most tokens one forward retrieves per KV head
+        self.max_distance = 0  # the largest query-key position distance any attention of the session used
+
+    @property
+    def stored(self) -> dict[int, int]:
+        """Entries stored per layer (per KV head)."""
+        return {layer: store.count for layer, store in self.stores.items()}
+
+    def nbytes(self) -> int:
+        """Bytes the session's stores hold (all layers)."""
+        return sum(store.nbytes() for store in self.stores.values())
+
+    def store(self, layer: int, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The cache's eviction callback: stream indices [m], pre-RoPE keys and values [1, kv heads, m, d]."""
+        if layer in self.stores:
+            self.stores[layer].add(tokens, keys[0], values[0])
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention output [1, q, heads, d] for query [1, heads, q, d] over the local key/value [1, kv, n, d]
+        and the blocks retrieved for this forward's queries."""
+        b, heads, q, d = query.shape
+        if b != 1:
+            raise InvalidInput(f"block-memory attention decodes one sequence at a time, got a batch of {b}", "batch")
+        kv, n = key.shape[1], key.shape[2]
+        g = heads // kv
+        cache_layer = self.cache.layers[layer]
+        tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
+        seen = cache_layer.in_view(q)  # [q, n]
+        pending = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # leaving the window during this forward
+        heads_seen = cache_layer.head_mask(q)
+        allowed = (seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)) | pending
+        grouped = query[0].view(kv, g, q, d)
+        local = (grouped @ key[0, :, None].transpose(-1, -2) * scaling).masked_fill(~allowed, -torch.inf)
+        distance = positions[-q:, None] - positions[None, :]
+        self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
+
+        group = self.config.query_group or q
+        retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
+                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+        mem_logits = torch.cat([logits for logits, _ in retrieved], 2)
+        if self.gate is not None:
+            mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
+        weights = torch.cat([local, mem_logits], -1).softmax(-1)
+        mem_weights = weights[..., n:].split(group, 2)
+        out = weights[..., :n] @ value[0, :, None] + torch.cat(
+            [w @ values[:, None] for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
+        if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
+            cache_layer.observe(weights[..., :n].reshape(heads, q, n))
+        return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
+
+    def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [kv, g, q, r] (-inf on empty slots) and values [kv, r, d] of the blocks retrieved for the
+        queries [heads, q, d] rotated at positions `at` [q] (some of the view's last positions; `place` frames
+        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty."""
+        heads, q, d = query.shape
+        store = self.stores[layer]
+        if not store.count:
+            kv = self.cache.layers[layer].keys.shape[1]
+            return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
+        kv = store.keys.shape[0]
+        frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
+        scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative)
+        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
+        keys, values, found, valid = store.gather(chosen)
+        placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
+        r = placed.shape[1]
+        rotated = self.cache.rotate(keys.to(query.dtype).reshape(kv * r, d), placed.reshape(-1)).view(kv, r, d)
+        logits = query.reshape(kv, heads // kv, q, d) @ rotated[:, None].transpose(-1, -2) * scaling
+        self.max_distance = max(self.max_distance, int(positions[-1] - placed[valid].min()))
+        return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values.to(query.dtype)
+
+    def place(self, found: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+              newest_stored: int) -> torch.Tensor:
+        """Positions [kv, r] (int64) for the retrieved stream indices `found` [kv, r] (stream order within each
+        row), in the frame of the view's `positions`, per `config.positions` (see the module)."""
+        offset = int(positions[-1] - tokens[-1])  # position - stream index of this forward's queries
+        mode = self.config.positions
+        if mode == "absolute":
+            return found + offset
+        if mode == "ordered":
+            base = positions[tokens > newest_stored].min()  # the oldest entry newer than all of memory
+            return base - valid.sum(-1, keepdim=True) + valid.cumsum(-1) - 1
+        far = valid & (tokens[-1] - found >= self.trained - self.retrieved)
+        edge = positions[-1] - self.trained + far.cumsum(-1)  # distances trained - 1, trained - 2, ...
+        return torch.where(far, edge, found + offset)
+
+    def close(self) -> None:
+        """End the session: drop its stores."""
+        self.stores = {layer: BlockStore(store.block, store.dtype) for layer, store in self.stores.items()}
+
+
+def check_block_config(model: PreTrainedModel, cache: Cache, config: KnnConfig, gate: MemoryBias | None) -> KnnConfig:
+    """The block-memory config with its layers resolved, or InvalidInput before any work is done; in-range
+    positions need budget + the cache's period + retrieved tokens <= the model's trained context."""
+    config = check_session(model, cache, config)
+    if not config.blocks:
+        raise InvalidInput("block memory needs memory blocks > 0 (0 is per-token retrieval)", "memory_blocks")
+    trained = model.config.get_text_config(decoder=True).max_position_embeddings
+    retrieved = config.blocks * config.top_blocks
+    reach = cache.policy.budget + cache.period + retrieved
+    if config.positions != "absolute" and reach > trained:
+        raise InvalidInput(f"retrieved blocks ({config.top_blocks} x {config.blocks} tokens) + cache budget "
+                           f"({cache.policy.budget}) + period ({cache.period}) = {reach} must fit the model's trained "
+                           f"context ({trained})", "top_blocks")
+    if gate is not None:
+        if not isinstance(gate, MemoryBias):
+            raise InvalidInput("block memory's gate is a lm.gate.MemoryBias (a per-head bias on retrieved logits)",
+                               "gate")
+        gate.check(model)
+    return config

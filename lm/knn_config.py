@@ -1,0 +1,91 @@
+"""What a kNN-memory attention session is asked to do (`KnnConfig`), checked without torch or a model.
+
+`check_options` validates everything that needs no model, so a command line can refuse bad options
+before torch or the model loads; `lm.memory_attention.check_config` adds the checks against the model
+and cache (layer indices, the trained range).
+
+Two memories share this config:
+- per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
+  entries from a `MemoryBackend`; positions "absolute", "none" or "window";
+- block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
+  contiguous blocks of B tokens; each block of queries retrieves its `top_blocks` best blocks whole
+  (ranked by `representative`: "max" = the best query-key score over all the block's keys, "mean" = the
+  score of the block's mean key; every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
+  inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
+  unbounded: for comparison).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from memsvc.contract import InvalidInput, check_k
+
+Mode = Literal["joint", "gated"]
+Positions = Literal["absolute", "none", "window", "ordered", "hybrid"]
+Representative = Literal["max", "mean"]
+Precision = Literal["float16", "float32"]
+
+MODES = ("joint", "gated")
+TOKEN_POSITIONS = ("absolute", "none", "window")  # per-token retrieval
+BLOCK_POSITIONS = ("ordered", "hybrid", "absolute")  # block memory
+POSITIONS = ("absolute", "none", "window", "ordered", "hybrid")
+REPRESENTATIVES = ("max", "mean")
+PRECISIONS = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """Which layers retrieve, how much, how it combines, and how retrieved keys are positioned (see above)."""
+
+    layers: Sequence[int] | None = None  # None: every layer
+    k: int = 32  # per-token retrieval: entries per query
+    mode: Mode = "joint"
+    positions: Positions | None = None  # None: "absolute" for per-token retrieval, "ordered" for block memory
+    blocks: int = 0  # tokens per memory block; 0: per-token retrieval
+    top_blocks: int = 4  # block memory: blocks retrieved per block of queries, per layer and KV head
+    representative: Representative = "max"  # block memory: how a block is ranked
+    precision: Precision = "float16"  # block memory: dtype of the stored keys and values
+    query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            blocks = _whole(self.blocks) and self.blocks > 0
+            object.__setattr__(self, "positions", "ordered" if blocks else "absolute")
+
+
+def check_options(config: KnnConfig) -> None:
+    """InvalidInput (with the option's field) for any option that is bad whatever the model; None if all are fine."""
+    check_k(config.k)
+    if config.mode not in MODES:
+        raise InvalidInput(f"memory mode must be 'joint' or 'gated', got {config.mode!r}", "memory_mode")
+    if config.positions not in POSITIONS:
+        raise InvalidInput(f"positions must be one of {', '.join(POSITIONS)}; got {config.positions!r}", "positions")
+    if not _whole(config.blocks) or config.blocks < 0:
+        raise InvalidInput(f"memory blocks must be a positive number of tokens (0: per-token retrieval), got "
+                           f"{config.blocks!r}", "memory_blocks")
+    if config.blocks == 0:
+        if config.positions not in TOKEN_POSITIONS:
+            raise InvalidInput(f"positions {config.positions!r} need block memory (memory blocks > 0); per-token "
+                               f"retrieval takes {', '.join(TOKEN_POSITIONS)}", "positions")
+        return
+    if config.positions not in BLOCK_POSITIONS:
+        raise InvalidInput(f"block memory takes positions {', '.join(BLOCK_POSITIONS)}; got {config.positions!r}",
+                           "positions")
+    if not _whole(config.top_blocks) or config.top_blocks <= 0:
+        raise InvalidInput(f"retrieved blocks must be a positive integer, got {config.top_blocks!r}", "top_blocks")
+    if config.representative not in REPRESENTATIVES:
+        raise InvalidInput(f"block representative must be 'max' or 'mean', got {config.representative!r}",
+                           "representative")
+    if not _whole(config.query_group) or config.query_group < 0:
+        raise InvalidInput(f"query group must be a non-negative integer (0: the whole forward), got "
+                           f"{config.query_group!r}", "query_group")
+    if config.precision not in PRECISIONS:
+        raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
+                           "precision")
+
+
+def _whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,245 @@
+"""Block memory (lm.blocks) on tiny random Llamas: grouping, exactness over the whole history, positions inside
+the trained range at any stream length, the gate's initial value, and bad options refused before any work."""
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lm.attention import attach
+from lm.blocks import BlockStore
+from lm.cache import BoundedCache, stream
+from lm.gate import Gate, MemoryBias
+from lm.knn_config import KnnConfig
+from lm.model import tiny_llama
+from lm.policies import Full, Window
+from memsvc.contract import InvalidInput, MemorySpec
+from memsvc.store import Memory
+
+N = 60
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(num_layers=2)[0]  # 4 query heads sharing 2 KV heads, head_dim 16, 2048 positions
+
+
+@pytest.fixture(scope="module")
+def short_model():
+    return tiny_llama(num_layers=2, max_positions=64)[0]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 2000, (1, N), generator=torch.Generator().manual_seed(3))
+
+
+def run(model, ids, policy, config, gate=None, token_by_token=False, inspect=None):
+    """Logits [1, n, vocab] of ids streamed in exact blocks (or one token at a time) through policy + block memory;
+    `inspect(session, cache)` runs before the session closes."""
+    cache = BoundedCache(model, policy)
+    with attach(model, cache, config, gate=gate) as session, torch.inference_mode():
+        if token_by_token:
+            logits = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
+                                for i in range(ids.shape[1])], 1)
+        else:
+            logits = torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
+        if inspect is not None:
+            inspect(session, cache)
+    return logits
+
+
+@pytest.mark.parametrize("token_by_token", [False, True])
+def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, token_by_token):
+    seen = {}
+
+    def inspect(session, cache):
+        for layer in (0, 1):
+            store = session.stores[layer]
+            stored = store.tokens[:store.count].tolist()
+            evicted = sorted(set(range(N)) - set(cache.layers[layer].tokens.tolist()))
+            assert sorted(stored) == evicted and len(stored) == len(set(stored))  # each evicted token once
+            assert store.num_blocks == math.ceil(len(evicted) / 4)
+            for b in range(store.num_blocks):  # a block is a run of consecutive stream tokens
+                block = stored[4 * b:4 * b + 4]
+                assert block == list(range(block[0], block[0] + len(block)))
+        seen["tokens"] = session.stores[1].tokens[:session.stores[1].count].tolist()
+
+    run(model, ids, Window(8, 2), KnnConfig(blocks=4), token_by_token=token_by_token, inspect=inspect)
+    if token_by_token:  # sinks 0, 1 stay; the last 8 are still in the window
+        assert seen["tokens"] == list(range(2, N - 8))
+
+
+@pytest.mark.parametrize("positions, query_group", [("ordered", 0), ("hybrid", 0), ("absolute", 0), ("ordered", 3)])
+@pytest.mark.parametrize("token_by_token", [False, True])
+def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token):
+    """Reference: full attention. With no sinks, all of the history retrieved and in-range true distances,
+    every position scheme puts each past token at its true distance from the query."""
+    config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32", query_group=query_group)
+    logits = run(model, ids, Window(8), config, token_by_token=token_by_token)
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits
+    assert torch.allclose(logits, full, atol=1e-4)
+
+
+def test_a_few_blocks_change_what_the_window_predicts(model, ids):
+    alone = run(model, ids, Window(8, 2), None)
+    some = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2))
+    assert not torch.allclose(some, alone, atol=1e-3)
+    assert torch.allclose(some, run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2)))  # deterministic
+    one_query = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2), token_by_token=True)
+    grouped = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=1))
+    assert not torch.allclose(grouped, some, atol=1e-3)  # each query retrieves its own blocks, as in decoding
+    assert grouped[0, :10].allclose(one_query[0, :10], atol=1e-5)  # nothing evicted yet: the same
+
+
+@pytest.mark.parametrize("positions", ["ordered", "hybrid"])
+@pytest.mark.parametrize("token_by_token", [False, True])
+def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_model, positions, token_by_token):
+    """64 trained positions, a stream of 200 tokens: every query-key distance stays below 64; true distances do not."""
+    ids = torch.randint(0, 2000, (1, 200), generator=torch.Generator().manual_seed(4))
+    distances = {}
+
+    def inspect(session, cache):
+        distances[positions] = session.max_distance
+        assert all(int(layer.positions.max()) < 64 for layer in cache.layers)
+
+    config = KnnConfig(blocks=4, top_blocks=4, positions=positions)
+    logits = run(short_model, ids, Window(8, 2), config, token_by_token=token_by_token, inspect=inspect)
+    assert logits.isfinite().all()
+    assert 16 < distances[positions] < 64  # retrieved keys sit beyond the window (8 + 2) yet inside the range
+
+    def absolute(session, cache):
+        distances["absolute"] = session.max_distance
+
+    run(short_model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=4, positions="absolute"), inspect=absolute)
+    assert distances["absolute"] >= 64  # the comparison: true distances leave the range
+
+
+def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tokens(short_model):
+    ids = torch.randint(0, 2000, (1, 200), generator=torch.Generator().manual_seed(5))
+    cache = BoundedCache(short_model, Window(8, 2))
+    with attach(short_model, cache, KnnConfig(blocks=4, top_blocks=4, positions="hybrid")) as session, \
+            torch.inference_mode():
+        for _ in stream(short_model, ids, cache):
+            pass
+        tokens, positions = cache.layers[0].view_tokens, cache.layers[0].view_positions
+        found = torch.tensor([[100, 101, 180, 181], [30, 31, 160, 161]])
+        placed = session.place(found, torch.ones_like(found, dtype=torch.bool), tokens, positions, 189)
+    last_token, last_pos = int(tokens[-1]), int(positions[-1])
+    distance = last_pos - placed
+    near = last_token - found < 64 - 16  # true distance inside the range, minus room for 16 retrieved tokens
+    assert torch.equal(distance[near], (last_token - found)[near])  # exact
+    assert distance[~near].tolist() == [63, 62, 63, 62]  # far ones at the range's edge, in stream order
+
+
+def test_block_scores_are_max_and_mean_of_each_blocks_keys():
+    store = BlockStore(block=3, dtype=torch.float32)
+    keys = torch.randn(2, 7, 4, generator=torch.Generator().manual_seed(6))
+    store.add(torch.arange(5), keys[:, :5], keys[:, :5] * 2)
+    store.add(torch.arange(5, 7), keys[:, 5:], keys[:, 5:] * 2)
+    query = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(7))  # 2 KV heads x 3 query heads
+    blocks = [range(3), range(3, 6), range(6, 7)]  # the last block is partial
+    for h in range(2):
+        for b, rows in enumerate(blocks):
+            expected_max = sum(max(float(query[h, i] @ keys[h, j]) for j in rows) for i in range(3))
+            mean_key = keys[h, list(rows)].mean(0)
+            expected_mean = sum(float(query[h, i] @ mean_key) for i in range(3))
+            assert math.isclose(float(store.scores(query, "max")[h, b]), expected_max, rel_tol=1e-5, abs_tol=1e-5)
+            assert math.isclose(float(store.scores(query, "mean")[h, b]), expected_mean, rel_tol=1e-5, abs_tol=1e-5)
+    k, v, tokens, valid = store.gather(torch.tensor([[2, 0], [1, 2]]))
+    assert tokens[0, valid[0]].tolist() == [6, 0, 1, 2] and valid.sum().item() == 12 - 4
+    assert torch.equal(v[1, :3], 2 * keys[1, 3:6]) and torch.equal(k[1, 3], keys[1, 6])
+
+
+def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
+    config = KnnConfig(blocks=4, top_blocks=2)
+    joint = run(model, ids, Window(8, 2), config)
+    gated = KnnConfig(blocks=4, top_blocks=2, mode="gated")
+    assert torch.equal(run(model, ids, Window(8, 2), gated), joint)
+    assert torch.equal(run(model, ids, Window(8, 2), gated, gate=MemoryBias.initial(model)), joint)
+    trusting = MemoryBias(torch.full((2, 4), 2.0))
+    assert not torch.allclose(run(model, ids, Window(8, 2), gated, gate=trusting), joint, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"config": KnnConfig(blocks=-1)}, "memory_blocks"),
+    ({"config": KnnConfig(blocks=4, positions="none")}, "positions"),
+    ({"config": KnnConfig(blocks=4, positions="sideways")}, "positions"),
+    ({"config": KnnConfig(positions="ordered")}, "positions"),  # per-token retrieval has no ordered positions
+    ({"config": KnnConfig(blocks=4, top_blocks=0)}, "top_blocks"),
+    ({"config": KnnConfig(blocks=4, representative="median")}, "representative"),
+    ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
+    ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
+    ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
+    ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
+    ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
+    ({"gate": Gate(torch.zeros(2, 4), torch.zeros(2, 4))}, "gate"),
+    ({"gate": MemoryBias(torch.zeros(3, 4))}, "gate"),
+    ({"policy": Full()}, "policy"),
+])
+def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field):
+    cache = BoundedCache(short_model, bad.get("policy", Window(8, 2)))
+    config = bad.get("config", KnnConfig(blocks=4, mode="gated"))
+    with pytest.raises(InvalidInput) as err, attach(short_model, cache, config, bad.get("memory"), bad.get("gate")):
+        pytest.fail("the session must not start")
+    assert err.value.field == field
+    assert short_model.config._attn_implementation == "sdpa" and cache.on_evict is None
+
+
+def test_default_positions_follow_the_kind_of_memory():
+    assert KnnConfig().positions == "absolute" and KnnConfig(blocks=64).positions == "ordered"
+
+
+# --- the command line: bad block options fail before the model loads ---------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import lm.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(lm.model, "load_model", refuse)
+
+
+def cli(*args):
+    import typer
+
+    from memsvc.cli.longctx import eval_long
+    from memsvc.cli.model import generate
+
+    app = typer.Typer()
+    app.command("eval-long")(eval_long)
+    app.command("generate")(generate)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memory-blocks", 0, "--positions", "ordered"], "need block memory"),
+    (["--memory-blocks", -2], "memory blocks must be a positive number"),
+    (["--memory-blocks", 64, "--positions", "sideways"], "positions must be one of"),
+    (["--memory-blocks", 64, "--retrieved-blocks", 0], "retrieved blocks must be a positive integer"),
+])
+@pytest.mark.parametrize("command", ["eval-long", "generate"])
+def test_cli_rejects_bad_block_options_before_loading_the_model(no_model_load, tmp_path, args, message, command):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    common = ([doc, "--knn-memory"] if command == "eval-long"
+              else ["--prompt-file", doc, "--cache", "window:8,sinks:2", "--memory-attention"])
+    result = cli(command, *common, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hf_bounded_cache_takes_block_memory(model, ids):
+    from lm.hf import bounded_cache
+
+    config = KnnConfig(blocks=4, top_blocks=N, precision="float32")
+    with bounded_cache(model, "window:8", knn=config) as sequences, torch.inference_mode():
+        logits = model(input_ids=ids).logits
+        assert sequences.session.stored[0] > 0
+    with torch.inference_mode():
+        assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-4)
