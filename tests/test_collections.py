@@ -722,6 +722,8 @@ def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, m
         assert printed.stdout == f"{expected.answer}\n[1]  {chunk_ids[0]}\n[2]  {chunk_ids[1]}\n"
         as_json = run_cli(*args, "--json")
         assert json.loads(as_json.stdout)["answer"] == expected.answer and as_json.stdout.count("\n") == 1
+        for run in (printed, as_json):  # the wait for the first token is shown on stderr, not stdout
+            assert "ask: waiting for the first token (a first ask loads the model): 00:0" in run.stderr
 
 
 # --- through a running server (the real embedder; ask loads SmolLM2 in the server) -----------------

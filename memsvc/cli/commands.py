@@ -1,9 +1,11 @@
 """The `memsvc` command line (typer). Keep heavy imports (torch, transformers) inside the commands."""
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -212,15 +214,45 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
         with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \
                 as col:
             if json_:
-                typer.echo(json.dumps(asdict(col.ask(question, k, max_new_tokens))))
+                with waiting(ASK_WAIT):
+                    answer = col.ask(question, k, max_new_tokens)
+                typer.echo(json.dumps(asdict(answer)))
                 return
-            with col.ask_stream(question, k, max_new_tokens) as stream:
-                for piece in stream:
+            with ExitStack() as stack:
+                with waiting(ASK_WAIT):  # the model loads (a first ask) and reads the passages
+                    stream = stack.enter_context(col.ask_stream(question, k, max_new_tokens))
+                    pieces = iter(stream)
+                    first = next(pieces, "")
+                for piece in itertools.chain([first], pieces):
                     typer.echo(piece, nl=False)  # click flushes each piece
                 answer = stream.result()
             typer.echo()
     for c in answer.citations:
         typer.echo(f"[{c.n}]{'*' if c.cited else ' '} {c.chunk_id}")
+
+
+ASK_WAIT = "ask: waiting for the first token (a first ask loads the model)"
+
+
+@contextmanager
+def waiting(desc: str, every: float = 0.5) -> Iterator[None]:
+    """A tqdm line on stderr counting the seconds the block takes (refreshed every `every` s by a thread),
+    removed when it ends: what a command shows while it waits on something without steps to count."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+    with tqdm(desc=desc, bar_format="{desc}: {elapsed}", leave=False) as bar:
+        def tick() -> None:
+            while not done.wait(every):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
 
 
 def _register_model_commands() -> None:
