@@ -262,6 +262,7 @@ def api(tmp_path, tiny_encoder):
     app = create_app(Settings(data_dir=tmp_path / "api", api_keys="admin,tenant=t-,reader:ro"),
                      encoder=lambda: tiny_encoder, language_model=talking_llama)
     with TestClient(app, headers={"Authorization": "Bearer admin"}) as http:
+        app.state.service.collections.language_model()  # the model the lifespan preloads: ready, ask is never 503
         client = MemoryClient("http://testserver")
         client.http = http
         yield http, client
@@ -652,6 +653,7 @@ def live(tmp_path, tiny_encoder):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
+    app.state.service.collections.language_model()  # preloaded at start: wait for it, ask is never 503
     yield f"http://127.0.0.1:{port}", app
     server.should_exit = True
     thread.join(30)
@@ -783,17 +785,13 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
         bad_k = run_cli("search", "x", "--k", "0", *url)
         assert bad_k.exit_code == 2 and "k" in bad_k.stderr
 
-        answer = run_cli("ask", "Which function of the atexit module registers a function to be called at "
-                         "interpreter exit?", "--k", "2", "--max-new-tokens", "48", "--json", *url)
-        assert answer.exit_code == 0, answer.output
-        body = json.loads(answer.stdout)
-        assert "register" in body["answer"] and [c["n"] for c in body["citations"]] == [1, 2]
-        assert body["citations"][0]["document_id"] == "lib/atexit.rst.txt"
+        # printed as it decodes, then the passages (that this equals --json's answer: the tiny-model CLI test)
         streamed = run_cli("ask", "Which function of the atexit module registers a function to be called at "
                            "interpreter exit?", "--k", "2", "--max-new-tokens", "48", *url)
-        assert streamed.exit_code == 0, streamed.output  # greedy: the streamed pieces join to the same answer
-        passages = "".join(f"[{c['n']}]{'*' if c['cited'] else ' '} {c['chunk_id']}\n" for c in body["citations"])
-        assert streamed.stdout == f"{body['answer']}\n{passages}"
+        assert streamed.exit_code == 0, streamed.output
+        *answer, first, second = streamed.stdout.splitlines()
+        assert "register" in "\n".join(answer)
+        assert first.startswith("[1]") and first[4:].startswith(" lib/atexit.rst.txt#") and second.startswith("[2]")
 
         server.kill()
         server.start()
