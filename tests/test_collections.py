@@ -803,8 +803,10 @@ def test_cli_ingest_search_ask_through_a_server(tmp_path):
 def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
     """Kill the server while batches of documents are being embedded and stored; after a restart every
     document is whole (its chunks in SQL, exactly its vectors in the memory) or absent."""
-    files = sorted(LIBRARY.glob("*.rst.txt"), key=lambda path: path.stat().st_size)[40:60]  # 2-4 KB each
-    documents = [Document(path.name, path.read_text()) for path in files]
+    # documents of 300 one-line sections (a chunk each): embedding them is quick, while publishing an upsert's
+    # 1,200 chunk rows takes long enough that a poll sees its vectors stored and its rows not yet committed
+    documents = [Document(f"doc-{i}.md", "\n\n".join(f"# Part {j}\n\nNote {j} of document {i}." for j in range(300)))
+                 for i in range(22)]
     with ServerProcess(tmp_path / "data") as server, MemoryClient(server.url, timeout=600) as client:
         col = client.create_collection("py")
         col.upsert(documents[:2])
@@ -821,8 +823,9 @@ def test_sigkill_during_ingestion_leaves_nothing_half_ingested(tmp_path):
         writer.start()
         vectors, chunks = 0, 0
         while writer.is_alive() and vectors <= chunks:  # until vectors exist that no committed document has
-            time.sleep(0.02)
-            vectors, chunks = client.memory("col.py").stats().count, col.stats().chunks
+            time.sleep(0.01)
+            chunks = col.stats().chunks  # committed rows first, then vectors: more vectors = an upsert in flight
+            vectors = client.memory("col.py").stats().count
         server.kill()
         assert vectors > chunks  # killed mid-upsert, with uncommitted vectors on disk
         writer.join()
