@@ -8,7 +8,11 @@ source trees put first on PYTHONPATH) serves that directory, and a client proces
 the floor. Random vectors, not the hidden states of bench_peers.py (which need SmolLM2 and its cache):
 the QPS of the REST layer is what is compared, recall is not reported. Also the CPU time per call of the
 server process and of the client (from /proc and `time.process_time`): on a shared, oversubscribed machine
-it moves much less with the load than latency does. Rows: bench/results/rest-hotpath.json.
+it moves much less with the load than latency does. Servers run with MEMSVC_PRELOAD_MODEL=false (loading
+ask's model in the background would take the CPU being measured). `--after-path` puts more directories on
+the after side's PYTHONPATH only: dependencies the change adds that this environment lacks (e.g. a
+`pip install --target` of httptools and uvloop, which `memsvc serve` then uses). Rows:
+bench/results/rest-hotpath.json.
 
     nice -n 10 python bench/bench_rest.py --before /path/to/base/checkout --after . --rounds 2
 """
@@ -24,22 +28,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_peers import free_port, timed  # one client calling search(batch) in turn: QPS, p50/p99 per call
+from bench_peers import SERVER_ENV, free_port, timed  # timed: one client calling search(batch) in turn
 
 DIM, K, BATCHES = 576, 32, (1, 64)
 
 
-def env_for(root: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(root.resolve())}
+def env_for(root: Path, extra: list[Path] = ()) -> dict[str, str]:
+    """The environment of a server or client of checkout `root`, with `extra` after it on PYTHONPATH."""
+    return {**os.environ, **SERVER_ENV, "PYTHONPATH": os.pathsep.join(str(p.resolve()) for p in (root, *extra))}
 
 
-def serve(root: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    """`memsvc serve` of the checkout `root` on `data_dir`; returns once it answers /v1/health."""
+def serve(root: Path, data_dir: Path, extra: list[Path] = ()) -> tuple[subprocess.Popen, str]:
+    """`memsvc serve` of the checkout `root` (`extra` on its PYTHONPATH) on `data_dir`; returns once it
+    answers /v1/health."""
     import httpx
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memsvc.cli", "serve", "--port", str(port), "--data-dir",
-                             str(data_dir)], env=env_for(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(data_dir)], env=env_for(root, extra),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -106,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="checkout of the code before the change")
     parser.add_argument("--after", type=Path, default=Path("."), help="checkout of the code after it")
+    parser.add_argument("--after-path", type=Path, nargs="*", default=[],
+                        help="directories also on the after side's PYTHONPATH (dependencies it adds)")
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--ef", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -124,12 +133,12 @@ def main() -> None:
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
         rows = []
         for r in range(args.rounds):
-            sides = [("before", args.before), ("after", args.after)]
-            for side, root in sides if r % 2 == 0 else sides[::-1]:
-                proc, url = serve(root, data_dir)
+            sides = [("before", args.before, []), ("after", args.after, args.after_path)]
+            for side, root, extra in sides if r % 2 == 0 else sides[::-1]:
+                proc, url = serve(root, data_dir, extra)
                 try:
                     out = subprocess.run([sys.executable, __file__, "--before", ".", "--client", url, str(args.seconds),
-                                          str(queries_path), str(proc.pid)], env=env_for(root), check=True,
+                                          str(queries_path), str(proc.pid)], env=env_for(root, extra), check=True,
                                          capture_output=True,
                                          text=True).stdout
                 finally:

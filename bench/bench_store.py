@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import matplotlib
 import numpy as np
+from bench_peers import SERVER_ENV
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,10 +72,12 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`memsvc serve` on a free port (MEMSVC_* settings in `env`); returns the process and its URL."""
+    """`memsvc serve` on a free port (MEMSVC_* settings in `env`); returns the process and its URL. The
+    model of ask is not preloaded (`SERVER_ENV`): loading it in the background would take the CPU the
+    measurements run on."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memsvc.cli", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir)], env={**os.environ, **(env or {})},
+                             "--data-dir", str(data_dir)], env={**os.environ, **SERVER_ENV, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):

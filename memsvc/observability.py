@@ -4,7 +4,8 @@
   `memsvc serve` calls it and starts uvicorn with `log_config=None`, so uvicorn leaves it alone.
 - `Observe`: ASGI middleware giving each request an id (the caller's `X-Request-ID` when it is a sane
   token, else a new one; sent back in the response header and set in `REQUEST_ID` for every log line of
-  the request), one access log line, and its latency in the histogram under the route *template*.
+  the request), one access log line (unless `Settings.access_log` is off), and its latency in the
+  histogram under the route *template*.
 - `Metrics`: the app's own registry; memory gauges are read from the store at scrape time, not counted
   per request, so they cannot drift from the truth.
 """
@@ -118,11 +119,13 @@ class Metrics:
 # --- per request -----------------------------------------------------------------------------------
 
 class Observe:
-    """ASGI middleware: request id in and out, an access log line, and the latency by route template."""
+    """ASGI middleware: request id in and out, an access log line (if `access_log`), and the latency by
+    route template."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True):
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,7 +149,8 @@ class Observe:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")  # set by the router once it matched
             self.metrics.observe(scope["method"], route, status, seconds)
-            access_log.info("%s %s %d", scope["method"], scope["path"], status, extra={
-                "method": scope["method"], "path": scope["path"], "route": route, "status": status,
-                "ms": round(seconds * 1000, 3)})
+            if self.access_log:
+                access_log.info("%s %s %d", scope["method"], scope["path"], status, extra={
+                    "method": scope["method"], "path": scope["path"], "route": route, "status": status,
+                    "ms": round(seconds * 1000, 3)})
             REQUEST_ID.reset(token)

@@ -75,6 +75,16 @@ def test_access_log_is_json_with_request_id_and_route(client, access_lines):
     assert {"time", "level", "logger", "message"} <= set(search) and search["logger"] == "memsvc.access"
 
 
+
+def test_access_log_off_writes_no_lines_but_still_counts_and_tags_requests(tmp_path, access_lines):
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", access_log=False))) as quiet:
+        assert quiet.post("/v1/memories", json={"name": "q", "dim": DIM}).status_code == 201
+        search = quiet.post("/v1/memories/q/search", json={"queries": [[0.0] * DIM], "k": 1},
+                            headers={"X-Request-ID": "quiet-1"})
+        assert search.status_code == 200 and search.headers["X-Request-ID"] == "quiet-1"
+        assert access_lines() == []
+        assert requests_of(samples(quiet), "POST", "/v1/memories/{name}/search", 200) == 1
+
 def test_metrics_count_requests_per_route_template_and_read_memories_at_scrape(client):
     assert client.post("/v1/memories", json={"name": "m", "dim": DIM}).status_code == 201
     keys = np.random.default_rng(0).standard_normal((50, DIM)).astype(np.float32)

@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, *, encoder: Callable[[], Senten
     app.state.settings = settings
     app.state.metrics = Metrics(lambda: open_memories(app))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Observe, metrics=app.state.metrics)  # added last: outermost, so it times everything
+    app.add_middleware(Observe, metrics=app.state.metrics,  # added last: outermost, so it times everything
+                       access_log=settings.access_log)
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -3,7 +3,9 @@ responses out.
 
 The hot path (issue 18): dependencies that do no blocking work are `async`, so FastAPI runs them on the
 event loop instead of sending each one to the threadpool, and a vector route makes one hop to a worker
-thread (`vector_call`) that decodes the body, runs the memory call and encodes the answer.
+thread (`vector_call`) that decodes the body, runs the memory call and encodes the answer. Vector routes
+take the service and settings from `app_state(request)` rather than as dependencies: FastAPI solves each
+dependency on every request, and those two cost a measurable share of a batch-1 search (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -23,12 +25,18 @@ from memsvc.service import Service
 M = TypeVar("M", bound=BaseModel)
 
 
+def app_state(request: Request) -> tuple[Service, Settings]:
+    """The app's service and settings (set by `memsvc.api.app.create_app`)."""
+    state = request.app.state
+    return state.service, state.settings
+
+
 async def get_service(request: Request) -> Service:
-    return request.app.state.service
+    return app_state(request)[0]
 
 
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return app_state(request)[1]
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
@@ -45,16 +53,17 @@ def parse(model: type[M], body: bytes, content_type: str | None) -> M:
         raise invalid_input(exc.errors()) from None
 
 
-async def vector_call(request: Request, model: type[M], work: Callable[[M], dict[str, Any]],
-                      status_code: int = 200) -> Response:
+async def vector_call(request: Request, model: type[M],
+                      work: Callable[[M, Service, Settings], dict[str, Any]], status_code: int = 200) -> Response:
     """Read the body on the event loop, then one hop to a worker thread that parses it as `model`, runs
-    `work` (the blocking memory call, returning the answer's fields) and encodes the answer as the client
-    accepts it (`respond`)."""
+    `work(body, service, settings)` (the blocking memory call, returning the answer's fields) and encodes
+    the answer as the client accepts it (`respond`)."""
     body = await request.body()  # limits.BodyLimit stops it at max_body_bytes
     content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
+    service, settings = app_state(request)
 
     def run() -> Response:
-        return respond(accept, work(parse(model, body, content_type)), status_code)
+        return respond(accept, work(parse(model, body, content_type), service, settings), status_code)
 
     return await run_in_threadpool(run)
 

@@ -2,8 +2,8 @@
 
 FAISS and the log are blocking, so every memory call runs in the threadpool and concurrent searches run
 in parallel. Routes that manage memories are plain `def` (FastAPI sends them to the threadpool). The
-vector routes are the hot path: `async def` with async dependencies, they make one hop to a worker thread
-(`deps.vector_call`) for decoding, the call and encoding together. They take JSON, tensor-frame or npz
+vector routes are the hot path: `async def` with only the router's async dependencies (the API key), they
+make one hop to a worker thread (`deps.vector_call`) for decoding, the call and encoding together. They take JSON, tensor-frame or npz
 bodies and answer in the format the client's Accept header names (`wire.accepted`).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from memsvc.api.auth import WRITE, Caller, authorize, check_name
-from memsvc.api.deps import ServiceDep, SettingsDep, binary_body, binary_response, vector_call
+from memsvc.api.deps import ServiceDep, binary_body, binary_response, vector_call
 from memsvc.api.errors import AUTH, BINARY_BODY, JSON_BODY, MEMORY, NAMED, error_responses
 from memsvc.api.limits import check_batch, check_max_k
 from memsvc.api.schemas import (
@@ -29,6 +29,7 @@ from memsvc.api.schemas import (
     SearchRequest,
     SearchResponse,
 )
+from memsvc.config import Settings
 from memsvc.contract import (
     MEMORY_PREFIX,
     Forbidden,
@@ -39,6 +40,7 @@ from memsvc.contract import (
     check_search_params,
 )
 from memsvc.contract.wire import entries_fields, search_fields
+from memsvc.service import Service
 
 router = APIRouter(prefix="/v1/memories", tags=["memories"], dependencies=[Depends(authorize)])
 
@@ -102,9 +104,9 @@ def delete_memory(name: str, service: ServiceDep) -> None:
 @router.post("/{name}/entries", status_code=201, response_model=AddResponse, dependencies=[WRITE, OWN],
              openapi_extra=binary_body(AddRequest),
              responses={**binary_response(201), **error_responses(*MEMORY, *BINARY_BODY, "insufficient_storage")})
-async def add_entries(name: str, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+async def add_entries(name: str, request: Request) -> Response:
     """Store entries; acknowledged once they are on disk. Returns their ids."""
-    def add(body: AddRequest) -> dict[str, Any]:
+    def add(body: AddRequest, service: Service, settings: Settings) -> dict[str, Any]:
         check_batch(body.keys, "keys", settings)
         return {"ids": service.memory(name).add(body.keys, body.values, body.payloads, body.partition)}
 
@@ -114,11 +116,11 @@ async def add_entries(name: str, request: Request, service: ServiceDep, settings
 @router.post("/{name}/search", response_model=SearchResponse,
              openapi_extra=binary_body(SearchRequest),
              responses={**binary_response(), **error_responses(*MEMORY, *BINARY_BODY)})
-async def search(name: str, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+async def search(name: str, request: Request) -> Response:
     """Top-k entries per query, closest first; missing neighbours are id -1, distance null (+inf).
     `partitions` searches each query row in its own partition; `ef_search` (hnsw) / `nprobe` (ivfpq)
     override the memory's own for this request."""
-    def search(body: SearchRequest) -> dict[str, Any]:
+    def search(body: SearchRequest, service: Service, settings: Settings) -> dict[str, Any]:
         check_batch(body.queries, "queries", settings)
         check_max_k(body.k, settings)
         return search_fields(service.memory(name).search(body.queries, body.k, body.partition,
@@ -131,9 +133,9 @@ async def search(name: str, request: Request, service: ServiceDep, settings: Set
 @router.post("/{name}/get", response_model=EntriesResponse,
              openapi_extra=binary_body(GetRequest),
              responses={**binary_response(), **error_responses(*MEMORY, *BINARY_BODY)})
-async def get_entries(name: str, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+async def get_entries(name: str, request: Request) -> Response:
     """Entries by id, in the order asked; `found` is false where an id does not exist."""
-    def get(body: GetRequest) -> dict[str, Any]:
+    def get(body: GetRequest, service: Service, settings: Settings) -> dict[str, Any]:
         check_batch(body.ids, "ids", settings)
         return entries_fields(service.memory(name).get(body.ids))
 
@@ -153,9 +155,9 @@ def get_entry(name: str, entry_id: int, service: ServiceDep) -> Entry:
 @router.post("/{name}/delete", response_model=DeleteResponse, dependencies=[WRITE, OWN],
              openapi_extra=binary_body(DeleteRequest),
              responses={**binary_response(), **error_responses(*MEMORY, *BINARY_BODY, "insufficient_storage")})
-async def delete_entries(name: str, request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
+async def delete_entries(name: str, request: Request) -> Response:
     """Delete entries by ids, by partition, or ids within a partition; returns how many."""
-    def delete(body: DeleteRequest) -> dict[str, Any]:
+    def delete(body: DeleteRequest, service: Service, settings: Settings) -> dict[str, Any]:
         if body.ids is not None:
             check_batch(body.ids, "ids", settings)
         return {"deleted": service.memory(name).delete(body.ids, body.partition)}

@@ -1,8 +1,10 @@
 """The `memsvc` command line (typer). Keep heavy imports (torch, transformers) inside the commands."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,6 +30,16 @@ def main() -> None:
     """memsvc: retrieval-augmented long-context memory for transformer LMs."""
 
 
+def server_io() -> dict[str, str]:
+    """uvicorn's HTTP parser and event loop: httptools and uvloop when installed (the `server` extra
+    installs them; they cut a batch-1 search's server CPU by about 0.3 ms, bench/RESULTS.md), else h11 and
+    asyncio."""
+    def have(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    return {"http": "httptools" if have("httptools") else "h11", "loop": "uvloop" if have("uvloop") else "asyncio"}
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(envvar="MEMSVC_PORT", help="port")] = 8000,
@@ -42,7 +54,9 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
 
     settings = Settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    fast = server_io()
+    logging.getLogger("memsvc").info("HTTP parser %s, event loop %s", fast["http"], fast["loop"], extra=fast)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, **fast)
 
 
 CollectionName = Annotated[str, typer.Option("--collection", "-c", help="collection name")]
