@@ -90,3 +90,14 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         assert seconds < 10, (args, seconds)  # no model, no torch: the dead --url costs two 0.5 s resends
     assert report["torch"] is False and report["transformers"] is False
     assert not (data / "memories").exists()  # nothing was opened, let alone made
+
+
+def test_serve_takes_httptools_and_uvloop_when_installed(monkeypatch):
+    import importlib.util
+
+    from memsvc.cli import commands
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in ("httptools", "uvloop") else None)
+    assert commands.server_io() == {"http": "httptools", "loop": "uvloop"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert commands.server_io() == {"http": "h11", "loop": "asyncio"}
