@@ -11,8 +11,8 @@ server process and of the client (from /proc and `time.process_time`): on a shar
 it moves much less with the load than latency does. Servers run with MEMSVC_PRELOAD_MODEL=false (loading
 ask's model in the background would take the CPU being measured). `--after-path` puts more directories on
 the after side's PYTHONPATH only: dependencies the change adds that this environment lacks (e.g. a
-`pip install --target` of httptools and uvloop, which `memsvc serve` then uses). Rows:
-bench/results/rest-hotpath.json.
+`pip install --target` of httptools and uvloop, which `memsvc serve` then uses). Rows: `--out`
+(default bench/results/rest-hotpath.json).
 
     nice -n 10 python bench/bench_rest.py --before /path/to/base/checkout --after . --rounds 2
 """
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--ef", type=int, default=48)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rest-hotpath.json",
+                        help="where the rows go")
     parser.add_argument("--client", nargs=4, metavar=("URL", "SECONDS", "QUERIES", "PID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -164,7 +166,7 @@ def main() -> None:
             print(f"| {side} | {batch} | {np.median([m['qps'] for m in ms]):,.0f} | "
                   f"{med['p50_ms']:.2f} / {med['p99_ms']:.2f} | {cpu} | {min(m['load'] for m in ms):.1f}–"
                   f"{max(m['load'] for m in ms):.1f} |")
-    (Path(__file__).parent / "results" / "rest-hotpath.json").write_text(json.dumps(rows, indent=1))
+    args.out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

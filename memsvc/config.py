@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated KEY[=PREFIX][:ro] bearer keys; empty = no auth")
     log_level: str = Field("INFO", description="level of the server's JSON log lines")
     access_log: bool = Field(True, description="one memsvc.access log line per request (false: none; "
-                                               "about 0.1 ms of CPU per request, a few % of a batch-1 search)")
+                                               "0.15-0.3 ms of server CPU per request, 7-12% of a batch-1 search)")
     model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
                                               "model directory or a .gguf file")
     preload_model: bool = Field(True, description="load the model of ask at start, in the background (ask "

@@ -32,8 +32,8 @@ def main() -> None:
 
 def server_io() -> dict[str, str]:
     """uvicorn's HTTP parser and event loop: httptools and uvloop when installed (the `server` extra
-    installs them; they cut a batch-1 search's server CPU by about 0.3 ms, bench/RESULTS.md), else h11 and
-    asyncio."""
+    installs them; 0.3-0.5 ms less server CPU per batch-1 search here, bench/RESULTS.md), else h11
+    and asyncio."""
     def have(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
 
