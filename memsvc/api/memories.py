@@ -3,8 +3,9 @@
 FAISS and the log are blocking, so every memory call runs in the threadpool and concurrent searches run
 in parallel. Routes that manage memories are plain `def` (FastAPI sends them to the threadpool). The
 vector routes are the hot path: `async def` with only the router's async dependencies (the API key), they
-make one hop to a worker thread (`deps.vector_call`) for decoding, the call and encoding together. They take JSON, tensor-frame or npz
-bodies and answer in the format the client's Accept header names (`wire.accepted`).
+make one hop to a worker thread (`deps.vector_call`) for decoding, the call and encoding together. They
+take JSON, tensor-frame or npz bodies and answer in the format the client's Accept header names
+(`wire.accepted`).
 """
 from __future__ import annotations
 
