@@ -24,7 +24,7 @@ import matplotlib
 from transformers import AutoTokenizer
 
 from retrievers.bm25 import BM25Retriever
-from retrievers.chunking import Chunker
+from retrievers.chunking import Chunker, CountingTokenizer
 from retrievers.dense import SentenceEncoder, model_path
 
 matplotlib.use("Agg")
@@ -33,21 +33,6 @@ import matplotlib.pyplot as plt
 RESULTS = Path(__file__).parent / "results"
 MIB = 1 << 20
 EMBED_SAMPLE = 128  # chunks of the 8 MiB words document embedded with --embed
-
-
-class CountingTokenizer:
-    """A tokenizer that counts its calls and the characters it is given."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
-
-    def __call__(self, text, **kwargs):
-        self.calls += 1
-        self.chars += len(text) if isinstance(text, str) else sum(map(len, text))
-        return self.tokenizer(text, **kwargs)
-
-    def num_special_tokens_to_add(self) -> int:
-        return self.tokenizer.num_special_tokens_to_add()
 
 
 def document(shape: str, size: int) -> str:

@@ -37,7 +37,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from memsvc.contract import InvalidInput
 from retrievers.base import Chunk
@@ -332,3 +332,20 @@ class Chunker:
                 if lines[i].sep == "\n\n" and starts_block(lines[i]):
                     return i
         return end
+
+
+class CountingTokenizer:
+    """Wraps a Hugging Face tokenizer and counts the chunker's work through it: `calls` (how many times it
+    was called) and `chars` (the characters it was given, summed over a batch's texts). Everything else a
+    `Chunker` uses is passed through. For tests and benchmarks of chunking cost (issue 12)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> Any:
+        self.calls += 1
+        self.chars += len(text) if isinstance(text, str) else sum(map(len, text))
+        return self.tokenizer(text, **kwargs)
+
+    def num_special_tokens_to_add(self) -> int:
+        return self.tokenizer.num_special_tokens_to_add()

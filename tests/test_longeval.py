@@ -166,9 +166,10 @@ def smollm2():
 
 @pytest.mark.slow
 def test_window_without_sinks_fails_the_streamingllm_way_and_memory_recovers(smollm2):
-    """On 1.5K tokens of real docs: window alone is worst, sinks fix most of it, kNN memory recovers part of the rest."""
+    """On 1K tokens of real docs: window alone is worst, sinks fix most of it, kNN memory recovers part of the rest.
+    (Perplexities past token 128 at 1K: full 10.0, window 27.2, sinks 12.0, memory 10.2.)"""
     model, tokenizer = smollm2
-    ids = read_tokens(tokenizer, f"{DOCS}/heapq.rst.txt", 1536)
+    ids = read_tokens(tokenizer, f"{DOCS}/heapq.rst.txt", 1024)
     ppl = {name: evaluate_stream(model, ids, policy, knn=knn).perplexity(skip=128) for name, policy, knn in [
         ("full", Full(), None), ("window", Window(128), None), ("sinks", Window(128, 4), None),
         ("memory", Window(128, 4), KnnConfig(k=32))]}
@@ -179,11 +180,13 @@ def test_window_without_sinks_fails_the_streamingllm_way_and_memory_recovers(smo
 
 @pytest.mark.slow
 def test_needle_is_found_through_memory_but_not_by_the_window_alone(smollm2):
-    """A passphrase planted 60% into a 3K-token docs page, asked at the end; window 256 + 4 sinks alone cannot
-    see it, kNN memory brings it back (prefill in exact blocks, then the one decoding loop)."""
+    """A passphrase planted 60% into 1.2K tokens of a docs page, asked at the end, some 500 tokens after it;
+    window 256 + 4 sinks alone cannot see it, kNN memory brings it back (prefill in exact blocks, then the one
+    decoding loop). bench/bench_longctx.py needle runs the longer haystacks (3K, 8K, 12K)."""
     model, tokenizer = smollm2
     haystack = Path(DOCS, "heapq.rst.txt").read_text()
-    prompt = needle_prompt(tokenizer, haystack, 3000, 0.6, "tangerine-47")
-    assert prompt.shape[1] > 3000
+    prompt = needle_prompt(tokenizer, haystack, 1200, 0.6, "tangerine-47")
+    assert prompt.shape[1] > 1200
+    assert "tangerine" in tokenizer.decode(prompt[0, :-500]) and "tangerine" not in tokenizer.decode(prompt[0, -500:])
     assert "tangerine-47" not in answer(model, tokenizer, prompt, Window(256, 4))
     assert "tangerine-47" in answer(model, tokenizer, prompt, Window(256, 4), knn=KnnConfig(k=32))

@@ -16,7 +16,7 @@ from memsvc.contract import InvalidInput
 from memsvc.store import Memory
 from retrievers.base import Chunk, Hit, group_by_document
 from retrievers.bm25 import BM25Retriever, tokenize
-from retrievers.chunking import Chunker, decode, detect_format
+from retrievers.chunking import Chunker, CountingTokenizer, decode, detect_format
 from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder, embedding_key, model_path
 from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
 
@@ -180,21 +180,6 @@ def test_bad_document_id_is_rejected(tokenizer, doc_id):
     with pytest.raises(InvalidInput) as err:
         Chunker(tokenizer).chunk(doc_id, "text")
     assert err.value.field == "document_id"
-
-
-class CountingTokenizer:
-    """The MiniLM tokenizer, counting its calls and the characters it is given: the chunker's work."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.calls, self.chars = tokenizer, 0, 0
-
-    def __call__(self, text, **kwargs):
-        self.calls += 1
-        self.chars += len(text) if isinstance(text, str) else sum(map(len, text))
-        return self.tokenizer(text, **kwargs)
-
-    def num_special_tokens_to_add(self) -> int:
-        return self.tokenizer.num_special_tokens_to_add()
 
 
 def long_word(i: int) -> str:
