@@ -3,7 +3,7 @@
 A `KnnMemoryAttention` is one session, attached to a model and its cache with `lm.attention.attach(model,
 cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at the chosen layers is added
 to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
-"{session}/l{layer}/h{kv_head}" (`store`), and those layers' attention also attends to the top-k entries
+"{session}/l{layer}/h{kv_head}" (`store`: one batched add per layer), and those layers' attention also attends to the top-k entries
 retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
 search together; one batched search per layer per forward, each KV head's queries in its partition). Closing the
 session deletes its partitions, or with `persist` keeps them for a later process (`lm.sessions`: what is
@@ -96,10 +96,11 @@ class KnnMemoryAttention:
             return
         if self.config.positions == "absolute":
             keys = self.cache.rotate(keys, tokens + self.offset)
-        keys, values = _numpy(keys[0]), _numpy(values[0])
-        for h in range(len(keys)):
-            self.memory.add(keys[h], values=values[h], partition=self.partition(layer, h))
-        self.stored[layer] += len(tokens)
+        kv, n, d = keys.shape[1:]
+        partitions = [self.partition(layer, h) for h in range(kv) for _ in range(n)]
+        self.memory.add(_numpy(keys[0]).reshape(kv * n, d), values=_numpy(values[0]).reshape(kv * n, -1),
+                        partitions=partitions)  # one batched add per layer: each KV head's rows in its partition
+        self.stored[layer] += n
 
     def retrieve(self, layer: int, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]: one
