@@ -259,6 +259,16 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
         print(f"| {name} | {' | '.join(cells)} |")
 
 
+def server_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) the process `pid` has used so far; 0 without a pid."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def label(name: str, url: str | None) -> str:
     """A decode setting's name in the results: NAME@server when its per-token memory is on the --url server."""
     knn = SETTINGS[name].knn
@@ -272,6 +282,8 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
            out: str = "longctx_decode",
            merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False,
            url: Annotated[str | None, typer.Option(help="keep the per-token memory on this memsvc server")] = None,
+           server_pid: Annotated[int | None, typer.Option(help="with --url: the server's process id, to record "
+                                                               "its CPU time per token too")] = None,
            ) -> None:
     """Token-by-token decode time per token and cache bytes at growing stream lengths (the stream is prefilled in
     exact blocks between measurements; the timed steps decode real docs tokens one at a time)."""
@@ -307,11 +319,13 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
                 forward(model, ids[:, done:mark], cache, logits_to_keep=1)
                 if memory is not None:
                     memory.reset()
+                server_started = server_cpu(server_pid)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 for i in range(mark, mark + steps):
                     model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
                 seconds = (time.perf_counter() - started) / steps
                 cpu_seconds = (time.process_time() - cpu_started) / steps  # what other load on the machine hides
+                server_seconds = (server_cpu(server_pid) - server_started) / steps if remote and server_pid else None
                 done = mark + steps
                 layer = cache.layers[0]
                 entries = cache.entries()
@@ -324,6 +338,7 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
                              **({} if memory is None else {f"memory_{call}_ms_per_token": 1000 * t / steps
                                                              for call, t in memory.seconds.items()}),
                              "memory_calls_per_token": None if memory is None else memory.calls / steps,
+                             "server_cpu_ms_per_token": None if server_seconds is None else 1000 * server_seconds,
                              "seconds_so_far": time.perf_counter() - begun})
                 print(json.dumps(rows[-1]), flush=True)
                 save(out, {"steps": steps, "rows": rows})  # a run cut short keeps the lengths it finished

@@ -3,11 +3,11 @@
 A `KnnMemoryAttention` is one session, attached to a model and its cache with `lm.attention.attach(model,
 cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at the chosen layers is added
 to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
-"{session}/l{layer}/h{kv_head}" (`store`: one batched add per layer), and those layers' attention also attends to the top-k entries
-retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
-search together; one batched search per layer per forward, each KV head's queries in its partition). Closing the
-session deletes its partitions, or with `persist` keeps them for a later process (`lm.sessions`: what is
-flushed, recorded and restored).
+"{session}/l{layer}/h{kv_head}" (`store`: one batched add per layer), and those layers' attention also
+attends to the top-k entries retrieved for each query from its KV head's partition (`retrieve`, `attend`;
+GQA: a group's query heads search together; one batched search per layer per forward, each KV head's
+queries in its partition). Closing the session deletes its partitions, or with `persist` keeps them for a
+later process (`lm.sessions`: what is flushed, recorded and restored).
 
 - joint: retrieved keys/values join the local keys in one softmax;
 - gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a

@@ -35,7 +35,6 @@ from memsvc.cli.sessions import (
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
-
     from lm.memory_attention import KnnConfig
     from lm.policies import Policy, Selective
 
@@ -166,7 +165,10 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
     else:
-        with memory_on_server(model, where, index) if where is not None else nullcontext() as memory:
+        from lm.memory_attention import session_memory
+
+        in_process = None if knn.blocks else session_memory(model, index)  # block memory: RAM tensors of its own
+        with memory_on_server(model, where, index) if where is not None else nullcontext(in_process) as memory:
             result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
                                     max_tokens=max_tokens, skip=skip, progress=True,
                                     session=None if where is None else where.session,
