@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-
 from conftest import free_port, talking_llama
+
 from lm.sessions import sessions
 from memsvc.client import MemoryClient
 
@@ -161,5 +161,5 @@ def test_a_session_resumed_with_other_positions_is_refused(cli, server):
         save_session(memory, SessionState("s1", 40, "none", [0, 1]))
     result = cli("generate", "hi", *CACHE, "--url", server.url, "--memory", "moved", "--session", "s1",
                  "--positions", "absolute", model="/nonexistent-model")
-    assert (result.exit_code, result.stderr) == (2, "error: session 's1' stored its keys with positions 'none'; "
-                                                    "resume it with those, not 'absolute'\n")
+    message = "error: session 's1' stored its keys with positions 'none'; resume it with those, not 'absolute'\n"
+    assert (result.exit_code, result.stderr) == (2, message)
