@@ -9,7 +9,8 @@
 >= 3K-token docs pages; the share of the window+sinks -> full gap that memory recovers; tokens/s; a plot
 of perplexity against position. `needle`: a passphrase planted at several depths of 1K..12K-token prompts,
 asked at the end (greedy, chat template). `decode`: token-by-token decode speed and cache bytes as the
-stream grows to 32K tokens, with and without memory. `gate`: trains the gated-mode gate on other docs pages
+stream grows to 32K tokens, with and without memory (`--url`: the per-token memory on a running memsvc server,
+settings named NAME@server; the time spent in memory calls per token is recorded either way). `gate`: trains the gated-mode gate on other docs pages
 and writes lm/params/smollm2-gate.json and its curve. Each prints a markdown table and writes a JSON (and
 PNGs) under bench/results/.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import pairwise
@@ -46,9 +48,10 @@ from lm.longeval import (
     needle_prompt,
     read_tokens,
 )
-from lm.memory_attention import KnnConfig, session_memory
+from lm.memory_attention import KnnConfig, head_dim, session_memory
 from lm.model import load_model
 from lm.policies import Full, Policy, Window
+from memsvc.client import MemoryClient
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"
@@ -104,6 +107,36 @@ SETTINGS: dict[str, Setting] = {
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+class Timed:
+    """A MemoryBackend that adds up the wall seconds its add and search calls take (the memory's share of a
+    decode step: the search, and with a server the request, transfer and the durable add too)."""
+
+    def __init__(self, memory):
+        self.memory, self.spec = memory, memory.spec
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = {"add": 0.0, "search": 0.0}
+        self.calls = 0
+
+    def add(self, *args, **kwargs):
+        return self._timed("add", *args, **kwargs)
+
+    def search(self, *args, **kwargs):
+        return self._timed("search", *args, **kwargs)
+
+    def _timed(self, name, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return getattr(self.memory, name)(*args, **kwargs)
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+            self.calls += 1
+
+    def __getattr__(self, name):
+        return getattr(self.memory, name)
 
 
 def names(value: str) -> list[str]:
@@ -226,12 +259,32 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
         print(f"| {name} | {' | '.join(cells)} |")
 
 
+def server_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) the process `pid` has used so far; 0 without a pid."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def label(name: str, url: str | None) -> str:
+    """A decode setting's name in the results: NAME@server when its per-token memory is on the --url server."""
+    knn = SETTINGS[name].knn
+    return f"{name}@server" if url is not None and knn is not None and not knn.blocks else name
+
+
 @app.command()
 def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-every3",
            lengths: Annotated[str, typer.Option()] = "1024,2048,4096,8192,16384,32768",
            steps: Annotated[int, typer.Option(help="decode steps timed at each length")] = 32,
            out: str = "longctx_decode",
-           merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False) -> None:
+           merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False,
+           url: Annotated[str | None, typer.Option(help="keep the per-token memory on this memsvc server")] = None,
+           server_pid: Annotated[int | None, typer.Option(help="with --url: the server's process id, to record "
+                                                               "its CPU time per token too")] = None,
+           ) -> None:
     """Token-by-token decode time per token and cache bytes at growing stream lengths (the stream is prefilled in
     exact blocks between measurements; the timed steps decode real docs tokens one at a time)."""
     chosen = names(settings)
@@ -240,15 +293,23 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
         saved = json.loads((RESULTS / f"{out}.json").read_text())
         if saved["steps"] != steps:
             raise typer.BadParameter(f"{out}.json was measured with {saved['steps']} steps")
-        rows = [r for r in saved["rows"] if r["setting"] not in chosen]
+        labels = {label(name, url) for name in chosen}
+        rows = [r for r in saved["rows"] if r["setting"] not in labels]
     model, tokenizer = load_model()
     text = "\n".join((DOCS / f"{p}.rst.txt").read_text() for p in ("stdtypes", "os", "datetime"))
     marks = [int(n) for n in lengths.split(",")]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :marks[-1] + steps]
+    client = MemoryClient(url, timeout=600) if url is not None else None
     for name in chosen:
         setting = SETTINGS[name]
         cache = BoundedCache(model, setting.policy)
+        remote = label(name, url) != name
         memory = setting.memory(model)
+        if remote:
+            dim = head_dim(model)
+            memory = client.create_memory(f"bench-decode-{uuid.uuid4().hex[:8]}", dim=dim, metric="ip",
+                                          value_kind="vector", value_dim=dim, index=setting.index)
+        memory = Timed(memory) if memory is not None else None
         context = attach(model, cache, setting.knn, memory, setting.gate()) \
             if setting.knn is not None else nullcontext()
         begun = time.perf_counter()
@@ -256,22 +317,33 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-ev
             done = 0
             for mark in marks:
                 forward(model, ids[:, done:mark], cache, logits_to_keep=1)
+                if memory is not None:
+                    memory.reset()
+                server_started = server_cpu(server_pid)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 for i in range(mark, mark + steps):
                     model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
                 seconds = (time.perf_counter() - started) / steps
                 cpu_seconds = (time.process_time() - cpu_started) / steps  # what other load on the machine hides
+                server_seconds = (server_cpu(server_pid) - server_started) / steps if remote and server_pid else None
                 done = mark + steps
                 layer = cache.layers[0]
                 entries = cache.entries()
                 cache_bytes = entries * layer.keys.shape[1] * layer.keys.shape[-1] * 2 * layer.keys.element_size()
                 evicted = cache.seen - len(layer.tokens)  # per layer and KV head: in memory when knn is on
-                rows.append({"setting": name, "length": mark, "ms_per_token": 1000 * seconds,
-                             "tokens_per_s": 1 / seconds, "cpu_ms_per_token": 1000 * cpu_seconds, "cache_entries": entries, "cache_bytes": cache_bytes,
-                             "evicted_per_kv_head": evicted, "memory_entries": 0 if memory is None else len(memory),
+                rows.append({"setting": label(name, url), "length": mark, "ms_per_token": 1000 * seconds,
+                             "tokens_per_s": 1 / seconds, "cpu_ms_per_token": 1000 * cpu_seconds,
+                             "cache_entries": entries, "cache_bytes": cache_bytes, "evicted_per_kv_head": evicted,
+                             "memory_entries": 0 if memory is None else memory.stats().count,
+                             **({} if memory is None else {f"memory_{call}_ms_per_token": 1000 * t / steps
+                                                             for call, t in memory.seconds.items()}),
+                             "memory_calls_per_token": None if memory is None else memory.calls / steps,
+                             "server_cpu_ms_per_token": None if server_seconds is None else 1000 * server_seconds,
                              "seconds_so_far": time.perf_counter() - begun})
                 print(json.dumps(rows[-1]), flush=True)
                 save(out, {"steps": steps, "rows": rows})  # a run cut short keeps the lengths it finished
+        if remote:
+            client.delete_memory(memory.spec.name)
     report_decode(rows, out)
 
 

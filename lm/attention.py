@@ -30,7 +30,7 @@ from lm.cache import BoundedCache
 from lm.gate import Gate, MemoryBias
 from lm.memory_attention import KnnConfig, KnnMemoryAttention
 from lm.policies import PolicyLayer
-from memsvc.contract import MemoryBackend
+from memsvc.contract import InvalidInput, MemoryBackend
 
 ATTENTION = "memsvc"
 ATTACHED = "memsvc_attached"  # the attribute `attach` sets on each decoder layer's attention module
@@ -76,17 +76,24 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 @contextmanager
 def attach(model: PreTrainedModel, cache: Cache, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
-           gate: Gate | MemoryBias | None = None,
-           session: str | None = None) -> Iterator[KnnMemoryAttention | BlockMemoryAttention | None]:
+           gate: Gate | MemoryBias | None = None, session: str | None = None,
+           persist: bool = False) -> Iterator[KnnMemoryAttention | BlockMemoryAttention | None]:
     """Wire `model` to `cache` while open: attention reported to the cache policy where it ranks by it, and with
     `knn` kNN-memory attention over `memory` (default: a RAM-only `session_memory`) for one session, or with
-    `knn.blocks` > 0 block memory (`lm.blocks`: RAM tensors, no `memory`; `gate` a `MemoryBias`).
+    `knn.blocks` > 0 block memory (`lm.blocks`: RAM tensors, no `memory`; `gate` a `MemoryBias`). A `session`
+    id the memory has kept is resumed; `persist` keeps the session when it closes (`lm.sessions`; per-token
+    memory only).
 
     Yields the memory session (None without `knn`). InvalidInput before anything changes on a bad `knn`,
     memory, gate or cache (memory attention needs a bounded cache).
     """
-    session_type = BlockMemoryAttention if knn is not None and knn.blocks else KnnMemoryAttention
-    knn_session = None if knn is None else session_type(model, cache, memory, knn, gate, session)
+    if knn is not None and knn.blocks:
+        if persist:
+            raise InvalidInput("block memory lives in RAM tensors: a session that outlives the process needs "
+                               "per-token memory (memory blocks 0)", "persist")
+        knn_session = BlockMemoryAttention(model, cache, memory, knn, gate, session)
+    else:
+        knn_session = None if knn is None else KnnMemoryAttention(model, cache, memory, knn, gate, session, persist)
     reports = isinstance(cache, BoundedCache) and any(layer.wants_attention for layer in cache.layers)
     if knn_session is None and not reports:
         yield None

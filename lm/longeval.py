@@ -48,15 +48,17 @@ class StreamResult:
 
 def evaluate_stream(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, *,
                     knn: KnnConfig | None = None, memory: MemoryBackend | None = None, gate: Gate | None = None,
-                    block: int | None = None, progress: str | None = None) -> StreamResult:
+                    block: int | None = None, progress: str | None = None, session: str | None = None,
+                    persist: bool = False) -> StreamResult:
     """Stream input_ids [1, n] through `policy` (and kNN memory when `knn` is given) and record every loss.
-    With `progress` (a label), a tqdm bar of tokens done / n - 1 and tok/s on stderr."""
+    With `progress` (a label), a tqdm bar of tokens done / n - 1 and tok/s on stderr. `session`, `persist`:
+    the memory session to resume and whether to keep it (`lm.attention.attach`, `lm.sessions`)."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise InvalidInput("a stream is one sequence of at least 2 tokens", "input_ids")
     cache = BoundedCache(model, policy)
     nll = []
     started = time.perf_counter()
-    with attach(model, cache, knn, memory, gate), torch.inference_mode(), \
+    with attach(model, cache, knn, memory, gate, session, persist), torch.inference_mode(), \
             tqdm(total=input_ids.shape[1] - 1, unit="tok", desc=progress, disable=progress is None) as bar:
         for start, out in stream(model, input_ids[:, :-1], cache, block):
             q = out.logits.shape[1]
@@ -84,18 +86,22 @@ def read_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path, max_tokens
 def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, files: list[str | Path],
                    policy: Policy, *, knn: KnnConfig | None = None, memory: MemoryBackend | None = None,
                    gate: Gate | None = None, max_tokens: int | None = None, skip: int = DEFAULT_SKIP,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, session: str | None = None, persist: bool = False) -> dict:
     """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s.
-    With `progress`, a tqdm bar per file on stderr."""
+    With `progress`, a tqdm bar per file on stderr. A `session` (resumed if the memory kept it, kept with
+    `persist`) is one stream: one file only (InvalidInput)."""
     if max_tokens is not None and max_tokens < 2:
         raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
     if skip < 0:
         raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+    if session is not None and len(files) != 1:
+        raise InvalidInput(f"a session is one stream: give one file with a session, not {len(files)}", "files")
     streams = {str(f): read_tokens(tokenizer, f, max_tokens) for f in files}  # every file checked before work
     if not streams:
         raise InvalidInput("give at least one file", "files")
     results = {name: evaluate_stream(model, ids, policy, knn=knn, memory=memory, gate=gate,
-                                     progress=Path(name).name if progress else None)
+                                     progress=Path(name).name if progress else None, session=session,
+                                     persist=persist)
                for name, ids in streams.items()}
     scored = np.concatenate([r.nll[skip:] for r in results.values()])
     processed = sum(len(r.nll) for r in results.values())

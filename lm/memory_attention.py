@@ -3,9 +3,11 @@
 A `KnnMemoryAttention` is one session, attached to a model and its cache with `lm.attention.attach(model,
 cache, KnnConfig(...), memory)`. While attached, every entry the cache evicts at the chosen layers is added
 to `memory` (any `MemoryBackend`: in-process `Memory` or `RemoteMemory`) under the partition
-"{session}/l{layer}/h{kv_head}" (`store`), and those layers' attention also attends to the top-k entries
-retrieved for each query from its KV head's partition (`retrieve`, `attend`; GQA: a group's query heads
-search together; one batched search per layer per forward, each KV head's queries in its partition). Closing the session deletes its partitions.
+"{session}/l{layer}/h{kv_head}" (`store`: one batched add per layer), and those layers' attention also
+attends to the top-k entries retrieved for each query from its KV head's partition (`retrieve`, `attend`;
+GQA: a group's query heads search together; one batched search per layer per forward, each KV head's
+queries in its partition). Closing the session deletes its partitions, or with `persist` keeps them for a
+later process (`lm.sessions`: what is flushed, recorded and restored).
 
 - joint: retrieved keys/values join the local keys in one softmax;
 - gated: out = g * A_mem + (1 - g) * A_local, g = sigmoid(b_h) per head (Memorizing Transformers), with a
@@ -41,6 +43,7 @@ from transformers.cache_utils import Cache
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.knn_config import KnnConfig, Mode, Positions, check_options
+from lm.sessions import SessionState, end_session, save_session, sessions
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
 
@@ -58,20 +61,30 @@ def session_memory(model: PreTrainedModel, index: IndexKind = "flat") -> Memory:
 class KnnMemoryAttention:
     """One session: the cache's evictions go into `memory`, and the attached layers attend to what they retrieve.
 
-    `memory` defaults to a RAM-only `session_memory`, `session` (the partitions' prefix) to a random id;
-    InvalidInput on a bad config, memory, gate or cache.
+    `memory` defaults to a RAM-only `session_memory`, `session` (the partitions' prefix) to a random id. A
+    session id the memory has kept (`lm.sessions`) is resumed: its stream goes on at the recorded token count
+    (`offset`) and its stored entries are searchable from the first token. `persist`: closing keeps the
+    session (its cache's held entries flushed into memory, its state recorded) instead of deleting it.
+    InvalidInput on a bad config, memory, gate or cache, or a config other than the resumed session's.
     """
 
     def __init__(self, model: PreTrainedModel, cache: Cache, memory: MemoryBackend | None, config: KnnConfig,
-                 gate: Gate | None = None, session: str | None = None):
+                 gate: Gate | None = None, session: str | None = None, persist: bool = False):
         memory = session_memory(model) if memory is None else memory
         config = check_config(model, cache, memory, config, gate)
-        self.cache, self.memory, self.config = cache, memory, config
+        self.cache, self.memory, self.config, self.persist = cache, memory, config, persist
+        self.model_name = model.config.name_or_path
+        self.kv_heads = model.config.get_text_config(decoder=True).num_key_value_heads
+        self.resumed = sessions(memory).get(session) if session is not None else None
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
+        self.offset = 0  # stream tokens the session took in before this process (its stored keys' indices)
+        if self.resumed is not None:
+            _check_resumed(self.resumed, config)
+            self.offset = self.resumed.tokens
         self.gate = None if config.mode == "joint" else gate.to(model.device) if gate is not None \
             else Gate.initial(model)  # float32 on the model's device (Module.to moves it in place)
-        self.stored = {layer: 0 for layer in self.layers}
+        self.stored = {layer: self.offset for layer in self.layers}  # entries per KV head partition
         self.distance = cache.policy.budget if config.positions == "window" else 0  # for un-rotated keys
 
     def partition(self, layer: int, kv_head: int) -> str:
@@ -82,11 +95,12 @@ class KnnMemoryAttention:
         if layer not in self.layers:
             return
         if self.config.positions == "absolute":
-            keys = self.cache.rotate(keys, tokens)
-        keys, values = _numpy(keys[0]), _numpy(values[0])
-        for h in range(len(keys)):
-            self.memory.add(keys[h], values=values[h], partition=self.partition(layer, h))
-        self.stored[layer] += len(tokens)
+            keys = self.cache.rotate(keys, tokens + self.offset)
+        kv, n, d = keys.shape[1:]
+        partitions = [self.partition(layer, h) for h in range(kv) for _ in range(n)]
+        self.memory.add(_numpy(keys[0]).reshape(kv * n, d), values=_numpy(values[0]).reshape(kv * n, -1),
+                        partitions=partitions)  # one batched add per layer: each KV head's rows in its partition
+        self.stored[layer] += n
 
     def retrieve(self, layer: int, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k logits [kv, g, q, k] and values [kv, g, q, k, d] for grouped queries [kv, g, q, d]: one
@@ -118,7 +132,7 @@ class KnnMemoryAttention:
         local = grouped @ key[0, :, None].transpose(-1, -2) * scaling  # [kv, g, q, n]
 
         absolute = self.config.positions == "absolute"
-        search = self.cache.rotate(query[0], tokens[-q:] - positions[-q:] if absolute
+        search = self.cache.rotate(query[0], tokens[-q:] + self.offset - positions[-q:] if absolute
                                    else self.distance - positions[-q:])  # un-rotated keys: a fixed distance
         mem_logits, mem_values = self.retrieve(layer, search.view(kv, g, q, d), scaling)
         if absolute:  # queries and entries in view share a frame: these are the true-distance logits
@@ -152,12 +166,29 @@ class KnnMemoryAttention:
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
     def close(self) -> None:
-        """End the session: delete its partitions."""
-        for layer, count in self.stored.items():
-            if count:
-                for h in range(self.cache.layers[layer].keys.shape[1]):
-                    self.memory.delete(partition=self.partition(layer, h))
-                self.stored[layer] = 0
+        """End the session: delete its partitions (and its recorded state, if it had one); with `persist`, keep
+        it: flush what the cache still holds at the session's layers into memory and record the session's state."""
+        if self.persist:
+            self.flush()
+            save_session(self.memory, SessionState(self.session, self.offset + self.cache.seen,
+                                                   self.config.positions, sorted(self.layers), self.model_name))
+            return
+        if self.resumed is not None:
+            end_session(self.memory, self.session, missing_ok=True)
+        else:
+            for layer, count in self.stored.items():
+                if count:
+                    for h in range(self.kv_heads):
+                        self.memory.delete(partition=self.partition(layer, h))
+        self.stored = dict.fromkeys(self.stored, 0)
+
+    def flush(self) -> None:
+        """Store every entry the cache holds at the session's layers (sinks and window): after it, every token
+        the stream has taken in is in memory."""
+        for layer in self.layers:
+            held = self.cache.layers[layer]
+            if held.is_initialized and len(held.tokens):
+                self.store(layer, held.tokens, self.cache.rotate(held.keys, -held.positions), held.values)
 
 
 def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, config: KnnConfig,
@@ -191,6 +222,15 @@ def check_session(model: PreTrainedModel, cache: Cache, config: KnnConfig) -> Kn
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
     return dataclasses.replace(config, layers=layers)
+
+
+def _check_resumed(state: SessionState, config: KnnConfig) -> None:
+    """InvalidInput unless `config` stores and positions keys as the resumed session did."""
+    if state.positions != config.positions:
+        raise InvalidInput(f"session '{state.id}' stored its keys with positions '{state.positions}'; resume it "
+                           f"with those, not '{config.positions}'", "positions")
+    if list(state.layers) != list(config.layers):
+        raise InvalidInput(f"session '{state.id}' stores layers {state.layers}; resume it with those", "layers")
 
 
 def head_dim(model: PreTrainedModel) -> int:

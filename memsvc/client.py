@@ -173,11 +173,14 @@ def stats_call(spec: MemorySpec) -> Call:
     return Call("GET", _path(spec.name), _stats)
 
 
-def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None) -> Call:
+def add_call(spec: MemorySpec, keys: Any, values: Any, payloads: list[Any] | None, partition: str | None,
+             partitions: Sequence[str | None] | None = None) -> Call:
     keys = check_keys(keys, spec, "keys")
+    values, payloads = check_values(spec, values, len(keys)), check_payloads(payloads, len(keys))
+    partition = check_partition(partition)
     return _tensor_call(_path(spec.name, "entries"), lambda f: np.asarray(f["ids"], dtype=np.int64), False,
-                     keys=keys, values=check_values(spec, values, len(keys)),
-                     payloads=check_payloads(payloads, len(keys)), partition=check_partition(partition))
+                        keys=keys, values=values, payloads=payloads, partition=partition,
+                        partitions=check_partitions(partitions, len(keys), partition, "key"))
 
 
 def search_call(spec: MemorySpec, queries: Any, k: int, partition: str | None,
@@ -485,8 +488,9 @@ class RemoteMemory:
         self.spec = spec
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
-            partition: str | None = None) -> np.ndarray:
-        return self.client.send(add_call(self.spec, keys, values, payloads, partition))
+            partition: str | None = None, partitions: Sequence[str | None] | None = None) -> np.ndarray:
+        """Store entries, their ids in order; `partitions`: one partition per key row, in one request."""
+        return self.client.send(add_call(self.spec, keys, values, payloads, partition, partitions))
 
     def search(self, queries: Any, k: int, partition: str | None = None,
                partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,
@@ -633,8 +637,8 @@ class AsyncRemoteMemory:
         self.spec = spec
 
     async def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
-                  partition: str | None = None) -> np.ndarray:
-        return await self.client.send(add_call(self.spec, keys, values, payloads, partition))
+                  partition: str | None = None, partitions: Sequence[str | None] | None = None) -> np.ndarray:
+        return await self.client.send(add_call(self.spec, keys, values, payloads, partition, partitions))
 
     async def search(self, queries: Any, k: int, partition: str | None = None,
                      partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,

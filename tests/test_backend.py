@@ -231,6 +231,45 @@ def test_batched_search_over_partitions_equals_one_search_per_partition(make, in
     assert not np.isin(res.ids[2], ids["l0/h0"]).any()
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_batched_add_over_partitions_equals_one_add_per_partition(make, index):
+    """Issue 15: one call adds each key row to its own partition (None: unpartitioned), as a layer's evictions
+    go to one partition per KV head; ids are consecutive in row order and every entry is where a
+    single-partition add would have put it: same partition counts, same values, same search answers."""
+    mem = make(index=index, value_kind="vector", value_dim=2, **({"ef_search": 512} if index == "hnsw" else {}))
+    keys = vecs(12, seed=5)
+    values = np.repeat(np.arange(12, dtype=np.float32)[:, None], 2, axis=1)
+    partitions = ["l3/h0", "l3/h1", "l3/h2", None] * 3
+    ids = mem.add(keys, values=values, payloads=[f"p{i}" for i in range(12)], partitions=partitions)
+    np.testing.assert_array_equal(ids, ids[0] + np.arange(12))
+    assert {p.name: p.count for p in mem.stats().partitions} == {"l3/h0": 3, "l3/h1": 3, "l3/h2": 3, None: 3}
+    got = mem.get(ids)
+    assert got.partitions == partitions and got.payloads == [f"p{i}" for i in range(12)]
+    np.testing.assert_array_equal(got.values, values)
+    res = mem.search(keys[:4], k=3, partitions=partitions[:4])
+    for row in range(3):  # each head's partition holds exactly its rows, nearest first
+        truth, _ = exact(keys[row::4], keys[row:row + 1], "l2", 3)
+        np.testing.assert_array_equal(res.ids[row], ids[row::4][truth[0]])
+    assert mem.delete(partition="l3/h1") == 3
+    assert {p.name: p.count for p in mem.stats().partitions} == {"l3/h0": 3, "l3/h2": 3, None: 3}
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_batched_add_survives_a_restart(tmp_path, snapshot):
+    """Replayed from its one log record (or read back from a snapshot), a batched add's rows are in their
+    partitions again."""
+    spec = spec_from(name="batched", dim=DIM, value_kind="token")
+    mem = Memory.create(spec, tmp_path / "m")
+    ids = mem.add(vecs(6), values=np.arange(6), partitions=["a", "b", "a", None, "b", "a"])
+    mem.close(snapshot=snapshot)
+    mem = Memory.open(tmp_path / "m")
+    assert {p.name: p.count for p in mem.stats().partitions} == {"a": 3, "b": 2, None: 1}
+    assert mem.get(ids).partitions == ["a", "b", "a", None, "b", "a"]
+    found = mem.search(vecs(6)[:1], k=4, partition="a").ids[0]
+    assert found[0] == ids[0] and set(found[:3].tolist()) == set(ids[[0, 2, 5]].tolist()) and found[3] == -1
+    mem.close()
+
+
 def test_delete_by_ids(make):
     mem = make()
     keys = vecs(10)
@@ -642,6 +681,10 @@ BAD = {
     "partitions a string": (lambda m: m.search(X, k=1, partitions="ab"), "partitions"),
     "partitions bad name": (lambda m: m.search(X, k=1, partitions=["a", ""]), "partitions"),
     "partitions and partition": (lambda m: m.search(X, k=1, partition="a", partitions=["a", "b"]), "partitions"),
+    "add partitions too few": (lambda m: m.add(X, values=[1, 2], partitions=["a"]), "partitions"),
+    "add partitions bad name": (lambda m: m.add(X, values=[1, 2], partitions=["a", "b\nc"]), "partitions"),
+    "add partitions and partition": (lambda m: m.add(X, values=[1, 2], partition="a", partitions=["a", "b"]),
+                                     "partitions"),
     "ids 2-D": (lambda m: m.get([[0, 1]]), "ids"),
     "ids floats": (lambda m: m.get([0.5]), "ids"),
     "delete nothing named": (lambda m: m.delete(), "ids"),

@@ -11,6 +11,7 @@ from lm.gate import PARAMS, Gate
 from lm.memory_attention import KnnConfig, session_memory
 from lm.model import tiny_llama
 from lm.policies import Full, Window
+from lm.sessions import SessionState, end_session, sessions
 from memsvc.contract import InvalidInput, MemorySpec, NotFound
 from memsvc.store import Memory
 
@@ -30,9 +31,9 @@ def ids():
     return torch.randint(0, 2000, (1, N), generator=torch.Generator().manual_seed(2))
 
 
-def run(model, ids, policy, config, memory=None, gate=None, token_by_token=False, session=None):
+def run(model, ids, policy, config, memory=None, gate=None, token_by_token=False, session=None, persist=False):
     cache = BoundedCache(model, policy)
-    with attach(model, cache, config, memory, gate, session), torch.inference_mode():
+    with attach(model, cache, config, memory, gate, session, persist), torch.inference_mode():
         if token_by_token:
             return torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                               for i in range(ids.shape[1])], 1)
@@ -81,6 +82,37 @@ def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_th
         evicted = N - len(cache.layers[1].tokens)
         assert parts == {"someone-else": 3, "s7/l1/h0": evicted, "s7/l1/h1": evicted}
     assert {p.name: p.count for p in memory.stats().partitions} == {"someone-else": 3}
+
+
+def test_a_kept_session_resumed_by_a_fresh_cache_sees_all_of_its_history(model, ids):
+    """Two "processes" (each its own cache): the first keeps its session (its window flushed to memory), the
+    second resumes it by id at stream index 30; with k >= everything stored, the second's logits are full
+    attention's over the whole 60-token stream (no sinks: those sit nearer than they are). Ending the session deletes its partitions and its state."""
+    memory = session_memory(model)
+    half = N // 2
+    first = run(model, ids[:, :half], Window(8), KnnConfig(k=N), memory, session="talk", persist=True)
+    parts = {p.name: p.count for p in memory.stats().partitions}
+    assert parts == {f"talk/l{layer}/h{h}": half for layer in (0, 1) for h in (0, 1)}  # evicted + flushed
+    assert sessions(memory)["talk"] == SessionState("talk", half, "absolute", [0, 1], model.config.name_or_path)
+    second = run(model, ids[:, half:], Window(8), KnnConfig(k=N), memory, session="talk", persist=True)
+    full = full_attention(model, ids)
+    assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-4)
+    assert sessions(memory)["talk"].tokens == N
+    assert end_session(memory, "talk") == 4 * N
+    assert memory.stats().partitions == [] and sessions(memory) == {}
+    with pytest.raises(NotFound):
+        end_session(memory, "talk")
+
+
+def test_a_resumed_session_keeps_its_positions_and_layers(model, ids):
+    memory = session_memory(model)
+    run(model, ids[:, :20], Window(8, 2), KnnConfig(k=4, layers=[1]), memory, session="s", persist=True)
+    for config, field in ((KnnConfig(k=4, layers=[1], positions="none"), "positions"), (KnnConfig(k=4), "layers")):
+        with pytest.raises(InvalidInput) as err:
+            run(model, ids[:, 20:], Window(8, 2), config, memory, session="s")
+        assert err.value.field == field
+    run(model, ids[:, 20:], Window(8, 2), KnnConfig(k=4, layers=[1]), memory, session="s")  # not kept: ended
+    assert memory.stats().partitions == [] and sessions(memory) == {}
 
 
 def test_the_model_is_restored_after_the_session(model, ids):

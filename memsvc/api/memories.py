@@ -106,10 +106,12 @@ def delete_memory(name: str, service: ServiceDep) -> None:
              openapi_extra=binary_body(AddRequest),
              responses={**binary_response(201), **error_responses(*MEMORY, *BINARY_BODY, "insufficient_storage")})
 async def add_entries(name: str, request: Request) -> Response:
-    """Store entries; acknowledged once they are on disk. Returns their ids."""
+    """Store entries; acknowledged once they are on disk. Returns their ids. `partitions` tags each key row
+    with its own partition (a batched add)."""
     def add(body: AddRequest, service: Service, settings: Settings) -> dict[str, Any]:
         check_batch(body.keys, "keys", settings)
-        return {"ids": service.memory(name).add(body.keys, body.values, body.payloads, body.partition)}
+        return {"ids": service.memory(name).add(body.keys, body.values, body.payloads, body.partition,
+                                                partitions=body.partitions)}
 
     return await vector_call(request, AddRequest, add, status_code=201)
 

@@ -64,6 +64,9 @@ class AddRequest(Body):
     values: Values | None = Field(None, description="required unless the memory's value_kind is 'none'")
     payloads: list[Any] | None = Field(None, description="one JSON value per key")
     partition: str | None = Field(None, description="tag that scopes search and delete")
+    partitions: list[str | None] | None = Field(
+        None, description="instead of `partition`: one partition per key row (null: unpartitioned), e.g. the "
+                          "evictions of every KV head of a layer in one request")
 
 
 class SearchRequest(Body):

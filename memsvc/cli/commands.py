@@ -273,8 +273,10 @@ def _register_model_commands() -> None:
     """The model-side commands (`memsvc.cli.model`, `memsvc.cli.longctx`); they import torch lazily."""
     from memsvc.cli.longctx import eval_long, train_gate
     from memsvc.cli.model import generate, knnlm_app
+    from memsvc.cli.sessions import session_app
 
     app.add_typer(knnlm_app, name="knnlm")
+    app.add_typer(session_app, name="session")
     app.command()(generate)
     app.command("eval-long")(eval_long)
     app.command("train-gate")(train_gate)

@@ -5,10 +5,10 @@ message and exit status 2 before torch is imported (the policies' numbers: befor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -23,14 +23,20 @@ from memsvc.cli.options import (
     cli_errors,
     need_model_side,
 )
+from memsvc.cli.sessions import (
+    DEFAULT_MEMORY,
+    EndSession,
+    MemoryName,
+    ServerSession,
+    SessionOption,
+    memory_on_server,
+    open_server_session,
+)
 from memsvc.contract import InvalidInput, NotFound
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
     from lm.memory_attention import KnnConfig
     from lm.policies import Policy, Selective
-    from memsvc.contract import MemoryBackend
 
 Files = Annotated[list[Path], typer.Argument(help="UTF-8 text files, each evaluated as one stream")]
 WindowOption = Annotated[int | None, typer.Option(help="recent tokens every policy keeps (default: the policy's)")]
@@ -50,7 +56,6 @@ MemoryBlocks = Annotated[int, typer.Option(help="kNN memory in blocks of this ma
                                                 "whole (lm.blocks); 0: per-token retrieval")]
 RetrievedBlocks = Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, layer and "
                                                    "KV head")]
-MemoryName = Annotated[str, typer.Option("--memory", help="memory on the --url server (created if missing)")]
 
 
 def parse_layers(layers: str) -> list[int] | None:
@@ -61,36 +66,6 @@ def parse_layers(layers: str) -> list[int] | None:
         return [int(x) for x in layers.split(",")]
     except ValueError:
         raise InvalidInput(f"layers must be 'all' or comma-separated integers, got {layers!r}", "layers") from None
-
-
-@contextmanager
-def attention_memory(model: PreTrainedModel, index: str, url: str | None, api_key: str | None,
-                     name: str) -> Iterator[MemoryBackend]:
-    """Where evictions go: a RAM-only in-process memory, or with a url the memory `name` on that server."""
-    from lm.memory_attention import head_dim, session_memory
-
-    if url is None:
-        yield session_memory(model, index)
-        return
-    from memsvc.client import MemoryClient
-    from memsvc.contract import NotFound
-
-    client = MemoryClient(url, api_key=api_key)
-    created = False
-    try:
-        try:
-            memory = client.memory(name)
-        except NotFound:
-            dim = head_dim(model)
-            memory = client.create_memory(name, dim=dim, metric="ip", value_kind="vector", value_dim=dim, index=index)
-            created = True
-        yield memory  # each session deletes its own partitions when it ends
-    finally:
-        try:
-            if created:  # a memory made for this run goes with it (its log too), whatever the outcome
-                client.delete_memory(name)
-        finally:
-            client.close()
 
 
 def eval_long(files: Files,
@@ -109,14 +84,16 @@ def eval_long(files: Files,
               max_tokens: Annotated[int | None, typer.Option(help="evaluate at most this many tokens per file")]
               = None,
               skip: Annotated[int, typer.Option(help="perplexity counts tokens past the first SKIP")] = 256,
-              url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = "knn-attention",
-              model: Model = "smollm2",
+              url: Url = None, api_key: ApiKeyOption = None, memory: MemoryName = DEFAULT_MEMORY,
+              session: SessionOption = None, end_session: EndSession = False, model: Model = "smollm2",
               as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")] = False,
               device: DeviceOption = None) -> None:
     """Perplexity of long FILES decoded as streams through a bounded cache (token-by-token semantics).
 
-    Files and options are checked before torch is imported and the model loads; progress (tokens, tok/s)
-    goes to stderr."""
+    With --url the kNN memory is on that server: by default for this run only; `--session new` keeps it
+    (one file: its stream), `--session ID` goes on with a kept session's stream (see `memsvc generate`).
+    Files, options, the server and the session are checked before torch is imported and the model loads;
+    progress (tokens, tok/s) goes to stderr."""
     with cli_errors():
         from lm.cache_specs import policy_options
         from lm.knn_config import KnnConfig, check_options
@@ -145,21 +122,28 @@ def eval_long(files: Files,
         if knn_memory and knn.blocks and url is not None:
             raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
                                "RAM", "url")
-        if url is not None:
-            from memsvc.client import check_url
-
-            check_url(url)
+        if (session is not None or end_session) and url is None:
+            raise InvalidInput("--session and --end-session keep memory attention on a server: give its --url",
+                               "session")
+        if session is not None and len(files) != 1:
+            raise InvalidInput(f"a session is one stream: give one file with --session, not {len(files)}", "files")
         need_model_side()
+        with ExitStack() as stack:
+            where = None
+            if url is not None:
+                where = open_server_session(url, api_key, memory, session, end_session, positions)
+                stack.callback(where.client.close)
+                if where.positions is not None:
+                    knn = dataclasses.replace(knn, positions=where.positions)
 
-        from lm.devices import resolve_device  # torch from here on
-        from lm.policies import make_policy
+            from lm.devices import resolve_device  # torch from here on
+            from lm.policies import make_policy
 
-        resolve_device(device)
+            resolve_device(device)
 
-        cache_policy = make_policy(policy, window, sinks, budget, pool)
-        knn = knn if knn_memory else None
-        result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, url, api_key, memory, model,
-                       device)
+            cache_policy = make_policy(policy, window, sinks, budget, pool)
+            knn = knn if knn_memory else None
+            result = _eval(files, cache_policy, knn, gate, index, max_tokens, skip, where, model, device)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -168,8 +152,8 @@ def eval_long(files: Files,
 
 
 def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
-          max_tokens: int | None, skip: int, url: str | None, api_key: str | None, memory_name: str,
-          model_name: str, device: str | None = None) -> dict:
+          max_tokens: int | None, skip: int, where: ServerSession | None, model_name: str,
+          device: str | None = None) -> dict:
     from lm.gate import Gate
     from lm.longeval import evaluate_files
     from lm.model import load_model
@@ -181,10 +165,14 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
     else:
-        with attention_memory(model, index, url, api_key, memory_name) if not knn.blocks else nullcontext() \
-                as memory:
+        from lm.memory_attention import session_memory
+
+        in_process = None if knn.blocks else session_memory(model, index)  # block memory: RAM tensors of its own
+        with memory_on_server(model, where, index) if where is not None else nullcontext(in_process) as memory:
             result = evaluate_files(model, tokenizer, files, policy, knn=knn, memory=memory, gate=gate,
-                                    max_tokens=max_tokens, skip=skip, progress=True)
+                                    max_tokens=max_tokens, skip=skip, progress=True,
+                                    session=None if where is None else where.session,
+                                    persist=where is not None and where.persist)
     return {**result, "policy": policy.name, "budget": policy.budget, "window": getattr(policy, "window", None),
             "sinks": getattr(policy, "sinks", None), "pool": getattr(policy, "pool", None),
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,

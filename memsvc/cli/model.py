@@ -6,6 +6,7 @@ fast. Bad input exits non-zero with a one-line message on stderr, before the mod
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +27,15 @@ from memsvc.cli.options import (
     Url,
     cli_errors,
     need_model_side,
+)
+from memsvc.cli.sessions import (
+    DEFAULT_MEMORY,
+    NEW,
+    EndSession,
+    MemoryName,
+    SessionOption,
+    memory_on_server,
+    open_server_session,
 )
 from memsvc.contract import InvalidInput, NotFound
 
@@ -207,6 +217,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
                                                                 "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
+             memory: MemoryName = DEFAULT_MEMORY, session: SessionOption = None, end_session: EndSession = False,
              model: Model = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 128,
              temperature: Annotated[float, typer.Option(help="sampling temperature; 0 = greedy")] = 0.0,
@@ -215,7 +226,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
              lam: Lam = None, temp: Temp = None, k: K = None, device: DeviceOption = None) -> None:
     """Stream a continuation of PROMPT to stdout; with --knn-memory, decode with kNN-LM; with --cache, through a
-    bounded KV cache (and --memory-attention: with the kNN memory of what it evicted)."""
+    bounded KV cache (and --memory-attention: with the kNN memory of what it evicted).
+
+    With --memory-attention and --url, that memory is a session on the server (memory --memory), kept when
+    the run ends: its id goes to stderr, and `--session ID` from a later run goes on with its stream (every
+    token the earlier runs took in searchable; the cache itself starts empty). `--end-session` ends it with
+    this run; `memsvc session end ID` ends it later (its partitions are deleted). The server, the memory and
+    the session are checked before the model loads."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
@@ -235,8 +252,21 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             from memsvc.client import check_url
 
             check_url(url)
+        if (session is not None or end_session) and not (memory_attention and url is not None):
+            raise InvalidInput("--session and --end-session keep memory attention on a server: give "
+                               "--memory-attention and its --url", "session")
+        if memory_attention and url is not None and memory_blocks:
+            raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
+                               "RAM", "url")
         check_settings(lam, temp, k)
         need_model_side()
+        where = None
+        if memory_attention and url is not None:  # before torch: the server, the memory, the session
+            where = open_server_session(url, api_key, memory, NEW if session is None else session, end_session,
+                                        positions)
+            stack.callback(where.client.close)
+            if where.positions is not None:
+                memory_config = dataclasses.replace(memory_config, positions=where.positions)
         from tqdm import tqdm
 
         from lm.attention import attach
@@ -257,7 +287,10 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             else (knn.model, knn.tokenizer)
         if policy is not None:
             options["cache"] = bounded = BoundedCache(model_, policy)
-            stack.enter_context(attach(model_, bounded, memory_config if memory_attention else None))
+            remote = stack.enter_context(memory_on_server(model_, where, "flat")) if where is not None else None
+            stack.enter_context(attach(model_, bounded, memory_config if memory_attention else None, remote,
+                                       session=None if where is None else where.session,
+                                       persist=where is not None and where.persist))
         pieces = decode(model_, tokenizer, text, **options) if knn is None \
             else knn.generate(text, lam=lam, temp=temp, k=k, **options)
         # a long --prompt-file takes a while before the first token: its prefill as a bar on stderr

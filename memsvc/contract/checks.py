@@ -187,10 +187,12 @@ def check_partition(partition: Any) -> str | None:
     return partition
 
 
-def check_partitions(partitions: Any, n: int, partition: str | None = None) -> list[str | None] | None:
-    """The per-query partitions of a batched search of `n` queries: one name (or None: the whole memory)
-    per query row, as a list; None when not given. InvalidInput (field "partitions") when it is not a
-    sequence of `n` such names, or when `partition` is given too."""
+def check_partitions(partitions: Any, n: int, partition: str | None = None,
+                     per: str = "query") -> list[str | None] | None:
+    """The per-row partitions of a batched search of `n` queries (or a batched add of `n` keys, `per`
+    "key"): one name (or None: the whole memory; unpartitioned for an add) per row, as a list; None when
+    not given. InvalidInput (field "partitions") when it is not a sequence of `n` such names, or when
+    `partition` is given too."""
     if partitions is None:
         return None
     if partition is not None:
@@ -198,7 +200,7 @@ def check_partitions(partitions: Any, n: int, partition: str | None = None) -> l
     if isinstance(partitions, np.ndarray) and partitions.ndim == 1 and partitions.dtype.kind in "UO":
         partitions = partitions.tolist()
     if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Sequence) or len(partitions) != n:
-        raise InvalidInput(f"partitions must be a list of one partition name (or null) per query, {n} in all",
+        raise InvalidInput(f"partitions must be a list of one partition name (or null) per {per}, {n} in all",
                            "partitions")
     try:
         return [check_partition(name) for name in partitions]
@@ -207,8 +209,8 @@ def check_partitions(partitions: Any, n: int, partition: str | None = None) -> l
 
 
 def partition_groups(partitions: list[str | None]) -> list[tuple[str | None, np.ndarray]]:
-    """The query rows of each distinct partition of a batched search, in order of first appearance:
-    [(name, rows int64)]; a backend searches each group once."""
+    """The rows of each distinct partition of a batched search (or add), in order of first appearance:
+    [(name, rows int64)]; a backend searches (adds to) each group once."""
     rows: dict[str | None, list[int]] = {}
     for i, name in enumerate(partitions):
         rows.setdefault(name, []).append(i)

@@ -63,7 +63,14 @@ class MemoryBackend(Protocol):
     spec: MemorySpec
 
     def add(self, keys: np.ndarray, values: np.ndarray | None = None, payloads: list[Any] | None = None,
-            partition: str | None = None) -> np.ndarray: ...
+            partition: str | None = None, partitions: Sequence[str | None] | None = None) -> np.ndarray:
+        """Store n entries [n, dim] (values, payloads: one per key) and return their new ids [n], in order.
+
+        `partition` tags every entry (None: unpartitioned). `partitions` (instead of `partition`) is a
+        batched add: one name per key row, row i stored exactly as `add(keys[i:i + 1], ...,
+        partition=partitions[i])` would store it, ids still consecutive in row order, in one call (e.g. the
+        evictions of every KV head of a layer, each head a partition)."""
+        ...
 
     def search(self, queries: np.ndarray, k: int, partition: str | None = None,
                partitions: Sequence[str | None] | None = None, *, ef_search: int | None = None,

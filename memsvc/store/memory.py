@@ -144,15 +144,18 @@ class Memory(Snapshots):
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
-            partition: str | None = None) -> np.ndarray:
-        """Store n entries and return their new ids; durable on return when the memory has a directory."""
+            partition: str | None = None, partitions: Sequence[str | None] | None = None) -> np.ndarray:
+        """Store n entries and return their new ids; durable on return when the memory has a directory.
+        `partitions`: one partition per key row (a batched add, one log record)."""
         keys = check_keys(keys, self.spec, "keys")
         values = check_values(self.spec, values, len(keys))
         payloads = check_payloads(payloads, len(keys))
         partition = check_partition(partition)
+        partitions = check_partitions(partitions, len(keys), partition, "key")
         with self._writer:
             first = self._next_id
-            meta = {"op": "add", "first": first, "partition": partition, "payloads": payloads}
+            meta = {"op": "add", "first": first, "partition": partition, "payloads": payloads,
+                    **({"partitions": partitions} if partitions is not None else {})}
             arrays = {"keys": keys} if values is None else {"keys": keys, "values": values}
             if self._log is not None:
                 self._log.append(meta, arrays)
@@ -262,24 +265,27 @@ class Memory(Snapshots):
     def _apply(self, meta: dict, arrays: dict[str, np.ndarray]) -> int:
         if meta["op"] == "add":
             return self._apply_add(meta["first"], arrays["keys"], arrays.get("values"),
-                                   meta["payloads"], meta["partition"])
+                                   meta["payloads"], meta["partition"], meta.get("partitions"))
         return self._apply_delete(arrays.get("ids"), meta["partition"])
 
     def _apply_add(self, first: int, keys: np.ndarray, values: np.ndarray | None,
-                   payloads: list | None, partition: str | None) -> int:
+                   payloads: list | None, partition: str | None, partitions: list[str | None] | None = None) -> int:
         n = len(keys)
         ids = np.arange(first, first + n, dtype=np.int64)
-        shard = self._shard(partition)
+        codes = np.empty(n, dtype=np.int32)
+        for name, rows in ([(partition, slice(None))] if partitions is None else partition_groups(partitions)):
+            shard = self._shard(name)
+            codes[rows] = shard.code
+            shard.index.add_with_ids(self._index_view(keys[rows]), ids[rows])
+            shard.count += len(ids[rows])
         self._ids.append(ids)
         self._keys.append(keys)
         if self._values is not None:
             self._values.append(values)
-        self._parts.append(np.full(n, shard.code, dtype=np.int32))
+        self._parts.append(codes)
         self._alive.append(np.ones(n, dtype=bool))
         self._payloads.extend(payloads if payloads is not None else [None] * n)
         self._any_payloads |= payloads is not None
-        shard.index.add_with_ids(self._index_view(keys), ids)
-        shard.count += n
         if self._whole is not None:
             self._whole.add_with_ids(self._index_view(keys), ids)
             self._bitmap = None

@@ -240,11 +240,13 @@ class MilvusMemory:
     # --- the MemoryBackend calls ----------------------------------------------------------------
 
     def add(self, keys: Any, values: Any = None, payloads: list[Any] | None = None,
-            partition: str | None = None) -> np.ndarray:
-        """Store n entries and return their new ids; stored (with Strong consistency) on return."""
+            partition: str | None = None, partitions: Sequence[str | None] | None = None) -> np.ndarray:
+        """Store n entries and return their new ids; stored (with Strong consistency) on return. `partitions`:
+        one partition per key row."""
         keys = check_keys(keys, self.spec, "keys")
         values = check_values(self.spec, values, len(keys))
         partition = check_partition(partition)
+        partitions = check_partitions(partitions, len(keys), partition, "key")
         texts = payload_texts(check_payloads(payloads, len(keys)), len(keys))
         n = len(keys)
         with self._writer:
@@ -253,7 +255,8 @@ class MilvusMemory:
             self._milvus("alter_collection_properties", self._collection, properties=props)
             self._next_id = first + n
             self._any_payloads |= payloads is not None
-            columns = {"id": range(first, first + n), "key": keys, "part": [partition or ""] * n, "payload": texts}
+            parts = [partition or ""] * n if partitions is None else [name or "" for name in partitions]
+            columns = {"id": range(first, first + n), "key": keys, "part": parts, "payload": texts}
             if values is not None:
                 columns["value"] = values.tolist()  # token ids, or value vectors as lists for the ARRAY
             rows = [dict(zip(columns, row)) for row in zip(*columns.values())]

@@ -1,0 +1,103 @@
+"""Sessions of kNN-memory attention that outlive a process: a long conversation's memory kept in a memory
+(in-process or on a memsvc server) and resumed by id from a later process.
+
+A session's evicted entries live in its partitions "{id}/l{layer}/h{kv_head}" (`lm.memory_attention`). A kept
+session also records its state in the memory's metadata, under `SESSIONS`, keyed by id (`SessionState`):
+how many stream tokens it has taken in (`tokens`), how retrieved keys are positioned, which layers store.
+That is all a later process needs to go on:
+- its stream continues at index `tokens`: with positions "absolute", new keys are stored and queries search
+  at their true distance from every earlier token (`KnnMemoryAttention.offset`);
+- the earlier process flushed what its cache still held (sinks and window) into the partitions when it
+  ended, so every token it took in is searchable; the new process's cache starts empty, its first tokens
+  are its own attention sinks (sinks and window are not restored).
+Ending a session (`end_session`) deletes its partitions and its state.
+
+Torch-free, so a command line can look a session up, or end one, before (or without) loading a model.
+Metadata is read, changed and written back whole (`MemoryBackend.set_metadata`): two processes that save
+sessions of one memory at the same instant may lose one record (its partitions stay, `end_session` still
+deletes them); give concurrent conversations separate memories.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from memsvc.contract import InvalidInput, MemoryBackend, NotFound
+
+SESSIONS = "attention_sessions"  # the memory metadata key holding {id: SessionState fields}
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What a kept session records: `tokens` stream tokens taken in (all stored in its partitions), the
+    `positions` mode its keys were stored with, the `layers` that store, and the model (informative)."""
+
+    id: str
+    tokens: int
+    positions: str
+    layers: list[int]
+    model: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if name != "id"}
+
+
+def new_session_id() -> str:
+    """A fresh random session id (12 hex digits)."""
+    return uuid.uuid4().hex[:12]
+
+
+def check_session_id(session: str) -> str:
+    """The id, or InvalidInput: letters, digits, '.', '_', '-', at most 64, not starting with a symbol."""
+    if not isinstance(session, str) or not SESSION_ID.match(session):
+        raise InvalidInput(f"session id must be 1..64 letters, digits, '.', '_' or '-' (starting with a letter or "
+                           f"digit), got {session!r}", "session")
+    return session
+
+
+def sessions(memory: MemoryBackend) -> dict[str, SessionState]:
+    """The kept sessions of `memory`, by id, read fresh from the memory (a server's current metadata)."""
+    saved = memory.stats().metadata.get(SESSIONS, {})
+    return {sid: SessionState(id=sid, **fields) for sid, fields in saved.items()}
+
+
+def find_session(memory: MemoryBackend, session: str) -> SessionState:
+    """The state of kept session `session`, or NotFound naming the memory and the sessions it has."""
+    found = sessions(memory)
+    if session not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise NotFound(f"unknown session '{session}' in memory '{memory.spec.name}' (its sessions: {known})",
+                       "session")
+    return found[session]
+
+
+def save_session(memory: MemoryBackend, state: SessionState) -> None:
+    """Record (or replace) a kept session's state in the memory's metadata."""
+    metadata = dict(memory.stats().metadata)
+    metadata[SESSIONS] = {**metadata.get(SESSIONS, {}), state.id: state.fields()}
+    memory.set_metadata(metadata)
+
+
+def partition_prefix(session: str) -> str:
+    """Every partition of `session` starts with this."""
+    return f"{session}/"
+
+
+def end_session(memory: MemoryBackend, session: str, missing_ok: bool = False) -> int:
+    """Delete the session's partitions and its recorded state; the number of entries deleted. NotFound when
+    the memory has neither (unless `missing_ok`)."""
+    stats = memory.stats()
+    prefix = partition_prefix(session)
+    parts = [p.name for p in stats.partitions if p.name is not None and p.name.startswith(prefix)]
+    saved = stats.metadata.get(SESSIONS, {})
+    if not parts and session not in saved and not missing_ok:
+        raise NotFound(f"unknown session '{session}' in memory '{memory.spec.name}'", "session")
+    deleted = sum(memory.delete(partition=name) for name in parts)
+    if session in saved:
+        metadata = dict(memory.stats().metadata)
+        metadata[SESSIONS] = {sid: fields for sid, fields in metadata.get(SESSIONS, {}).items() if sid != session}
+        memory.set_metadata(metadata)
+    return deleted
