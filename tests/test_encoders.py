@@ -1,5 +1,6 @@
 """retrievers.encoders: pooling and batching exactly, and the exported backends against PyTorch."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,20 +37,34 @@ def test_exported_backend_gives_the_pytorch_vectors(backend, tmp_path):
 
 # --- the service's embedder: backends by setting, names, fallback, the int8 build (issue 16 #2) -------------
 
-def test_auto_is_torch_on_a_gpu_and_int8_openvino_on_cpu_and_names_say_the_backend(monkeypatch):
+def test_auto_is_torch_on_a_gpu_and_openvino_on_cpu_int8_where_floats_run_in_fp32(monkeypatch):
     from retrievers import encoders
 
     assert encoders.resolve_backend("auto", "cuda:0") == "torch"
-    assert encoders.resolve_backend("auto", "cpu") == "openvino-int8"
     assert encoders.resolve_backend("openvino", "cuda") == "openvino"
     with pytest.raises(ValueError, match="embed backend must be one of auto, torch, openvino, openvino-int8"):
         encoders.resolve_backend("onnx", "cpu")
+    for precision, backend in [("bf16", "openvino"), ("f16", "openvino"), ("f32", "openvino-int8"),
+                               (None, "openvino-int8")]:
+        monkeypatch.setattr(encoders, "openvino_float", lambda p=precision: p)
+        assert encoders.resolve_backend("auto", "cpu") == backend, precision
     monkeypatch.setattr(encoders, "missing_packages", lambda backend: [])
     assert encoders.embedder_name("torch") == "all-MiniLM-L6-v2"
     assert encoders.embedder_name("auto", "cpu") == "all-MiniLM-L6-v2+openvino-int8"
     assert encoders.embedder_name("openvino") == "all-MiniLM-L6-v2+openvino"
     monkeypatch.setattr(encoders, "missing_packages", lambda backend: ["openvino"])
     assert encoders.embedder_name("auto", "cpu") == "all-MiniLM-L6-v2"  # what make_embedder falls back to
+
+
+def test_openvino_float_says_what_openvino_runs_this_cpu_in():
+    pytest.importorskip("openvino")
+    from retrievers.encoders import openvino_float
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    precision = openvino_float()
+    assert precision in ("bf16", "f16", "f32")
+    if flags & {"avx512_bf16", "amx_bf16"}:  # this machine: OpenVINO runs bf16
+        assert precision == "bf16"
 
 
 def test_a_missing_openvino_falls_back_to_torch_with_one_warning_line(monkeypatch, caplog, tmp_path):
