@@ -14,7 +14,6 @@ EXTRA_OF = {
     "alembic": "server", "psycopg": "server", "prometheus_client": "server", "pythonjsonlogger": "server",
     "scipy": "server", "snowballstemmer": "server",
     "pymilvus": "milvus", "milvus_lite": "milvus",
-    "openvino": "openvino", "nncf": "openvino", "onnx": "openvino",
 }
 
 
