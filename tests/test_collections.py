@@ -150,6 +150,27 @@ def test_a_collection_keeps_its_embedder_and_the_cache_keys_name_the_backend(tmp
         assert list(made) == [torch_name]
 
 
+def test_preload_makes_the_embedder_of_new_collections_in_the_background_once(tmp_path, tiny_encoder, monkeypatch):
+    """What `memsvc serve` does at start (MEMSVC_PRELOAD_MODEL): the embedder is made in a thread, and the
+    first collection uses that one (made once)."""
+    from retrievers import encoders
+
+    made = []
+
+    def slow_make(name, cache_dir):
+        time.sleep(1.0)  # a first int8 build takes minutes
+        made.append(name)
+        return CountingEncoder(tiny_encoder, name)
+
+    monkeypatch.setattr(encoders, "make_embedder", slow_make)
+    with Service(Settings(data_dir=tmp_path / "data", embed_backend="torch")) as service:
+        started = time.perf_counter()
+        service.collections.preload_encoder()
+        assert time.perf_counter() - started < 0.5 and made == []
+        col = service.create_collection("docs")  # waits for the one being made
+        assert made == ["all-MiniLM-L6-v2"] and col.encoder.name == "all-MiniLM-L6-v2"
+
+
 def test_search_by_document_gives_one_hit_per_document(open_service):
     col = open_service().create_collection("docs")
     col.upsert([Document("guide.md", GUIDE.replace("Call search.", "Call pip search.")), *docs()])
