@@ -35,10 +35,11 @@ import logging
 import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -199,7 +200,8 @@ class ExportedEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, float32 [n, dim]. Safe to call from several threads at once. OpenVINO runs
         one stream per core (one thread each) with as many batches in flight, which embeds ~13% more chunks
-        per CPU-second than one stream over all cores (bench/results/retrieval_v2.md section 7)."""
+        per CPU-second than one stream over all cores (bench/results/retrieval_v2.md section 7); results
+        are read in this thread (no Python callbacks in OpenVINO's threads)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         batches = by_length(texts, self.batch_size)
         if self._compiled is None:
@@ -207,19 +209,23 @@ class ExportedEncoder:
                 feed = self._feed([texts[i] for i in batch])
                 out[batch] = mean_pool(self._run(feed), feed["attention_mask"])
             return out
-        import openvino as ov
+        requests = [self._compiled.create_infer_request() for _ in range(max(1, min(self.threads, len(batches))))]
+        in_flight: deque[tuple[Any, list[int], np.ndarray]] = deque()  # (request, batch, mask), oldest first
 
-        def pool(request, batch: list[int]) -> None:  # in OpenVINO's thread, as each batch finishes
-            out[batch] = mean_pool(np.asarray(request.get_output_tensor(0).data), masks[id(batch)])
+        def finish() -> None:
+            request, batch, mask = in_flight.popleft()
+            request.wait()
+            out[batch] = mean_pool(np.asarray(request.get_output_tensor(0).data), mask)
 
-        masks: dict[int, np.ndarray] = {}
-        queue = ov.AsyncInferQueue(self._compiled, max(1, min(self.threads, len(batches))))
-        queue.set_callback(pool)
-        for batch in batches:
+        for n, batch in enumerate(batches):
+            if len(in_flight) == len(requests):
+                finish()  # frees requests[n % len(requests)], the oldest in flight
             feed = self._feed([texts[i] for i in batch])
-            masks[id(batch)] = feed["attention_mask"]
-            queue.start_async(feed, batch)
-        queue.wait_all()
+            request = requests[n % len(requests)]
+            request.start_async(feed)
+            in_flight.append((request, batch, feed["attention_mask"]))
+        while in_flight:
+            finish()
         return out
 
     def _feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
