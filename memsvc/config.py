@@ -1,6 +1,7 @@
 """Settings, from the environment (prefix MEMSVC_) or a .env file; defaults run embedded."""
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -67,14 +68,21 @@ class Settings(BaseSettings):
                                                "0.15-0.3 ms of server CPU per request, 7-12% of a batch-1 search)")
     model: str = Field("smollm2", description="language model of collections' ask: 'smollm2', a local HF "
                                               "model directory or a .gguf file")
-    preload_model: bool = Field(True, description="load the model of ask at start, in the background (ask "
-                                                  "answers 503 model_loading + Retry-After until it is ready); "
-                                                  "false: load it on the first ask (also in the background)")
+    preload_model: bool = Field(True, description="load the model of ask and the embedder of new collections "
+                                                  "at start, in the background (ask answers 503 model_loading + "
+                                                  "Retry-After until its model is ready; collection requests wait "
+                                                  "for the embedder); false: load each on first use")
     device: str | None = Field(None, description="torch device of the language model of ask: cpu, cuda or "
                                                  "cuda:N; default cuda when torch sees a GPU, else cpu")
     model_cache: Path | None = Field(
-        None, description="converted copies of GGUF models; default $XDG_CACHE_HOME/memsvc/models or "
-        "~/.cache/memsvc/models")
+        None, description="converted copies of GGUF models and the exported embedders; default "
+        "$XDG_CACHE_HOME/memsvc/models or ~/.cache/memsvc/models")
+    embed_backend: Literal["auto", "torch", "openvino", "openvino-int8"] = Field(
+        "auto", description="how new collections run their embedder (all-MiniLM-L6-v2): torch; openvino "
+        "(bf16 where the CPU has it, else fp32); openvino-int8 (NNCF static int8, built once into model_cache); "
+        "auto: torch on a CUDA GPU, else openvino where OpenVINO runs bf16 (AMX/AVX512_BF16), else openvino-int8 "
+        "(the fastest on CPU with retrieval quality held); torch when the openvino extra is not installed. A "
+        "collection keeps the embedder it was created with")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -84,6 +92,14 @@ class Settings(BaseSettings):
     @property
     def catalog_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """`model_cache`, else `$XDG_CACHE_HOME/memsvc/models`, else `~/.cache/memsvc/models` (the XDG base
+        directory convention). Safe to delete at any time: what is there is rebuilt on next use."""
+        if self.model_cache is not None:
+            return self.model_cache.expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memsvc" / "models"
 
 
 @lru_cache

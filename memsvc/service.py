@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Self
 
-from memsvc.collections import Collection, Collections, LanguageModel
+from memsvc.collections import Collection, Collections, LanguageModel, Lazy
 from memsvc.config import Settings
 from memsvc.contract import (
     NAME_PATTERN,
@@ -35,7 +35,7 @@ from memsvc.contract import (
 )
 from memsvc.db import Catalog
 from memsvc.store import Store
-from retrievers.dense import SentenceEncoder
+from retrievers.dense import Encoder, encoder_name
 
 if TYPE_CHECKING:
     from memsvc.store.milvus import MilvusStore
@@ -47,11 +47,14 @@ class Service:
     """Store + Catalog (+ Collections) of `settings.data_dir`; the embedded twin of `MemoryClient`.
 
     `encoder` and `language_model` make the collections' embedder and the (model, tokenizer) of `ask`
-    when first needed; by default all-MiniLM-L6-v2 and `lm.model.load_model(settings.model, device=settings.device)`.
+    when first needed; by default all-MiniLM-L6-v2 run as `settings.embed_backend` says for new collections
+    (each collection keeps the embedder it was created with; `retrievers.encoders.make_embedder`, exported
+    models kept in `settings.model_cache_dir`) and `lm.model.load_model(settings.model, device=settings.device)`.
+    A given `encoder` embeds every collection.
     """
 
     def __init__(self, settings: Settings | None = None, *,
-                 encoder: Callable[[], SentenceEncoder] | None = None,
+                 encoder: Callable[[], Encoder] | None = None,
                  language_model: Callable[[], LanguageModel] | None = None):
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,17 @@ class Service:
             self.store.close()
             raise
         self._reconcile()
-        self.collections = Collections(self.catalog.engine, self, encoder or SentenceEncoder,
-                                       language_model or (lambda: _load_model(self.settings)))
+        language_model = language_model or (lambda: _load_model(self.settings))
+        if encoder is not None:
+            given = Lazy(encoder)
+            self.collections = Collections(self.catalog.engine, self, lambda _name: given(), language_model,
+                                           lambda: encoder_name(given()))
+        else:
+            from retrievers.encoders import embedder_name, make_embedder
+
+            cache = self.settings.model_cache_dir / "embedders"
+            self.collections = Collections(self.catalog.engine, self, lambda name: make_embedder(name, cache),
+                                           language_model, lambda: embedder_name(self.settings.embed_backend))
 
     def create_memory(self, name: str, dim: int, metric: str = "l2", value_kind: str = "none",
                       value_dim: int | None = None, index: str = "flat", **index_params: Any) -> MemoryBackend:

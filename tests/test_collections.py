@@ -107,6 +107,70 @@ def test_a_changed_document_embeds_only_its_changed_chunks_also_after_restart(tm
     service.close()
 
 
+def test_a_collection_keeps_its_embedder_and_the_cache_keys_name_the_backend(tmp_path, tiny_encoder, monkeypatch):
+    """A collection records the embedder (model + backend) it was created with and keeps embedding its
+    chunks and queries with it after MEMSVC_EMBED_BACKEND changes; new collections get the new one; a
+    collection from before the record (NULL) is all-MiniLM-L6-v2 in PyTorch. The same text gets a different
+    embedding cache key under each embedder."""
+    from sqlalchemy import select, update
+    from sqlalchemy.orm import Session
+
+    from memsvc.db.models import ChunkRow, CollectionRow, DocumentRow
+    from retrievers import encoders
+    from retrievers.dense import embedding_key
+
+    made: dict[str, CountingEncoder] = {}
+    monkeypatch.setattr(encoders, "missing_packages", lambda backend: [])
+    monkeypatch.setattr(encoders, "make_embedder",
+                        lambda name, cache_dir: made.setdefault(name, CountingEncoder(tiny_encoder, name)))
+    torch_name, int8_name = "all-MiniLM-L6-v2", "all-MiniLM-L6-v2+openvino-int8"
+    with Service(Settings(data_dir=tmp_path / "data", embed_backend="torch")) as service:
+        service.create_collection("old").upsert([Document("guide.md", GUIDE)])
+    with Service(Settings(data_dir=tmp_path / "data", embed_backend="openvino-int8")) as service:
+        old, new = service.collection("old"), service.create_collection("new")
+        new.upsert([Document("guide.md", GUIDE)])
+        old.upsert([Document("notes.md", "Some notes.")])
+        old.search("notes", k=1, mode="dense")
+        assert made[torch_name].texts[-2:] == ["Some notes.", "notes"] and len(made[torch_name].texts) == 5
+        assert len(made[int8_name].texts) == 3
+        with Session(service.catalog.engine) as session:
+            assert dict(session.execute(select(CollectionRow.name, CollectionRow.embedder)).tuples().all()) == {
+                "old": torch_name, "new": int8_name}
+            keys = {row.id: set(session.scalars(select(ChunkRow.embed_key).join(DocumentRow)
+                                                .where(DocumentRow.collection_id == row.id)))
+                    for row in session.scalars(select(CollectionRow))}
+            session.execute(update(CollectionRow).where(CollectionRow.name == "old").values(embedder=None))
+            session.commit()
+        texts = ["# Guide\n\nIntro to the guide.", "## Install\n\nRun pip install memsvc.", "## Use\n\nCall search."]
+        assert keys[new.row_id] == {embedding_key(int8_name, t) for t in texts}
+        assert keys[old.row_id] == {embedding_key(torch_name, t) for t in [*texts, "Some notes."]}
+    made.clear()
+    with Service(Settings(data_dir=tmp_path / "data", embed_backend="openvino-int8")) as service:
+        assert service.collection("old").search("notes", k=1, mode="dense")[0].document_id == "notes.md"
+        assert list(made) == [torch_name]
+
+
+def test_preload_makes_the_embedder_of_new_collections_in_the_background_once(tmp_path, tiny_encoder, monkeypatch):
+    """What `memsvc serve` does at start (MEMSVC_PRELOAD_MODEL): the embedder is made in a thread, and the
+    first collection uses that one (made once)."""
+    from retrievers import encoders
+
+    made = []
+
+    def slow_make(name, cache_dir):
+        time.sleep(1.0)  # a first int8 build takes minutes
+        made.append(name)
+        return CountingEncoder(tiny_encoder, name)
+
+    monkeypatch.setattr(encoders, "make_embedder", slow_make)
+    with Service(Settings(data_dir=tmp_path / "data", embed_backend="torch")) as service:
+        started = time.perf_counter()
+        service.collections.preload_encoder()
+        assert time.perf_counter() - started < 0.5 and made == []
+        col = service.create_collection("docs")  # waits for the one being made
+        assert made == ["all-MiniLM-L6-v2"] and col.encoder.name == "all-MiniLM-L6-v2"
+
+
 def test_search_by_document_gives_one_hit_per_document(open_service):
     col = open_service().create_collection("docs")
     col.upsert([Document("guide.md", GUIDE.replace("Call search.", "Call pip search.")), *docs()])
@@ -713,7 +777,7 @@ def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, m
     data_dir = tmp_path / "embedded"
     with Service(Settings(data_dir=data_dir), encoder=lambda: tiny_encoder) as service:
         service.create_collection("docs").add_documents(docs())
-    monkeypatch.setattr("memsvc.service.SentenceEncoder", lambda: tiny_encoder)
+    monkeypatch.setattr("retrievers.encoders.make_embedder", lambda name, cache_dir: tiny_encoder)
     monkeypatch.setattr("memsvc.service._load_model", lambda name: talking_llama())
     expected = app.state.service.collection("docs").ask(question, 2, 8)
     for where in (("--url", url), ("--data-dir", str(data_dir))):

@@ -26,7 +26,7 @@ from memsvc.service import Service
 from memsvc.store import Memory
 
 if TYPE_CHECKING:
-    from retrievers.dense import SentenceEncoder
+    from retrievers.dense import Encoder
 
 ROUTERS = (health.router, metrics.router, memories.router, collections.router)
 
@@ -36,7 +36,7 @@ def open_memories(app: FastAPI) -> list[Memory]:
     return app.state.service.store.loaded()
 
 
-def create_app(settings: Settings | None = None, *, encoder: Callable[[], SentenceEncoder] | None = None,
+def create_app(settings: Settings | None = None, *, encoder: Callable[[], Encoder] | None = None,
                language_model: Callable[[], LanguageModel] | None = None) -> FastAPI:
     """The app on `settings`; `encoder` and `language_model` replace the service's embedder and the model
     of `ask` (see `Service`)."""
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, *, encoder: Callable[[], Senten
             app.state.service = service
             if settings.preload_model:  # in the background: the server answers at once, ask says "loading"
                 service.collections.language_model.start()
+                service.collections.preload_encoder()  # collections' requests wait for it (a first int8 build)
             yield
 
     # /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN, so they work offline;

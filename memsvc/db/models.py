@@ -72,6 +72,9 @@ class CollectionRow(Timestamped, Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     memory: Mapped[str] = mapped_column(String(128))
     context: Mapped[str | None] = mapped_column(String(16))  # contextual chunks: "title", "trail" or none
+    # the model and backend its vectors come from (retrievers.encoders.embedder_name); NULL: made before
+    # migration 0005, i.e. all-MiniLM-L6-v2 in PyTorch
+    embedder: Mapped[str | None] = mapped_column(String(128))
 
 
 class DocumentRow(Timestamped, Base):
