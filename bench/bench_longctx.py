@@ -101,6 +101,19 @@ SETTINGS: dict[str, Setting] = {
     "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0)),
     "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0)),
     "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0)),
+    # query groups of 4 (the block default) with other block sizes, counts, positions and groups
+    "block-n8-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8)),
+    "block-b32-g4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8)),
+    "block-b32n16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16)),
+    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16)),
+    "block-hybrid-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid")),
+    "block-g2": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=2)),
+    # blocks ranked by R representative keys (means of runs of 64 / R keys) instead of every key
+    "block-r8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=8)),
+    "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4)),
+    "block-n8-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, rep_keys=4)),
+    "block-b32-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, rep_keys=4)),
+    "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
