@@ -200,47 +200,48 @@ class BlockMemoryAttention:
         pending = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # leaving the window during this forward
         heads_seen = cache_layer.head_mask(q)
         allowed = (seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)) | pending
-        grouped = query[0].view(kv, g, q, d)
-        local = (grouped @ key[0, :, None].transpose(-1, -2) * scaling).masked_fill(~allowed, -torch.inf)
+        local = (query[0].reshape(kv, g * q, d) @ key[0].transpose(-1, -2) * scaling).view(kv, g, q, n)
+        local = local.masked_fill(~allowed, -torch.inf)
         distance = positions[-q:, None] - positions[None, :]
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
 
         group = self.config.query_group or q
         retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
-                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+                                   tokens, positions, scaling, decoding=q == 1) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
         mem_logits = torch.cat([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
         mem_weights = weights[..., n:].split(group, 2)
-        out = weights[..., :n] @ value[0, :, None] + torch.cat(
-            [w @ values[:, None] for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
+        out = per_kv_head(weights[..., :n], value[0]) + torch.cat(
+            [per_kv_head(w, values) for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
     def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
-                 positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor, scaling: float, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [kv, g, q, r] (-inf on empty slots) and values [kv, r, d] of the blocks retrieved for the
         queries [heads, q, d] rotated at positions `at` [q] (some of the view's last positions; `place` frames
-        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty."""
+        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty. `decoding`: the
+        forward is one decoding step (see `fetch`)."""
         heads, q, d = query.shape
         store = self.stores[layer]
         if not store.count:
             kv = self.cache.layers[layer].keys.shape[1]
             return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
         kv = store.keys.shape[0]
-        rotated, values, valid, nearest = self.fetch(layer, query, at, tokens, positions)
-        logits = query.reshape(kv, heads // kv, q, d) @ rotated[:, None].transpose(-1, -2) * scaling
+        rotated, values, valid, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
+        logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2)) * scaling
         self.max_distance = max(self.max_distance, int(positions[-1] - nearest))
         return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values
 
     def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
-              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+              positions: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The retrieved keys rotated into place [kv, r, d] and values [kv, r, d] (query dtype), which slots hold
         an entry [kv, r] (bool) and the lowest position used, for queries [heads, q, d] (see `retrieve`).
 
-        Decoding (q = 1) with "ordered" positions reuses a step's retrieval for the next steps of its query
+        Decoding (`decoding`: a forward of one token) with "ordered" positions reuses a step's retrieval for the next steps of its query
         group (`config.query_group` consecutive tokens, as a group of queries inside one forward shares one),
         unless the cache re-based in between; the entries stored since that search are added at their true
         positions (the nearest beyond the window: in range, and below none of the retrieved, which sit before
@@ -248,18 +249,18 @@ class BlockMemoryAttention:
         the reach `check_block_config` requires (a group is at most the cache's period) covers; "hybrid"
         places keys at the range's edge, so it searches at every step."""
         store, offset = self.stores[layer], int(positions[-1] - tokens[-1])
-        last = self.reused.get(layer) if q_is_one(query) else None
+        last = self.reused.get(layer) if decoding else None
         group = min(self.config.query_group, self.cache.period or self.config.query_group)
         if (last is not None and last.offset == offset and int(tokens[-1]) - last.token < group
-                and store.count - last.count <= group):
-            fresh_tokens = store.tokens[last.count:store.count]
-            fresh_at = fresh_tokens + offset
-            fresh = self.cache.rotate(store.keys[:, last.count:store.count].to(query.dtype), fresh_at)
-            kv = fresh.shape[0]
-            nearest = min(last.nearest, int(fresh_at.min())) if len(fresh_tokens) else last.nearest
-            return (torch.cat([last.keys, fresh], 1),
-                    torch.cat([last.values, store.values[:, last.count:store.count].to(query.dtype)], 1),
-                    torch.cat([last.valid, last.valid.new_ones(kv, len(fresh_tokens))], 1), nearest)
+                and store.count - last.count < group):  # the stored since fill slots r .. r + group - 2
+            fresh_at = store.tokens[last.count:store.count] + offset
+            end = last.r + len(fresh_at)
+            last.keys[:, last.r:end] = self.cache.rotate(store.keys[:, last.count:store.count].to(query.dtype),
+                                                         fresh_at)
+            last.values[:, last.r:end] = store.values[:, last.count:store.count]
+            last.valid[:, last.r:end] = True
+            nearest = min(last.nearest, int(fresh_at.min())) if len(fresh_at) else last.nearest
+            return last.keys, last.values, last.valid, nearest
         heads, _, d = query.shape
         kv = store.keys.shape[0]
         frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
@@ -271,8 +272,11 @@ class BlockMemoryAttention:
         r = placed.shape[1]
         rotated = self.cache.rotate(keys.to(query.dtype).reshape(kv * r, d), placed.reshape(-1)).view(kv, r, d)
         values, nearest = values.to(query.dtype), int(placed[valid].min())
-        if q_is_one(query) and self.config.query_group > 1 and self.config.positions == "ordered":
-            self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, rotated, values, valid, nearest)
+        if decoding and group > 1 and self.config.positions == "ordered":  # room for group - 1 more
+            spare = (kv, group - 1)
+            rotated, values = (torch.cat([x, x.new_zeros(*spare, d)], 1) for x in (rotated, values))
+            valid = torch.cat([valid, valid.new_zeros(spare)], 1)
+            self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, r, rotated, values, valid, nearest)
         return rotated, values, valid, nearest
 
     def place(self, found: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
@@ -299,21 +303,24 @@ class BlockMemoryAttention:
 @dataclass(frozen=True)
 class Retrieval:
     """One decoding step's retrieval at a layer, reused by the next steps of its query group: the query's stream
-    index and position - stream index offset, the entries stored then, the rotated keys and values [kv, r, d],
-    which slots hold an entry [kv, r] and the lowest position used."""
+    index and position - stream index offset, the entries stored then, the r slots retrieved, the rotated keys
+    and values [kv, r + group - 1, d] (the last group - 1 slots for entries stored later), which slots hold an
+    entry [kv, r + group - 1] and the lowest position used."""
 
     token: int
     offset: int
     count: int
+    r: int
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
     nearest: int
 
 
-def q_is_one(query: torch.Tensor) -> bool:
-    """Whether query [heads, q, d] is one decoding step's (q = 1)."""
-    return query.shape[1] == 1
+def per_kv_head(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [kv, g, q, m] @ b [kv, m, d] -> [kv, g, q, d], as one batched matmul per KV head (no broadcast copies)."""
+    kv, g, q, m = a.shape
+    return (a.reshape(kv, g * q, m) @ b).view(kv, g, q, b.shape[-1])
 
 
 def check_block_config(model: PreTrainedModel, cache: Cache, config: KnnConfig, gate: MemoryBias | None) -> KnnConfig:
