@@ -83,36 +83,30 @@ SETTINGS: dict[str, Setting] = {
     "full": Setting(Full()),
     "window": Setting(Window(WINDOW)),
     "sinks": Setting(SINKS_POLICY),
-    "knn": Setting(SINKS_POLICY, KnnConfig(k=32)),
-    "knn-k8": Setting(SINKS_POLICY, KnnConfig(k=8)),
-    "knn-k128": Setting(SINKS_POLICY, KnnConfig(k=128)),
-    "knn-every3": Setting(SINKS_POLICY, KnnConfig(k=32, layers=EVERY_THIRD)),
-    "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(k=32), index="hnsw"),
-    "knn-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, positions="none")),
-    "knn-edge": Setting(SINKS_POLICY, KnnConfig(k=32, positions="window")),
-    "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
-    "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
-    # block memory (lm.blocks): 64-token blocks, 4 retrieved per forward (or per 4 queries: -g4), layer and KV
-    # head (256 tokens), max representative, ordered positions
-    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0)),
-    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4)),
+    "knn": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32)),
+    "knn-k8": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=8)),
+    "knn-k128": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=128)),
+    "knn-every3": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, layers=EVERY_THIRD)),
+    "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32), index="hnsw"),
+    "knn-nopos": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, positions="none")),
+    "knn-edge": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, positions="window")),
+    "knn-gated": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, mode="gated")),
+    "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, mode="gated", positions="none")),
+    # block memory (lm.blocks), every key ranking its block (rep_keys 0): 64-token blocks, 4 retrieved per forward
+    # (or per 4 queries: -g4), layer and KV head (256 tokens), max representative, ordered positions
+    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0, rep_keys=0)),
+    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4, rep_keys=0)),
     "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean", query_group=0)),
-    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0)),
-    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0)),
-    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0)),
-    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0)),
-    # query groups of 4 (the block default) with other block sizes, counts, positions and groups
-    "block-n8-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8)),
-    "block-b32-g4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8)),
-    "block-b32n16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16)),
-    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16)),
-    "block-hybrid-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid")),
-    "block-g2": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=2)),
-    # blocks ranked by R representative keys (means of runs of 64 / R keys) instead of every key
-    "block-r8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=8)),
+    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0,
+                                                    rep_keys=0)),
+    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0,
+                                                 rep_keys=0)),
+    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0, rep_keys=0)),
+    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0, rep_keys=0)),
+    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16, rep_keys=0)),
+    # 4 representative keys per block (means of runs of B / 4 keys): the old default's shape, and the new default
+    # (blocks of 32, 16 retrieved per 4 queries: 512 tokens; KnnConfig() / --memory-blocks 32)
     "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4)),
-    "block-n8-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, rep_keys=4)),
-    "block-b32-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, rep_keys=4)),
     "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4)),
 }
 

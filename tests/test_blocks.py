@@ -207,12 +207,11 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=-1)}, "memory_blocks"),
     ({"config": KnnConfig(blocks=4, positions="none")}, "positions"),
     ({"config": KnnConfig(blocks=4, positions="sideways")}, "positions"),
-    ({"config": KnnConfig(positions="ordered")}, "positions"),  # per-token retrieval has no ordered positions
+    ({"config": KnnConfig(blocks=0, positions="ordered")}, "positions"),  # per-token retrieval has no ordered positions
     ({"config": KnnConfig(blocks=4, top_blocks=0)}, "top_blocks"),
     ({"config": KnnConfig(blocks=4, representative="median")}, "representative"),
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
     ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
-    ({"config": KnnConfig(blocks=4, rep_keys=2, representative="mean")}, "rep_keys"),
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
@@ -223,15 +222,17 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
 ])
 def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field):
     cache = BoundedCache(short_model, bad.get("policy", Window(8, 2)))
-    config = bad.get("config", KnnConfig(blocks=4, mode="gated"))
+    config = bad.get("config", KnnConfig(blocks=4, top_blocks=4, mode="gated"))
     with pytest.raises(InvalidInput) as err, attach(short_model, cache, config, bad.get("memory"), bad.get("gate")):
         pytest.fail("the session must not start")
     assert err.value.field == field
     assert short_model.config._attn_implementation == "sdpa" and cache.on_evict is None
 
 
-def test_default_positions_follow_the_kind_of_memory():
-    assert KnnConfig().positions == "absolute" and KnnConfig(blocks=64).positions == "ordered"
+def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
+    default = KnnConfig()
+    assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
+    assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 
 # --- the command line: bad block options fail before the model loads ---------------------------------
