@@ -83,6 +83,7 @@ SETTINGS: dict[str, Setting] = {
     "full": Setting(Full()),
     "window": Setting(Window(WINDOW)),
     "sinks": Setting(SINKS_POLICY),
+    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (block memory, = block-b32n16-r4)
     "knn": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32)),
     "knn-k8": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=8)),
     "knn-k128": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=128)),
@@ -128,7 +129,7 @@ def save(name: str, data: dict) -> None:
 
 @app.command()
 def perplexity(settings: Annotated[str, typer.Option(help="comma-separated settings")]
-               = "full,window,sinks,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
+               = "full,window,sinks,memory,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
                files: Annotated[str, typer.Option(help="docs pages (library/NAME.rst.txt)")] = ",".join(TEST_FILES),
                skip: int = 256, out: str = "longctx_perplexity",
                merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False) -> None:
@@ -169,7 +170,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
     for name, per_file in results.items():
         cells = " | ".join(f"{per_file[p]['perplexity']:.2f}" for p in pages)
         recovered = f"{100 * (base - ppl[name]) / (base - full):.0f}%" \
-            if base is not None and full is not None and name.startswith(("knn", "block")) else ""
+            if base is not None and full is not None and name.startswith(("knn", "block", "memory")) else ""
         speed = np.mean([per_file[p]["tokens_per_s"] for p in pages])
         print(f"| {name} | {cells} | {ppl[name]:.2f} | {recovered} | {speed:.0f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -188,7 +189,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
 
 
 @app.command()
-def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
+def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "1000,3000,8000,12000",
            depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
            page: str = "multiprocessing", out: str = "longctx_needle",
@@ -234,7 +235,7 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
 
 
 @app.command()
-def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-every3",
+def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw,knn-every3",
            lengths: Annotated[str, typer.Option()] = "1024,2048,4096,8192,16384,32768",
            steps: Annotated[int, typer.Option(help="decode steps timed at each length")] = 32,
            out: str = "longctx_decode",

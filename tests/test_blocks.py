@@ -265,6 +265,8 @@ def cli(*args):
     (["--memory-blocks", -2], "memory blocks must be a positive number"),
     (["--memory-blocks", 64, "--positions", "sideways"], "positions must be one of"),
     (["--memory-blocks", 64, "--retrieved-blocks", 0], "retrieved blocks must be a positive integer"),
+    (["--memory-blocks", 30], "representative keys per block must be 0 (every key) or divide the block size (30)"),
+    (["--rep-keys", -1], "representative keys per block must be 0"),
 ])
 @pytest.mark.parametrize("command", ["eval-long", "generate"])
 def test_cli_rejects_bad_block_options_before_loading_the_model(no_model_load, tmp_path, args, message, command):
