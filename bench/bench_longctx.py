@@ -86,24 +86,32 @@ SETTINGS: dict[str, Setting] = {
     "full": Setting(Full()),
     "window": Setting(Window(WINDOW)),
     "sinks": Setting(SINKS_POLICY),
-    "knn": Setting(SINKS_POLICY, KnnConfig(k=32)),
-    "knn-k8": Setting(SINKS_POLICY, KnnConfig(k=8)),
-    "knn-k128": Setting(SINKS_POLICY, KnnConfig(k=128)),
-    "knn-every3": Setting(SINKS_POLICY, KnnConfig(k=32, layers=EVERY_THIRD)),
-    "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(k=32), index="hnsw"),
-    "knn-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, positions="none")),
-    "knn-edge": Setting(SINKS_POLICY, KnnConfig(k=32, positions="window")),
-    "knn-gated": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated")),
-    "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(k=32, mode="gated", positions="none")),
-    # block memory (lm.blocks): 64-token blocks, 4 retrieved per forward (or per 4 queries: -g4), layer and KV
-    # head (256 tokens), max representative, ordered positions
-    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0)),
-    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4)),
+    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (block memory, = block-b32n16-r4)
+    "knn": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32)),
+    "knn-k8": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=8)),
+    "knn-k128": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=128)),
+    "knn-every3": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, layers=EVERY_THIRD)),
+    "knn-hnsw": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32), index="hnsw"),
+    "knn-nopos": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, positions="none")),
+    "knn-edge": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, positions="window")),
+    "knn-gated": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, mode="gated")),
+    "knn-gated-nopos": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32, mode="gated", positions="none")),
+    # block memory (lm.blocks), every key ranking its block (rep_keys 0): 64-token blocks, 4 retrieved per forward
+    # (or per 4 queries: -g4), layer and KV head (256 tokens), max representative, ordered positions
+    "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0, rep_keys=0)),
+    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4, rep_keys=0)),
     "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean", query_group=0)),
-    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0)),
-    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0)),
-    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0)),
-    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0)),
+    "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0,
+                                                    rep_keys=0)),
+    "block-abs": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="absolute", query_group=0,
+                                                 rep_keys=0)),
+    "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0, rep_keys=0)),
+    "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0, rep_keys=0)),
+    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16, rep_keys=0)),
+    # 4 representative keys per block (means of runs of B / 4 keys): the old default's shape, and the new default
+    # (blocks of 32, 16 retrieved per 4 queries: 512 tokens; KnnConfig() / --memory-blocks 32)
+    "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4)),
+    "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -154,7 +162,7 @@ def save(name: str, data: dict) -> None:
 
 @app.command()
 def perplexity(settings: Annotated[str, typer.Option(help="comma-separated settings")]
-               = "full,window,sinks,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
+               = "full,window,sinks,memory,knn,knn-nopos,knn-k8,knn-k128,knn-every3",
                files: Annotated[str, typer.Option(help="docs pages (library/NAME.rst.txt)")] = ",".join(TEST_FILES),
                skip: int = 256, out: str = "longctx_perplexity",
                merge: Annotated[bool, typer.Option(help="add to the settings already saved in OUT")] = False) -> None:
@@ -195,7 +203,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
     for name, per_file in results.items():
         cells = " | ".join(f"{per_file[p]['perplexity']:.2f}" for p in pages)
         recovered = f"{100 * (base - ppl[name]) / (base - full):.0f}%" \
-            if base is not None and full is not None and name.startswith(("knn", "block")) else ""
+            if base is not None and full is not None and name.startswith(("knn", "block", "memory")) else ""
         speed = np.mean([per_file[p]["tokens_per_s"] for p in pages])
         print(f"| {name} | {cells} | {ppl[name]:.2f} | {recovered} | {speed:.0f} |")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -214,7 +222,7 @@ def report_perplexity(results: dict, pages: list[str], skip: int, out: str) -> N
 
 
 @app.command()
-def needle(settings: Annotated[str, typer.Option()] = "full,sinks,knn",
+def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = "1000,3000,8000,12000",
            depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
            page: str = "multiprocessing", out: str = "longctx_needle",
@@ -276,7 +284,7 @@ def label(name: str, url: str | None) -> str:
 
 
 @app.command()
-def decode(settings: Annotated[str, typer.Option()] = "sinks,knn,knn-hnsw,knn-every3",
+def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw,knn-every3",
            lengths: Annotated[str, typer.Option()] = "1024,2048,4096,8192,16384,32768",
            steps: Annotated[int, typer.Option(help="decode steps timed at each length")] = 32,
            out: str = "longctx_decode",

@@ -66,7 +66,7 @@ def main(policies: Annotated[str, typer.Option(help="comma-separated policy name
     for name in policies.split(","):
         policy = policy_at(name, budget)
         row = {"policy": name, "options": {"budget": policy.budget, **{k: getattr(policy, k) for k in OPTIONS[name]}}}
-        for knn in (None, KnnConfig(k=32)) if name != "full" else (None,):
+        for knn in (None, KnnConfig(blocks=0, k=32)) if name != "full" else (None,):
             tag = "" if knn is None else "knn_"
             results = {p: evaluate_stream(model, streams[p], policy, knn=knn,
                                           memory=session_memory(model) if knn else None)

@@ -12,7 +12,8 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
 - Retrieve: once per layer and forward (a block of q queries, or one decoded token), for every KV head
   at once: the queries are put in one frame (as if every memory key sat just past the window, at a
   distance of the cache budget), averaged over the q queries, and scored against each block by its
-  representative ("max": the best score over all the block's keys; "mean": the score of its mean key),
+  representative ("max": the best score over all the block's keys, or over its `rep_keys` representative
+  keys, the means of equal runs of its keys; "mean": the score of its mean key),
   summed over the group's query heads; the `top_blocks` best blocks are attended whole.
 - Position: the retrieved keys are rotated at attention time (`KnnConfig.positions`):
   "ordered" (InfLLM's fixed distance): the retrieved tokens, in stream order, take the positions just
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -47,13 +49,18 @@ from memsvc.contract import InvalidInput
 
 class BlockStore:
     """One layer's evicted entries: pre-RoPE keys and values [kv heads, n, d] in `dtype`, stream indices [n];
-    entry i belongs to block i // `block`; the mean key of every full block is kept (float32)."""
+    entry i belongs to block i // `block`; the mean key of every full block is kept (float32), and with
+    `rep_keys` R > 0 the R representative keys of every full block (float32 means of its runs of block / R
+    consecutive keys), so that "max" scoring reads n / (block / R) float32 keys instead of converting all n."""
 
-    def __init__(self, block: int, dtype: torch.dtype):
-        self.block, self.dtype = block, dtype
+    def __init__(self, block: int, dtype: torch.dtype, rep_keys: int = 0):
+        if rep_keys < 0 or (rep_keys and block % rep_keys):
+            raise InvalidInput(f"representative keys per block must be 0 or divide the block ({block}), got "
+                               f"{rep_keys}", "rep_keys")
+        self.block, self.dtype, self.rep_keys = block, dtype, rep_keys
         self.count = 0
         self.last_token = -1  # the newest stream index stored
-        self.keys = self.values = self.means = None
+        self.keys = self.values = self.means = self.reps = None
         self.tokens = torch.zeros(0, dtype=torch.long)
 
     @property
@@ -77,21 +84,28 @@ class BlockStore:
         if full > full_before:
             done = self.keys[:, full_before * self.block:full * self.block].float()
             self.means[:, full_before:full] = done.view(kv, full - full_before, self.block, d).mean(2)
+            if self.rep_keys:
+                runs = self.rep_keys * (full - full_before)
+                self.reps[:, full_before * self.rep_keys:full * self.rep_keys] = done.view(kv, runs, -1, d).mean(2)
 
     def _allocate(self, kv: int, d: int, capacity: int, device: torch.device) -> None:
         capacity = math.ceil(capacity / self.block) * self.block
         keys = torch.empty(kv, capacity, d, dtype=self.dtype, device=device)
         values, means = torch.empty_like(keys), torch.empty(kv, capacity // self.block, d, device=device)
+        reps = torch.empty(kv, capacity // self.block * self.rep_keys, d, device=device) if self.rep_keys else None
         tokens = torch.empty(capacity, dtype=torch.long, device=device)
         if self.keys is not None:
             keys[:, :self.count], values[:, :self.count] = self.keys[:, :self.count], self.values[:, :self.count]
             full = self.count // self.block
             means[:, :full], tokens[:self.count] = self.means[:, :full], self.tokens[:self.count]
-        self.keys, self.values, self.means, self.tokens = keys, values, means, tokens
+            if self.rep_keys:
+                reps[:, :full * self.rep_keys] = self.reps[:, :full * self.rep_keys]
+        self.keys, self.values, self.means, self.reps, self.tokens = keys, values, means, reps, tokens
 
     def scores(self, query: torch.Tensor, representative: str) -> torch.Tensor:
         """Each block's score [kv, blocks] for queries [kv, g, d] (float32), summed over the g query heads:
-        "max" = the best query-key product over the block's keys, "mean" = the product with its mean key."""
+        "max" = the best query-key product over the block's keys (with `rep_keys`: over its representative
+        keys; a partial newest block over its keys), "mean" = the product with its mean key."""
         kv, g, _ = query.shape
         full, nb = self.count // self.block, self.num_blocks
         if representative == "mean":
@@ -99,6 +113,13 @@ class BlockStore:
             if nb > full:
                 reps = torch.cat([reps, self.keys[:, full * self.block:self.count].float().mean(1, keepdim=True)], 1)
             return (query @ reps.transpose(-1, -2)).sum(1)
+        if self.rep_keys:
+            logits = query @ self.reps[:, :full * self.rep_keys].transpose(-1, -2)  # [kv, g, full * R]
+            scores = logits.view(kv, g, full, self.rep_keys).amax(-1).sum(1)
+            if nb > full:
+                partial = query @ self.keys[:, full * self.block:self.count].float().transpose(-1, -2)
+                scores = torch.cat([scores, partial.amax(-1).sum(1, keepdim=True)], 1)
+            return scores
         logits = query @ self.keys[:, :self.count].float().transpose(-1, -2)  # [kv, g, n]
         logits = torch.nn.functional.pad(logits, (0, nb * self.block - self.count), value=-torch.inf)
         return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
@@ -115,12 +136,13 @@ class BlockStore:
                 self.tokens[slots], valid)
 
     def nbytes(self) -> int:
-        """Bytes of the stored entries (keys, values, stream indices; block means), not counting spare capacity."""
+        """Bytes of the stored entries (keys, values, stream indices; block means and representative keys), not
+        counting spare capacity."""
         if self.keys is None:
             return 0
         kv, _, d = self.keys.shape
         return (self.count * (2 * kv * d * self.keys.element_size() + self.tokens.element_size())
-                + (self.count // self.block) * kv * d * 4)
+                + (self.count // self.block) * (1 + self.rep_keys) * kv * d * 4)
 
 
 class BlockMemoryAttention:
@@ -142,10 +164,12 @@ class BlockMemoryAttention:
         self.layers = set(config.layers)
         self.gate = None if config.mode == "joint" else gate if gate is not None else MemoryBias.initial(model)
         dtype = getattr(torch, config.precision)
-        self.stores = {layer: BlockStore(config.blocks, dtype) for layer in self.layers}
+        self.stores = {layer: BlockStore(config.blocks, dtype, config.rep_keys) for layer in self.layers}
         self.trained = model.config.get_text_config(decoder=True).max_position_embeddings
         self.retrieved = config.blocks * config.top_blocks  # the most tokens one forward retrieves per KV head
         self.max_distance = 0  # the largest query-key position distance any attention of the session used
+        self.reused: dict[int, Retrieval] = {}  # per layer: the last decoding step's retrieval (see `fetch`)
+        self.searches = 0  # block searches run (all layers)
 
     @property
     def stored(self) -> dict[int, int]:
@@ -176,46 +200,84 @@ class BlockMemoryAttention:
         pending = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # leaving the window during this forward
         heads_seen = cache_layer.head_mask(q)
         allowed = (seen if heads_seen is None else seen & heads_seen.view(kv, g, 1, n)) | pending
-        grouped = query[0].view(kv, g, q, d)
-        local = (grouped @ key[0, :, None].transpose(-1, -2) * scaling).masked_fill(~allowed, -torch.inf)
+        local = (query[0].reshape(kv, g * q, d) @ key[0].transpose(-1, -2) * scaling).view(kv, g, q, n)
+        local = local.masked_fill(~allowed, -torch.inf)
         distance = positions[-q:, None] - positions[None, :]
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
 
         group = self.config.query_group or q
         retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
-                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+                                   tokens, positions, scaling, decoding=q == 1) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
         mem_logits = torch.cat([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
         mem_weights = weights[..., n:].split(group, 2)
-        out = weights[..., :n] @ value[0, :, None] + torch.cat(
-            [w @ values[:, None] for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
+        out = per_kv_head(weights[..., :n], value[0]) + torch.cat(
+            [per_kv_head(w, values) for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
 
     def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
-                 positions: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor, scaling: float, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [kv, g, q, r] (-inf on empty slots) and values [kv, r, d] of the blocks retrieved for the
         queries [heads, q, d] rotated at positions `at` [q] (some of the view's last positions; `place` frames
-        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty."""
+        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty. `decoding`: the
+        forward is one decoding step (see `fetch`)."""
         heads, q, d = query.shape
         store = self.stores[layer]
         if not store.count:
             kv = self.cache.layers[layer].keys.shape[1]
             return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
         kv = store.keys.shape[0]
+        rotated, values, valid, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
+        logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2)) * scaling
+        self.max_distance = max(self.max_distance, int(positions[-1] - nearest))
+        return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values
+
+    def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
+              positions: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The retrieved keys rotated into place [kv, r, d] and values [kv, r, d] (query dtype), which slots hold
+        an entry [kv, r] (bool) and the lowest position used, for queries [heads, q, d] (see `retrieve`).
+
+        Decoding (`decoding`: a forward of one token) with "ordered" positions reuses a step's retrieval for the next steps of its query
+        group (`config.query_group` consecutive tokens, as a group of queries inside one forward shares one),
+        unless the cache re-based in between; the entries stored since that search are added at their true
+        positions (the nearest beyond the window: in range, and below none of the retrieved, which sit before
+        the window). The retrieved keys then sit up to group - 1 positions farther than at the search, which
+        the reach `check_block_config` requires (a group is at most the cache's period) covers; "hybrid"
+        places keys at the range's edge, so it searches at every step."""
+        store, offset = self.stores[layer], int(positions[-1] - tokens[-1])
+        last = self.reused.get(layer) if decoding else None
+        group = min(self.config.query_group, self.cache.period or self.config.query_group)
+        if (last is not None and last.offset == offset and int(tokens[-1]) - last.token < group
+                and store.count - last.count < group):  # the stored since fill slots r .. r + group - 2
+            fresh_at = store.tokens[last.count:store.count] + offset
+            end = last.r + len(fresh_at)
+            last.keys[:, last.r:end] = self.cache.rotate(store.keys[:, last.count:store.count].to(query.dtype),
+                                                         fresh_at)
+            last.values[:, last.r:end] = store.values[:, last.count:store.count]
+            last.valid[:, last.r:end] = True
+            nearest = min(last.nearest, int(fresh_at.min())) if len(fresh_at) else last.nearest
+            return last.keys, last.values, last.valid, nearest
+        heads, _, d = query.shape
+        kv = store.keys.shape[0]
         frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
         scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative)
+        self.searches += 1
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
         placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
         r = placed.shape[1]
         rotated = self.cache.rotate(keys.to(query.dtype).reshape(kv * r, d), placed.reshape(-1)).view(kv, r, d)
-        logits = query.reshape(kv, heads // kv, q, d) @ rotated[:, None].transpose(-1, -2) * scaling
-        self.max_distance = max(self.max_distance, int(positions[-1] - placed[valid].min()))
-        return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values.to(query.dtype)
+        values, nearest = values.to(query.dtype), int(placed[valid].min())
+        if decoding and group > 1 and self.config.positions == "ordered":  # room for group - 1 more
+            spare = (kv, group - 1)
+            rotated, values = (torch.cat([x, x.new_zeros(*spare, d)], 1) for x in (rotated, values))
+            valid = torch.cat([valid, valid.new_zeros(spare)], 1)
+            self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, r, rotated, values, valid, nearest)
+        return rotated, values, valid, nearest
 
     def place(self, found: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
               newest_stored: int) -> torch.Tensor:
@@ -234,7 +296,31 @@ class BlockMemoryAttention:
 
     def close(self) -> None:
         """End the session: drop its stores."""
-        self.stores = {layer: BlockStore(store.block, store.dtype) for layer, store in self.stores.items()}
+        self.reused = {}
+        self.stores = {layer: BlockStore(store.block, store.dtype, store.rep_keys) for layer, store in self.stores.items()}
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """One decoding step's retrieval at a layer, reused by the next steps of its query group: the query's stream
+    index and position - stream index offset, the entries stored then, the r slots retrieved, the rotated keys
+    and values [kv, r + group - 1, d] (the last group - 1 slots for entries stored later), which slots hold an
+    entry [kv, r + group - 1] and the lowest position used."""
+
+    token: int
+    offset: int
+    count: int
+    r: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    nearest: int
+
+
+def per_kv_head(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [kv, g, q, m] @ b [kv, m, d] -> [kv, g, q, d], as one batched matmul per KV head (no broadcast copies)."""
+    kv, g, q, m = a.shape
+    return (a.reshape(kv, g * q, m) @ b).view(kv, g, q, b.shape[-1])
 
 
 def check_block_config(model: PreTrainedModel, cache: Cache, config: KnnConfig, gate: MemoryBias | None) -> KnnConfig:

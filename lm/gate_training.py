@@ -33,7 +33,7 @@ def train_gate(model: PreTrainedModel, documents: list[torch.Tensor], *, window:
     gate = Gate.initial(model)
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
     model.requires_grad_(False)
-    config = KnnConfig(k=k, mode="gated", positions=positions)
+    config = KnnConfig(blocks=0, k=k, mode="gated", positions=positions)
     curve: list[dict[str, float]] = []
     started = time.perf_counter()
     for epoch in range(epochs):

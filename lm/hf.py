@@ -124,4 +124,4 @@ def memory_attention(model: PreTrainedModel, window: int = DEFAULT_WINDOW, sinks
     at `layers` (default: all) the top-k of the evicted entries, retrieved from `memory` (see
     `lm.memory_attention`). A context manager; InvalidInput as `bounded_cache`."""
     return bounded_cache(model, Window(window, sinks) if policy is None else policy,
-                         knn=KnnConfig(layers=layers, k=k, mode=mode), memory=memory, gate=gate)
+                         knn=KnnConfig(blocks=0, layers=layers, k=k, mode=mode), memory=memory, gate=gate)

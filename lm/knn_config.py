@@ -4,13 +4,18 @@
 before torch or the model loads; `lm.memory_attention.check_config` adds the checks against the model
 and cache (layer indices, the trained range).
 
-Two memories share this config:
+Two memories share this config; the default is block memory, blocks of 32 tokens, 16 retrieved per group of
+4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
+94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
   contiguous blocks of B tokens; each block of queries retrieves its `top_blocks` best blocks whole
   (ranked by `representative`: "max" = the best query-key score over all the block's keys, "mean" = the
-  score of the block's mean key; every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  score of the block's mean key; with `rep_keys` R > 0, "max" scores each block by R representative keys
+  ("mean" ignores R),
+  the means of its R runs of B / R consecutive keys, so a search costs N / (B / R) products instead of N;
+  every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -41,14 +46,15 @@ class KnnConfig:
     """Which layers retrieve, how much, how it combines, and how retrieved keys are positioned (see above)."""
 
     layers: Sequence[int] | None = None  # None: every layer
-    k: int = 32  # per-token retrieval: entries per query
+    k: int = 32  # per-token retrieval (blocks = 0): entries per query
     mode: Mode = "joint"
     positions: Positions | None = None  # None: "absolute" for per-token retrieval, "ordered" for block memory
-    blocks: int = 0  # tokens per memory block; 0: per-token retrieval
-    top_blocks: int = 4  # block memory: blocks retrieved per block of queries, per layer and KV head
+    blocks: int = 32  # tokens per memory block; 0: per-token retrieval
+    top_blocks: int = 16  # block memory: blocks retrieved per group of queries, per layer and KV head
     representative: Representative = "max"  # block memory: how a block is ranked
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
     query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
+    rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -82,6 +88,9 @@ def check_options(config: KnnConfig) -> None:
     if not _whole(config.query_group) or config.query_group < 0:
         raise InvalidInput(f"query group must be a non-negative integer (0: the whole forward), got "
                            f"{config.query_group!r}", "query_group")
+    if not _whole(config.rep_keys) or config.rep_keys < 0 or (config.rep_keys and config.blocks % config.rep_keys):
+        raise InvalidInput(f"representative keys per block must be 0 (every key) or divide the block size "
+                           f"({config.blocks}), got {config.rep_keys!r}", "rep_keys")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

@@ -71,7 +71,8 @@ def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, toke
         assert seen["tokens"] == list(range(2, N - 8))
 
 
-@pytest.mark.parametrize("positions, query_group", [("ordered", 0), ("hybrid", 0), ("absolute", 0), ("ordered", 3)])
+@pytest.mark.parametrize("positions, query_group", [("ordered", 0), ("hybrid", 0), ("absolute", 0), ("ordered", 3),
+                                                    ("hybrid", 4)])
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token):
     """Reference: full attention. With no sinks, all of the history retrieved and in-range true distances,
@@ -92,6 +93,20 @@ def test_a_few_blocks_change_what_the_window_predicts(model, ids):
     grouped = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=1))
     assert not torch.allclose(grouped, some, atol=1e-3)  # each query retrieves its own blocks, as in decoding
     assert grouped[0, :10].allclose(one_query[0, :10], atol=1e-5)  # nothing evicted yet: the same
+
+
+def test_decoding_searches_once_per_query_group(model, ids):
+    """Window 8 + 2 sinks: memory holds entries from token 10 on, so 50 decoding steps at each of 2 layers search;
+    with query groups of 4 a step's blocks serve the next 3 steps too, and a re-base of the cache's positions
+    (period 10: before tokens 19, 29, ..., 59) starts a new group: searches at tokens 10, 14, 18, 19, 23, 27, 29,
+    33, 37, 39, 43, 47, 49, 53, 57, 59."""
+    searches, logits = {}, {}
+    for group in (1, 4):
+        logits[group] = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=group),
+                            token_by_token=True, inspect=lambda session, cache, g=group: searches.update({g: session.searches}))
+    assert searches == {1: 2 * 50, 4: 2 * 16}
+    assert torch.allclose(logits[4][0, :11], logits[1][0, :11], atol=1e-5)  # the first search is the same one
+    assert not torch.allclose(logits[4], logits[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("positions", ["ordered", "hybrid"])
@@ -153,6 +168,31 @@ def test_block_scores_are_max_and_mean_of_each_blocks_keys():
     assert torch.equal(v[1, :3], 2 * keys[1, 3:6]) and torch.equal(k[1, 3], keys[1, 6])
 
 
+def test_representative_keys_score_a_block_by_its_best_run_mean():
+    store = BlockStore(block=4, dtype=torch.float16, rep_keys=2)  # runs of 2 keys; fp16 entries, fp32 means
+    keys = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(8)).half()
+    for start, end in ((0, 3), (3, 9), (9, 10)):  # additions that cross run and block boundaries
+        store.add(torch.arange(start, end), keys[:, start:end], keys[:, start:end])
+    query = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(9))
+    runs = [[range(2), range(2, 4)], [range(4, 6), range(6, 8)], [range(8, 9), range(9, 10)]]  # block 2: partial
+    scores = store.scores(query, "max")
+    assert scores.shape == (2, 3) and store.reps.dtype == torch.float32
+    for h in range(2):
+        for b, block in enumerate(runs):
+            expected = sum(max(float(query[h, i] @ keys[h, list(run)].float().mean(0)) for run in block)
+                           for i in range(3))
+            assert math.isclose(float(scores[h, b]), expected, rel_tol=1e-5, abs_tol=1e-5)
+    assert store.nbytes() == 10 * (2 * 2 * 4 * 2 + 8) + 2 * (1 + 2) * 2 * 4 * 4
+
+
+def test_one_representative_key_per_entry_is_the_exact_max(model, ids):
+    exact = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, precision="float32"))
+    runs_of_one = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, precision="float32", rep_keys=4))
+    assert torch.allclose(runs_of_one, exact, atol=1e-5)
+    coarse = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, precision="float32", rep_keys=1))
+    assert not torch.allclose(coarse, exact, atol=1e-3)  # one mean key per block ranks differently
+
+
 def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     config = KnnConfig(blocks=4, top_blocks=2)
     joint = run(model, ids, Window(8, 2), config)
@@ -167,10 +207,11 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=-1)}, "memory_blocks"),
     ({"config": KnnConfig(blocks=4, positions="none")}, "positions"),
     ({"config": KnnConfig(blocks=4, positions="sideways")}, "positions"),
-    ({"config": KnnConfig(positions="ordered")}, "positions"),  # per-token retrieval has no ordered positions
+    ({"config": KnnConfig(blocks=0, positions="ordered")}, "positions"),  # per-token retrieval has no ordered positions
     ({"config": KnnConfig(blocks=4, top_blocks=0)}, "top_blocks"),
     ({"config": KnnConfig(blocks=4, representative="median")}, "representative"),
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
+    ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
@@ -181,15 +222,17 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
 ])
 def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field):
     cache = BoundedCache(short_model, bad.get("policy", Window(8, 2)))
-    config = bad.get("config", KnnConfig(blocks=4, mode="gated"))
+    config = bad.get("config", KnnConfig(blocks=4, top_blocks=4, mode="gated"))
     with pytest.raises(InvalidInput) as err, attach(short_model, cache, config, bad.get("memory"), bad.get("gate")):
         pytest.fail("the session must not start")
     assert err.value.field == field
     assert short_model.config._attn_implementation == "sdpa" and cache.on_evict is None
 
 
-def test_default_positions_follow_the_kind_of_memory():
-    assert KnnConfig().positions == "absolute" and KnnConfig(blocks=64).positions == "ordered"
+def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
+    default = KnnConfig()
+    assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
+    assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 
 # --- the command line: bad block options fail before the model loads ---------------------------------
@@ -222,6 +265,8 @@ def cli(*args):
     (["--memory-blocks", -2], "memory blocks must be a positive number"),
     (["--memory-blocks", 64, "--positions", "sideways"], "positions must be one of"),
     (["--memory-blocks", 64, "--retrieved-blocks", 0], "retrieved blocks must be a positive integer"),
+    (["--memory-blocks", 30], "representative keys per block must be 0 (every key) or divide the block size (30)"),
+    (["--rep-keys", -1], "representative keys per block must be 0"),
 ])
 @pytest.mark.parametrize("command", ["eval-long", "generate"])
 def test_cli_rejects_bad_block_options_before_loading_the_model(no_model_load, tmp_path, args, message, command):

@@ -57,7 +57,7 @@ def decode_with_memory(model: torch.nn.Module, mode: str, device: torch.device) 
     cache = BoundedCache(model, Window(16, 2))
     memory = session_memory(model)
     gate = Gate.initial(model) if mode == "gated" else None
-    with attach(model, cache, KnnConfig(k=8, mode=mode), memory, gate):
+    with attach(model, cache, KnnConfig(blocks=0, k=8, mode=mode), memory, gate):
         tokens = list(stream_tokens(model, ids, max_new_tokens=6, cache=cache, temperature=1.0, seed=1))
         assert cache.layers[0].keys.device.type == device.type and cache.entries() <= 2 * (16 + 2)
         return tokens, len(memory)
@@ -69,7 +69,7 @@ def test_bf16_on_the_cpu_generates_through_a_bounded_cache_with_memory_attention
     tokens, stored = decode_with_memory(model, mode, torch.device("cpu"))
     assert len(tokens) == 6 and all(0 <= t < model.config.vocab_size for t in tokens)
     assert stored == 2 * 2 * (60 + 5 - 18)  # layers x KV heads x evicted tokens (prompt + 5 fed back)
-    result = evaluate_stream(model, torch.randint(0, 2000, (1, 40)), Window(8, 2), knn=KnnConfig(k=4),
+    result = evaluate_stream(model, torch.randint(0, 2000, (1, 40)), Window(8, 2), knn=KnnConfig(blocks=0, k=4),
                              memory=session_memory(model))
     assert result.nll.dtype.kind == "f" and len(result.nll) == 39 and math.isfinite(result.nll.mean())
 
@@ -82,7 +82,7 @@ def test_on_cuda_generate_memory_attention_eval_long_gate_training_and_knnlm_mat
         tokens, stored = decode_with_memory(model, mode, device)
         assert len(tokens) == 6 and stored > 0
     ids = torch.randint(0, 2000, (1, 40))  # on the CPU: the loops move them to the model's device
-    result = evaluate_stream(model, ids, Window(8, 2), knn=KnnConfig(k=4), memory=session_memory(model))
+    result = evaluate_stream(model, ids, Window(8, 2), knn=KnnConfig(blocks=0, k=4), memory=session_memory(model))
     assert math.isfinite(result.nll.mean())
     gate, curve = train_gate(model.float(), [ids], window=8, sinks=2, k=4, epochs=1)
     assert gate.bias.device.type == "cuda" and curve and math.isfinite(curve[-1]["loss"])

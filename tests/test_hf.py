@@ -132,9 +132,9 @@ def test_a_deep_copy_runs_its_own_weights(model):
 
 @pytest.mark.parametrize("spec, knn", [
     ("window:64,sinks:4", None),
-    ("window:64,sinks:4", KnnConfig()),
+    ("window:64,sinks:4", KnnConfig(blocks=0)),
     ("policy:h2o,budget:96,window:32", None),
-    ("policy:snapkv,budget:96,window:32", KnnConfig(k=4)),
+    ("policy:snapkv,budget:96,window:32", KnnConfig(blocks=0, k=4)),
     ("policy:moving-average,budget:96,sinks:4,window:32,pool:4", None),
 ])
 def test_bounded_cache_generate_gives_the_own_loop_tokens(model, spec, knn):
@@ -149,7 +149,7 @@ def test_memory_attention_generate_gives_the_own_loop_tokens(model):
     """The issue's entry point: the cache made for you, memory attention in, the own loop's tokens (they
     diverged after ~10 tokens when generate's position ids counted stream tokens)."""
     ids = prompt()
-    expected, _ = own_loop(model, ids, Window(64, 4), KnnConfig())
+    expected, _ = own_loop(model, ids, Window(64, 4), KnnConfig(blocks=0))
     memory = session_memory(model)
     with memory_attention(model, window=64, sinks=4, memory=memory) as sequences:
         assert hf_generate(model, ids, do_sample=False) == expected
@@ -180,7 +180,7 @@ def test_a_cache_given_inside_the_block_is_used(model):
 @pytest.mark.parametrize("options, field", [
     ({"policy": "window:8,foo:2"}, "cache"),
     ({"policy": "policy:h2o,budget:4000"}, "budget"),
-    ({"policy": "window:64", "knn": KnnConfig(layers=[7])}, "layers"),
+    ({"policy": "window:64", "knn": KnnConfig(blocks=0, layers=[7])}, "layers"),
 ])
 def test_bad_settings_are_refused_on_entry(model, options, field):
     with pytest.raises(InvalidInput) as err, bounded_cache(model, **options):

@@ -47,13 +47,13 @@ def test_window_losses_are_those_of_token_by_token_decoding(tiny, ids):
 
     model, _ = tiny
     policy = Window(8, 2)
-    result = evaluate_stream(model, ids, policy, knn=KnnConfig(k=4))
+    result = evaluate_stream(model, ids, policy, knn=KnnConfig(blocks=0, k=4))
     assert result.peak_cache_entries == policy.budget
     losses = []
     cache = BoundedCache(model, policy)
     from lm.attention import attach
 
-    with attach(model, cache, KnnConfig(k=4)), torch.inference_mode():
+    with attach(model, cache, KnnConfig(blocks=0, k=4)), torch.inference_mode():
         for i in range(ids.shape[1] - 1):
             logits = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[0, -1]
             losses.append(torch.nn.functional.cross_entropy(logits, ids[0, i + 1]))
@@ -172,7 +172,7 @@ def test_window_without_sinks_fails_the_streamingllm_way_and_memory_recovers(smo
     ids = read_tokens(tokenizer, f"{DOCS}/heapq.rst.txt", 1024)
     ppl = {name: evaluate_stream(model, ids, policy, knn=knn).perplexity(skip=128) for name, policy, knn in [
         ("full", Full(), None), ("window", Window(128), None), ("sinks", Window(128, 4), None),
-        ("memory", Window(128, 4), KnnConfig(k=32))]}
+        ("memory", Window(128, 4), KnnConfig(blocks=0, k=32))]}
     assert ppl["window"] > 1.2 * ppl["sinks"]  # the StreamingLLM failure
     assert ppl["full"] < ppl["memory"] < ppl["sinks"]
     assert (ppl["sinks"] - ppl["memory"]) / (ppl["sinks"] - ppl["full"]) > 0.5
@@ -189,4 +189,4 @@ def test_needle_is_found_through_memory_but_not_by_the_window_alone(smollm2):
     assert prompt.shape[1] > 1200
     assert "tangerine" in tokenizer.decode(prompt[0, :-500]) and "tangerine" not in tokenizer.decode(prompt[0, -500:])
     assert "tangerine-47" not in answer(model, tokenizer, prompt, Window(256, 4))
-    assert "tangerine-47" in answer(model, tokenizer, prompt, Window(256, 4), knn=KnnConfig(k=32))
+    assert "tangerine-47" in answer(model, tokenizer, prompt, Window(256, 4), knn=KnnConfig(blocks=0, k=32))

@@ -48,22 +48,22 @@ def full_attention(model, ids):
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_joint_attention_over_all_of_memory_is_full_attention(model, ids, token_by_token):
     """With k >= everything evicted, window + memory sees every past token at its true logit."""
-    logits = run(model, ids, Window(8), KnnConfig(k=N), token_by_token=token_by_token)
+    logits = run(model, ids, Window(8), KnnConfig(blocks=0, k=N), token_by_token=token_by_token)
     assert torch.allclose(logits, full_attention(model, ids), atol=1e-4)
 
 
 def test_memory_changes_what_a_window_predicts(model, ids):
-    window = run(model, ids, Window(8, 2), KnnConfig(k=4, mode="gated"), gate=gate_of(model, -30.0))
+    window = run(model, ids, Window(8, 2), KnnConfig(blocks=0, k=4, mode="gated"), gate=gate_of(model, -30.0))
     with torch.inference_mode():
         cache = BoundedCache(model, Window(8, 2))
         alone = torch.cat([out.logits for _, out in stream(model, ids, cache)], 1)
     assert torch.allclose(window, alone, atol=1e-5)  # gate closed: memory is ignored
-    assert not torch.allclose(run(model, ids, Window(8, 2), KnnConfig(k=4)), alone, atol=1e-3)
+    assert not torch.allclose(run(model, ids, Window(8, 2), KnnConfig(blocks=0, k=4)), alone, atol=1e-3)
 
 
-@pytest.mark.parametrize("config", [KnnConfig(k=4), KnnConfig(k=4, positions="none"),
-                                    KnnConfig(k=4, positions="window"), KnnConfig(k=4, mode="gated"),
-                                    KnnConfig(k=3, mode="gated", positions="none", layers=[1])])
+@pytest.mark.parametrize("config", [KnnConfig(blocks=0, k=4), KnnConfig(blocks=0, k=4, positions="none"),
+                                    KnnConfig(blocks=0, k=4, positions="window"), KnnConfig(blocks=0, k=4, mode="gated"),
+                                    KnnConfig(blocks=0, k=3, mode="gated", positions="none", layers=[1])])
 def test_blocks_retrieve_what_token_by_token_decoding_retrieves(model, ids, config):
     gate = gate_of(model, 0.5, log_scale=0.2)
     blocks = run(model, ids, Window(8, 2), config, gate=gate)
@@ -75,7 +75,7 @@ def test_evictions_land_in_one_partition_per_layer_and_kv_head_and_leave_with_th
     other = np.ones((3, 16), dtype=np.float32)
     memory.add(other, values=other, partition="someone-else")
     cache = BoundedCache(model, Window(8, 2))
-    with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, session="s7"), torch.inference_mode():
+    with attach(model, cache, KnnConfig(blocks=0, k=4, layers=[1]), memory, session="s7"), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
         parts = {p.name: p.count for p in memory.stats().partitions}
@@ -117,19 +117,19 @@ def test_a_resumed_session_keeps_its_positions_and_layers(model, ids):
 
 def test_the_model_is_restored_after_the_session(model, ids):
     cache = BoundedCache(model, Window(8, 2))
-    with attach(model, cache, KnnConfig()):
+    with attach(model, cache, KnnConfig(blocks=0)):
         assert model.config._attn_implementation == ATTENTION
     assert model.config._attn_implementation == "sdpa" and cache.on_evict is None
     assert not any(hasattr(layer.self_attn, ATTACHED) for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"config": KnnConfig(layers=[2])}, "layers"),
-    ({"config": KnnConfig(layers=[-1])}, "layers"),
-    ({"config": KnnConfig(layers=[])}, "layers"),
-    ({"config": KnnConfig(k=0)}, "k"),
-    ({"config": KnnConfig(mode="sum")}, "memory_mode"),
-    ({"config": KnnConfig(positions="relative")}, "positions"),
+    ({"config": KnnConfig(blocks=0, layers=[2])}, "layers"),
+    ({"config": KnnConfig(blocks=0, layers=[-1])}, "layers"),
+    ({"config": KnnConfig(blocks=0, layers=[])}, "layers"),
+    ({"config": KnnConfig(blocks=0, k=0)}, "k"),
+    ({"config": KnnConfig(blocks=0, mode="sum")}, "memory_mode"),
+    ({"config": KnnConfig(blocks=0, positions="relative")}, "positions"),
     ({"memory": Memory(MemorySpec(name="m", dim=32, metric="ip", value_kind="vector", value_dim=32))}, "memory"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="l2", value_kind="vector", value_dim=16))}, "memory"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="token"))}, "memory"),
@@ -139,7 +139,7 @@ def test_the_model_is_restored_after_the_session(model, ids):
 def test_bad_input_is_rejected_before_any_work(model, bad, field):
     cache = BoundedCache(model, bad.get("policy", Window(8, 2)))
     options = {name: value for name, value in bad.items() if name != "policy"}
-    with pytest.raises(InvalidInput) as err, attach(model, cache, options.pop("config", KnnConfig()), **options):
+    with pytest.raises(InvalidInput) as err, attach(model, cache, options.pop("config", KnnConfig(blocks=0)), **options):
         pytest.fail("the session must not start")
     assert err.value.field == field
     assert model.config._attn_implementation == "sdpa" and cache.on_evict is None

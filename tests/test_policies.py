@@ -86,7 +86,7 @@ def run(model, ids, cache, knn=None, decode=0):
 def test_no_query_sees_more_than_the_budget(model, ids, name, knn):
     """Prefill blocks, then decoding steps: no view handed to attention exceeds the budget (and the cache fills it)."""
     cache = BoundedCache(model, small(name))
-    assert run(model, ids, cache, KnnConfig(k=4) if knn else None, decode=20) == cache.peak_entries == BUDGET
+    assert run(model, ids, cache, KnnConfig(blocks=0, k=4) if knn else None, decode=20) == cache.peak_entries == BUDGET
 
 
 @pytest.mark.parametrize("name", list(SELECTIVE))
@@ -117,7 +117,7 @@ def test_kv_memory_receives_what_the_policy_drops_and_attention_reaches_the_poli
     on 0, the kNN attend path on 1) report their local attention to h2o."""
     cache = BoundedCache(model, small("h2o"))
     memory = session_memory(model)
-    with attach(model, cache, KnnConfig(k=4, layers=[1]), memory, None), torch.inference_mode():
+    with attach(model, cache, KnnConfig(blocks=0, k=4, layers=[1]), memory, None), torch.inference_mode():
         for _ in stream(model, ids, cache):
             pass
         assert len(memory) == 2 * (N - len(cache.layers[1].tokens))  # 2 KV heads

@@ -52,10 +52,14 @@ Positions = Annotated[str | None,
                                         "memory: ordered (in stream order just beyond the window), hybrid (exact "
                                         "inside the trained range, beyond it at its edge), absolute; default "
                                         "ordered")]
-MemoryBlocks = Annotated[int, typer.Option(help="kNN memory in blocks of this many evicted tokens, retrieved "
-                                                "whole (lm.blocks); 0: per-token retrieval")]
-RetrievedBlocks = Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, layer and "
+MemoryBlocks = Annotated[int | None, typer.Option(help="kNN memory in blocks of this many evicted tokens, retrieved "
+                                                       "whole (lm.blocks); 0: per-token retrieval. Default 32; "
+                                                       "per-token (0) with --url, --memory-mode gated or --gate, "
+                                                       "which only per-token memory takes")]
+RetrievedBlocks = Annotated[int, typer.Option(help="block memory: blocks retrieved per group of 4 queries, layer and "
                                                    "KV head")]
+RepKeys = Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs of its keys; "
+                                           "must divide the block size); 0: every key")]
 
 
 def parse_layers(layers: str) -> list[int] | None:
@@ -76,8 +80,8 @@ def eval_long(files: Files,
                                                              "attention retrieves from")] = False,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
               = "joint",
-              k: K = 32, layers: Layers = "all", positions: Positions = None, memory_blocks: MemoryBlocks = 0,
-              retrieved_blocks: RetrievedBlocks = 4,
+              k: K = 32, layers: Layers = "all", positions: Positions = None, memory_blocks: MemoryBlocks = None,
+              retrieved_blocks: RetrievedBlocks = 16, rep_keys: RepKeys = 4,
               index: Annotated[Literal["flat", "hnsw"], typer.Option(help="memory index: exact or HNSW")] = "flat",
               gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated "
                                                               "(default: the shipped ones for smollm2)")] = None,
@@ -113,8 +117,10 @@ def eval_long(files: Files,
         if skip < 0:
             raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
         layer_list = parse_layers(layers)
+        if memory_blocks is None:  # the default memory, unless an option that only per-token memory takes
+            memory_blocks = 0 if url is not None or memory_mode == "gated" or gate is not None else KnnConfig.blocks
         knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions, blocks=memory_blocks,
-                        top_blocks=retrieved_blocks)
+                        top_blocks=retrieved_blocks, rep_keys=rep_keys)
         check_options(knn)  # torch-free
         if knn_memory and knn.blocks and (memory_mode == "gated" or gate is not None):
             raise InvalidInput("block memory has no trained gate yet (its untrained gate, a zero bias, is exactly "
@@ -178,7 +184,7 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
                                                     "layers": "all" if knn.layers is None else list(knn.layers),
                                                     "index": index, "blocks": knn.blocks,
-                                                    "retrieved_blocks": knn.top_blocks}}
+                                                    "retrieved_blocks": knn.top_blocks, "rep_keys": knn.rep_keys}}
 
 
 def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],
@@ -197,7 +203,7 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         from lm.knn_config import KnnConfig, check_options
 
         check_text_files(files)
-        check_options(KnnConfig(k=k, mode="gated", positions=positions))
+        check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:

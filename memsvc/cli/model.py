@@ -207,13 +207,18 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                                              "'policy:h2o,budget:260' (default: full attention)")]
              = None,
              memory_attention: Annotated[bool, typer.Option(help="with --cache: what the cache evicts goes to an "
-                                                                 "in-process kNN memory every layer attends to "
-                                                                 "(top-32, see bench/results/longctx.md)")] = False,
-             memory_blocks: Annotated[int, typer.Option(help="with --memory-attention: memory in blocks of this "
-                                                             "many evicted tokens, retrieved whole (lm.blocks); 0: "
-                                                             "per-token")] = 0,
-             retrieved_blocks: Annotated[int, typer.Option(help="with --memory-blocks: blocks retrieved per forward, "
-                                                                "layer and KV head")] = 4,
+                                                                 "in-process memory every layer attends to (block "
+                                                                 "memory by default, see bench/results/longctx.md)")]
+             = False,
+             memory_blocks: Annotated[int | None, typer.Option(help="with --memory-attention: memory in blocks of "
+                                                                    "this many evicted tokens, retrieved whole "
+                                                                    "(lm.blocks; default 32, per-token with "
+                                                                    "--url); 0: per-token")] = None,
+             retrieved_blocks: Annotated[int, typer.Option(help="block memory: blocks retrieved per group of 4 "
+                                                                "queries, layer and KV head")] = 16,
+             rep_keys: Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs "
+                                                        "of its keys; must divide the block size); 0: every "
+                                                        "key")] = 4,
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
                                                                 "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
@@ -244,9 +249,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             parse_cache_options(cache)
         if memory_attention and cache is None:
             raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
-        memory_config = KnnConfig(blocks=memory_blocks, top_blocks=retrieved_blocks, positions=positions)
+        if memory_blocks is None:  # the default memory; on a server only per-token memory
+            blocks = 0 if memory_attention and url is not None else KnnConfig.blocks
+        else:
+            blocks = memory_blocks
+        memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys)
         check_options(memory_config)  # torch-free
-        if not memory_attention and (memory_blocks or positions is not None):
+        if not memory_attention and (memory_blocks is not None or positions is not None):
             raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
         if url is not None and knn_memory is not None:
             from memsvc.client import check_url
