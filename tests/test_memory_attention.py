@@ -90,11 +90,11 @@ def test_a_kept_session_resumed_by_a_fresh_cache_sees_all_of_its_history(model, 
     attention's over the whole 60-token stream (no sinks: those sit nearer than they are). Ending the session deletes its partitions and its state."""
     memory = session_memory(model)
     half = N // 2
-    first = run(model, ids[:, :half], Window(8), KnnConfig(k=N), memory, session="talk", persist=True)
+    first = run(model, ids[:, :half], Window(8), KnnConfig(blocks=0, k=N), memory, session="talk", persist=True)
     parts = {p.name: p.count for p in memory.stats().partitions}
     assert parts == {f"talk/l{layer}/h{h}": half for layer in (0, 1) for h in (0, 1)}  # evicted + flushed
     assert sessions(memory)["talk"] == SessionState("talk", half, "absolute", [0, 1], model.config.name_or_path)
-    second = run(model, ids[:, half:], Window(8), KnnConfig(k=N), memory, session="talk", persist=True)
+    second = run(model, ids[:, half:], Window(8), KnnConfig(blocks=0, k=N), memory, session="talk", persist=True)
     full = full_attention(model, ids)
     assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-4)
     assert sessions(memory)["talk"].tokens == N
@@ -106,12 +106,13 @@ def test_a_kept_session_resumed_by_a_fresh_cache_sees_all_of_its_history(model, 
 
 def test_a_resumed_session_keeps_its_positions_and_layers(model, ids):
     memory = session_memory(model)
-    run(model, ids[:, :20], Window(8, 2), KnnConfig(k=4, layers=[1]), memory, session="s", persist=True)
-    for config, field in ((KnnConfig(k=4, layers=[1], positions="none"), "positions"), (KnnConfig(k=4), "layers")):
+    run(model, ids[:, :20], Window(8, 2), KnnConfig(blocks=0, k=4, layers=[1]), memory, session="s", persist=True)
+    for config, field in ((KnnConfig(blocks=0, k=4, layers=[1], positions="none"), "positions"),
+                          (KnnConfig(blocks=0, k=4), "layers")):
         with pytest.raises(InvalidInput) as err:
             run(model, ids[:, 20:], Window(8, 2), config, memory, session="s")
         assert err.value.field == field
-    run(model, ids[:, 20:], Window(8, 2), KnnConfig(k=4, layers=[1]), memory, session="s")  # not kept: ended
+    run(model, ids[:, 20:], Window(8, 2), KnnConfig(blocks=0, k=4, layers=[1]), memory, session="s")  # not kept: ended
     assert memory.stats().partitions == [] and sessions(memory) == {}
 
 

@@ -65,7 +65,7 @@ def expected_texts(tiny, prompts: list[str]) -> list[str]:
     memory, texts = session_memory(tiny[0]), []
     for prompt in prompts:
         cache = BoundedCache(tiny[0], Window(16, 2))
-        with attach(tiny[0], cache, KnnConfig(), memory, session="s", persist=True):
+        with attach(tiny[0], cache, KnnConfig(blocks=0), memory, session="s", persist=True):
             texts.append("".join(generate(*tiny, prompt, max_new_tokens=6, cache=cache)))
     return texts
 
