@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
 import pytest
+from pymilvus.exceptions import MilvusException
 
 pytest.importorskip("pymilvus", reason="the Milvus backend needs the 'milvus' extra")
 pytest.importorskip("milvus_lite", reason="the Milvus backend tests need the 'milvus' extra (milvus-lite)")
@@ -28,7 +30,7 @@ from memsvc.contract import (
     TooLarge,
 )
 from memsvc.store import Memory
-from memsvc.store.milvus import MAX_VALUE_DIM, MilvusStore
+from memsvc.store.milvus import MAX_VALUE_DIM, Connection, MilvusStore
 
 DIM = 16
 
@@ -387,3 +389,49 @@ def test_milvus_dying_mid_session_gives_503_and_loses_nothing_acknowledged(reque
         assert mem.add(vecs(1, 8), values=[1]).tolist() == [23]  # no id is handed out twice
     finally:
         server.kill()
+
+
+class RpcError(grpc.RpcError):
+    """A gRPC error with a status code, as the channel raises it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def connection(timeout: float) -> Connection:
+    conn = object.__new__(Connection)  # errors() needs only the timeout: no Milvus here
+    conn.timeout = timeout
+    return conn
+
+
+@pytest.mark.parametrize("error", [
+    MilvusException(message="[search] Retry timeout: 0.009140557999671728s, message=proxy TaskCondition context Done"),
+    MilvusException(message="context deadline exceeded"),
+    RpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
+    RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+])
+def test_any_error_once_the_time_is_up_is_the_timeout(error):
+    """CI: with the server's 20 ms time tick, Milvus gave up first and said "Retry timeout ... context Done"
+    instead of gRPC's DEADLINE_EXCEEDED; whatever the name, an error at the deadline is the 503 timeout."""
+    with pytest.raises(BackendUnavailable) as err, connection(1.0).errors("search", time.monotonic()):
+        raise error
+    assert err.value.message == "Milvus search failed: the call ran past its 1 s timeout"
+    assert http_status(err.value) == 503
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (MilvusException(message="collection not loaded"), "Milvus search failed: collection not loaded"),
+    (RpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), "Milvus search failed: UNAVAILABLE Socket closed"),
+    (RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+     "Milvus search failed: the call ran past its 2.5 s timeout"),  # gRPC's own deadline is the timeout
+])
+def test_an_error_before_the_time_is_up_keeps_its_own_message(error, message):
+    with pytest.raises(BackendUnavailable) as err, connection(2.5).errors("search", time.monotonic() + 10):
+        raise error
+    assert err.value.message == message

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -93,6 +94,7 @@ LITE_SEARCH_BYTES = 64 << 20  # milvus-lite: the distance array one search reque
 LITE_FLUSH_ROWS = 4096  # milvus-lite: a search first seals more unsealed entries than this
 INSERT_BYTES = 64 << 20  # larger adds are sent as several inserts of about this size
 ID_BATCH = 16384  # ids per get/delete filter expression
+OVERRUN_SLACK = 0.05  # s: Milvus may give up on a call this much before its deadline
 
 
 class Connection:
@@ -107,14 +109,18 @@ class Connection:
         self.lite = self.version.startswith("milvus_lite")
 
     @contextmanager
-    def errors(self, what: str) -> Iterator[None]:
+    def errors(self, what: str, end: float = math.inf) -> Iterator[None]:
+        """Milvus and gRPC errors as `BackendUnavailable`. Any error that arrives once the call's time is up
+        (monotonic `end`, less OVERRUN_SLACK) is the overrun, whatever Milvus called it: gRPC's
+        DEADLINE_EXCEEDED, pymilvus' "Retry timeout", the server's "context Done"."""
         try:
             yield
-        except grpc.RpcError as exc:  # the codes pymilvus does not retry (deadline exceeded, ...)
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        except (grpc.RpcError, MilvusException) as exc:
+            deadline_code = isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if deadline_code or time.monotonic() >= end - OVERRUN_SLACK:
                 raise self.overrun(what) from exc
-            raise BackendUnavailable(f"Milvus {what} failed: {exc.code().name} {exc.details()}") from exc
-        except MilvusException as exc:
+            if isinstance(exc, grpc.RpcError):  # the codes pymilvus does not retry
+                raise BackendUnavailable(f"Milvus {what} failed: {exc.code().name} {exc.details()}") from exc
             raise BackendUnavailable(f"Milvus {what} failed: {exc.message}") from exc
 
     def overrun(self, what: str) -> BackendUnavailable:
@@ -131,7 +137,7 @@ class Connection:
         timeout = self.timeout if deadline is None else deadline - time.monotonic()
         if timeout <= 0:
             raise self.overrun(method)
-        with self.errors(method):
+        with self.errors(method, time.monotonic() + timeout):
             return getattr(self.client, method)(*args, timeout=timeout, **kwargs)
 
     def close(self) -> None:
