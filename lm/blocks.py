@@ -89,11 +89,13 @@ class BlockStore:
                 self.reps[:, full_before * self.rep_keys:full * self.rep_keys] = done.view(kv, runs, -1, d).mean(2)
 
     def _allocate(self, kv: int, d: int, capacity: int, device: torch.device) -> None:
+        """Grow to `capacity` entries (rounded up to whole blocks); slots not yet stored hold zeros (finite, so a
+        partial block's empty tail can be gathered and masked)."""
         capacity = math.ceil(capacity / self.block) * self.block
-        keys = torch.empty(kv, capacity, d, dtype=self.dtype, device=device)
-        values, means = torch.empty_like(keys), torch.empty(kv, capacity // self.block, d, device=device)
+        keys = torch.zeros(kv, capacity, d, dtype=self.dtype, device=device)
+        values, means = torch.zeros_like(keys), torch.empty(kv, capacity // self.block, d, device=device)
         reps = torch.empty(kv, capacity // self.block * self.rep_keys, d, device=device) if self.rep_keys else None
-        tokens = torch.empty(capacity, dtype=torch.long, device=device)
+        tokens = torch.zeros(capacity, dtype=torch.long, device=device)
         if self.keys is not None:
             keys[:, :self.count], values[:, :self.count] = self.keys[:, :self.count], self.values[:, :self.count]
             full = self.count // self.block
@@ -125,15 +127,16 @@ class BlockStore:
         return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d], stream
-        indices [kv, s * B] and which slots hold an entry [kv, s * B] (bool; a partial block's tail does not)."""
+        """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d] (zeros in empty
+        slots), stream indices [kv, s * B] and which slots hold an entry [kv, s * B] (bool; a partial block's tail
+        does not). Whole blocks are copied as rows of the store (one `index_select` each for keys and values)."""
         kv, s = blocks.shape
+        d, capacity = self.keys.shape[-1], self.keys.shape[1] // self.block
+        rows = (blocks + capacity * torch.arange(kv, device=blocks.device)[:, None]).view(kv * s)
+        keys, values = (x.view(kv * capacity, self.block, d).index_select(0, rows).view(kv, s * self.block, d)
+                        for x in (self.keys, self.values))
         slots = (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).view(kv, s * self.block)
-        valid = slots < self.count
-        slots = slots.clamp(max=self.count - 1)
-        index = slots[..., None].expand(-1, -1, self.keys.shape[-1])
-        return (self.keys[:, :self.count].gather(1, index), self.values[:, :self.count].gather(1, index),
-                self.tokens[slots], valid)
+        return keys, values, self.tokens[slots.clamp(max=self.count - 1)], slots < self.count
 
     def nbytes(self) -> int:
         """Bytes of the stored entries (keys, values, stream indices; block means and representative keys), not
@@ -169,6 +172,7 @@ class BlockMemoryAttention:
         self.retrieved = config.blocks * config.top_blocks  # the most tokens one forward retrieves per KV head
         self.max_distance = 0  # the largest query-key position distance any attention of the session used
         self.reused: dict[int, Retrieval] = {}  # per layer: the last decoding step's retrieval (see `fetch`)
+        self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per layer: its buffers
         self.searches = 0  # block searches run (all layers)
 
     @property
@@ -208,12 +212,12 @@ class BlockMemoryAttention:
         group = self.config.query_group or q
         retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
                                    tokens, positions, scaling, decoding=q == 1) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
-        mem_logits = torch.cat([logits for logits, _ in retrieved], 2)
+        mem_logits = join([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
         mem_weights = weights[..., n:].split(group, 2)
-        out = per_kv_head(weights[..., :n], value[0]) + torch.cat(
+        out = per_kv_head(weights[..., :n], value[0]) + join(
             [per_kv_head(w, values) for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
@@ -247,7 +251,9 @@ class BlockMemoryAttention:
         positions (the nearest beyond the window: in range, and below none of the retrieved, which sit before
         the window). The retrieved keys then sit up to group - 1 positions farther than at the search, which
         the reach `check_block_config` requires (a group is at most the cache's period) covers; "hybrid"
-        places keys at the range's edge, so it searches at every step."""
+        places keys at the range's edge, so it searches at every step. A reused retrieval lives in the layer's
+        `buffers`: each search rotates the retrieved keys straight into them, and each later step of the group
+        rotates only the entries stored since (the RoPE cos/sin come from the cache's tables, `lm.rope`)."""
         store, offset = self.stores[layer], int(positions[-1] - tokens[-1])
         last = self.reused.get(layer) if decoding else None
         group = min(self.config.query_group, self.cache.period or self.config.query_group)
@@ -269,15 +275,30 @@ class BlockMemoryAttention:
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
         placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
-        r = placed.shape[1]
-        rotated = self.cache.rotate(keys.to(query.dtype).reshape(kv * r, d), placed.reshape(-1)).view(kv, r, d)
-        values, nearest = values.to(query.dtype), int(placed[valid].min())
-        if decoding and group > 1 and self.config.positions == "ordered":  # room for group - 1 more
-            spare = (kv, group - 1)
-            rotated, values = (torch.cat([x, x.new_zeros(*spare, d)], 1) for x in (rotated, values))
-            valid = torch.cat([valid, valid.new_zeros(spare)], 1)
-            self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, r, rotated, values, valid, nearest)
-        return rotated, values, valid, nearest
+        r, nearest = placed.shape[1], int(placed[valid].min())
+        if not (decoding and group > 1 and self.config.positions == "ordered"):
+            return self.cache.rotate(keys.to(query.dtype), placed)[0], values.to(query.dtype), valid, nearest
+        into_keys, into_values, into_valid = self.buffers(layer, kv, r + group - 1, d, query.dtype)  # + group - 1
+        self.cache.rotate(keys.to(query.dtype), placed, out=into_keys[None, :, :r])
+        into_values[:, :r], into_valid[:, :r] = values, valid
+        into_keys[:, r:], into_values[:, r:], into_valid[:, r:] = 0, 0, False  # the slots for entries stored later
+        self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, r, into_keys, into_values, into_valid,
+                                       nearest)
+        return into_keys, into_values, into_valid, nearest
+
+    def buffers(self, layer: int, kv: int, slots: int, d: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's decoding buffers for a reused retrieval: keys and values [kv, slots, d] (`dtype`) and which
+        slots hold an entry [kv, slots] (bool); the next search of the layer overwrites them when its shape is
+        the same (as soon as memory holds `top_blocks` blocks), instead of allocating new ones."""
+        held = self.held.get(layer)
+        if held is None or held[0].shape != (kv, slots, d) or held[0].dtype != dtype:
+            device = self.stores[layer].keys.device
+            held = (torch.empty(kv, slots, d, dtype=dtype, device=device),
+                    torch.empty(kv, slots, d, dtype=dtype, device=device),
+                    torch.empty(kv, slots, dtype=torch.bool, device=device))
+            self.held[layer] = held
+        return held
 
     def place(self, found: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
               newest_stored: int) -> torch.Tensor:
@@ -296,7 +317,7 @@ class BlockMemoryAttention:
 
     def close(self) -> None:
         """End the session: drop its stores."""
-        self.reused = {}
+        self.reused, self.held = {}, {}
         self.stores = {layer: BlockStore(store.block, store.dtype, store.rep_keys) for layer, store in self.stores.items()}
 
 
@@ -315,6 +336,11 @@ class Retrieval:
     values: torch.Tensor
     valid: torch.Tensor
     nearest: int
+
+
+def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat of parts along dim, without the copy when there is one part (a decoding step's one group)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def per_kv_head(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

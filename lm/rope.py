@@ -15,15 +15,48 @@ from memsvc.contract import InvalidInput
 
 
 class Rotary:
-    """The model's own rotary embedding, applied as a rotation by position offsets."""
+    """The model's own rotary embedding, applied as a rotation by position offsets.
+
+    With a plain ("default") RoPE the cos/sin of every offset in [-max_position_embeddings,
+    max_position_embeddings) are computed once per device and dtype, by the model's own rotary module, and
+    looked up afterwards: the same values as computing them per call (each angle is one product, position x
+    frequency), without recomputing them at every rotation. Offsets outside that range, and RoPE types that
+    change their frequencies with the input (dynamic, longrope), are computed per call.
+    """
 
     def __init__(self, model: PreTrainedModel):
         self.rope = model.get_decoder().rotary_emb
         if getattr(self.rope, "attention_scaling", 1.0) != 1.0:
             raise InvalidInput("bounded caches need a plain rotation RoPE (this model scales its attention)", "model")
+        self.reach = model.config.get_text_config(decoder=True).max_position_embeddings
+        self.cached = getattr(self.rope, "rope_type", "default") == "default"
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """x [..., n, head_dim] rotated by the RoPE angles of position offsets delta [n] (int64), same dtype and
-        device as x."""
-        cos, sin = self.rope(x, delta[None].to(x.device))
-        return x * cos + rotate_half(x) * sin
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., n, head_dim] rotated by the RoPE angles of position offsets delta [n] (int64; or [..., n], one
+        offset per row of x), same dtype and device as x; the result has shape broadcast(x, [1, *delta.shape,
+        head_dim]) and is written to `out` if given (of that shape)."""
+        cos, sin = self.angles(x, delta.to(x.device))
+        return torch.add(x * cos, rotate_half(x) * sin, out=out)
+
+    def angles(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [1, *delta.shape, head_dim] (x's dtype) of the RoPE angles of offsets delta (int64, x's
+        device), as the model's rotary module computes them."""
+        if self.cached and delta.numel():
+            low, high = (int(v) for v in torch.aminmax(delta))
+            if -self.reach <= low and high < self.reach:
+                cos, sin = self.table(x)
+                rows = (delta + self.reach).reshape(-1)
+                shape = (1, *delta.shape, cos.shape[-1])
+                return cos.index_select(0, rows).view(shape), sin.index_select(0, rows).view(shape)
+        return self.rope(x, delta[None])
+
+    def table(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [2 * reach, head_dim] (x's dtype and device) of offsets -reach .. reach - 1, built once."""
+        key = (x.device, x.dtype)
+        if key not in self.tables:
+            offsets = torch.arange(-self.reach, self.reach, device=x.device)
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable with autograd too
+                cos, sin = self.rope(torch.empty(0, dtype=x.dtype, device=x.device), offsets[None])
+            self.tables[key] = (cos[0], sin[0])
+        return self.tables[key]

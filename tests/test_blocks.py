@@ -109,6 +109,26 @@ def test_decoding_searches_once_per_query_group(model, ids):
     assert not torch.allclose(logits[4], logits[1], atol=1e-3)
 
 
+def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
+    """Token-by-token decoding with the default shape (fp16 store, 4 representative keys, query groups of 4,
+    partial blocks) at blocks of 4, 2 retrieved: the logits recorded at commit f64d82d, before the RoPE tables,
+    the whole-block gather and the reused retrieval buffers; and computing the cos/sin per rotation (no tables)
+    gives the same logits bit for bit."""
+    logits = {}
+    for tables in (True, False):
+        cache = BoundedCache(model, Window(8, 2))
+        cache.rotary.cached = tables
+        with attach(model, cache, KnnConfig(blocks=4, top_blocks=2)) as session, torch.inference_mode():
+            logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
+                                        for i in range(N)], 1)
+            assert session.searches == 32 and bool(cache.rotary.tables) == tables
+    recorded = torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
+                             [0.0304408744, -0.0377437957], [-0.1439056098, 0.2601769269],
+                             [-0.1034009531, 0.1912996173], [-0.3011971116, 0.3267478347]])
+    assert torch.allclose(logits[True][0, 12::8, :2], recorded, atol=1e-6)
+    assert torch.equal(logits[True], logits[False])
+
+
 @pytest.mark.parametrize("positions", ["ordered", "hybrid"])
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_model, positions, token_by_token):

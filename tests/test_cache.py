@@ -161,3 +161,24 @@ def test_forward_prefills_in_exact_blocks(model, ids):
     seen = a.layers[1].tokens[Window(8, 2).keep(a.layers[1].tokens, torch.tensor(N - 1))]  # what the last token saw
     assert seen.tolist() == b.layers[1].tokens.tolist()
     assert torch.allclose(a.layers[1].keys[..., -len(seen):, :][..., 2:, :], b.layers[1].keys[..., 2:, :], atol=1e-5)
+
+
+def test_rotation_tables_give_exactly_the_models_own_rope(model):
+    """The cached cos/sin tables (offsets -2048..2047 for a 2048-position model) give bit for bit what the
+    model's rotary module computes per call; offsets beyond the table fall back to that module; a [kv, n]
+    offset grid rotates each row by its own offsets."""
+    rotary = BoundedCache(model, Window(8)).rotary
+    generator = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float16):
+        for delta in (torch.randint(-2048, 2048, (37,), generator=generator), torch.tensor([-2048, 2047, 0]),
+                      torch.tensor([5000, -7, 3])):
+            x = torch.randn(2, len(delta), 16, generator=generator).to(dtype)
+            cos, sin = rotary.rope(x, delta[None])
+            expected = x * cos + torch.cat([-x[..., 8:], x[..., :8]], -1) * sin
+            assert torch.equal(rotary.rotate(x, delta), expected)
+    assert list(rotary.tables) == [(torch.device("cpu"), torch.float32), (torch.device("cpu"), torch.float16)]
+    x = torch.randn(3, 5, 16, generator=generator)
+    grid = torch.randint(-100, 100, (3, 5), generator=generator)
+    rows = torch.stack([rotary.rotate(x[h], grid[h]) for h in range(3)], 1)
+    out = torch.empty(1, 3, 5, 16)
+    assert rotary.rotate(x, grid, out=out) is out and torch.equal(out, rows)
