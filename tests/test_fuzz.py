@@ -229,12 +229,20 @@ def named(app):
         service.create_collection(NAME).upsert(docs())
 
 
+def not_a_server_error_but_loading(ctx, response, case):
+    """`not_a_server_error`, except ask's documented 503 `model_loading`: the model of ask loads in the
+    background whenever the app's lifespan starts, and CI once saw an ask arrive before it was ready."""
+    if response.status_code == 503 and response.json()["error"]["code"] == "model_loading":
+        return None
+    return not_a_server_error(ctx, response, case)
+
+
 @named_only.parametrize()
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_answer_is_what_the_spec_documents(app, named, case):
     """Valid and invalid requests, a few per route: the status is one the route names (not merely its
     `default`), the media type one it documents, and the body (each event of a stream) matches its schema."""
-    case.call_and_validate(app=app, checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+    case.call_and_validate(app=app, checks=[not_a_server_error_but_loading, status_code_conformance, content_type_conformance,
                                             response_schema_conformance])
 
 
