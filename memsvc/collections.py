@@ -319,16 +319,17 @@ class Collections:
 
     `encoder(name)` makes the encoder of an embedder name; `embedder()` names the embedder of new
     collections (loading nothing). A collection made before embedders were recorded is read as
-    `legacy_embedder` (all-MiniLM-L6-v2 in PyTorch, what made it)."""
+    `legacy_embedder` (all-MiniLM-L6-v2 in PyTorch, what made it). `language_model` makes the (model,
+    tokenizer) of ask; a `Lazy` one is kept as it is (shared with whoever gave it), any other is wrapped in one."""
 
     def __init__(self, engine: Engine, memories: MemoriesClient, encoder: Callable[[str], Encoder],
-                 language_model: Callable[[], LanguageModel], embedder: Callable[[], str],
+                 language_model: Callable[[], LanguageModel] | Lazy[LanguageModel], embedder: Callable[[], str],
                  legacy_embedder: str = MODEL_NAME):
         self.memories = memories
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._make_encoder, self._embedder, self.legacy_embedder = encoder, embedder, legacy_embedder
         self._encoders: dict[str, Lazy[Encoder]] = {}
-        self._language_model = Lazy(language_model)
+        self._language_model = language_model if isinstance(language_model, Lazy) else Lazy(language_model)
         self._open: dict[str, Collection] = {}
         self._lock = threading.RLock()
 

@@ -50,12 +50,13 @@ class Service:
     when first needed; by default all-MiniLM-L6-v2 run as `settings.embed_backend` says for new collections
     (each collection keeps the embedder it was created with; `retrievers.encoders.make_embedder`, exported
     models kept in `settings.model_cache_dir`) and `lm.model.load_model(settings.model, device=settings.device)`.
-    A given `encoder` embeds every collection.
+    A given `encoder` embeds every collection. A given `Lazy` model is used as it is, so that whoever shares
+    it (the app, across its lifespans) shares the loaded model.
     """
 
     def __init__(self, settings: Settings | None = None, *,
                  encoder: Callable[[], Encoder] | None = None,
-                 language_model: Callable[[], LanguageModel] | None = None):
+                 language_model: Callable[[], LanguageModel] | Lazy[LanguageModel] | None = None):
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.settings)  # first: its lock says at once when another process holds the dir
@@ -65,7 +66,7 @@ class Service:
             self.store.close()
             raise
         self._reconcile()
-        language_model = language_model or (lambda: _load_model(self.settings))
+        language_model = language_model or (lambda: load_language_model(self.settings))
         if encoder is not None:
             given = Lazy(encoder)
             self.collections = Collections(self.catalog.engine, self, lambda _name: given(), language_model,
@@ -170,7 +171,7 @@ def open_store(settings: Settings) -> Store | MilvusStore:
     return MilvusStore(settings.milvus_uri or str(settings.data_dir / "milvus.db"), timeout=settings.milvus_timeout)
 
 
-def _load_model(settings: Settings) -> LanguageModel:
+def load_language_model(settings: Settings) -> LanguageModel:
     """The language model of `ask`: `settings.model` on `settings.device` (default: a GPU when there is one)."""
     from lm.model import load_model
 

@@ -407,6 +407,39 @@ def test_ask_answers_loading_while_the_model_loads_at_start(tmp_path, tiny_encod
         assert answer.status_code == 200 and answer.json()["citations"][0]["document_id"] == "a"
 
 
+def test_a_lifespan_that_starts_again_keeps_the_model_of_ask(tmp_path, tiny_encoder):
+    """An app whose lifespan ends and starts again (each `with TestClient(app)`; schemathesis's pytest plugin
+    after every test) opens a new service on the same data, but keeps the model of ask it loaded: the next
+    ask answers 200 at once (before: the new service had a model of its own, not loaded, and ask was 503
+    model_loading until it loaded again; with preload off, at the first ask every time)."""
+    from fastapi.testclient import TestClient
+
+    from memsvc.api.app import create_app
+
+    loads = []
+
+    def model():
+        loads.append(threading.current_thread().name)
+        return talking_llama()
+
+    app = create_app(Settings(data_dir=tmp_path / "api", preload_model=False), encoder=lambda: tiny_encoder,
+                     language_model=model)
+    with TestClient(app) as http:
+        first = app.state.service
+        http.post("/v1/collections", json={"name": "docs"})
+        http.post("/v1/collections/docs/documents", json={"documents": [{"id": "a", "text": "Generators yield."}]})
+        assert error(http.post("/v1/collections/docs/ask", json={"question": "What yields?"}), 503)["code"] \
+            == "model_loading"  # preload off: the first ask starts the load
+        first.collections.language_model()  # wait for it
+    assert not hasattr(app.state, "service")  # a stopped app has no service to reach
+    with TestClient(app) as http:
+        assert app.state.service is not first  # a new one, the first is closed
+        assert app.state.service.collections.language_model.ready()
+        answer = http.post("/v1/collections/docs/ask", json={"question": "What yields?", "max_new_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["citations"][0]["document_id"] == "a"
+    assert loads == ["memsvc-load-model"]  # made once, in the background, for both lifespans
+
+
 def test_ask_stops_decoding_when_the_client_disconnects(tmp_path, tiny_encoder):
     """A client that gives up (its timeout) ends the server's decoding within a token or two, and the server
     then shuts down at once (before: it decoded all max_new_tokens for nobody)."""

@@ -6,6 +6,11 @@ Routers are one module per resource; others add theirs to `ROUTERS`. A resource 
 The language model of ask loads at start in a background thread (`Settings.preload_model`); until it is
 ready, ask answers 503 `model_loading` with Retry-After. Closing the service on shutdown (uvicorn runs it on SIGTERM once in-flight requests have finished)
 snapshots every memory whose log holds anything, so the next start replays nothing.
+
+`app.state.service` is the running service, absent while the lifespan is not running. A lifespan that starts
+again after a shutdown (each `with TestClient(app)`; schemathesis ends an in-process app's lifespan after
+every test) opens a new `Service` on the same data directory, but the model of ask belongs to the app: loaded
+(or loading) once, it stays so, and ask answers at once rather than 503 while it loads again.
 """
 from __future__ import annotations
 
@@ -19,10 +24,10 @@ from fastapi_offline import FastAPIOffline
 from memsvc.api import collections, errors, health, memories, metrics
 from memsvc.api.deps import JSONResponse
 from memsvc.api.limits import BodyLimit
-from memsvc.collections import LanguageModel
+from memsvc.collections import LanguageModel, Lazy
 from memsvc.config import Settings
 from memsvc.observability import Metrics, Observe
-from memsvc.service import Service
+from memsvc.service import Service, load_language_model
 from memsvc.store import Memory
 
 if TYPE_CHECKING:
@@ -39,17 +44,21 @@ def open_memories(app: FastAPI) -> list[Memory]:
 def create_app(settings: Settings | None = None, *, encoder: Callable[[], Encoder] | None = None,
                language_model: Callable[[], LanguageModel] | None = None) -> FastAPI:
     """The app on `settings`; `encoder` and `language_model` replace the service's embedder and the model
-    of `ask` (see `Service`)."""
+    of `ask` (see `Service`). The model of ask is made at most once per app, whichever lifespan makes it."""
     settings = settings or Settings()
+    model = Lazy(language_model or (lambda: load_language_model(settings)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with Service(settings, encoder=encoder, language_model=language_model) as service:
+        with Service(settings, encoder=encoder, language_model=model) as service:
             app.state.service = service
-            if settings.preload_model:  # in the background: the server answers at once, ask says "loading"
-                service.collections.language_model.start()
-                service.collections.preload_encoder()  # collections' requests wait for it (a first int8 build)
-            yield
+            try:
+                if settings.preload_model:  # in the background: the server answers at once, ask says "loading"
+                    model.start()  # nothing to do when a previous lifespan made it
+                    service.collections.preload_encoder()  # collections' requests wait for it (a first int8 build)
+                yield
+            finally:
+                del app.state.service  # closed below: nobody reaches it through a stopped app
 
     # /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN, so they work offline;
     # no validator badge (Swagger UI would send the spec's URL to validator.swagger.io)
