@@ -811,7 +811,7 @@ def test_cli_ask_prints_the_answer_as_it_decodes(live, tmp_path, tiny_encoder, m
     with Service(Settings(data_dir=data_dir), encoder=lambda: tiny_encoder) as service:
         service.create_collection("docs").add_documents(docs())
     monkeypatch.setattr("retrievers.encoders.make_embedder", lambda name, cache_dir: tiny_encoder)
-    monkeypatch.setattr("memsvc.service._load_model", lambda name: talking_llama())
+    monkeypatch.setattr("memsvc.service.load_language_model", lambda settings: talking_llama())
     expected = app.state.service.collection("docs").ask(question, 2, 8)
     for where in (("--url", url), ("--data-dir", str(data_dir))):
         args = ("ask", question, "--collection", "docs", "--k", "2", "--max-new-tokens", "8", *where)
