@@ -174,6 +174,7 @@ class BlockMemoryAttention:
         self.reused: dict[int, Retrieval] = {}  # per layer: the last decoding step's retrieval (see `fetch`)
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per layer: its buffers
         self.searches = 0  # block searches run (all layers)
+        self.last_position = 0  # the position of the newest query `fetch` served
 
     @property
     def stored(self) -> dict[int, int]:
@@ -263,7 +264,7 @@ class BlockMemoryAttention:
         kv = store.keys.shape[0]
         rotated, values, bias, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
         logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2))
-        self.max_distance = max(self.max_distance, int(positions[-1]) - nearest)
+        self.max_distance = max(self.max_distance, self.last_position - nearest)
         return torch.add(bias[:, None, None, :], logits, alpha=scaling), values  # = logits * scaling, -inf where empty
 
     def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
@@ -283,7 +284,8 @@ class BlockMemoryAttention:
         rotates only the entries stored since the step before (the RoPE cos/sin come from the cache's tables,
         `lm.rope`, read as one slice where the positions are consecutive)."""
         store, token = self.stores[layer], int(tokens[-1])
-        offset = int(positions[-1]) - token
+        self.last_position = int(positions[-1])
+        offset = self.last_position - token
         last = self.reused.get(layer) if decoding else None
         group = min(self.config.query_group, self.cache.period or self.config.query_group)
         if (last is not None and last.offset == offset and token - last.token < group
@@ -298,7 +300,7 @@ class BlockMemoryAttention:
             frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
         scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative)
         self.searches += 1
-        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
+        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1, sorted=False).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
         r, full = valid.shape[1], bool(valid.all())
         reuse = decoding and group > 1 and self.config.positions == "ordered"
