@@ -28,6 +28,7 @@ from typing import Annotated
 
 import matplotlib
 import numpy as np
+import psutil
 import torch
 import typer
 
@@ -115,6 +116,33 @@ SETTINGS: dict[str, Setting] = {
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+class BlockTimes:
+    """CPU seconds (`time.process_time`) a block-memory session spends per part, counted by wrapping its methods on the
+    instance: `attend` (all of memory attention), `fetch` split into `search` (steps that search, gather and rotate
+    the retrieved blocks) and `reuse` (steps that reuse a search and add the newly stored entry), and `store` (the
+    cache's evictions into the blocks)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.reset()
+        for name in ("attend", "fetch", "store"):
+            setattr(session, name, self._timed(name, getattr(session, name)))
+        session.cache.on_evict = session.store  # the cache was handed the unwrapped method when attached
+
+    def reset(self) -> None:
+        self.seconds = {"attend": 0.0, "search": 0.0, "reuse": 0.0, "store": 0.0}
+
+    def _timed(self, name, method):
+        def timed(*args, **kwargs):
+            searches, started = self.session.searches, time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                part = name if name != "fetch" else "search" if self.session.searches > searches else "reuse"
+                self.seconds[part] += time.process_time() - started
+        return timed
 
 
 class Timed:
@@ -271,8 +299,6 @@ def server_cpu(pid: int | None) -> float:
     """CPU seconds (user + system, all threads) the process `pid` has used so far; 0 without a pid."""
     if pid is None:
         return 0.0
-    import psutil
-
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
 
@@ -321,12 +347,15 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
         context = attach(model, cache, setting.knn, memory, setting.gate()) \
             if setting.knn is not None else nullcontext()
         begun = time.perf_counter()
-        with context, torch.inference_mode():
+        with context as session, torch.inference_mode():
+            parts = BlockTimes(session) if setting.knn is not None and setting.knn.blocks else None
             done = 0
             for mark in marks:
                 forward(model, ids[:, done:mark], cache, logits_to_keep=1)
                 if memory is not None:
                     memory.reset()
+                if parts is not None:
+                    parts.reset()
                 server_started = server_cpu(server_pid)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 for i in range(mark, mark + steps):
@@ -339,6 +368,7 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
                 entries = cache.entries()
                 cache_bytes = entries * layer.keys.shape[1] * layer.keys.shape[-1] * 2 * layer.keys.element_size()
                 evicted = cache.seen - len(layer.tokens)  # per layer and KV head: in memory when knn is on
+                block_bytes = session.nbytes() if parts is not None else None  # block memory: its stores, all layers
                 rows.append({"setting": label(name, url), "length": mark, "ms_per_token": 1000 * seconds,
                              "tokens_per_s": 1 / seconds, "cpu_ms_per_token": 1000 * cpu_seconds,
                              "cache_entries": entries, "cache_bytes": cache_bytes, "evicted_per_kv_head": evicted,
@@ -346,6 +376,10 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
                              **({} if memory is None else {f"memory_{call}_ms_per_token": 1000 * t / steps
                                                              for call, t in memory.seconds.items()}),
                              "memory_calls_per_token": None if memory is None else memory.calls / steps,
+                             **({} if parts is None else {f"{part}_cpu_ms_per_token": 1000 * t / steps
+                                                          for part, t in parts.seconds.items()}),
+                             "block_memory_bytes": block_bytes,
+                             "rss_bytes": psutil.Process().memory_info().rss,
                              "server_cpu_ms_per_token": None if server_seconds is None else 1000 * server_seconds,
                              "seconds_so_far": time.perf_counter() - begun})
                 print(json.dumps(rows[-1]), flush=True)
@@ -355,36 +389,45 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
     report_decode(rows, out)
 
 
+def memory_bytes(row: dict) -> int:
+    """Bytes of a decode row's memory: block memory's stores as measured, per-token memory's keys + values in float32
+    (computed from its entries)."""
+    measured = row.get("block_memory_bytes")
+    return measured if measured is not None else row.get("memory_entries", 0) * 2 * HEAD_DIM * 4
+
+
 def report_decode(rows: list[dict], out: str) -> None:
-    """The decode table (with kNN memory entries and MiB: keys + values, float32) and its plot."""
+    """The decode table (CPU ms per token and its parts, cache and memory MiB, the process's RSS) and its plot."""
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    print("\n| setting | stream length | decode ms/token | CPU ms/token | tokens/s | cache entries (all layers) "
-          "| cache MiB | memory entries | memory MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| setting | stream length | decode ms/token | CPU ms/token | of which memory attention / search / reuse "
+          "/ store | tokens/s | cache MiB | memory MiB | memory B per stored token | RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        entries = r.get("memory_entries", 0)
+        parts = " / ".join(f"{r[f'{p}_cpu_ms_per_token']:.1f}" for p in ("attend", "search", "reuse", "store")) \
+            if "attend_cpu_ms_per_token" in r else ""
+        stored = r["evicted_per_kv_head"]
+        per_token = f"{memory_bytes(r) / stored:,.0f}" if memory_bytes(r) and stored else ""
         print(f"| {r['setting']} | {r['length']} | {r['ms_per_token']:.1f} | {r.get('cpu_ms_per_token', math.nan):.1f} "
-              f"| {r['tokens_per_s']:.1f} | "
-              f"{r['cache_entries']} | {r['cache_bytes'] / 2**20:.1f} | {entries} | "
-              f"{entries * 2 * HEAD_DIM * 4 / 2**20:.0f} |")
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+              f"| {parts} | {r['tokens_per_s']:.1f} | {r['cache_bytes'] / 2**20:.1f} | {memory_bytes(r) / 2**20:.0f} "
+              f"| {per_token} | {r.get('rss_bytes', 0) / 2**20:.0f} |")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in settings:
         mine = [r for r in rows if r["setting"] == name]
         lengths = [r["length"] for r in mine]
-        ax1.plot(lengths, [r["tokens_per_s"] for r in mine], marker="o", label=f"{name} (wall)")
-        ax1.plot(lengths, [1000 / r.get("cpu_ms_per_token", math.nan) for r in mine], marker="x", linestyle="--",
-                 color=ax1.lines[-1].get_color(), label=f"{name} (CPU time)")
-        ax2.plot(lengths, [r["cache_bytes"] / 2**20 for r in mine], marker="o", label=name)
-        ax3.plot(lengths, [r.get("memory_entries", 0) * 2 * HEAD_DIM * 4 / 2**20 for r in mine], marker="o",
-                 label=name)
-    for ax, label in ((ax1, "decode tokens/s"), (ax2, "KV cache MiB"), (ax3, "kNN memory MiB (keys + values)")):
+        ax1.plot(lengths, [r.get("cpu_ms_per_token", math.nan) for r in mine], marker="o", label=f"{name} (CPU time)")
+        ax1.plot(lengths, [r["ms_per_token"] for r in mine], marker="x", linestyle=":",
+                 color=ax1.lines[-1].get_color(), label=f"{name} (wall)")
+        ax2.plot(lengths, [(r["cache_bytes"] + memory_bytes(r)) / 2**20 for r in mine], marker="o",
+                 label=f"{name}: cache + memory")
+        if any("rss_bytes" in r for r in mine):
+            ax2.plot(lengths, [r.get("rss_bytes", math.nan) / 2**20 for r in mine], marker="x", linestyle=":",
+                     color=ax2.lines[-1].get_color(), label=f"{name}: process RSS")
+    for ax, label in ((ax1, "ms per decoded token"), (ax2, "resident MiB")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("stream length (tokens)")
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    ax1.set_ylim(top=ax1.get_ylim()[1] * 1.6)  # room above the curves for the legend
-    ax1.legend(fontsize=7, ncol=2, loc="upper center")
     fig.suptitle(f"SmolLM2-135M token-by-token decode, window {WINDOW} + {SINKS} sinks (1 CPU thread)")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{out}.png", dpi=120)

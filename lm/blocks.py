@@ -174,6 +174,7 @@ class BlockMemoryAttention:
         self.reused: dict[int, Retrieval] = {}  # per layer: the last decoding step's retrieval (see `fetch`)
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per layer: its buffers
         self.searches = 0  # block searches run (all layers)
+        self.last_position = 0  # the position of the newest query `fetch` served
 
     @property
     def stored(self) -> dict[int, int]:
@@ -196,6 +197,8 @@ class BlockMemoryAttention:
         b, heads, q, d = query.shape
         if b != 1:
             raise InvalidInput(f"block-memory attention decodes one sequence at a time, got a batch of {b}", "batch")
+        if q == 1:
+            return self.attend_one(layer, query, key, value, scaling)
         kv, n = key.shape[1], key.shape[2]
         g = heads // kv
         cache_layer = self.cache.layers[layer]
@@ -211,7 +214,7 @@ class BlockMemoryAttention:
 
         group = self.config.query_group or q
         retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
-                                   tokens, positions, scaling, decoding=q == 1) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
         mem_logits = join([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
@@ -222,6 +225,30 @@ class BlockMemoryAttention:
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
+
+    def attend_one(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+        """`attend` for one decoding step (query [1, heads, 1, d]): the same products, softmax and sums, with the
+        masks that are all true for one token left out (a one-token forward sees every entry of its view,
+        `lm.policies.base.PolicyLayer.in_view`; only a policy's `head_mask` may restrict it)."""
+        _, heads, _, d = query.shape
+        kv, n = key.shape[1], key.shape[2]
+        g = heads // kv
+        cache_layer = self.cache.layers[layer]
+        tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
+        local = (query[0].reshape(kv, g, d) @ key[0].transpose(-1, -2) * scaling).view(kv, g, 1, n)
+        heads_seen = cache_layer.head_mask(1)
+        if heads_seen is not None:
+            local = local.masked_fill(~heads_seen.view(kv, g, 1, n), -torch.inf)
+        self.max_distance = max(self.max_distance, int(positions[-1] - positions.min()))
+        mem_logits, values = self.retrieve(layer, query[0], positions[-1:], tokens, positions, scaling, decoding=True)
+        if self.gate is not None:
+            mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
+        weights = torch.cat([local, mem_logits], -1).softmax(-1)
+        out = per_kv_head(weights[..., :n], value[0]) + per_kv_head(weights[..., n:], values)
+        if cache_layer.wants_attention:
+            cache_layer.observe(weights[..., :n].reshape(heads, 1, n))
+        return out.view(1, 1, heads, d)
 
     def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
                  positions: torch.Tensor, scaling: float, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,15 +262,16 @@ class BlockMemoryAttention:
             kv = self.cache.layers[layer].keys.shape[1]
             return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
         kv = store.keys.shape[0]
-        rotated, values, valid, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
-        logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2)) * scaling
-        self.max_distance = max(self.max_distance, int(positions[-1] - nearest))
-        return logits.masked_fill(~valid[:, None, None, :], -torch.inf), values
+        rotated, values, bias, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
+        logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2))
+        self.max_distance = max(self.max_distance, self.last_position - nearest)
+        return torch.add(bias[:, None, None, :], logits, alpha=scaling), values  # = logits * scaling, -inf where empty
 
     def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
               positions: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The retrieved keys rotated into place [kv, r, d] and values [kv, r, d] (query dtype), which slots hold
-        an entry [kv, r] (bool) and the lowest position used, for queries [heads, q, d] (see `retrieve`).
+        """The retrieved keys rotated into place [kv, r, d] and values [kv, r, d] (query dtype), a bias [kv, r]
+        (query dtype: 0 where a slot holds an entry, -inf where not) and the lowest position used, for queries
+        [heads, q, d] (see `retrieve`).
 
         Decoding (`decoding`: a forward of one token) with "ordered" positions reuses a step's retrieval for the next steps of its query
         group (`config.query_group` consecutive tokens, as a group of queries inside one forward shares one),
@@ -253,50 +281,81 @@ class BlockMemoryAttention:
         the reach `check_block_config` requires (a group is at most the cache's period) covers; "hybrid"
         places keys at the range's edge, so it searches at every step. A reused retrieval lives in the layer's
         `buffers`: each search rotates the retrieved keys straight into them, and each later step of the group
-        rotates only the entries stored since (the RoPE cos/sin come from the cache's tables, `lm.rope`)."""
-        store, offset = self.stores[layer], int(positions[-1] - tokens[-1])
+        rotates only the entries stored since the step before (the RoPE cos/sin come from the cache's tables,
+        `lm.rope`, read as one slice where the positions are consecutive)."""
+        store, token = self.stores[layer], int(tokens[-1])
+        self.last_position = int(positions[-1])
+        offset = self.last_position - token
         last = self.reused.get(layer) if decoding else None
         group = min(self.config.query_group, self.cache.period or self.config.query_group)
-        if (last is not None and last.offset == offset and int(tokens[-1]) - last.token < group
+        if (last is not None and last.offset == offset and token - last.token < group
                 and store.count - last.count < group):  # the stored since fill slots r .. r + group - 2
-            fresh_at = store.tokens[last.count:store.count] + offset
-            end = last.r + len(fresh_at)
-            last.keys[:, last.r:end] = self.cache.rotate(store.keys[:, last.count:store.count].to(query.dtype),
-                                                         fresh_at)
-            last.values[:, last.r:end] = store.values[:, last.count:store.count]
-            last.valid[:, last.r:end] = True
-            nearest = min(last.nearest, int(fresh_at.min())) if len(fresh_at) else last.nearest
-            return last.keys, last.values, last.valid, nearest
-        heads, _, d = query.shape
+            self.add_stored(last, store, query.dtype)
+            return last.keys, last.values, last.bias, last.nearest
+        heads, q, d = query.shape
         kv = store.keys.shape[0]
-        frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
-        scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative)
+        if q == 1:  # as if every key sat just past the window
+            frame = self.cache.rotary.rotate_from(query, self.cache.policy.budget - int(at[0]))[:, 0]
+        else:
+            frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
+        scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative)
         self.searches += 1
-        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
+        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1, sorted=False).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
-        placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
-        r, nearest = placed.shape[1], int(placed[valid].min())
-        if not (decoding and group > 1 and self.config.positions == "ordered"):
-            return self.cache.rotate(keys.to(query.dtype), placed)[0], values.to(query.dtype), valid, nearest
-        into_keys, into_values, into_valid = self.buffers(layer, kv, r + group - 1, d, query.dtype)  # + group - 1
-        self.cache.rotate(keys.to(query.dtype), placed, out=into_keys[None, :, :r])
-        into_values[:, :r], into_valid[:, :r] = values, valid
-        into_keys[:, r:], into_values[:, r:], into_valid[:, r:] = 0, 0, False  # the slots for entries stored later
-        self.reused[layer] = Retrieval(int(tokens[-1]), offset, store.count, r, into_keys, into_values, into_valid,
-                                       nearest)
-        return into_keys, into_values, into_valid, nearest
+        r, full = valid.shape[1], bool(valid.all())
+        reuse = decoding and group > 1 and self.config.positions == "ordered"
+        if reuse:  # + group - 1 slots for the entries stored later
+            into_keys, into_values, bias = self.buffers(layer, kv, r + group - 1, d, query.dtype)
+        else:
+            into_keys, into_values, bias = None, None, query.new_zeros(kv, r)
+        if full and self.config.positions == "ordered":  # every slot holds an entry: one run of positions
+            nearest = int(positions[tokens > store.last_token].min()) - r
+            keys = self.cache.rotary.rotate_from(keys.to(query.dtype), nearest,
+                                                 out=None if into_keys is None else into_keys[:, :r])
+        else:
+            placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
+            nearest = int(placed[valid].min())
+            keys = self.cache.rotate(keys.to(query.dtype), placed,
+                                     out=None if into_keys is None else into_keys[None, :, :r])[0]
+        if not reuse:
+            return keys, values.to(query.dtype), bias if full else bias.masked_fill_(~valid, -torch.inf), nearest
+        into_values[:, :r] = values
+        bias[:, :r] = 0
+        if not full:
+            bias[:, :r].masked_fill_(~valid, -torch.inf)
+        into_keys[:, r:], into_values[:, r:], bias[:, r:] = 0, 0, -torch.inf  # the slots for entries stored later
+        self.reused[layer] = Retrieval(token, offset, store.count, r, into_keys, into_values, bias, nearest)
+        return into_keys, into_values, bias, nearest
+
+    def add_stored(self, last: Retrieval, store: BlockStore, dtype: torch.dtype) -> None:
+        """Put the entries stored since the reused retrieval `last` was last brought up to date (usually one per
+        step) into its free slots, rotated to their true positions (stream index + its offset)."""
+        done, now = last.count + last.added, store.count
+        if now == done:
+            return
+        at, keys = last.r + last.added, store.keys[:, done:now].to(dtype)
+        if now - done == 1:
+            first = int(store.tokens[done]) + last.offset
+            self.cache.rotary.rotate_from(keys, first, out=last.keys[:, at:at + 1])
+        else:
+            fresh_at = store.tokens[done:now] + last.offset
+            self.cache.rotate(keys, fresh_at, out=last.keys[:, at:at + now - done])
+            first = int(fresh_at.min())
+        last.values[:, at:at + now - done] = store.values[:, done:now]
+        last.bias[:, at:at + now - done] = 0
+        last.added, last.nearest = now - last.count, min(last.nearest, first)
 
     def buffers(self, layer: int, kv: int, slots: int, d: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's decoding buffers for a reused retrieval: keys and values [kv, slots, d] (`dtype`) and which
-        slots hold an entry [kv, slots] (bool); the next search of the layer overwrites them when its shape is
+        """The layer's decoding buffers for a reused retrieval: keys and values [kv, slots, d] and a bias [kv, slots]
+        (`dtype`; see `fetch`); the next search of the layer overwrites them when its shape is
         the same (as soon as memory holds `top_blocks` blocks), instead of allocating new ones."""
         held = self.held.get(layer)
         if held is None or held[0].shape != (kv, slots, d) or held[0].dtype != dtype:
             device = self.stores[layer].keys.device
             held = (torch.empty(kv, slots, d, dtype=dtype, device=device),
                     torch.empty(kv, slots, d, dtype=dtype, device=device),
-                    torch.empty(kv, slots, dtype=torch.bool, device=device))
+                    torch.empty(kv, slots, dtype=dtype, device=device))
             self.held[layer] = held
         return held
 
@@ -321,12 +380,13 @@ class BlockMemoryAttention:
         self.stores = {layer: BlockStore(store.block, store.dtype, store.rep_keys) for layer, store in self.stores.items()}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Retrieval:
     """One decoding step's retrieval at a layer, reused by the next steps of its query group: the query's stream
     index and position - stream index offset, the entries stored then, the r slots retrieved, the rotated keys
-    and values [kv, r + group - 1, d] (the last group - 1 slots for entries stored later), which slots hold an
-    entry [kv, r + group - 1] and the lowest position used."""
+    and values [kv, r + group - 1, d] (the last group - 1 slots for entries stored later), the bias [kv, r + group
+    - 1] (0 where a slot holds an entry, -inf where not), the lowest position used, and how many entries stored
+    since have been added (`BlockMemoryAttention.add_stored`)."""
 
     token: int
     offset: int
@@ -334,8 +394,9 @@ class Retrieval:
     r: int
     keys: torch.Tensor
     values: torch.Tensor
-    valid: torch.Tensor
+    bias: torch.Tensor
     nearest: int
+    added: int = 0
 
 
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

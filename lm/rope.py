@@ -39,6 +39,17 @@ class Rotary:
         cos, sin = self.angles(x, delta.to(x.device))
         return torch.add(x * cos, rotate_half(x) * sin, out=out)
 
+    def rotate_from(self, x: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., n, head_dim] rotated by the consecutive offsets start, start + 1, ..., start + n - 1, into `out` if
+        given (x's shape): `rotate` with delta = arange(start, start + n), the cos/sin read as one slice of the
+        tables (no index), so the same values bit for bit."""
+        n, low = x.shape[-2], start + self.reach
+        if not (self.cached and 0 <= low and start + n <= self.reach):
+            rotated = self.rotate(x, torch.arange(start, start + n, device=x.device)).view(x.shape)
+            return rotated if out is None else out.copy_(rotated)
+        cos, sin = self.table(x)
+        return torch.add(x * cos[low:low + n], rotate_half(x) * sin[low:low + n], out=out)
+
     def angles(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [1, *delta.shape, head_dim] (x's dtype) of the RoPE angles of offsets delta (int64, x's
         device), as the model's rotary module computes them."""

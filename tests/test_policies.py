@@ -335,3 +335,14 @@ def test_eval_long_rejects_options_that_do_not_apply_before_loading_a_model(tmp_
     assert run.exit_code == 2 and "valid policies: full, window, sinks, moving-average" in run.stderr
     run = cli(doc, "--policy", "full", "--knn-memory", "--model", tmp_path / "no-such-model")
     assert run.exit_code == 2 and "needs a bounded cache policy" in run.stderr
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_one_token_forward_sees_its_whole_view(model, ids, name):
+    """Block memory's decoding step (`lm.blocks.BlockMemoryAttention.attend_one`) leaves the view mask out: under
+    every policy, each entry a one-token forward's `update` returns is one the token attends to."""
+    cache = BoundedCache(model, small(name))
+    with attach(model, cache), torch.inference_mode():
+        for i in range(ids.shape[1]):
+            model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+            assert all(layer.in_view(1).all() for layer in cache.layers), i

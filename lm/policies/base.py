@@ -81,7 +81,8 @@ class PolicyLayer(CacheLayerMixin):
             self.on_evict(self.layer_idx, tokens, raw_keys, values)
 
     def in_view(self, q: int) -> torch.Tensor:
-        """Bool [q, n]: which entries of the last update's view each of its q queries attends to."""
+        """Bool [q, n]: which entries of the last update's view each of its q queries attends to; for a one-token
+        forward (q = 1) all of them (`update` returns exactly what the token attends to; `lm.blocks` relies on it)."""
         raise NotImplementedError
 
     def head_mask(self, q: int) -> torch.Tensor | None:
