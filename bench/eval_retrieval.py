@@ -235,6 +235,23 @@ def with_context(chunks: list[Chunk], contexts: dict[str, str], chunker: Chunker
     return out
 
 
+def by_section(chunks: list[Chunk], keep: set[str]) -> list[Chunk]:
+    """Each section of a document its own document, "<document> § <n>" (n: the section's position among the
+    document's sections, by heading trail), but the documents in `keep` (the answers, one section each):
+    distractors as small as the answers, so a document's size no longer tells an answer from a distractor
+    (chunks never span sections, so their texts and vectors stay the same)."""
+    numbers: dict[str, dict[str, int]] = {}
+    out = []
+    for c in chunks:
+        if c.document_id in keep:
+            out.append(c)
+            continue
+        sections = numbers.setdefault(c.document_id, {})
+        document = f"{c.document_id} § {sections.setdefault(c.section, len(sections))}"
+        out.append(replace(c, id=f"{document}#{c.id.rpartition('#')[2]}", document_id=document))
+    return out
+
+
 def metrics(ranks: np.ndarray) -> dict[str, float]:
     out = {"MRR@10": float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))}
     out.update({f"R@{c}": float(np.mean(ranks <= c)) for c in CUTOFFS})
@@ -274,11 +291,13 @@ def table(rows: dict[str, dict[str, float]], params: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def build(embedded: list[Chunk], indexed: list[Chunk], encoder: CachedEncoder) -> HybridRetriever:
-    """The hybrid retriever of the eval: `embedded` chunks in an in-RAM dense memory, `indexed` in BM25."""
+def build(embedded: list[Chunk], indexed: list[Chunk], encoder: CachedEncoder,
+          bm25_params: Sequence[float] = ()) -> HybridRetriever:
+    """The hybrid retriever of the eval: `embedded` chunks in an in-RAM dense memory, `indexed` in BM25
+    (`BM25Retriever(*bm25_params)`: its own k1 and b by default)."""
     index = DenseIndex(Memory(DenseIndex.spec("eval", encoder)), encoder)
     index.add(embedded)
-    bm25 = BM25Retriever()
+    bm25 = BM25Retriever(*bm25_params)
     bm25.add(indexed)
     return HybridRetriever(bm25, AsymmetricDense(index), depth=DEPTH)
 
@@ -314,6 +333,10 @@ def main() -> None:
                     help="which retriever sees the prefixed text (the other indexes the plain chunk)")
     ap.add_argument("--context-tokens", type=int, default=32,
                     help="tokens reserved for the heading path (chunks are cut to size minus this)")
+    ap.add_argument("--documents", choices=["file", "section"], default="file",
+                    help="what a distractor document is: a whole reST file, or each section of one (size-fair)")
+    ap.add_argument("--bm25", type=float, nargs=2, metavar=("K1", "B"), help="BM25 parameters (default: the "
+                    "retriever's own)")
     ap.add_argument("--encoder", choices=list(ENCODERS), default="minilm")
     ap.add_argument("--cache", type=Path, help="embedding cache (default bench/out/embeddings-<encoder>.npz)")
     ap.add_argument("--export-texts", type=Path, help="write [key, text, is_query] of every text to embed "
@@ -330,12 +353,14 @@ def main() -> None:
     docs = corpus(args.dirs) | {q.document_id: q.answer for q in queries}
     t0 = time.perf_counter()
     chunks = [c for doc_id, text in docs.items() for c in chunker.chunk(doc_id, text)]
+    if args.documents == "section":
+        chunks = by_section(chunks, {q.document_id for q in queries})
     plain = chunks
     if args.context != "none":
         contexts = {q.document_id: q.context for q in queries}
         chunks = with_context(chunks, contexts, chunker, reserve, title_only=args.context == "title")
-    print(f"{len(docs)} documents -> {len(chunks)} chunks (size {args.size}, overlap {args.overlap}, "
-          f"context {args.context}) in {time.perf_counter() - t0:.1f}s")
+    print(f"{len({c.document_id for c in chunks})} documents -> {len(chunks)} chunks (size {args.size}, overlap "
+          f"{args.overlap}, context {args.context}, documents {args.documents}) in {time.perf_counter() - t0:.1f}s")
 
     make, asymmetric = ENCODERS[args.encoder]
     embedded = plain if args.context_in == "bm25" else chunks
@@ -348,7 +373,7 @@ def main() -> None:
         print(f"{len(rows)} texts -> {args.export_texts}")
         return
     encoder = CachedEncoder(args.cache or OUT / f"embeddings-{args.encoder}.npz", make, 384, asymmetric)
-    hybrid = build(embedded, plain if args.context_in == "dense" else chunks, encoder)
+    hybrid = build(embedded, plain if args.context_in == "dense" else chunks, encoder, args.bm25 or ())
     halves = split(queries, args.seed)
     lists = {mode: [hybrid.search(q.text, DEPTH, mode) for q in queries] for mode in ("bm25", "dense")}
     completed = [hybrid.rankings(q.text, DEPTH) for q in queries]
