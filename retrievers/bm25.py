@@ -7,10 +7,9 @@ retriever's search). Here the term weights live in a column-sparse matrix W[chun
 touches only the postings of its own terms: scores = W[:, q] @ (idf[q] * count[q]). The
 scoring is rank-bm25's BM25Okapi (Robertson and Zaragoza 2009, "The Probabilistic Relevance Framework:
 BM25 and Beyond") with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)), which stays positive, so a term
-found in half of a tiny corpus still counts. k1 = 0.9 (term-frequency saturation; Anserini's default too),
-b = 0.75: chosen on the tuning half of bench/eval_retrieval.py's full corpus over k1 in 0.5-3, b in 0.3-1
-and the dense weight, by the eval's rule (bench/results/retrieval_v2.md section 8); rank-bm25's k1 = 1.5
-gave the hybrid one or two questions of 147 fewer on the held-out half. The matrix is rebuilt
+found in half of a tiny corpus still counts. k1 = 1.5, b = 0.75 (rank-bm25's): k1 = 0.9, the choice of
+bench/eval_retrieval.py's tuning half, gave the hybrid one or two questions more on the held-out half but
+BM25 alone one to five fewer (bench/results/retrieval_v2.md section 8). The matrix is rebuilt
 (vectorised) on the first search after a change.
 
 Tokens suit code and docs: lowercase words and identifiers, plus the parts of dotted, snake_case
@@ -79,7 +78,7 @@ class _Index:
 class BM25Retriever:
     """Keyword retrieval; a `ChunkIndex` (its own, in RAM: rebuild it by adding the chunks again) and a `Scorer`."""
 
-    def __init__(self, k1: float = 0.9, b: float = 0.75):
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
         self.k1, self.b = k1, b
         self._vocab: dict[str, int] = {}
         self._chunks: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}  # id -> (document, terms, counts)

@@ -275,7 +275,7 @@ def test_bm25_scores_match_rank_bm25_with_lucene_idf():
     texts = [" ".join(rng.choices(vocab, k=rng.randint(3, 30))) for _ in range(50)]
     bm25 = BM25Retriever()
     bm25.add([chunk(f"d{i}", 0, t) for i, t in enumerate(texts)])
-    reference = BM25Okapi([tokenize(t) for t in texts], k1=0.9, b=0.75)
+    reference = BM25Okapi([tokenize(t) for t in texts])
     n = len(texts)
     reference.idf = {w: math.log1p((n - df + 0.5) / (df + 0.5))
                      for w, df in ((w, sum(w in f for f in reference.doc_freqs)) for w in vocab)}
@@ -285,16 +285,6 @@ def test_bm25_scores_match_rank_bm25_with_lucene_idf():
         assert len(hits) == np.count_nonzero(expected)
         for hit in hits:
             assert hit.score == pytest.approx(expected[int(hit.document_id[1:])])
-
-
-def test_bm25_default_saturates_term_frequency_with_k1_0_9_and_b_0_75():
-    # idf = ln(1 + 0.5 / 2.5); chunk lengths 2 and 6 (mean 4): a = 1.9 / (1 + 0.9 * 0.625) * idf,
-    # b = 3 * 1.9 / (3 + 0.9 * 1.375) * idf (rank-bm25's k1 = 1.5 gave 0.23525 and 0.27011)
-    bm25 = BM25Retriever()
-    bm25.add([chunk("a", 0, "alpha beta"), chunk("b", 0, "alpha alpha alpha gamma delta epsilon")])
-    hits = bm25.search("alpha", 5)
-    assert [h.document_id for h in hits] == ["b", "a"]
-    assert [h.score for h in hits] == pytest.approx([0.245247, 0.221703], abs=1e-6)
 
 
 def test_bm25_upsert_skips_unchanged_and_replaces_changed_chunks():
