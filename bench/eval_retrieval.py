@@ -18,10 +18,13 @@ only new chunk texts.
 
 Variants (bench/results/retrieval_v2.md): `--context title|trail` prefixes each chunk with its document
 title or heading path (for BM25, the embedder or both: `--context-in`); `--encoder` picks the embedder
-or backend; every run also reports document scores (max, sum, ...) per mode.
+or backend; every run also reports document scores (max, sum, ...) per mode. `--documents section` makes each
+section of a distractor file its own document (answer-sized distractors: bench/results/retrieval_v2.md
+section 8); `--bm25 K1 B` sets BM25's parameters.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_retrieval.py [--size 256] [--overlap 32] [--dirs library ...]
         [--context none|title|trail] [--encoder minilm|minilm-openvino-int8|e5-small-q4|...] [--json F]
+        [--documents file|section] [--bm25 K1 B]
 """
 from __future__ import annotations
 
