@@ -18,10 +18,13 @@ only new chunk texts.
 
 Variants (bench/results/retrieval_v2.md): `--context title|trail` prefixes each chunk with its document
 title or heading path (for BM25, the embedder or both: `--context-in`); `--encoder` picks the embedder
-or backend; every run also reports document scores (max, sum, ...) per mode.
+or backend; every run also reports document scores (max, sum, ...) per mode. `--documents section` makes each
+section of a distractor file its own document (answer-sized distractors: bench/results/retrieval_v2.md
+section 8); `--bm25 K1 B` sets BM25's parameters.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/eval_retrieval.py [--size 256] [--overlap 32] [--dirs library ...]
         [--context none|title|trail] [--encoder minilm|minilm-openvino-int8|e5-small-q4|...] [--json F]
+        [--documents file|section] [--bm25 K1 B]
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
@@ -172,25 +176,34 @@ def corpus(dirs: list[str] | None) -> dict[str, str]:
     return docs
 
 
-def rank_of(hits: list[Hit], relevant: str, scoring: DocScore = ("max", 0.0)) -> float:
+def rank_of(hits: list[Hit], relevant: str, scoring: DocScore = ("max", 0.0),
+            sizes: dict[str, int] | None = None) -> float:
     """1-based rank of the relevant document among the documents of the hits, inf if absent."""
-    documents = rank_documents(hits, scoring)
+    documents = rank_documents(hits, scoring, sizes)
     return documents.index(relevant) + 1.0 if relevant in documents else np.inf
 
 
 DocScore = tuple[str, float]  # (how, λ)
 DOC_SCORES: list[DocScore] = [("max", 0.0), ("sum", 0.0), ("rrf-sum", 0.0)] + [
-    ("max+λ·rest", lam) for lam in (0.05, 0.1, 0.2, 0.3, 0.5)]
+    ("max+λ·rest", lam) for lam in (0.05, 0.1, 0.2, 0.3, 0.5)] + [
+    ("max-λ·√(2ln n)", lam) for lam in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)]
+PER_MODE = ("max-λ·√(2ln n)",)  # scores on each mode's own scale: λ tuned per mode
 
 
-def rank_documents(hits: list[Hit], scoring: DocScore) -> list[str]:
+def rank_documents(hits: list[Hit], scoring: DocScore, sizes: dict[str, int] | None = None) -> list[str]:
     """The documents of a chunk ranking, best first, by a document score built from their chunks' scores:
     max (the best chunk: the first occurrence), sum (of scores shifted so the list's lowest is 0),
-    rrf-sum (sum of 1/(60 + rank)), or max+λ·rest (the best chunk plus λ times the shifted others).
-    Ties keep the order of first occurrence."""
+    rrf-sum (sum of 1/(60 + rank)), max+λ·rest (the best chunk plus λ times the shifted others), or
+    max-λ·√(2ln n), the best chunk less λ·sqrt(2 ln n) for a document of n chunks (`sizes`): the growth of
+    the expected maximum of n draws (a diagnostic of the eval's short answer documents, retrieval_v2.md
+    section 8). Ties keep the order of first occurrence."""
     how, lam = scoring
     if how == "max" or not hits:
         return list(dict.fromkeys(h.document_id for h in hits))
+    if how == "max-λ·√(2ln n)":
+        best = {h.document_id: h.score for h in reversed(hits)}
+        return sorted(dict.fromkeys(h.document_id for h in hits),
+                      key=lambda doc: -(best[doc] - lam * np.sqrt(2 * np.log(sizes[doc]))))
     low = min(h.score for h in hits)
     chunks: dict[str, list[float]] = {}
     for rank, hit in enumerate(hits):
@@ -222,6 +235,23 @@ def with_context(chunks: list[Chunk], contexts: dict[str, str], chunker: Chunker
         if trail and trail not in fitted:
             fitted[trail] = fit(trail)
         out.append(replace(c, text=f"{fitted[trail]}\n{c.text}") if trail else c)
+    return out
+
+
+def by_section(chunks: list[Chunk], keep: set[str]) -> list[Chunk]:
+    """Each section of a document its own document, "<document> § <n>" (n: the section's position among the
+    document's sections, by heading trail), but the documents in `keep` (the answers, one section each):
+    distractors as small as the answers, so a document's size no longer tells an answer from a distractor
+    (chunks never span sections, so their texts and vectors stay the same)."""
+    numbers: dict[str, dict[str, int]] = {}
+    out = []
+    for c in chunks:
+        if c.document_id in keep:
+            out.append(c)
+            continue
+        sections = numbers.setdefault(c.document_id, {})
+        document = f"{c.document_id} § {sections.setdefault(c.section, len(sections))}"
+        out.append(replace(c, id=f"{document}#{c.id.rpartition('#')[2]}", document_id=document))
     return out
 
 
@@ -264,11 +294,13 @@ def table(rows: dict[str, dict[str, float]], params: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def build(embedded: list[Chunk], indexed: list[Chunk], encoder: CachedEncoder) -> HybridRetriever:
-    """The hybrid retriever of the eval: `embedded` chunks in an in-RAM dense memory, `indexed` in BM25."""
+def build(embedded: list[Chunk], indexed: list[Chunk], encoder: CachedEncoder,
+          bm25_params: Sequence[float] = ()) -> HybridRetriever:
+    """The hybrid retriever of the eval: `embedded` chunks in an in-RAM dense memory, `indexed` in BM25
+    (`BM25Retriever(*bm25_params)`: its own k1 and b by default)."""
     index = DenseIndex(Memory(DenseIndex.spec("eval", encoder)), encoder)
     index.add(embedded)
-    bm25 = BM25Retriever()
+    bm25 = BM25Retriever(*bm25_params)
     bm25.add(indexed)
     return HybridRetriever(bm25, AsymmetricDense(index), depth=DEPTH)
 
@@ -304,6 +336,10 @@ def main() -> None:
                     help="which retriever sees the prefixed text (the other indexes the plain chunk)")
     ap.add_argument("--context-tokens", type=int, default=32,
                     help="tokens reserved for the heading path (chunks are cut to size minus this)")
+    ap.add_argument("--documents", choices=["file", "section"], default="file",
+                    help="what a distractor document is: a whole reST file, or each section of one (size-fair)")
+    ap.add_argument("--bm25", type=float, nargs=2, metavar=("K1", "B"), help="BM25 parameters (default: the "
+                    "retriever's own)")
     ap.add_argument("--encoder", choices=list(ENCODERS), default="minilm")
     ap.add_argument("--cache", type=Path, help="embedding cache (default bench/out/embeddings-<encoder>.npz)")
     ap.add_argument("--export-texts", type=Path, help="write [key, text, is_query] of every text to embed "
@@ -320,12 +356,14 @@ def main() -> None:
     docs = corpus(args.dirs) | {q.document_id: q.answer for q in queries}
     t0 = time.perf_counter()
     chunks = [c for doc_id, text in docs.items() for c in chunker.chunk(doc_id, text)]
+    if args.documents == "section":
+        chunks = by_section(chunks, {q.document_id for q in queries})
     plain = chunks
     if args.context != "none":
         contexts = {q.document_id: q.context for q in queries}
         chunks = with_context(chunks, contexts, chunker, reserve, title_only=args.context == "title")
-    print(f"{len(docs)} documents -> {len(chunks)} chunks (size {args.size}, overlap {args.overlap}, "
-          f"context {args.context}) in {time.perf_counter() - t0:.1f}s")
+    print(f"{len({c.document_id for c in chunks})} documents -> {len(chunks)} chunks (size {args.size}, overlap "
+          f"{args.overlap}, context {args.context}, documents {args.documents}) in {time.perf_counter() - t0:.1f}s")
 
     make, asymmetric = ENCODERS[args.encoder]
     embedded = plain if args.context_in == "bm25" else chunks
@@ -338,13 +376,15 @@ def main() -> None:
         print(f"{len(rows)} texts -> {args.export_texts}")
         return
     encoder = CachedEncoder(args.cache or OUT / f"embeddings-{args.encoder}.npz", make, 384, asymmetric)
-    hybrid = build(embedded, plain if args.context_in == "dense" else chunks, encoder)
+    hybrid = build(embedded, plain if args.context_in == "dense" else chunks, encoder, args.bm25 or ())
     halves = split(queries, args.seed)
     lists = {mode: [hybrid.search(q.text, DEPTH, mode) for q in queries] for mode in ("bm25", "dense")}
     completed = [hybrid.rankings(q.text, DEPTH) for q in queries]
 
+    sizes = dict(Counter(c.document_id for c in chunks))
+
     def ranks(rankings: list[list[Hit]], scoring: DocScore = ("max", 0.0)) -> np.ndarray:
-        return np.array([rank_of(hits, q.document_id, scoring) for hits, q in zip(rankings, queries)])
+        return np.array([rank_of(hits, q.document_id, scoring, sizes) for hits, q in zip(rankings, queries)])
 
     def fused(fusion: Fusion, complete: bool) -> np.ndarray:
         inputs = completed if complete else zip(lists["bm25"], lists["dense"])
@@ -388,9 +428,12 @@ def main() -> None:
             best = max(options, key=lambda d: metrics(ranks(tuned_hits, d)[fit])["MRR@10"])
             for mode, hits in (("bm25", lists["bm25"]), ("dense", lists["dense"]),
                                ("hybrid default", default_hits), ("hybrid zscore tuned", tuned_hits)):
+                if how in PER_MODE:
+                    best = max(options, key=lambda d, hits=hits: metrics(ranks(hits, d)[fit])["MRR@10"])
                 name = f"{mode}, {how}"
                 doc_rows[name], doc_params[name] = metrics(ranks(hits, best)[on]), f"λ={best[1]:g}" if best[1] else ""
-        print(f"\ndocument scores (λ tuned on half {tune} by the tuned zscore hybrid's MRR@10), half {report}:\n")
+        print(f"\ndocument scores (λ tuned on half {tune} by the tuned zscore hybrid's MRR@10; {', '.join(PER_MODE)}: "
+              f"by each mode's own), half {report}:\n")
         print(table(doc_rows, doc_params))
         results[report] = {"rows": rows, "params": params, "chosen": choice, "documents": doc_rows,
                            "document params": doc_params}

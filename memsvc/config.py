@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     embed_backend: Literal["auto", "torch", "openvino", "openvino-int8"] = Field(
         "auto", description="how new collections run their embedder (all-MiniLM-L6-v2): torch; openvino "
         "(bf16 where the CPU has it, else fp32); openvino-int8 (NNCF static int8, built once into model_cache); "
-        "auto: torch on a CUDA GPU, else openvino where OpenVINO runs bf16 (AMX/AVX512_BF16), else openvino-int8 "
+        "auto: torch on a CUDA GPU, else openvino where the CPU has AMX (amx_bf16), else openvino-int8 "
         "(the fastest on CPU with retrieval quality held); torch when the openvino extra is not installed. A "
         "collection keeps the embedder it was created with")
 

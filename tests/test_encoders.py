@@ -37,17 +37,25 @@ def test_exported_backend_gives_the_pytorch_vectors(backend, tmp_path):
 
 # --- the service's embedder: backends by setting, names, fallback, the int8 build (issue 16 #2) -------------
 
-def test_auto_is_torch_on_a_gpu_and_openvino_on_cpu_int8_where_floats_run_in_fp32(monkeypatch):
+def test_auto_is_torch_on_a_gpu_bf16_openvino_only_with_amx_else_int8(monkeypatch):
     from retrievers import encoders
 
     assert encoders.resolve_backend("auto", "cuda:0") == "torch"
     assert encoders.resolve_backend("openvino", "cuda") == "openvino"
+    assert encoders.resolve_backend("openvino", "cpu", frozenset()) == "openvino"  # a setting is kept
     with pytest.raises(ValueError, match="embed backend must be one of auto, torch, openvino, openvino-int8"):
         encoders.resolve_backend("onnx", "cpu")
-    for precision, backend in [("bf16", "openvino"), ("f16", "openvino"), ("f32", "openvino-int8"),
-                               (None, "openvino-int8")]:
-        monkeypatch.setattr(encoders, "openvino_float", lambda p=precision: p)
-        assert encoders.resolve_backend("auto", "cpu") == backend, precision
+    amx = "flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8\n"
+    no_amx = "flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni avx_vnni avx512_fp16\n"  # this Xeon (load 1.4)
+    arm = "Features\t: fp asimd bf16 i8mm\n"
+    assert encoders.cpu_flags("processor\t: 0\n" + amx + "processor\t: 1\n" + amx) >= {"amx_bf16", "avx512_bf16"}
+    assert encoders.cpu_flags(arm) == frozenset()
+    for cpuinfo, backend in [(amx, "openvino"), (no_amx, "openvino-int8"), (arm, "openvino-int8"),
+                             ("", "openvino-int8")]:
+        assert encoders.resolve_backend("auto", "cpu", encoders.cpu_flags(cpuinfo)) == backend, cpuinfo
+    monkeypatch.setattr(encoders, "cpu_flags", lambda cpuinfo=None: frozenset({"amx_bf16"}))
+    assert encoders.resolve_backend("auto", "cpu") == "openvino"  # the default reads cpu_flags()
+    monkeypatch.setattr(encoders, "cpu_flags", lambda cpuinfo=None: frozenset({"avx512_bf16"}))
     monkeypatch.setattr(encoders, "missing_packages", lambda backend: [])
     assert encoders.embedder_name("torch") == "all-MiniLM-L6-v2"
     assert encoders.embedder_name("auto", "cpu") == "all-MiniLM-L6-v2+openvino-int8"
