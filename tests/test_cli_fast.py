@@ -101,3 +101,38 @@ def test_serve_takes_httptools_and_uvloop_when_installed(monkeypatch):
     assert commands.server_io() == {"http": "httptools", "loop": "uvloop"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert commands.server_io() == {"http": "h11", "loop": "asyncio"}
+
+
+def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+
+    data = tmp_path / "data"
+    cases = {
+        (("MEMSVC_EMBED_BACKEND", "foo"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
+        (("MEMSVC_MAX_K", "-5"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_K: Input should be greater than 0",
+        (("MEMSVC_MAX_BATCH", "0"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_BATCH: Input should be greater than 0",
+        (("MEMSVC_MAX_DIM", "ten"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_DIM: Input should be a valid integer, unable to parse string as an integer",
+        (("MEMSVC_MAX_BODY_BYTES", "0"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_BODY_BYTES: Input should be greater than 0",
+        (("MEMSVC_SNAPSHOT_BYTES", "-1"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_SNAPSHOT_BYTES: Input should be greater than 0",
+        (("MEMSVC_LOG_LEVEL", "INFO"), ("serve", "--port", "70000", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_PORT: Input should be less than or equal to 65535",
+        (("MEMSVC_API_KEYS", "a b"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_API_KEYS: Value error, entry 1 is not KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro "
+            "(keys: letters, digits and ._~+/-; prefixes: letters, digits and ._-)",
+        (("MEMSVC_EMBED_BACKEND", "onnx"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
+    }
+    for ((variable, value), args), expected in cases.items():
+        monkeypatch.setenv(variable, value)
+        result = CliRunner().invoke(app, list(args))
+        monkeypatch.delenv(variable)
+        assert (result.exit_code, result.stdout, result.stderr.strip()) == (2, "", expected), (variable, value)
+    assert not data.exists()  # nothing was served, opened or made

@@ -52,7 +52,7 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
         from memsvc.api.app import create_app
         from memsvc.observability import configure_logging
 
-    settings = Settings(host=host, port=port, data_dir=data_dir)
+        settings = Settings(host=host, port=port, data_dir=data_dir)
     configure_logging(settings.log_level)
     fast = server_io()
     logging.getLogger("memsvc").info("HTTP parser %s, event loop %s", fast["http"], fast["loop"], extra=fast)
