@@ -43,7 +43,7 @@ from transformers.cache_utils import Cache
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.knn_config import KnnConfig, Mode, Positions, check_options
-from lm.sessions import SessionState, end_session, save_session, sessions
+from lm.sessions import SessionState, end_session, kept_session, save_session
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
 
@@ -75,7 +75,7 @@ class KnnMemoryAttention:
         self.cache, self.memory, self.config, self.persist = cache, memory, config, persist
         self.model_name = model.config.name_or_path
         self.kv_heads = model.config.get_text_config(decoder=True).num_key_value_heads
-        self.resumed = sessions(memory).get(session) if session is not None else None
+        self.resumed = kept_session(memory, session) if session is not None else None
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
         self.offset = 0  # stream tokens the session took in before this process (its stored keys' indices)

@@ -70,7 +70,7 @@ def open_server_session(url: str, api_key: str | None, name: str, session: str |
     """Check the server, the memory and the session (`session`: None for a run-only session, "new", or the
     id of a kept one) before anything slow; `positions` as given on the command line (None: the default, or
     a resumed session's). The caller closes `client`."""
-    from lm.sessions import check_session_id, find_session, new_session_id
+    from lm.sessions import check_session_id, find_session, kept_session, new_session_id
     from memsvc.client import MemoryClient, check_url
 
     check_url(url)
@@ -83,8 +83,10 @@ def open_server_session(url: str, api_key: str | None, name: str, session: str |
         except NotFound:
             memory = None
         if session is None or session == NEW:
-            return ServerSession(client, name, memory, None if session is None else new_session_id(),
-                                 session is not None and not end)
+            sid = None if session is None else new_session_id()
+            if memory is not None and sid is not None:
+                kept_session(memory, sid)  # the memory can record it: InvalidInput now, not when the run ends
+            return ServerSession(client, name, memory, sid, session is not None and not end)
         if memory is None:
             raise NotFound(f"no memory '{name}' on {url}: there is no session '{session}' to resume", "session")
         state = find_session(memory, session)
