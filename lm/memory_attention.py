@@ -43,7 +43,7 @@ from transformers.cache_utils import Cache
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.knn_config import KnnConfig, Mode, Positions, check_options
-from lm.sessions import SessionState, end_session, kept_session, save_session
+from lm.sessions import SessionState, check_session_memory, end_session, kept_session, save_session
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
 
@@ -198,11 +198,7 @@ def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, co
     if config.blocks:
         raise InvalidInput("block memory runs in lm.blocks.BlockMemoryAttention (lm.attention.attach picks it)",
                            "memory_blocks")
-    dim, spec = head_dim(model), memory.spec
-    if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
-        raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "
-                           f"value_dim={dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
-                           f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
+    check_session_memory(memory.spec, head_dim(model))
     if gate is not None:
         gate.check(model)
     return config

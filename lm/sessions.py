@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from memsvc.contract import InvalidInput, MemoryBackend, NotFound
+from memsvc.contract import NAME_PATTERN, InvalidInput, MemoryBackend, MemorySpec, NotFound
 
 SESSIONS = "attention_sessions"  # the memory metadata key holding {id: SessionState fields}
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -46,6 +46,27 @@ class SessionState:
 
 
 RECORD_FIELDS = frozenset(name for name in SessionState.__dataclass_fields__ if name != "id")
+
+
+def check_memory_name(name: str) -> str:
+    """The name of a memory to hold sessions, or InvalidInput (field "memory") if no memory can have it."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise InvalidInput(f"memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or "
+                           f"digit), got {name!r}", "memory")
+    return name
+
+
+def check_session_memory(spec: MemorySpec, dim: int | None = None) -> None:
+    """InvalidInput (field "memory") unless the memory can hold attention keys and values of `dim` (a model's
+    head size) dims: metric 'ip', value_kind 'vector', value_dim = dim. Without `dim` (no model loaded yet)
+    the value_dim must equal the memory's own dim."""
+    need_dim = spec.dim if dim is None else dim
+    if spec.dim != need_dim or spec.value_kind != "vector" or spec.value_dim != need_dim or spec.metric != "ip":
+        need = ("metric='ip', value_kind='vector' and value_dim equal to its dim" if dim is None
+                else f"dim={dim}, metric='ip', value_kind='vector' and value_dim={dim}")
+        raise InvalidInput(f"memory '{spec.name}' must have {need} for this model; it has dim={spec.dim}, "
+                           f"metric='{spec.metric}', value_kind='{spec.value_kind}', value_dim={spec.value_dim}",
+                           "memory")
 
 
 def new_session_id() -> str:

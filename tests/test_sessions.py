@@ -207,3 +207,32 @@ def test_malformed_session_records_are_one_line_errors_and_can_be_ended(cli, ser
         with pytest.raises(InvalidInput, match="not an object of session records"):
             save_session(memory, SessionState("s2", 1, "absolute", [0]))
         assert client.memory("odd").stats().metadata == {SESSIONS: "ok1"}  # nothing was changed
+
+
+def test_a_memory_that_cannot_hold_sessions_is_refused_before_the_model_loads(cli, server, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT)
+    with MemoryClient(server.url) as client:
+        client.create_memory("tokens4", dim=4, metric="l2", value_kind="token")
+        client.create_memory("l2vec", dim=16, metric="l2", value_kind="vector", value_dim=16)
+        client.create_memory("short", dim=16, metric="ip", value_kind="vector", value_dim=8)
+    kind = "must have metric='ip', value_kind='vector' and value_dim equal to its dim for this model; it has"
+    cases = {
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "Bad/Name"):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            "got 'Bad/Name'",
+        ("eval-long", doc, "--knn-memory", "--url", server.url, "--memory", "-x", "--session", "new"):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            "got '-x'",
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "tokens4"):
+            f"error: memory 'tokens4' {kind} dim=4, metric='l2', value_kind='token', value_dim=None",
+        ("eval-long", doc, "--knn-memory", "--url", server.url, "--memory", "l2vec"):
+            f"error: memory 'l2vec' {kind} dim=16, metric='l2', value_kind='vector', value_dim=16",
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "short", "--session", "new"):
+            f"error: memory 'short' {kind} dim=16, metric='ip', value_kind='vector', value_dim=8",
+    }
+    for args, message in cases.items():
+        result = cli(*args, model="/nonexistent-model")
+        assert (result.exit_code, result.stderr) == (2, message + "\n"), args
+    with MemoryClient(server.url) as client:
+        assert "Bad" not in {spec.name for spec in client.list_memories()}  # nothing was made

@@ -8,9 +8,9 @@ per layer per forward, vectors as binary tensor frames). A kept session outlives
 stopped, with every token the earlier one took in searchable. `memsvc session end ID` (or `--end-session`)
 deletes its partitions.
 
-`open_server_session` runs before torch is imported: a bad URL, an unreachable server, a missing memory,
-an unknown session or positions other than the session's fail with one line and exit status 2 before the
-model loads.
+`open_server_session` runs before torch is imported: a bad URL, an unreachable server, a bad memory name, a
+memory that cannot hold attention keys (metric, value kind), a missing memory, an unknown session or positions
+other than the session's fail with one line and exit status 2 before the model loads.
 """
 from __future__ import annotations
 
@@ -67,13 +67,22 @@ class ServerSession:
 
 def open_server_session(url: str, api_key: str | None, name: str, session: str | None, end: bool,
                         positions: str | None) -> ServerSession:
-    """Check the server, the memory and the session (`session`: None for a run-only session, "new", or the
-    id of a kept one) before anything slow; `positions` as given on the command line (None: the default, or
+    """Check the server, the memory (its name, and if it exists its kind: a head-size dim is checked once the
+    model is loaded) and the session (`session`: None for a run-only session, "new", or the id of a kept one)
+    before anything slow; `positions` as given on the command line (None: the default, or
     a resumed session's). The caller closes `client`."""
-    from lm.sessions import check_session_id, find_session, kept_session, new_session_id
+    from lm.sessions import (
+        check_memory_name,
+        check_session_id,
+        check_session_memory,
+        find_session,
+        kept_session,
+        new_session_id,
+    )
     from memsvc.client import MemoryClient, check_url
 
     check_url(url)
+    check_memory_name(name)
     if session is not None and session != NEW:
         check_session_id(session)
     client = MemoryClient(url, api_key=api_key)
@@ -82,6 +91,8 @@ def open_server_session(url: str, api_key: str | None, name: str, session: str |
             memory = client.memory(name)  # ServerUnavailable when nothing answers at url
         except NotFound:
             memory = None
+        if memory is not None:
+            check_session_memory(memory.spec)  # its dim against the model's head size once the model is loaded
         if session is None or session == NEW:
             sid = None if session is None else new_session_id()
             if memory is not None and sid is not None:
