@@ -50,6 +50,9 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("eval-long", str(doc), "--knn-memory", "--layers", "x"):
             "error: layers must be 'all' or comma-separated integers, got 'x'",
         ("eval-long", str(doc), "--url", dead): "error: --url applies only to --knn-memory",
+        ("eval-long", str(doc), "--max-tokens", "100"):
+            "error: max_tokens 100 leaves no token to score past the first 256 (skip): give max_tokens of at least "
+            "258, or a smaller skip",
         ("eval-long", str(doc), "--knn-memory", "--url", "localhost:8000"):
             "error: server URL 'localhost:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
         ("generate", "hi", "--cache", "windw:256"):
