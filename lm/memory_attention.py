@@ -206,15 +206,12 @@ def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, co
 
 def check_session(model: PreTrainedModel, cache: Cache, config: KnnConfig) -> KnnConfig:
     """What every memory session checks (options, layers, a bounded cache): the config with its layers resolved."""
+    check_options(config)  # layers: at least one, integers >= 0
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     layers = sorted(set(range(num_layers) if config.layers is None else config.layers))
-    if not layers:
-        raise InvalidInput("give at least one layer for kNN-memory attention", "layers")
-    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)
-           or not 0 <= layer < num_layers]
+    bad = [layer for layer in layers if layer >= num_layers]
     if bad:
         raise InvalidInput(f"unknown layer index {bad[0]!r}: the model has layers 0..{num_layers - 1}", "layers")
-    check_options(config)
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
     return dataclasses.replace(config, layers=layers)

@@ -49,6 +49,10 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: policy 'window' takes no sinks (it takes: window)",
         ("eval-long", str(doc), "--knn-memory", "--layers", "x"):
             "error: layers must be 'all' or comma-separated integers, got 'x'",
+        ("eval-long", str(doc), "--knn-memory", "--layers", "-1"):
+            "error: unknown layer index -1: layer indices are integers from 0",
+        ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--layers", "3,-2,5"):
+            "error: unknown layer index -2: layer indices are integers from 0",
         ("eval-long", str(doc), "--url", dead): "error: --url applies only to --knn-memory",
         ("eval-long", str(doc), "--max-tokens", "100"):
             "error: max_tokens 100 leaves no token to score past the first 256 (skip): give max_tokens of at least "
@@ -139,3 +143,22 @@ def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeyp
         monkeypatch.delenv(variable)
         assert (result.exit_code, result.stdout, result.stderr.strip()) == (2, "", expected), (variable, value)
     assert not data.exists()  # nothing was served, opened or made
+
+
+def test_knn_config_layers_are_checked_without_a_model():
+    import pytest
+
+    from lm.knn_config import KnnConfig, check_options
+    from memsvc.contract import InvalidInput
+
+    for layers in ([0], [29, 0, 3], None):
+        check_options(KnnConfig(layers=layers))
+    for layers, message in [([], "give at least one layer for kNN-memory attention"),
+                            ("0", "give at least one layer for kNN-memory attention"),
+                            ([-1], "unknown layer index -1: layer indices are integers from 0"),
+                            ([2, -7, -1], "unknown layer index -7: layer indices are integers from 0"),
+                            ([1.5], "unknown layer index 1.5: layer indices are integers from 0"),
+                            ([True], "unknown layer index True: layer indices are integers from 0")]:
+        with pytest.raises(InvalidInput) as err:
+            check_options(KnnConfig(layers=layers))
+        assert (err.value.message, err.value.field) == (message, "layers"), layers
