@@ -63,6 +63,13 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: bad cache spec 'windw:256': expected 'window:W[,sinks:S]', 'full' or "
             "'policy:NAME[,budget:B,window:W,sinks:S,pool:P]'",
         ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
+        ("generate", "hi", "--max-new-tokens", "-1"): "error: max_new_tokens must be >= 0, got -1",
+        ("generate", "hi", "--temperature", "-0.5"):
+            "error: temperature must be a finite number >= 0 (0 = greedy), got -0.5",
+        ("generate", "hi", "--temperature", "nan"): "error: temperature must be a finite number >= 0 (0 = greedy), got nan",
+        ("generate", "hi", "--temperature", "inf"): "error: temperature must be a finite number >= 0 (0 = greedy), got inf",
+        ("generate", "hi", "--top-p", "0"): "error: top_p must be in (0, 1], got 0.0",
+        ("generate", "hi", "--top-p", "nan"): "error: top_p must be in (0, 1], got nan",
         ("generate", "hi", "--knn-memory", "m", "--lam", "2"):
             "error: lam: Input should be less than or equal to 1 (got 2.0)",
         ("knnlm", "build", "/nonexistent.txt", "--memory", "m", "--data-dir", str(data)):
