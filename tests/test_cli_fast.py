@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +170,24 @@ def test_knn_config_layers_are_checked_without_a_model():
         with pytest.raises(InvalidInput) as err:
             check_options(KnnConfig(layers=layers))
         assert (err.value.message, err.value.field) == (message, "layers"), layers
+
+
+def test_serve_on_a_held_data_dir_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """It was a traceback inside a JSON log line from the app's startup, and exit status 3."""
+    import fcntl
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn ran"))
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running server holds its data dir
+        result = CliRunner().invoke(app, ["serve", "--data-dir", str(held), "--port", "0"])
+    message = (f"error: {held} is in use by another memsvc process (a server or an embedded command): stop it, or "
+               "serve another --data-dir\n")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", message)
+    assert sorted(p.name for p in held.iterdir()) == [".lock"]
