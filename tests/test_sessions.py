@@ -231,6 +231,10 @@ def test_a_memory_that_cannot_hold_sessions_is_refused_before_the_model_loads(cl
         ("generate", "hi", *CACHE, "--url", server.url, "--memory", "short", "--session", "new"):
             f"error: memory 'short' {kind} dim=16, metric='ip', value_kind='vector', value_dim=8",
     }
+    for args in [("session", "list", "--url", server.url, "--memory", "bad name!"),
+                 ("session", "end", "s1", "--url", server.url, "--memory", "bad name!")]:
+        cases[args] = ("error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or "
+                       "digit), got 'bad name!'")
     for args, message in cases.items():
         result = cli(*args, model="/nonexistent-model")
         assert (result.exit_code, result.stderr) == (2, message + "\n"), args

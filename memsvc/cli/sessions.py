@@ -138,11 +138,13 @@ def list_sessions(url: ServerUrl, memory: MemoryName = DEFAULT_MEMORY, api_key: 
                   as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")]
                   = False) -> None:
     """The kept sessions of a memory: id, stream tokens taken in, positions, model."""
-    from lm.sessions import sessions
+    from lm.sessions import check_memory_name, sessions
     from memsvc.client import MemoryClient
 
-    with cli_errors(), MemoryClient(url, api_key=api_key) as client:
-        kept = sessions(client.memory(memory))
+    with cli_errors():
+        check_memory_name(memory)
+        with MemoryClient(url, api_key=api_key) as client:
+            kept = sessions(client.memory(memory))
     if as_json:
         sys.stdout.write(json.dumps({"memory": memory, "sessions": {sid: s.fields() for sid, s in kept.items()}})
                          + "\n")
@@ -155,11 +157,12 @@ def list_sessions(url: ServerUrl, memory: MemoryName = DEFAULT_MEMORY, api_key: 
 def end(session: Annotated[str, typer.Argument(help="the session's id")], url: ServerUrl,
         memory: MemoryName = DEFAULT_MEMORY, api_key: ApiKeyOption = None) -> None:
     """End a kept session: delete its partitions (every entry it stored) and its record."""
-    from lm.sessions import check_session_id, end_session
+    from lm.sessions import check_memory_name, check_session_id, end_session
     from memsvc.client import MemoryClient, check_url
 
     with cli_errors():
         check_url(url)
+        check_memory_name(memory)
         check_session_id(session)
         with MemoryClient(url, api_key=api_key) as client:
             deleted = end_session(client.memory(memory), session)
