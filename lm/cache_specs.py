@@ -1,5 +1,5 @@
-"""Cache policy names, the options each takes, and the syntax of `--cache` specs, without torch: the CLI
-checks a policy's name and options here before it imports torch or loads a model. `lm.policies.registry`
+"""Cache policy names, the options each takes, the syntax of `--cache` specs, and the lengths of an eval-long
+run (`check_lengths`), without torch: the CLI checks them here before it imports torch or loads a model. `lm.policies.registry`
 builds the policies from these checks (and asserts at import that `OPTIONS` matches the policy classes).
 """
 from __future__ import annotations
@@ -55,3 +55,16 @@ def parse_cache_options(spec: str) -> tuple[str, dict[str, int]]:
     if name == "window" and options.get("sinks") == 0:
         del options["sinks"]
     return name, policy_options(name, **options)
+
+
+def check_lengths(max_tokens: int | None, skip: int) -> None:
+    """InvalidInput unless an eval-long run can score a token: `max_tokens` (None: whole files) at least 2 and
+    above `skip` + 1 (a stream of n tokens scores its n - 1 next-token predictions past the first `skip`),
+    `skip` >= 0."""
+    if max_tokens is not None and max_tokens < 2:
+        raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
+    if skip < 0:
+        raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+    if max_tokens is not None and max_tokens - 1 <= skip:
+        raise InvalidInput(f"max_tokens {max_tokens} leaves no token to score past the first {skip} (skip): give "
+                           f"max_tokens of at least {skip + 2}, or a smaller skip", "max_tokens")

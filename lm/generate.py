@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.cache import forward
+from lm.knn_params import check_sampling
 from memsvc.contract import InvalidInput
 
 
@@ -29,15 +30,6 @@ class LogprobsHook(Protocol):
     """Replaces the next-token log-probabilities [batch, vocab] of one decoding step."""
 
     def __call__(self, logprobs: torch.Tensor, outputs: CausalLMOutputWithPast) -> torch.Tensor: ...
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 0:
-        raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}", "max_new_tokens")
-    if temperature < 0:
-        raise InvalidInput(f"temperature must be >= 0 (0 = greedy), got {temperature}", "temperature")
-    if not 0 < top_p <= 1:
-        raise InvalidInput(f"top_p must be in (0, 1], got {top_p}", "top_p")
 
 
 def next_token(logprobs: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

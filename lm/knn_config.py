@@ -65,6 +65,12 @@ class KnnConfig:
 def check_options(config: KnnConfig) -> None:
     """InvalidInput (with the option's field) for any option that is bad whatever the model; None if all are fine."""
     check_k(config.k)
+    if config.layers is not None:
+        if isinstance(config.layers, str | bytes) or not isinstance(config.layers, Sequence) or not config.layers:
+            raise InvalidInput("give at least one layer for kNN-memory attention", "layers")
+        bad = [layer for layer in config.layers if not _whole(layer) or layer < 0]
+        if bad:
+            raise InvalidInput(f"unknown layer index {bad[0]!r}: layer indices are integers from 0", "layers")
     if config.mode not in MODES:
         raise InvalidInput(f"memory mode must be 'joint' or 'gated', got {config.mode!r}", "memory_mode")
     if config.positions not in POSITIONS:

@@ -1,14 +1,27 @@
-"""kNN-LM interpolation settings (`KNNParams`), without torch: the CLI checks λ, temperature and k here before
-it imports torch or loads a model. `lm.knnlm` uses (and re-exports) it."""
+"""Decoding settings checked without torch: kNN-LM interpolation (`KNNParams`) and sampling (`check_sampling`).
+The CLI checks λ, temperature, k and the sampling options here before it imports torch or loads a model.
+`lm.knnlm` uses (and re-exports) `KNNParams`, `lm.generate` `check_sampling`."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memsvc.contract import InvalidInput
 
-__all__ = ["KNNParams"]
+__all__ = ["KNNParams", "check_sampling"]
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """InvalidInput naming the option unless max_new_tokens >= 0, temperature is finite and >= 0 (0: greedy)
+    and top_p in (0, 1]."""
+    if max_new_tokens < 0:
+        raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}", "max_new_tokens")
+    if not 0 <= temperature < math.inf:
+        raise InvalidInput(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}", "temperature")
+    if not 0 < top_p <= 1:
+        raise InvalidInput(f"top_p must be in (0, 1], got {top_p}", "top_p")
 
 
 class KNNParams(BaseModel):

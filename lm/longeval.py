@@ -21,6 +21,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.attention import attach
 from lm.cache import BoundedCache, stream
+from lm.cache_specs import check_lengths
 from lm.gate import Gate
 from lm.generate import encode_prompt, stop_token_ids, stream_tokens
 from lm.memory_attention import KnnConfig
@@ -90,15 +91,16 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
     """eval-long over files (each its own stream and session): pooled perplexity, scored tokens, peak, tok/s.
     With `progress`, a tqdm bar per file on stderr. A `session` (resumed if the memory kept it, kept with
     `persist`) is one stream: one file only (InvalidInput)."""
-    if max_tokens is not None and max_tokens < 2:
-        raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
-    if skip < 0:
-        raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+    check_lengths(max_tokens, skip)
     if session is not None and len(files) != 1:
         raise InvalidInput(f"a session is one stream: give one file with a session, not {len(files)}", "files")
     streams = {str(f): read_tokens(tokenizer, f, max_tokens) for f in files}  # every file checked before work
     if not streams:
         raise InvalidInput("give at least one file", "files")
+    longest = max(ids.shape[-1] for ids in streams.values())
+    if longest - 1 <= skip:
+        raise InvalidInput(f"no token to score past the first {skip} (skip): the longest file has {longest} "
+                           f"tokens; give a smaller skip or longer files", "skip")
     results = {name: evaluate_stream(model, ids, policy, knn=knn, memory=memory, gate=gate,
                                      progress=Path(name).name if progress else None, session=session,
                                      persist=persist)

@@ -43,7 +43,7 @@ from transformers.cache_utils import Cache
 from lm.cache import BoundedCache
 from lm.gate import Gate
 from lm.knn_config import KnnConfig, Mode, Positions, check_options
-from lm.sessions import SessionState, end_session, save_session, sessions
+from lm.sessions import SessionState, check_session_memory, end_session, kept_session, save_session
 from memsvc.contract import IndexKind, InvalidInput, MemoryBackend, MemorySpec
 from memsvc.store import Memory
 
@@ -75,7 +75,7 @@ class KnnMemoryAttention:
         self.cache, self.memory, self.config, self.persist = cache, memory, config, persist
         self.model_name = model.config.name_or_path
         self.kv_heads = model.config.get_text_config(decoder=True).num_key_value_heads
-        self.resumed = sessions(memory).get(session) if session is not None else None
+        self.resumed = kept_session(memory, session) if session is not None else None
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
         self.offset = 0  # stream tokens the session took in before this process (its stored keys' indices)
@@ -198,11 +198,7 @@ def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, co
     if config.blocks:
         raise InvalidInput("block memory runs in lm.blocks.BlockMemoryAttention (lm.attention.attach picks it)",
                            "memory_blocks")
-    dim, spec = head_dim(model), memory.spec
-    if spec.dim != dim or spec.value_kind != "vector" or spec.value_dim != dim or spec.metric != "ip":
-        raise InvalidInput(f"memory '{spec.name}' must have dim={dim}, metric='ip', value_kind='vector' and "
-                           f"value_dim={dim} for this model; it has dim={spec.dim}, metric='{spec.metric}', "
-                           f"value_kind='{spec.value_kind}', value_dim={spec.value_dim}", "memory")
+    check_session_memory(memory.spec, head_dim(model))
     if gate is not None:
         gate.check(model)
     return config
@@ -210,15 +206,12 @@ def check_config(model: PreTrainedModel, cache: Cache, memory: MemoryBackend, co
 
 def check_session(model: PreTrainedModel, cache: Cache, config: KnnConfig) -> KnnConfig:
     """What every memory session checks (options, layers, a bounded cache): the config with its layers resolved."""
+    check_options(config)  # layers: at least one, integers >= 0
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     layers = sorted(set(range(num_layers) if config.layers is None else config.layers))
-    if not layers:
-        raise InvalidInput("give at least one layer for kNN-memory attention", "layers")
-    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)
-           or not 0 <= layer < num_layers]
+    bad = [layer for layer in layers if layer >= num_layers]
     if bad:
         raise InvalidInput(f"unknown layer index {bad[0]!r}: the model has layers 0..{num_layers - 1}", "layers")
-    check_options(config)
     if not isinstance(cache, BoundedCache) or cache.policy.budget is None:
         raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
     return dataclasses.replace(config, layers=layers)

@@ -303,6 +303,17 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_waits(timeout: Any, long_timeout: Any, retries: Any) -> tuple[float, float, int]:
+    """(timeout, long_timeout, retries) as given, or InvalidInput naming the first bad one: the timeouts finite
+    seconds > 0, retries an integer >= 0."""
+    for field, seconds in (("timeout", timeout), ("long_timeout", long_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+            raise InvalidInput(f"{field} must be a finite number of seconds > 0, got {seconds!r}", field)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidInput(f"retries must be an integer >= 0, got {retries!r}", "retries")
+    return timeout, long_timeout, retries
+
+
 def _timeout(seconds: float) -> httpx.Timeout:
     return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
 
@@ -370,9 +381,10 @@ class MemoryClient:
                  retries: int = RETRIES):
         """`timeout`: seconds a call may take; `long_timeout`: the same for generation (ask); `retries`:
         resends after a refused connection (by httpx's transport, so not with a `transport` of your own) or
-        a broken idempotent call. InvalidInput for a URL without an http(s) scheme or host."""
+        a broken idempotent call. InvalidInput for a URL without an http(s) scheme or host, a timeout that is
+        not a finite number of seconds > 0, or retries < 0."""
         self.url = check_url(url)
-        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        self.timeout, self.long_timeout, self.retries = check_waits(timeout, long_timeout, retries)
         transport = transport or httpx.HTTPTransport(retries=retries)
         self.http = httpx.Client(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
                                  transport=transport)
@@ -556,7 +568,7 @@ class AsyncMemoryClient:
                  transport: httpx.AsyncBaseTransport | None = None, *, long_timeout: float = LONG_TIMEOUT,
                  retries: int = RETRIES):
         self.url = check_url(url)
-        self.timeout, self.long_timeout, self.retries = timeout, long_timeout, retries
+        self.timeout, self.long_timeout, self.retries = check_waits(timeout, long_timeout, retries)
         transport = transport or httpx.AsyncHTTPTransport(retries=retries)
         self.http = httpx.AsyncClient(base_url=url, headers=_auth(api_key), timeout=_timeout(timeout),
                                       transport=transport)

@@ -7,10 +7,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("memsvc-data")
+ENV_PREFIX = "MEMSVC_"
 # One entry of MEMSVC_API_KEYS: KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro (keys are URL-safe tokens).
 API_KEY_ENTRY = re.compile(r"(?P<key>[A-Za-z0-9._~+/-]+)(?:=(?P<prefix>[A-Za-z0-9._-]+))?(?P<ro>:ro)?")
 
@@ -46,18 +47,18 @@ def parse_api_keys(text: str) -> list[ApiKey]:
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a bad MEMSVC_API_KEYS must not print its keys in the startup error
-    model_config = SettingsConfigDict(env_prefix="MEMSVC_", env_file=".env", extra="ignore",
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
                                       hide_input_in_errors=True)
 
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="memories, snapshots, logs, SQLite catalog")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = Field(64 << 20, description="largest request body (413 beyond)")
-    max_batch: int = Field(65536, description="most vectors in one add or search")
-    max_k: int = Field(1024, description="largest k of a search")
-    max_dim: int = Field(8192, description="largest key/value dimension of a memory")
-    snapshot_bytes: int = Field(256 << 20, description="snapshot a memory once its log passes this")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of `memsvc serve` (0: any free port)")
+    max_body_bytes: int = Field(64 << 20, gt=0, description="largest request body (413 beyond)")
+    max_batch: int = Field(65536, gt=0, description="most vectors in one add or search")
+    max_k: int = Field(1024, gt=0, description="largest k of a search")
+    max_dim: int = Field(8192, gt=0, description="largest key/value dimension of a memory")
+    snapshot_bytes: int = Field(256 << 20, gt=0, description="snapshot a memory once its log passes this")
     vector_backend: Literal["faiss", "milvus"] = Field("faiss", description="where memories' vectors live")
     milvus_uri: str | None = Field(None, description="Milvus server URI or milvus-lite file; default data_dir")
     milvus_timeout: float = Field(60.0, gt=0, description="seconds before a Milvus call fails with 503")
@@ -100,6 +101,14 @@ class Settings(BaseSettings):
         if self.model_cache is not None:
             return self.model_cache.expanduser()
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memsvc" / "models"
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable, for a `ValidationError` of `Settings`
+    (a value given as a command-line option, e.g. `--port`, has the same name): "MEMSVC_MAX_K: Input should
+    be greater than 0". The values themselves are not repeated (MEMSVC_API_KEYS holds secrets)."""
+    return "; ".join(f"{ENV_PREFIX}{str(err['loc'][0]).upper() if err['loc'] else ''}: {err['msg']}"
+                     for err in exc.errors())
 
 
 @lru_cache

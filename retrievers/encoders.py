@@ -138,8 +138,9 @@ def make_embedder(name: str, cache_dir: Path, device: str | None = None) -> Enco
     OpenVINO backends keep their exported model under `cache_dir`/<model name> (built once, under a file
     lock; the int8 one takes minutes on 2 cores and says so in a warning log line first). When their
     packages are missing, a one-line warning says so and the model runs in PyTorch (its vectors are within
-    cosine ~0.99 of theirs). `device` is torch's (default: cuda when torch sees a GPU); OpenVINO runs on the
-    CPU. InvalidInput for another model or an unknown backend."""
+    cosine ~0.99 of theirs); so it does, with a warning line, when the exported model cannot be written under
+    `cache_dir` (OSError: not a directory, read-only, full). `device` is torch's (default: cuda when torch
+    sees a GPU); OpenVINO runs on the CPU. InvalidInput for another model or an unknown backend."""
     model, plus, backend = name.partition("+")
     if model != MODEL_NAME or (plus and backend not in ("openvino", "openvino-int8")):
         raise InvalidInput(f"unknown embedder {name!r}: this memsvc runs {MODEL_NAME} with torch, "
@@ -151,8 +152,13 @@ def make_embedder(name: str, cache_dir: Path, device: str | None = None) -> Enco
         log.warning("the %s embedder needs %s, which this install lacks (pip install 'memsvc[openvino]'); "
                     "embedding with PyTorch instead", backend, " and ".join(missing))
         return SentenceEncoder(device=device)
-    return ExportedEncoder(model_path(), backend, cache_dir=cache_dir / model, name=model,
-                           calibration=calibration_texts() if backend == "openvino-int8" else ())
+    try:
+        return ExportedEncoder(model_path(), backend, cache_dir=cache_dir / model, name=model,
+                               calibration=calibration_texts() if backend == "openvino-int8" else ())
+    except OSError as exc:  # the model cache cannot be made or written (a file, read-only, full)
+        log.warning("the %s embedder cannot be exported into the model cache %s (%s); embedding with PyTorch "
+                    "instead", backend, cache_dir, exc)
+        return SentenceEncoder(device=device)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,27 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: policy 'window' takes no sinks (it takes: window)",
         ("eval-long", str(doc), "--knn-memory", "--layers", "x"):
             "error: layers must be 'all' or comma-separated integers, got 'x'",
+        ("eval-long", str(doc), "--knn-memory", "--layers", "-1"):
+            "error: unknown layer index -1: layer indices are integers from 0",
+        ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--layers", "3,-2,5"):
+            "error: unknown layer index -2: layer indices are integers from 0",
         ("eval-long", str(doc), "--url", dead): "error: --url applies only to --knn-memory",
+        ("eval-long", str(doc), "--max-tokens", "100"):
+            "error: max_tokens 100 leaves no token to score past the first 256 (skip): give max_tokens of at least "
+            "258, or a smaller skip",
         ("eval-long", str(doc), "--knn-memory", "--url", "localhost:8000"):
             "error: server URL 'localhost:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
         ("generate", "hi", "--cache", "windw:256"):
             "error: bad cache spec 'windw:256': expected 'window:W[,sinks:S]', 'full' or "
             "'policy:NAME[,budget:B,window:W,sinks:S,pool:P]'",
         ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
+        ("generate", "hi", "--max-new-tokens", "-1"): "error: max_new_tokens must be >= 0, got -1",
+        ("generate", "hi", "--temperature", "-0.5"):
+            "error: temperature must be a finite number >= 0 (0 = greedy), got -0.5",
+        ("generate", "hi", "--temperature", "nan"): "error: temperature must be a finite number >= 0 (0 = greedy), got nan",
+        ("generate", "hi", "--temperature", "inf"): "error: temperature must be a finite number >= 0 (0 = greedy), got inf",
+        ("generate", "hi", "--top-p", "0"): "error: top_p must be in (0, 1], got 0.0",
+        ("generate", "hi", "--top-p", "nan"): "error: top_p must be in (0, 1], got nan",
         ("generate", "hi", "--knn-memory", "m", "--lam", "2"):
             "error: lam: Input should be less than or equal to 1 (got 2.0)",
         ("knnlm", "build", "/nonexistent.txt", "--memory", "m", "--data-dir", str(data)):
@@ -101,3 +116,78 @@ def test_serve_takes_httptools_and_uvloop_when_installed(monkeypatch):
     assert commands.server_io() == {"http": "httptools", "loop": "uvloop"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert commands.server_io() == {"http": "h11", "loop": "asyncio"}
+
+
+def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+
+    data = tmp_path / "data"
+    cases = {
+        (("MEMSVC_EMBED_BACKEND", "foo"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
+        (("MEMSVC_MAX_K", "-5"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_K: Input should be greater than 0",
+        (("MEMSVC_MAX_BATCH", "0"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_BATCH: Input should be greater than 0",
+        (("MEMSVC_MAX_DIM", "ten"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_DIM: Input should be a valid integer, unable to parse string as an integer",
+        (("MEMSVC_MAX_BODY_BYTES", "0"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_MAX_BODY_BYTES: Input should be greater than 0",
+        (("MEMSVC_SNAPSHOT_BYTES", "-1"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_SNAPSHOT_BYTES: Input should be greater than 0",
+        (("MEMSVC_LOG_LEVEL", "INFO"), ("serve", "--port", "70000", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_PORT: Input should be less than or equal to 65535",
+        (("MEMSVC_API_KEYS", "a b"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_API_KEYS: Value error, entry 1 is not KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro "
+            "(keys: letters, digits and ._~+/-; prefixes: letters, digits and ._-)",
+        (("MEMSVC_EMBED_BACKEND", "onnx"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
+    }
+    for ((variable, value), args), expected in cases.items():
+        monkeypatch.setenv(variable, value)
+        result = CliRunner().invoke(app, list(args))
+        monkeypatch.delenv(variable)
+        assert (result.exit_code, result.stdout, result.stderr.strip()) == (2, "", expected), (variable, value)
+    assert not data.exists()  # nothing was served, opened or made
+
+
+def test_knn_config_layers_are_checked_without_a_model():
+    import pytest
+
+    from lm.knn_config import KnnConfig, check_options
+    from memsvc.contract import InvalidInput
+
+    for layers in ([0], [29, 0, 3], None):
+        check_options(KnnConfig(layers=layers))
+    for layers, message in [([], "give at least one layer for kNN-memory attention"),
+                            ("0", "give at least one layer for kNN-memory attention"),
+                            ([-1], "unknown layer index -1: layer indices are integers from 0"),
+                            ([2, -7, -1], "unknown layer index -7: layer indices are integers from 0"),
+                            ([1.5], "unknown layer index 1.5: layer indices are integers from 0"),
+                            ([True], "unknown layer index True: layer indices are integers from 0")]:
+        with pytest.raises(InvalidInput) as err:
+            check_options(KnnConfig(layers=layers))
+        assert (err.value.message, err.value.field) == (message, "layers"), layers
+
+
+def test_serve_on_a_held_data_dir_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """It was a traceback inside a JSON log line from the app's startup, and exit status 3."""
+    import fcntl
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn ran"))
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running server holds its data dir
+        result = CliRunner().invoke(app, ["serve", "--data-dir", str(held), "--port", "0"])
+    message = (f"error: {held} is in use by another memsvc process (a server or an embedded command): stop it, or "
+               "serve another --data-dir\n")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", message)
+    assert sorted(p.name for p in held.iterdir()) == [".lock"]

@@ -60,6 +60,28 @@ def test_a_url_without_scheme_or_host_fails_at_construction(url):
         assert caught.value.message == f"server URL {url!r} needs a scheme and a host, e.g. http://127.0.0.1:8000"
 
 
+@pytest.mark.parametrize("options, field, message", [
+    ({"timeout": 0}, "timeout", "timeout must be a finite number of seconds > 0, got 0"),
+    ({"timeout": -1}, "timeout", "timeout must be a finite number of seconds > 0, got -1"),
+    ({"timeout": float("nan")}, "timeout", "timeout must be a finite number of seconds > 0, got nan"),
+    ({"timeout": "60"}, "timeout", "timeout must be a finite number of seconds > 0, got '60'"),
+    ({"long_timeout": float("inf")}, "long_timeout", "long_timeout must be a finite number of seconds > 0, got inf"),
+    ({"long_timeout": True}, "long_timeout", "long_timeout must be a finite number of seconds > 0, got True"),
+    ({"retries": -1}, "retries", "retries must be an integer >= 0, got -1"),
+    ({"retries": 1.5}, "retries", "retries must be an integer >= 0, got 1.5"),
+    ({"retries": "x"}, "retries", "retries must be an integer >= 0, got 'x'"),
+])
+def test_bad_timeouts_and_retries_fail_at_construction(options, field, message):
+    """timeout=0 answered every call 'cannot reach the server', timeout=-1 raised httpx's ValueError at the
+    first call, retries=-1 and a NaN long_timeout were taken."""
+    for make in (MemoryClient, AsyncMemoryClient):
+        with pytest.raises(InvalidInput) as caught:
+            make("http://memsvc", **options)
+        assert (caught.value.field, caught.value.message) == (field, message)
+    with MemoryClient("http://memsvc", timeout=0.5, long_timeout=1, retries=0) as client:
+        assert (client.timeout, client.long_timeout, client.retries) == (0.5, 1, 0)
+
+
 def test_503_with_retry_after_is_sent_again_until_it_answers(caplog):
     transport, seen = scripted(httpx.Response(503, json=LOADING, headers={"Retry-After": "0"}),
                                httpx.Response(503, json=LOADING, headers={"Retry-After": "0"}),

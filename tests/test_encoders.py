@@ -136,3 +136,23 @@ def test_int8_openvino_is_built_once_under_a_lock_and_embeds_close_to_pytorch(tm
     files = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))  # .lock aside
     assert len(files) == 3 and files[2] == "model.onnx", files
     assert re.fullmatch(r"model-int8-([0-9a-f]{12})\.bin", files[0]) and files[1] == files[0][:-4] + ".xml"
+
+
+@pytest.mark.parametrize("below", ["", "sub/dir"])
+def test_a_model_cache_that_cannot_be_written_falls_back_to_torch_with_one_warning_line(monkeypatch, caplog,
+                                                                                          tmp_path, below):
+    """MEMSVC_MODEL_CACHE naming a file (or a path under one) was a NotADirectoryError traceback at the first
+    ingest; lm.model reads the GGUF directly in that case, the embedder runs in PyTorch."""
+    from retrievers import encoders
+
+    monkeypatch.setattr(encoders, "missing_packages", lambda backend: [])
+    monkeypatch.setattr(encoders, "SentenceEncoder", lambda device=None: "the torch encoder")
+    (tmp_path / "afile").write_text("not a directory")
+    cache = tmp_path / "afile" / below
+    with caplog.at_level("WARNING", logger="retrievers.encoders"):
+        encoder = encoders.make_embedder("all-MiniLM-L6-v2+openvino", cache)
+    assert encoder == "the torch encoder"
+    message = (f"the openvino embedder cannot be exported into the model cache {cache} ([Errno 20] Not a directory: "
+               f"'{cache / 'all-MiniLM-L6-v2'}'); embedding with PyTorch instead")
+    assert [r.getMessage() for r in caplog.records] == [message]
+    assert (tmp_path / "afile").read_text() == "not a directory"

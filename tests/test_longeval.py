@@ -78,6 +78,25 @@ def test_evaluate_files_pools_files_and_checks_them_first(tiny, tmp_path):
         evaluate_files(model, tokenizer, [a], Window(8, 2), max_tokens=1)
 
 
+def test_evaluate_files_refuses_a_run_that_scores_no_token(tiny, tmp_path):
+    """A run whose streams all end within `skip` would print perplexity NaN over 0 tokens: refused first."""
+    model, tokenizer = tiny
+    a = tmp_path / "a.txt"
+    a.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    n = len(tokenizer(a.read_text()).input_ids)
+    assert evaluate_files(model, tokenizer, [a], Window(8, 2), max_tokens=50, skip=48)["tokens"] == 1
+    no_room = "max_tokens {} leaves no token to score past the first {} (skip): give max_tokens of at least {}, or " \
+        "a smaller skip"
+    too_short = "no token to score past the first {} (skip): the longest file has {} tokens; give a smaller skip or " \
+        "longer files"
+    for max_tokens, skip, message in [(50, 49, no_room.format(50, 49, 51)), (2, 256, no_room.format(2, 256, 258)),
+                                      (None, n - 1, too_short.format(n - 1, n)),
+                                      (None, 10_000, too_short.format(10_000, n))]:
+        with pytest.raises(InvalidInput) as err:
+            evaluate_files(model, tokenizer, [a], Window(8, 2), max_tokens=max_tokens, skip=skip)
+        assert err.value.message == message, (max_tokens, skip)
+
+
 def test_gate_training_moves_the_gate_and_records_a_curve(tiny, ids, tmp_path):
     model, _ = tiny
     initial = Gate.initial(model)
@@ -130,11 +149,14 @@ def test_eval_long_cli_prints_one_json_object(tiny_dir, tmp_path):
     (["--knn-memory", "--layers", "0,7"], "unknown layer index 7"),
     (["--knn-memory", "--layers", "x"], "comma-separated integers"),
     (["--max-tokens", 1], "max_tokens must be at least 2"),
+    (["--max-tokens", 40], "max_tokens 40 leaves no token to score past the first 256 (skip)"),
+    (["--max-tokens", 11, "--skip", 10], "max_tokens 11 leaves no token to score past the first 10 (skip)"),
+    (["--skip", 500], "no token to score past the first 500 (skip): the longest file has"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_eval_long_cli_rejects_bad_input(tiny_dir, tmp_path, args, message):
     doc = tmp_path / "doc.txt"
-    doc.write_text("hello world " * 20)
+    doc.write_text("hello world " * 200)  # more tokens than the default skip (256)
     run = cli("eval-long", doc, "--model", tiny_dir, *args)
     assert run.exit_code == 2 and message in run.stderr
 

@@ -103,8 +103,9 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"max_new_tokens": -1}])
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"temperature": float("nan")},
+                                    {"temperature": float("inf")}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"top_p": float("nan")}, {"max_new_tokens": -1}])
 def test_bad_sampling_options(tiny, kwargs):
     model, tok = tiny
     with pytest.raises(InvalidInput):

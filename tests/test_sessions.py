@@ -12,6 +12,7 @@ from conftest import free_port, talking_llama
 
 from lm.sessions import sessions
 from memsvc.client import MemoryClient
+from memsvc.contract import InvalidInput
 
 TEXT = ("The csv module implements classes to read and write tabular data in CSV format. It allows "
         "programmers to say, write this data in the format preferred by Excel. ") * 2
@@ -163,3 +164,79 @@ def test_a_session_resumed_with_other_positions_is_refused(cli, server):
                  "--positions", "absolute", model="/nonexistent-model")
     message = "error: session 's1' stored its keys with positions 'none'; resume it with those, not 'absolute'\n"
     assert (result.exit_code, result.stderr) == (2, message)
+
+
+def test_malformed_session_records_are_one_line_errors_and_can_be_ended(cli, server):
+    """Metadata is anyone's to PATCH: a record that is not a session's is named (and how to end it), never a
+    traceback; a new session is refused before the model loads when the memory could not record it."""
+    from lm.sessions import SESSIONS, SessionState, save_session
+
+    good = SessionState("ok1", 40, "absolute", [0, 1]).fields()
+    records = {
+        "few": ({"few": {"tokens": 3}}, "its fields must be layers, model, positions, tokens"),
+        "extra": ({"extra": {**good, "colour": "red"}}, "its fields must be layers, model, positions, tokens"),
+        "num": ({"num": 7}, "its fields must be layers, model, positions, tokens"),
+        "neg": ({"neg": {**good, "tokens": -3}}, "tokens must be a non-negative integer, got -3"),
+        "flag": ({"flag": {**good, "tokens": True}}, "tokens must be a non-negative integer, got True"),
+        "lay": ({"lay": {**good, "layers": [0, "x"]}}, "layers must be a list of non-negative integers, got [0, 'x']"),
+        "pos": ({"pos": {**good, "positions": 3}}, "positions must be a string, got 3"),
+    }
+    with MemoryClient(server.url) as client:
+        memory = client.create_memory("odd", dim=16, metric="ip", value_kind="vector", value_dim=16)
+        for sid, (record, why) in records.items():
+            memory.set_metadata({SESSIONS: {"ok1": good, **record}})
+            message = (f"error: session '{sid}' in memory 'odd' has a malformed record ({why}); end it with: "
+                       f"memsvc session end {sid}\n")
+            listed = cli("session", "list", "--url", server.url, "--memory", "odd")
+            resumed = cli("generate", "hi", *CACHE, "--url", server.url, "--memory", "odd", "--session", sid,
+                          model="/nonexistent-model")
+            assert (listed.exit_code, listed.stderr) == (2, message), sid
+            assert (resumed.exit_code, resumed.stderr) == (2, message), sid
+            ended = cli("session", "end", sid, "--url", server.url, "--memory", "odd")
+            assert (ended.exit_code, ended.stdout) == (0, f"ended session {sid}: deleted 0 entries from memory 'odd'\n")
+            assert client.memory("odd").stats().metadata == {SESSIONS: {"ok1": good}}  # only that record went
+        memory.set_metadata({SESSIONS: "ok1"})
+        message = ("error: memory 'odd' has metadata 'attention_sessions' that is not an object of session records "
+                   "(a str); fix or drop it with PATCH /v1/memories/odd\n")
+        for args in [("session", "list", "--url", server.url, "--memory", "odd"),
+                     ("session", "end", "ok1", "--url", server.url, "--memory", "odd"),
+                     ("generate", "hi", *CACHE, "--url", server.url, "--memory", "odd", "--session", "ok1"),
+                     ("generate", "hi", *CACHE, "--url", server.url, "--memory", "odd")]:
+            result = cli(*args, model="/nonexistent-model")
+            assert (result.exit_code, result.stderr) == (2, message), args
+        with pytest.raises(InvalidInput, match="not an object of session records"):
+            save_session(memory, SessionState("s2", 1, "absolute", [0]))
+        assert client.memory("odd").stats().metadata == {SESSIONS: "ok1"}  # nothing was changed
+
+
+def test_a_memory_that_cannot_hold_sessions_is_refused_before_the_model_loads(cli, server, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(TEXT)
+    with MemoryClient(server.url) as client:
+        client.create_memory("tokens4", dim=4, metric="l2", value_kind="token")
+        client.create_memory("l2vec", dim=16, metric="l2", value_kind="vector", value_dim=16)
+        client.create_memory("short", dim=16, metric="ip", value_kind="vector", value_dim=8)
+    kind = "must have metric='ip', value_kind='vector' and value_dim equal to its dim for this model; it has"
+    cases = {
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "Bad/Name"):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            "got 'Bad/Name'",
+        ("eval-long", doc, "--knn-memory", "--url", server.url, "--memory", "-x", "--session", "new"):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            "got '-x'",
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "tokens4"):
+            f"error: memory 'tokens4' {kind} dim=4, metric='l2', value_kind='token', value_dim=None",
+        ("eval-long", doc, "--knn-memory", "--url", server.url, "--memory", "l2vec"):
+            f"error: memory 'l2vec' {kind} dim=16, metric='l2', value_kind='vector', value_dim=16",
+        ("generate", "hi", *CACHE, "--url", server.url, "--memory", "short", "--session", "new"):
+            f"error: memory 'short' {kind} dim=16, metric='ip', value_kind='vector', value_dim=8",
+    }
+    for args in [("session", "list", "--url", server.url, "--memory", "bad name!"),
+                 ("session", "end", "s1", "--url", server.url, "--memory", "bad name!")]:
+        cases[args] = ("error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or "
+                       "digit), got 'bad name!'")
+    for args, message in cases.items():
+        result = cli(*args, model="/nonexistent-model")
+        assert (result.exit_code, result.stderr) == (2, message + "\n"), args
+    with MemoryClient(server.url) as client:
+        assert "Bad" not in {spec.name for spec in client.list_memories()}  # nothing was made

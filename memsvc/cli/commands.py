@@ -16,7 +16,7 @@ import typer
 
 from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, DeviceOption, Url, cli_errors
 from memsvc.config import Settings
-from memsvc.contract import InvalidInput, MemsvcError, NotFound
+from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
 if TYPE_CHECKING:
     from memsvc.contract import CollectionBackend, Document
@@ -52,7 +52,14 @@ def serve(host: Annotated[str, typer.Option(envvar="MEMSVC_HOST", help="interfac
         from memsvc.api.app import create_app
         from memsvc.observability import configure_logging
 
-    settings = Settings(host=host, port=port, data_dir=data_dir)
+        settings = Settings(host=host, port=port, data_dir=data_dir)
+        if (settings.data_dir / ".lock").exists():  # held by another process: one line now, not a log traceback
+            from memsvc.store.store import hold_data_dir
+
+            try:
+                hold_data_dir(settings.data_dir).close()
+            except DataDirInUse as exc:
+                raise InvalidInput(f"{exc.message}: stop it, or serve another --data-dir", "data_dir") from None
     configure_logging(settings.log_level)
     fast = server_io()
     logging.getLogger("memsvc").info("HTTP parser %s, event loop %s", fast["http"], fast["loop"], extra=fast)

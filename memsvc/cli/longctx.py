@@ -99,7 +99,7 @@ def eval_long(files: Files,
     Files, options, the server and the session are checked before torch is imported and the model loads;
     progress (tokens, tok/s) goes to stderr."""
     with cli_errors():
-        from lm.cache_specs import policy_options
+        from lm.cache_specs import check_lengths, policy_options
         from lm.knn_config import KnnConfig, check_options
 
         check_text_files(files)
@@ -112,10 +112,7 @@ def eval_long(files: Files,
             raise InvalidInput("--gate applies only to --knn-memory --memory-mode gated", "gate")
         if gate is not None and not gate.is_file():
             raise NotFound(f"{gate}: no such file", "gate")
-        if max_tokens is not None and max_tokens < 2:
-            raise InvalidInput(f"max_tokens must be at least 2, got {max_tokens}", "max_tokens")
-        if skip < 0:
-            raise InvalidInput(f"skip must be >= 0, got {skip}", "skip")
+        check_lengths(max_tokens, skip)
         layer_list = parse_layers(layers)
         if memory_blocks is None:  # the default memory, unless an option that only per-token memory takes
             memory_blocks = 0 if url is not None or memory_mode == "gated" or gate is not None else KnnConfig.blocks

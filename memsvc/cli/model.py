@@ -243,6 +243,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
     with cli_errors(), ExitStack() as stack:
         from lm.cache_specs import parse_cache_options
         from lm.knn_config import KnnConfig, check_options
+        from lm.knn_params import check_sampling
 
         text = read_prompt(prompt, prompt_file)  # the prompt file and the --cache syntax before torch
         if cache is not None:
@@ -268,6 +269,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
                                "RAM", "url")
         check_settings(lam, temp, k)
+        check_sampling(max_new_tokens, temperature, top_p)
         need_model_side()
         where = None
         if memory_attention and url is not None:  # before torch: the server, the memory, the session
@@ -281,13 +283,12 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.attention import attach
         from lm.cache import BoundedCache
         from lm.devices import resolve_device
-        from lm.generate import check_sampling, encode_prompt
+        from lm.generate import encode_prompt
         from lm.generate import generate as decode
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
         resolve_device(device)
-        check_sampling(max_new_tokens, temperature, top_p)
         policy = parse_cache_spec(cache) if cache is not None else None
         knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k,
                                              device=device)) \

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from memsvc.cli.extras import missing_part
-from memsvc.config import DEFAULT_DATA_DIR
+from memsvc.config import DEFAULT_DATA_DIR, Settings, settings_error
 from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
 __all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "DeviceOption", "Model", "Url", "check_text_files",
@@ -30,8 +31,8 @@ DeviceOption = Annotated[str | None, typer.Option(
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Typed errors, and a part of memsvc this install leaves out, become one line on stderr (`error: ...`)
-    and exit status 2."""
+    """Typed errors, bad `MEMSVC_*` settings, and a part of memsvc this install leaves out, become one line on
+    stderr (`error: ...`) and exit status 2."""
     try:
         yield
     except DataDirInUse as exc:
@@ -40,6 +41,11 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
     except MemsvcError as exc:
         typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        typer.echo(f"error: bad setting {settings_error(exc)}", err=True)
         raise typer.Exit(2) from None
     except ModuleNotFoundError as exc:
         message = missing_part(exc)

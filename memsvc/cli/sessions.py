@@ -8,9 +8,9 @@ per layer per forward, vectors as binary tensor frames). A kept session outlives
 stopped, with every token the earlier one took in searchable. `memsvc session end ID` (or `--end-session`)
 deletes its partitions.
 
-`open_server_session` runs before torch is imported: a bad URL, an unreachable server, a missing memory,
-an unknown session or positions other than the session's fail with one line and exit status 2 before the
-model loads.
+`open_server_session` runs before torch is imported: a bad URL, an unreachable server, a bad memory name, a
+memory that cannot hold attention keys (metric, value kind), a missing memory, an unknown session or positions
+other than the session's fail with one line and exit status 2 before the model loads.
 """
 from __future__ import annotations
 
@@ -67,13 +67,22 @@ class ServerSession:
 
 def open_server_session(url: str, api_key: str | None, name: str, session: str | None, end: bool,
                         positions: str | None) -> ServerSession:
-    """Check the server, the memory and the session (`session`: None for a run-only session, "new", or the
-    id of a kept one) before anything slow; `positions` as given on the command line (None: the default, or
+    """Check the server, the memory (its name, and if it exists its kind: a head-size dim is checked once the
+    model is loaded) and the session (`session`: None for a run-only session, "new", or the id of a kept one)
+    before anything slow; `positions` as given on the command line (None: the default, or
     a resumed session's). The caller closes `client`."""
-    from lm.sessions import check_session_id, find_session, new_session_id
+    from lm.sessions import (
+        check_memory_name,
+        check_session_id,
+        check_session_memory,
+        find_session,
+        kept_session,
+        new_session_id,
+    )
     from memsvc.client import MemoryClient, check_url
 
     check_url(url)
+    check_memory_name(name)
     if session is not None and session != NEW:
         check_session_id(session)
     client = MemoryClient(url, api_key=api_key)
@@ -82,9 +91,13 @@ def open_server_session(url: str, api_key: str | None, name: str, session: str |
             memory = client.memory(name)  # ServerUnavailable when nothing answers at url
         except NotFound:
             memory = None
+        if memory is not None:
+            check_session_memory(memory.spec)  # its dim against the model's head size once the model is loaded
         if session is None or session == NEW:
-            return ServerSession(client, name, memory, None if session is None else new_session_id(),
-                                 session is not None and not end)
+            sid = None if session is None else new_session_id()
+            if memory is not None and sid is not None:
+                kept_session(memory, sid)  # the memory can record it: InvalidInput now, not when the run ends
+            return ServerSession(client, name, memory, sid, session is not None and not end)
         if memory is None:
             raise NotFound(f"no memory '{name}' on {url}: there is no session '{session}' to resume", "session")
         state = find_session(memory, session)
@@ -125,11 +138,13 @@ def list_sessions(url: ServerUrl, memory: MemoryName = DEFAULT_MEMORY, api_key: 
                   as_json: Annotated[bool, typer.Option("--json", help="print one JSON object, nothing else")]
                   = False) -> None:
     """The kept sessions of a memory: id, stream tokens taken in, positions, model."""
-    from lm.sessions import sessions
+    from lm.sessions import check_memory_name, sessions
     from memsvc.client import MemoryClient
 
-    with cli_errors(), MemoryClient(url, api_key=api_key) as client:
-        kept = sessions(client.memory(memory))
+    with cli_errors():
+        check_memory_name(memory)
+        with MemoryClient(url, api_key=api_key) as client:
+            kept = sessions(client.memory(memory))
     if as_json:
         sys.stdout.write(json.dumps({"memory": memory, "sessions": {sid: s.fields() for sid, s in kept.items()}})
                          + "\n")
@@ -142,11 +157,12 @@ def list_sessions(url: ServerUrl, memory: MemoryName = DEFAULT_MEMORY, api_key: 
 def end(session: Annotated[str, typer.Argument(help="the session's id")], url: ServerUrl,
         memory: MemoryName = DEFAULT_MEMORY, api_key: ApiKeyOption = None) -> None:
     """End a kept session: delete its partitions (every entry it stored) and its record."""
-    from lm.sessions import check_session_id, end_session
+    from lm.sessions import check_memory_name, check_session_id, end_session
     from memsvc.client import MemoryClient, check_url
 
     with cli_errors():
         check_url(url)
+        check_memory_name(memory)
         check_session_id(session)
         with MemoryClient(url, api_key=api_key) as client:
             deleted = end_session(client.memory(memory), session)

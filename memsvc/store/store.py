@@ -8,11 +8,25 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 from memsvc.contract import AlreadyExists, DataDirInUse, MemorySpec, MemoryUnavailable, NotFound
 from memsvc.store.memory import Memory
 
 log = logging.getLogger(__name__)
+
+
+def hold_data_dir(root: str | Path) -> TextIO:
+    """The open `root/.lock`, holding an exclusive advisory lock on the data directory until it is closed (or
+    the process ends); DataDirInUse when another process holds it. `root` must exist."""
+    lockfile = open(Path(root) / ".lock", "w")  # noqa: SIM115 (the caller holds it open: that is the lock)
+    try:
+        fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lockfile.close()
+        raise DataDirInUse(f"{root} is in use by another memsvc process (a server or an embedded command)",
+                           "data_dir") from None
+    return lockfile
 
 
 class Store:
@@ -25,13 +39,7 @@ class Store:
     def __init__(self, root: str | Path, snapshot_bytes: int = 256 << 20, interval: float = 5.0):
         self.root = Path(root) / "memories"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lockfile = open(Path(root) / ".lock", "w")
-        try:
-            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lockfile.close()
-            raise DataDirInUse(f"{root} is in use by another memsvc process (a server or an embedded command)",
-                               "data_dir") from None
+        self._lockfile = hold_data_dir(root)
         self.snapshot_bytes = snapshot_bytes
         self._memories: dict[str, Memory] = {}
         self._unavailable: dict[str, str] = {}  # name -> why its files could not be opened
