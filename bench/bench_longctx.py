@@ -112,6 +112,10 @@ SETTINGS: dict[str, Setting] = {
     # (blocks of 32, 16 retrieved per 4 queries: 512 tokens; KnnConfig() / --memory-blocks 32)
     "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4)),
     "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4)),
+    # issue 14, section 10: the default, searching at every decoding step (-d1), ranking by every key (-max)
+    "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
+    "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
+    "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

@@ -246,7 +246,8 @@ class BlockMemoryAttention:
         an entry [kv, r] (bool) and the lowest position used, for queries [heads, q, d] (see `retrieve`).
 
         Decoding (`decoding`: a forward of one token) with "ordered" positions reuses a step's retrieval for the next steps of its query
-        group (`config.query_group` consecutive tokens, as a group of queries inside one forward shares one),
+        group (`config.decode_group` consecutive tokens, by default `query_group`, as a group of queries inside one
+        forward shares one; 1 or 0: a search at every step),
         unless the cache re-based in between; the entries stored since that search are added at their true
         positions (the nearest beyond the window: in range, and below none of the retrieved, which sit before
         the window). The retrieved keys then sit up to group - 1 positions farther than at the search, which
@@ -256,7 +257,8 @@ class BlockMemoryAttention:
         rotates only the entries stored since (the RoPE cos/sin come from the cache's tables, `lm.rope`)."""
         store, offset = self.stores[layer], int(positions[-1] - tokens[-1])
         last = self.reused.get(layer) if decoding else None
-        group = min(self.config.query_group, self.cache.period or self.config.query_group)
+        group = decode_steps(self.config)
+        group = min(group, self.cache.period or group)
         if (last is not None and last.offset == offset and int(tokens[-1]) - last.token < group
                 and store.count - last.count < group):  # the stored since fill slots r .. r + group - 2
             fresh_at = store.tokens[last.count:store.count] + offset
@@ -336,6 +338,12 @@ class Retrieval:
     values: torch.Tensor
     valid: torch.Tensor
     nearest: int
+
+
+def decode_steps(config: KnnConfig) -> int:
+    """How many consecutive decoding steps share one search (`KnnConfig.decode_group`, None: `query_group`; 0 and
+    1 both mean every step)."""
+    return config.query_group if config.decode_group is None else config.decode_group
 
 
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -55,6 +55,7 @@ class KnnConfig:
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
     query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
+    decode_group: int | None = None  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -91,6 +92,9 @@ def check_options(config: KnnConfig) -> None:
     if not _whole(config.rep_keys) or config.rep_keys < 0 or (config.rep_keys and config.blocks % config.rep_keys):
         raise InvalidInput(f"representative keys per block must be 0 (every key) or divide the block size "
                            f"({config.blocks}), got {config.rep_keys!r}", "rep_keys")
+    if config.decode_group is not None and (not _whole(config.decode_group) or config.decode_group < 0):
+        raise InvalidInput(f"decode group must be a non-negative integer (0 or 1: a search at every decoding step), "
+                           f"got {config.decode_group!r}", "decode_group")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

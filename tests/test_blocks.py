@@ -109,6 +109,19 @@ def test_decoding_searches_once_per_query_group(model, ids):
     assert not torch.allclose(logits[4], logits[1], atol=1e-3)
 
 
+def test_decode_group_sets_the_decoding_steps_per_search_and_leaves_blocked_forwards_alone(model, ids):
+    """Query groups of 4 with decode_group 1: every decoding step searches (2 layers x 50 steps) and the logits are
+    those of query groups of 1 token by token; in exact blocks (eval-long's prefill) decode_group changes nothing."""
+    searches = {}
+    every = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=4, decode_group=1),
+                token_by_token=True, inspect=lambda session, cache: searches.update({"every": session.searches}))
+    ones = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=1), token_by_token=True)
+    assert searches == {"every": 2 * 50}
+    assert torch.equal(every, ones)
+    blocked = [run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, decode_group=d)) for d in (None, 1, 4)]
+    assert torch.equal(blocked[0], blocked[1]) and torch.equal(blocked[0], blocked[2])
+
+
 def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
     """Token-by-token decoding with the default shape (fp16 store, 4 representative keys, query groups of 4,
     partial blocks) at blocks of 4, 2 retrieved: the logits recorded at commit f64d82d, before the RoPE tables,
@@ -233,6 +246,7 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
     ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
+    ({"config": KnnConfig(blocks=4, decode_group=-1)}, "decode_group"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
