@@ -116,6 +116,7 @@ SETTINGS: dict[str, Setting] = {
     "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
+    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

@@ -104,10 +104,10 @@ class BlockStore:
                 reps[:, :full * self.rep_keys] = self.reps[:, :full * self.rep_keys]
         self.keys, self.values, self.means, self.reps, self.tokens = keys, values, means, reps, tokens
 
-    def scores(self, query: torch.Tensor, representative: str) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, representative: str, every_key: bool = False) -> torch.Tensor:
         """Each block's score [kv, blocks] for queries [kv, g, d] (float32), summed over the g query heads:
-        "max" = the best query-key product over the block's keys (with `rep_keys`: over its representative
-        keys; a partial newest block over its keys), "mean" = the product with its mean key."""
+        "max" = the best query-key product over the block's keys (with `rep_keys`, unless `every_key`: over its
+        representative keys; a partial newest block over its keys), "mean" = the product with its mean key."""
         kv, g, _ = query.shape
         full, nb = self.count // self.block, self.num_blocks
         if representative == "mean":
@@ -115,7 +115,7 @@ class BlockStore:
             if nb > full:
                 reps = torch.cat([reps, self.keys[:, full * self.block:self.count].float().mean(1, keepdim=True)], 1)
             return (query @ reps.transpose(-1, -2)).sum(1)
-        if self.rep_keys:
+        if self.rep_keys and not every_key:
             logits = query @ self.reps[:, :full * self.rep_keys].transpose(-1, -2)  # [kv, g, full * R]
             scores = logits.view(kv, g, full, self.rep_keys).amax(-1).sum(1)
             if nb > full:
@@ -272,7 +272,8 @@ class BlockMemoryAttention:
         heads, _, d = query.shape
         kv = store.keys.shape[0]
         frame = self.cache.rotate(query, self.cache.policy.budget - at)  # as if every key sat just past the window
-        scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative)
+        scores = store.scores(frame.float().mean(1).view(kv, heads // kv, d), self.config.representative,
+                              every_key=decoding and self.config.decode_every_key)
         self.searches += 1
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)

@@ -15,7 +15,8 @@ Two memories share this config; the default is block memory, blocks of 32 tokens
   score of the block's mean key; with `rep_keys` R > 0, "max" scores each block by R representative keys
   ("mean" ignores R),
   the means of its R runs of B / R consecutive keys, so a search costs N / (B / R) products instead of N;
-  every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  every `query_group` queries of a forward retrieve anew, 0: once; in decoding every `decode_group` steps, by
+  default `query_group`, and with `decode_every_key` those searches rank by every key); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -56,6 +57,7 @@ class KnnConfig:
     query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
     decode_group: int | None = None  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
+    decode_every_key: bool = False  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -95,6 +97,9 @@ def check_options(config: KnnConfig) -> None:
     if config.decode_group is not None and (not _whole(config.decode_group) or config.decode_group < 0):
         raise InvalidInput(f"decode group must be a non-negative integer (0 or 1: a search at every decoding step), "
                            f"got {config.decode_group!r}", "decode_group")
+    if not isinstance(config.decode_every_key, bool):
+        raise InvalidInput(f"decode every key must be true or false, got {config.decode_every_key!r}",
+                           "decode_every_key")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

@@ -122,6 +122,21 @@ def test_decode_group_sets_the_decoding_steps_per_search_and_leaves_blocked_forw
     assert torch.equal(blocked[0], blocked[1]) and torch.equal(blocked[0], blocked[2])
 
 
+def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, ids):
+    """Token by token (every forward decodes) decode_every_key with 2 representative keys of 4 is rep_keys 0 (every
+    key) exactly, and differs from ranking by the representative keys; in exact blocks it changes nothing but the
+    last token, which a re-base before token 59 leaves alone in a one-token (decoding) forward."""
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_group=1)
+    exact = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, rep_keys=0, decode_group=1),
+                token_by_token=True)
+    every_key = run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": True}),
+                    token_by_token=True)
+    assert torch.equal(every_key, exact)
+    assert not torch.allclose(run(model, ids, Window(8, 2), config, token_by_token=True), exact, atol=1e-3)
+    blocked = [run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": e})) for e in (False, True)]
+    assert torch.equal(blocked[0][:, :59], blocked[1][:, :59])
+
+
 def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
     """Token-by-token decoding with the default shape (fp16 store, 4 representative keys, query groups of 4,
     partial blocks) at blocks of 4, 2 retrieved: the logits recorded at commit f64d82d, before the RoPE tables,
@@ -247,6 +262,7 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=4, decode_group=-1)}, "decode_group"),
+    ({"config": KnnConfig(blocks=4, decode_every_key="yes")}, "decode_every_key"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
