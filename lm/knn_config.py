@@ -6,7 +6,9 @@ and cache (layer indices, the trained range).
 
 Two memories share this config; the default is block memory, blocks of 32 tokens, 16 retrieved per group of
 4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
-94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length):
+94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length);
+in decoding a search at every step ranking by every key (section 10: the 16K passcode needle at 3 of 5 depths,
+against 0 of 5 when a search served 4 steps and ranked by the representative keys):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
@@ -56,8 +58,8 @@ class KnnConfig:
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
     query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
-    decode_group: int | None = None  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
-    decode_every_key: bool = False  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
+    decode_group: int | None = 1  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
+    decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
 
     def __post_init__(self) -> None:
         if self.positions is None:

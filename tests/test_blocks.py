@@ -102,7 +102,8 @@ def test_decoding_searches_once_per_query_group(model, ids):
     33, 37, 39, 43, 47, 49, 53, 57, 59."""
     searches, logits = {}, {}
     for group in (1, 4):
-        logits[group] = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=group),
+        logits[group] = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=group,
+                                                                decode_group=None),
                             token_by_token=True, inspect=lambda session, cache, g=group: searches.update({g: session.searches}))
     assert searches == {1: 2 * 50, 4: 2 * 16}
     assert torch.allclose(logits[4][0, :11], logits[1][0, :11], atol=1e-5)  # the first search is the same one
@@ -110,7 +111,7 @@ def test_decoding_searches_once_per_query_group(model, ids):
 
 
 def test_decode_group_sets_the_decoding_steps_per_search_and_leaves_blocked_forwards_alone(model, ids):
-    """Query groups of 4 with decode_group 1: every decoding step searches (2 layers x 50 steps) and the logits are
+    """Query groups of 4 with decode_group 1 (the default): every decoding step searches (2 layers x 50 steps) and the logits are
     those of query groups of 1 token by token; in exact blocks (eval-long's prefill) decode_group changes nothing."""
     searches = {}
     every = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=4, decode_group=1),
@@ -126,7 +127,7 @@ def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, i
     """Token by token (every forward decodes) decode_every_key with 2 representative keys of 4 is rep_keys 0 (every
     key) exactly, and differs from ranking by the representative keys; in exact blocks it changes nothing but the
     last token, which a re-base before token 59 leaves alone in a one-token (decoding) forward."""
-    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_group=1)
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_group=1, decode_every_key=False)
     exact = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, rep_keys=0, decode_group=1),
                 token_by_token=True)
     every_key = run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": True}),
@@ -146,7 +147,8 @@ def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(mode
     for tables in (True, False):
         cache = BoundedCache(model, Window(8, 2))
         cache.rotary.cached = tables
-        with attach(model, cache, KnnConfig(blocks=4, top_blocks=2)) as session, torch.inference_mode():
+        old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False)  # the path recorded
+        with attach(model, cache, old) as session, torch.inference_mode():
             logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                                         for i in range(N)], 1)
             assert session.searches == 32 and bool(cache.rotary.tables) == tables
@@ -282,6 +284,7 @@ def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field)
 def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
     default = KnnConfig()
     assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
+    assert (default.decode_group, default.decode_every_key) == (1, True)  # section 10: the needle
     assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 
