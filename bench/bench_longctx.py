@@ -83,11 +83,12 @@ class Setting:
 
 
 SINKS_POLICY = Window(WINDOW, SINKS)
+AS_MEASURED = {"decode_group": None, "decode_every_key": False}  # decoding as before section 10 (a search per query group)
 SETTINGS: dict[str, Setting] = {
     "full": Setting(Full()),
     "window": Setting(Window(WINDOW)),
     "sinks": Setting(SINKS_POLICY),
-    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (block memory, = block-b32n16-r4)
+    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (= memory-d1-dmax; before section 10: block-b32n16-r4)
     "knn": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32)),
     "knn-k8": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=8)),
     "knn-k128": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=128)),
@@ -100,7 +101,7 @@ SETTINGS: dict[str, Setting] = {
     # block memory (lm.blocks), every key ranking its block (rep_keys 0): 64-token blocks, 4 retrieved per forward
     # (or per 4 queries: -g4), layer and KV head (256 tokens), max representative, ordered positions
     "block": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=0, rep_keys=0)),
-    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4, rep_keys=0)),
+    "block-g4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, query_group=4, rep_keys=0, **AS_MEASURED)),
     "block-mean": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, representative="mean", query_group=0)),
     "block-hybrid": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, positions="hybrid", query_group=0,
                                                     rep_keys=0)),
@@ -108,11 +109,16 @@ SETTINGS: dict[str, Setting] = {
                                                  rep_keys=0)),
     "block-n8": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=8, query_group=0, rep_keys=0)),
     "block-b32": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=8, query_group=0, rep_keys=0)),
-    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16, rep_keys=0)),
+    "block-b16-g4": Setting(SINKS_POLICY, KnnConfig(blocks=16, top_blocks=16, rep_keys=0, **AS_MEASURED)),
     # 4 representative keys per block (means of runs of B / 4 keys): the old default's shape, and the new default
     # (blocks of 32, 16 retrieved per 4 queries: 512 tokens; KnnConfig() / --memory-blocks 32)
-    "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4)),
-    "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4)),
+    "block-r4": Setting(SINKS_POLICY, KnnConfig(blocks=64, top_blocks=4, rep_keys=4, **AS_MEASURED)),
+    "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4, **AS_MEASURED)),
+    # issue 14, section 10: the default, searching at every decoding step (-d1), ranking by every key (-max)
+    "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
+    "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
+    "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
+    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

@@ -104,10 +104,10 @@ class BlockStore:
                 reps[:, :full * self.rep_keys] = self.reps[:, :full * self.rep_keys]
         self.keys, self.values, self.means, self.reps, self.tokens = keys, values, means, reps, tokens
 
-    def scores(self, query: torch.Tensor, representative: str) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, representative: str, every_key: bool = False) -> torch.Tensor:
         """Each block's score [kv, blocks] for queries [kv, g, d] (float32), summed over the g query heads:
-        "max" = the best query-key product over the block's keys (with `rep_keys`: over its representative
-        keys; a partial newest block over its keys), "mean" = the product with its mean key."""
+        "max" = the best query-key product over the block's keys (with `rep_keys`, unless `every_key`: over its
+        representative keys; a partial newest block over its keys), "mean" = the product with its mean key."""
         kv, g, _ = query.shape
         full, nb = self.count // self.block, self.num_blocks
         if representative == "mean":
@@ -115,7 +115,7 @@ class BlockStore:
             if nb > full:
                 reps = torch.cat([reps, self.keys[:, full * self.block:self.count].float().mean(1, keepdim=True)], 1)
             return (query @ reps.transpose(-1, -2)).sum(1)
-        if self.rep_keys:
+        if self.rep_keys and not every_key:
             logits = query @ self.reps[:, :full * self.rep_keys].transpose(-1, -2)  # [kv, g, full * R]
             scores = logits.view(kv, g, full, self.rep_keys).amax(-1).sum(1)
             if nb > full:
@@ -274,7 +274,8 @@ class BlockMemoryAttention:
         [heads, q, d] (see `retrieve`).
 
         Decoding (`decoding`: a forward of one token) with "ordered" positions reuses a step's retrieval for the next steps of its query
-        group (`config.query_group` consecutive tokens, as a group of queries inside one forward shares one),
+        group (`config.decode_group` consecutive tokens, by default `query_group`, as a group of queries inside one
+        forward shares one; 1 or 0: a search at every step),
         unless the cache re-based in between; the entries stored since that search are added at their true
         positions (the nearest beyond the window: in range, and below none of the retrieved, which sit before
         the window). The retrieved keys then sit up to group - 1 positions farther than at the search, which
@@ -287,7 +288,8 @@ class BlockMemoryAttention:
         self.last_position = int(positions[-1])
         offset = self.last_position - token
         last = self.reused.get(layer) if decoding else None
-        group = min(self.config.query_group, self.cache.period or self.config.query_group)
+        group = decode_steps(self.config)
+        group = min(group, self.cache.period or group)
         if (last is not None and last.offset == offset and token - last.token < group
                 and store.count - last.count < group):  # the stored since fill slots r .. r + group - 2
             self.add_stored(last, store, query.dtype)
@@ -295,10 +297,11 @@ class BlockMemoryAttention:
         heads, q, d = query.shape
         kv = store.keys.shape[0]
         if q == 1:  # as if every key sat just past the window
-            frame = self.cache.rotary.rotate_from(query, self.cache.policy.budget - int(at[0]))[:, 0]
+            frame = self.cache.rotary.rotate_from(query, self.cache.policy.budget - int(at[0]))[:, 0].float()
         else:
             frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
-        scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative)
+        scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative,
+                              every_key=decoding and self.config.decode_every_key)
         self.searches += 1
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1, sorted=False).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)
@@ -397,6 +400,12 @@ class Retrieval:
     bias: torch.Tensor
     nearest: int
     added: int = 0
+
+
+def decode_steps(config: KnnConfig) -> int:
+    """How many consecutive decoding steps share one search (`KnnConfig.decode_group`, None: `query_group`; 0 and
+    1 both mean every step)."""
+    return config.query_group if config.decode_group is None else config.decode_group
 
 
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -6,7 +6,9 @@ and cache (layer indices, the trained range).
 
 Two memories share this config; the default is block memory, blocks of 32 tokens, 16 retrieved per group of
 4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
-94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length):
+94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length);
+in decoding a search at every step ranking by every key (section 10: the 16K passcode needle at 3 of 5 depths,
+against 0 of 5 when a search served 4 steps and ranked by the representative keys):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
@@ -15,7 +17,8 @@ Two memories share this config; the default is block memory, blocks of 32 tokens
   score of the block's mean key; with `rep_keys` R > 0, "max" scores each block by R representative keys
   ("mean" ignores R),
   the means of its R runs of B / R consecutive keys, so a search costs N / (B / R) products instead of N;
-  every `query_group` queries of a forward retrieve anew, 0: once); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  every `query_group` queries of a forward retrieve anew, 0: once; in decoding every `decode_group` steps, by
+  default `query_group`, and with `decode_every_key` those searches rank by every key); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -55,6 +58,8 @@ class KnnConfig:
     precision: Precision = "float16"  # block memory: dtype of the stored keys and values
     query_group: int = 4  # block memory: queries of a forward that share one retrieval; 0: the whole forward
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
+    decode_group: int | None = 1  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
+    decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -97,6 +102,12 @@ def check_options(config: KnnConfig) -> None:
     if not _whole(config.rep_keys) or config.rep_keys < 0 or (config.rep_keys and config.blocks % config.rep_keys):
         raise InvalidInput(f"representative keys per block must be 0 (every key) or divide the block size "
                            f"({config.blocks}), got {config.rep_keys!r}", "rep_keys")
+    if config.decode_group is not None and (not _whole(config.decode_group) or config.decode_group < 0):
+        raise InvalidInput(f"decode group must be a non-negative integer (0 or 1: a search at every decoding step), "
+                           f"got {config.decode_group!r}", "decode_group")
+    if not isinstance(config.decode_every_key, bool):
+        raise InvalidInput(f"decode every key must be true or false, got {config.decode_every_key!r}",
+                           "decode_every_key")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

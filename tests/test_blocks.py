@@ -102,11 +102,40 @@ def test_decoding_searches_once_per_query_group(model, ids):
     33, 37, 39, 43, 47, 49, 53, 57, 59."""
     searches, logits = {}, {}
     for group in (1, 4):
-        logits[group] = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=group),
+        logits[group] = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=group,
+                                                                decode_group=None),
                             token_by_token=True, inspect=lambda session, cache, g=group: searches.update({g: session.searches}))
     assert searches == {1: 2 * 50, 4: 2 * 16}
     assert torch.allclose(logits[4][0, :11], logits[1][0, :11], atol=1e-5)  # the first search is the same one
     assert not torch.allclose(logits[4], logits[1], atol=1e-3)
+
+
+def test_decode_group_sets_the_decoding_steps_per_search_and_leaves_blocked_forwards_alone(model, ids):
+    """Query groups of 4 with decode_group 1 (the default): every decoding step searches (2 layers x 50 steps) and the logits are
+    those of query groups of 1 token by token; in exact blocks (eval-long's prefill) decode_group changes nothing."""
+    searches = {}
+    every = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=4, decode_group=1),
+                token_by_token=True, inspect=lambda session, cache: searches.update({"every": session.searches}))
+    ones = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, query_group=1), token_by_token=True)
+    assert searches == {"every": 2 * 50}
+    assert torch.equal(every, ones)
+    blocked = [run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, decode_group=d)) for d in (None, 1, 4)]
+    assert torch.equal(blocked[0], blocked[1]) and torch.equal(blocked[0], blocked[2])
+
+
+def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, ids):
+    """Token by token (every forward decodes) decode_every_key with 2 representative keys of 4 is rep_keys 0 (every
+    key) exactly, and differs from ranking by the representative keys; in exact blocks it changes nothing but the
+    last token, which a re-base before token 59 leaves alone in a one-token (decoding) forward."""
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_group=1, decode_every_key=False)
+    exact = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, rep_keys=0, decode_group=1),
+                token_by_token=True)
+    every_key = run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": True}),
+                    token_by_token=True)
+    assert torch.equal(every_key, exact)
+    assert not torch.allclose(run(model, ids, Window(8, 2), config, token_by_token=True), exact, atol=1e-3)
+    blocked = [run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": e})) for e in (False, True)]
+    assert torch.equal(blocked[0][:, :59], blocked[1][:, :59])
 
 
 def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
@@ -118,7 +147,8 @@ def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(mode
     for tables in (True, False):
         cache = BoundedCache(model, Window(8, 2))
         cache.rotary.cached = tables
-        with attach(model, cache, KnnConfig(blocks=4, top_blocks=2)) as session, torch.inference_mode():
+        old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False)  # the path recorded
+        with attach(model, cache, old) as session, torch.inference_mode():
             logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                                         for i in range(N)], 1)
             assert session.searches == 32 and bool(cache.rotary.tables) == tables
@@ -233,6 +263,8 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
     ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
+    ({"config": KnnConfig(blocks=4, decode_group=-1)}, "decode_group"),
+    ({"config": KnnConfig(blocks=4, decode_every_key="yes")}, "decode_every_key"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
@@ -252,6 +284,7 @@ def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field)
 def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
     default = KnnConfig()
     assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
+    assert (default.decode_group, default.decode_every_key) == (1, True)  # section 10: the needle
     assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 
