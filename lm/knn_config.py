@@ -42,6 +42,11 @@ BLOCK_POSITIONS = ("ordered", "hybrid", "absolute")  # block memory
 POSITIONS = ("absolute", "none", "window", "ordered", "hybrid")
 REPRESENTATIVES = ("max", "mean")
 PRECISIONS = ("float16", "float32")
+# block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key).
+# "exact": a search at every step ranking blocks by every stored key (section 10: the 16K needle at 3/5 depths; its
+# cost grows with the stream); "grouped": one search per 4 steps by the representative keys (section 9f: flat cost,
+# 1.3-1.4x window + sinks; the 16K needle at 0/5).
+DECODE_SEARCHES: dict[str, tuple[int | None, bool]] = {"exact": (1, True), "grouped": (None, False)}
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,15 @@ def check_options(config: KnnConfig) -> None:
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")
+
+
+def decode_search_options(name: str) -> dict[str, int | bool | None]:
+    """The `KnnConfig` fields (decode_group, decode_every_key) of a decoding search named in `DECODE_SEARCHES`;
+    InvalidInput (field "decode_search") for another name. Torch-free, so the CLI checks it before the model loads."""
+    if name not in DECODE_SEARCHES:
+        raise InvalidInput(f"decode search must be one of {', '.join(DECODE_SEARCHES)}, got {name!r}", "decode_search")
+    group, every_key = DECODE_SEARCHES[name]
+    return {"decode_group": group, "decode_every_key": every_key}
 
 
 def _whole(x: object) -> bool:

@@ -10,7 +10,7 @@ from lm.attention import attach
 from lm.blocks import BlockStore
 from lm.cache import BoundedCache, stream
 from lm.gate import Gate, MemoryBias
-from lm.knn_config import KnnConfig
+from lm.knn_config import KnnConfig, decode_search_options
 from lm.model import tiny_llama
 from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, MemorySpec
@@ -136,6 +136,18 @@ def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, i
     assert not torch.allclose(run(model, ids, Window(8, 2), config, token_by_token=True), exact, atol=1e-3)
     blocked = [run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": e})) for e in (False, True)]
     assert torch.equal(blocked[0][:, :59], blocked[1][:, :59])
+
+
+def test_named_decode_searches_set_the_decoding_fields():
+    """`memsvc generate --decode-search`: "exact" is the default's every step by every key, "grouped" the query
+    groups' reuse by the representative keys; another name is refused naming the field."""
+    assert decode_search_options("exact") == {"decode_group": 1, "decode_every_key": True}
+    assert decode_search_options("grouped") == {"decode_group": None, "decode_every_key": False}
+    default = KnnConfig()
+    assert (default.decode_group, default.decode_every_key) == (1, True)
+    with pytest.raises(InvalidInput, match="decode search must be one of exact, grouped, got 'all'") as err:
+        decode_search_options("all")
+    assert err.value.field == "decode_search"
 
 
 def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):

@@ -64,6 +64,10 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: bad cache spec 'windw:256': expected 'window:W[,sinks:S]', 'full' or "
             "'policy:NAME[,budget:B,window:W,sinks:S,pool:P]'",
         ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "fastest"):
+            "error: decode search must be one of exact, grouped, got 'fastest'",
+        ("generate", "hi", "--decode-search", "grouped"):
+            "error: --memory-blocks, --positions and --decode-search apply only to --memory-attention",
         ("generate", "hi", "--max-new-tokens", "-1"): "error: max_new_tokens must be >= 0, got -1",
         ("generate", "hi", "--temperature", "-0.5"):
             "error: temperature must be a finite number >= 0 (0 = greedy), got -0.5",

@@ -219,6 +219,11 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              rep_keys: Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs "
                                                         "of its keys; must divide the block size); 0: every "
                                                         "key")] = 4,
+             decode_search: Annotated[str, typer.Option(help="block memory, decoding: 'exact' (a search at every "
+                                                            "step by every stored key: finds a needle, cost grows "
+                                                            "with the stream) or 'grouped' (one search per 4 "
+                                                            "steps by the representative keys: flat cost)")]
+             = "exact",
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
                                                                 "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
@@ -242,7 +247,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
         from lm.cache_specs import parse_cache_options
-        from lm.knn_config import KnnConfig, check_options
+        from lm.knn_config import KnnConfig, check_options, decode_search_options
         from lm.knn_params import check_sampling
 
         text = read_prompt(prompt, prompt_file)  # the prompt file and the --cache syntax before torch
@@ -254,10 +259,12 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             blocks = 0 if memory_attention and url is not None else KnnConfig.blocks
         else:
             blocks = memory_blocks
-        memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys)
+        memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys,
+                                  **decode_search_options(decode_search))
         check_options(memory_config)  # torch-free
-        if not memory_attention and (memory_blocks is not None or positions is not None):
-            raise InvalidInput("--memory-blocks and --positions apply only to --memory-attention", "memory_blocks")
+        if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "exact"):
+            raise InvalidInput("--memory-blocks, --positions and --decode-search apply only to --memory-attention",
+                               "memory_blocks")
         if url is not None and knn_memory is not None:
             from memsvc.client import check_url
 
