@@ -22,10 +22,10 @@ import numpy as np
 from bench_peers import SERVER_ENV
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from memsvc.client import MemoryClient  # noqa: E402
-from memsvc.store import Memory, MemorySpec  # noqa: E402
+from memsvc.client import MemoryClient
+from memsvc.store import Memory, MemorySpec
 
 DIM, K = 576, 32
 OUT = Path(__file__).parent / "results"

@@ -55,9 +55,9 @@ def test_scale_profile_runs_memsvc_on_milvus():
 def test_dockerfile_installs_with_make_install():
     """The image runs the developers' install command, so the two cannot drift apart."""
     dockerfile = (ROOT / "Dockerfile").read_text()
-    runs = re.findall(r"^RUN (.*)$", dockerfile, re.M)
+    runs = re.findall(r"^RUN (.*)$", dockerfile, re.MULTILINE)
     assert any(r.startswith("make install ") for r in runs)
-    copied = re.findall(r"^COPY (\S+)", dockerfile, re.M)
+    copied = re.findall(r"^COPY (\S+)", dockerfile, re.MULTILINE)
     # every file the install recipe reads is copied into the image
     recipe = subprocess.run(["make", "-n", "-B", "install", "VENV=/opt/venv", "EXTRAS=gpu"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout

@@ -60,7 +60,7 @@ class MemorySpec(BaseModel):
         return metadata
 
     @model_validator(mode="after")
-    def _check(self) -> "MemorySpec":
+    def _check(self) -> MemorySpec:
         if self.value_kind == "vector" and self.value_dim is None:
             raise ValueError("value_dim is required when value_kind is 'vector'")
         if self.value_kind != "vector" and self.value_dim is not None:

@@ -89,7 +89,7 @@ class Memory(Snapshots):
     # --- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, spec: MemorySpec, path: str | Path) -> "Memory":
+    def create(cls, spec: MemorySpec, path: str | Path) -> Memory:
         """A new durable memory in an empty directory `path`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=False)
@@ -97,7 +97,7 @@ class Memory(Snapshots):
         return cls(spec, path, _log=SegmentLog(path, 1))
 
     @classmethod
-    def open(cls, path: str | Path) -> "Memory":
+    def open(cls, path: str | Path) -> Memory:
         """Load the newest snapshot of the memory at `path` and replay the log written after it."""
         path = Path(path)
         if not (path / "spec.json").exists():
