@@ -157,6 +157,31 @@ def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeyp
     assert not data.exists()  # nothing was served, opened or made
 
 
+def test_serve_on_a_port_in_use_exits_2_with_one_line(tmp_path):
+    """A port another server listens on, and a host that is no interface here: one line and exit 2, nothing made
+    (before: uvicorn's JSON log line and exit 3)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+
+    data = tmp_path / "data"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--data-dir", str(data)])
+    assert (result.exit_code, result.stdout, result.stderr.strip()) == (
+        2, "", (f"error: cannot listen on 127.0.0.1:{port} (Address already in use): stop what holds it, or serve "
+                "another --port"))
+    result = CliRunner().invoke(app, ["serve", "--host", "192.0.2.1", "--port", str(free_port()), "--data-dir",
+                                      str(data)])
+    assert result.exit_code == 2 and result.stderr.startswith("error: cannot listen on 192.0.2.1:"), result.stderr
+    assert "Cannot assign requested address" in result.stderr
+    assert not data.exists()
+
+
 def test_knn_config_layers_are_checked_without_a_model():
     import pytest
 
