@@ -44,8 +44,11 @@ REPRESENTATIVES = ("max", "mean")
 PRECISIONS = ("float16", "float32")
 # block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key).
 # "exact": a search at every step ranking blocks by every stored key (section 10: the 16K needle at 3/5 depths; its
-# cost grows with the stream); "grouped": one search per 4 steps by the representative keys (section 9f: flat cost,
-# 1.3-1.4x window + sinks; the 16K needle at 0/5).
+# cost grows with the stream); "grouped": one search per 4 steps by the representative keys (sections 9f, 10f:
+# flat cost, 1.17-1.33x window + sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
+# block memory's options and their CLI flags: per-token memory refuses them set off their defaults
+BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
+              "decode_every_key": "--decode-search"}
 DECODE_SEARCHES: dict[str, tuple[int | None, bool]] = {"exact": (1, True), "grouped": (None, False)}
 
 
@@ -92,6 +95,10 @@ def check_options(config: KnnConfig) -> None:
         if config.positions not in TOKEN_POSITIONS:
             raise InvalidInput(f"positions {config.positions!r} need block memory (memory blocks > 0); per-token "
                                f"retrieval takes {', '.join(TOKEN_POSITIONS)}", "positions")
+        changed = [name for name in BLOCK_ONLY if getattr(config, name) != KnnConfig.__dataclass_fields__[name].default]
+        if changed:  # a block option given to per-token memory would do nothing
+            raise InvalidInput(f"{changed[0]} ({BLOCK_ONLY[changed[0]]}) applies only to block memory (memory blocks "
+                               f"> 0); per-token retrieval takes k", changed[0])
         return
     if config.positions not in BLOCK_POSITIONS:
         raise InvalidInput(f"block memory takes positions {', '.join(BLOCK_POSITIONS)}; got {config.positions!r}",

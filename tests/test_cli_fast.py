@@ -66,6 +66,15 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "fastest"):
             "error: decode search must be one of exact, grouped, got 'fastest'",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-search",
+         "grouped"): "error: decode_group (--decode-search) applies only to block memory (memory blocks > 0); "
+                     "per-token retrieval takes k",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--retrieved-blocks",
+         "4"): "error: top_blocks (--retrieved-blocks) applies only to block memory (memory blocks > 0); per-token "
+               "retrieval takes k",
+        ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--rep-keys", "8"):
+            "error: rep_keys (--rep-keys) applies only to block memory (memory blocks > 0); per-token retrieval "
+            "takes k",
         ("generate", "hi", "--decode-search", "grouped"):
             "error: --memory-blocks, --positions and --decode-search apply only to --memory-attention",
         ("generate", "hi", "--max-new-tokens", "-1"): "error: max_new_tokens must be >= 0, got -1",
