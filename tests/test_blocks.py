@@ -167,7 +167,9 @@ def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(mode
     recorded = torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
                              [0.0304408744, -0.0377437957], [-0.1439056098, 0.2601769269],
                              [-0.1034009531, 0.1912996173], [-0.3011971116, 0.3267478347]])
-    assert torch.allclose(logits[True][0, 12::8, :2], recorded, atol=1e-6)
+    # recorded on an Intel Xeon; other CPUs' float kernels differ by a few 1e-6 (AMD EPYC: 4.4e-6), a change of the
+    # retrieval or the positions by far more
+    assert torch.allclose(logits[True][0, 12::8, :2], recorded, atol=2e-5)
     assert torch.equal(logits[True], logits[False])
 
 
