@@ -103,6 +103,12 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: server URL '127.0.0.1:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
         ("ingest", "/nonexistent", "--collection", "c", "--url", dead):
             "error: /nonexistent: no such file or directory",
+        ("ingest", str(doc), "--collection", "c", "--data-dir", str(data), "--prefix", "a\tb/"):
+            "error: --prefix 'a\\tb/' has the unprintable character '\\t'; document ids are printable strings of "
+            "1..1024 characters",
+        ("ingest", str(doc), "--collection", "c", "--url", dead, "--prefix", "p" * 1018):
+            f"error: {doc} would be document {'p' * 60!r}..., which has 1025 characters; document ids are printable "
+            "strings of 1..1024 characters",
         ("eval-long", str(doc), "--positions", "sideways"):
             "error: positions must be one of absolute, none, window, ordered, hybrid; got 'sideways'",
         ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--positions", "ordered"):
@@ -229,3 +235,22 @@ def test_serve_on_a_held_data_dir_is_one_line_before_anything_starts(tmp_path, m
                "serve another --data-dir\n")
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", message)
     assert sorted(p.name for p in held.iterdir()) == [".lock"]
+
+
+def test_a_data_dir_this_process_holds_is_named_so(tmp_path):
+    """DataDirInUse said "another memsvc process" when the holder was this one (and then advised --url)."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+    from memsvc.store import Store
+
+    store = Store(tmp_path)
+    try:
+        result = CliRunner().invoke(app, ["search", "x", "--collection", "c", "--data-dir", str(tmp_path)])
+    finally:
+        store.close()
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        2, "", (f"error: {tmp_path} is already open in this process (pid {os.getpid()}): close the Store or "
+                "Service that holds it before opening it again\n"))

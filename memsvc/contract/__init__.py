@@ -29,6 +29,7 @@ from memsvc.contract.client import Client, CollectionBackend, MemoriesClient
 from memsvc.contract.collections import (
                                     COLLECTION_NAME,
                                     MAX_DOCUMENT_BYTES,
+                                    MAX_DOCUMENT_ID,
                                     MEMORY_PREFIX,
                                     SEARCH_MODES,
                                     Answer,
@@ -41,6 +42,7 @@ from memsvc.contract.collections import (
                                     UpsertResult,
                                     as_documents,
                                     check_collection_name,
+                                    check_document_id,
 )
 from memsvc.contract.errors import (
                                     AlreadyExists,
@@ -73,7 +75,7 @@ from memsvc.contract.spec import (
 from memsvc.contract.types import Entries, MemoryBackend, MemoryStats, Partition, SearchResult
 
 __all__ = [
-    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_EF_SEARCH", "MAX_K", "MAX_NORM", "MAX_NPROBE",
+    "COLLECTION_NAME", "MAX_DOCUMENT_BYTES", "MAX_DOCUMENT_ID", "MAX_EF_SEARCH", "MAX_K", "MAX_NORM", "MAX_NPROBE",
     "MAX_PARTITION_LEN", "MEMORY_PREFIX", "MIN_NORM", "NAME_PATTERN", "SEARCH_MODES", "AlreadyExists", "Answer",
     "AnswerStream", "BackendUnavailable", "Citation",
     "Client", "CollectionBackend", "CollectionStats", "CorruptLog", "CorruptSnapshot", "DataDirInUse",
@@ -81,7 +83,7 @@ __all__ = [
     "MemoryBackend", "MemorySpec", "MemoryStats", "MemoryUnavailable", "MemsvcError", "Metric", "ModelLoading",
     "NotFound", "Partition", "SearchMode", "SearchResult", "ServerUnavailable", "StorageFull", "TooLarge",
     "Unauthorized", "UnsupportedMediaType", "UpsertResult",
-    "ValueKind", "as_documents", "check_collection_name", "check_ids", "check_json", "check_k", "check_keys",
+    "ValueKind", "as_documents", "check_collection_name", "check_document_id", "check_ids", "check_json", "check_k", "check_keys",
     "check_partition", "check_partitions", "check_payloads", "check_search_params", "check_unicode", "check_values",
     "check_vectors", "default_pq_m", "error_from_dict", "invalid_input", "lone_surrogate", "partition_groups",
     "spec_from",

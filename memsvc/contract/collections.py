@@ -14,6 +14,7 @@ from memsvc.contract.errors import InvalidInput
 COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
 MEMORY_PREFIX = "col."
 MAX_DOCUMENT_BYTES = 8 << 20  # ~2M tokens: embedding one takes minutes on CPU, so larger ones get 413
+MAX_DOCUMENT_ID = 1024  # characters; the catalog's document_id column (chunk ids add '#n-digest')
 SearchMode = Literal["bm25", "dense", "hybrid"]
 SEARCH_MODES: tuple[SearchMode, ...] = ("bm25", "dense", "hybrid")
 
@@ -132,3 +133,13 @@ def check_collection_name(name: Any) -> str:
         raise InvalidInput("collection name must be 1..124 letters, digits, '.', '_' or '-', starting with a "
                            "letter or digit", "name")
     return name
+
+
+def check_document_id(document_id: Any, field: str = "document_id") -> str:
+    """`document_id` if it is a printable string (no control characters, no line breaks; spaces are printable)
+    of 1..MAX_DOCUMENT_ID characters, else InvalidInput naming `field`: the rule every upsert applies (in
+    process, over REST, and `memsvc ingest` before it reads a file)."""
+    if not isinstance(document_id, str) or not 0 < len(document_id) <= MAX_DOCUMENT_ID \
+            or not document_id.isprintable():
+        raise InvalidInput(f"document_id must be a printable string of 1..{MAX_DOCUMENT_ID} characters", field)
+    return document_id
