@@ -33,6 +33,15 @@ print(json.dumps({"results": out, "torch": "torch" in sys.modules, "transformers
 """
 
 
+def probe(cases: dict[tuple[str, ...], str], data: Path, held: Path) -> dict:
+    """Run the CLI on each case's arguments in one fresh interpreter (PROBE, `held` locked as by a server):
+    {"results": [[exit code, stdout, stderr, seconds], ...], "torch": imported?, "transformers": imported?}."""
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("hello world " * 20)
@@ -109,16 +118,72 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("ingest", str(doc), "--collection", "c", "--url", dead, "--prefix", "p" * 1018):
             f"error: {doc} would be document {'p' * 60!r}..., which has 1025 characters; document ids are printable "
             "strings of 1..1024 characters",
+        # every --cache policy's numbers and --device names, torch-free: the model named is never looked at
+        ("generate", "hi", "--cache", "window:0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "window:4,sinks:8", "--model", "/nonexistent-model"):
+            "error: sinks (8) must not exceed the window (4)",
+        ("generate", "hi", "--cache", "policy:h2o,budget:64,window:64", "--model", "/nonexistent-model"):
+            "error: window + sinks (64) must be below the budget (64)",
+        ("generate", "hi", "--cache", "policy:vatp,budget:4,sinks:4", "--model", "/nonexistent-model"):
+            "error: budget (4) must be at least sinks + 1 (5)",
+        ("generate", "hi", "--cache", "policy:cumulative-average,budget:4", "--model", "/nonexistent-model"):
+            "error: budget (4) must be at least sinks + 1 (5)",  # its default sinks, 4
+        ("generate", "hi", "--cache", "policy:compressive,pool:0", "--model", "/nonexistent-model"):
+            "error: pool must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:moving-average,window:0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:moving-average,budget:64,window:60", "--model", "/nonexistent-model"):
+            "error: window + sinks (64) must be below the budget (64)",
+        ("generate", "hi", "--cache", "policy:snapkv,window:0", "--model", "/nonexistent-model"):
+            "error: window (the observation window) must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:knorm,budget:-1", "--model", "/nonexistent-model"):
+            "error: budget must be a non-negative integer, got -1",
+        ("generate", "hi", "--device", "tpu", "--model", "/nonexistent-model"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "cuda:x", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "cuda:-1", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:-1': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "meta", "--model", "/nonexistent-model"):
+            "error: unknown device 'meta': give cpu, cuda, cuda:N or mps",
+        ("eval-long", str(doc), "--policy", "sinks", "--window", "2", "--model", "/nonexistent-model"):
+            "error: sinks (4) must not exceed the window (2)",  # the default sinks
+        ("eval-long", str(doc), "--policy", "window", "--window", "0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("eval-long", str(doc), "--policy", "h2o", "--budget", "5", "--window", "10", "--model", "/nonexistent-model"):
+            "error: window + sinks (10) must be below the budget (5)",
+        ("eval-long", str(doc), "--policy", "adaptive", "--sinks", "-1", "--model", "/nonexistent-model"):
+            "error: sinks must be a non-negative integer, got -1",
+        ("eval-long", str(doc), "--policy", "recurrent", "--budget", "0", "--model", "/nonexistent-model"):
+            "error: budget (0) must be at least sinks + 1 (5)",
+        ("eval-long", str(doc), "--policy", "compressive", "--pool", "0", "--model", "/nonexistent-model"):
+            "error: pool must be a positive integer, got 0",
+        ("eval-long", str(doc), "--device", "tpu", "--model", "/nonexistent-model"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("eval-long", str(doc), "--device", "cuda:x", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "tpu", "--model",
+         "/nonexistent-model"): "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "eval", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "cuda:0x"):
+            "error: unknown device 'cuda:0x': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "tune", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "gpu"):
+            "error: unknown device 'gpu': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--knn-memory", "m", "--data-dir", str(data), "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda:"):
+            "error: unknown device 'cuda:': give cpu, cuda, cuda:N or mps",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("ask", "x", "--collection", "c", "--url", dead, "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
         ("eval-long", str(doc), "--positions", "sideways"):
             "error: positions must be one of absolute, none, window, ordered, hybrid; got 'sideways'",
         ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--positions", "ordered"):
             "error: positions 'ordered' need block memory (memory blocks > 0); per-token retrieval takes absolute, "
             "none, window",
     }
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = probe(cases, data, held)
     for (args, expected), (code, stdout, stderr, seconds) in zip(cases.items(), report["results"]):
         assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
         assert seconds < 10, (args, seconds)  # no model, no torch: the dead --url costs two 0.5 s resends
@@ -254,3 +319,50 @@ def test_a_data_dir_this_process_holds_is_named_so(tmp_path):
     assert (result.exit_code, result.stdout, result.stderr) == (
         2, "", (f"error: {tmp_path} is already open in this process (pid {os.getpid()}): close the Store or "
                 "Service that holds it before opening it again\n"))
+
+
+def test_a_cuda_device_on_a_machine_without_cuda_is_one_line_before_the_model_loads(tmp_path):
+    """`--device cuda` needs torch to know there is no GPU: refused with one line right after torch is imported,
+    before transformers and before the model (here one that does not exist: its error would come next)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    data, held = tmp_path / "data", tmp_path / "held"
+    cases = {
+        ("generate", "hi", "--device", "cuda", "--model", "/nonexistent-model"):
+            "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
+        ("generate", "hi", "--cache", "policy:h2o", "--device", "cuda:1", "--model", "/nonexistent-model"):
+            "error: device 'cuda:1' asked for, but torch sees no CUDA GPU here",
+        ("eval-long", str(doc), "--device", "cuda:0", "--model", "/nonexistent-model"):
+            "error: device 'cuda:0' asked for, but torch sees no CUDA GPU here",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda", "--model",
+         "/nonexistent-model"): "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
+    }
+    report = probe(cases, data, held)
+    for (args, expected), (code, stdout, stderr, _) in zip(cases.items(), report["results"]):
+        assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
+    assert report["torch"] is True and report["transformers"] is False
+
+
+def test_a_cuda_device_without_cuda_stops_knnlm_and_ask_before_the_model(tmp_path, monkeypatch):
+    """The same through the commands that open the store first (knnlm build, eval; ask, embedded)."""
+    import torch
+    from typer.testing import CliRunner
+
+    import lm.model
+    from memsvc.cli.commands import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(lm.model, "load_model", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    data = str(tmp_path / "data")
+    for args in (["knnlm", "build", str(doc), "--memory", "m", "--data-dir", data, "--device", "cuda"],
+                 ["ask", "x", "--collection", "c", "--data-dir", data, "--device", "cuda"]):
+        result = CliRunner().invoke(app, args)
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            2, "", "error: device 'cuda' asked for, but torch sees no CUDA GPU here\n"), args

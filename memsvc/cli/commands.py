@@ -303,10 +303,13 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     object once the answer is complete. With --url the server runs the model on its own device (its
     MEMSVC_DEVICE); --device is for the embedded store."""
     with cli_errors():
+        from lm.device_names import check_device
+
+        check_device(device)  # a name no device has, torch-free (with --url too: it is a mistake either way)
         if url is None:
             from lm.devices import resolve_device
 
-            resolve_device(device)  # before the store is opened or the model loaded
+            resolve_device(device)  # a device this machine lacks: before the store is opened or the model loaded
         with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \
                 as col:
             if json_:
