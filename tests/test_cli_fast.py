@@ -118,7 +118,21 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("ingest", str(doc), "--collection", "c", "--url", dead, "--prefix", "p" * 1018):
             f"error: {doc} would be document {'p' * 60!r}..., which has 1025 characters; document ids are printable "
             "strings of 1..1024 characters",
-        # every --cache policy's numbers and --device names, torch-free: the model named is never looked at
+        # --model, every --cache policy's numbers and --device names, torch-free
+        ("generate", "hi", "--model", "/nonexistent-model"): "error: unknown model '/nonexistent-model': expected "
+            "'smollm2', a local Hugging Face model directory (with config.json) or a .gguf file",
+        ("eval-long", str(doc), "--model", str(tmp_path)): f"error: unknown model '{tmp_path}': expected 'smollm2', "
+            "a local Hugging Face model directory (with config.json) or a .gguf file",
+        ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(data), "--model", "/nonexistent.gguf"):
+            "error: unknown model '/nonexistent.gguf': expected 'smollm2', a local Hugging Face model directory "
+            "(with config.json) or a .gguf file",
+        ("knnlm", "eval", str(doc), "--memory", "m", "--data-dir", str(data), "--model", "smollm3"):
+            "error: unknown model 'smollm3': expected 'smollm2', a local Hugging Face model directory (with "
+            "config.json) or a .gguf file",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--model", str(doc)):
+            f"error: unknown model '{doc}': expected 'smollm2', a local Hugging Face model directory (with "
+            "config.json) or a .gguf file",
+        # the rest name a model that does not exist: what is refused comes before the model is looked at
         ("generate", "hi", "--cache", "window:0", "--model", "/nonexistent-model"):
             "error: window must be a positive integer, got 0",
         ("generate", "hi", "--cache", "window:4,sinks:8", "--model", "/nonexistent-model"):
@@ -323,7 +337,7 @@ def test_a_data_dir_this_process_holds_is_named_so(tmp_path):
 
 def test_a_cuda_device_on_a_machine_without_cuda_is_one_line_before_the_model_loads(tmp_path):
     """`--device cuda` needs torch to know there is no GPU: refused with one line right after torch is imported,
-    before transformers and before the model (here one that does not exist: its error would come next)."""
+    before transformers is imported, so before the model loads."""
     import torch
 
     if torch.cuda.is_available():
@@ -332,14 +346,14 @@ def test_a_cuda_device_on_a_machine_without_cuda_is_one_line_before_the_model_lo
     doc.write_text("hello world " * 20)
     data, held = tmp_path / "data", tmp_path / "held"
     cases = {
-        ("generate", "hi", "--device", "cuda", "--model", "/nonexistent-model"):
+        ("generate", "hi", "--device", "cuda"):
             "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
-        ("generate", "hi", "--cache", "policy:h2o", "--device", "cuda:1", "--model", "/nonexistent-model"):
+        ("generate", "hi", "--cache", "policy:h2o", "--device", "cuda:1"):
             "error: device 'cuda:1' asked for, but torch sees no CUDA GPU here",
-        ("eval-long", str(doc), "--device", "cuda:0", "--model", "/nonexistent-model"):
+        ("eval-long", str(doc), "--device", "cuda:0"):
             "error: device 'cuda:0' asked for, but torch sees no CUDA GPU here",
-        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda", "--model",
-         "/nonexistent-model"): "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda"):
+            "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
     }
     report = probe(cases, data, held)
     for (args, expected), (code, stdout, stderr, _) in zip(cases.items(), report["results"]):

@@ -103,6 +103,7 @@ def eval_long(files: Files,
         from lm.cache_specs import check_lengths, policy_options
         from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options
+        from lm.model_source import model_source
 
         check_text_files(files)
         policy_options(policy, window, sinks, budget, pool)  # the names and the numbers
@@ -141,7 +142,7 @@ def eval_long(files: Files,
                 stack.callback(where.client.close)
                 if where.positions is not None:
                     knn = dataclasses.replace(knn, positions=where.positions)
-
+            model_source(model)  # the last check before torch
             from lm.devices import resolve_device  # torch from here on (transformers: after the device)
 
             resolve_device(device)
@@ -202,10 +203,12 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
     with cli_errors():
         from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options
+        from lm.model_source import model_source
 
         check_text_files(files)
         check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
         check_device(device)
+        model_source(model)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:

@@ -87,10 +87,12 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     λ, temperature, k and the device's name, the server or data dir (its lock) and the memory are checked, in that
     order, before torch is imported; then whether this machine has the device, before the model loads."""
     from lm.device_names import check_device
+    from lm.model_source import model_source
     from memsvc.connect import connect
 
     check_settings(lam, temp, k)
     check_device(device)
+    model_source(model_name)
     need_model_side()
     with connect(url, data_dir, api_key) as client:  # a held data dir or a bad URL fails fast
         mem = client.memory(memory)
@@ -122,9 +124,11 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     """
     with cli_errors():
         from lm.device_names import check_device
+        from lm.model_source import model_source
 
         texts = read_texts(files)
         check_device(device)
+        model_source(model)
         need_model_side()
         from memsvc.connect import connect
 
@@ -257,6 +261,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options, decode_search_options
         from lm.knn_params import check_sampling
+        from lm.model_source import model_source
 
         text = read_prompt(prompt, prompt_file)  # the prompt file, --cache (its numbers too), --device before torch
         if cache is not None:
@@ -294,6 +299,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             stack.callback(where.client.close)
             if where.positions is not None:
                 memory_config = dataclasses.replace(memory_config, positions=where.positions)
+        model_source(model)  # the last check before torch
         from lm.devices import resolve_device  # torch, not yet transformers: a device this machine lacks
 
         resolve_device(device)
