@@ -1,12 +1,11 @@
 """Where the model side runs: the device and dtype a model is loaded with (`lm.model.load_model`) and that
 every model command's `--device` names. Imports torch only, so a command checks that this machine has its
-`--device` before it loads transformers or a model (the name itself: torch-free, `lm.device_names`)."""
+`--device` before it loads transformers or a model (the name itself: torch-free, `memsvc.contract.parse_device`)."""
 from __future__ import annotations
 
 import torch
 
-from lm.device_names import DEVICE_TYPES, parse_device
-from memsvc.contract import InvalidInput
+from memsvc.contract import DEVICE_TYPES, InvalidInput, parse_device
 
 
 def default_device() -> str:

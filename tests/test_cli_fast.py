@@ -240,6 +240,12 @@ def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeyp
         (("MEMSVC_API_KEYS", "a b"), ("serve", "--data-dir", str(data))):
             "error: bad setting MEMSVC_API_KEYS: Value error, entry 1 is not KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro "
             "(keys: letters, digits and ._~+/-; prefixes: letters, digits and ._-)",
+        (("MEMSVC_DEVICE", "tpu"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_DEVICE: Value error, unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        (("MEMSVC_DEVICE", "cuda:x"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_DEVICE: Value error, unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        (("MEMSVC_DEVICE", "tpu"), ("generate", "hi", "--model", "/nonexistent-model")):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",  # its --device reads MEMSVC_DEVICE
         (("MEMSVC_EMBED_BACKEND", "onnx"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
             "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
     }

@@ -41,13 +41,13 @@ def test_resolve_device_defaults_and_bad_values():
 
 
 def test_device_names_are_parsed_without_torch_as_torch_reads_them():
-    """`--device` is checked torch-free (`lm.device_names`) before a command imports torch; the rule agrees with
+    """`--device` is checked torch-free (`memsvc.contract.parse_device`) before a command imports torch; the rule agrees with
     torch.device on what it takes, and names only the devices a model runs on here."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from lm.device_names import parse_device
+    from memsvc.contract import parse_device
 
     for name, parsed in [("cpu", ("cpu", None)), ("cuda", ("cuda", None)), ("cuda:0", ("cuda", 0)),
                          ("cuda:12", ("cuda", 12)), ("mps", ("mps", None)), ("cpu:0", ("cpu", 0))]:
@@ -61,7 +61,7 @@ def test_device_names_are_parsed_without_torch_as_torch_reads_them():
         with pytest.raises(InvalidInput) as err:
             resolve_device(bad)
         assert err.value.message == f"unknown device {str(bad)!r}: give cpu, cuda, cuda:N or mps"
-    probe = "import sys, lm.device_names, lm.cache_specs; print('torch' in sys.modules)"
+    probe = "import sys, memsvc.contract, lm.cache_specs, lm.model_source; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "False"

@@ -303,7 +303,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     object once the answer is complete. With --url the server runs the model on its own device (its
     MEMSVC_DEVICE); --device is for the embedded store."""
     with cli_errors():
-        from lm.device_names import check_device
+        from memsvc.contract import check_device
 
         check_device(device)  # a name no device has, torch-free (with --url too: it is a mistake either way)
         if url is None:

@@ -101,9 +101,9 @@ def eval_long(files: Files,
     progress (tokens, tok/s) goes to stderr."""
     with cli_errors():
         from lm.cache_specs import check_lengths, policy_options
-        from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options
         from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         check_text_files(files)
         policy_options(policy, window, sinks, budget, pool)  # the names and the numbers
@@ -201,9 +201,9 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
     of steps with the loss, on stderr)."""
     with cli_errors():
-        from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options
         from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         check_text_files(files)
         check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))

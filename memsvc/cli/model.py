@@ -86,9 +86,9 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`).
     λ, temperature, k and the device's name, the server or data dir (its lock) and the memory are checked, in that
     order, before torch is imported; then whether this machine has the device, before the model loads."""
-    from lm.device_names import check_device
     from lm.model_source import model_source
     from memsvc.connect import connect
+    from memsvc.contract import check_device
 
     check_settings(lam, temp, k)
     check_device(device)
@@ -123,8 +123,8 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     server or data dir and the memory's index are checked before the model loads; progress on stderr.
     """
     with cli_errors():
-        from lm.device_names import check_device
         from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         texts = read_texts(files)
         check_device(device)
@@ -258,10 +258,10 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                "chat": chat, "seed": seed}
     with cli_errors(), ExitStack() as stack:
         from lm.cache_specs import parse_cache_options
-        from lm.device_names import check_device
         from lm.knn_config import KnnConfig, check_options, decode_search_options
         from lm.knn_params import check_sampling
         from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         text = read_prompt(prompt, prompt_file)  # the prompt file, --cache (its numbers too), --device before torch
         if cache is not None:
