@@ -189,6 +189,17 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: unknown device 'cuda:': give cpu, cuda, cuda:N or mps",
         ("ask", "x", "--collection", "c", "--data-dir", str(data), "--device", "tpu"):
             "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--k", "0"): "error: k: Input should be greater than 0",
+        ("ask", "x", "--collection", "c", "--url", dead, "--k", "21"):
+            "error: k: Input should be less than or equal to 20",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--max-new-tokens", "0"):
+            "error: max_new_tokens: Input should be greater than 0",
+        ("ask", "x", "--collection", "c", "--url", dead, "--max-new-tokens", "1025"):
+            "error: max_new_tokens: Input should be less than or equal to 1024",
+        ("search", "x", "--collection", "c", "--data-dir", str(data), "--k", "0"):
+            "error: k must be an integer in 1..2048, got 0",
+        ("search", "x", "--collection", "c", "--url", dead, "--k", "2049"):
+            "error: k must be an integer in 1..2048, got 2049",
         ("ask", "x", "--collection", "c", "--url", dead, "--device", "tpu"):
             "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
         ("eval-long", str(doc), "--positions", "sideways"):

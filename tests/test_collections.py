@@ -698,6 +698,33 @@ def test_rest_ask_streams_server_sent_events(api):
     assert stream.result() == local.result() == col.ask("What is a generator?", k=2, max_new_tokens=8)
 
 
+@pytest.mark.parametrize("k, max_new_tokens, message, field", [
+    (0, 256, "k: Input should be greater than 0", "k"),
+    (21, 256, "k: Input should be less than or equal to 20", "k"),
+    (4, 0, "max_new_tokens: Input should be greater than 0", "max_new_tokens"),
+    (4, 1025, "max_new_tokens: Input should be less than or equal to 1024", "max_new_tokens"),
+])
+def test_ask_numbers_are_one_rule_on_every_face(api, open_service, monkeypatch, k, max_new_tokens, message, field):
+    """An ask's k and max_new_tokens: the REST API refused k 21 with 422 while the embedded `Collection.ask` loaded
+    the model first and then took it (k up to 2048, any max_new_tokens). Now one rule (`check_ask`), the same
+    error on every face, before a model loads or a request goes."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    body = {"question": "what is a generator?", "k": k, "max_new_tokens": max_new_tokens}
+    assert error(http.post("/v1/collections/docs/ask", json=body), 422) == {
+        "code": "invalid_input", "message": message, "field": field}
+    sent = []
+    monkeypatch.setattr(client.http, "send", lambda *args, **kwargs: sent.append(args))
+    embedded = open_service().create_collection("docs")
+    monkeypatch.setattr(embedded, "_language_model", lambda: pytest.fail("the model loaded"))
+    for face in (RemoteCollection(client, "docs"), embedded):
+        for call in (face.ask, face.ask_stream):
+            with pytest.raises(InvalidInput) as info:
+                call("what is a generator?", k=k, max_new_tokens=max_new_tokens)
+            assert (info.value.message, info.value.field) == (message, field), (face, call)
+    assert sent == []
+
+
 def test_rest_ask_stream_errors(api):
     """Bad input is a JSON error before any event; a failure while decoding is an `error` event, which the
     client raises as its memsvc error."""

@@ -22,7 +22,9 @@ from memsvc.contract import (
     InvalidInput,
     MemsvcError,
     NotFound,
+    check_ask,
     check_document_id,
+    check_k,
 )
 
 if TYPE_CHECKING:
@@ -281,6 +283,8 @@ def search(query: Annotated[str, typer.Argument(help="what to look for")], colle
            url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
            timeout: Timeout = 600.0) -> None:
     """The collection's best chunks for QUERY."""
+    with cli_errors():
+        check_k(k)  # before the store opens or a request goes
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
         hits = col.search(query, k, mode)
     if json_:
@@ -305,6 +309,7 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     with cli_errors():
         from memsvc.contract import check_device
 
+        check_ask(k, max_new_tokens)  # the numbers and the device's name: before the store opens or a request goes
         check_device(device)  # a name no device has, torch-free (with --url too: it is a mistake either way)
         if url is None:
             from lm.devices import resolve_device
