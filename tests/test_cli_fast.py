@@ -189,6 +189,17 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: unknown device 'cuda:': give cpu, cuda, cuda:N or mps",
         ("ask", "x", "--collection", "c", "--data-dir", str(data), "--device", "tpu"):
             "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "build", str(doc), "--memory", "bad name", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'bad name'",
+        ("knnlm", "eval", str(doc), "--memory", "-m", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'-m'",
+        ("generate", "hi", "--knn-memory", "a/b", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'a/b'",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--max-tokens", "1"):
+            "error: max_tokens must be at least 2, got 1",
         ("ask", "x", "--collection", "c", "--data-dir", str(data), "--k", "0"): "error: k: Input should be greater than 0",
         ("ask", "x", "--collection", "c", "--url", dead, "--k", "21"):
             "error: k: Input should be less than or equal to 20",

@@ -201,12 +201,14 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
     of steps with the loss, on stderr)."""
     with cli_errors():
+        from lm.cache_specs import check_lengths
         from lm.knn_config import KnnConfig, check_options
         from lm.model_source import model_source
         from memsvc.contract import check_device
 
         check_text_files(files)
         check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
+        check_lengths(max_tokens, 0)  # a document of fewer than 2 tokens trains nothing
         check_device(device)
         model_source(model)
         if epochs <= 0 or lr <= 0:

@@ -87,9 +87,11 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
     λ, temperature, k and the device's name, the server or data dir (its lock) and the memory are checked, in that
     order, before torch is imported; then whether this machine has the device, before the model loads."""
     from lm.model_source import model_source
+    from lm.sessions import check_memory_name
     from memsvc.connect import connect
     from memsvc.contract import check_device
 
+    check_memory_name(memory)
     check_settings(lam, temp, k)
     check_device(device)
     model_source(model_name)
@@ -124,9 +126,11 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     """
     with cli_errors():
         from lm.model_source import model_source
+        from lm.sessions import check_memory_name
         from memsvc.contract import check_device
 
         texts = read_texts(files)
+        check_memory_name(memory)  # the name a new memory would get: before the store opens
         check_device(device)
         model_source(model)
         need_model_side()
@@ -261,12 +265,15 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.knn_config import KnnConfig, check_options, decode_search_options
         from lm.knn_params import check_sampling
         from lm.model_source import model_source
+        from lm.sessions import check_memory_name
         from memsvc.contract import check_device
 
         text = read_prompt(prompt, prompt_file)  # the prompt file, --cache (its numbers too), --device before torch
         if cache is not None:
             parse_cache_options(cache)
         check_device(device)
+        if knn_memory is not None:
+            check_memory_name(knn_memory)
         if memory_attention and cache is None:
             raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
         if memory_blocks is None:  # the default memory; on a server only per-token memory
