@@ -1,11 +1,11 @@
 """Where the model side runs: the device and dtype a model is loaded with (`lm.model.load_model`) and that
-every model command's `--device` names. Imports torch only, so a command checks its `--device` before it
-loads transformers or a model."""
+every model command's `--device` names. Imports torch only, so a command checks that this machine has its
+`--device` before it loads transformers or a model (the name itself: torch-free, `memsvc.contract.parse_device`)."""
 from __future__ import annotations
 
 import torch
 
-from memsvc.contract import InvalidInput
+from memsvc.contract import DEVICE_TYPES, InvalidInput, parse_device
 
 
 def default_device() -> str:
@@ -20,12 +20,12 @@ def resolve_device(device: str | torch.device | None = None,
     names ("float32", "bf16", "fp16", ...). InvalidInput for an unknown device or dtype, or a CUDA device on a
     machine without one, before any model is read."""
     asked = default_device() if device is None else device
-    try:
-        device = torch.device(asked)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise InvalidInput(f"unknown device {str(asked)!r}: give cpu, cuda, cuda:N or mps", "device")
+    if isinstance(asked, torch.device):
+        device = asked
+        if device.type not in DEVICE_TYPES:
+            raise InvalidInput(f"unknown device {str(asked)!r}: give cpu, cuda, cuda:N or mps", "device")
+    else:
+        device = torch.device(*parse_device(asked))  # the torch-free rule the CLI applied before torch
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInput("device 'mps' asked for, but torch sees no Apple GPU here", "device")
     if device.type == "cuda" and not torch.cuda.is_available():

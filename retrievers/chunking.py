@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from memsvc.contract import InvalidInput
+from memsvc.contract import InvalidInput, check_document_id
 from retrievers.base import Chunk
 
 Format = Literal["markdown", "rst", "text"]
@@ -49,7 +49,6 @@ CONTEXTS = ("title", "trail")
 DEFAULT_SIZE = 256  # all-MiniLM-L6-v2's window; chosen by bench/eval_retrieval.py
 DEFAULT_OVERLAP = 32
 DEFAULT_CONTEXT_TOKENS = 32  # the heading prefix of a contextual chunk, at most
-MAX_DOCUMENT_ID = 1024
 
 MD_FENCE = re.compile(r"^\s*(```|~~~)")
 MD_ATX = re.compile(r"^(#{1,6})\s++(.*\S)")  # possessive: no backtracking over a long run of spaces
@@ -207,10 +206,7 @@ class Chunker:
 
     def chunk(self, document_id: str, text: str | bytes, fmt: Format | None = None) -> list[Chunk]:
         """The chunks of one document, in order."""
-        if not isinstance(document_id, str) or not 0 < len(document_id) <= MAX_DOCUMENT_ID \
-                or not document_id.isprintable():
-            raise InvalidInput(f"document_id must be a printable string of 1..{MAX_DOCUMENT_ID} characters",
-                               "document_id")
+        check_document_id(document_id)
         text = decode(text)
         if not text.strip():
             raise InvalidInput(f"document {document_id!r} is empty", "text")

@@ -33,6 +33,15 @@ print(json.dumps({"results": out, "torch": "torch" in sys.modules, "transformers
 """
 
 
+def probe(cases: dict[tuple[str, ...], str], data: Path, held: Path) -> dict:
+    """Run the CLI on each case's arguments in one fresh interpreter (PROBE, `held` locked as by a server):
+    {"results": [[exit code, stdout, stderr, seconds], ...], "torch": imported?, "transformers": imported?}."""
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("hello world " * 20)
@@ -103,16 +112,114 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: server URL '127.0.0.1:8000' needs a scheme and a host, e.g. http://127.0.0.1:8000",
         ("ingest", "/nonexistent", "--collection", "c", "--url", dead):
             "error: /nonexistent: no such file or directory",
+        ("ingest", str(doc), "--collection", "c", "--data-dir", str(data), "--prefix", "a\tb/"):
+            "error: --prefix 'a\\tb/' has the unprintable character '\\t'; document ids are printable strings of "
+            "1..1024 characters",
+        ("ingest", str(doc), "--collection", "c", "--url", dead, "--prefix", "p" * 1018):
+            f"error: {doc} would be document {'p' * 60!r}..., which has 1025 characters; document ids are printable "
+            "strings of 1..1024 characters",
+        # --model, every --cache policy's numbers and --device names, torch-free
+        ("generate", "hi", "--model", "/nonexistent-model"): "error: unknown model '/nonexistent-model': expected "
+            "'smollm2', a local Hugging Face model directory (with config.json) or a .gguf file",
+        ("eval-long", str(doc), "--model", str(tmp_path)): f"error: unknown model '{tmp_path}': expected 'smollm2', "
+            "a local Hugging Face model directory (with config.json) or a .gguf file",
+        ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(data), "--model", "/nonexistent.gguf"):
+            "error: unknown model '/nonexistent.gguf': expected 'smollm2', a local Hugging Face model directory "
+            "(with config.json) or a .gguf file",
+        ("knnlm", "eval", str(doc), "--memory", "m", "--data-dir", str(data), "--model", "smollm3"):
+            "error: unknown model 'smollm3': expected 'smollm2', a local Hugging Face model directory (with "
+            "config.json) or a .gguf file",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--model", str(doc)):
+            f"error: unknown model '{doc}': expected 'smollm2', a local Hugging Face model directory (with "
+            "config.json) or a .gguf file",
+        # the rest name a model that does not exist: what is refused comes before the model is looked at
+        ("generate", "hi", "--cache", "window:0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "window:4,sinks:8", "--model", "/nonexistent-model"):
+            "error: sinks (8) must not exceed the window (4)",
+        ("generate", "hi", "--cache", "policy:h2o,budget:64,window:64", "--model", "/nonexistent-model"):
+            "error: window + sinks (64) must be below the budget (64)",
+        ("generate", "hi", "--cache", "policy:vatp,budget:4,sinks:4", "--model", "/nonexistent-model"):
+            "error: budget (4) must be at least sinks + 1 (5)",
+        ("generate", "hi", "--cache", "policy:cumulative-average,budget:4", "--model", "/nonexistent-model"):
+            "error: budget (4) must be at least sinks + 1 (5)",  # its default sinks, 4
+        ("generate", "hi", "--cache", "policy:compressive,pool:0", "--model", "/nonexistent-model"):
+            "error: pool must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:moving-average,window:0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:moving-average,budget:64,window:60", "--model", "/nonexistent-model"):
+            "error: window + sinks (64) must be below the budget (64)",
+        ("generate", "hi", "--cache", "policy:snapkv,window:0", "--model", "/nonexistent-model"):
+            "error: window (the observation window) must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "policy:knorm,budget:-1", "--model", "/nonexistent-model"):
+            "error: budget must be a non-negative integer, got -1",
+        ("generate", "hi", "--device", "tpu", "--model", "/nonexistent-model"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "cuda:x", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "cuda:-1", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:-1': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--device", "meta", "--model", "/nonexistent-model"):
+            "error: unknown device 'meta': give cpu, cuda, cuda:N or mps",
+        ("eval-long", str(doc), "--policy", "sinks", "--window", "2", "--model", "/nonexistent-model"):
+            "error: sinks (4) must not exceed the window (2)",  # the default sinks
+        ("eval-long", str(doc), "--policy", "window", "--window", "0", "--model", "/nonexistent-model"):
+            "error: window must be a positive integer, got 0",
+        ("eval-long", str(doc), "--policy", "h2o", "--budget", "5", "--window", "10", "--model", "/nonexistent-model"):
+            "error: window + sinks (10) must be below the budget (5)",
+        ("eval-long", str(doc), "--policy", "adaptive", "--sinks", "-1", "--model", "/nonexistent-model"):
+            "error: sinks must be a non-negative integer, got -1",
+        ("eval-long", str(doc), "--policy", "recurrent", "--budget", "0", "--model", "/nonexistent-model"):
+            "error: budget (0) must be at least sinks + 1 (5)",
+        ("eval-long", str(doc), "--policy", "compressive", "--pool", "0", "--model", "/nonexistent-model"):
+            "error: pool must be a positive integer, got 0",
+        ("eval-long", str(doc), "--device", "tpu", "--model", "/nonexistent-model"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("eval-long", str(doc), "--device", "cuda:x", "--model", "/nonexistent-model"):
+            "error: unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "tpu", "--model",
+         "/nonexistent-model"): "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "eval", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "cuda:0x"):
+            "error: unknown device 'cuda:0x': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "tune", str(doc), "--memory", "m", "--data-dir", str(data), "--device", "gpu"):
+            "error: unknown device 'gpu': give cpu, cuda, cuda:N or mps",
+        ("generate", "hi", "--knn-memory", "m", "--data-dir", str(data), "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda:"):
+            "error: unknown device 'cuda:': give cpu, cuda, cuda:N or mps",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        ("knnlm", "build", str(doc), "--memory", "bad name", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'bad name'",
+        ("knnlm", "eval", str(doc), "--memory", "-m", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'-m'",
+        ("generate", "hi", "--knn-memory", "a/b", "--data-dir", str(data)):
+            "error: memory name must be 1..128 letters, digits, '.', '_' or '-' (starting with a letter or digit), got "
+            "'a/b'",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--max-tokens", "1"):
+            "error: max_tokens must be at least 2, got 1",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--k", "0"): "error: k: Input should be greater than 0",
+        ("ask", "x", "--collection", "c", "--url", dead, "--k", "21"):
+            "error: k: Input should be less than or equal to 20",
+        ("ask", "x", "--collection", "c", "--data-dir", str(data), "--max-new-tokens", "0"):
+            "error: max_new_tokens: Input should be greater than 0",
+        ("ask", "x", "--collection", "c", "--url", dead, "--max-new-tokens", "1025"):
+            "error: max_new_tokens: Input should be less than or equal to 1024",
+        ("search", "x", "--collection", "c", "--data-dir", str(data), "--k", "0"):
+            "error: k must be an integer in 1..2048, got 0",
+        ("search", "x", "--collection", "c", "--url", dead, "--k", "2049"):
+            "error: k must be an integer in 1..2048, got 2049",
+        ("ask", "x", "--collection", "c", "--url", dead, "--device", "tpu"):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",
         ("eval-long", str(doc), "--positions", "sideways"):
             "error: positions must be one of absolute, none, window, ordered, hybrid; got 'sideways'",
         ("eval-long", str(doc), "--knn-memory", "--memory-blocks", "0", "--positions", "ordered"):
             "error: positions 'ordered' need block memory (memory blocks > 0); per-token retrieval takes absolute, "
             "none, window",
     }
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(list(cases)), str(data), str(held)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = probe(cases, data, held)
     for (args, expected), (code, stdout, stderr, seconds) in zip(cases.items(), report["results"]):
         assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
         assert seconds < 10, (args, seconds)  # no model, no torch: the dead --url costs two 0.5 s resends
@@ -155,6 +262,12 @@ def test_bad_settings_exit_2_with_one_line_naming_the_variable(tmp_path, monkeyp
         (("MEMSVC_API_KEYS", "a b"), ("serve", "--data-dir", str(data))):
             "error: bad setting MEMSVC_API_KEYS: Value error, entry 1 is not KEY, KEY=PREFIX, KEY:ro or KEY=PREFIX:ro "
             "(keys: letters, digits and ._~+/-; prefixes: letters, digits and ._-)",
+        (("MEMSVC_DEVICE", "tpu"), ("serve", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_DEVICE: Value error, unknown device 'tpu': give cpu, cuda, cuda:N or mps",
+        (("MEMSVC_DEVICE", "cuda:x"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
+            "error: bad setting MEMSVC_DEVICE: Value error, unknown device 'cuda:x': give cpu, cuda, cuda:N or mps",
+        (("MEMSVC_DEVICE", "tpu"), ("generate", "hi", "--model", "/nonexistent-model")):
+            "error: unknown device 'tpu': give cpu, cuda, cuda:N or mps",  # its --device reads MEMSVC_DEVICE
         (("MEMSVC_EMBED_BACKEND", "onnx"), ("search", "x", "--collection", "c", "--data-dir", str(data))):
             "error: bad setting MEMSVC_EMBED_BACKEND: Input should be 'auto', 'torch', 'openvino' or 'openvino-int8'",
     }
@@ -229,3 +342,69 @@ def test_serve_on_a_held_data_dir_is_one_line_before_anything_starts(tmp_path, m
                "serve another --data-dir\n")
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", message)
     assert sorted(p.name for p in held.iterdir()) == [".lock"]
+
+
+def test_a_data_dir_this_process_holds_is_named_so(tmp_path):
+    """DataDirInUse said "another memsvc process" when the holder was this one (and then advised --url)."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from memsvc.cli.commands import app
+    from memsvc.store import Store
+
+    store = Store(tmp_path)
+    try:
+        result = CliRunner().invoke(app, ["search", "x", "--collection", "c", "--data-dir", str(tmp_path)])
+    finally:
+        store.close()
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        2, "", (f"error: {tmp_path} is already open in this process (pid {os.getpid()}): close the Store or "
+                "Service that holds it before opening it again\n"))
+
+
+def test_a_cuda_device_on_a_machine_without_cuda_is_one_line_before_the_model_loads(tmp_path):
+    """`--device cuda` needs torch to know there is no GPU: refused with one line right after torch is imported,
+    before transformers is imported, so before the model loads."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    data, held = tmp_path / "data", tmp_path / "held"
+    cases = {
+        ("generate", "hi", "--device", "cuda"):
+            "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
+        ("generate", "hi", "--cache", "policy:h2o", "--device", "cuda:1"):
+            "error: device 'cuda:1' asked for, but torch sees no CUDA GPU here",
+        ("eval-long", str(doc), "--device", "cuda:0"):
+            "error: device 'cuda:0' asked for, but torch sees no CUDA GPU here",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--device", "cuda"):
+            "error: device 'cuda' asked for, but torch sees no CUDA GPU here",
+    }
+    report = probe(cases, data, held)
+    for (args, expected), (code, stdout, stderr, _) in zip(cases.items(), report["results"]):
+        assert (code, stdout, stderr.strip()) == (2, "", expected), (args, stderr)
+    assert report["torch"] is True and report["transformers"] is False
+
+
+def test_a_cuda_device_without_cuda_stops_knnlm_and_ask_before_the_model(tmp_path, monkeypatch):
+    """The same through the commands that open the store first (knnlm build, eval; ask, embedded)."""
+    import torch
+    from typer.testing import CliRunner
+
+    import lm.model
+    from memsvc.cli.commands import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(lm.model, "load_model", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 20)
+    data = str(tmp_path / "data")
+    for args in (["knnlm", "build", str(doc), "--memory", "m", "--data-dir", data, "--device", "cuda"],
+                 ["ask", "x", "--collection", "c", "--data-dir", data, "--device", "cuda"]):
+        result = CliRunner().invoke(app, args)
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            2, "", "error: device 'cuda' asked for, but torch sees no CUDA GPU here\n"), args

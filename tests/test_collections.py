@@ -280,6 +280,8 @@ def _fail(*args, **kwargs):
     ([], InvalidInput, "documents"),
     ([Document("e", " \n ")], InvalidInput, "documents[0].text"),
     ([Document("", "text")], InvalidInput, "documents[0].document_id"),
+    ([Document("a\tb", "text")], InvalidInput, "documents[0].document_id"),  # what ingest --prefix let through
+    ([Document("x" * 1025, "text")], InvalidInput, "documents[0].document_id"),
     ([Document("a", "x"), Document("a", "y")], InvalidInput, "documents[1].id"),
     ([Document("a", "x", {"n": float("nan")})], InvalidInput, "documents[0].metadata"),
     ([Document("a", "x"), Document("big", "x" * (MAX_DOCUMENT_BYTES + 1))], TooLarge, "documents[1].text"),
@@ -696,6 +698,33 @@ def test_rest_ask_streams_server_sent_events(api):
     assert stream.result() == local.result() == col.ask("What is a generator?", k=2, max_new_tokens=8)
 
 
+@pytest.mark.parametrize("k, max_new_tokens, message, field", [
+    (0, 256, "k: Input should be greater than 0", "k"),
+    (21, 256, "k: Input should be less than or equal to 20", "k"),
+    (4, 0, "max_new_tokens: Input should be greater than 0", "max_new_tokens"),
+    (4, 1025, "max_new_tokens: Input should be less than or equal to 1024", "max_new_tokens"),
+])
+def test_ask_numbers_are_one_rule_on_every_face(api, open_service, monkeypatch, k, max_new_tokens, message, field):
+    """An ask's k and max_new_tokens: the REST API refused k 21 with 422 while the embedded `Collection.ask` loaded
+    the model first and then took it (k up to 2048, any max_new_tokens). Now one rule (`check_ask`), the same
+    error on every face, before a model loads or a request goes."""
+    http, client = api
+    client.create_collection("docs").add_documents(docs())
+    body = {"question": "what is a generator?", "k": k, "max_new_tokens": max_new_tokens}
+    assert error(http.post("/v1/collections/docs/ask", json=body), 422) == {
+        "code": "invalid_input", "message": message, "field": field}
+    sent = []
+    monkeypatch.setattr(client.http, "send", lambda *args, **kwargs: sent.append(args))
+    embedded = open_service().create_collection("docs")
+    monkeypatch.setattr(embedded, "_language_model", lambda: pytest.fail("the model loaded"))
+    for face in (RemoteCollection(client, "docs"), embedded):
+        for call in (face.ask, face.ask_stream):
+            with pytest.raises(InvalidInput) as info:
+                call("what is a generator?", k=k, max_new_tokens=max_new_tokens)
+            assert (info.value.message, info.value.field) == (message, field), (face, call)
+    assert sent == []
+
+
 def test_rest_ask_stream_errors(api):
     """Bad input is a JSON error before any event; a failure while decoding is an `error` event, which the
     client raises as its memsvc error."""
@@ -989,6 +1018,47 @@ def test_ingest_ids_same_file_twice_prefix_and_paths(tmp_path, monkeypatch):
     assert info.value.field == "paths"
     with pytest.raises(NotFound, match="no such file or directory"):
         ingest_files([a, tmp_path / "missing"])
+
+
+def test_ingest_ids_follow_the_upsert_rule_before_anything_is_read(tmp_path):
+    """`ingest --prefix` took ids with control characters and ids past the limit (each document then refused by
+    the upsert, one by one, after the collection was made and the embedder loaded): every id ingest would build
+    is checked with the rule every upsert applies (`check_document_id`), before anything is read."""
+    from memsvc.cli.commands import ingest_files
+    from memsvc.contract import MAX_DOCUMENT_ID, check_document_id
+
+    assert MAX_DOCUMENT_ID == 1024
+    for good in ("a b.txt", "x" * 1024, "docs/ü ñ.md", "#1"):
+        assert check_document_id(good) == good
+    for bad in ("", "a\tb", "a\nb", "a\x1bb", "x" * 1025, 7, None):
+        with pytest.raises(InvalidInput) as info:
+            check_document_id(bad, "documents[0].id")
+        assert (info.value.message, info.value.field) == (
+            "document_id must be a printable string of 1..1024 characters", "documents[0].id")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    rule = "document ids are printable strings of 1..1024 characters"
+    assert ingest_files([doc], prefix="my docs/") == [("my docs/doc.txt", doc)]  # spaces are printable
+    assert ingest_files([doc], prefix="p" * 1017) == [("p" * 1017 + "doc.txt", doc)]  # exactly 1024
+    for prefix, message, field in [
+        ("a\tb/", f"--prefix 'a\\tb/' has the unprintable character '\\t'; {rule}", "prefix"),
+        ("a\nb/", f"--prefix 'a\\nb/' has the unprintable character '\\n'; {rule}", "prefix"),
+        ("\x1b[31m", f"--prefix '\\x1b[31m' has the unprintable character '\\x1b'; {rule}", "prefix"),
+        ("p" * 1024, f"--prefix has 1024 characters, leaving no room for a file name; {rule}", "prefix"),
+        ("p" * 1018, f"{doc} would be document {'p' * 60!r}..., which has 1025 characters; {rule}", "paths"),
+    ]:
+        with pytest.raises(InvalidInput) as info:
+            ingest_files([doc], prefix=prefix)
+        assert (info.value.message, info.value.field) == (message, field), prefix
+    tabbed = tmp_path / "dir" / "sub" / "tab\tname.txt"
+    tabbed.parent.mkdir(parents=True)
+    tabbed.write_text("hello")
+    (tmp_path / "dir" / "fine.txt").write_text("hello")
+    with pytest.raises(InvalidInput) as info:  # a file's own name, not only the prefix
+        ingest_files([tmp_path / "dir"])
+    assert (info.value.message, info.value.field) == (
+        (f"{str(tabbed)!r} would be document 'sub/tab\\tname.txt', which has the unprintable character '\\t'; "
+         f"{rule}"), "paths")
 
 
 def test_cli_ingest_by_path_keeps_both_notes(tmp_path, monkeypatch, tiny_encoder):

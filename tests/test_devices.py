@@ -40,6 +40,33 @@ def test_resolve_device_defaults_and_bad_values():
             resolve_device("cuda")
 
 
+def test_device_names_are_parsed_without_torch_as_torch_reads_them():
+    """`--device` is checked torch-free (`memsvc.contract.parse_device`) before a command imports torch; the rule agrees with
+    torch.device on what it takes, and names only the devices a model runs on here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from memsvc.contract import parse_device
+
+    for name, parsed in [("cpu", ("cpu", None)), ("cuda", ("cuda", None)), ("cuda:0", ("cuda", 0)),
+                         ("cuda:12", ("cuda", 12)), ("mps", ("mps", None)), ("cpu:0", ("cpu", 0))]:
+        assert parse_device(name) == parsed
+        assert (torch.device(name).type, torch.device(name).index) == parsed
+    for bad in ("tpu", "cuda:x", "cuda:-1", "cuda:01", "cuda:", " cuda", "CUDA", "cuda:1:2", "meta", "xpu", "", 0):
+        with pytest.raises(InvalidInput) as err:
+            parse_device(bad)
+        assert (err.value.message, err.value.field) == (
+            f"unknown device {str(bad)!r}: give cpu, cuda, cuda:N or mps", "device")
+        with pytest.raises(InvalidInput) as err:
+            resolve_device(bad)
+        assert err.value.message == f"unknown device {str(bad)!r}: give cpu, cuda, cuda:N or mps"
+    probe = "import sys, memsvc.contract, lm.cache_specs, lm.model_source; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "False"
+
+
 def test_load_model_puts_the_model_on_the_device_in_the_dtype(tmp_path):
     model, tokenizer = tiny_llama(num_layers=1)
     model.save_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Bottom to top; each module may import only the ones before it.
-ORDER = ["lm.rope", "lm.cache_specs", "lm.knn_params", "lm.knn_config", "lm.sessions", "lm.devices", "lm.model", "lm.gate", "lm.policies.base", "lm.policies.window", "lm.policies.selective",
+ORDER = ["lm.rope", "lm.cache_specs", "lm.model_source", "lm.knn_params", "lm.knn_config", "lm.sessions", "lm.devices", "lm.model", "lm.gate", "lm.policies.base", "lm.policies.window", "lm.policies.selective",
          "lm.policies.ranked", "lm.policies.merging", "lm.policies.registry", "lm.policies", "lm.cache",
          "lm.generate", "lm.memory_attention", "lm.blocks", "lm.attention", "lm.longeval", "lm.gate_training", "lm.knnlm",
          "lm.rag", "lm.hf"]

@@ -285,6 +285,45 @@ def test_bad_policy_input_is_rejected(name, options, message):
         make_policy(name, **options)
 
 
+@pytest.mark.parametrize("name, options, message, field", [
+    ("window", {"window": 0}, "window must be a positive integer, got 0", "window"),
+    ("sinks", {"window": 2}, "sinks (4) must not exceed the window (2)", "sinks"),  # the default sinks
+    ("sinks", {"sinks": -1}, "sinks must be a non-negative integer, got -1", "sinks"),
+    ("h2o", {"budget": 5, "window": 10}, "window + sinks (10) must be below the budget (5)", "window"),
+    ("vatp", {"budget": 132}, "window + sinks (132) must be below the budget (132)", "window"),  # defaults 128 + 4
+    ("knorm", {"budget": -1}, "budget must be a non-negative integer, got -1", "budget"),
+    ("adaptive", {"sinks": 300}, "budget (260) must be at least sinks + 1 (301)", "budget"),
+    ("snapkv", {"window": 0}, "window (the observation window) must be a positive integer, got 0", "window"),
+    ("moving-average", {"pool": 0}, "pool must be a positive integer, got 0", "pool"),
+    ("moving-average", {"window": 0}, "window must be a positive integer, got 0", "window"),
+    ("compressive", {"budget": 196}, "window + sinks (196) must be below the budget (196)", "window"),
+    ("cumulative-average", {"budget": 4}, "budget (4) must be at least sinks + 1 (5)", "budget"),
+    ("recurrent", {"budget": 5, "sinks": 5}, "budget (5) must be at least sinks + 1 (6)", "budget"),
+])
+def test_policy_numbers_are_checked_torch_free_as_the_policies_check_them(name, options, message, field):
+    """The CLI's early check (`lm.cache_specs.policy_options`, no torch) refuses exactly what the policy's
+    constructor refuses, with the same message: one rule, `check_policy_values`."""
+    from lm.cache_specs import policy_options
+
+    with pytest.raises(InvalidInput) as early:
+        policy_options(name, **options)
+    with pytest.raises(InvalidInput) as built:
+        make_policy(name, **options)
+    assert (early.value.message, early.value.field) == (built.value.message, built.value.field) == (message, field)
+
+
+def test_the_edges_of_each_policy_s_numbers_are_taken():
+    from lm.cache_specs import policy_values
+
+    assert policy_values("sinks", window=4) == {"window": 4, "sinks": 4}
+    assert policy_values("h2o", budget=129) == {"budget": 129, "sinks": 0, "window": 128, "pool": 0}
+    assert policy_values("cumulative-average", budget=5)["budget"] == 5  # one summary slot, window 0
+    assert policy_values("snapkv", budget=2, window=1)["window"] == 1
+    for name, options in [("sinks", {"window": 4}), ("h2o", {"budget": 129}), ("cumulative-average", {"budget": 5}),
+                          ("snapkv", {"budget": 2, "window": 1}), ("compressive", {"budget": 197})]:
+        assert make_policy(name, **options).budget == options.get("budget", 8)
+
+
 def test_a_block_the_budget_cannot_take_is_rejected(model):
     with pytest.raises(InvalidInput, match="the block must be in 1..8 for policy .moving-average."):
         BoundedCache(model, small("moving-average"), period=9)  # its window

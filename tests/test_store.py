@@ -347,6 +347,64 @@ def test_store_create_get_drop(tmp_path):
     s2.close()
 
 
+HOLDER = """
+import fcntl, sys
+from pathlib import Path
+lock = open(Path(sys.argv[1]) / ".lock", "r+")
+if sys.argv[2] == "pid":
+    from memsvc.store.store import hold_data_dir
+    lock.close()
+    lock = hold_data_dir(sys.argv[1])
+else:  # a holder that writes no pid (the lock file keeps what an earlier holder wrote)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def held_by_another_process(root: Path, mode: str) -> subprocess.Popen:
+    """A child process holding `root` (mode "pid": as memsvc does, its pid written; "raw": a bare flock)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_data_dir_in_use_names_its_holder_truly(tmp_path):
+    """DataDirInUse said "another memsvc process" when this process held the directory."""
+    s = Store(tmp_path)
+    for _ in range(2):  # a second Store in this process, then again: the lock stays ours
+        with pytest.raises(DataDirInUse) as err:
+            Store(tmp_path)
+        assert err.value.message == (f"{tmp_path} is already open in this process (pid {os.getpid()}): close the "
+                                     "Store or Service that holds it before opening it again")
+        assert (err.value.ours, err.value.holder, err.value.field) == (True, os.getpid(), "data_dir")
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    s.close()
+    # Closed: another process takes it (its pid replaces ours in the lock file) and is named by its pid.
+    proc = held_by_another_process(tmp_path, "pid")
+    try:
+        with pytest.raises(DataDirInUse) as err:
+            Store(tmp_path)
+        assert err.value.message == (f"{tmp_path} is in use by another memsvc process (pid {proc.pid}: a server "
+                                     "or an embedded command)")
+        assert (err.value.ours, err.value.holder) == (False, proc.pid)
+        assert (tmp_path / ".lock").read_text() == f"{proc.pid}\n"  # a refused open truncates nothing
+    finally:
+        proc.communicate("")
+    Store(tmp_path).close()  # released with the process; our pid is in the file again, stale once closed
+    proc = held_by_another_process(tmp_path, "raw")
+    try:
+        with pytest.raises(DataDirInUse) as err:
+            Store(tmp_path)
+        # The file still names this process, which no longer holds it: neither "this process" nor our pid.
+        assert err.value.message == f"{tmp_path} is in use by another memsvc process (a server or an embedded command)"
+        assert (err.value.ours, err.value.holder) == (False, None)
+    finally:
+        proc.communicate("")
+    Store(tmp_path).close()
+
+
 def test_rwlock_readers_share_and_a_waiting_writer_goes_first():
     lock, order = RWLock(), []
 

@@ -14,9 +14,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from lm.cache_specs import DEFAULT_SINKS, DEFAULT_WINDOW
 from lm.rope import Rotary
 
-DEFAULT_WINDOW, DEFAULT_SINKS = 256, 4
+__all__ = ["DEFAULT_SINKS", "DEFAULT_WINDOW", "EvictCallback", "Policy", "PolicyLayer"]
 
 EvictCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 

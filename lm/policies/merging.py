@@ -14,7 +14,6 @@ import torch
 
 from lm.policies.base import DEFAULT_SINKS
 from lm.policies.selective import CacheEntries, Selective, SelectiveLayer
-from memsvc.contract import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -24,14 +23,6 @@ class Merging(Selective):
     dropped ("drop"). A summary's key and value are a weighted mean of what it absorbed (`weights`)."""
 
     overflow: ClassVar[str] = "merge"
-
-    def check(self) -> None:
-        if self.pool < 1:
-            raise InvalidInput(f"pool must be a positive integer, got {self.pool}", "pool")
-        if "window" in self.options and self.window < 1:
-            raise InvalidInput(f"window must be a positive integer, got {self.window}", "window")
-        if self.slots < 1:
-            self.check_window()
 
     @property
     def slots(self) -> int:

@@ -15,15 +15,11 @@ import torch
 
 from lm.policies.base import DEFAULT_SINKS
 from lm.policies.selective import CacheEntries, Selective, SelectiveLayer
-from memsvc.contract import InvalidInput
 
 
 @dataclass(frozen=True)
 class Ranked(Selective):
     """Keep the sinks, the last `window` entries and the best-scored others (`score`), up to the capacity."""
-
-    def check(self) -> None:
-        self.check_window()
 
     def score(self, layer: SelectiveLayer, e: CacheEntries) -> torch.Tensor:
         """[n]: higher stays."""
@@ -93,12 +89,6 @@ class SnapKV(Ranked):
     needs_attention = True
     window: int = 32
     kernel: ClassVar[int] = 7
-
-    def check(self) -> None:
-        super().check()
-        if self.window < 1:
-            raise InvalidInput(f"window (the observation window) must be a positive integer, got {self.window}",
-                               "window")
 
     def score(self, layer: SelectiveLayer, e: CacheEntries) -> torch.Tensor:
         if self.prefill(layer):

@@ -4,7 +4,9 @@
 """
 from __future__ import annotations
 
-from lm.cache_specs import OPTIONS, POLICIES, parse_cache_options, policy_options
+from dataclasses import fields
+
+from lm.cache_specs import DEFAULTS, OPTIONS, POLICIES, parse_cache_options, policy_values
 from lm.policies.base import DEFAULT_SINKS, DEFAULT_WINDOW, Policy
 from lm.policies.merging import Compressive, CumulativeAverage, MovingAverage, Recurrent
 from lm.policies.ranked import Adaptive, HeavyHitters, KeyNorm, SnapKV, ValueAware
@@ -19,17 +21,23 @@ _CLASSES = {"full": (), "window": ("window",), "sinks": ("window", "sinks"),
             **{name: cls.options for name, cls in SELECTIVE.items()}}
 if _CLASSES != OPTIONS:
     raise RuntimeError("lm.cache_specs.OPTIONS must list every policy class and the options it takes")
+_DEFAULTS = {"full": {}, "window": {"window": DEFAULT_WINDOW, "sinks": 0},
+             "sinks": {"window": DEFAULT_WINDOW, "sinks": DEFAULT_SINKS},
+             **{name: {f.name: f.default for f in fields(cls) if f.name in ("budget", "sinks", "window", "pool")}
+                for name, cls in SELECTIVE.items()}}
+if _DEFAULTS != DEFAULTS:
+    raise RuntimeError("lm.cache_specs.DEFAULTS must give every policy class's defaults")
 
 
 def make_policy(name: str, window: int | None = None, sinks: int | None = None, budget: int | None = None,
                 pool: int | None = None) -> Policy:
     """The policy `name` (one of POLICIES) with the options given; an option that does not apply is an error."""
-    given = policy_options(name, window, sinks, budget, pool)
+    values = policy_values(name, window, sinks, budget, pool)
     if name == "full":
         return Full()
     if name in ("window", "sinks"):
-        return Window(given.get("window", DEFAULT_WINDOW), given.get("sinks", DEFAULT_SINKS if name == "sinks" else 0))
-    return SELECTIVE[name](**given)
+        return Window(**values)
+    return SELECTIVE[name](**values)
 
 
 def parse_cache_spec(spec: str) -> Policy:

@@ -28,10 +28,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from lm.cache_specs import DEFAULT_BUDGET, check_policy_values
 from lm.policies.base import PolicyLayer
 from memsvc.contract import InvalidInput
 
-DEFAULT_BUDGET = 260  # window 256 + 4 sinks: the budget of the default `sinks` policy
 DEFAULT_BLOCK = 16  # tokens per forward of a stream under these policies
 
 
@@ -167,22 +167,10 @@ class Selective:
     layer_type: ClassVar[type[PolicyLayer]] = SelectiveLayer
 
     def __post_init__(self) -> None:
-        for option in ("budget", "sinks", "window", "pool"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"{option} must be a non-negative integer, got {value!r}", option)
-        if self.budget < self.sinks + 1:
-            raise InvalidInput(f"budget ({self.budget}) must be at least sinks + 1 ({self.sinks + 1})", "budget")
-        self.check()
-
-    def check(self) -> None:
-        """Option constraints of this policy (InvalidInput)."""
-
-    def check_window(self) -> None:
-        """InvalidInput unless the protected window and sinks leave room in the budget."""
-        if self.window + self.sinks >= self.budget:
-            raise InvalidInput(f"window + sinks ({self.window + self.sinks}) must be below the budget "
-                               f"({self.budget})", "window")
+        """InvalidInput for numbers that do not fit: `lm.cache_specs.check_policy_values`, the torch-free rule
+        the CLI applies before it loads a model."""
+        check_policy_values(self.name, {"budget": self.budget, "sinks": self.sinks, "window": self.window,
+                                        "pool": self.pool})
 
     @property
     def min_kept(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lm.cache_specs import check_policy_values
 from lm.policies.base import PolicyLayer
 from memsvc.contract import InvalidInput
 
@@ -110,12 +111,8 @@ class Window:
     layer_type: ClassVar[type[PolicyLayer]] = WindowLayer
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window <= 0:
-            raise InvalidInput(f"window must be a positive integer, got {self.window!r}", "window")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise InvalidInput(f"sinks must be a non-negative integer, got {self.sinks!r}", "sinks")
-        if self.sinks > self.window:
-            raise InvalidInput(f"sinks ({self.sinks}) must not exceed the window ({self.window})", "sinks")
+        """InvalidInput for numbers that do not fit (`lm.cache_specs.check_policy_values`, torch-free)."""
+        check_policy_values("window", {"window": self.window, "sinks": self.sinks})
 
     @property
     def name(self) -> str:

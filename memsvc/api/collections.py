@@ -32,6 +32,8 @@ from memsvc.api.errors import AUTH, JSON_BODY, NAMED, error_responses
 from memsvc.api.limits import check_max_k
 from memsvc.api.schemas import Body
 from memsvc.contract import (
+    MAX_ASK_K,
+    MAX_ASK_TOKENS,
     Answer,
     AnswerStream,
     BackendUnavailable,
@@ -80,8 +82,8 @@ class CollectionSearchRequest(Body):
 
 class AskRequest(Body):
     question: str
-    k: int = Field(4, gt=0, le=20, description="passages given to the model")
-    max_new_tokens: int = Field(256, gt=0, le=1024)
+    k: int = Field(4, gt=0, le=MAX_ASK_K, description="passages given to the model")  # as AskOptions (the floor)
+    max_new_tokens: int = Field(256, gt=0, le=MAX_ASK_TOKENS, description="the longest answer, in tokens")
     stream: bool = Field(False, description="answer as server-sent events (as `Accept: text/event-stream` asks)")
 
 

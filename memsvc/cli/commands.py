@@ -16,7 +16,16 @@ import typer
 
 from memsvc.cli.options import DEFAULT_DATA_DIR, ApiKeyOption, DataDir, DeviceOption, Url, cli_errors
 from memsvc.config import Settings
-from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
+from memsvc.contract import (
+    MAX_DOCUMENT_ID,
+    DataDirInUse,
+    InvalidInput,
+    MemsvcError,
+    NotFound,
+    check_ask,
+    check_document_id,
+    check_k,
+)
 
 if TYPE_CHECKING:
     from memsvc.contract import CollectionBackend, Document
@@ -110,6 +119,47 @@ def open_collection(name: str, url: str | None, data_dir: Path, api_key: str | N
         yield col
 
 
+ID_RULE = f"document ids are printable strings of 1..{MAX_DOCUMENT_ID} characters"
+
+
+def is_document_id(document_id: str) -> bool:
+    """Whether an upsert takes `document_id` (`check_document_id`)."""
+    try:
+        check_document_id(document_id)
+    except InvalidInput:
+        return False
+    return True
+
+
+def shown(document_id: str, most: int = 60) -> str:
+    """`document_id` quoted (control characters escaped), cut to its first `most` characters (then '...')."""
+    return repr(document_id) if len(document_id) <= most else f"{document_id[:most]!r}..."
+
+
+def one_line(path: Path) -> str:
+    """`path` as text, quoted with its control characters escaped where it has any (a message stays one line)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def id_fault(document_id: str) -> str:
+    """What a document id that `check_document_id` refuses has wrong, in words."""
+    if len(document_id) > MAX_DOCUMENT_ID:
+        return f"has {len(document_id)} characters"
+    bad = next(c for c in document_id if not c.isprintable())
+    return f"has the unprintable character {bad!r}"
+
+
+def check_id_prefix(prefix: str) -> None:
+    """InvalidInput (field prefix) for an `ingest --prefix` no document id can start with: one with a character
+    no id may have, or one that leaves no room for a file name."""
+    if prefix and not prefix.isprintable():
+        raise InvalidInput(f"--prefix {shown(prefix)} {id_fault(prefix)}; {ID_RULE}", "prefix")
+    if len(prefix) >= MAX_DOCUMENT_ID:
+        raise InvalidInput(f"--prefix has {len(prefix)} characters, leaving no room for a file name; {ID_RULE}",
+                           "prefix")
+
+
 def ingest_files(paths: list[Path], prefix: str = "",
                  id_from: Literal["relative", "path"] = "relative") -> list[tuple[str, Path]]:
     """(document id, file) of every file, in argument order. With `id_from` "relative", a file argument's
@@ -121,7 +171,10 @@ def ingest_files(paths: list[Path], prefix: str = "",
     Ids depend only on each argument, never on the others given with it, so ingesting a directory alone
     or together with another gives its documents the same ids (an id relative to the arguments' common
     root would change with the set of arguments and silently duplicate documents on the next ingest).
-    Raises NotFound for a path that does not exist."""
+    Every id must pass the rule every upsert applies (`check_document_id`: printable, 1..MAX_DOCUMENT_ID
+    characters): InvalidInput naming the prefix or the file otherwise. Raises NotFound for a path that does
+    not exist."""
+    check_id_prefix(prefix)
     files: dict[str, Path] = {}
     for path in paths:
         if path.is_dir():
@@ -132,6 +185,9 @@ def ingest_files(paths: list[Path], prefix: str = "",
             raise NotFound(f"{path}: no such file or directory", "paths")
         for name, file in found:
             document_id = prefix + (file.as_posix() if id_from == "path" else name)
+            if not is_document_id(document_id):
+                raise InvalidInput(f"{one_line(file)} would be document {shown(document_id)}, which {id_fault(document_id)}; "
+                                   f"{ID_RULE}", "paths")
             first = files.setdefault(document_id, file)
             if first != file and first.resolve() != file.resolve():
                 raise InvalidInput(
@@ -227,6 +283,8 @@ def search(query: Annotated[str, typer.Argument(help="what to look for")], colle
            url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
            timeout: Timeout = 600.0) -> None:
     """The collection's best chunks for QUERY."""
+    with cli_errors():
+        check_k(k)  # before the store opens or a request goes
     with cli_errors(), open_collection(collection, url, data_dir, api_key, timeout) as col:
         hits = col.search(query, k, mode)
     if json_:
@@ -249,10 +307,14 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     object once the answer is complete. With --url the server runs the model on its own device (its
     MEMSVC_DEVICE); --device is for the embedded store."""
     with cli_errors():
+        from memsvc.contract import check_device
+
+        check_ask(k, max_new_tokens)  # the numbers and the device's name: before the store opens or a request goes
+        check_device(device)  # a name no device has, torch-free (with --url too: it is a mistake either way)
         if url is None:
             from lm.devices import resolve_device
 
-            resolve_device(device)  # before the store is opened or the model loaded
+            resolve_device(device)  # a device this machine lacks: before the store is opened or the model loaded
         with open_collection(collection, url, data_dir, api_key, timeout, device=device if url is None else None) \
                 as col:
             if json_:

@@ -1,7 +1,8 @@
 """`memsvc eval-long` and `memsvc train-gate`: plain typer command functions, wired into `memsvc.cli.commands`.
 
 torch and transformers are imported inside the commands; missing files and bad options fail with a one-line
-message and exit status 2 before torch is imported (the policies' numbers: before the model is loaded).
+message and exit status 2 before torch is imported (the policies' numbers and the --device name too); whether the
+budget fits the model's trained context and whether this machine has the --device, before the model is loaded.
 """
 from __future__ import annotations
 
@@ -101,9 +102,12 @@ def eval_long(files: Files,
     with cli_errors():
         from lm.cache_specs import check_lengths, policy_options
         from lm.knn_config import KnnConfig, check_options
+        from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         check_text_files(files)
-        policy_options(policy, window, sinks, budget, pool)
+        policy_options(policy, window, sinks, budget, pool)  # the names and the numbers
+        check_device(device)
         if knn_memory and policy == "full":
             raise InvalidInput("kNN-memory attention needs a bounded cache policy (any but full)", "policy")
         if url is not None and not knn_memory:
@@ -138,11 +142,11 @@ def eval_long(files: Files,
                 stack.callback(where.client.close)
                 if where.positions is not None:
                     knn = dataclasses.replace(knn, positions=where.positions)
-
-            from lm.devices import resolve_device  # torch from here on
-            from lm.policies import make_policy
+            model_source(model)  # the last check before torch
+            from lm.devices import resolve_device  # torch from here on (transformers: after the device)
 
             resolve_device(device)
+            from lm.policies import make_policy
 
             cache_policy = make_policy(policy, window, sinks, budget, pool)
             knn = knn if knn_memory else None
@@ -197,10 +201,16 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
     """Train the memory gate (model frozen) on long FILES and write its parameters to OUT (progress: one bar
     of steps with the loss, on stderr)."""
     with cli_errors():
+        from lm.cache_specs import check_lengths
         from lm.knn_config import KnnConfig, check_options
+        from lm.model_source import model_source
+        from memsvc.contract import check_device
 
         check_text_files(files)
         check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
+        check_lengths(max_tokens, 0)  # a document of fewer than 2 tokens trains nothing
+        check_device(device)
+        model_source(model)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:
@@ -210,15 +220,16 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         if not out.parent.is_dir():
             raise NotFound(f"{out.parent}: no such directory for --out", "out")
         need_model_side()
+        from lm.devices import resolve_device  # torch from here on (transformers: after the device)
+
+        resolve_device(device)
         from tqdm import tqdm
 
-        from lm.devices import resolve_device  # torch from here on
         from lm.gate_training import plot_curve
         from lm.gate_training import train_gate as fit
         from lm.longeval import read_tokens
         from lm.model import load_model
 
-        resolve_device(device)
         model_, tokenizer = load_model(model, dtype=None, device=device)
         documents = [read_tokens(tokenizer, f, max_tokens) for f in files]
         with tqdm(unit="step", desc="train-gate") as bar:

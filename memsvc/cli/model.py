@@ -84,19 +84,26 @@ def open_knnlm(memory: str, url: str | None, data_dir: Path, api_key: str | None
                key: str | None = None, lam: float | None = None, temp: float | None = None,
                k: int | None = None, device: str | None = None) -> Iterator[KNNLM]:
     """A KNNLM over an existing memory (NotFound if there is none), the model on `device` (see `load_model`).
-    λ, temperature and k, the server or data dir (its lock) and the memory are checked, in that order, before
-    torch is imported; then the device, before the model loads."""
+    λ, temperature, k and the device's name, the server or data dir (its lock) and the memory are checked, in that
+    order, before torch is imported; then whether this machine has the device, before the model loads."""
+    from lm.model_source import model_source
+    from lm.sessions import check_memory_name
     from memsvc.connect import connect
+    from memsvc.contract import check_device
 
+    check_memory_name(memory)
     check_settings(lam, temp, k)
+    check_device(device)
+    model_source(model_name)
     need_model_side()
     with connect(url, data_dir, api_key) as client:  # a held data dir or a bad URL fails fast
         mem = client.memory(memory)
-        from lm.devices import resolve_device
+        from lm.devices import resolve_device  # torch, not yet transformers: a device this machine lacks
+
+        resolve_device(device)
         from lm.knnlm import KNNLM
         from lm.model import load_model
 
-        resolve_device(device)
         model, tokenizer = load_model(model_name, dtype=None, device=device)
         yield KNNLM(model, tokenizer, mem, key=key)
 
@@ -118,7 +125,14 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
     server or data dir and the memory's index are checked before the model loads; progress on stderr.
     """
     with cli_errors():
+        from lm.model_source import model_source
+        from lm.sessions import check_memory_name
+        from memsvc.contract import check_device
+
         texts = read_texts(files)
+        check_memory_name(memory)  # the name a new memory would get: before the store opens
+        check_device(device)
+        model_source(model)
         need_model_side()
         from memsvc.connect import connect
 
@@ -129,11 +143,12 @@ def build(files: Files, memory: MemoryOption, url: Url = None, data_dir: DataDir
                 mem = None
             if index is not None and mem is not None and mem.spec.index != index:
                 raise InvalidInput(f"memory '{memory}' already exists with index '{mem.spec.index}'", "index")
-            from lm.devices import resolve_device
+            from lm.devices import resolve_device  # torch, not yet transformers: a device this machine lacks
+
+            resolve_device(device)
             from lm.knnlm import KNNLM, datastore_spec, tokenize_documents
             from lm.model import load_model
 
-            resolve_device(device)
             model_, tokenizer = load_model(model, dtype=None, device=device)
             tokenize_documents(tokenizer, texts)
             if mem is None:
@@ -249,10 +264,16 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         from lm.cache_specs import parse_cache_options
         from lm.knn_config import KnnConfig, check_options, decode_search_options
         from lm.knn_params import check_sampling
+        from lm.model_source import model_source
+        from lm.sessions import check_memory_name
+        from memsvc.contract import check_device
 
-        text = read_prompt(prompt, prompt_file)  # the prompt file and the --cache syntax before torch
+        text = read_prompt(prompt, prompt_file)  # the prompt file, --cache (its numbers too), --device before torch
         if cache is not None:
             parse_cache_options(cache)
+        check_device(device)
+        if knn_memory is not None:
+            check_memory_name(knn_memory)
         if memory_attention and cache is None:
             raise InvalidInput("--memory-attention needs a bounded --cache", "memory_attention")
         if memory_blocks is None:  # the default memory; on a server only per-token memory
@@ -285,17 +306,19 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
             stack.callback(where.client.close)
             if where.positions is not None:
                 memory_config = dataclasses.replace(memory_config, positions=where.positions)
+        model_source(model)  # the last check before torch
+        from lm.devices import resolve_device  # torch, not yet transformers: a device this machine lacks
+
+        resolve_device(device)
         from tqdm import tqdm
 
         from lm.attention import attach
         from lm.cache import BoundedCache
-        from lm.devices import resolve_device
         from lm.generate import encode_prompt
         from lm.generate import generate as decode
         from lm.model import load_model
         from lm.policies import parse_cache_spec
 
-        resolve_device(device)
         policy = parse_cache_spec(cache) if cache is not None else None
         knn = stack.enter_context(open_knnlm(knn_memory, url, data_dir, api_key, model, lam=lam, temp=temp, k=k,
                                              device=device)) \

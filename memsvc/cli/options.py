@@ -36,8 +36,8 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except DataDirInUse as exc:
-        typer.echo(f"error: {exc.message}; to use a running server's memories, give its --url (or set "
-                   "MEMSVC_URL)", err=True)
+        advice = "" if exc.ours else "; to use a running server's memories, give its --url (or set MEMSVC_URL)"
+        typer.echo(f"error: {exc.message}{advice}", err=True)
         raise typer.Exit(2) from None
     except MemsvcError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -3,6 +3,7 @@ rejects the same input with the same typed error naming the field at fault."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -258,3 +259,25 @@ def check_ids(ids: Any) -> np.ndarray:
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         raise InvalidInput("ids must be a 1-D list of integers", "ids")
     return a.astype(np.int64)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # what a model runs on (torch.device takes more names)
+_DEVICE = re.compile(r"(cpu|cuda|mps)(?::(0|[1-9][0-9]*))?")  # as torch.device spells them: no sign, no spaces
+
+
+def parse_device(name: Any) -> tuple[str, int | None]:
+    """(type, index) of a device name: "cpu", "cuda", "cuda:N" or "mps" (index None where not given), exactly
+    as `torch.device` reads it; InvalidInput (field "device") for anything else. Torch-free: a model command's
+    `--device` and the server's MEMSVC_DEVICE are checked before torch is imported; whether this machine has
+    the device is `lm.devices.resolve_device`'s question."""
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise InvalidInput(f"unknown device {str(name)!r}: give cpu, cuda, cuda:N or mps", "device")
+    return match[1], None if match[2] is None else int(match[2])
+
+
+def check_device(name: str | None) -> str | None:
+    """`name` unless it names no device (InvalidInput, see `parse_device`); None (the default device) passes."""
+    if name is not None:
+        parse_device(name)
+    return name

@@ -9,11 +9,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from memsvc.contract.checks import invalid_input
 from memsvc.contract.errors import InvalidInput
 
 COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}$"  # its memory `col.<name>` fits a memory name
 MEMORY_PREFIX = "col."
 MAX_DOCUMENT_BYTES = 8 << 20  # ~2M tokens: embedding one takes minutes on CPU, so larger ones get 413
+MAX_DOCUMENT_ID = 1024  # characters; the catalog's document_id column (chunk ids add '#n-digest')
+MAX_ASK_K = 20  # passages an ask gives the model (they share its context with the question and the answer)
+MAX_ASK_TOKENS = 1024  # the longest answer an ask decodes
 SearchMode = Literal["bm25", "dense", "hybrid"]
 SEARCH_MODES: tuple[SearchMode, ...] = ("bm25", "dense", "hybrid")
 
@@ -132,3 +138,33 @@ def check_collection_name(name: Any) -> str:
         raise InvalidInput("collection name must be 1..124 letters, digits, '.', '_' or '-', starting with a "
                            "letter or digit", "name")
     return name
+
+
+def check_document_id(document_id: Any, field: str = "document_id") -> str:
+    """`document_id` if it is a printable string (no control characters, no line breaks; spaces are printable)
+    of 1..MAX_DOCUMENT_ID characters, else InvalidInput naming `field`: the rule every upsert applies (in
+    process, over REST, and `memsvc ingest` before it reads a file)."""
+    if not isinstance(document_id, str) or not 0 < len(document_id) <= MAX_DOCUMENT_ID \
+            or not document_id.isprintable():
+        raise InvalidInput(f"document_id must be a printable string of 1..{MAX_DOCUMENT_ID} characters", field)
+    return document_id
+
+
+class AskOptions(BaseModel):
+    """The numbers of an ask, on every face (`POST .../ask`, `Collection.ask`, `RemoteCollection.ask`, `memsvc
+    ask`): k passages, an answer of at most max_new_tokens tokens."""
+
+    model_config = ConfigDict(strict=True)
+
+    k: int = Field(4, gt=0, le=MAX_ASK_K, description="passages given to the model")
+    max_new_tokens: int = Field(256, gt=0, le=MAX_ASK_TOKENS, description="the longest answer, in tokens")
+
+
+def check_ask(k: Any, max_new_tokens: Any) -> None:
+    """InvalidInput naming the field ("k: Input should be less than or equal to 20") unless k is an integer in
+    1..MAX_ASK_K and max_new_tokens one in 1..MAX_ASK_TOKENS: what the REST API answers 422, checked before a
+    model loads or a request is sent."""
+    try:
+        AskOptions(k=k, max_new_tokens=max_new_tokens)
+    except ValidationError as exc:
+        raise invalid_input(exc.errors()) from None

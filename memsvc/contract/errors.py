@@ -103,9 +103,14 @@ class CorruptLog(MemsvcError):
 
 
 class DataDirInUse(MemsvcError):
-    """Another process (a running server, another CLI) holds the data directory."""
+    """The data directory is held: by another process (a running server, another CLI; `ours` False) or by this
+    one (a Store or Service on it not yet closed; `ours` True). `holder` is the holder's pid where known."""
 
     code = "data_dir_in_use"
+
+    def __init__(self, message: str, field: str | None = None, holder: int | None = None, ours: bool = False):
+        super().__init__(message, field)
+        self.holder, self.ours = holder, ours
 
 
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidInput, UnsupportedMediaType, NotFound, AlreadyExists, TooLarge, Unauthorized,

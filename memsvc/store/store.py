@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -16,17 +17,50 @@ from memsvc.store.memory import Memory
 log = logging.getLogger(__name__)
 
 
+_held: dict[Path, TextIO] = {}  # lock files this process took, by data directory (closed ones are stale)
+
+
 def hold_data_dir(root: str | Path) -> TextIO:
     """The open `root/.lock`, holding an exclusive advisory lock on the data directory until it is closed (or
-    the process ends); DataDirInUse when another process holds it. `root` must exist."""
-    lockfile = open(Path(root) / ".lock", "w")  # noqa: SIM115 (the caller holds it open: that is the lock)
+    the process ends), with the holder's pid written in it; DataDirInUse when it is held already, saying by
+    whom: this process (another Store or Service on the same directory, not yet closed) or another one (its
+    pid where the lock file gives it). `root` must exist."""
+    path = Path(root) / ".lock"
+    # Opened without truncating: the pid the holder wrote stays readable to whoever is refused.
+    lockfile = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
     try:
         fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        ours = path.resolve() in _held and not _held[path.resolve()].closed
+        holder = os.getpid() if ours else lock_holder(lockfile)
         lockfile.close()
-        raise DataDirInUse(f"{root} is in use by another memsvc process (a server or an embedded command)",
-                           "data_dir") from None
+        raise DataDirInUse(in_use_message(root, holder, ours), "data_dir", holder, ours) from None
+    lockfile.seek(0)
+    lockfile.truncate()
+    lockfile.write(f"{os.getpid()}\n")
+    lockfile.flush()
+    _held[path.resolve()] = lockfile
     return lockfile
+
+
+def lock_holder(lockfile: TextIO) -> int | None:
+    """The pid another process holding a data directory wrote into its lock file; None if the file names none
+    (a holder that wrote no pid, or not yet) or names this process (what a lock this process gave up left)."""
+    lockfile.seek(0)
+    text = lockfile.read(32).strip()
+    pid = int(text) if text.isascii() and text.isdigit() else None
+    return None if pid == os.getpid() else pid
+
+
+def in_use_message(root: str | Path, holder: int | None, ours: bool) -> str:
+    """Why `root` cannot be opened, true to who holds it: this process (`ours`), another one (pid `holder`),
+    or one the lock file does not name (`holder` None)."""
+    if ours:
+        return (f"{root} is already open in this process (pid {holder}): close the Store or Service that holds "
+                "it before opening it again")
+    if holder is not None:
+        return f"{root} is in use by another memsvc process (pid {holder}: a server or an embedded command)"
+    return f"{root} is in use by another memsvc process (a server or an embedded command)"
 
 
 class Store:
