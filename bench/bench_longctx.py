@@ -118,7 +118,11 @@ SETTINGS: dict[str, Setting] = {
     "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
-    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True)),
+    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=0)),
+    # section 11: every key of the C best blocks by the representative keys (a two-stage decoding search)
+    "memory-rerank32": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=32)),
+    "memory-rerank64": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=64)),
+    "memory-rerank128": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=128)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

@@ -221,7 +221,9 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                                         "key")] = 4,
              decode_search: Annotated[str, typer.Option(help="block memory, decoding: 'exact' (a search at every "
                                                             "step by every stored key: finds a needle, cost grows "
-                                                            "with the stream) or 'grouped' (one search per 4 "
+                                                            "with the stream), 'rerank' (a search at every step "
+                                                            "by every key of the 64 best blocks by the "
+                                                            "representative keys) or 'grouped' (one search per 4 "
                                                             "steps by the representative keys: flat cost)")]
              = "exact",
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
