@@ -45,13 +45,13 @@ REPRESENTATIVES = ("max", "mean")
 PRECISIONS = ("float16", "float32")
 # block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key,
 # decode_candidates). "exact": a search at every step ranking blocks by every stored key (section 10: the 16K needle
-# at 3/5 depths; its cost grows with the stream); "rerank": a search at every step ranking the 64 best blocks by the
+# at 3/5 depths; its cost grows with the stream); "rerank": a search at every step ranking the 128 best blocks by the
 # representative keys again by every key (section 11); "grouped": one search per 4 steps by the representative keys
 # (sections 9f, 10f: flat cost, 1.17-1.33x window + sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
 # block memory's options and their CLI flags: per-token memory refuses them set off their defaults
 BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
               "decode_every_key": "--decode-search", "decode_candidates": "--decode-search"}
-DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 64),
+DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 128),
                                                             "grouped": (None, False, 0)}
 
 

@@ -142,7 +142,7 @@ def test_named_decode_searches_set_the_decoding_fields():
     """`memsvc generate --decode-search`: "exact" is the default's every step by every key, "grouped" the query
     groups' reuse by the representative keys; another name is refused naming the field."""
     assert decode_search_options("exact") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
-    assert decode_search_options("rerank") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 64}
+    assert decode_search_options("rerank") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 128}
     assert decode_search_options("grouped") == {"decode_group": None, "decode_every_key": False,
                                                 "decode_candidates": 0}
     default = KnnConfig()

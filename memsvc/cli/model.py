@@ -222,7 +222,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              decode_search: Annotated[str, typer.Option(help="block memory, decoding: 'exact' (a search at every "
                                                             "step by every stored key: finds a needle, cost grows "
                                                             "with the stream), 'rerank' (a search at every step "
-                                                            "by every key of the 64 best blocks by the "
+                                                            "by every key of the 128 best blocks by the "
                                                             "representative keys) or 'grouped' (one search per 4 "
                                                             "steps by the representative keys: flat cost)")]
              = "exact",
