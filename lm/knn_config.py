@@ -7,8 +7,9 @@ and cache (layer indices, the trained range).
 Two memories share this config; the default is block memory, blocks of 32 tokens, 16 retrieved per group of
 4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
 94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length);
-in decoding a search at every step ranking by every key (section 10: the 16K passcode needle at 3 of 5 depths,
-against 0 of 5 when a search served 4 steps and ranked by the representative keys):
+in decoding a search at every step ranking by every key the 192 best blocks by the representative keys (section 11:
+the passcode needle at 4 of the 4 depths 0.3-0.9 run at 16K and 3 of 4 at 32K, against 3 and 2 when every block is
+ranked by every key, section 10, and 0 of 5 at 16K when a search served 4 steps by the representative keys):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
@@ -44,14 +45,16 @@ POSITIONS = ("absolute", "none", "window", "ordered", "hybrid")
 REPRESENTATIVES = ("max", "mean")
 PRECISIONS = ("float16", "float32")
 # block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key,
-# decode_candidates). "exact": a search at every step ranking blocks by every stored key (section 10: the 16K needle
-# at 3/5 depths; its cost grows with the stream); "rerank": a search at every step ranking the 128 best blocks by the
-# representative keys again by every key (section 11); "grouped": one search per 4 steps by the representative keys
-# (sections 9f, 10f: flat cost, 1.17-1.33x window + sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
+# decode_candidates). "rerank" (the default): a search at every step ranking the 192 best blocks by the
+# representative keys again by every key (section 11: the needle at depths 0.3-0.9 of 16K, 0.3-0.7 of 32K; the exact
+# part reads 192 x 32 keys whatever the stream, only the rep-key stage grows, N / 8 keys; not <= 1.3x window + sinks);
+# "exact": every block by every key (section 10: the 16K needle at 3/5 depths; its cost grows with the stream);
+# "grouped": one search per 4 steps by the representative keys (sections 9f, 10f: flat cost, 1.17-1.33x window +
+# sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
 # block memory's options and their CLI flags: per-token memory refuses them set off their defaults
 BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
               "decode_every_key": "--decode-search", "decode_candidates": "--decode-search"}
-DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 128),
+DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 192),
                                                             "grouped": (None, False, 0)}
 
 
@@ -71,8 +74,8 @@ class KnnConfig:
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
     decode_group: int | None = 1  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
     decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
-    decode_candidates: int = 0  # with decode_every_key and rep_keys: only the C best blocks by rep_keys are ranked by
-    # every key (a two-stage search of fixed exact cost); 0: every block; else at least top_blocks
+    decode_candidates: int = 192  # with decode_every_key and rep_keys: only the C best blocks by rep_keys are ranked
+    # by every key (a two-stage search of fixed exact cost; section 11); 0: every block; else at least top_blocks
 
     def __post_init__(self) -> None:
         if self.positions is None:

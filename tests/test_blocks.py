@@ -139,14 +139,15 @@ def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, i
 
 
 def test_named_decode_searches_set_the_decoding_fields():
-    """`memsvc generate --decode-search`: "exact" is the default's every step by every key, "grouped" the query
-    groups' reuse by the representative keys; another name is refused naming the field."""
+    """`memsvc generate --decode-search`: "rerank" is the default's every step by every key of 192 candidates,
+    "exact" every block by every key, "grouped" the query groups' reuse by the representative keys; another name is
+    refused naming the field."""
     assert decode_search_options("exact") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
-    assert decode_search_options("rerank") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 128}
+    assert decode_search_options("rerank") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 192}
     assert decode_search_options("grouped") == {"decode_group": None, "decode_every_key": False,
                                                 "decode_candidates": 0}
     default = KnnConfig()
-    assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 0)
+    assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 192)
     with pytest.raises(InvalidInput, match="decode search must be one of exact, rerank, grouped, got 'all'") as err:
         decode_search_options("all")
     assert err.value.field == "decode_search"
@@ -337,7 +338,7 @@ def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field)
 def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
     default = KnnConfig()
     assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
-    assert (default.decode_group, default.decode_every_key) == (1, True)  # section 10: the needle
+    assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 192)  # 10, 11
     assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 

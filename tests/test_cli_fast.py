@@ -67,11 +67,11 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "fastest"):
             "error: decode search must be one of exact, rerank, grouped, got 'fastest'",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-search",
-         "rerank"): "error: decode_candidates (--decode-search) applies only to block memory (memory blocks > 0); "
+         "exact"): "error: decode_candidates (--decode-search) applies only to block memory (memory blocks > 0); "
                     "per-token retrieval takes k",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "rerank",
          "--retrieved-blocks", "200"): "error: decode candidates must be 0 (every block) or at least the retrieved "
-                                       "blocks (200), got 128",
+                                       "blocks (200), got 192",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-search",
          "grouped"): "error: decode_group (--decode-search) applies only to block memory (memory blocks > 0); "
                      "per-token retrieval takes k",
