@@ -8,8 +8,8 @@ Two memories share this config; the default is block memory, blocks of 32 tokens
 4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
 94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length);
 in decoding a search at every step ranking by every key the 192 best blocks by the representative keys (section 11:
-the passcode needle at 4 of the 4 depths 0.3-0.9 run at 16K and 3 of 4 at 32K, against 3 and 2 when every block is
-ranked by every key, section 10, and 0 of 5 at 16K when a search served 4 steps by the representative keys):
+the passcode needle at 4 of 5 depths at 16K and 3 of 5 at 32K, against 3 and 2 when every block is ranked by every
+key, section 10, and 0 of 5 at 16K when a search served 4 steps by the representative keys):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
