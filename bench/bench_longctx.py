@@ -88,7 +88,7 @@ SETTINGS: dict[str, Setting] = {
     "full": Setting(Full()),
     "window": Setting(Window(WINDOW)),
     "sinks": Setting(SINKS_POLICY),
-    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (= memory-d1-dmax; before section 10: block-b32n16-r4)
+    "memory": Setting(SINKS_POLICY, KnnConfig()),  # the default memory (= memory-rerank192 since section 11; memory-d1-dmax in section 10; block-b32n16-r4 before)
     "knn": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=32)),
     "knn-k8": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=8)),
     "knn-k128": Setting(SINKS_POLICY, KnnConfig(blocks=0, k=128)),
@@ -118,7 +118,13 @@ SETTINGS: dict[str, Setting] = {
     "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
-    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True)),
+    "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=0)),
+    # section 11: every key of the C best blocks by the representative keys (a two-stage decoding search)
+    "memory-rerank32": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=32)),
+    "memory-rerank64": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=64)),
+    "memory-rerank128": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=128)),
+    "memory-rerank192": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=192)),
+    "memory-rerank256": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=256)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)

@@ -15,7 +15,8 @@ un-rotated (pre-RoPE). Then:
 2. Decoding variants from the same prefill (the cache and stores are restored before each): the greedy answer and
    the teacher-forced log-probabilities of the 4 digits with the default decoding, a search at every step, exact
    max over every key, layer-shared scores, more blocks, and oracles that force the needle's blocks into every
-   search (all layers, or only layers < 11 / >= 11).
+   search (all layers, or only layers < 11 / >= 11); `exact` and `rerankC` (section 11: every key of the C best
+   blocks by the representative keys) set the decoding fields explicitly, whatever `KnnConfig()`'s default.
 
 Prints tables and writes bench/results/NAME.json.
 """
@@ -44,13 +45,13 @@ ORIGINAL_SCORES = blocks_module.BlockStore.scores
 VARIANT: dict = {}  # the decoding variant `scores` applies (see `patched_scores`)
 
 
-def patched_scores(store, query, representative):
+def patched_scores(store, query, representative, every_key=False, candidates=0):
     """BlockStore.scores under the current VARIANT: exact max ("rep_keys0"), layer-shared sums, oracle boosts."""
     rep_keys = store.rep_keys
     if VARIANT.get("rep_keys0"):
         store.rep_keys = 0
     try:
-        scores = ORIGINAL_SCORES(store, query, representative)
+        scores = ORIGINAL_SCORES(store, query, representative, every_key, candidates)
     finally:
         store.rep_keys = rep_keys
     if VARIANT.get("layer_shared"):
@@ -213,7 +214,11 @@ def main(length: int = 16000, depth: float = 0.5, out: str = "needle_diag",
             return row
 
         early, every = set(range(11)), {"query_group": 1, "decode_group": 1}
+        exact = {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
         catalogue = {
+            "exact": ({"config": exact}, "every step, every key (the exact default)"),
+            **{f"rerank{c}": ({"config": {**exact, "decode_candidates": c}},
+                              f"every step, every key of the {c} best blocks by rep keys") for c in (32, 48, 64, 96, 128, 192, 256)},
             "main": ({}, "as configured"),
             "every": ({"config": every}, "search every step"),
             "max": ({"config": every, "rep_keys0": True}, "every step, exact max"),

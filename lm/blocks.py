@@ -14,7 +14,9 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
   distance of the cache budget), averaged over the q queries, and scored against each block by its
   representative ("max": the best score over all the block's keys, or over its `rep_keys` representative
   keys, the means of equal runs of its keys; "mean": the score of its mean key),
-  summed over the group's query heads; the `top_blocks` best blocks are attended whole.
+  summed over the group's query heads; the `top_blocks` best blocks are attended whole. A decoding search
+  (`decode_every_key`) ranks by every key, or with `decode_candidates` C only the C best blocks by the
+  representative keys (two stages: a fixed C x B keys read exactly, whatever the stream's length).
 - Position: the retrieved keys are rotated at attention time (`KnnConfig.positions`):
   "ordered" (InfLLM's fixed distance): the retrieved tokens, in stream order, take the positions just
   before the oldest window entry, contiguous and block-internal order kept: the farthest is at most
@@ -104,12 +106,22 @@ class BlockStore:
                 reps[:, :full * self.rep_keys] = self.reps[:, :full * self.rep_keys]
         self.keys, self.values, self.means, self.reps, self.tokens = keys, values, means, reps, tokens
 
-    def scores(self, query: torch.Tensor, representative: str, every_key: bool = False) -> torch.Tensor:
+    def scores(self, query: torch.Tensor, representative: str, every_key: bool = False,
+               candidates: int = 0) -> torch.Tensor:
         """Each block's score [kv, blocks] for queries [kv, g, d] (float32), summed over the g query heads:
         "max" = the best query-key product over the block's keys (with `rep_keys`, unless `every_key`: over its
-        representative keys; a partial newest block over its keys), "mean" = the product with its mean key."""
+        representative keys; a partial newest block over its keys), "mean" = the product with its mean key.
+        `candidates` C > 0 with `every_key` and `rep_keys`: a two-stage search; per KV head only the C best blocks
+        by the representative keys get the best product over every key, the others -inf (so C x block keys are
+        read whatever the store's size; C >= the blocks stored: every block, as `every_key` alone)."""
         kv, g, _ = query.shape
         full, nb = self.count // self.block, self.num_blocks
+        if representative == "max" and every_key and self.rep_keys and 0 < candidates < nb:
+            first = self.scores(query, representative).topk(candidates, -1, sorted=False).indices  # [kv, C]
+            keys, valid = self._rows(self.keys, first).float(), self._slots(first) < self.count
+            logits = (query @ keys.transpose(-1, -2)).masked_fill(~valid[:, None], -torch.inf)  # [kv, g, C * B]
+            exact = logits.view(kv, g, candidates, self.block).amax(-1).sum(1)
+            return torch.full((kv, nb), -torch.inf, device=query.device).scatter_(1, first, exact)
         if representative == "mean":
             reps = self.means[:, :full]
             if nb > full:
@@ -130,13 +142,21 @@ class BlockStore:
         """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d] (zeros in empty
         slots), stream indices [kv, s * B] and which slots hold an entry [kv, s * B] (bool; a partial block's tail
         does not). Whole blocks are copied as rows of the store (one `index_select` each for keys and values)."""
-        kv, s = blocks.shape
-        d, capacity = self.keys.shape[-1], self.keys.shape[1] // self.block
-        rows = (blocks + capacity * torch.arange(kv, device=blocks.device)[:, None]).view(kv * s)
-        keys, values = (x.view(kv * capacity, self.block, d).index_select(0, rows).view(kv, s * self.block, d)
-                        for x in (self.keys, self.values))
-        slots = (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).view(kv, s * self.block)
+        keys, values, slots = self._rows(self.keys, blocks), self._rows(self.values, blocks), self._slots(blocks)
         return keys, values, self.tokens[slots.clamp(max=self.count - 1)], slots < self.count
+
+    def _rows(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The rows of blocks [kv, s] (block indices per KV head) of the store tensor x [kv, capacity, d]: [kv, s * B,
+        d], one `index_select` of whole blocks."""
+        kv, s = blocks.shape
+        d, capacity = x.shape[-1], x.shape[1] // self.block
+        rows = (blocks + capacity * torch.arange(kv, device=blocks.device)[:, None]).view(kv * s)
+        return x.view(kv * capacity, self.block, d).index_select(0, rows).view(kv, s * self.block, d)
+
+    def _slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The entry indices [kv, s * B] (int64) of blocks [kv, s]."""
+        kv, s = blocks.shape
+        return (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).view(kv, s * self.block)
 
     def nbytes(self) -> int:
         """Bytes of the stored entries (keys, values, stream indices; block means and representative keys), not
@@ -301,7 +321,8 @@ class BlockMemoryAttention:
         else:
             frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
         scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative,
-                              every_key=decoding and self.config.decode_every_key)
+                              every_key=decoding and self.config.decode_every_key,
+                              candidates=self.config.decode_candidates)
         self.searches += 1
         chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1, sorted=False).indices.sort(-1).values
         keys, values, found, valid = store.gather(chosen)

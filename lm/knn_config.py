@@ -7,8 +7,9 @@ and cache (layer indices, the trained range).
 Two memories share this config; the default is block memory, blocks of 32 tokens, 16 retrieved per group of
 4 queries, each block ranked by 4 representative keys, ordered positions (bench/results/longctx.md section 9:
 94% of the window+sinks -> full perplexity gap at 3K tokens, positions inside the trained range at any length);
-in decoding a search at every step ranking by every key (section 10: the 16K passcode needle at 3 of 5 depths,
-against 0 of 5 when a search served 4 steps and ranked by the representative keys):
+in decoding a search at every step ranking by every key the 192 best blocks by the representative keys (section 11:
+the passcode needle at 4 of 5 depths at 16K and 3 of 5 at 32K, against 3 and 2 when every block is ranked by every
+key, section 10, and 0 of 5 at 16K when a search served 4 steps by the representative keys):
 - per-token (`blocks` = 0, `lm.memory_attention.KnnMemoryAttention`): each query retrieves its top-`k`
   entries from a `MemoryBackend`; positions "absolute", "none" or "window";
 - block memory (`blocks` = B > 0, `lm.blocks.BlockMemoryAttention`): evicted entries grouped into
@@ -18,7 +19,8 @@ against 0 of 5 when a search served 4 steps and ranked by the representative key
   ("mean" ignores R),
   the means of its R runs of B / R consecutive keys, so a search costs N / (B / R) products instead of N;
   every `query_group` queries of a forward retrieve anew, 0: once; in decoding every `decode_group` steps, by
-  default `query_group`, and with `decode_every_key` those searches rank by every key); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  default `query_group`, and with `decode_every_key` those searches rank by every key, with `decode_candidates`
+  C > 0 only the C best blocks by the representative keys); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -42,14 +44,18 @@ BLOCK_POSITIONS = ("ordered", "hybrid", "absolute")  # block memory
 POSITIONS = ("absolute", "none", "window", "ordered", "hybrid")
 REPRESENTATIVES = ("max", "mean")
 PRECISIONS = ("float16", "float32")
-# block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key).
-# "exact": a search at every step ranking blocks by every stored key (section 10: the 16K needle at 3/5 depths; its
-# cost grows with the stream); "grouped": one search per 4 steps by the representative keys (sections 9f, 10f:
-# flat cost, 1.17-1.33x window + sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
+# block memory's decoding searches by name (`memsvc generate --decode-search`): (decode_group, decode_every_key,
+# decode_candidates). "rerank" (the default): a search at every step ranking the 192 best blocks by the
+# representative keys again by every key (section 11: the needle at depths 0.3-0.9 of 16K, 0.3-0.7 of 32K; the exact
+# part reads 192 x 32 keys whatever the stream, only the rep-key stage grows, N / 8 keys; not <= 1.3x window + sinks);
+# "exact": every block by every key (section 10: the 16K needle at 3/5 depths; its cost grows with the stream);
+# "grouped": one search per 4 steps by the representative keys (sections 9f, 10f: flat cost, 1.17-1.33x window +
+# sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
 # block memory's options and their CLI flags: per-token memory refuses them set off their defaults
 BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
-              "decode_every_key": "--decode-search"}
-DECODE_SEARCHES: dict[str, tuple[int | None, bool]] = {"exact": (1, True), "grouped": (None, False)}
+              "decode_every_key": "--decode-search", "decode_candidates": "--decode-search"}
+DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 192),
+                                                            "grouped": (None, False, 0)}
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class KnnConfig:
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
     decode_group: int | None = 1  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
     decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
+    decode_candidates: int = 192  # with decode_every_key and rep_keys: only the C best blocks by rep_keys are ranked
+    # by every key (a two-stage search of fixed exact cost; section 11); 0: every block; else at least top_blocks
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -120,18 +128,23 @@ def check_options(config: KnnConfig) -> None:
     if not isinstance(config.decode_every_key, bool):
         raise InvalidInput(f"decode every key must be true or false, got {config.decode_every_key!r}",
                            "decode_every_key")
+    if (not _whole(config.decode_candidates) or config.decode_candidates < 0
+            or 0 < config.decode_candidates < config.top_blocks):
+        raise InvalidInput(f"decode candidates must be 0 (every block) or at least the retrieved blocks "
+                           f"({config.top_blocks}), got {config.decode_candidates!r}", "decode_candidates")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")
 
 
 def decode_search_options(name: str) -> dict[str, int | bool | None]:
-    """The `KnnConfig` fields (decode_group, decode_every_key) of a decoding search named in `DECODE_SEARCHES`;
-    InvalidInput (field "decode_search") for another name. Torch-free, so the CLI checks it before the model loads."""
+    """The `KnnConfig` fields (decode_group, decode_every_key, decode_candidates) of a decoding search named in
+    `DECODE_SEARCHES`; InvalidInput (field "decode_search") for another name. Torch-free, so the CLI checks it before
+    the model loads."""
     if name not in DECODE_SEARCHES:
         raise InvalidInput(f"decode search must be one of {', '.join(DECODE_SEARCHES)}, got {name!r}", "decode_search")
-    group, every_key = DECODE_SEARCHES[name]
-    return {"decode_group": group, "decode_every_key": every_key}
+    group, every_key, candidates = DECODE_SEARCHES[name]
+    return {"decode_group": group, "decode_every_key": every_key, "decode_candidates": candidates}
 
 
 def _whole(x: object) -> bool:

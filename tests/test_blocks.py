@@ -139,13 +139,16 @@ def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, i
 
 
 def test_named_decode_searches_set_the_decoding_fields():
-    """`memsvc generate --decode-search`: "exact" is the default's every step by every key, "grouped" the query
-    groups' reuse by the representative keys; another name is refused naming the field."""
-    assert decode_search_options("exact") == {"decode_group": 1, "decode_every_key": True}
-    assert decode_search_options("grouped") == {"decode_group": None, "decode_every_key": False}
+    """`memsvc generate --decode-search`: "rerank" is the default's every step by every key of 192 candidates,
+    "exact" every block by every key, "grouped" the query groups' reuse by the representative keys; another name is
+    refused naming the field."""
+    assert decode_search_options("exact") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
+    assert decode_search_options("rerank") == {"decode_group": 1, "decode_every_key": True, "decode_candidates": 192}
+    assert decode_search_options("grouped") == {"decode_group": None, "decode_every_key": False,
+                                                "decode_candidates": 0}
     default = KnnConfig()
-    assert (default.decode_group, default.decode_every_key) == (1, True)
-    with pytest.raises(InvalidInput, match="decode search must be one of exact, grouped, got 'all'") as err:
+    assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 192)
+    with pytest.raises(InvalidInput, match="decode search must be one of exact, rerank, grouped, got 'all'") as err:
         decode_search_options("all")
     assert err.value.field == "decode_search"
 
@@ -249,6 +252,42 @@ def test_representative_keys_score_a_block_by_its_best_run_mean():
     assert store.nbytes() == 10 * (2 * 2 * 4 * 2 + 8) + 2 * (1 + 2) * 2 * 4 * 4
 
 
+def test_two_stage_search_ranks_only_the_rep_key_candidates_by_every_key():
+    """decode_candidates (section 11): the C best blocks by the representative keys are scored by their best key,
+    the others -inf; C >= the blocks stored is the every-key search."""
+    store = BlockStore(block=4, dtype=torch.float32, rep_keys=2)  # runs of 2 keys
+    xs = [[4, -4, 0, 0], [1, 1, 1, 1], [2, 2, 0, 0], [3, -0.5, 0, 0], [0.5, 0.5]]  # block 4 partial (2 keys)
+    keys = torch.tensor([x for block in xs for x in block]).view(1, 18, 1) * torch.tensor([1.0, 0.0])
+    store.add(torch.arange(18), keys, keys)
+    query = torch.tensor([[[1.0, 0.0]]])  # 1 KV head, 1 query head: a block's score is the first coordinate
+    inf = float("inf")
+    assert store.scores(query, "max").tolist() == [[0, 1, 2, 1.25, 0.5]]  # best run mean (partial: best key)
+    exact = store.scores(query, "max", every_key=True)
+    assert exact.tolist() == [[4, 1, 2, 3, 0.5]]
+    assert store.scores(query, "max", every_key=True, candidates=3).tolist() == [[-inf, 1, 2, 3, -inf]]
+    assert store.scores(query, "max", every_key=True, candidates=2).tolist() == [[-inf, -inf, 2, 3, -inf]]
+    assert torch.equal(store.scores(query, "max", every_key=True, candidates=5), exact)
+    assert torch.equal(store.scores(query, "max", every_key=True, candidates=64), exact)
+    assert store.scores(query, "max", candidates=3).tolist() == [[0, 1, 2, 1.25, 0.5]]  # without every_key: rep keys
+    # top 2: the every-key search takes blocks 0 and 3, the two-stage one with 3 candidates 2 and 3
+    assert store.scores(query, "max", every_key=True, candidates=3).topk(2).indices.sort().values.tolist() == [[2, 3]]
+    assert exact.topk(2).indices.sort().values.tolist() == [[0, 3]]
+
+
+def test_two_stage_decoding_is_exact_with_every_block_a_candidate_and_rep_keys_with_top_blocks(model, ids):
+    """Token by token, decode_candidates >= the blocks ever stored (13) decodes exactly as the every-key search, and
+    decode_candidates = top_blocks exactly as ranking by the representative keys; 3 candidates differ from both."""
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_group=1)
+    every_key = run(model, ids, Window(8, 2), config, token_by_token=True)
+    reps = run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_every_key": False}), token_by_token=True)
+    rerank = {c: run(model, ids, Window(8, 2), KnnConfig(**{**vars(config), "decode_candidates": c}),
+                     token_by_token=True) for c in (2, 3, 16)}
+    assert torch.equal(rerank[16], every_key)
+    assert torch.equal(rerank[2], reps)
+    assert not torch.allclose(every_key, reps, atol=1e-3)
+    assert not torch.allclose(rerank[3], every_key, atol=1e-3) and not torch.allclose(rerank[3], reps, atol=1e-3)
+
+
 def test_one_representative_key_per_entry_is_the_exact_max(model, ids):
     exact = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, precision="float32"))
     runs_of_one = run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, precision="float32", rep_keys=4))
@@ -279,6 +318,9 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=4, decode_group=-1)}, "decode_group"),
     ({"config": KnnConfig(blocks=4, decode_every_key="yes")}, "decode_every_key"),
+    ({"config": KnnConfig(blocks=4, top_blocks=4, decode_candidates=3)}, "decode_candidates"),  # < top_blocks
+    ({"config": KnnConfig(blocks=4, top_blocks=4, decode_candidates=-1)}, "decode_candidates"),
+    ({"config": KnnConfig(blocks=4, top_blocks=4, decode_candidates=8.0)}, "decode_candidates"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
@@ -298,7 +340,7 @@ def test_bad_block_options_are_rejected_before_any_work(short_model, bad, field)
 def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
     default = KnnConfig()
     assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
-    assert (default.decode_group, default.decode_every_key) == (1, True)  # section 10: the needle
+    assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 192)  # 10, 11
     assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
 
 

@@ -74,7 +74,13 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "'policy:NAME[,budget:B,window:W,sinks:S,pool:P]'",
         ("generate", "--prompt-file", "/nonexistent.txt"): "error: /nonexistent.txt: no such file",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "fastest"):
-            "error: decode search must be one of exact, grouped, got 'fastest'",
+            "error: decode search must be one of exact, rerank, grouped, got 'fastest'",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-search",
+         "exact"): "error: decode_candidates (--decode-search) applies only to block memory (memory blocks > 0); "
+                    "per-token retrieval takes k",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-search", "rerank",
+         "--retrieved-blocks", "200"): "error: decode candidates must be 0 (every block) or at least the retrieved "
+                                       "blocks (200), got 192",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-search",
          "grouped"): "error: decode_group (--decode-search) applies only to block memory (memory blocks > 0); "
                      "per-token retrieval takes k",

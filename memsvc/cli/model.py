@@ -234,11 +234,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              rep_keys: Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs "
                                                         "of its keys; must divide the block size); 0: every "
                                                         "key")] = 4,
-             decode_search: Annotated[str, typer.Option(help="block memory, decoding: 'exact' (a search at every "
-                                                            "step by every stored key: finds a needle, cost grows "
-                                                            "with the stream) or 'grouped' (one search per 4 "
-                                                            "steps by the representative keys: flat cost)")]
-             = "exact",
+             decode_search: Annotated[str, typer.Option(help="block memory, decoding: 'rerank' (a search at every "
+                                                            "step by every key of the 192 best blocks by the "
+                                                            "representative keys: finds a needle, bounded cost), "
+                                                            "'exact' (every block by every key: cost grows with "
+                                                            "the stream) or 'grouped' (one search per 4 steps by "
+                                                            "the representative keys: cheapest, misses needles)")]
+             = "rerank",
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
                                                                 "(see memsvc eval-long --help)")] = None,
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
@@ -283,7 +285,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys,
                                   **decode_search_options(decode_search))
         check_options(memory_config)  # torch-free
-        if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "exact"):
+        if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "rerank"):
             raise InvalidInput("--memory-blocks, --positions and --decode-search apply only to --memory-attention",
                                "memory_blocks")
         if url is not None and knn_memory is not None:
