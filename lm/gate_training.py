@@ -78,21 +78,39 @@ def epoch_means(curve: list[dict[str, float]]) -> list[float]:
     return [_mean([c["loss"] for c in curve if c["epoch"] == e]) for e in epochs]
 
 
-def plot_curve(curve: list[dict[str, float]], path: str | Path) -> None:
-    """The training curve as a PNG: each step's block loss, and each epoch's mean over the same blocks."""
+def plot_curve(curve: list[dict[str, float]], path: str | Path, smooth: int = 20) -> None:
+    """The training curve as a PNG: each step's block loss and each epoch's mean over the same blocks (left), and
+    with two or more epochs each later epoch's loss minus the first epoch's on the same block, as a running mean
+    over `smooth` blocks (right: the gain, which the blocks' spread hides on the left)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = sorted({int(c["epoch"]) for c in curve})
+    fig, axes = plt.subplots(1, 2 if len(epochs) > 1 else 1, figsize=(11 if len(epochs) > 1 else 6, 3.5),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], alpha=0.35, label="block loss (one step)")
-    ends = [max(c["step"] for c in curve if c["epoch"] == e) for e in sorted({c["epoch"] for c in curve})]
+    ends = [max(c["step"] for c in curve if c["epoch"] == e) for e in epochs]
     ax.plot(ends, epoch_means(curve), marker="o", label="epoch mean (same blocks each epoch)")
     ax.set_xlabel("step")
     ax.set_ylabel("next-token loss past the window")
     ax.set_title("memory gate training (model frozen)")
     ax.legend()
+    if len(epochs) > 1:
+        ax = axes[0, 1]
+        first = [c["loss"] for c in curve if c["epoch"] == epochs[0]]
+        for e in epochs[1:]:
+            diff = [c["loss"] - f for c, f in zip([c for c in curve if c["epoch"] == e], first, strict=False)]
+            means = [sum(diff[max(0, i - smooth + 1):i + 1]) / len(diff[max(0, i - smooth + 1):i + 1])
+                     for i in range(len(diff))]
+            ax.plot(range(len(diff)), means, label=f"epoch {e} - epoch {epochs[0]}")
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xlabel("block (same order each epoch)")
+        ax.set_ylabel(f"loss change, running mean of {smooth}")
+        ax.set_title("gain over the first epoch on the same blocks")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
