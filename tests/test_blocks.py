@@ -394,3 +394,16 @@ def test_a_saved_bias_changes_the_logits_only_where_memory_is_retrieved(model, i
         # memory is empty until the cache (8 + 2 entries) evicts its first entry at the 11th token
         assert torch.equal(gated[:, :10], joint[:, :10])
         assert differs[10:].all()
+
+
+def test_shipped_smollm2_memory_bias_loads_with_its_training_record():
+    from lm.gate import PARAMS
+
+    bias = MemoryBias.load("smollm2")
+    assert (PARAMS / "smollm2-memory-bias.json").is_file() and bias.bias.shape == (30, 9)
+    assert torch.isfinite(bias.bias).all() and bias.bias.abs().max() > 0.1  # trained: not the zero of joint
+    meta = bias.meta
+    assert (meta["model"], meta["memory_blocks"], meta["window"], meta["sinks"]) == ("smollm2", 32, 256, 4)
+    assert len(meta["curve"]) == meta["steps"] and min(meta["stream_tokens"]) > 8192  # streams past 8K
+    evaluated = {"heapq", "zlib", "cmd", "uuid", "multiprocessing"}
+    assert not evaluated & set(meta["files"].replace("+", ",").split(","))
