@@ -463,7 +463,7 @@ def gate(epochs: int = 3, positions: str | None = None, lr: float = 0.1,
             raise typer.BadParameter(f"training pages must not be evaluation pages ({sorted(evaluated)})")
         texts = ["\n\n".join((DOCS / f"{p}.rst.txt").read_text() for p in s) for s in pages]
         documents = [tokenizer(t, return_tensors="pt").input_ids[:, :max_tokens] for t in texts]
-        path, curve_png, files = MEMORY_BIAS, RESULTS / "longctx_memory_bias.png", streams
+        path, curve_png, files = MEMORY_BIAS, RESULTS / "longctx_memory_bias_curve.png", streams
     else:
         documents = [read_tokens(tokenizer, DOCS / f"{p}.rst.txt", max_tokens) for p in GATE_FILES]
         suffix = "" if positions in (None, "absolute") else "-nopos"
