@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 
 from lm.attention import attach
 from lm.cache import BoundedCache, forward
-from lm.gate import PARAMS, Gate
+from lm.gate import PARAMS, Gate, MemoryBias
 from lm.gate_training import plot_curve, train_gate
 from lm.longeval import (
     NEEDLE,
@@ -58,6 +58,10 @@ DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"
 TEST_FILES = ["heapq", "zlib", "cmd", "uuid"]  # 3.2K-3.7K tokens each
 GATE_FILES = ["bisect", "mmap", "bz2", "base64", "readline", "compileall"]  # training only, never evaluated
+# block memory's bias (issue 14): streams of two concatenated pages each, 10-11K tokens (past the 8,192 trained
+# positions); none of them is evaluated (TEST_FILES, the needle's multiprocessing, decode's stdtypes/os/datetime)
+BIAS_STREAMS = "contextlib+bisect,tarfile+mmap,zipfile+base64"
+MEMORY_BIAS = PARAMS / "smollm2-memory-bias.json"
 WINDOW, SINKS = 256, 4
 EVERY_THIRD = list(range(0, 30, 3))
 HEAD_DIM = 64  # SmolLM2-135M
@@ -76,9 +80,11 @@ class Setting:
     def memory(self, model):
         return session_memory(model, self.index) if self.knn is not None and not self.knn.blocks else None
 
-    def gate(self) -> Gate | None:
+    def gate(self) -> Gate | MemoryBias | None:
         if self.knn is None or self.knn.mode != "gated":
             return None
+        if self.knn.blocks:  # the trained per-head bias of block memory (`gate --memory-blocks 32`)
+            return MemoryBias.load(MEMORY_BIAS)
         return Gate.load(PARAMS / f"smollm2-gate{'' if self.knn.positions == 'absolute' else '-nopos'}.json")
 
 
@@ -125,6 +131,9 @@ SETTINGS: dict[str, Setting] = {
     "memory-rerank128": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=128)),
     "memory-rerank192": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=192)),
     "memory-rerank256": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=256)),
+    # issue 14, section 12: the default with the trained per-head bias on the retrieved logits (MEMORY_BIAS)
+    "memory-gated": Setting(SINKS_POLICY, KnnConfig(mode="gated")),
+    "memory-gated-exact": Setting(SINKS_POLICY, KnnConfig(mode="gated", decode_candidates=0)),
 }
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -446,20 +455,43 @@ def report_decode(rows: list[dict], out: str) -> None:
 
 
 @app.command()
-def gate(epochs: int = 3, positions: str = "absolute", lr: float = 0.1,
-         max_tokens: Annotated[int, typer.Option(help="tokens per training page")] = 1536) -> None:
-    """Train the gated-mode gate on GATE_FILES (disjoint from TEST_FILES); ship it with its curve."""
+def gate(epochs: int = 3, positions: str | None = None, lr: float = 0.1,
+         max_tokens: Annotated[int, typer.Option(help="tokens per training page (stream)")] = 1536,
+         memory_blocks: Annotated[int, typer.Option(help="0: per-token memory's gate on GATE_FILES; B > 0: block "
+                                                         "memory's per-head bias (blocks of B) on --streams")] = 0,
+         streams: Annotated[str, typer.Option(help="with --memory-blocks: training streams, each pages joined "
+                                                   "by '+'")] = BIAS_STREAMS) -> None:
+    """Train the gated-mode gate on pages disjoint from every evaluation page; ship it with its curve."""
     model, tokenizer = load_model()
-    documents = [read_tokens(tokenizer, DOCS / f"{p}.rst.txt", max_tokens) for p in GATE_FILES]
+    if memory_blocks:
+        pages = [s.split("+") for s in streams.split(",")]
+        evaluated = set(TEST_FILES) | {"multiprocessing", "stdtypes", "os", "datetime"}
+        if evaluated & {p for s in pages for p in s}:
+            raise typer.BadParameter(f"training pages must not be evaluation pages ({sorted(evaluated)})")
+        texts = ["\n\n".join((DOCS / f"{p}.rst.txt").read_text() for p in s) for s in pages]
+        documents = [tokenizer(t, return_tensors="pt").input_ids[:, :max_tokens] for t in texts]
+        path, curve_png, files = MEMORY_BIAS, RESULTS / "longctx_memory_bias_curve.png", streams
+    else:
+        documents = [read_tokens(tokenizer, DOCS / f"{p}.rst.txt", max_tokens) for p in GATE_FILES]
+        suffix = "" if positions in (None, "absolute") else "-nopos"
+        path, curve_png, files = PARAMS / f"smollm2-gate{suffix}.json", RESULTS / f"longctx_gate{suffix}.png", GATE_FILES
+    print(f"streams of {[d.shape[1] for d in documents]} tokens", flush=True)
     trained, curve = train_gate(model, documents, window=WINDOW, sinks=SINKS, k=32, positions=positions,
-                                epochs=epochs, lr=lr, on_step=lambda p: print(json.dumps(p), flush=True))
-    suffix = "" if positions == "absolute" else "-nopos"
-    trained.meta.update({"model": "smollm2", "files": GATE_FILES, "max_tokens": max_tokens, "curve": curve})
-    trained.save(PARAMS / f"smollm2-gate{suffix}.json")
-    plot_curve(curve, RESULTS / f"longctx_gate{suffix}.png")
-    g = torch.sigmoid(trained.bias).detach()
-    print(f"epoch mean losses {trained.meta['epoch_loss']}; gate g: mean {g.mean():.3f}, min {g.min():.3f}, "
-          f"max {g.max():.3f}; scale mean {trained.log_scale.exp().mean():.3f}")
+                                epochs=epochs, lr=lr, memory_blocks=memory_blocks,
+                                on_step=lambda p: print(json.dumps(p), flush=True))
+    trained.meta.update({"model": "smollm2", "files": files, "max_tokens": max_tokens,
+                         "stream_tokens": [d.shape[1] for d in documents], "curve": curve})
+    trained.save(path)
+    plot_curve(curve, curve_png)
+    print(f"epoch mean losses {trained.meta['epoch_loss']}")
+    if memory_blocks:
+        b = trained.bias.detach()
+        print(f"bias: mean {b.mean():.3f}, min {b.min():.3f}, max {b.max():.3f}; per layer mean "
+              f"{[round(x, 2) for x in b.mean(1).tolist()]}")
+    else:
+        g = torch.sigmoid(trained.bias).detach()
+        print(f"gate g: mean {g.mean():.3f}, min {g.min():.3f}, max {g.max():.3f}; scale mean "
+              f"{trained.log_scale.exp().mean():.3f}")
 
 
 if __name__ == "__main__":

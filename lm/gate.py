@@ -1,7 +1,10 @@
-"""The parameters of gated kNN-memory attention: g = sigmoid(b_h) and a retrieved-logit scale per layer and head.
+"""The parameters of gated memory attention, per layer and head, each read/written as a small JSON file and fitted
+by `lm.gate_training`:
 
-`Gate` holds them and reads/writes them as a small JSON file; `lm.gate_training` fits them. The trained
-SmolLM2 gate ships in `lm/params/smollm2-gate.json`.
+- `Gate` (per-token memory, `lm.memory_attention`): g = sigmoid(b_h) and a retrieved-logit scale; the trained
+  SmolLM2 gate ships in `lm/params/smollm2-gate.json`.
+- `MemoryBias` (block memory, `lm.blocks`): a bias on the retrieved logits inside the joint softmax (0 = joint);
+  the trained SmolLM2 bias ships in `lm/params/smollm2-memory-bias.json`.
 """
 from __future__ import annotations
 
@@ -19,8 +22,38 @@ PARAMS = Path(__file__).parent / "params"
 INITIAL_BIAS = -4.0
 
 
-class Gate(nn.Module):
+class Params(nn.Module):
+    """Per-(layer, head) parameters saved as JSON: the float tensors named in `TENSORS` and a `meta` dict; a shipped
+    file is lm/params/NAME-`SUFFIX`.json."""
+
+    TENSORS: tuple[str, ...] = ()
+    SUFFIX = ""
+
+    def save(self, path: str | Path) -> None:
+        """Write the tensors (as nested lists) and `meta` to the JSON file `path`."""
+        data = {name: getattr(self, name).tolist() for name in self.TENSORS}
+        Path(path).write_text(json.dumps({**data, "meta": self.meta}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Params:
+        """The parameters in a JSON file written by `save`, or the shipped ones of a model name (e.g. "smollm2":
+        lm/params/smollm2-SUFFIX.json). NotFound without such a file, InvalidInput if it does not hold them."""
+        path = Path(path)
+        if not path.suffix and (PARAMS / f"{path.name}-{cls.SUFFIX}.json").exists():
+            path = PARAMS / f"{path.name}-{cls.SUFFIX}.json"
+        if not path.is_file():
+            raise NotFound(f"no {cls.SUFFIX} parameters at {path}", "gate")
+        try:
+            data = json.loads(path.read_text())
+            return cls(*(torch.tensor(data[name]) for name in cls.TENSORS), meta=data.get("meta"))
+        except (ValueError, KeyError, TypeError, InvalidInput) as exc:
+            raise InvalidInput(f"{path} is not a {cls.SUFFIX} parameter file: {exc}", "gate") from None
+
+
+class Gate(Params):
     """bias [layers, heads] (g = sigmoid(bias)) and log_scale [layers, heads] (retrieved logits x exp(log_scale))."""
+
+    TENSORS, SUFFIX = ("bias", "log_scale"), "gate"
 
     def __init__(self, bias: torch.Tensor, log_scale: torch.Tensor, meta: dict[str, Any] | None = None):
         super().__init__()
@@ -40,29 +73,13 @@ class Gate(nn.Module):
     def check(self, model: PreTrainedModel) -> None:
         _check_shape(self.bias, model, "gate")
 
-    def save(self, path: str | Path) -> None:
-        data = {"bias": self.bias.tolist(), "log_scale": self.log_scale.tolist(), "meta": self.meta}
-        Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> Gate:
-        """A gate from a JSON file written by `save` (or the name of a shipped one, e.g. "smollm2")."""
-        path = Path(path)
-        if not path.suffix and (PARAMS / f"{path.name}-gate.json").exists():
-            path = PARAMS / f"{path.name}-gate.json"
-        if not path.is_file():
-            raise NotFound(f"no gate parameters at {path}", "gate")
-        try:
-            data = json.loads(path.read_text())
-            return cls(torch.tensor(data["bias"]), torch.tensor(data["log_scale"]), data.get("meta"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidInput(f"{path} is not a gate parameter file: {exc}", "gate") from None
-
-
-class MemoryBias(nn.Module):
+class MemoryBias(Params):
     """The gate of block memory (`lm.blocks`): bias [layers, heads] added to each head's retrieved logits inside
     the joint softmax over local and retrieved entries. 0 is exactly joint attention, the untrained mode;
     a positive bias trusts the (re-positioned) memory more than the local window, a negative one less."""
+
+    TENSORS, SUFFIX = ("bias",), "memory-bias"
 
     def __init__(self, bias: torch.Tensor, meta: dict[str, Any] | None = None):
         super().__init__()

@@ -1,6 +1,7 @@
 """Block memory (lm.blocks) on tiny random Llamas: grouping, exactness over the whole history, positions inside
 the trained range at any stream length, the gate's initial value, and bad options refused before any work."""
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -397,3 +398,56 @@ def test_hf_bounded_cache_takes_block_memory(model, ids):
         assert sequences.session.stored[0] > 0
     with torch.inference_mode():
         assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+# --- block memory's trained bias (issue 14): train-gate --memory-blocks ---------------------------------
+
+
+def test_training_the_memory_bias_starts_at_joint_moves_it_and_lowers_the_loss(model, tmp_path):
+    from lm.gate_training import train_gate
+
+    stream_ids = torch.randint(0, 2000, (1, 120), generator=torch.Generator().manual_seed(5))
+    bias, curve = train_gate(model, [stream_ids], window=8, sinks=2, epochs=4, lr=0.2, memory_blocks=4)
+    assert isinstance(bias, MemoryBias) and bias.bias.shape == (2, 4)
+    steps = len(curve) // 4
+    assert steps > 1 and len(curve) == 4 * steps == bias.meta["steps"]
+    assert bias.bias.detach().abs().min() > 0.05  # every (layer, head) got gradient and moved from 0
+    losses = bias.meta["epoch_loss"]  # the same blocks each epoch: a random model, so small but steady gains
+    assert all(b < a for a, b in pairwise(losses)) and losses[-1] < losses[0] - 0.005, losses
+    assert bias.meta["memory_blocks"] == 4 and bias.meta["positions"] == "ordered"
+    bias.save(tmp_path / "bias.json")
+    loaded = MemoryBias.load(tmp_path / "bias.json")
+    assert torch.equal(loaded.bias, bias.bias.detach()) and loaded.meta["epoch_loss"] == bias.meta["epoch_loss"]
+
+
+def test_a_saved_bias_changes_the_logits_only_where_memory_is_retrieved(model, ids, tmp_path):
+    MemoryBias(torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, -0.5, 0.3]]), {"note": "x"}).save(tmp_path / "b.json")
+    loaded = MemoryBias.load(tmp_path / "b.json")
+    assert loaded.meta == {"note": "x"} and loaded.bias[0, 2] == 2.0
+    joint_config, gated_config = KnnConfig(blocks=4, top_blocks=2), KnnConfig(blocks=4, top_blocks=2, mode="gated")
+    first_stored = {}
+
+    def inspect(session, cache):
+        first_stored["token"] = min(int(store.tokens[0]) for store in session.stores.values())
+
+    for token_by_token in (False, True):
+        joint = run(model, ids, Window(8, 2), joint_config, token_by_token=token_by_token, inspect=inspect)
+        gated = run(model, ids, Window(8, 2), gated_config, gate=loaded, token_by_token=token_by_token)
+        differs = (gated - joint).abs().amax(-1)[0] > 1e-4  # [n]
+        assert first_stored["token"] == 2  # the first entry past the 2 sinks is the first evicted
+        # memory is empty until the cache (8 + 2 entries) evicts its first entry at the 11th token
+        assert torch.equal(gated[:, :10], joint[:, :10])
+        assert differs[10:].all()
+
+
+def test_shipped_smollm2_memory_bias_loads_with_its_training_record():
+    from lm.gate import PARAMS
+
+    bias = MemoryBias.load("smollm2")
+    assert (PARAMS / "smollm2-memory-bias.json").is_file() and bias.bias.shape == (30, 9)
+    assert torch.isfinite(bias.bias).all() and bias.bias.abs().max() > 0.1  # trained: not the zero of joint
+    meta = bias.meta
+    assert (meta["model"], meta["memory_blocks"], meta["window"], meta["sinks"]) == ("smollm2", 32, 256, 4)
+    assert len(meta["curve"]) == meta["steps"] and min(meta["stream_tokens"]) > 8192  # streams past 8K
+    evaluated = {"heapq", "zlib", "cmd", "uuid", "multiprocessing"}
+    assert not evaluated & set(meta["files"].replace("+", ",").split(","))

@@ -108,6 +108,10 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
         ("train-gate", "/nonexistent.txt", "--out", str(tmp_path / "g.json")): "error: no such file: /nonexistent.txt",
         ("train-gate", str(doc), "--out", str(tmp_path / "no" / "g.json")):
             f"error: {tmp_path / 'no'}: no such directory for --out",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--memory-blocks", "32", "--k", "8"):
+            "error: --k applies only to per-token memory (--memory-blocks 0); block memory retrieves whole blocks",
+        ("train-gate", str(doc), "--out", str(tmp_path / "g.json"), "--memory-blocks", "32", "--positions", "none"):
+            "error: block memory takes positions ordered, hybrid, absolute; got 'none'",
         ("knnlm", "build", str(doc), "--memory", "m", "--data-dir", str(held)):
             f"error: {held} is in use by another memsvc process (a server or an embedded command); to use a "
             "running server's memories, give its --url (or set MEMSVC_URL)",

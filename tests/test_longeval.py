@@ -176,6 +176,27 @@ def test_train_gate_cli_writes_loadable_parameters_and_a_curve(tiny_dir, tmp_pat
     assert bad.exit_code == 2 and "must not exceed the window" in bad.stderr and not (tmp_path / "g2.json").exists()
 
 
+def test_train_gate_cli_fits_block_memorys_bias_and_eval_long_uses_it(tiny_dir, tmp_path):
+    from lm.gate import MemoryBias
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("class A:\n    def f(self):\n        return 1\n" * 12)
+    run = cli("train-gate", doc, "--out", tmp_path / "bias.json", "--epochs", 1, "--window", 8, "--sinks", 2,
+              "--memory-blocks", 4, "--model", tiny_dir)
+    assert run.exit_code == 0, run.output
+    bias = MemoryBias.load(tmp_path / "bias.json")
+    assert bias.bias.shape == (2, 4) and bias.bias.abs().min() > 0  # lr 0.1: every head moved from 0
+    assert bias.meta["memory_blocks"] == 4 and len(bias.meta["curve"]) == bias.meta["steps"] > 0
+    common = [doc, "--window", 8, "--sinks", 2, "--knn-memory", "--memory-blocks", 4, "--skip", 10, "--model",
+              tiny_dir, "--json"]
+    joint = json.loads(cli("eval-long", *common).stdout)
+    gated = cli("eval-long", *common, "--memory-mode", "gated", "--gate", tmp_path / "bias.json")
+    assert gated.exit_code == 0, gated.output
+    gated = json.loads(gated.stdout)
+    assert gated["knn_memory"]["mode"] == "gated" and gated["knn_memory"]["blocks"] == 4
+    assert gated["perplexity"] != joint["perplexity"]
+
+
 # --- SmolLM2 on a real Python docs page ----------------------------------------------------------------
 
 

@@ -55,8 +55,9 @@ Positions = Annotated[str | None,
                                         "ordered")]
 MemoryBlocks = Annotated[int | None, typer.Option(help="kNN memory in blocks of this many evicted tokens, retrieved "
                                                        "whole (lm.blocks); 0: per-token retrieval. Default 32; "
-                                                       "per-token (0) with --url, --memory-mode gated or --gate, "
-                                                       "which only per-token memory takes")]
+                                                       "per-token (0) with --url (only per-token memory takes it), "
+                                                       "--memory-mode gated or --gate (block memory's trained bias: "
+                                                       "give --memory-blocks 32 with them)")]
 RetrievedBlocks = Annotated[int, typer.Option(help="block memory: blocks retrieved per group of 4 queries, layer and "
                                                    "KV head")]
 RepKeys = Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs of its keys; "
@@ -84,8 +85,10 @@ def eval_long(files: Files,
               k: K = 32, layers: Layers = "all", positions: Positions = None, memory_blocks: MemoryBlocks = None,
               retrieved_blocks: RetrievedBlocks = 16, rep_keys: RepKeys = 4,
               index: Annotated[Literal["flat", "hnsw"], typer.Option(help="memory index: exact or HNSW")] = "flat",
-              gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated "
-                                                              "(default: the shipped ones for smollm2)")] = None,
+              gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated: per-token "
+                                                              "memory's gate, or with --memory-blocks B > 0 block "
+                                                              "memory's per-head bias (default: the shipped ones "
+                                                              "for smollm2)")] = None,
               max_tokens: Annotated[int | None, typer.Option(help="evaluate at most this many tokens per file")]
               = None,
               skip: Annotated[int, typer.Option(help="perplexity counts tokens past the first SKIP")] = 256,
@@ -123,9 +126,6 @@ def eval_long(files: Files,
         knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions, blocks=memory_blocks,
                         top_blocks=retrieved_blocks, rep_keys=rep_keys)
         check_options(knn)  # torch-free
-        if knn_memory and knn.blocks and (memory_mode == "gated" or gate is not None):
-            raise InvalidInput("block memory has no trained gate yet (its untrained gate, a zero bias, is exactly "
-                               "--memory-mode joint)", "gate")
         if knn_memory and knn.blocks and url is not None:
             raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
                                "RAM", "url")
@@ -161,13 +161,13 @@ def eval_long(files: Files,
 def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, gate_path: Path | None, index: str,
           max_tokens: int | None, skip: int, where: ServerSession | None, model_name: str,
           device: str | None = None) -> dict:
-    from lm.gate import Gate
+    from lm.gate import Gate, MemoryBias
     from lm.longeval import evaluate_files
     from lm.model import load_model
 
     gate = None
-    if knn is not None and not knn.blocks and knn.mode == "gated":
-        gate = Gate.load(gate_path if gate_path is not None else model_name)
+    if knn is not None and knn.mode == "gated":
+        gate = (MemoryBias if knn.blocks else Gate).load(gate_path if gate_path is not None else model_name)
     model, tokenizer = load_model(model_name, dtype=None, device=device)
     if knn is None:
         result = evaluate_files(model, tokenizer, files, policy, max_tokens=max_tokens, skip=skip, progress=True)
@@ -193,7 +193,12 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                epochs: Annotated[int, typer.Option(help="passes over the documents")] = 3,
                window: Annotated[int, typer.Option(help="recent tokens each query sees")] = 256,
                sinks: Annotated[int, typer.Option(help="sink tokens")] = 4,
-               k: K = 32, positions: Positions = "absolute",
+               k: K = 32, positions: Positions = None,
+               memory_blocks: Annotated[int, typer.Option(help="0: per-token memory's gate (lm.gate.Gate, --k); "
+                                                               "B > 0: block memory's per-head bias on the "
+                                                               "retrieved logits (lm.gate.MemoryBias, starts at 0 = "
+                                                               "joint), blocks of B, the default block memory "
+                                                               "otherwise")] = 0,
                lr: Annotated[float, typer.Option(help="Adam learning rate")] = 0.1,
                max_tokens: Annotated[int | None, typer.Option(help="use at most this many tokens per file")] = None,
                curve: Annotated[Path | None, typer.Option(help="also write the training curve (PNG)")] = None,
@@ -207,10 +212,17 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         from memsvc.contract import check_device
 
         check_text_files(files)
+<<<<<<< HEAD
         check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
         check_lengths(max_tokens, 0)  # a document of fewer than 2 tokens trains nothing
         check_device(device)
         model_source(model)
+=======
+        if memory_blocks and k != KnnConfig.k:
+            raise InvalidInput("--k applies only to per-token memory (--memory-blocks 0); block memory retrieves "
+                               "whole blocks", "k")
+        check_options(KnnConfig(blocks=memory_blocks, k=k, mode="gated", positions=positions))
+>>>>>>> gate
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:
@@ -238,7 +250,7 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
                 bar.update()
 
             gate, points = fit(model_, documents, window=window, sinks=sinks, k=k, positions=positions,
-                               epochs=epochs, lr=lr, on_step=step)
+                               epochs=epochs, lr=lr, memory_blocks=memory_blocks, on_step=step)
         gate.meta.update({"model": model, "files": [f.name for f in files], "curve": points})
         gate.save(out)
         if curve is not None:
