@@ -212,17 +212,13 @@ def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 trai
         from memsvc.contract import check_device
 
         check_text_files(files)
-<<<<<<< HEAD
-        check_options(KnnConfig(blocks=0, k=k, mode="gated", positions=positions))
-        check_lengths(max_tokens, 0)  # a document of fewer than 2 tokens trains nothing
-        check_device(device)
-        model_source(model)
-=======
         if memory_blocks and k != KnnConfig.k:
             raise InvalidInput("--k applies only to per-token memory (--memory-blocks 0); block memory retrieves "
                                "whole blocks", "k")
         check_options(KnnConfig(blocks=memory_blocks, k=k, mode="gated", positions=positions))
->>>>>>> gate
+        check_lengths(max_tokens, 0)  # a document of fewer than 2 tokens trains nothing
+        check_device(device)
+        model_source(model)
         if epochs <= 0 or lr <= 0:
             raise InvalidInput("epochs and lr must be positive", "epochs" if epochs <= 0 else "lr")
         if window <= 0:
