@@ -54,7 +54,9 @@ PRECISIONS = ("float16", "float32")
 # block memory's options and their CLI flags: per-token memory refuses them set off their defaults
 BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
               "decode_every_key": "--decode-search", "decode_candidates": "--decode-search"}
-DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0), "rerank": (1, True, 192),
+DECODE_CANDIDATES = 192  # the default decoding search's candidates ("rerank"; section 11)
+DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0),
+                                                            "rerank": (1, True, DECODE_CANDIDATES),
                                                             "grouped": (None, False, 0)}
 
 
@@ -74,8 +76,9 @@ class KnnConfig:
     rep_keys: int = 4  # block memory, "max": keys representing a block (means of equal runs); 0: every key
     decode_group: int | None = 1  # block memory: decoding steps sharing one search (0 or 1: every step); None: query_group
     decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
-    decode_candidates: int = 192  # with decode_every_key and rep_keys: only the C best blocks by rep_keys are ranked
-    # by every key (a two-stage search of fixed exact cost; section 11); 0: every block; else at least top_blocks
+    decode_candidates: int = DECODE_CANDIDATES  # with decode_every_key and rep_keys: only the C best blocks by
+    # rep_keys are ranked by every key (a two-stage search of fixed exact cost; section 11); 0: every block; else at
+    # least top_blocks
 
     def __post_init__(self) -> None:
         if self.positions is None:

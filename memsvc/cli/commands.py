@@ -23,6 +23,7 @@ from memsvc.contract import (
     MemsvcError,
     NotFound,
     check_ask,
+    check_device,
     check_document_id,
     check_k,
 )
@@ -307,8 +308,6 @@ def ask(question: Annotated[str, typer.Argument(help="a question the collection'
     object once the answer is complete. With --url the server runs the model on its own device (its
     MEMSVC_DEVICE); --device is for the embedded store."""
     with cli_errors():
-        from memsvc.contract import check_device
-
         check_ask(k, max_new_tokens)  # the numbers and the device's name: before the store opens or a request goes
         check_device(device)  # a name no device has, torch-free (with --url too: it is a mistake either way)
         if url is None:
