@@ -217,7 +217,7 @@ def load_data() -> dict:
 
 # The server as shipped before issue 18: FAISS on the process' default OpenMP threads for every search.
 BEFORE_SERVER = ("import contextlib, sys; import memsvc.store.index as fx; "
-                 "fx.threads_for = lambda n: contextlib.nullcontext(0); from memsvc.cli import app; "
+                 "fx.threads_for = lambda n: contextlib.nullcontext(0); from memsvc.cli.commands import app; "
                  "sys.argv[0] = 'memsvc'; app()")
 
 
@@ -302,15 +302,19 @@ def start_memsvc(data_dir: Path, before: bool):
     port = free_port()
     args = ["serve", "--port", str(port), "--data-dir", str(data_dir)]
     cmd = [sys.executable, "-c", BEFORE_SERVER, *args] if before else [sys.executable, "-m", "memsvc.cli", *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = data_dir.with_name(f"{data_dir.name}-{'before' if before else 'now'}.log")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, stdout=subprocess.DEVNULL, stderr=out)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
+        if proc.poll() is not None:  # it exited: say why instead of waiting out the loop
+            raise RuntimeError(f"memsvc exited ({proc.returncode}): {log.read_text()[-600:]}")
         try:
             if httpx.get(f"{url}/v1/health").status_code == 200:
                 return proc, MemoryClient(url, timeout=600)
         except httpx.HTTPError:
             time.sleep(0.1)
-    raise RuntimeError("memsvc did not start")
+    raise RuntimeError(f"memsvc did not start in 2 minutes: {log.read_text()[-600:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
