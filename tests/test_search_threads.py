@@ -124,3 +124,23 @@ def test_search_runs_small_batches_on_one_thread_even_while_large_ones_run(monke
     assert not errors
     assert sorted(set(seen)) == [(1, 1), (64, 4)]
     assert len(seen) == 160
+
+
+def test_the_benchmarks_before_server_starts_the_cli_with_the_rule_switched_off():
+    """bench/bench_peers.py measures the server as before the rule by running BEFORE_SERVER (python -c) with
+    `memsvc serve`'s arguments: it must still reach the CLI (it once imported a name the CLI no longer exports,
+    and the benchmark's A/B silently lost its REST rows)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_peers.py"
+    spec = importlib.util.spec_from_file_location("bench_peers", path)
+    bench_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peers)
+    probe = bench_peers.BEFORE_SERVER.replace("app()", "print(fx.threads_for(1)); app()")
+    out = subprocess.run([sys.executable, "-c", probe, "serve", "--help"], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "nullcontext" in out.stdout and "--data-dir" in out.stdout
