@@ -131,8 +131,8 @@ class BlockStore:
                 partial = query @ self.keys[:, full * self.block:self.count].float().transpose(-1, -2)
                 scores = torch.cat([scores, partial.amax(-1).sum(1, keepdim=True)], 1)
             return scores
-        logits = query @ self.keys[:, :self.count].float().transpose(-1, -2)  # [kv, g, n]
-        logits = torch.nn.functional.pad(logits, (0, nb * self.block - self.count), value=-torch.inf)
+        logits = query @ self.keys[:, :nb * self.block].float().transpose(-1, -2)  # [kv, g, whole blocks]
+        logits[..., self.count:] = -torch.inf  # the partial block's empty slots (zeros in the store)
         return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
 
     def best(self, query: torch.Tensor, k: int, representative: str, every_key: bool = False,
