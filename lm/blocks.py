@@ -158,7 +158,8 @@ class BlockStore:
         the partial newest block (zeros) are left out by masking only that block's tail."""
         kv, g, _ = query.shape
         s = blocks.shape[1]
-        logits = (query @ self._rows(self.keys, blocks).float().transpose(-1, -2)).view(kv, g, s, self.block)
+        keys = self._rows(self.keys, self._row_index(blocks), s)
+        logits = (query @ keys.float().transpose(-1, -2)).view(kv, g, s, self.block)
         tail = self.count % self.block
         if tail:
             logits[..., tail:].masked_fill_((blocks == self.count // self.block)[:, None, :, None], -torch.inf)
@@ -172,7 +173,8 @@ class BlockStore:
     def rows(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv, s * B, d] (the store's dtype; zeros in empty slots) of blocks [kv, s], whole blocks
         copied as rows of the store (one `index_select` each)."""
-        return self._rows(self.keys, blocks), self._rows(self.values, blocks)
+        index, s = self._row_index(blocks), blocks.shape[1]
+        return self._rows(self.keys, index, s), self._rows(self.values, index, s)
 
     def entries(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stream indices [kv, s * B] (int64) of the slots of blocks [kv, s] and which slots hold an entry [kv, s * B]
@@ -185,13 +187,17 @@ class BlockStore:
         whether some of their slots hold no entry."""
         return bool(self.count % self.block) and bool((blocks[:, -1] == self.count // self.block).any())
 
-    def _rows(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The rows of blocks [kv, s] (block indices per KV head) of the store tensor x [kv, capacity, d]: [kv, s * B,
-        d], one `index_select` of whole blocks."""
-        kv, s = blocks.shape
-        d, capacity = x.shape[-1], x.shape[1] // self.block
-        rows = (blocks + capacity * torch.arange(kv, device=blocks.device)[:, None]).view(kv * s)
-        return x.view(kv * capacity, self.block, d).index_select(0, rows).view(kv, s * self.block, d)
+    def _row_index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The rows [kv * s] (int64) of blocks [kv, s] (block indices per KV head) in a store tensor viewed as [kv *
+        capacity / B, B, d]."""
+        capacity = self.keys.shape[1] // self.block
+        return (blocks + capacity * torch.arange(blocks.shape[0], device=blocks.device)[:, None]).view(-1)
+
+    def _rows(self, x: torch.Tensor, index: torch.Tensor, s: int) -> torch.Tensor:
+        """The whole blocks at rows `index` (`_row_index` of s blocks per KV head) of the store tensor x [kv, capacity,
+        d]: [kv, s * B, d], one `index_select`."""
+        kv, _, d = x.shape
+        return x.view(-1, self.block, d).index_select(0, index).view(kv, s * self.block, d)
 
     def _slots(self, blocks: torch.Tensor) -> torch.Tensor:
         """The entry indices [kv, s * B] (int64) of blocks [kv, s]."""
