@@ -48,6 +48,8 @@ from lm.knn_config import KnnConfig
 from lm.memory_attention import check_session
 from memsvc.contract import InvalidInput
 
+CHUNK_KEYS = 2048  # keys a block search converts and multiplies at a time: 768 KiB with their float16 rows (L2-sized)
+
 
 class BlockStore:
     """One layer's evicted entries: pre-RoPE keys and values [kv heads, n, d] in `dtype`, stream indices [n];
@@ -131,9 +133,7 @@ class BlockStore:
                 partial = query @ self.keys[:, full * self.block:self.count].float().transpose(-1, -2)
                 scores = torch.cat([scores, partial.amax(-1).sum(1, keepdim=True)], 1)
             return scores
-        logits = query @ self.keys[:, :nb * self.block].float().transpose(-1, -2)  # [kv, g, whole blocks]
-        logits[..., self.count:] = -torch.inf  # the partial block's empty slots (zeros in the store)
-        return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
+        return self.block_max(query)
 
     def best(self, query: torch.Tensor, k: int, representative: str, every_key: bool = False,
              candidates: int = 0) -> torch.Tensor:
@@ -152,18 +152,57 @@ class BlockStore:
         first = self.scores(query, "max").topk(candidates, -1, sorted=False).indices
         return first, self.block_max(query, first)
 
-    def block_max(self, query: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The best query-key product over each of blocks [kv, s] (block indices per KV head), summed over the g query
-        heads of query [kv, g, d] (float32): [kv, s]. The keys are read as whole rows of the store; the empty slots of
-        the partial newest block (zeros) are left out by masking only that block's tail."""
+    def block_max(self, query: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """The best query-key product over each of blocks [kv, s] (block indices per KV head; None: every block
+        stored), summed over the g query heads of query [kv, g, d] (float32): [kv, s]. The keys are read as whole
+        blocks of the store (the empty slots of the partial newest block, zeros, are masked). Up to `CHUNK_KEYS` keys
+        in one batched product; more, per KV head in chunks of `CHUNK_KEYS` keys (gathered, converted to float32,
+        multiplied and reduced while they are in the core's cache): the same products and maxima, bit for bit."""
+        s = self.num_blocks if blocks is None else blocks.shape[1]
+        if s * self.block > CHUNK_KEYS:
+            return self._block_max_chunked(query, blocks, s)
         kv, g, _ = query.shape
-        s = blocks.shape[1]
-        keys = self._rows(self.keys, self._row_index(blocks), s)
+        keys = self.keys[:, :s * self.block] if blocks is None else self._rows(self.keys, self._row_index(blocks), s)
         logits = (query @ keys.float().transpose(-1, -2)).view(kv, g, s, self.block)
         tail = self.count % self.block
         if tail:
-            logits[..., tail:].masked_fill_((blocks == self.count // self.block)[:, None, :, None], -torch.inf)
+            partial = self.count // self.block
+            hit = torch.arange(s, device=query.device)[None] == partial if blocks is None else blocks == partial
+            logits[..., tail:].masked_fill_(hit[:, None, :, None], -torch.inf)
         return logits.amax(-1).sum(1)
+
+    def _block_max_chunked(self, query: torch.Tensor, blocks: torch.Tensor | None, s: int) -> torch.Tensor:
+        """`block_max` per KV head and chunk of `CHUNK_KEYS` keys (s blocks per KV head)."""
+        kv, g, d = query.shape
+        per = max(1, CHUNK_KEYS // self.block)  # blocks per chunk
+        rows = self.keys.view(-1, self.block, d)  # [kv * capacity / B, B, d]
+        capacity = self.keys.shape[1] // self.block
+        stored = torch.empty(per * self.block * d, dtype=self.dtype, device=query.device)
+        converted = stored if self.dtype == torch.float32 else torch.empty(per * self.block * d, device=query.device)
+        products = torch.empty(g * per * self.block, device=query.device)
+        maxima = torch.empty(kv, g, s, device=query.device)
+        tail, partial = self.count % self.block, self.count // self.block
+        where = {}  # KV head -> the partial block's place among its blocks
+        if tail:
+            where = {k: partial for k in range(kv)} if blocks is None else dict(
+                (blocks == partial).nonzero().tolist())
+        for k in range(kv):
+            for first in range(0, s, per):
+                m = min(per, s - first)
+                into = stored[:m * self.block * d].view(m, self.block, d)
+                if blocks is None:
+                    into.copy_(self.keys[k, first * self.block:(first + m) * self.block].view(m, self.block, d))
+                else:
+                    torch.index_select(rows, 0, blocks[k, first:first + m] + k * capacity, out=into)
+                keys = converted[:m * self.block * d].view(m * self.block, d)
+                if converted is not stored:
+                    keys.copy_(into.view(m * self.block, d))
+                logits = torch.mm(query[k], keys.t(), out=products[:g * m * self.block].view(g, m * self.block))
+                logits = logits.view(g, m, self.block)
+                if first <= where.get(k, -1) < first + m:
+                    logits[:, where[k] - first, tail:] = -torch.inf
+                torch.amax(logits, -1, out=maxima[k, :, first:first + m])
+        return maxima.sum(1)
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d] (zeros in empty

@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lm import blocks
 from lm.attention import attach
 from lm.blocks import BlockStore
 from lm.cache import BoundedCache, stream
@@ -308,6 +309,36 @@ def test_the_partial_blocks_empty_slots_never_score():
     assert store.holds_partial(torch.tensor([[0, 2]])) and not store.holds_partial(torch.tensor([[0, 1]]))
     store.add(torch.arange(9, 12), keys[:, :3].half(), keys[:, :3].half())  # block 2 full: no partial block
     assert not store.holds_partial(torch.tensor([[1, 2]]))
+
+
+def test_chunked_block_search_is_the_batched_one_bit_for_bit(model, ids, monkeypatch):
+    """Past `CHUNK_KEYS` keys a block search runs per KV head and chunk: the same scores bit for bit (the partial
+    block's empty slots still left out), and the same decoding logits."""
+    store = BlockStore(block=4, dtype=torch.float16, rep_keys=2)
+    xs = [[-3, -2, -5, -4], [-1.5, -6, -7, -8], [-1]]  # as above: every key negative, block 2 holds one key
+    keys = torch.tensor([x for block in xs for x in block]).view(1, 9, 1) * torch.tensor([1.0, 0.0])
+    store.add(torch.arange(9), keys.half(), keys.half())
+    query = torch.tensor([[[1.0, 0.0]]])
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 4)  # one block per chunk
+    assert store.scores(query, "max", every_key=True).tolist() == [[-2, -1.5, -1]]
+    assert store.scores(query, "max", every_key=True, candidates=2).tolist() == [[-2, -float("inf"), -1]]
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.float32):
+        store = BlockStore(block=8, dtype=dtype, rep_keys=2)
+        store.add(torch.arange(301), torch.randn(2, 301, 16, generator=generator).to(dtype),
+                  torch.randn(2, 301, 16, generator=generator).to(dtype))
+        query = torch.randn(2, 3, 16, generator=generator)
+        chosen = torch.stack([torch.randperm(store.num_blocks, generator=generator)[:30] for _ in range(2)])
+        chunked = {}
+        for chunk in (16, 10**6):  # 2 blocks per chunk; one batched product
+            monkeypatch.setattr(blocks, "CHUNK_KEYS", chunk)
+            chunked[chunk] = store.block_max(query), store.block_max(query, chosen)
+        assert all(torch.equal(a, b) for a, b in zip(chunked[16], chunked[10**6], strict=True))
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=5)
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 8)
+    logits = run(model, ids, Window(8, 2), config, token_by_token=True)
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 10**6)
+    assert torch.equal(logits, run(model, ids, Window(8, 2), config, token_by_token=True))
 
 
 def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids):
