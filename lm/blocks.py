@@ -165,10 +165,10 @@ class BlockStore:
         keys = self.keys[:, :s * self.block] if blocks is None else self._rows(self.keys, self._row_index(blocks), s)
         logits = (query @ keys.float().transpose(-1, -2)).view(kv, g, s, self.block)
         tail = self.count % self.block
-        if tail:
-            partial = self.count // self.block
-            hit = torch.arange(s, device=query.device)[None] == partial if blocks is None else blocks == partial
-            logits[..., tail:].masked_fill_(hit[:, None, :, None], -torch.inf)
+        if tail and blocks is None:  # the last block is the partial one
+            logits[:, :, -1, tail:] = -torch.inf
+        elif tail:
+            logits[..., tail:].masked_fill_((blocks == self.count // self.block)[:, None, :, None], -torch.inf)
         return logits.amax(-1).sum(1)
 
     def _block_max_chunked(self, query: torch.Tensor, blocks: torch.Tensor | None, s: int) -> torch.Tensor:
