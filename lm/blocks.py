@@ -156,10 +156,11 @@ class BlockStore:
         """The best query-key product over each of blocks [kv, s] (block indices per KV head; None: every block
         stored), summed over the g query heads of query [kv, g, d] (float32): [kv, s]. The keys are read as whole
         blocks of the store (the empty slots of the partial newest block, zeros, are masked). Up to `CHUNK_KEYS` keys
-        in one batched product; more, per KV head in chunks of `CHUNK_KEYS` keys (gathered, converted to float32,
-        multiplied and reduced while they are in the core's cache): the same products and maxima, bit for bit."""
+        (or on an accelerator) in one batched product; more on the CPU, per KV head in chunks of `CHUNK_KEYS` keys
+        (gathered, converted to float32, multiplied and reduced while they are in the core's cache): the same
+        products and maxima, bit for bit."""
         s = self.num_blocks if blocks is None else blocks.shape[1]
-        if s * self.block > CHUNK_KEYS:
+        if s * self.block > CHUNK_KEYS and query.device.type == "cpu":
             return self._block_max_chunked(query, blocks, s)
         kv, g, _ = query.shape
         keys = self.keys[:, :s * self.block] if blocks is None else self._rows(self.keys, self._row_index(blocks), s)
