@@ -48,6 +48,8 @@ from lm.knn_config import KnnConfig
 from lm.memory_attention import check_session
 from memsvc.contract import InvalidInput
 
+CHUNK_KEYS = 2048  # keys a block search converts and multiplies at a time: 768 KiB with their float16 rows (L2-sized)
+
 
 class BlockStore:
     """One layer's evicted entries: pre-RoPE keys and values [kv heads, n, d] in `dtype`, stream indices [n];
@@ -116,11 +118,8 @@ class BlockStore:
         read whatever the store's size; C >= the blocks stored: every block, as `every_key` alone)."""
         kv, g, _ = query.shape
         full, nb = self.count // self.block, self.num_blocks
-        if representative == "max" and every_key and self.rep_keys and 0 < candidates < nb:
-            first = self.scores(query, representative).topk(candidates, -1, sorted=False).indices  # [kv, C]
-            keys, valid = self._rows(self.keys, first).float(), self._slots(first) < self.count
-            logits = (query @ keys.transpose(-1, -2)).masked_fill(~valid[:, None], -torch.inf)  # [kv, g, C * B]
-            exact = logits.view(kv, g, candidates, self.block).amax(-1).sum(1)
+        if self._two_stage(representative, every_key, candidates):
+            first, exact = self._rerank(query, candidates)
             return torch.full((kv, nb), -torch.inf, device=query.device).scatter_(1, first, exact)
         if representative == "mean":
             reps = self.means[:, :full]
@@ -134,24 +133,111 @@ class BlockStore:
                 partial = query @ self.keys[:, full * self.block:self.count].float().transpose(-1, -2)
                 scores = torch.cat([scores, partial.amax(-1).sum(1, keepdim=True)], 1)
             return scores
-        logits = query @ self.keys[:, :self.count].float().transpose(-1, -2)  # [kv, g, n]
-        logits = torch.nn.functional.pad(logits, (0, nb * self.block - self.count), value=-torch.inf)
-        return logits.view(kv, g, nb, self.block).amax(-1).sum(1)
+        return self.block_max(query)
+
+    def best(self, query: torch.Tensor, k: int, representative: str, every_key: bool = False,
+             candidates: int = 0) -> torch.Tensor:
+        """The min(k, blocks stored) best blocks [kv, k] (int64, ascending per KV head) by `scores` (same
+        arguments), as `topk` picks them over every block's score (so equal scores, e.g. layer 0's keys of equal
+        tokens, are broken the same way at every step)."""
+        k = min(k, self.num_blocks)
+        return self.scores(query, representative, every_key, candidates).topk(k, -1, sorted=False).indices.sort(-1).values
+
+    def _two_stage(self, representative: str, every_key: bool, candidates: int) -> bool:
+        return representative == "max" and every_key and bool(self.rep_keys) and 0 < candidates < self.num_blocks
+
+    def _rerank(self, query: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-stage search (see `scores`): the C best blocks [kv, C] by the representative keys (in no order)
+        and their best-key scores [kv, C] (float32, summed over the query heads)."""
+        first = self.scores(query, "max").topk(candidates, -1, sorted=False).indices
+        return first, self.block_max(query, first)
+
+    def block_max(self, query: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """The best query-key product over each of blocks [kv, s] (block indices per KV head; None: every block
+        stored), summed over the g query heads of query [kv, g, d] (float32): [kv, s]. The keys are read as whole
+        blocks of the store (the empty slots of the partial newest block, zeros, are masked). Up to `CHUNK_KEYS` keys
+        (or on an accelerator) in one batched product; more on the CPU, per KV head in chunks of `CHUNK_KEYS` keys
+        (gathered, converted to float32, multiplied and reduced while they are in the core's cache): the same
+        products and maxima, bit for bit."""
+        s = self.num_blocks if blocks is None else blocks.shape[1]
+        if s * self.block > CHUNK_KEYS and query.device.type == "cpu":
+            return self._block_max_chunked(query, blocks, s)
+        kv, g, _ = query.shape
+        keys = self.keys[:, :s * self.block] if blocks is None else self._rows(self.keys, self._row_index(blocks), s)
+        logits = (query @ keys.float().transpose(-1, -2)).view(kv, g, s, self.block)
+        tail = self.count % self.block
+        if tail and blocks is None:  # the last block is the partial one
+            logits[:, :, -1, tail:] = -torch.inf
+        elif tail:
+            logits[..., tail:].masked_fill_((blocks == self.count // self.block)[:, None, :, None], -torch.inf)
+        return logits.amax(-1).sum(1)
+
+    def _block_max_chunked(self, query: torch.Tensor, blocks: torch.Tensor | None, s: int) -> torch.Tensor:
+        """`block_max` per KV head and chunk of `CHUNK_KEYS` keys (s blocks per KV head)."""
+        kv, g, d = query.shape
+        per = max(1, CHUNK_KEYS // self.block)  # blocks per chunk
+        rows = self.keys.view(-1, self.block, d)  # [kv * capacity / B, B, d]
+        capacity = self.keys.shape[1] // self.block
+        stored = torch.empty(per * self.block * d, dtype=self.dtype, device=query.device)
+        converted = stored if self.dtype == torch.float32 else torch.empty(per * self.block * d, device=query.device)
+        products = torch.empty(g * per * self.block, device=query.device)
+        maxima = torch.empty(kv, g, s, device=query.device)
+        tail, partial = self.count % self.block, self.count // self.block
+        where = {}  # KV head -> the partial block's place among its blocks
+        if tail:
+            where = {k: partial for k in range(kv)} if blocks is None else dict(
+                (blocks == partial).nonzero().tolist())
+        for k in range(kv):
+            for first in range(0, s, per):
+                m = min(per, s - first)
+                into = stored[:m * self.block * d].view(m, self.block, d)
+                if blocks is None:
+                    into.copy_(self.keys[k, first * self.block:(first + m) * self.block].view(m, self.block, d))
+                else:
+                    torch.index_select(rows, 0, blocks[k, first:first + m] + k * capacity, out=into)
+                keys = converted[:m * self.block * d].view(m * self.block, d)
+                if converted is not stored:
+                    keys.copy_(into.view(m * self.block, d))
+                logits = torch.mm(query[k], keys.t(), out=products[:g * m * self.block].view(g, m * self.block))
+                logits = logits.view(g, m, self.block)
+                if first <= where.get(k, -1) < first + m:
+                    logits[:, where[k] - first, tail:] = -torch.inf
+                torch.amax(logits, -1, out=maxima[k, :, first:first + m])
+        return maxima.sum(1)
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d] (zeros in empty
-        slots), stream indices [kv, s * B] and which slots hold an entry [kv, s * B] (bool; a partial block's tail
-        does not). Whole blocks are copied as rows of the store (one `index_select` each for keys and values)."""
-        keys, values, slots = self._rows(self.keys, blocks), self._rows(self.values, blocks), self._slots(blocks)
-        return keys, values, self.tokens[slots.clamp(max=self.count - 1)], slots < self.count
+        slots, `rows`), stream indices [kv, s * B] and which slots hold an entry [kv, s * B] (`entries`)."""
+        return *self.rows(blocks), *self.entries(blocks)
 
-    def _rows(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The rows of blocks [kv, s] (block indices per KV head) of the store tensor x [kv, capacity, d]: [kv, s * B,
-        d], one `index_select` of whole blocks."""
-        kv, s = blocks.shape
-        d, capacity = x.shape[-1], x.shape[1] // self.block
-        rows = (blocks + capacity * torch.arange(kv, device=blocks.device)[:, None]).view(kv * s)
-        return x.view(kv * capacity, self.block, d).index_select(0, rows).view(kv, s * self.block, d)
+    def rows(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [kv, s * B, d] (the store's dtype; zeros in empty slots) of blocks [kv, s], whole blocks
+        copied as rows of the store (one `index_select` each)."""
+        index, s = self._row_index(blocks), blocks.shape[1]
+        return self._rows(self.keys, index, s), self._rows(self.values, index, s)
+
+    def entries(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream indices [kv, s * B] (int64) of the slots of blocks [kv, s] and which slots hold an entry [kv, s * B]
+        (bool; a partial block's tail does not)."""
+        slots = self._slots(blocks)
+        return self.tokens[slots.clamp(max=self.count - 1)], slots < self.count
+
+    def holds_partial(self, blocks: torch.Tensor) -> bool:
+        """Whether blocks [kv, s] (ascending per KV head, as `best` gives them) include the partial newest block, i.e.
+        whether some of their slots hold no entry."""
+        return bool(self.count % self.block) and bool((blocks[:, -1] == self.count // self.block).any())
+
+    def _row_index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The rows [kv * s] (int64) of blocks [kv, s] (block indices per KV head) in a store tensor viewed as [kv *
+        capacity / B, B, d]."""
+        capacity = self.keys.shape[1] // self.block
+        return (blocks + capacity * torch.arange(blocks.shape[0], device=blocks.device)[:, None]).view(-1)
+
+    def _rows(self, x: torch.Tensor, index: torch.Tensor, s: int) -> torch.Tensor:
+        """The whole blocks at rows `index` (`_row_index` of s blocks per KV head) of the store tensor x [kv, capacity,
+        d]: [kv, s * B, d], one `index_select`."""
+        kv, _, d = x.shape
+        return x.view(-1, self.block, d).index_select(0, index).view(kv, s * self.block, d)
 
     def _slots(self, blocks: torch.Tensor) -> torch.Tensor:
         """The entry indices [kv, s * B] (int64) of blocks [kv, s]."""
@@ -320,27 +406,29 @@ class BlockMemoryAttention:
             frame = self.cache.rotary.rotate_from(query, self.cache.policy.budget - int(at[0]))[:, 0].float()
         else:
             frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
-        scores = store.scores(frame.view(kv, heads // kv, d), self.config.representative,
-                              every_key=decoding and self.config.decode_every_key,
-                              candidates=self.config.decode_candidates)
+        chosen = store.best(frame.view(kv, heads // kv, d), self.config.top_blocks, self.config.representative,
+                            every_key=decoding and self.config.decode_every_key,
+                            candidates=self.config.decode_candidates)
         self.searches += 1
-        chosen = scores.topk(min(self.config.top_blocks, store.num_blocks), -1, sorted=False).indices.sort(-1).values
-        keys, values, found, valid = store.gather(chosen)
-        r, full = valid.shape[1], bool(valid.all())
+        keys, values = store.rows(chosen)
+        r, full = keys.shape[1], not store.holds_partial(chosen)
         reuse = decoding and group > 1 and self.config.positions == "ordered"
         if reuse:  # + group - 1 slots for the entries stored later
             into_keys, into_values, bias = self.buffers(layer, kv, r + group - 1, d, query.dtype)
         else:
             into_keys, into_values, bias = None, None, query.new_zeros(kv, r)
+        widens = torch.promote_types(keys.dtype, query.dtype) == query.dtype  # rotate the stored dtype, no copy
+        keys = keys if widens else keys.to(query.dtype)
         if full and self.config.positions == "ordered":  # every slot holds an entry: one run of positions
             nearest = int(positions[tokens > store.last_token].min()) - r
-            keys = self.cache.rotary.rotate_from(keys.to(query.dtype), nearest,
-                                                 out=None if into_keys is None else into_keys[:, :r])
+            keys = self.cache.rotary.rotate_from(keys, nearest, out=None if into_keys is None else into_keys[:, :r],
+                                                 dtype=query.dtype)
         else:
+            found, valid = store.entries(chosen)
             placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
             nearest = int(placed[valid].min())
-            keys = self.cache.rotate(keys.to(query.dtype), placed,
-                                     out=None if into_keys is None else into_keys[None, :, :r])[0]
+            keys = self.cache.rotate(keys, placed, out=None if into_keys is None else into_keys[None, :, :r],
+                                     dtype=query.dtype)[0]
         if not reuse:
             return keys, values.to(query.dtype), bias if full else bias.masked_fill_(~valid, -torch.inf), nearest
         into_values[:, :r] = values

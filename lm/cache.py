@@ -137,10 +137,11 @@ class BoundedCache(Cache):
         room = self.room()
         return min(n, block or self.period or FULL_BLOCK, n if room is None else room)
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rotate x [..., n, head_dim] by RoPE angles for position offsets delta [n] or [..., n], into `out` if
         given (`lm.rope.Rotary.rotate`)."""
-        return self.rotary.rotate(x, delta, out)
+        return self.rotary.rotate(x, delta, out, dtype)
 
     def block_mask(self, q: int, model: PreTrainedModel, batch_size: int = 1) -> torch.Tensor | None:
         """The exact mask for the next q tokens, in the format the model's attention implementation wants; None

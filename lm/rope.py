@@ -32,42 +32,49 @@ class Rotary:
         self.cached = getattr(self.rope, "rope_type", "default") == "default"
         self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [..., n, head_dim] rotated by the RoPE angles of position offsets delta [n] (int64; or [..., n], one
-        offset per row of x), same dtype and device as x; the result has shape broadcast(x, [1, *delta.shape,
-        head_dim]) and is written to `out` if given (of that shape)."""
-        cos, sin = self.angles(x, delta.to(x.device))
+        offset per row of x), in `dtype` (default x's; a wider one gives x.to(dtype) rotated, the same floats
+        without the copy) on x's device; the result has shape broadcast(x, [1, *delta.shape, head_dim]) and is
+        written to `out` if given (of that shape)."""
+        if dtype is not None and dtype != x.dtype and not self.cached:
+            x = x.to(dtype)
+        cos, sin = self.angles(x, delta.to(x.device), dtype)
         return torch.add(x * cos, rotate_half(x) * sin, out=out)
 
-    def rotate_from(self, x: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., n, head_dim] rotated by the consecutive offsets start, start + 1, ..., start + n - 1, into `out` if
-        given (x's shape): `rotate` with delta = arange(start, start + n), the cos/sin read as one slice of the
-        tables (no index), so the same values bit for bit."""
+    def rotate_from(self, x: torch.Tensor, start: int, out: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., n, head_dim] rotated by the consecutive offsets start, start + 1, ..., start + n - 1, in `dtype`
+        (as `rotate`), into `out` if given (x's shape): `rotate` with delta = arange(start, start + n), the cos/sin
+        read as one slice of the tables (no index), so the same values bit for bit."""
         n, low = x.shape[-2], start + self.reach
         if not (self.cached and 0 <= low and start + n <= self.reach):
-            rotated = self.rotate(x, torch.arange(start, start + n, device=x.device)).view(x.shape)
+            rotated = self.rotate(x, torch.arange(start, start + n, device=x.device), dtype=dtype).view(x.shape)
             return rotated if out is None else out.copy_(rotated)
-        cos, sin = self.table(x)
+        cos, sin = self.table(x, dtype)
         return torch.add(x * cos[low:low + n], rotate_half(x) * sin[low:low + n], out=out)
 
-    def angles(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [1, *delta.shape, head_dim] (x's dtype) of the RoPE angles of offsets delta (int64, x's
-        device), as the model's rotary module computes them."""
+    def angles(self, x: torch.Tensor, delta: torch.Tensor,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [1, *delta.shape, head_dim] (`dtype`, default x's) of the RoPE angles of offsets delta
+        (int64, x's device), as the model's rotary module computes them."""
         if self.cached and delta.numel():
             low, high = (int(v) for v in torch.aminmax(delta))
             if -self.reach <= low and high < self.reach:
-                cos, sin = self.table(x)
+                cos, sin = self.table(x, dtype)
                 rows = (delta + self.reach).reshape(-1)
                 shape = (1, *delta.shape, cos.shape[-1])
                 return cos.index_select(0, rows).view(shape), sin.index_select(0, rows).view(shape)
-        return self.rope(x, delta[None])
+        return self.rope(x if dtype is None else x.to(dtype), delta[None])
 
-    def table(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [2 * reach, head_dim] (x's dtype and device) of offsets -reach .. reach - 1, built once."""
-        key = (x.device, x.dtype)
+    def table(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [2 * reach, head_dim] (`dtype`, default x's; x's device) of offsets -reach .. reach - 1,
+        built once."""
+        key = (x.device, dtype or x.dtype)
         if key not in self.tables:
             offsets = torch.arange(-self.reach, self.reach, device=x.device)
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable with autograd too
-                cos, sin = self.rope(torch.empty(0, dtype=x.dtype, device=x.device), offsets[None])
+                cos, sin = self.rope(torch.empty(0, dtype=key[1], device=x.device), offsets[None])
             self.tables[key] = (cos[0], sin[0])
         return self.tables[key]

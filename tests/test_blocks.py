@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lm import blocks
 from lm.attention import attach
 from lm.blocks import BlockStore
 from lm.cache import BoundedCache, stream
@@ -273,6 +274,86 @@ def test_two_stage_search_ranks_only_the_rep_key_candidates_by_every_key():
     # top 2: the every-key search takes blocks 0 and 3, the two-stage one with 3 candidates 2 and 3
     assert store.scores(query, "max", every_key=True, candidates=3).topk(2).indices.sort().values.tolist() == [[2, 3]]
     assert exact.topk(2).indices.sort().values.tolist() == [[0, 3]]
+
+
+def test_best_blocks_are_topk_of_the_scores_in_block_order():
+    """`best` (the decoding search's choice): the k best blocks by `scores`, ascending, for every search; at most the
+    blocks stored."""
+    store = BlockStore(block=4, dtype=torch.float32, rep_keys=2)
+    xs = [[4, -4, 0, 0], [1, 1, 1, 1], [2, 2, 0, 0], [3, -0.5, 0, 0], [0.5, 0.5]]  # as above: block 4 partial
+    keys = torch.tensor([x for block in xs for x in block]).view(1, 18, 1) * torch.tensor([1.0, 0.0])
+    store.add(torch.arange(18), keys, keys)
+    query = torch.tensor([[[1.0, 0.0]]])
+    assert store.best(query, 2, "max").tolist() == [[2, 3]]  # rep keys 0, 1, 2, 1.25, 0.5
+    assert store.best(query, 2, "max", every_key=True).tolist() == [[0, 3]]  # every key 4, 1, 2, 3, 0.5
+    assert store.best(query, 2, "max", every_key=True, candidates=3).tolist() == [[2, 3]]
+    assert store.best(query, 3, "max", every_key=True, candidates=4).tolist() == [[1, 2, 3]]  # block 0 not a candidate
+    assert store.best(query, 9, "max", every_key=True, candidates=3).tolist() == [[0, 1, 2, 3, 4]]
+    assert store.best(query, 2, "mean").tolist() == [[1, 2]]  # means 0, 1, 1, 0.625, 0.5
+
+
+def test_the_partial_blocks_empty_slots_never_score():
+    """The partial newest block's empty slots hold zeros in the store: with every key negative, a 0 would win its
+    max; every search scores it by its stored keys only (float16 store, as the default)."""
+    store = BlockStore(block=4, dtype=torch.float16, rep_keys=2)
+    xs = [[-3, -2, -5, -4], [-1.5, -6, -7, -8], [-1]]  # block 2 holds one key
+    keys = torch.tensor([x for block in xs for x in block]).view(1, 9, 1) * torch.tensor([1.0, 0.0])
+    store.add(torch.arange(9), keys.half(), keys.half())
+    query = torch.tensor([[[1.0, 0.0]]])
+    inf = float("inf")
+    assert store.scores(query, "max").tolist() == [[-2.5, -3.75, -1]]  # run means; the partial block's best key
+    assert store.scores(query, "max", every_key=True).tolist() == [[-2, -1.5, -1]]
+    assert store.scores(query, "max", every_key=True, candidates=2).tolist() == [[-2, -inf, -1]]
+    assert store.block_max(query, torch.tensor([[2, 1]])).tolist() == [[-1, -1.5]]
+    assert store.best(query, 1, "max", every_key=True, candidates=2).tolist() == [[2]]
+    assert store.holds_partial(torch.tensor([[0, 2]])) and not store.holds_partial(torch.tensor([[0, 1]]))
+    store.add(torch.arange(9, 12), keys[:, :3].half(), keys[:, :3].half())  # block 2 full: no partial block
+    assert not store.holds_partial(torch.tensor([[1, 2]]))
+
+
+def test_chunked_block_search_is_the_batched_one_bit_for_bit(model, ids, monkeypatch):
+    """Past `CHUNK_KEYS` keys a block search runs per KV head and chunk: the same scores bit for bit (the partial
+    block's empty slots still left out), and the same decoding logits."""
+    store = BlockStore(block=4, dtype=torch.float16, rep_keys=2)
+    xs = [[-3, -2, -5, -4], [-1.5, -6, -7, -8], [-1]]  # as above: every key negative, block 2 holds one key
+    keys = torch.tensor([x for block in xs for x in block]).view(1, 9, 1) * torch.tensor([1.0, 0.0])
+    store.add(torch.arange(9), keys.half(), keys.half())
+    query = torch.tensor([[[1.0, 0.0]]])
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 4)  # one block per chunk
+    assert store.scores(query, "max", every_key=True).tolist() == [[-2, -1.5, -1]]
+    assert store.scores(query, "max", every_key=True, candidates=2).tolist() == [[-2, -float("inf"), -1]]
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.float32):
+        store = BlockStore(block=8, dtype=dtype, rep_keys=2)
+        store.add(torch.arange(301), torch.randn(2, 301, 16, generator=generator).to(dtype),
+                  torch.randn(2, 301, 16, generator=generator).to(dtype))
+        query = torch.randn(2, 3, 16, generator=generator)
+        chosen = torch.stack([torch.randperm(store.num_blocks, generator=generator)[:30] for _ in range(2)])
+        chunked = {}
+        for chunk in (16, 10**6):  # 2 blocks per chunk; one batched product
+            monkeypatch.setattr(blocks, "CHUNK_KEYS", chunk)
+            chunked[chunk] = store.block_max(query), store.block_max(query, chosen)
+        assert all(torch.equal(a, b) for a, b in zip(chunked[16], chunked[10**6], strict=True))
+    config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=5)
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 8)
+    logits = run(model, ids, Window(8, 2), config, token_by_token=True)
+    monkeypatch.setattr(blocks, "CHUNK_KEYS", 10**6)
+    assert torch.equal(logits, run(model, ids, Window(8, 2), config, token_by_token=True))
+
+
+def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids):
+    """Token-by-token decoding with the two-stage search (3 candidates of up to 13 blocks) and with every block by
+    every key: the logits recorded at main fd34e0a, before the search lost its slot masks and its float16 copies
+    (rotation from the stored float16, the partial block's tail masked in place)."""
+    recorded = {3: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067], [-0.0164333358, -0.0306702629],
+                    [-0.1952336729, 0.232403934], [-0.1256097555, 0.1202821508], [-0.3282838166, 0.3109373748]],
+                0: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067], [-0.0184029713, -0.0286027044],
+                    [-0.1457998008, 0.2199889421], [-0.1318034977, 0.137440145], [-0.3530369699, 0.3399874866]]}
+    for candidates, expected in recorded.items():
+        config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=candidates)
+        logits = run(model, ids, Window(8, 2), config, token_by_token=True)
+        # recorded on an Intel Xeon (other CPUs' float kernels differ by a few 1e-6, a change of the retrieval by far more)
+        assert torch.allclose(logits[0, 12::8, :2], torch.tensor(expected), atol=2e-5)
 
 
 def test_two_stage_decoding_is_exact_with_every_block_a_candidate_and_rep_keys_with_top_blocks(model, ids):

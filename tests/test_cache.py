@@ -163,6 +163,24 @@ def test_forward_prefills_in_exact_blocks(model, ids):
     assert torch.allclose(a.layers[1].keys[..., -len(seen):, :][..., 2:, :], b.layers[1].keys[..., 2:, :], atol=1e-5)
 
 
+def test_rotating_float16_into_float32_is_rotating_its_float32_copy(model):
+    """`dtype` rotates stored float16 keys in float32 without the copy: bit for bit the copy rotated, by a slice of
+    the tables, by an index, beyond the tables and without tables; into `out` too."""
+    rotary = BoundedCache(model, Window(8)).rotary
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 40, 16, generator=generator).half()
+    for cached in (True, False):
+        rotary.cached = cached
+        for start in (-2048, 100, 2008, 5000):
+            rotated = rotary.rotate_from(x, start, dtype=torch.float32)
+            assert rotated.dtype == torch.float32 and torch.equal(rotated, rotary.rotate_from(x.float(), start))
+            out = torch.empty(3, 40, 16)
+            assert rotary.rotate_from(x, start, out=out, dtype=torch.float32) is out and torch.equal(out, rotated)
+        grid = torch.randint(-3000, 3000, (3, 40), generator=generator)
+        assert torch.equal(rotary.rotate(x, grid, dtype=torch.float32), rotary.rotate(x.float(), grid))
+    assert (torch.device("cpu"), torch.float16) not in rotary.tables  # float32 tables serve float16 keys
+
+
 def test_rotation_tables_give_exactly_the_models_own_rope(model):
     """The cached cos/sin tables (offsets -2048..2047 for a 2048-position model) give bit for bit what the
     model's rotary module computes per call; offsets beyond the table fall back to that module; a [kv, n]
