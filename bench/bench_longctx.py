@@ -68,6 +68,7 @@ HEAD_DIM = 64  # SmolLM2-135M
 NEEDLE_WORDS = {0.1: "tangerine-47", 0.5: "copper-falcon", 0.9: "violet-9312", 0.25: "marble-otter",
                 0.75: "juniper-66"}  # one word per depth, whichever run plants it (others: amber-<depth>)
 PASSCODES = {0.1: "4817", 0.3: "2956", 0.5: "7342", 0.7: "6083", 0.9: "1529"}
+NEEDLE_KINDS = ("passphrase", "passcode")  # needle --kind: NEEDLE_WORDS or PASSCODES
 
 
 
@@ -277,14 +278,23 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            page: str = "multiprocessing", out: str = "longctx_needle",
            kind: Annotated[str, typer.Option(help="passphrase (a word) or passcode (4 digits)")] = "passphrase",
            merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False) -> None:
-    """Answer accuracy for a passphrase planted at each depth of each prompt length (greedy, chat template)."""
+    """Answer accuracy for a passphrase (or a 4-digit passcode: --kind passcode) planted at each depth of each prompt
+    length (greedy, chat template). A bad kind, depth or page fails before the model loads."""
     chosen = names(settings)
+    if kind not in NEEDLE_KINDS:
+        raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(NEEDLE_KINDS)}")
+    if any(not 0 <= float(d) <= 1 for d in depths.split(",")):
+        raise typer.BadParameter(f"depths must be in [0, 1], got {depths}")
+    if not (DOCS / f"{page}.rst.txt").is_file():
+        raise typer.BadParameter(f"no docs page {page!r} ({DOCS / f'{page}.rst.txt'} is not a file)")
     trials = {(name, int(n), float(d)) for name in chosen for n in lengths.split(",") for d in depths.split(",")}
     rows = []
     if merge:
         saved = json.loads((RESULTS / f"{out}.json").read_text())
         if saved["page"] != page:
             raise typer.BadParameter(f"{out}.json used the page {saved['page']}")
+        if {r.get("kind", "passphrase") for r in saved["rows"]} - {kind}:
+            raise typer.BadParameter(f"{out}.json holds trials of another kind than {kind!r}")
         rows = [r for r in saved["rows"] if (r["setting"], r["length"], r["depth"]) not in trials]
     model, tokenizer = load_model()
     haystack = (DOCS / f"{page}.rst.txt").read_text()

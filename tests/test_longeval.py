@@ -1,6 +1,7 @@
 """eval-long: stream evaluation, the CLI, gate training; on SmolLM2, the StreamingLLM failure and memory's recovery."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,36 @@ def test_needle_is_found_through_memory_but_not_by_the_window_alone(smollm2):
     assert "tangerine" in tokenizer.decode(prompt[0, :-500]) and "tangerine" not in tokenizer.decode(prompt[0, -500:])
     assert "tangerine-47" not in answer(model, tokenizer, prompt, Window(256, 4))
     assert "tangerine-47" in answer(model, tokenizer, prompt, Window(256, 4), knn=KnnConfig(blocks=0, k=32))
+
+
+@pytest.fixture
+def bench_longctx(monkeypatch, tmp_path):
+    """bench/bench_longctx.py as a module, its model loader refusing (bad options must fail before the model loads)
+    and its results folder in tmp_path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_longctx", Path(__file__).parents[1] / "bench/bench_longctx.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_longctx", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "passcodes"], "unknown kind 'passcodes'; known: passphrase, passcode"),
+    (["--depths", "0.5,1.5"], "depths must be in [0, 1], got 0.5,1.5"),
+    (["--page", "no-such-page"], "no docs page 'no-such-page'"),
+    (["--kind", "passcode", "--merge", "--out", "saved"], "saved.json holds trials of another kind than 'passcode'"),
+])
+def test_bench_needle_rejects_bad_options_before_loading_the_model(bench_longctx, tmp_path, args, message):
+    (tmp_path / "saved.json").write_text(json.dumps({"page": "multiprocessing", "rows": [
+        {"setting": "memory", "length": 1000, "depth": 0.1, "word": "tangerine-47", "correct": True}]}))
+    result = CliRunner().invoke(bench_longctx.app, ["needle", "--settings", "memory", "--lengths", "1000", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
