@@ -20,6 +20,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import pairwise
@@ -205,6 +206,27 @@ def names(value: str) -> list[str]:
     return chosen
 
 
+def numbers(value: str, kind: type, valid: Callable[[float], bool], rule: str) -> list:
+    """Comma-separated numbers of `kind` (int or float), each `valid`; BadParameter "`rule`, got VALUE" otherwise."""
+    try:
+        parsed = [kind(n) for n in value.split(",")]
+    except ValueError:
+        parsed = []
+    if not parsed or not all(valid(n) for n in parsed):
+        raise typer.BadParameter(f"{rule}, got {value}")
+    return parsed
+
+
+def token_lengths(value: str) -> list[int]:
+    """Stream/prompt lengths in tokens, whole numbers > 0."""
+    return numbers(value, int, lambda n: n > 0, "lengths must be whole numbers of tokens > 0")
+
+
+def needle_depths(value: str) -> list[float]:
+    """Needle depths in [0, 1] (0 = the start of the haystack)."""
+    return numbers(value, float, lambda d: 0 <= d <= 1, "depths must be in [0, 1]")
+
+
 def save(name: str, data: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -279,15 +301,14 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            kind: Annotated[str, typer.Option(help="passphrase (a word) or passcode (4 digits)")] = "passphrase",
            merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False) -> None:
     """Answer accuracy for a passphrase (or a 4-digit passcode: --kind passcode) planted at each depth of each prompt
-    length (greedy, chat template). A bad kind, depth or page fails before the model loads."""
+    length (greedy, chat template). A bad kind, length, depth or page fails before the model loads."""
     chosen = names(settings)
     if kind not in NEEDLE_KINDS:
         raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(NEEDLE_KINDS)}")
-    if any(not 0 <= float(d) <= 1 for d in depths.split(",")):
-        raise typer.BadParameter(f"depths must be in [0, 1], got {depths}")
+    prompt_lengths, needle_at = token_lengths(lengths), needle_depths(depths)
     if not (DOCS / f"{page}.rst.txt").is_file():
         raise typer.BadParameter(f"no docs page {page!r} ({DOCS / f'{page}.rst.txt'} is not a file)")
-    trials = {(name, int(n), float(d)) for name in chosen for n in lengths.split(",") for d in depths.split(",")}
+    trials = {(name, n, d) for name in chosen for n in prompt_lengths for d in needle_at}
     rows = []
     if merge:
         saved = json.loads((RESULTS / f"{out}.json").read_text())
@@ -298,8 +319,8 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
         rows = [r for r in saved["rows"] if (r["setting"], r["length"], r["depth"]) not in trials]
     model, tokenizer = load_model()
     haystack = (DOCS / f"{page}.rst.txt").read_text()
-    for length in map(int, lengths.split(",")):
-        for depth in map(float, depths.split(",")):
+    for length in prompt_lengths:
+        for depth in needle_at:
             if kind == "passcode":
                 word, planted = PASSCODES.get(depth, f"{1000 + round(8999 * depth)}"), (PASSCODE_NEEDLE, PASSCODE_QUESTION)
             else:
@@ -352,7 +373,7 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
            ) -> None:
     """Token-by-token decode time per token and cache bytes at growing stream lengths (the stream is prefilled in
     exact blocks between measurements; the timed steps decode real docs tokens one at a time)."""
-    chosen = names(settings)
+    chosen, marks = names(settings), token_lengths(lengths)
     rows = []
     if merge:
         saved = json.loads((RESULTS / f"{out}.json").read_text())
@@ -362,7 +383,6 @@ def decode(settings: Annotated[str, typer.Option()] = "sinks,memory,knn,knn-hnsw
         rows = [r for r in saved["rows"] if r["setting"] not in labels]
     model, tokenizer = load_model()
     text = "\n".join((DOCS / f"{p}.rst.txt").read_text() for p in ("stdtypes", "os", "datetime"))
-    marks = [int(n) for n in lengths.split(",")]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :marks[-1] + steps]
     client = MemoryClient(url, timeout=600) if url is not None else None
     for name in chosen:

@@ -258,6 +258,10 @@ def bench_longctx(monkeypatch, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--kind", "passcodes"], "unknown kind 'passcodes'; known: passphrase, passcode"),
     (["--depths", "0.5,1.5"], "depths must be in [0, 1], got 0.5,1.5"),
+    (["--depths", "-0.1"], "depths must be in [0, 1], got -0.1"),
+    (["--depths", "half"], "depths must be in [0, 1], got half"),
+    (["--lengths", "16000,16K"], "lengths must be whole numbers of tokens > 0, got 16000,16K"),
+    (["--lengths", "0"], "lengths must be whole numbers of tokens > 0, got 0"),
     (["--page", "no-such-page"], "no docs page 'no-such-page'"),
     (["--kind", "passcode", "--merge", "--out", "saved"], "saved.json holds trials of another kind than 'passcode'"),
 ])
@@ -267,3 +271,10 @@ def test_bench_needle_rejects_bad_options_before_loading_the_model(bench_longctx
     result = CliRunner().invoke(bench_longctx.app, ["needle", "--settings", "memory", "--lengths", "1000", *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("lengths", ["1024,4K", "-1024", ""])
+def test_bench_decode_rejects_bad_lengths_before_loading_the_model(bench_longctx, lengths):
+    result = CliRunner().invoke(bench_longctx.app, ["decode", "--settings", "sinks", "--lengths", lengths])
+    assert result.exit_code == 2, result.output
+    assert f"lengths must be whole numbers of tokens > 0, got {lengths}" in " ".join(result.output.split())
