@@ -205,11 +205,6 @@ class BlockStore:
                 torch.amax(logits, -1, out=maxima[k, :, first:first + m])
         return maxima.sum(1)
 
-    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The entries of blocks [kv, s] (block indices per KV head): keys and values [kv, s * B, d] (zeros in empty
-        slots, `rows`), stream indices [kv, s * B] and which slots hold an entry [kv, s * B] (`entries`)."""
-        return *self.rows(blocks), *self.entries(blocks)
-
     def rows(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv, s * B, d] (the store's dtype; zeros in empty slots) of blocks [kv, s], whole blocks
         copied as rows of the store (one `index_select` each)."""

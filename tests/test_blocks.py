@@ -232,7 +232,8 @@ def test_block_scores_are_max_and_mean_of_each_blocks_keys():
             expected_mean = sum(float(query[h, i] @ mean_key) for i in range(3))
             assert math.isclose(float(store.scores(query, "max")[h, b]), expected_max, rel_tol=1e-5, abs_tol=1e-5)
             assert math.isclose(float(store.scores(query, "mean")[h, b]), expected_mean, rel_tol=1e-5, abs_tol=1e-5)
-    k, v, tokens, valid = store.gather(torch.tensor([[2, 0], [1, 2]]))
+    chosen = torch.tensor([[2, 0], [1, 2]])
+    (k, v), (tokens, valid) = store.rows(chosen), store.entries(chosen)
     assert tokens[0, valid[0]].tolist() == [6, 0, 1, 2] and valid.sum().item() == 12 - 4
     assert torch.equal(v[1, :3], 2 * keys[1, 3:6]) and torch.equal(k[1, 3], keys[1, 6])
 
