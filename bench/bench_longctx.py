@@ -4,13 +4,14 @@
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py needle
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py decode
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_longctx.py gate
+    .venv/bin/python bench/bench_longctx.py prompt needle.txt --length 32000 --depth 0.7
 
 `perplexity`: eval-long (token-by-token semantics, run in exact blocks) of each cache/memory setting on
 >= 3K-token docs pages; the share of the window+sinks -> full gap that memory recovers; tokens/s; a plot
 of perplexity against position. `needle`: a passphrase planted at several depths of 1K..12K-token prompts,
 asked at the end (greedy, chat template). `decode`: token-by-token decode speed and cache bytes as the
 stream grows to 32K tokens, with and without memory (`--url`: the per-token memory on a running memsvc server,
-settings named NAME@server; the time spent in memory calls per token is recorded either way). `gate`: trains the gated-mode gate on other docs pages
+settings named NAME@server; the time spent in memory calls per token is recorded either way). `prompt`: writes one needle trial's text for `memsvc generate --prompt-file`. `gate`: trains the gated-mode gate on other docs pages
 and writes lm/params/smollm2-gate.json and its curve. Each prints a markdown table and writes a JSON (and
 PNGs) under bench/results/.
 """
@@ -48,10 +49,11 @@ from lm.longeval import (
     answer,
     evaluate_stream,
     needle_prompt,
+    needle_text,
     read_tokens,
 )
 from lm.memory_attention import KnnConfig, head_dim, session_memory
-from lm.model import load_model
+from lm.model import load_model, load_tokenizer
 from lm.policies import Full, Policy, Window
 from memsvc.client import MemoryClient
 
@@ -227,6 +229,21 @@ def needle_depths(value: str) -> list[float]:
     return numbers(value, float, lambda d: 0 <= d <= 1, "depths must be in [0, 1]")
 
 
+def check_needle(kind: str, page: str) -> None:
+    """A needle kind of NEEDLE_KINDS and a docs page that exists, else BadParameter (before the model loads)."""
+    if kind not in NEEDLE_KINDS:
+        raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(NEEDLE_KINDS)}")
+    if not (DOCS / f"{page}.rst.txt").is_file():
+        raise typer.BadParameter(f"no docs page {page!r} ({DOCS / f'{page}.rst.txt'} is not a file)")
+
+
+def needle_of(kind: str, depth: float) -> tuple[str, str, str]:
+    """(word, needle sentence, question) planted at `depth` for a needle kind: NEEDLE_WORDS or PASSCODES."""
+    if kind == "passcode":
+        return PASSCODES.get(depth, f"{1000 + round(8999 * depth)}"), PASSCODE_NEEDLE, PASSCODE_QUESTION
+    return NEEDLE_WORDS.get(depth, f"amber-{round(1000 * depth)}"), NEEDLE, QUESTION
+
+
 def save(name: str, data: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -303,11 +320,8 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
     """Answer accuracy for a passphrase (or a 4-digit passcode: --kind passcode) planted at each depth of each prompt
     length (greedy, chat template). A bad kind, length, depth or page fails before the model loads."""
     chosen = names(settings)
-    if kind not in NEEDLE_KINDS:
-        raise typer.BadParameter(f"unknown kind {kind!r}; known: {', '.join(NEEDLE_KINDS)}")
+    check_needle(kind, page)
     prompt_lengths, needle_at = token_lengths(lengths), needle_depths(depths)
-    if not (DOCS / f"{page}.rst.txt").is_file():
-        raise typer.BadParameter(f"no docs page {page!r} ({DOCS / f'{page}.rst.txt'} is not a file)")
     trials = {(name, n, d) for name in chosen for n in prompt_lengths for d in needle_at}
     rows = []
     if merge:
@@ -321,10 +335,7 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
     haystack = (DOCS / f"{page}.rst.txt").read_text()
     for length in prompt_lengths:
         for depth in needle_at:
-            if kind == "passcode":
-                word, planted = PASSCODES.get(depth, f"{1000 + round(8999 * depth)}"), (PASSCODE_NEEDLE, PASSCODE_QUESTION)
-            else:
-                word, planted = NEEDLE_WORDS.get(depth, f"amber-{round(1000 * depth)}"), (NEEDLE, QUESTION)
+            word, *planted = needle_of(kind, depth)
             prompt = needle_prompt(tokenizer, haystack, length, depth, word, *planted)
             for name in chosen:
                 setting = SETTINGS[name]
@@ -345,6 +356,22 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
             hits = [r["correct"] for r in rows if r["setting"] == name and r["length"] == length]
             cells.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
         print(f"| {name} | {' | '.join(cells)} |")
+
+
+@app.command()
+def prompt(out: Annotated[Path, typer.Argument(help="the text file to write")],
+           length: Annotated[int, typer.Option(min=1, help="haystack tokens")] = 32000,
+           depth: Annotated[float, typer.Option(min=0, max=1, help="needle depth in [0, 1]")] = 0.5,
+           page: str = "multiprocessing",
+           kind: Annotated[str, typer.Option(help="passphrase (a word) or passcode (4 digits)")] = "passcode") -> None:
+    """Write one needle trial's user turn as plain text, to run it end to end with
+    `memsvc generate --prompt-file OUT --cache window:256,sinks:4 --memory-attention` (chat template, as `needle`)."""
+    check_needle(kind, page)
+    word, *planted = needle_of(kind, depth)
+    tokenizer = load_tokenizer()
+    text = needle_text(tokenizer, (DOCS / f"{page}.rst.txt").read_text(), length, depth, word, *planted)
+    out.write_text(text, encoding="utf-8")
+    print(f"{out}: {len(tokenizer(text).input_ids)} tokens, the {kind} {word!r} at depth {depth} of {page}")
 
 
 def server_cpu(pid: int | None) -> float:

@@ -117,19 +117,26 @@ def evaluate_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, f
     }
 
 
-def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int, depth: float,
-                  word: str, needle: str = NEEDLE, question: str = QUESTION) -> torch.Tensor:
-    """Chat prompt ids [1, n]: about `tokens` tokens of haystack, the needle (`needle` with `word` in it) planted
-    at the line nearest `depth` (0 = start, 1 = end), then the question."""
+def needle_text(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int, depth: float,
+                word: str, needle: str = NEEDLE, question: str = QUESTION) -> str:
+    """The needle trial's user turn: about `tokens` tokens of haystack (repeated if short), the needle (`needle` with
+    `word` in it) planted at the line nearest `depth` (0 = start, 1 = end), then the question. InvalidInput for a
+    depth outside [0, 1]. Plain text, so `memsvc generate --prompt-file` can run the same trial."""
     if not 0 <= depth <= 1:
         raise InvalidInput(f"depth must be in [0, 1], got {depth}", "depth")
     ids = tokenizer(haystack).input_ids
-    while len(ids) < tokens:  # a short haystack is repeated
+    while len(ids) < tokens:
         ids = ids + ids
     lines = tokenizer.decode(ids[:tokens]).split("\n")
     at = round(depth * len(lines))
     text = "\n".join(lines[:at] + [needle.format(word=word)] + lines[at:])
-    return encode_prompt(tokenizer, f"{text}\n\n{question}", chat=True)
+    return f"{text}\n\n{question}"
+
+
+def needle_prompt(tokenizer: PreTrainedTokenizerBase, haystack: str, tokens: int, depth: float,
+                  word: str, needle: str = NEEDLE, question: str = QUESTION) -> torch.Tensor:
+    """Chat prompt ids [1, n] of `needle_text` (one user turn in the tokenizer's chat template)."""
+    return encode_prompt(tokenizer, needle_text(tokenizer, haystack, tokens, depth, word, needle, question), chat=True)
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor,

@@ -10,9 +10,18 @@ from typer.testing import CliRunner
 
 from lm.gate import Gate
 from lm.gate_training import plot_curve, train_gate
-from lm.longeval import answer, evaluate_files, evaluate_stream, needle_prompt, read_tokens
+from lm.generate import encode_prompt
+from lm.longeval import (
+    PASSCODE_NEEDLE,
+    PASSCODE_QUESTION,
+    answer,
+    evaluate_files,
+    evaluate_stream,
+    needle_prompt,
+    read_tokens,
+)
 from lm.memory_attention import KnnConfig
-from lm.model import tiny_llama
+from lm.model import load_tokenizer, tiny_llama
 from lm.policies import Full, Window
 from memsvc.contract import InvalidInput, NotFound
 
@@ -278,3 +287,35 @@ def test_bench_decode_rejects_bad_lengths_before_loading_the_model(bench_longctx
     result = CliRunner().invoke(bench_longctx.app, ["decode", "--settings", "sinks", "--lengths", lengths])
     assert result.exit_code == 2, result.output
     assert f"lengths must be whole numbers of tokens > 0, got {lengths}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "passcodes"], "unknown kind 'passcodes'; known: passphrase, passcode"),
+    (["--page", "no-such-page"], "no docs page 'no-such-page'"),
+    (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
+    (["--length", "0"], "Invalid value for '--length': Input should be greater than or equal to 1"),
+])
+def test_bench_prompt_rejects_bad_options_before_loading_the_tokenizer(bench_longctx, monkeypatch, tmp_path, args,
+                                                                       message):
+    monkeypatch.setattr(bench_longctx, "load_tokenizer", bench_longctx.load_model)  # refuses
+    result = CliRunner().invoke(bench_longctx.app, ["prompt", str(tmp_path / "p.txt"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "p.txt").exists()
+
+
+@pytest.mark.parametrize("depth, word", [(0.3, "2956"), (0.9, "1529")])
+def test_bench_prompt_writes_the_needle_trial_that_memsvc_generate_runs(bench_longctx, tmp_path, depth, word):
+    """The text file, wrapped by the chat template as `memsvc generate --prompt-file` does, is token for token the
+    prompt `bench_longctx.py needle --kind passcode` answers."""
+    out = tmp_path / "needle.txt"
+    result = CliRunner().invoke(bench_longctx.app, ["prompt", str(out), "--length", "1500", "--depth", str(depth)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert f"The secret passcode is {word}." in text and text.endswith(PASSCODE_QUESTION)
+    lines = text.split("\n")
+    assert abs(lines.index(f"The secret passcode is {word}.") / len(lines) - depth) < 0.02
+    tokenizer = load_tokenizer()
+    haystack = Path(DOCS, "multiprocessing.rst.txt").read_text()
+    expected = needle_prompt(tokenizer, haystack, 1500, depth, word, PASSCODE_NEEDLE, PASSCODE_QUESTION)
+    assert torch.equal(encode_prompt(tokenizer, text, chat=True), expected)
