@@ -92,7 +92,7 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None) -> tuple[sub
 def bench_config(index: str, n: int, work: Path) -> list[dict]:
     keys = clustered(n, seed=1)
     queries = clustered(4096, seed=2)
-    spec = dict(dim=DIM, metric="l2", value_kind="token", index=index)
+    spec = {"dim": DIM, "metric": "l2", "value_kind": "token", "index": index}
     rows = []
 
     mem = Memory.create(MemorySpec(name="bench", **spec), work / "inproc")

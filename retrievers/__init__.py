@@ -5,5 +5,5 @@ from retrievers.chunking import Chunker
 from retrievers.dense import DenseIndex, DenseRetriever, SentenceEncoder
 from retrievers.hybrid import DEFAULT_FUSION, RRF, HybridRetriever, ScoreFusion
 
-__all__ = ["BM25Retriever", "Chunk", "ChunkIndex", "Chunker", "DEFAULT_FUSION", "DenseIndex", "DenseRetriever",
-           "Hit", "HybridRetriever", "RRF", "Retriever", "ScoreFusion", "Scorer", "SentenceEncoder"]
+__all__ = ["DEFAULT_FUSION", "RRF", "BM25Retriever", "Chunk", "ChunkIndex", "Chunker", "DenseIndex", "DenseRetriever",
+           "Hit", "HybridRetriever", "Retriever", "ScoreFusion", "Scorer", "SentenceEncoder"]

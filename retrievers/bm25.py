@@ -36,7 +36,7 @@ from retrievers.base import Chunk, Hit, by_document, check_k, check_query
 WORD = re.compile(r"\w+(?:\.\w+)*")
 PART = re.compile(r"[A-Z]+(?![a-z])\d*|[A-Z]?[a-z]+\d*|\d+")
 STOPWORDS = frozenset(
-    "a an and are as at be but by can do does for from has have how i if in into is it its may must no not "
+    "a an and are as at be but by can do does for from has have how i if in into is it its may must no not "  # noqa: SIM905
     "of on or should so such than that the their then there these this to was we were what when where "
     "which while who why will with you your".split())
 STEMMER = snowballstemmer.stemmer("english")  # keeps state while stemming: one thread at a time

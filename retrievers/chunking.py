@@ -37,6 +37,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Literal
 
 from memsvc.contract import InvalidInput, check_document_id
@@ -102,7 +103,7 @@ def detect_format(document_id: str, text: str) -> Format:
     if name.endswith((".rst", ".rst.txt", ".rest")):
         return "rst"
     lines = text.splitlines()
-    if any(is_rst_title(line, nxt) for line, nxt in zip(lines, lines[1:])):
+    if any(is_rst_title(line, nxt) for line, nxt in pairwise(lines)):
         return "rst"
     if any(MD_ATX.match(line) for line in lines):
         return "markdown"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_long_paragraph_is_cut_with_overlap_and_within_the_token_limit(tokenizer
     chunker = Chunker(tokenizer, size=64, overlap=16)
     chunks = chunker.chunk("long.txt", "\n".join(lines))
     assert len(chunks) > 3
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in pairwise(chunks):
         assert b.text.splitlines()[0] in a.text.splitlines()[-2:]  # the cut repeats the tail of a
     assert all(tokens(tokenizer, c.text) <= 64 for c in chunks)
     assert {line for c in chunks for line in c.text.splitlines()} == set(lines)

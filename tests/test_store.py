@@ -299,15 +299,15 @@ def test_bad_input_stores_nothing(tmp_path):
     m = Memory.create(spec(value_kind="vector", value_dim=3), tmp_path / "m")
     good = vecs(2)
     bad = [
-        dict(keys=np.zeros((2, DIM + 1), np.float32), values=np.zeros((2, 3), np.float32)),
-        dict(keys=np.full((2, DIM), np.nan, np.float32), values=np.zeros((2, 3), np.float32)),
-        dict(keys=np.zeros((0, DIM), np.float32), values=np.zeros((0, 3), np.float32)),
-        dict(keys=np.zeros((2, DIM), np.int64), values=np.zeros((2, 3), np.float32)),
-        dict(keys=good, values=np.zeros((3, 3), np.float32)),
-        dict(keys=good, values=np.zeros((2, 4), np.float32)),
-        dict(keys=good, values=None),
-        dict(keys=good, values=np.zeros((2, 3), np.float32), payloads=[object(), 1]),
-        dict(keys=good, values=np.zeros((2, 3), np.float32), partition=""),
+        {"keys": np.zeros((2, DIM + 1), np.float32), "values": np.zeros((2, 3), np.float32)},
+        {"keys": np.full((2, DIM), np.nan, np.float32), "values": np.zeros((2, 3), np.float32)},
+        {"keys": np.zeros((0, DIM), np.float32), "values": np.zeros((0, 3), np.float32)},
+        {"keys": np.zeros((2, DIM), np.int64), "values": np.zeros((2, 3), np.float32)},
+        {"keys": good, "values": np.zeros((3, 3), np.float32)},
+        {"keys": good, "values": np.zeros((2, 4), np.float32)},
+        {"keys": good, "values": None},
+        {"keys": good, "values": np.zeros((2, 3), np.float32), "payloads": [object(), 1]},
+        {"keys": good, "values": np.zeros((2, 3), np.float32), "partition": ""},
     ]
     for kwargs in bad:
         with pytest.raises(InvalidInput) as err:

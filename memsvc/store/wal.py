@@ -69,7 +69,7 @@ class SegmentLog:
     def __init__(self, directory: Path, number: int):
         self.directory = directory
         self.number = number
-        self._file = open(segment_path(directory, number), "ab", buffering=0)
+        self._file = open(segment_path(directory, number), "ab", buffering=0)  # noqa: SIM115 - held open, closed by rotate/close
         fsync_dir(directory)
 
     @property
@@ -96,7 +96,7 @@ class SegmentLog:
         """Close this segment and start the next; returns the new segment's number."""
         self._file.close()
         self.number += 1
-        self._file = open(segment_path(self.directory, self.number), "ab", buffering=0)
+        self._file = open(segment_path(self.directory, self.number), "ab", buffering=0)  # noqa: SIM115 - as in __init__
         fsync_dir(self.directory)
         return self.number
 
