@@ -32,12 +32,12 @@ from typing import Annotated
 import torch
 import typer
 
-from bench.bench_longctx import DOCS, PASSCODES, RESULTS, SINKS_POLICY
+from bench.bench_longctx import DOCS, RESULTS, SINKS_POLICY, check_needle, needle_of
 from lm import blocks as blocks_module
 from lm.attention import attach
 from lm.cache import BoundedCache, forward
 from lm.knn_config import KnnConfig
-from lm.longeval import PASSCODE_NEEDLE, PASSCODE_QUESTION, needle_prompt
+from lm.longeval import needle_prompt
 from lm.model import load_model
 
 app = typer.Typer(pretty_exceptions_enable=False)
@@ -120,8 +120,33 @@ def ranks(logits: torch.Tensor, att: torch.Tensor, needle_entry: int, block: int
     return [int((row > row[b]).sum()) + 1 for row in s]
 
 
+def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
+    """The decoding variants by name: (what `decode` changes, a description); oracles over `n_layers` layers."""
+    early, every = set(range(11)), {"query_group": 1, "decode_group": 1}
+    exact = {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
+    return {
+        "exact": ({"config": exact}, "every step, every key (the exact default)"),
+        **{f"rerank{c}": ({"config": {**exact, "decode_candidates": c}},
+                          f"every step, every key of the {c} best blocks by rep keys") for c in (32, 48, 64, 96, 128, 192, 256)},
+        "rerank192-n32": ({"config": {**exact, "decode_candidates": 192, "top_blocks": 32}},
+                          "every step, every key of the 192 best blocks by rep keys, 32 blocks attended"),
+        "main": ({}, "as configured"),
+        "every": ({"config": every}, "search every step"),
+        "max": ({"config": every, "rep_keys0": True}, "every step, exact max"),
+        "shared": ({"config": every, "layer_shared": True}, "every step, layer-shared scores"),
+        "n32": ({"config": {**every, "top_blocks": 32}}, "every step, 32 blocks"),
+        "max-n32": ({"config": {**every, "top_blocks": 32}, "rep_keys0": True}, "every step, exact max, 32 blocks"),
+        "max-n24": ({"config": {**every, "top_blocks": 24}, "rep_keys0": True}, "every step, exact max, 24 blocks"),
+        "max-n8": ({"config": {**every, "top_blocks": 8}, "rep_keys0": True}, "every step, exact max, 8 blocks"),
+        "oracle": ({"oracle_layers": set(range(n_layers))}, "oracle: needle blocks forced, all layers"),
+        "oracle-early": ({"oracle_layers": early}, "oracle: layers 0-10 only"),
+        "oracle-late": ({"oracle_layers": set(range(11, n_layers)) }, "oracle: layers 11-29 only"),
+    }
+
+
 @app.command()
-def main(length: int = 16000, depth: float = 0.5, out: str = "needle_diag",
+def main(length: Annotated[int, typer.Option(min=1)] = 16000,
+         depth: Annotated[float, typer.Option(min=0, max=1)] = 0.5, out: str = "needle_diag",
          blocks: int = 32, top_blocks: int = 16, rep_keys: int = 4, query_group: int = 4,
          decode_group: Annotated[int, typer.Option(help="-1: None (as query_group)")] = -1,
          variant_names: Annotated[str, typer.Option("--variants")] = "main,every,max,shared,n32,oracle,oracle-early,"
@@ -130,10 +155,13 @@ def main(length: int = 16000, depth: float = 0.5, out: str = "needle_diag",
          window: Annotated[int, typer.Option(help="queries after a key that score it (attR)")] = 256,
          page: str = "multiprocessing") -> None:
     started = time.time()
+    check_needle("passcode", page)
+    unknown = [v for v in variant_names.split(",") if v not in catalogue(0)]
+    if unknown:
+        raise typer.BadParameter(f"unknown variant {unknown[0]!r}; known: {', '.join(catalogue(0))}")
+    word, *planted = needle_of("passcode", depth)
     model, tokenizer = load_model()
-    word = PASSCODES.get(depth, f"{1000 + round(8999 * depth)}")
-    prompt = needle_prompt(tokenizer, (DOCS / f"{page}.rst.txt").read_text(), length, depth, word,
-                           PASSCODE_NEEDLE, PASSCODE_QUESTION)
+    prompt = needle_prompt(tokenizer, (DOCS / f"{page}.rst.txt").read_text(), length, depth, word, *planted)
     ids = prompt[0].tolist()
     digits = [i for i in range(len(ids)) if tokenizer.decode(ids[i]).strip() and tokenizer.decode(ids[i]).strip()
               in word and "".join(tokenizer.decode(ids[j]) for j in range(i, i + 8)).replace(" ", "").startswith(word)]
@@ -213,27 +241,7 @@ def main(length: int = 16000, depth: float = 0.5, out: str = "needle_diag",
                   [f"{t!r}:{lp:.2f}/{a!r}" for t, lp, a in logprobs], flush=True)
             return row
 
-        early, every = set(range(11)), {"query_group": 1, "decode_group": 1}
-        exact = {"decode_group": 1, "decode_every_key": True, "decode_candidates": 0}
-        catalogue = {
-            "exact": ({"config": exact}, "every step, every key (the exact default)"),
-            **{f"rerank{c}": ({"config": {**exact, "decode_candidates": c}},
-                              f"every step, every key of the {c} best blocks by rep keys") for c in (32, 48, 64, 96, 128, 192, 256)},
-            "rerank192-n32": ({"config": {**exact, "decode_candidates": 192, "top_blocks": 32}},
-                              "every step, every key of the 192 best blocks by rep keys, 32 blocks attended"),
-            "main": ({}, "as configured"),
-            "every": ({"config": every}, "search every step"),
-            "max": ({"config": every, "rep_keys0": True}, "every step, exact max"),
-            "shared": ({"config": every, "layer_shared": True}, "every step, layer-shared scores"),
-            "n32": ({"config": {**every, "top_blocks": 32}}, "every step, 32 blocks"),
-            "max-n32": ({"config": {**every, "top_blocks": 32}, "rep_keys0": True}, "every step, exact max, 32 blocks"),
-            "max-n24": ({"config": {**every, "top_blocks": 24}, "rep_keys0": True}, "every step, exact max, 24 blocks"),
-            "max-n8": ({"config": {**every, "top_blocks": 8}, "rep_keys0": True}, "every step, exact max, 8 blocks"),
-            "oracle": ({"oracle_layers": set(range(n_layers))}, "oracle: needle blocks forced, all layers"),
-            "oracle-early": ({"oracle_layers": early}, "oracle: layers 0-10 only"),
-            "oracle-late": ({"oracle_layers": set(range(11, n_layers)) }, "oracle: layers 11-29 only"),
-        }
-        variants = [catalogue[v] for v in variant_names.split(",")]
+        variants = [catalogue(n_layers)[v] for v in variant_names.split(",")]
         rows = [decode(v, name) for v, name in variants]
         print(f"decoding variants done {time.time() - started:.0f} s", flush=True)
         if not rank_tables:

@@ -319,3 +319,22 @@ def test_bench_prompt_writes_the_needle_trial_that_memsvc_generate_runs(bench_lo
     haystack = Path(DOCS, "multiprocessing.rst.txt").read_text()
     expected = needle_prompt(tokenizer, haystack, 1500, depth, word, PASSCODE_NEEDLE, PASSCODE_QUESTION)
     assert torch.equal(encode_prompt(tokenizer, text, chat=True), expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--page", "no-such-page"], "no docs page 'no-such-page'"),
+    (["--variants", "rerank192,oracel"], "unknown variant 'oracel'; known: exact, rerank32"),
+    (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
+])
+def test_needle_diag_rejects_bad_options_before_loading_the_model(bench_longctx, monkeypatch, args, message):
+    """bench/needle_diag.py prefills minutes of tokens before it decodes: a bad page, variant or depth fails first."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "bench.bench_longctx", bench_longctx)
+    spec = importlib.util.spec_from_file_location("needle_diag", Path(__file__).parents[1] / "bench/needle_diag.py")
+    needle_diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(needle_diag)
+    monkeypatch.setattr(needle_diag, "load_model", bench_longctx.load_model)  # refuses
+    result = CliRunner().invoke(needle_diag.app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
