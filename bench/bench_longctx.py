@@ -135,6 +135,10 @@ SETTINGS: dict[str, Setting] = {
     "memory-rerank128": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=128)),
     "memory-rerank192": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=192)),
     "memory-rerank256": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=256)),
+    # issue 14, section 16: more blocks retrieved (24 or 32 of 32 tokens), or 8 representative keys (means of 4 keys)
+    "memory-n24": Setting(SINKS_POLICY, KnnConfig(top_blocks=24)),
+    "memory-n32": Setting(SINKS_POLICY, KnnConfig(top_blocks=32)),
+    "memory-r8": Setting(SINKS_POLICY, KnnConfig(rep_keys=8)),
     # issue 14, section 12: the default with the trained per-head bias on the retrieved logits (MEMORY_BIAS)
     "memory-gated": Setting(SINKS_POLICY, KnnConfig(mode="gated")),
     "memory-gated-exact": Setting(SINKS_POLICY, KnnConfig(mode="gated", decode_candidates=0)),
@@ -316,7 +320,9 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            depths: Annotated[str, typer.Option(help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
            page: str = "multiprocessing", out: str = "longctx_needle",
            kind: Annotated[str, typer.Option(help="passphrase (a word) or passcode (4 digits)")] = "passphrase",
-           merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False) -> None:
+           merge: Annotated[bool, typer.Option(help="add to the trials already saved in OUT")] = False,
+           device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (the model in float32 either way)")] = "cpu",
+           ) -> None:
     """Answer accuracy for a passphrase (or a 4-digit passcode: --kind passcode) planted at each depth of each prompt
     length (greedy, chat template). A bad kind, length, depth or page fails before the model loads."""
     chosen = names(settings)
@@ -331,20 +337,12 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
         if {r.get("kind", "passphrase") for r in saved["rows"]} - {kind}:
             raise typer.BadParameter(f"{out}.json holds trials of another kind than {kind!r}")
         rows = [r for r in saved["rows"] if (r["setting"], r["length"], r["depth"]) not in trials]
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=device, dtype=torch.float32)
     haystack = (DOCS / f"{page}.rst.txt").read_text()
     for length in prompt_lengths:
         for depth in needle_at:
-            word, *planted = needle_of(kind, depth)
-            prompt = needle_prompt(tokenizer, haystack, length, depth, word, *planted)
             for name in chosen:
-                setting = SETTINGS[name]
-                started = time.perf_counter()
-                text = answer(model, tokenizer, prompt, setting.policy, knn=setting.knn, memory=setting.memory(model),
-                              gate=setting.gate())
-                rows.append({"setting": name, "kind": kind, "length": length, "prompt_tokens": prompt.shape[1], "depth": depth,
-                             "word": word, "answer": text, "correct": word in text,
-                             "seconds": time.perf_counter() - started})
+                rows.append(needle_trial(model, tokenizer, haystack, name, kind, length, depth))
                 print(json.dumps(rows[-1]), flush=True)
                 save(out, {"page": page, "rows": rows})  # a run cut short keeps the trials it finished
     all_lengths = sorted({r["length"] for r in rows})
@@ -356,6 +354,19 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
             hits = [r["correct"] for r in rows if r["setting"] == name and r["length"] == length]
             cells.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
         print(f"| {name} | {' | '.join(cells)} |")
+
+
+def needle_trial(model, tokenizer, haystack: str, name: str, kind: str, length: int, depth: float) -> dict:
+    """One needle trial: the `kind` needle planted at `depth` of a `length`-token prompt of `haystack`, answered
+    greedily (12 tokens) with the setting `name`; its row for the results (correct: the needle's word in the answer)."""
+    word, *planted = needle_of(kind, depth)
+    prompt = needle_prompt(tokenizer, haystack, length, depth, word, *planted)
+    setting = SETTINGS[name]
+    started = time.perf_counter()
+    text = answer(model, tokenizer, prompt, setting.policy, knn=setting.knn, memory=setting.memory(model),
+                  gate=setting.gate())
+    return {"setting": name, "kind": kind, "length": length, "prompt_tokens": prompt.shape[1], "depth": depth,
+            "word": word, "answer": text, "correct": word in text, "seconds": time.perf_counter() - started}
 
 
 @app.command()

@@ -115,31 +115,43 @@ class BlockStore:
         representative keys; a partial newest block over its keys), "mean" = the product with its mean key.
         `candidates` C > 0 with `every_key` and `rep_keys`: a two-stage search; per KV head only the C best blocks
         by the representative keys get the best product over every key, the others -inf (so C x block keys are
-        read whatever the store's size; C >= the blocks stored: every block, as `every_key` alone)."""
-        kv, g, _ = query.shape
-        full, nb = self.count // self.block, self.num_blocks
+        read whatever the store's size; C >= the blocks stored: every block, as `every_key` alone).
+        Queries [kv, G, g, d]: G groups scored each on its own in one batched product, [kv, G, blocks] (not with
+        the two-stage search)."""
+        if query.dim() == 4:
+            if self._two_stage(representative, every_key, candidates):
+                raise InvalidInput("the two-stage search scores one group of queries at a time", "query")
+            kv, groups, g, d = query.shape
+            per_head = self._per_head(query.reshape(kv, groups * g, d), representative, every_key)
+            return per_head.view(kv, groups, g, -1).sum(2)
         if self._two_stage(representative, every_key, candidates):
             first, exact = self._rerank(query, candidates)
-            return torch.full((kv, nb), -torch.inf, device=query.device).scatter_(1, first, exact)
+            return torch.full((query.shape[0], self.num_blocks), -torch.inf, device=query.device).scatter_(1, first, exact)
+        return self._per_head(query, representative, every_key).sum(1)
+
+    def _per_head(self, query: torch.Tensor, representative: str, every_key: bool) -> torch.Tensor:
+        """`scores` per query head, not summed: [kv, h, blocks] for queries [kv, h, d] (float32)."""
+        kv, h, _ = query.shape
+        full, nb = self.count // self.block, self.num_blocks
         if representative == "mean":
             reps = self.means[:, :full]
             if nb > full:
                 reps = torch.cat([reps, self.keys[:, full * self.block:self.count].float().mean(1, keepdim=True)], 1)
-            return (query @ reps.transpose(-1, -2)).sum(1)
+            return query @ reps.transpose(-1, -2)
         if self.rep_keys and not every_key:
-            logits = query @ self.reps[:, :full * self.rep_keys].transpose(-1, -2)  # [kv, g, full * R]
-            scores = logits.view(kv, g, full, self.rep_keys).amax(-1).sum(1)
+            logits = query @ self.reps[:, :full * self.rep_keys].transpose(-1, -2)  # [kv, h, full * R]
+            per_head = logits.view(kv, h, full, self.rep_keys).amax(-1)
             if nb > full:
                 partial = query @ self.keys[:, full * self.block:self.count].float().transpose(-1, -2)
-                scores = torch.cat([scores, partial.amax(-1).sum(1, keepdim=True)], 1)
-            return scores
+                per_head = torch.cat([per_head, partial.amax(-1, keepdim=True)], -1)
+            return per_head
         return self.block_max(query)
 
     def best(self, query: torch.Tensor, k: int, representative: str, every_key: bool = False,
              candidates: int = 0) -> torch.Tensor:
-        """The min(k, blocks stored) best blocks [kv, k] (int64, ascending per KV head) by `scores` (same
-        arguments), as `topk` picks them over every block's score (so equal scores, e.g. layer 0's keys of equal
-        tokens, are broken the same way at every step)."""
+        """The min(k, blocks stored) best blocks [kv, k] (int64, ascending per KV head; [kv, G, k] for G groups of
+        queries [kv, G, g, d]) by `scores` (same arguments), as `topk` picks them over every block's score (so equal
+        scores, e.g. layer 0's keys of equal tokens, are broken the same way at every step)."""
         k = min(k, self.num_blocks)
         return self.scores(query, representative, every_key, candidates).topk(k, -1, sorted=False).indices.sort(-1).values
 
@@ -150,11 +162,11 @@ class BlockStore:
         """The two-stage search (see `scores`): the C best blocks [kv, C] by the representative keys (in no order)
         and their best-key scores [kv, C] (float32, summed over the query heads)."""
         first = self.scores(query, "max").topk(candidates, -1, sorted=False).indices
-        return first, self.block_max(query, first)
+        return first, self.block_max(query, first).sum(1)
 
     def block_max(self, query: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """The best query-key product over each of blocks [kv, s] (block indices per KV head; None: every block
-        stored), summed over the g query heads of query [kv, g, d] (float32): [kv, s]. The keys are read as whole
+        stored) for each query head of query [kv, g, d] (float32): [kv, g, s]. The keys are read as whole
         blocks of the store (the empty slots of the partial newest block, zeros, are masked). Up to `CHUNK_KEYS` keys
         (or on an accelerator) in one batched product; more on the CPU, per KV head in chunks of `CHUNK_KEYS` keys
         (gathered, converted to float32, multiplied and reduced while they are in the core's cache): the same
@@ -170,7 +182,7 @@ class BlockStore:
             logits[:, :, -1, tail:] = -torch.inf
         elif tail:
             logits[..., tail:].masked_fill_((blocks == self.count // self.block)[:, None, :, None], -torch.inf)
-        return logits.amax(-1).sum(1)
+        return logits.amax(-1)
 
     def _block_max_chunked(self, query: torch.Tensor, blocks: torch.Tensor | None, s: int) -> torch.Tensor:
         """`block_max` per KV head and chunk of `CHUNK_KEYS` keys (s blocks per KV head)."""
@@ -203,30 +215,31 @@ class BlockStore:
                 if first <= where.get(k, -1) < first + m:
                     logits[:, where[k] - first, tail:] = -torch.inf
                 torch.amax(logits, -1, out=maxima[k, :, first:first + m])
-        return maxima.sum(1)
+        return maxima
 
     def rows(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [kv, s * B, d] (the store's dtype; zeros in empty slots) of blocks [kv, s], whole blocks
-        copied as rows of the store (one `index_select` each)."""
-        index, s = self._row_index(blocks), blocks.shape[1]
+        """Keys and values [kv, s * B, d] (the store's dtype; zeros in empty slots) of blocks [kv, s] ([kv, G, k]:
+        s = G * k, each group's blocks in turn), whole blocks copied as rows of the store (one `index_select` each)."""
+        index, s = self._row_index(blocks), blocks[0].numel()
         return self._rows(self.keys, index, s), self._rows(self.values, index, s)
 
     def entries(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stream indices [kv, s * B] (int64) of the slots of blocks [kv, s] and which slots hold an entry [kv, s * B]
-        (bool; a partial block's tail does not)."""
+        (bool; a partial block's tail does not); [kv, G, k * B] for blocks [kv, G, k]."""
         slots = self._slots(blocks)
         return self.tokens[slots.clamp(max=self.count - 1)], slots < self.count
 
     def holds_partial(self, blocks: torch.Tensor) -> bool:
-        """Whether blocks [kv, s] (ascending per KV head, as `best` gives them) include the partial newest block, i.e.
-        whether some of their slots hold no entry."""
-        return bool(self.count % self.block) and bool((blocks[:, -1] == self.count // self.block).any())
+        """Whether blocks [kv, s] or [kv, G, k] (ascending per row, as `best` gives them) include the partial newest
+        block, i.e. whether some of their slots hold no entry."""
+        return bool(self.count % self.block) and bool((blocks[..., -1] == self.count // self.block).any())
 
     def _row_index(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The rows [kv * s] (int64) of blocks [kv, s] (block indices per KV head) in a store tensor viewed as [kv *
-        capacity / B, B, d]."""
+        """The rows [kv * s] (int64) of blocks [kv, s] (block indices per KV head; or [kv, G, k], s = G * k) in a store
+        tensor viewed as [kv * capacity / B, B, d]."""
         capacity = self.keys.shape[1] // self.block
-        return (blocks + capacity * torch.arange(blocks.shape[0], device=blocks.device)[:, None]).view(-1)
+        heads = torch.arange(blocks.shape[0], device=blocks.device).view(-1, *[1] * (blocks.dim() - 1))
+        return (blocks + capacity * heads).view(-1)
 
     def _rows(self, x: torch.Tensor, index: torch.Tensor, s: int) -> torch.Tensor:
         """The whole blocks at rows `index` (`_row_index` of s blocks per KV head) of the store tensor x [kv, capacity,
@@ -235,9 +248,8 @@ class BlockStore:
         return x.view(-1, self.block, d).index_select(0, index).view(kv, s * self.block, d)
 
     def _slots(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The entry indices [kv, s * B] (int64) of blocks [kv, s]."""
-        kv, s = blocks.shape
-        return (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).view(kv, s * self.block)
+        """The entry indices [kv, s * B] (int64) of blocks [kv, s] ([kv, G, k * B] of blocks [kv, G, k])."""
+        return (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).flatten(-2)
 
     def nbytes(self) -> int:
         """Bytes of the stored entries (keys, values, stream indices; block means and representative keys), not
@@ -266,7 +278,8 @@ class BlockMemoryAttention:
         self.cache, self.config = cache, config
         self.session = session or uuid.uuid4().hex[:12]
         self.layers = set(config.layers)
-        self.gate = None if config.mode == "joint" else gate if gate is not None else MemoryBias.initial(model)
+        self.gate = None if config.mode == "joint" else (gate if gate is not None else MemoryBias.initial(model)).to(
+            model.device)  # a bias loaded from its file is on the CPU
         dtype = getattr(torch, config.precision)
         self.stores = {layer: BlockStore(config.blocks, dtype, config.rep_keys) for layer in self.layers}
         self.trained = model.config.get_text_config(decoder=True).max_position_embeddings
@@ -314,15 +327,23 @@ class BlockMemoryAttention:
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
 
         group = self.config.query_group or q
-        retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
-                                   tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
-        mem_logits = join([logits for logits, _ in retrieved], 2)
+        if q > group and self.stores[layer].count and batch_groups(query.device):
+            mem_logits, grouped_values = self.retrieve_groups(layer, query[0], positions[-q:], tokens, positions,
+                                                              scaling, group)
+        else:
+            retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
+                                       tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
+            mem_logits = join([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
-        mem_weights = weights[..., n:].split(group, 2)
-        out = per_kv_head(weights[..., :n], value[0]) + join(
-            [per_kv_head(w, values) for w, (_, values) in zip(mem_weights, retrieved, strict=True)], 2)
+        if q > group and self.stores[layer].count and batch_groups(query.device):
+            padded = pad_queries(weights[..., n:], group, 2)  # [kv, g, G, group, r]
+            mem_out = torch.einsum("kgnqr,knrd->kgnqd", padded, grouped_values).flatten(2, 3)[:, :, :q]
+        else:
+            mem_out = join([per_kv_head(w, values) for w, (_, values)
+                            in zip(weights[..., n:].split(group, 2), retrieved, strict=True)], 2)
+        out = per_kv_head(weights[..., :n], value[0]) + mem_out
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
             cache_layer.observe(weights[..., :n].reshape(heads, q, n))
         return out.reshape(1, heads, q, d).transpose(1, 2).contiguous()
@@ -367,6 +388,43 @@ class BlockMemoryAttention:
         logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2))
         self.max_distance = max(self.max_distance, self.last_position - nearest)
         return torch.add(bias[:, None, None, :], logits, alpha=scaling), values  # = logits * scaling, -inf where empty
+
+    def retrieve_groups(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
+                        positions: torch.Tensor, scaling: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`retrieve` for every group of `group` consecutive queries of a forward at once, queries [heads, q, d] at
+        positions `at` [q] (memory not empty): one batched search, gather and rotation for the G = ceil(q / group)
+        groups, where the loop of `attend` would wait on each group's search (on an accelerator, `batch_groups`).
+        Each group retrieves its own blocks, as in the loop: logits [kv, g, q, r] and values [kv, G, r, d]."""
+        heads, q, d = query.shape
+        store = self.stores[layer]
+        kv = store.keys.shape[0]
+        g = heads // kv
+        frames = pad_queries(self.cache.rotate(query, self.cache.policy.budget - at).float(), group, 1)
+        sizes = torch.full((frames.shape[1], 1), group, device=query.device)
+        sizes[-1] = q - group * (frames.shape[1] - 1)  # the last group may be short: the mean of its own queries
+        frames = (frames.sum(2) / sizes).view(kv, g, -1, d).transpose(1, 2)  # [kv, G, g, d]
+        chosen = store.best(frames, self.config.top_blocks, self.config.representative)  # [kv, G, k]
+        self.searches += chosen.shape[1]
+        self.last_position = int(positions[-1])
+        keys, values = store.rows(chosen)
+        groups, r = chosen.shape[1], keys.shape[1] // chosen.shape[1]
+        widens = torch.promote_types(keys.dtype, query.dtype) == query.dtype
+        keys = (keys if widens else keys.to(query.dtype)).view(kv, groups, r, d)
+        bias = query.new_zeros(kv, groups, 1, r)
+        if not store.holds_partial(chosen) and self.config.positions == "ordered":  # one run of positions for all
+            nearest = int(positions[tokens > store.last_token].min()) - r
+            keys = self.cache.rotary.rotate_from(keys, nearest, dtype=query.dtype)
+        else:
+            found, valid = store.entries(chosen)  # [kv, G, r]
+            placed = self.place(found.view(kv * groups, r), valid.view(kv * groups, r), tokens, positions,
+                                store.last_token).view(kv, groups, r)
+            nearest = int(placed[valid].min())
+            keys = self.cache.rotate(keys, placed, dtype=query.dtype)[0]
+            bias.masked_fill_(~valid[:, :, None], -torch.inf)
+        self.max_distance = max(self.max_distance, self.last_position - nearest)
+        logits = torch.einsum("kgnqd,knrd->kgnqr", pad_queries(query.reshape(kv, g, q, d), group, 2), keys)
+        logits = torch.add(bias[:, None], logits, alpha=scaling).flatten(2, 3)[:, :, :q]
+        return logits, values.view(kv, groups, r, d).to(query.dtype)
 
     def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
               positions: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -510,6 +568,22 @@ def decode_steps(config: KnnConfig) -> int:
     """How many consecutive decoding steps share one search (`KnnConfig.decode_group`, None: `query_group`; 0 and
     1 both mean every step)."""
     return config.query_group if config.decode_group is None else config.decode_group
+
+
+def batch_groups(device: torch.device) -> bool:
+    """Whether a forward's query groups search memory in one batched pass (`BlockMemoryAttention.retrieve_groups`):
+    on an accelerator, where a loop over the groups waits on each small step (82 s for an 8K-token prefill of a
+    30-layer model on an H200, bench/results/longctx.md section 16); on the CPU the loop, whose products are
+    smaller and stay in cache."""
+    return device.type != "cpu"
+
+
+def pad_queries(x: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """x with its dimension `dim` (q queries) zero-padded to G = ceil(q / group) groups and split as [..., G, group,
+    ...]."""
+    q = x.shape[dim]
+    padding = [0, 0] * (x.dim() - dim - 1) + [0, -q % group]
+    return torch.nn.functional.pad(x, padding).unflatten(dim, (-1, group))
 
 
 def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -149,6 +149,7 @@ class BoundedCache(Cache):
         allowed = self.layers[0].block_mask(q)
         if allowed is None:
             return None
+        allowed = allowed.to(model.device)  # before the first forward a layer's state is on the CPU
         config = model.config.get_text_config(decoder=True)
         return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
             batch_size=batch_size, q_length=q, kv_length=allowed.shape[1], allow_is_causal_skip=False,

@@ -305,7 +305,7 @@ def test_the_partial_blocks_empty_slots_never_score():
     assert store.scores(query, "max").tolist() == [[-2.5, -3.75, -1]]  # run means; the partial block's best key
     assert store.scores(query, "max", every_key=True).tolist() == [[-2, -1.5, -1]]
     assert store.scores(query, "max", every_key=True, candidates=2).tolist() == [[-2, -inf, -1]]
-    assert store.block_max(query, torch.tensor([[2, 1]])).tolist() == [[-1, -1.5]]
+    assert store.block_max(query, torch.tensor([[2, 1]])).tolist() == [[[-1, -1.5]]]  # per query head
     assert store.best(query, 1, "max", every_key=True, candidates=2).tolist() == [[2]]
     assert store.holds_partial(torch.tensor([[0, 2]])) and not store.holds_partial(torch.tensor([[0, 1]]))
     store.add(torch.arange(9, 12), keys[:, :3].half(), keys[:, :3].half())  # block 2 full: no partial block
@@ -340,6 +340,32 @@ def test_chunked_block_search_is_the_batched_one_bit_for_bit(model, ids, monkeyp
     logits = run(model, ids, Window(8, 2), config, token_by_token=True)
     monkeypatch.setattr(blocks, "CHUNK_KEYS", 10**6)
     assert torch.equal(logits, run(model, ids, Window(8, 2), config, token_by_token=True))
+
+
+@pytest.mark.parametrize("config", [
+    KnnConfig(blocks=4, top_blocks=2, query_group=3),  # 3 queries per group: forwards of 8 end in a short group
+    KnnConfig(blocks=4, top_blocks=3, query_group=4, rep_keys=0),  # every key ranks
+    KnnConfig(blocks=4, top_blocks=2, query_group=2, representative="mean"),
+    KnnConfig(blocks=4, top_blocks=2, query_group=3, positions="hybrid"),
+    KnnConfig(blocks=4, top_blocks=2, query_group=3, positions="absolute"),
+    KnnConfig(blocks=4, top_blocks=2, query_group=3, mode="gated"),
+], ids=["ordered", "every-key", "mean", "hybrid", "absolute", "gated"])
+def test_the_batched_group_search_gives_the_loops_logits(model, ids, config, monkeypatch):
+    """On an accelerator every query group of a forward searches in one batched pass (`retrieve_groups`); forced on
+    the CPU it retrieves what the loop over the groups retrieves: the same logits up to float rounding, with
+    partial newest blocks (window 8 + 2 sinks, blocks of 4) and a short last group. The forwards here have 8
+    tokens (the cache's period), so each has groups to batch."""
+    loop = run(model, ids, Window(8, 2), config)
+    monkeypatch.setattr(blocks, "batch_groups", lambda device: True)
+    batches = []
+    retrieve_groups = blocks.BlockMemoryAttention.retrieve_groups
+    monkeypatch.setattr(blocks.BlockMemoryAttention, "retrieve_groups",
+                        lambda self, layer, query, *args: batches.append(query.shape[1]) or retrieve_groups(
+                            self, layer, query, *args))
+    batched = run(model, ids, Window(8, 2), config)
+    assert len(batches) >= 10 and any(q % config.query_group for q in batches)  # short last groups too
+    assert torch.allclose(batched, loop, atol=1e-5)
+    assert not torch.allclose(batched, run(model, ids, Window(8, 2), None), atol=1e-3)  # memory is used
 
 
 def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids):

@@ -116,3 +116,23 @@ def test_on_cuda_generate_memory_attention_eval_long_gate_training_and_knnlm_mat
     probs = knn_probs(torch.tensor([[0.0, 1.0]], device=device), torch.tensor([[3, -1]], device=device), 1.0, 8)
     mixed = interpolate(torch.full((1, 8), -math.log(8), device=device), probs.log(), 0.5)
     assert mixed.device.type == "cuda" and torch.allclose(mixed.exp().sum(), torch.tensor(1.0, device=device))
+
+
+def test_state_made_before_the_first_forward_follows_the_model_to_its_device():
+    """Found on an H200 (bench/results/longctx.md section 16): a fresh cache's first block mask was built from the
+    layers' empty CPU state, and a gate loaded from its file stayed on the CPU, so every bounded-cache prefill and
+    gated block memory failed on CUDA. A model on the "meta" device shows the same on a CPU-only machine."""
+    from lm.gate import MemoryBias
+    from lm.policies import Full
+
+    model = tiny_llama(num_layers=2)[0]
+    bias = MemoryBias.initial(model)  # on the CPU, as MemoryBias.load gives it
+    model = model.to("meta")
+    for policy in (Window(8, 2), Full()):
+        cache = BoundedCache(model, policy)
+        mask = cache.block_mask(16, model)
+        assert mask is None or mask.device.type == "meta"
+    assert BoundedCache(model, Window(8, 2)).block_mask(16, model).device.type == "meta"
+    cache = BoundedCache(model, Window(8, 2))
+    with attach(model, cache, KnnConfig(blocks=4, mode="gated"), gate=bias) as session:
+        assert session.gate.bias.device.type == "meta"
