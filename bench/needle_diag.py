@@ -2,18 +2,18 @@
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/needle_diag.py --length 16000 --depth 0.5 --out NAME
 
-Builds the bench's passcode prompt (`bench_longctx.needle`), prefills it once through window 256 + 4 sinks + block
+Builds the bench's needle prompt (`bench_longctx.needle`; `--kind passcode` or `passphrase`), prefills it once through window 256 + 4 sinks + block
 memory (`--blocks/--top-blocks/--rep-keys/--query-group`, default `KnnConfig()`), recording every layer's queries
 un-rotated (pre-RoPE). Then:
 
-1. Ranks: for the queries of the answer "The secret passcode is NNNN." (teacher-forced) and of the question, the
+1. Ranks: for the queries of the answer "The secret passcode is NNNN." (or "... passphrase is WORD."; teacher-forced) and of the question, the
    rank of the needle's block among all stored blocks, per layer and KV head, for several block sizes and ranking
    rules, computed from the stored pre-RoPE keys in the frame the search uses (every key just past the window):
    `max` (best key), `repR` (best of R means of equal runs: the default is rep4), `attR` (InfLLM: the R keys
    that received the largest summed query-key products from the following `--window` queries, averaged into one
    vector), summed over the KV head's query heads (`kv`) or over all heads of the layer (`layer`, InfLLM).
 2. Decoding variants from the same prefill (the cache and stores are restored before each): the greedy answer and
-   the teacher-forced log-probabilities of the 4 digits with the default decoding, a search at every step, exact
+   the teacher-forced log-probabilities of the needle's tokens (the 4 digits, or the passphrase's) with the default decoding, a search at every step, exact
    max over every key, layer-shared scores, more blocks, and oracles that force the needle's blocks into every
    search (all layers, or only layers < 11 / >= 11); `exact` and `rerankC` (section 11: every key of the C best
    blocks by the representative keys) set the decoding fields explicitly, whatever `KnnConfig()`'s default.
@@ -120,6 +120,20 @@ def ranks(logits: torch.Tensor, att: torch.Tensor, needle_entry: int, block: int
     return [int((row > row[b]).sum()) + 1 for row in s]
 
 
+def word_span(tokenizer, ids: list[int], word: str) -> tuple[int, int]:
+    """(index, token count) of the first run of `ids` that decodes to `word` (spaces ignored); ValueError if none."""
+    for i in range(len(ids)):
+        piece = tokenizer.decode(ids[i]).strip()
+        if piece and word.startswith(piece):
+            for end in range(i + 1, min(i + 16, len(ids)) + 1):
+                text = tokenizer.decode(ids[i:end]).replace(" ", "")
+                if text == word:
+                    return i, end - i
+                if not word.startswith(text):
+                    break
+    raise ValueError(f"{word!r} is not in the token ids")
+
+
 def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
     """The decoding variants by name: (what `decode` changes, a description); oracles over `n_layers` layers."""
     early, every = set(range(11)), {"query_group": 1, "decode_group": 1}
@@ -153,23 +167,23 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
                                                                       "oracle-late",
          rank_tables: bool = True,
          window: Annotated[int, typer.Option(help="queries after a key that score it (attR)")] = 256,
-         page: str = "multiprocessing") -> None:
+         page: str = "multiprocessing",
+         kind: Annotated[str, typer.Option(help="passcode (4 digits) or passphrase (a word)")] = "passcode") -> None:
     started = time.time()
-    check_needle("passcode", page)
+    check_needle(kind, page)
     unknown = [v for v in variant_names.split(",") if v not in catalogue(0)]
     if unknown:
         raise typer.BadParameter(f"unknown variant {unknown[0]!r}; known: {', '.join(catalogue(0))}")
-    word, *planted = needle_of("passcode", depth)
+    word, *planted = needle_of(kind, depth)
     model, tokenizer = load_model()
     prompt = needle_prompt(tokenizer, (DOCS / f"{page}.rst.txt").read_text(), length, depth, word, *planted)
     ids = prompt[0].tolist()
-    digits = [i for i in range(len(ids)) if tokenizer.decode(ids[i]).strip() and tokenizer.decode(ids[i]).strip()
-              in word and "".join(tokenizer.decode(ids[j]) for j in range(i, i + 8)).replace(" ", "").startswith(word)]
-    start = digits[0]
-    needle = torch.arange(start, start + 4)
-    print(f"prompt {len(ids)} tokens; passcode {word} at stream index {start}: "
-          f"{[tokenizer.decode(ids[j]) for j in range(start - 6, start + 5)]}", flush=True)
-    target = tokenizer("The secret passcode is " + word + ".", add_special_tokens=False).input_ids
+    start, size = word_span(tokenizer, ids, word)
+    needle = torch.arange(start, start + size)
+    print(f"prompt {len(ids)} tokens; {kind} {word} at stream index {start} ({size} tokens): "
+          f"{[tokenizer.decode(ids[j]) for j in range(start - 6, start + size + 1)]}", flush=True)
+    target = tokenizer(planted[0].format(word=word), add_special_tokens=False).input_ids  # "The secret ... is WORD."
+    answer_size = word_span(tokenizer, target, word)[1]
     print("answer tokens", [tokenizer.decode(t) for t in target], flush=True)
 
     config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group,
@@ -233,10 +247,10 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
             finally:
                 blocks_module.BlockStore.scores = ORIGINAL_SCORES
             text = tokenizer.decode(answer_tokens, skip_special_tokens=True)
-            digit_lp = [lp for t, lp, _ in logprobs[-5:-1]]
+            word_lp = logprobs[-answer_size - 1:-1]  # the needle's tokens, before the final "."
             row = {"variant": name, "answer": text, "correct": word in text,
-                   "teacher_forced": logprobs, "digit_logprob_sum": sum(digit_lp),
-                   "digits_argmax": all(t == a for t, _, a in logprobs[-5:-1])}
+                   "teacher_forced": logprobs, "digit_logprob_sum": sum(lp for _, lp, _ in word_lp),
+                   "digits_argmax": all(t == a for t, _, a in word_lp)}
             print(json.dumps({k: v for k, v in row.items() if k != "teacher_forced"}),
                   [f"{t!r}:{lp:.2f}/{a!r}" for t, lp, a in logprobs], flush=True)
             return row
@@ -246,7 +260,7 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
         print(f"decoding variants done {time.time() - started:.0f} s", flush=True)
         if not rank_tables:
             path = Path(RESULTS) / f"{out}.json"
-            path.write_text(json.dumps({"length": length, "depth": depth, "prompt_tokens": len(ids),
+            path.write_text(json.dumps({"kind": kind, "length": length, "depth": depth, "prompt_tokens": len(ids),
                                         "needle_index": start, "config": repr(config), "variants": rows,
                                         "seconds": time.time() - started}, indent=1) + "\n")
             print(f"wrote {path}; {time.time() - started:.0f} s")
@@ -302,7 +316,8 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
                                                   "median": float(flat.median()), "ranks": per_layer}
             print(f"| {name} | {hits} | {early_hits} | {flat.median():.0f} | {flat[:11].median():.0f} |")
     path = Path(RESULTS) / f"{out}.json"
-    path.write_text(json.dumps({"length": length, "depth": depth, "prompt_tokens": len(ids), "needle_index": start,
+    path.write_text(json.dumps({"kind": kind, "length": length, "depth": depth, "prompt_tokens": len(ids),
+                                "needle_index": start,
                                 "config": repr(config), "variants": rows, "ranks": summary,
                                 "seconds": time.time() - started}, indent=1) + "\n")
     print(f"wrote {path}; {time.time() - started:.0f} s")

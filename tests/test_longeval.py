@@ -321,20 +321,43 @@ def test_bench_prompt_writes_the_needle_trial_that_memsvc_generate_runs(bench_lo
     assert torch.equal(encode_prompt(tokenizer, text, chat=True), expected)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--page", "no-such-page"], "no docs page 'no-such-page'"),
-    (["--variants", "rerank192,oracel"], "unknown variant 'oracel'; known: exact, rerank32"),
-    (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
-])
-def test_needle_diag_rejects_bad_options_before_loading_the_model(bench_longctx, monkeypatch, args, message):
-    """bench/needle_diag.py prefills minutes of tokens before it decodes: a bad page, variant or depth fails first."""
+@pytest.fixture
+def needle_diag(bench_longctx, monkeypatch):
+    """bench/needle_diag.py as a module, its model loader refusing (bench_longctx's)."""
     import importlib.util
 
     monkeypatch.setitem(sys.modules, "bench.bench_longctx", bench_longctx)
     spec = importlib.util.spec_from_file_location("needle_diag", Path(__file__).parents[1] / "bench/needle_diag.py")
-    needle_diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(needle_diag)
-    monkeypatch.setattr(needle_diag, "load_model", bench_longctx.load_model)  # refuses
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "load_model", bench_longctx.load_model)
+    return module
+
+
+@pytest.mark.parametrize("sentence, word, expected", [
+    ("The secret passcode is 7342.", "7342", ["7", "3", "4", "2"]),
+    ("The secret passphrase is copper-falcon.", "copper-falcon", [" copper", "-", "fal", "con"]),
+    ("Text before. The secret passphrase is amber-300.", "amber-300", [" amber", "-", "3", "0", "0"]),
+    ("The copper kettle. The secret passphrase is copper-falcon.", "copper-falcon", [" copper", "-", "fal", "con"]),
+])
+def test_needle_diag_finds_the_needles_tokens_of_either_kind(needle_diag, sentence, word, expected):
+    tokenizer = load_tokenizer()
+    ids = tokenizer(sentence, add_special_tokens=False).input_ids
+    start, size = needle_diag.word_span(tokenizer, ids, word)
+    assert [tokenizer.decode(i) for i in ids[start:start + size]] == expected
+    with pytest.raises(ValueError, match="'falcon-copper' is not in"):
+        needle_diag.word_span(tokenizer, ids, "falcon-copper")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "passwort"], "unknown kind 'passwort'"),
+    (["--page", "no-such-page"], "no docs page 'no-such-page'"),
+    (["--variants", "rerank192,oracel"], "unknown variant 'oracel'; known: exact, rerank32"),
+    (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
+])
+def test_needle_diag_rejects_bad_options_before_loading_the_model(needle_diag, args, message):
+    """bench/needle_diag.py prefills minutes of tokens before it decodes: a bad kind, page, variant or depth fails
+    first."""
     result = CliRunner().invoke(needle_diag.app, args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
