@@ -142,8 +142,9 @@ def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
         "exact": ({"config": exact}, "every step, every key (the exact default)"),
         **{f"rerank{c}": ({"config": {**exact, "decode_candidates": c}},
                           f"every step, every key of the {c} best blocks by rep keys") for c in (32, 48, 64, 96, 128, 192, 256)},
-        "rerank192-n32": ({"config": {**exact, "decode_candidates": 192, "top_blocks": 32}},
-                          "every step, every key of the 192 best blocks by rep keys, 32 blocks attended"),
+        **{f"rerank192-n{n}": ({"config": {**exact, "decode_candidates": 192, "top_blocks": n}},
+                               f"every step, every key of the 192 best blocks by rep keys, {n} blocks attended")
+           for n in (24, 32, 48)},
         "main": ({}, "as configured"),
         "every": ({"config": every}, "search every step"),
         "max": ({"config": every, "rep_keys0": True}, "every step, exact max"),
