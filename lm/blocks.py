@@ -283,7 +283,7 @@ class BlockMemoryAttention:
         dtype = getattr(torch, config.precision)
         self.stores = {layer: BlockStore(config.blocks, dtype, config.rep_keys) for layer in self.layers}
         self.trained = model.config.get_text_config(decoder=True).max_position_embeddings
-        self.retrieved = config.blocks * config.top_blocks  # the most tokens one forward retrieves per KV head
+        self.retrieved = config.blocks * most_blocks(config)  # the most tokens one forward retrieves per KV head
         self.max_distance = 0  # the largest query-key position distance any attention of the session used
         self.reused: dict[int, Retrieval] = {}  # per layer: the last decoding step's retrieval (see `fetch`)
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per layer: its buffers
@@ -459,7 +459,8 @@ class BlockMemoryAttention:
             frame = self.cache.rotary.rotate_from(query, self.cache.policy.budget - int(at[0]))[:, 0].float()
         else:
             frame = self.cache.rotate(query, self.cache.policy.budget - at).float().mean(1)
-        chosen = store.best(frame.view(kv, heads // kv, d), self.config.top_blocks, self.config.representative,
+        top = self.config.decode_top_blocks if decoding and self.config.decode_top_blocks else self.config.top_blocks
+        chosen = store.best(frame.view(kv, heads // kv, d), top, self.config.representative,
                             every_key=decoding and self.config.decode_every_key,
                             candidates=self.config.decode_candidates)
         self.searches += 1
@@ -570,6 +571,11 @@ def decode_steps(config: KnnConfig) -> int:
     return config.query_group if config.decode_group is None else config.decode_group
 
 
+def most_blocks(config: KnnConfig) -> int:
+    """The most blocks one search retrieves: `top_blocks`, or `decode_top_blocks` in decoding if that is more."""
+    return max(config.top_blocks, config.decode_top_blocks or 0)
+
+
 def batch_groups(device: torch.device) -> bool:
     """Whether a forward's query groups search memory in one batched pass (`BlockMemoryAttention.retrieve_groups`):
     on an accelerator, where a loop over the groups waits on each small step (82 s for an 8K-token prefill of a
@@ -604,10 +610,10 @@ def check_block_config(model: PreTrainedModel, cache: Cache, config: KnnConfig, 
     if not config.blocks:
         raise InvalidInput("block memory needs memory blocks > 0 (0 is per-token retrieval)", "memory_blocks")
     trained = model.config.get_text_config(decoder=True).max_position_embeddings
-    retrieved = config.blocks * config.top_blocks
+    retrieved = config.blocks * most_blocks(config)
     reach = cache.policy.budget + cache.period + retrieved
     if config.positions != "absolute" and reach > trained:
-        raise InvalidInput(f"retrieved blocks ({config.top_blocks} x {config.blocks} tokens) + cache budget "
+        raise InvalidInput(f"retrieved blocks ({most_blocks(config)} x {config.blocks} tokens) + cache budget "
                            f"({cache.policy.budget}) + period ({cache.period}) = {reach} must fit the model's trained "
                            f"context ({trained})", "top_blocks")
     if gate is not None:

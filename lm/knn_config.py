@@ -20,7 +20,8 @@ key, section 10, and 0 of 5 at 16K when a search served 4 steps by the represent
   the means of its R runs of B / R consecutive keys, so a search costs N / (B / R) products instead of N;
   every `query_group` queries of a forward retrieve anew, 0: once; in decoding every `decode_group` steps, by
   default `query_group`, and with `decode_every_key` those searches rank by every key, with `decode_candidates`
-  C > 0 only the C best blocks by the representative keys); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
+  C > 0 only the C best blocks by the representative keys, and attend `decode_top_blocks` blocks, by default
+  `top_blocks`); positions "ordered" (InfLLM's fixed distance: retrieved blocks in
   stream order, contiguous, just beyond the local window), "hybrid" (exact while the true distance is
   inside the trained range, the farther ones at the range's far edge) or "absolute" (true distances,
   unbounded: for comparison).
@@ -53,7 +54,8 @@ PRECISIONS = ("float16", "float32")
 # sinks from 1K to 32K alone on the machine; the 16K needle at 0/5).
 # block memory's options and their CLI flags: per-token memory refuses them set off their defaults
 BLOCK_ONLY = {"top_blocks": "--retrieved-blocks", "rep_keys": "--rep-keys", "decode_group": "--decode-search",
-              "decode_every_key": "--decode-search", "decode_candidates": "--decode-search"}
+              "decode_every_key": "--decode-search", "decode_candidates": "--decode-search",
+              "decode_top_blocks": "--decode-blocks"}
 DECODE_CANDIDATES = 192  # the default decoding search's candidates ("rerank"; section 11)
 DECODE_SEARCHES: dict[str, tuple[int | None, bool, int]] = {"exact": (1, True, 0),
                                                             "rerank": (1, True, DECODE_CANDIDATES),
@@ -78,7 +80,8 @@ class KnnConfig:
     decode_every_key: bool = True  # block memory, "max": decoding searches rank blocks by every key, not by rep_keys
     decode_candidates: int = DECODE_CANDIDATES  # with decode_every_key and rep_keys: only the C best blocks by
     # rep_keys are ranked by every key (a two-stage search of fixed exact cost; section 11); 0: every block; else at
-    # least top_blocks
+    # least top_blocks (and decode_top_blocks)
+    decode_top_blocks: int | None = None  # block memory: blocks a decoding search attends; None: top_blocks
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -131,10 +134,13 @@ def check_options(config: KnnConfig) -> None:
     if not isinstance(config.decode_every_key, bool):
         raise InvalidInput(f"decode every key must be true or false, got {config.decode_every_key!r}",
                            "decode_every_key")
-    if (not _whole(config.decode_candidates) or config.decode_candidates < 0
-            or 0 < config.decode_candidates < config.top_blocks):
+    if config.decode_top_blocks is not None and (not _whole(config.decode_top_blocks) or config.decode_top_blocks <= 0):
+        raise InvalidInput(f"decoding's retrieved blocks must be a positive integer, got {config.decode_top_blocks!r}",
+                           "decode_top_blocks")
+    most = max(config.top_blocks, config.decode_top_blocks or 0)
+    if not _whole(config.decode_candidates) or config.decode_candidates < 0 or 0 < config.decode_candidates < most:
         raise InvalidInput(f"decode candidates must be 0 (every block) or at least the retrieved blocks "
-                           f"({config.top_blocks}), got {config.decode_candidates!r}", "decode_candidates")
+                           f"({most}), got {config.decode_candidates!r}", "decode_candidates")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")

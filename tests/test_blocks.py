@@ -140,6 +140,27 @@ def test_decode_every_key_ranks_decoding_searches_by_the_exact_max_only(model, i
     assert torch.equal(blocked[0][:, :59], blocked[1][:, :59])
 
 
+def test_decode_top_blocks_sets_the_blocks_a_decoding_step_attends_and_leaves_blocked_forwards_alone(model, ids):
+    """decode_top_blocks 3 with top_blocks 2: token by token every step attends 3 blocks of 4 (12 slots at each layer),
+    as top_blocks 3 would, and the logits are top_blocks 3's; in exact blocks nothing changes but the last token
+    (a one-token forward after the re-base before token 59)."""
+    config = KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=3, decode_candidates=0)
+    slots = {}
+
+    def inspect(session, cache):
+        slots.update({layer: retrieval.r for layer, retrieval in session.reused.items()})
+
+    wider = run(model, ids, Window(8, 2), config, token_by_token=True, inspect=inspect)
+    assert torch.equal(wider, run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=3, decode_candidates=0),
+                                  token_by_token=True))
+    assert not torch.allclose(wider, run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2,
+                                                                             decode_candidates=0),
+                                         token_by_token=True), atol=1e-3)
+    blocked = [run(model, ids, Window(8, 2), KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=d,
+                                                       decode_candidates=0)) for d in (None, 3)]
+    assert torch.equal(blocked[0][:, :59], blocked[1][:, :59])
+
+
 def test_named_decode_searches_set_the_decoding_fields():
     """`memsvc generate --decode-search`: "rerank" is the default's every step by every key of 192 candidates,
     "exact" every block by every key, "grouped" the query groups' reuse by the representative keys; another name is
@@ -431,6 +452,10 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, top_blocks=4, decode_candidates=-1)}, "decode_candidates"),
     ({"config": KnnConfig(blocks=4, top_blocks=4, decode_candidates=8.0)}, "decode_candidates"),
     ({"config": KnnConfig(blocks=16, top_blocks=4)}, "top_blocks"),  # 64 retrieved + 10 + 10 > 64 positions
+    ({"config": KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=0)}, "decode_top_blocks"),
+    ({"config": KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=2.5)}, "decode_top_blocks"),
+    ({"config": KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=8, decode_candidates=4)}, "decode_candidates"),
+    ({"config": KnnConfig(blocks=4, top_blocks=2, decode_top_blocks=16, decode_candidates=0)}, "top_blocks"),  # 64 + 20
     ({"config": KnnConfig(blocks=4, layers=[5])}, "layers"),
     ({"memory": Memory(MemorySpec(name="m", dim=16, metric="ip", value_kind="vector", value_dim=16))}, "memory"),
     ({"gate": Gate(torch.zeros(2, 4), torch.zeros(2, 4))}, "gate"),

@@ -91,7 +91,18 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: rep_keys (--rep-keys) applies only to block memory (memory blocks > 0); per-token retrieval "
             "takes k",
         ("generate", "hi", "--decode-search", "grouped"):
-            "error: --memory-blocks, --positions and --decode-search apply only to --memory-attention",
+            "error: --memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
+            "--memory-attention",
+        ("generate", "hi", "--decode-blocks", "32"):
+            "error: --memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
+            "--memory-attention",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-blocks", "0"):
+            "error: decoding's retrieved blocks must be a positive integer, got 0",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-blocks", "256"):
+            "error: decode candidates must be 0 (every block) or at least the retrieved blocks (256), got 192",
+        ("generate", "hi", "--cache", "window:8", "--memory-attention", "--memory-blocks", "0", "--decode-blocks",
+         "32"): "error: decode_top_blocks (--decode-blocks) applies only to block memory (memory blocks > 0); "
+                "per-token retrieval takes k",
         ("generate", "hi", "--max-new-tokens", "-1"): "error: max_new_tokens must be >= 0, got -1",
         ("generate", "hi", "--temperature", "-0.5"):
             "error: temperature must be a finite number >= 0 (0 = greedy), got -0.5",

@@ -231,6 +231,8 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
                                                                     "--url); 0: per-token")] = None,
              retrieved_blocks: Annotated[int, typer.Option(help="block memory: blocks retrieved per group of 4 "
                                                                 "queries, layer and KV head")] = 16,
+             decode_blocks: Annotated[int | None, typer.Option(help="block memory: blocks a decoding step attends "
+                                                                    "(default: --retrieved-blocks)")] = None,
              rep_keys: Annotated[int, typer.Option(help="block memory: keys ranking a block (means of equal runs "
                                                         "of its keys; must divide the block size); 0: every "
                                                         "key")] = 4,
@@ -283,11 +285,12 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         else:
             blocks = memory_blocks
         memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys,
-                                  **decode_search_options(decode_search))
+                                  decode_top_blocks=decode_blocks, **decode_search_options(decode_search))
         check_options(memory_config)  # torch-free
-        if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "rerank"):
-            raise InvalidInput("--memory-blocks, --positions and --decode-search apply only to --memory-attention",
-                               "memory_blocks")
+        if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "rerank"
+                                     or decode_blocks is not None):
+            raise InvalidInput("--memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
+                               "--memory-attention", "memory_blocks")
         if url is not None and knn_memory is not None:
             from memsvc.client import check_url
 
