@@ -55,6 +55,9 @@ def test_sigkill_server_during_adds_keeps_every_acknowledged_entry(tmp_path, ser
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+    started = time.monotonic()
+    while len(acked) < 20 and time.monotonic() - started < 60:  # the first adds: slower on a loaded machine
+        time.sleep(0.05)
     time.sleep(random.uniform(1.5, 3.0))
     srv.kill()
     stop.set()

@@ -144,6 +144,9 @@ def test_sigterm_finishes_writes_and_restarts_from_a_snapshot(tmp_path):
         threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
         for t in threads:
             t.start()
+        started = time.monotonic()
+        while len(acked) < 10 and time.monotonic() - started < 60:  # the first adds: slower on a loaded machine
+            time.sleep(0.05)
         time.sleep(1.5)
         srv.stop()
         for t in threads:
