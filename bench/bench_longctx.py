@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt
 
 from lm.attention import attach
 from lm.cache import BoundedCache, forward
+from lm.devices import resolve_device
 from lm.gate import PARAMS, Gate, MemoryBias
 from lm.gate_training import plot_curve, train_gate
 from lm.longeval import (
@@ -56,6 +57,7 @@ from lm.memory_attention import KnnConfig, head_dim, session_memory
 from lm.model import load_model, load_tokenizer
 from lm.policies import Full, Policy, Window
 from memsvc.client import MemoryClient
+from memsvc.contract import InvalidInput
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources/library")
 RESULTS = Path(__file__).parent / "results"
@@ -324,9 +326,13 @@ def needle(settings: Annotated[str, typer.Option()] = "full,sinks,memory,knn",
            device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (the model in float32 either way)")] = "cpu",
            ) -> None:
     """Answer accuracy for a passphrase (or a 4-digit passcode: --kind passcode) planted at each depth of each prompt
-    length (greedy, chat template). A bad kind, length, depth or page fails before the model loads."""
+    length (greedy, chat template). A bad kind, length, depth, page or device fails before the model loads."""
     chosen = names(settings)
     check_needle(kind, page)
+    try:
+        resolve_device(device)
+    except InvalidInput as e:
+        raise typer.BadParameter(e.message) from None
     prompt_lengths, needle_at = token_lengths(lengths), needle_depths(depths)
     trials = {(name, n, d) for name in chosen for n in prompt_lengths for d in needle_at}
     rows = []

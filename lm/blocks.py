@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from lm.gate import MemoryBias
-from lm.knn_config import KnnConfig
+from lm.knn_config import KnnConfig, most_blocks
 from lm.memory_attention import check_session
 from memsvc.contract import InvalidInput
 
@@ -327,7 +327,8 @@ class BlockMemoryAttention:
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
 
         group = self.config.query_group or q
-        if q > group and self.stores[layer].count and batch_groups(query.device):
+        batched = q > group and self.stores[layer].count and batch_groups(query.device)
+        if batched:
             mem_logits, grouped_values = self.retrieve_groups(layer, query[0], positions[-q:], tokens, positions,
                                                               scaling, group)
         else:
@@ -337,7 +338,7 @@ class BlockMemoryAttention:
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
-        if q > group and self.stores[layer].count and batch_groups(query.device):
+        if batched:
             padded = pad_queries(weights[..., n:], group, 2)  # [kv, g, G, group, r]
             mem_out = torch.einsum("kgnqr,knrd->kgnqd", padded, grouped_values).flatten(2, 3)[:, :, :q]
         else:
@@ -569,11 +570,6 @@ def decode_steps(config: KnnConfig) -> int:
     """How many consecutive decoding steps share one search (`KnnConfig.decode_group`, None: `query_group`; 0 and
     1 both mean every step)."""
     return config.query_group if config.decode_group is None else config.decode_group
-
-
-def most_blocks(config: KnnConfig) -> int:
-    """The most blocks one search retrieves: `top_blocks`, or `decode_top_blocks` in decoding if that is more."""
-    return max(config.top_blocks, config.decode_top_blocks or 0)
 
 
 def batch_groups(device: torch.device) -> bool:

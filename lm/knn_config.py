@@ -137,13 +137,18 @@ def check_options(config: KnnConfig) -> None:
     if config.decode_top_blocks is not None and (not _whole(config.decode_top_blocks) or config.decode_top_blocks <= 0):
         raise InvalidInput(f"decoding's retrieved blocks must be a positive integer, got {config.decode_top_blocks!r}",
                            "decode_top_blocks")
-    most = max(config.top_blocks, config.decode_top_blocks or 0)
+    most = most_blocks(config)
     if not _whole(config.decode_candidates) or config.decode_candidates < 0 or 0 < config.decode_candidates < most:
         raise InvalidInput(f"decode candidates must be 0 (every block) or at least the retrieved blocks "
                            f"({most}), got {config.decode_candidates!r}", "decode_candidates")
     if config.precision not in PRECISIONS:
         raise InvalidInput(f"block memory precision must be 'float16' or 'float32', got {config.precision!r}",
                            "precision")
+
+
+def most_blocks(config: KnnConfig) -> int:
+    """The most blocks one search retrieves: `top_blocks`, or `decode_top_blocks` in decoding if that is more."""
+    return max(config.top_blocks, config.decode_top_blocks or 0)
 
 
 def decode_search_options(name: str) -> dict[str, int | bool | None]:

@@ -272,6 +272,7 @@ def bench_longctx(monkeypatch, tmp_path):
     (["--lengths", "16000,16K"], "lengths must be whole numbers of tokens > 0, got 16000,16K"),
     (["--lengths", "0"], "lengths must be whole numbers of tokens > 0, got 0"),
     (["--page", "no-such-page"], "no docs page 'no-such-page'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
     (["--kind", "passcode", "--merge", "--out", "saved"], "saved.json holds trials of another kind than 'passcode'"),
 ])
 def test_bench_needle_rejects_bad_options_before_loading_the_model(bench_longctx, tmp_path, args, message):
