@@ -17,6 +17,10 @@ un-rotated (pre-RoPE). Then:
    max over every key, layer-shared scores, more blocks, and oracles that force the needle's blocks into every
    search (all layers, or only layers < 11 / >= 11); `exact` and `rerankC` (section 11: every key of the C best
    blocks by the representative keys) set the decoding fields explicitly, whatever `KnnConfig()`'s default.
+   Section 18's variants: a block scoring as its neighbours (`-after1`, `-before1`, `-around1`, `-after2`), hybrid
+   or absolute positions, the prompt's first blocks forced (`-headH`), a bias on the memory logits (`-biasB`,
+   `-biastrained`: the shipped `MemoryBias`), the prompt's last retrieved blocks forced (`prompt-blocks`), every
+   block (`all`). `--prefill-variant V` runs the prefill under a variant too.
 
 Prints tables and writes bench/results/NAME.json.
 """
@@ -32,16 +36,18 @@ from typing import Annotated
 import torch
 import typer
 
-from bench.bench_longctx import DOCS, RESULTS, SINKS_POLICY, check_needle, needle_of
+from bench.bench_longctx import DOCS, MEMORY_BIAS, RESULTS, SINKS_POLICY, check_needle, needle_of
 from lm import blocks as blocks_module
 from lm.attention import attach
 from lm.cache import BoundedCache, forward
+from lm.gate import MemoryBias
 from lm.knn_config import KnnConfig
 from lm.longeval import needle_prompt
 from lm.model import load_model
 
 app = typer.Typer(pretty_exceptions_enable=False)
 ORIGINAL_SCORES = blocks_module.BlockStore.scores
+ORIGINAL_BEST = blocks_module.BlockStore.best
 VARIANT: dict = {}  # the decoding variant `scores` applies (see `patched_scores`)
 
 
@@ -56,11 +62,56 @@ def patched_scores(store, query, representative, every_key=False, candidates=0):
         store.rep_keys = rep_keys
     if VARIANT.get("layer_shared"):
         scores = scores.sum(0, keepdim=True).expand_as(scores).clone()
+    scores = spread(scores, *VARIANT.get("spread", (0, 0)))
+    head = VARIANT.get("head_blocks", 0)  # the prompt's first blocks (the chat template's system turn) forced
+    scores[..., :head] = torch.inf
+    if VARIANT.get("prompt_blocks") and hasattr(store, "last_chosen"):  # the prompt's last search's blocks forced
+        scores = scores.scatter(-1, store.last_chosen, torch.inf)
     layers = VARIANT.get("oracle_layers")
     if layers is not None and store.layer in layers:
         hit = torch.isin(store.tokens[:store.count], VARIANT["needle"]).nonzero()[:, 0] // store.block
         scores[:, hit.unique()] = torch.inf
     return scores
+
+
+def spread(scores: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Block scores [..., blocks] where each block scores the best of its own and those of the `after` blocks before
+    it and the `before` blocks after it: a block found brings the `after` blocks that follow it and the `before` ones
+    that precede it along (equal scores)."""
+    if not before and not after:
+        return scores
+    padded = torch.nn.functional.pad(scores, (after, before), value=-torch.inf)
+    return padded.unfold(-1, before + after + 1, 1).amax(-1)
+
+
+def answer_row(name: str, text: str, logprobs: list, word: str, answer_size: int) -> dict:
+    """A variant's result: its greedy answer, the teacher-forced (token, log p, argmax) rows, and the needle tokens'
+    (`answer_size`, before the final ".") summed log-probability and whether each is the argmax; printed too."""
+    word_lp = logprobs[-answer_size - 1:-1]
+    row = {"variant": name, "answer": text, "correct": word in text,
+           "teacher_forced": logprobs, "digit_logprob_sum": sum(lp for _, lp, _ in word_lp),
+           "digits_argmax": all(t == a for t, _, a in word_lp)}
+    print(json.dumps({k: v for k, v in row.items() if k != "teacher_forced"}),
+          [f"{t!r}:{lp:.2f}/{a!r}" for t, lp, a in logprobs], flush=True)
+    return row
+
+
+def full_attention(model, tokenizer, prompt: torch.Tensor, target: list[int]) -> tuple[str, list]:
+    """Full attention's greedy answer (12 tokens, as the bench) and teacher-forced rows for the answer `target`."""
+    with torch.inference_mode():
+        ids = torch.cat([prompt, torch.tensor([target])], 1)
+        lp = torch.log_softmax(model(input_ids=ids, logits_to_keep=len(target) + 1).logits[0, :-1].float(), -1)
+        greedy = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
+    return (tokenizer.decode(greedy, skip_special_tokens=True),
+            [(tokenizer.decode(t), float(lp[i, t]), tokenizer.decode(int(lp[i].argmax()))) for i, t in enumerate(target)])
+
+
+def recording_best(store, query, k, representative, every_key=False, candidates=0):
+    """BlockStore.best, keeping a one-group search's blocks [kv, k] as `store.last_chosen` (the prefill's last)."""
+    chosen = ORIGINAL_BEST(store, query, k, representative, every_key, candidates)
+    if query.dim() == 3:
+        store.last_chosen = chosen.clone()
+    return chosen
 
 
 def snapshot(obj) -> dict:
@@ -145,6 +196,27 @@ def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
         **{f"rerank192-n{n}": ({"config": {**exact, "decode_candidates": 192, "top_blocks": n}},
                                f"every step, every key of the 192 best blocks by rep keys, {n} blocks attended")
            for n in (24, 32, 48)},
+        **{f"rerank192-{name}{'' if n == 16 else f'-n{n}'}": (
+            {"config": {**exact, "decode_candidates": 192, "top_blocks": n}, "spread": spread},
+            f"every step, every key of the 192 best blocks by rep keys, {n} blocks attended, a block scoring as its "
+            + f"{spread[0]} before / {spread[1]} after")
+           for name, spread in (("after1", (0, 1)), ("before1", (1, 0)), ("around1", (1, 1)), ("after2", (0, 2)))
+           for n in (16, 24, 32)},
+        **{f"rerank192-{mode}{'' if n == 16 else f'-n{n}'}": (
+            {"config": {**exact, "decode_candidates": 192, "top_blocks": n, "positions": mode}},
+            f"every step, every key of the 192 best blocks by rep keys, {n} blocks attended, {mode} positions")
+           for mode in ("hybrid", "absolute") for n in (16, 32)},
+        **{f"rerank192-bias{b}": ({"config": {**exact, "decode_candidates": 192, "mode": "gated"}, "memory_bias": b},
+                                  f"every step, every key of the 192 best blocks by rep keys, memory logits + {b}")
+           for b in (0.5, 1.0, "trained")},
+        **{f"rerank192-head{h}": ({"config": {**exact, "decode_candidates": 192}, "head_blocks": h},
+                                  f"every step, every key of the 192 best blocks by rep keys, the first {h} forced")
+           for h in (1, 2)},
+        **{f"prompt-blocks{'' if n == 16 else f'-n{n}'}": (
+            {"config": {**exact, "decode_candidates": 192, "top_blocks": n}, "prompt_blocks": True},
+            f"every step, the prompt's last retrieved blocks forced, {n} attended (the rest: rerank 192)")
+           for n in (16, 24, 32)},
+        "all": ({"config": {**exact, "top_blocks": 1 << 20}}, "every step, every block stored attended"),
         "main": ({}, "as configured"),
         "every": ({"config": every}, "search every step"),
         "max": ({"config": every, "rep_keys0": True}, "every step, exact max"),
@@ -169,10 +241,12 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
          rank_tables: bool = True,
          window: Annotated[int, typer.Option(help="queries after a key that score it (attR)")] = 256,
          page: str = "multiprocessing",
-         kind: Annotated[str, typer.Option(help="passcode (4 digits) or passphrase (a word)")] = "passcode") -> None:
+         kind: Annotated[str, typer.Option(help="passcode (4 digits) or passphrase (a word)")] = "passcode",
+         prefill_variant: Annotated[str, typer.Option(help="a variant the prefill runs under too")] = "",
+         full: Annotated[bool, typer.Option(help="also full attention (no bounded cache)")] = False) -> None:
     started = time.time()
     check_needle(kind, page)
-    unknown = [v for v in variant_names.split(",") if v not in catalogue(0)]
+    unknown = [v for v in [*variant_names.split(","), *filter(None, [prefill_variant])] if v not in catalogue(0)]
     if unknown:
         raise typer.BadParameter(f"unknown variant {unknown[0]!r}; known: {', '.join(catalogue(0))}")
     word, *planted = needle_of(kind, depth)
@@ -187,6 +261,8 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
     answer_size = word_span(tokenizer, target, word)[1]
     print("answer tokens", [tokenizer.decode(t) for t in target], flush=True)
 
+    rows = [answer_row("full attention", *full_attention(model, tokenizer, prompt, target), word, answer_size)
+            ] if full else []
     config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group,
                        decode_group=None if decode_group < 0 else decode_group)
     cache = BoundedCache(model, SINKS_POLICY)
@@ -207,7 +283,25 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
             return attend(layer, query, key, value, scaling)
 
         session.attend = recording
-        prefill = forward(model, prompt, cache, logits_to_keep=1)
+
+        def configure(variant: dict) -> None:
+            """The session's config and gate under a variant."""
+            session.config = replace(config, **variant.get("config", {}))
+            bias = variant.get("memory_bias")
+            session.gate = None if bias is None else MemoryBias.load(MEMORY_BIAS) if bias == "trained" else MemoryBias(
+                torch.full_like(MemoryBias.initial(model).bias, bias))
+
+        if prefill_variant:
+            under = catalogue(n_layers)[prefill_variant][0]
+            VARIANT.update(under, needle=needle)
+            configure(under)
+            blocks_module.BlockStore.scores = patched_scores
+        blocks_module.BlockStore.best = recording_best
+        try:
+            prefill = forward(model, prompt, cache, logits_to_keep=1)
+        finally:
+            blocks_module.BlockStore.scores, blocks_module.BlockStore.best = ORIGINAL_SCORES, ORIGINAL_BEST
+            configure({})
         print(f"prefill done {time.time() - started:.0f} s", flush=True)
         saved = ([snapshot(layer) for layer in cache.layers], {k: snapshot(s) for k, s in session.stores.items()},
                  snapshot(session))
@@ -220,7 +314,7 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
                 restore(session.stores[k], s)
             restore(session, saved[2])
             session.reused, session.held = {}, {}
-            session.config = replace(config, **variant.get("config", {}))
+            configure(variant)
 
         def decode(variant: dict, name: str) -> dict:
             reset(variant)
@@ -247,22 +341,17 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
                                    logits_to_keep=1).logits[0, -1]
             finally:
                 blocks_module.BlockStore.scores = ORIGINAL_SCORES
-            text = tokenizer.decode(answer_tokens, skip_special_tokens=True)
-            word_lp = logprobs[-answer_size - 1:-1]  # the needle's tokens, before the final "."
-            row = {"variant": name, "answer": text, "correct": word in text,
-                   "teacher_forced": logprobs, "digit_logprob_sum": sum(lp for _, lp, _ in word_lp),
-                   "digits_argmax": all(t == a for t, _, a in word_lp)}
-            print(json.dumps({k: v for k, v in row.items() if k != "teacher_forced"}),
-                  [f"{t!r}:{lp:.2f}/{a!r}" for t, lp, a in logprobs], flush=True)
-            return row
+            return answer_row(name, tokenizer.decode(answer_tokens, skip_special_tokens=True), logprobs, word,
+                              answer_size)
 
         variants = [catalogue(n_layers)[v] for v in variant_names.split(",")]
-        rows = [decode(v, name) for v, name in variants]
+        rows += [decode(v, name) for v, name in variants]
         print(f"decoding variants done {time.time() - started:.0f} s", flush=True)
         if not rank_tables:
             path = Path(RESULTS) / f"{out}.json"
             path.write_text(json.dumps({"kind": kind, "length": length, "depth": depth, "prompt_tokens": len(ids),
                                         "needle_index": start, "config": repr(config), "variants": rows,
+                                        "prefill_variant": prefill_variant,
                                         "seconds": time.time() - started}, indent=1) + "\n")
             print(f"wrote {path}; {time.time() - started:.0f} s")
             return

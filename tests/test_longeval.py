@@ -350,11 +350,24 @@ def test_needle_diag_finds_the_needles_tokens_of_either_kind(needle_diag, senten
         needle_diag.word_span(tokenizer, ids, "falcon-copper")
 
 
+@pytest.mark.parametrize("before, after, expected", [
+    (0, 0, [[0.0, 5.0, 1.0, 2.0, 9.0]]),
+    (0, 1, [[0.0, 5.0, 5.0, 2.0, 9.0]]),  # the block after a found one scores as it
+    (1, 0, [[5.0, 5.0, 2.0, 9.0, 9.0]]),
+    (1, 1, [[5.0, 5.0, 5.0, 9.0, 9.0]]),
+    (0, 2, [[0.0, 5.0, 5.0, 5.0, 9.0]]),
+])
+def test_needle_diag_spreads_a_blocks_score_to_its_neighbours(needle_diag, before, after, expected):
+    scores = torch.tensor([[0.0, 5.0, 1.0, 2.0, 9.0]])
+    assert needle_diag.spread(scores, before, after).tolist() == expected
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kind", "passwort"], "unknown kind 'passwort'"),
     (["--page", "no-such-page"], "no docs page 'no-such-page'"),
     (["--variants", "rerank192,oracel"], "unknown variant 'oracel'; known: exact, rerank32"),
     (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
+    (["--prefill-variant", "alll"], "unknown variant 'alll'; known: exact, rerank32"),
 ])
 def test_needle_diag_rejects_bad_options_before_loading_the_model(needle_diag, args, message):
     """bench/needle_diag.py prefills minutes of tokens before it decodes: a bad kind, page, variant or depth fails
