@@ -84,6 +84,24 @@ def spread(scores: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return padded.unfold(-1, before + after + 1, 1).amax(-1)
 
 
+def sinks_first(session, layer: int, key: torch.Tensor, decoding: bool) -> torch.Tensor:
+    """The local keys [1, kv, n, d] with the sinks' keys rotated to sit before the retrieved run of "ordered" positions
+    (which takes the positions just before the window's oldest entry, and after a re-base lies below the sinks'
+    0..3), so that the sinks stay the farthest entries, as in the stream."""
+    cl, store, config = session.cache.layers[layer], session.stores[layer], session.config
+    sinks = cl.view_tokens < SINKS_POLICY.sinks
+    if not store.count or not sinks.any():
+        return key
+    base = int(cl.view_positions[cl.view_tokens > store.last_token].min())
+    top = (config.decode_top_blocks or config.top_blocks) if decoding else config.top_blocks
+    shift = min(0, base - min(store.count, top * store.block) - int(sinks.sum()))
+    if not shift:
+        return key
+    key = key.clone()
+    key[:, :, sinks] = session.cache.rotate(key[:, :, sinks], torch.full((int(sinks.sum()),), shift))
+    return key
+
+
 def answer_row(name: str, text: str, logprobs: list, word: str, answer_size: int) -> dict:
     """A variant's result: its greedy answer, the teacher-forced (token, log p, argmax) rows, and the needle tokens'
     (`answer_size`, before the final ".") summed log-probability and whether each is the argmax; printed too."""
@@ -216,6 +234,10 @@ def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
             {"config": {**exact, "decode_candidates": 192, "top_blocks": n}, "prompt_blocks": True},
             f"every step, the prompt's last retrieved blocks forced, {n} attended (the rest: rerank 192)")
            for n in (16, 24, 32)},
+        "sinks-first": ({"config": {**exact, "decode_candidates": 192}, "sinks_first": True},
+                        "every step, every key of the 192 best blocks by rep keys, the sinks before the retrieved run"),
+        "all-sinks-first": ({"config": {**exact, "top_blocks": 1 << 20}, "sinks_first": True},
+                            "every step, every block stored attended, the sinks before them"),
         "all": ({"config": {**exact, "top_blocks": 1 << 20}}, "every step, every block stored attended"),
         "main": ({}, "as configured"),
         "every": ({"config": every}, "search every step"),
@@ -243,7 +265,8 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
          page: str = "multiprocessing",
          kind: Annotated[str, typer.Option(help="passcode (4 digits) or passphrase (a word)")] = "passcode",
          prefill_variant: Annotated[str, typer.Option(help="a variant the prefill runs under too")] = "",
-         full: Annotated[bool, typer.Option(help="also full attention (no bounded cache)")] = False) -> None:
+         full: Annotated[bool, typer.Option(help="also full attention (no bounded cache)")] = False,
+         precision: Annotated[str, typer.Option(help="stored keys and values: float16 or float32")] = "float16") -> None:
     started = time.time()
     check_needle(kind, page)
     unknown = [v for v in [*variant_names.split(","), *filter(None, [prefill_variant])] if v not in catalogue(0)]
@@ -263,7 +286,7 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
 
     rows = [answer_row("full attention", *full_attention(model, tokenizer, prompt, target), word, answer_size)
             ] if full else []
-    config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group,
+    config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group, precision=precision,
                        decode_group=None if decode_group < 0 else decode_group)
     cache = BoundedCache(model, SINKS_POLICY)
     n_layers, budget = len(cache.layers), SINKS_POLICY.budget
@@ -276,6 +299,8 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
 
         def recording(layer, query, key, value, scaling):
             cl = cache.layers[layer]
+            if VARIANT.get("sinks_first"):
+                key = sinks_first(session, layer, key, decoding=query.shape[2] == 1)
             q = query.shape[2]
             if layer not in qpre:
                 qpre[layer] = torch.zeros(query.shape[1], total, query.shape[3], dtype=torch.float16)

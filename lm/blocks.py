@@ -24,7 +24,9 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
   be within the trained range; "hybrid": a retrieved token keeps its true distance while that is below
   max_position_embeddings - retrieved tokens, and the farther ones take, in stream order, the
   positions at the range's far edge; "absolute": true distances, even past the trained range (for
-  comparison).
+  comparison). Known limit (bench/results/longctx.md section 18): after a re-base the sinks sit at positions
+  0..n-1 and a long "ordered" run below them, so the sinks look nearer than memory; with every block retrieved
+  at 8K that costs full attention's answer, which the sinks rotated before the run restore (not done here yet).
 - Attend: the retrieved tokens join the local entries in one softmax ("joint"), or with a learned
   per-head bias on their logits ("gated", `lm.gate.MemoryBias`; its initial value 0 is exactly joint).
 
