@@ -20,7 +20,9 @@ un-rotated (pre-RoPE). Then:
    Section 18's variants: a block scoring as its neighbours (`-after1`, `-before1`, `-around1`, `-after2`), hybrid
    or absolute positions, the prompt's first blocks forced (`-headH`), a bias on the memory logits (`-biasB`,
    `-biastrained`: the shipped `MemoryBias`), the prompt's last retrieved blocks forced (`prompt-blocks`), every
-   block (`all`). `--prefill-variant V` runs the prefill under a variant too.
+   block (`all`), the sinks' keys rotated before the retrieved run (`sinks-first`, `all-sinks-first`).
+   `--prefill-variant V` runs the prefill under a variant too; `--full` adds full attention's answer and
+   teacher-forced rows; `--precision` sets the stored keys' dtype. Every option is checked before the model loads.
 
 Prints tables and writes bench/results/NAME.json.
 """
@@ -41,9 +43,11 @@ from lm import blocks as blocks_module
 from lm.attention import attach
 from lm.cache import BoundedCache, forward
 from lm.gate import MemoryBias
-from lm.knn_config import KnnConfig
-from lm.longeval import needle_prompt
+from lm.knn_config import KnnConfig, check_options
+from lm.longeval import answer, needle_prompt
 from lm.model import load_model
+from lm.policies import Full
+from memsvc.contract import InvalidInput
 
 app = typer.Typer(pretty_exceptions_enable=False)
 ORIGINAL_SCORES = blocks_module.BlockStore.scores
@@ -115,12 +119,12 @@ def answer_row(name: str, text: str, logprobs: list, word: str, answer_size: int
 
 
 def full_attention(model, tokenizer, prompt: torch.Tensor, target: list[int]) -> tuple[str, list]:
-    """Full attention's greedy answer (12 tokens, as the bench) and teacher-forced rows for the answer `target`."""
+    """Full attention's greedy answer (the bench's own trial, `lm.longeval.answer`) and teacher-forced rows for the
+    answer `target`."""
     with torch.inference_mode():
         ids = torch.cat([prompt, torch.tensor([target])], 1)
         lp = torch.log_softmax(model(input_ids=ids, logits_to_keep=len(target) + 1).logits[0, :-1].float(), -1)
-        greedy = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
-    return (tokenizer.decode(greedy, skip_special_tokens=True),
+    return (answer(model, tokenizer, prompt, Full()),
             [(tokenizer.decode(t), float(lp[i, t]), tokenizer.decode(int(lp[i].argmax()))) for i, t in enumerate(target)])
 
 
@@ -272,6 +276,12 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
     unknown = [v for v in [*variant_names.split(","), *filter(None, [prefill_variant])] if v not in catalogue(0)]
     if unknown:
         raise typer.BadParameter(f"unknown variant {unknown[0]!r}; known: {', '.join(catalogue(0))}")
+    config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group, precision=precision,
+                       decode_group=None if decode_group < 0 else decode_group)
+    try:
+        check_options(config)
+    except InvalidInput as e:
+        raise typer.BadParameter(e.message) from None
     word, *planted = needle_of(kind, depth)
     model, tokenizer = load_model()
     prompt = needle_prompt(tokenizer, (DOCS / f"{page}.rst.txt").read_text(), length, depth, word, *planted)
@@ -286,8 +296,6 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
 
     rows = [answer_row("full attention", *full_attention(model, tokenizer, prompt, target), word, answer_size)
             ] if full else []
-    config = KnnConfig(blocks=blocks, top_blocks=top_blocks, rep_keys=rep_keys, query_group=query_group, precision=precision,
-                       decode_group=None if decode_group < 0 else decode_group)
     cache = BoundedCache(model, SINKS_POLICY)
     n_layers, budget = len(cache.layers), SINKS_POLICY.budget
     total = len(ids) + max(len(target), 12) + 1

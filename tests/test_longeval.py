@@ -368,6 +368,8 @@ def test_needle_diag_spreads_a_blocks_score_to_its_neighbours(needle_diag, befor
     (["--variants", "rerank192,oracel"], "unknown variant 'oracel'; known: exact, rerank32"),
     (["--depth", "1.5"], "Invalid value for '--depth': Input should be less than or equal to 1"),
     (["--prefill-variant", "alll"], "unknown variant 'alll'; known: exact, rerank32"),
+    (["--precision", "float64"], "block memory precision must be 'float16' or"),
+    (["--top-blocks", "0"], "retrieved blocks must be a positive integer, got 0"),
 ])
 def test_needle_diag_rejects_bad_options_before_loading_the_model(needle_diag, args, message):
     """bench/needle_diag.py prefills minutes of tokens before it decodes: a bad kind, page, variant or depth fails
