@@ -20,7 +20,8 @@ un-rotated (pre-RoPE). Then:
    Section 18's variants: a block scoring as its neighbours (`-after1`, `-before1`, `-around1`, `-after2`), hybrid
    or absolute positions, the prompt's first blocks forced (`-headH`), a bias on the memory logits (`-biasB`,
    `-biastrained`: the shipped `MemoryBias`), the prompt's last retrieved blocks forced (`prompt-blocks`), every
-   block (`all`), the sinks' keys rotated before the retrieved run (`sinks-first`, `all-sinks-first`).
+   block (`all`), the sinks kept where the cache has them, as before `BlockMemoryAttention.sinks_below`
+   (`sinks-cached`, `all-sinks-cached`; before that change section 18 ran the reverse as `sinks-first`).
    `--prefill-variant V` runs the prefill under a variant too; `--full` adds full attention's answer and
    teacher-forced rows; `--precision` sets the stored keys' dtype. Every option is checked before the model loads.
 
@@ -86,24 +87,6 @@ def spread(scores: torch.Tensor, before: int, after: int) -> torch.Tensor:
         return scores
     padded = torch.nn.functional.pad(scores, (after, before), value=-torch.inf)
     return padded.unfold(-1, before + after + 1, 1).amax(-1)
-
-
-def sinks_first(session, layer: int, key: torch.Tensor, decoding: bool) -> torch.Tensor:
-    """The local keys [1, kv, n, d] with the sinks' keys rotated to sit before the retrieved run of "ordered" positions
-    (which takes the positions just before the window's oldest entry, and after a re-base lies below the sinks'
-    0..3), so that the sinks stay the farthest entries, as in the stream."""
-    cl, store, config = session.cache.layers[layer], session.stores[layer], session.config
-    sinks = cl.view_tokens < SINKS_POLICY.sinks
-    if not store.count or not sinks.any():
-        return key
-    base = int(cl.view_positions[cl.view_tokens > store.last_token].min())
-    top = (config.decode_top_blocks or config.top_blocks) if decoding else config.top_blocks
-    shift = min(0, base - min(store.count, top * store.block) - int(sinks.sum()))
-    if not shift:
-        return key
-    key = key.clone()
-    key[:, :, sinks] = session.cache.rotate(key[:, :, sinks], torch.full((int(sinks.sum()),), shift))
-    return key
 
 
 def answer_row(name: str, text: str, logprobs: list, word: str, answer_size: int) -> dict:
@@ -238,10 +221,10 @@ def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
             {"config": {**exact, "decode_candidates": 192, "top_blocks": n}, "prompt_blocks": True},
             f"every step, the prompt's last retrieved blocks forced, {n} attended (the rest: rerank 192)")
            for n in (16, 24, 32)},
-        "sinks-first": ({"config": {**exact, "decode_candidates": 192}, "sinks_first": True},
-                        "every step, every key of the 192 best blocks by rep keys, the sinks before the retrieved run"),
-        "all-sinks-first": ({"config": {**exact, "top_blocks": 1 << 20}, "sinks_first": True},
-                            "every step, every block stored attended, the sinks before them"),
+        "sinks-cached": ({"config": {**exact, "decode_candidates": 192}, "sinks_cached": True},
+                         "every step, every key of the 192 best blocks by rep keys, the sinks where the cache keeps them"),
+        "all-sinks-cached": ({"config": {**exact, "top_blocks": 1 << 20}, "sinks_cached": True},
+                             "every step, every block stored attended, the sinks where the cache keeps them"),
         "all": ({"config": {**exact, "top_blocks": 1 << 20}}, "every step, every block stored attended"),
         "main": ({}, "as configured"),
         "every": ({"config": every}, "search every step"),
@@ -307,8 +290,6 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
 
         def recording(layer, query, key, value, scaling):
             cl = cache.layers[layer]
-            if VARIANT.get("sinks_first"):
-                key = sinks_first(session, layer, key, decoding=query.shape[2] == 1)
             q = query.shape[2]
             if layer not in qpre:
                 qpre[layer] = torch.zeros(query.shape[1], total, query.shape[3], dtype=torch.float16)
@@ -316,6 +297,9 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
             return attend(layer, query, key, value, scaling)
 
         session.attend = recording
+        sinks_below = session.sinks_below
+        session.sinks_below = lambda layer, key, *args: key if VARIANT.get("sinks_cached") else sinks_below(layer, key,
+                                                                                                           *args)
 
         def configure(variant: dict) -> None:
             """The session's config and gate under a variant."""

@@ -22,11 +22,11 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
   before the oldest window entry, contiguous and block-internal order kept: the farthest is at most
   budget + block of queries + retrieved tokens from any query, which `check_block_config` requires to
   be within the trained range; "hybrid": a retrieved token keeps its true distance while that is below
-  max_position_embeddings - retrieved tokens, and the farther ones take, in stream order, the
-  positions at the range's far edge; "absolute": true distances, even past the trained range (for
-  comparison). Known limit (bench/results/longctx.md section 18): after a re-base the sinks sit at positions
-  0..n-1 and a long "ordered" run below them, so the sinks look nearer than memory; with every block retrieved
-  at 8K that costs full attention's answer, which the sinks rotated before the run restore (not done here yet).
+  max_position_embeddings - retrieved tokens - sinks, and the farther ones take, in stream order, the
+  positions at the range's far edge (beyond the sinks'); "absolute": true distances, even past the trained
+  range (for comparison). In every mode the view's entries older than all of memory (the sinks) are rotated
+  to sit just below the lowest position memory uses, as in the stream (`sinks_below`): with all the history
+  retrieved and no re-base, each mode is then full attention.
 - Attend: the retrieved tokens join the local entries in one softmax ("joint"), or with a learned
   per-head bias on their logits ("gated", `lm.gate.MemoryBias`; its initial value 0 is exactly joint).
 
@@ -319,6 +319,17 @@ class BlockMemoryAttention:
         g = heads // kv
         cache_layer = self.cache.layers[layer]
         tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
+        group = self.config.query_group or q
+        batched = q > group and self.stores[layer].count and batch_groups(query.device)
+        if batched:
+            mem_logits, grouped_values, nearest = self.retrieve_groups(layer, query[0], positions[-q:], tokens,
+                                                                       positions, scaling, group)
+        else:
+            retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
+                                       tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values, lowest position
+            mem_logits = join([logits for logits, _, _ in retrieved], 2)
+            nearest = min(lowest for _, _, lowest in retrieved)
+        key = self.sinks_below(layer, key, tokens, positions, nearest)
         seen = cache_layer.in_view(q)  # [q, n]
         pending = (tokens[None, :] <= tokens[-q:, None]) & ~seen  # leaving the window during this forward
         heads_seen = cache_layer.head_mask(q)
@@ -327,16 +338,6 @@ class BlockMemoryAttention:
         local = local.masked_fill(~allowed, -torch.inf)
         distance = positions[-q:, None] - positions[None, :]
         self.max_distance = max(self.max_distance, int(distance[seen | pending].max()))
-
-        group = self.config.query_group or q
-        batched = q > group and self.stores[layer].count and batch_groups(query.device)
-        if batched:
-            mem_logits, grouped_values = self.retrieve_groups(layer, query[0], positions[-q:], tokens, positions,
-                                                              scaling, group)
-        else:
-            retrieved = [self.retrieve(layer, query[0, :, start:start + group], positions[-q:][start:start + group],
-                                       tokens, positions, scaling) for start in range(0, q, group)]  # each group of queries: logits [kv, g, group, r], values
-            mem_logits = join([logits for logits, _ in retrieved], 2)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
@@ -344,7 +345,7 @@ class BlockMemoryAttention:
             padded = pad_queries(weights[..., n:], group, 2)  # [kv, g, G, group, r]
             mem_out = torch.einsum("kgnqr,knrd->kgnqd", padded, grouped_values).flatten(2, 3)[:, :, :q]
         else:
-            mem_out = join([per_kv_head(w, values) for w, (_, values)
+            mem_out = join([per_kv_head(w, values) for w, (_, values, _)
                             in zip(weights[..., n:].split(group, 2), retrieved, strict=True)], 2)
         out = per_kv_head(weights[..., :n], value[0]) + mem_out
         if cache_layer.wants_attention:  # the policy ranks entries by the local attention they receive
@@ -361,12 +362,14 @@ class BlockMemoryAttention:
         g = heads // kv
         cache_layer = self.cache.layers[layer]
         tokens, positions = cache_layer.view_tokens, cache_layer.view_positions
+        mem_logits, values, nearest = self.retrieve(layer, query[0], positions[-1:], tokens, positions, scaling,
+                                                    decoding=True)
+        key = self.sinks_below(layer, key, tokens, positions, nearest)
         local = (query[0].reshape(kv, g, d) @ key[0].transpose(-1, -2) * scaling).view(kv, g, 1, n)
         heads_seen = cache_layer.head_mask(1)
         if heads_seen is not None:
             local = local.masked_fill(~heads_seen.view(kv, g, 1, n), -torch.inf)
         self.max_distance = max(self.max_distance, int(positions[-1] - positions.min()))
-        mem_logits, values = self.retrieve(layer, query[0], positions[-1:], tokens, positions, scaling, decoding=True)
         if self.gate is not None:
             mem_logits = mem_logits + self.gate.bias[layer].view(kv, g, 1, 1).to(mem_logits.dtype)
         weights = torch.cat([local, mem_logits], -1).softmax(-1)
@@ -376,28 +379,30 @@ class BlockMemoryAttention:
         return out.view(1, 1, heads, d)
 
     def retrieve(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
-                 positions: torch.Tensor, scaling: float, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor, scaling: float, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Logits [kv, g, q, r] (-inf on empty slots) and values [kv, r, d] of the blocks retrieved for the
         queries [heads, q, d] rotated at positions `at` [q] (some of the view's last positions; `place` frames
-        the retrieved keys by the view's `tokens` and `positions`); r = 0 while memory is empty. `decoding`: the
-        forward is one decoding step (see `fetch`)."""
+        the retrieved keys by the view's `tokens` and `positions`), and the lowest position they use; r = 0
+        while memory is empty (the position is then the newest query's). `decoding`: the forward is one decoding
+        step (see `fetch`)."""
         heads, q, d = query.shape
         store = self.stores[layer]
         if not store.count:
             kv = self.cache.layers[layer].keys.shape[1]
-            return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d)
+            return query.new_zeros(kv, heads // kv, q, 0), query.new_zeros(kv, 0, d), int(positions[-1])
         kv = store.keys.shape[0]
         rotated, values, bias, nearest = self.fetch(layer, query, at, tokens, positions, decoding)
         logits = per_kv_head(query.reshape(kv, heads // kv, q, d), rotated.transpose(-1, -2))
         self.max_distance = max(self.max_distance, self.last_position - nearest)
-        return torch.add(bias[:, None, None, :], logits, alpha=scaling), values  # = logits * scaling, -inf where empty
+        return torch.add(bias[:, None, None, :], logits, alpha=scaling), values, nearest  # logits * scaling, -inf where empty
 
     def retrieve_groups(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
-                        positions: torch.Tensor, scaling: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        positions: torch.Tensor, scaling: float, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """`retrieve` for every group of `group` consecutive queries of a forward at once, queries [heads, q, d] at
         positions `at` [q] (memory not empty): one batched search, gather and rotation for the G = ceil(q / group)
         groups, where the loop of `attend` would wait on each group's search (on an accelerator, `batch_groups`).
-        Each group retrieves its own blocks, as in the loop: logits [kv, g, q, r] and values [kv, G, r, d]."""
+        Each group retrieves its own blocks, as in the loop: logits [kv, g, q, r], values [kv, G, r, d] and the
+        lowest position any group's keys use."""
         heads, q, d = query.shape
         store = self.stores[layer]
         kv = store.keys.shape[0]
@@ -420,14 +425,14 @@ class BlockMemoryAttention:
         else:
             found, valid = store.entries(chosen)  # [kv, G, r]
             placed = self.place(found.view(kv * groups, r), valid.view(kv * groups, r), tokens, positions,
-                                store.last_token).view(kv, groups, r)
+                                store).view(kv, groups, r)
             nearest = int(placed[valid].min())
             keys = self.cache.rotate(keys, placed, dtype=query.dtype)[0]
             bias.masked_fill_(~valid[:, :, None], -torch.inf)
         self.max_distance = max(self.max_distance, self.last_position - nearest)
         logits = torch.einsum("kgnqd,knrd->kgnqr", pad_queries(query.reshape(kv, g, q, d), group, 2), keys)
         logits = torch.add(bias[:, None], logits, alpha=scaling).flatten(2, 3)[:, :, :q]
-        return logits, values.view(kv, groups, r, d).to(query.dtype)
+        return logits, values.view(kv, groups, r, d).to(query.dtype), nearest
 
     def fetch(self, layer: int, query: torch.Tensor, at: torch.Tensor, tokens: torch.Tensor,
               positions: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -482,7 +487,7 @@ class BlockMemoryAttention:
                                                  dtype=query.dtype)
         else:
             found, valid = store.entries(chosen)
-            placed = self.place(found, valid, tokens, positions, store.last_token)  # [kv, r]
+            placed = self.place(found, valid, tokens, positions, store)  # [kv, r]
             nearest = int(placed[valid].min())
             keys = self.cache.rotate(keys, placed, out=None if into_keys is None else into_keys[None, :, :r],
                                      dtype=query.dtype)[0]
@@ -529,19 +534,47 @@ class BlockMemoryAttention:
         return held
 
     def place(self, found: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-              newest_stored: int) -> torch.Tensor:
-        """Positions [kv, r] (int64) for the retrieved stream indices `found` [kv, r] (stream order within each
-        row), in the frame of the view's `positions`, per `config.positions` (see the module)."""
+              store: BlockStore) -> torch.Tensor:
+        """Positions [kv, r] (int64) for the entries of `store` retrieved, stream indices `found` [kv, r] (stream
+        order within each row), in the frame of the view's `positions`, per `config.positions` (see the module;
+        "hybrid" leaves the range's farthest distances to the view's entries older than all of memory, the sinks,
+        which `sinks_below` puts there)."""
         offset = int(positions[-1] - tokens[-1])  # position - stream index of this forward's queries
         mode = self.config.positions
         if mode == "absolute":
             return found + offset
         if mode == "ordered":
-            base = positions[tokens > newest_stored].min()  # the oldest entry newer than all of memory
+            base = positions[tokens > store.last_token].min()  # the oldest entry newer than all of memory
             return base - valid.sum(-1, keepdim=True) + valid.cumsum(-1) - 1
-        far = valid & (tokens[-1] - found >= self.trained - self.retrieved)
-        edge = positions[-1] - self.trained + far.cumsum(-1)  # distances trained - 1, trained - 2, ...
+        sinks = int((tokens < store.tokens[0]).sum())
+        far = valid & (tokens[-1] - found >= self.trained - self.retrieved - sinks)
+        edge = positions[-1] - self.trained + sinks + far.cumsum(-1)  # distances trained - sinks - 1, ... - 2, ...
         return torch.where(far, edge, found + offset)
+
+    def sinks_below(self, layer: int, key: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                    nearest: int) -> torch.Tensor:
+        """The local keys [1, kv, n, d] (view stream indices `tokens` and `positions` [n]) with the entries older
+        than all of the layer's memory, the sinks, rotated by one shift so that the newest sits just below
+        `nearest`, the lowest position the retrieved keys use, where it sits at or above it (a copy; else `key`).
+
+        In the stream the sinks are the farthest tokens; after a re-base the cache keeps them at 0..n-1, and an
+        "ordered" run of retrieved tokens, put just before the window, reaches below them, so that the sinks look
+        nearer than memory (bench/results/longctx.md section 18: at 8K tokens, every block retrieved, that cost
+        full attention's answer). Below the run they stay within the reach `check_block_config` requires (budget
+        + period + retrieved counts them), and with every block retrieved "ordered" is full attention again."""
+        store = self.stores[layer]
+        if not store.count:
+            return key
+        sinks = tokens < store.tokens[0]
+        if not sinks.any():
+            return key
+        shift = nearest - 1 - int(positions[sinks].max())
+        if shift >= 0:
+            return key
+        key = key.clone()
+        key[:, :, sinks] = self.cache.rotate(key[:, :, sinks], torch.full((int(sinks.sum()),), shift))
+        self.max_distance = max(self.max_distance, int(positions[-1]) - int(positions[sinks].min()) - shift)
+        return key
 
     def close(self) -> None:
         """End the session: drop its stores."""

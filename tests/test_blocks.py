@@ -52,6 +52,11 @@ def run(model, ids, policy, config, gate=None, token_by_token=False, inspect=Non
     return logits
 
 
+def keep_sinks_cached(monkeypatch) -> None:
+    """Block memory as before `sinks_below`: the sinks at the positions the cache keeps them."""
+    monkeypatch.setattr(blocks.BlockMemoryAttention, "sinks_below", lambda self, layer, key, *args: key)
+
+
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, token_by_token):
     seen = {}
@@ -76,11 +81,14 @@ def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, toke
 @pytest.mark.parametrize("positions, query_group", [("ordered", 0), ("hybrid", 0), ("absolute", 0), ("ordered", 3),
                                                     ("hybrid", 4)])
 @pytest.mark.parametrize("token_by_token", [False, True])
-def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token):
-    """Reference: full attention. With no sinks, all of the history retrieved and in-range true distances,
-    every position scheme puts each past token at its true distance from the query."""
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token, sinks):
+    """Reference: full attention. With all of the history retrieved and in-range true distances, every position
+    scheme puts each past token at its true distance from the query, through the cache's re-bases (period 10:
+    before tokens 19, 29, ...) that leave the sinks at positions 0, 1: they are rotated back below the retrieved
+    run, where the stream has them (before, the sinks kept 0, 1 and every mode failed this)."""
     config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32", query_group=query_group)
-    logits = run(model, ids, Window(8), config, token_by_token=token_by_token)
+    logits = run(model, ids, Window(8, sinks), config, token_by_token=token_by_token)
     with torch.inference_mode():
         full = model(input_ids=ids).logits
     assert torch.allclose(logits, full, atol=1e-4)
@@ -176,27 +184,34 @@ def test_named_decode_searches_set_the_decoding_fields():
     assert err.value.field == "decode_search"
 
 
-def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
+def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids, monkeypatch):
     """Token-by-token decoding with the default shape (fp16 store, 4 representative keys, query groups of 4,
-    partial blocks) at blocks of 4, 2 retrieved: the logits recorded at commit f64d82d, before the RoPE tables,
-    the whole-block gather and the reused retrieval buffers; and computing the cos/sin per rotation (no tables)
-    gives the same logits bit for bit."""
-    logits = {}
-    for tables in (True, False):
-        cache = BoundedCache(model, Window(8, 2))
-        cache.rotary.cached = tables
-        old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False)  # the path recorded
-        with attach(model, cache, old) as session, torch.inference_mode():
-            logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
-                                        for i in range(N)], 1)
-            assert session.searches == 32 and bool(cache.rotary.tables) == tables
-    recorded = torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
-                             [0.0304408744, -0.0377437957], [-0.1439056098, 0.2601769269],
-                             [-0.1034009531, 0.1912996173], [-0.3011971116, 0.3267478347]])
-    # recorded on an Intel Xeon; other CPUs' float kernels differ by a few 1e-6 (AMD EPYC: 4.4e-6), a change of the
-    # retrieval or the positions by far more
-    assert torch.allclose(logits[True][0, 12::8, :2], recorded, atol=2e-5)
-    assert torch.equal(logits[True], logits[False])
+    partial blocks) at blocks of 4, 2 retrieved: with the sinks left where the cache keeps them, the logits
+    recorded at commit f64d82d, before the RoPE tables, the whole-block gather and the reused retrieval buffers;
+    with the sinks rotated below memory (`sinks_below`), the logits recorded when that came; and computing the
+    cos/sin per rotation (no tables) gives the same logits bit for bit."""
+    recorded = {"cached": torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
+                                        [0.0304408744, -0.0377437957], [-0.1439056098, 0.2601769269],
+                                        [-0.1034009531, 0.1912996173], [-0.3011971116, 0.3267478347]]),
+                "below": torch.tensor([[-0.0747662410, 0.0841830075], [0.0930999964, -0.0292629041],
+                                       [0.0304685421, -0.0377270132], [-0.1438564360, 0.2603355944],
+                                       [-0.1035600305, 0.1911526769], [-0.3016028404, 0.3267631531]])}
+    for sinks in ("below", "cached"):
+        if sinks == "cached":
+            keep_sinks_cached(monkeypatch)
+        logits = {}
+        for tables in (True, False):
+            cache = BoundedCache(model, Window(8, 2))
+            cache.rotary.cached = tables
+            old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False)  # the path recorded
+            with attach(model, cache, old) as session, torch.inference_mode():
+                logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
+                                            for i in range(N)], 1)
+                assert session.searches == 32 and bool(cache.rotary.tables) == tables
+        # recorded on an Intel Xeon; other CPUs' float kernels differ by a few 1e-6 (AMD EPYC: 4.4e-6), a change of
+        # the retrieval or the positions by far more
+        assert torch.allclose(logits[True][0, 12::8, :2], recorded[sinks], atol=2e-5)
+        assert torch.equal(logits[True], logits[False])
 
 
 @pytest.mark.parametrize("positions", ["ordered", "hybrid"])
@@ -231,12 +246,12 @@ def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tok
             pass
         tokens, positions = cache.layers[0].view_tokens, cache.layers[0].view_positions
         found = torch.tensor([[100, 101, 180, 181], [30, 31, 160, 161]])
-        placed = session.place(found, torch.ones_like(found, dtype=torch.bool), tokens, positions, 189)
+        placed = session.place(found, torch.ones_like(found, dtype=torch.bool), tokens, positions, session.stores[0])
     last_token, last_pos = int(tokens[-1]), int(positions[-1])
     distance = last_pos - placed
-    near = last_token - found < 64 - 16  # true distance inside the range, minus room for 16 retrieved tokens
+    near = last_token - found < 64 - 16 - 2  # true distance inside the range, minus room for 16 retrieved + 2 sinks
     assert torch.equal(distance[near], (last_token - found)[near])  # exact
-    assert distance[~near].tolist() == [63, 62, 63, 62]  # far ones at the range's edge, in stream order
+    assert distance[~near].tolist() == [61, 60, 61, 60]  # far ones at the range's edge beyond the sinks, in stream order
 
 
 def test_block_scores_are_max_and_mean_of_each_blocks_keys():
@@ -389,19 +404,32 @@ def test_the_batched_group_search_gives_the_loops_logits(model, ids, config, mon
     assert not torch.allclose(batched, run(model, ids, Window(8, 2), None), atol=1e-3)  # memory is used
 
 
-def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids):
+def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids, monkeypatch):
     """Token-by-token decoding with the two-stage search (3 candidates of up to 13 blocks) and with every block by
-    every key: the logits recorded at main fd34e0a, before the search lost its slot masks and its float16 copies
-    (rotation from the stored float16, the partial block's tail masked in place)."""
-    recorded = {3: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067], [-0.0164333358, -0.0306702629],
-                    [-0.1952336729, 0.232403934], [-0.1256097555, 0.1202821508], [-0.3282838166, 0.3109373748]],
-                0: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067], [-0.0184029713, -0.0286027044],
-                    [-0.1457998008, 0.2199889421], [-0.1318034977, 0.137440145], [-0.3530369699, 0.3399874866]]}
-    for candidates, expected in recorded.items():
-        config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=candidates)
-        logits = run(model, ids, Window(8, 2), config, token_by_token=True)
-        # recorded on an Intel Xeon (other CPUs' float kernels differ by a few 1e-6, a change of the retrieval by far more)
-        assert torch.allclose(logits[0, 12::8, :2], torch.tensor(expected), atol=2e-5)
+    every key: with the sinks left where the cache keeps them, the logits recorded at main fd34e0a, before the
+    search lost its slot masks and its float16 copies (rotation from the stored float16, the partial block's tail
+    masked in place); with the sinks rotated below memory, the logits recorded when that came."""
+    recorded = {"below": {3: [[-0.0747662559, 0.0841830224], [0.1019416898, 0.0114816949],
+                              [-0.0163965002, -0.0306525007], [-0.1952972114, 0.2325066328],
+                              [-0.1258811504, 0.1199926957], [-0.3287109137, 0.3107489944]],
+                          0: [[-0.0747662559, 0.0841830224], [0.1019416898, 0.0114816949],
+                              [-0.0183638074, -0.0285855085], [-0.1458619386, 0.2201437503],
+                              [-0.1320606172, 0.1371857971], [-0.3534303010, 0.3398331404]]},
+                "cached": {3: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067],
+                               [-0.0164333358, -0.0306702629], [-0.1952336729, 0.232403934],
+                               [-0.1256097555, 0.1202821508], [-0.3282838166, 0.3109373748]],
+                           0: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067],
+                               [-0.0184029713, -0.0286027044], [-0.1457998008, 0.2199889421],
+                               [-0.1318034977, 0.137440145], [-0.3530369699, 0.3399874866]]}}
+    for sinks, by_candidates in recorded.items():
+        if sinks == "cached":
+            keep_sinks_cached(monkeypatch)
+        for candidates, expected in by_candidates.items():
+            config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=candidates)
+            logits = run(model, ids, Window(8, 2), config, token_by_token=True)
+            # recorded on an Intel Xeon (other CPUs' float kernels differ by a few 1e-6, a change of the retrieval by
+            # far more)
+            assert torch.allclose(logits[0, 12::8, :2], torch.tensor(expected), atol=2e-5)
 
 
 def test_two_stage_decoding_is_exact_with_every_block_a_candidate_and_rep_keys_with_top_blocks(model, ids):
