@@ -23,10 +23,11 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
   budget + block of queries + retrieved tokens from any query, which `check_block_config` requires to
   be within the trained range; "hybrid": a retrieved token keeps its true distance while that is below
   max_position_embeddings - retrieved tokens - sinks, and the farther ones take, in stream order, the
-  positions at the range's far edge (beyond the sinks'); "absolute": true distances, even past the trained
-  range (for comparison). In every mode the view's entries older than all of memory (the sinks) are rotated
-  to sit just below the lowest position memory uses, as in the stream (`sinks_below`): with all the history
-  retrieved and no re-base, each mode is then full attention.
+  positions at the range's far edge, next to the sinks (which take the farthest); "absolute": true
+  distances, even past the trained range (for comparison). In every mode the view's entries older than all
+  of memory (the sinks) are rotated to sit just below the lowest position memory uses, as in the stream
+  (`sinks_below`): with all the history retrieved (at in-range distances) each mode is then full attention,
+  through the cache's re-bases too.
 - Attend: the retrieved tokens join the local entries in one softmax ("joint"), or with a learned
   per-head bias on their logits ("gated", `lm.gate.MemoryBias`; its initial value 0 is exactly joint).
 

@@ -251,7 +251,7 @@ def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tok
     distance = last_pos - placed
     near = last_token - found < 64 - 16 - 2  # true distance inside the range, minus room for 16 retrieved + 2 sinks
     assert torch.equal(distance[near], (last_token - found)[near])  # exact
-    assert distance[~near].tolist() == [61, 60, 61, 60]  # far ones at the range's edge beyond the sinks, in stream order
+    assert distance[~near].tolist() == [61, 60, 61, 60]  # far ones at the range's edge next to the sinks, in stream order
 
 
 def test_block_scores_are_max_and_mean_of_each_blocks_keys():
