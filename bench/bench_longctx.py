@@ -128,6 +128,9 @@ SETTINGS: dict[str, Setting] = {
     "block-b32n16-r4": Setting(SINKS_POLICY, KnnConfig(blocks=32, top_blocks=16, rep_keys=4, **AS_MEASURED)),
     # issue 14, section 10: the default, searching at every decoding step (-d1), ranking by every key (-max)
     "memory-d1": Setting(SINKS_POLICY, KnnConfig(decode_group=1)),
+    # section 19: the default with the sinks rotated below the retrieved run (as in the stream)
+    "memory-sinks-below": Setting(SINKS_POLICY, KnnConfig(sink_positions="below")),
+    "memory-gated-sinks-below": Setting(SINKS_POLICY, KnnConfig(mode="gated", sink_positions="below")),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
     "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=0)),

@@ -20,8 +20,8 @@ un-rotated (pre-RoPE). Then:
    Section 18's variants: a block scoring as its neighbours (`-after1`, `-before1`, `-around1`, `-after2`), hybrid
    or absolute positions, the prompt's first blocks forced (`-headH`), a bias on the memory logits (`-biasB`,
    `-biastrained`: the shipped `MemoryBias`), the prompt's last retrieved blocks forced (`prompt-blocks`), every
-   block (`all`), the sinks kept where the cache has them, as before `BlockMemoryAttention.sinks_below`
-   (`sinks-cached`, `all-sinks-cached`; before that change section 18 ran the reverse as `sinks-first`).
+   block (`all`), the sinks rotated below the retrieved run (`KnnConfig.sink_positions` "below": `sinks-first`,
+   `all-sinks-first`).
    `--prefill-variant V` runs the prefill under a variant too; `--full` adds full attention's answer and
    teacher-forced rows; `--precision` sets the stored keys' dtype. Every option is checked before the model loads.
 
@@ -221,10 +221,10 @@ def catalogue(n_layers: int) -> dict[str, tuple[dict, str]]:
             {"config": {**exact, "decode_candidates": 192, "top_blocks": n}, "prompt_blocks": True},
             f"every step, the prompt's last retrieved blocks forced, {n} attended (the rest: rerank 192)")
            for n in (16, 24, 32)},
-        "sinks-cached": ({"config": {**exact, "decode_candidates": 192}, "sinks_cached": True},
-                         "every step, every key of the 192 best blocks by rep keys, the sinks where the cache keeps them"),
-        "all-sinks-cached": ({"config": {**exact, "top_blocks": 1 << 20}, "sinks_cached": True},
-                             "every step, every block stored attended, the sinks where the cache keeps them"),
+        "sinks-first": ({"config": {**exact, "decode_candidates": 192, "sink_positions": "below"}},
+                        "every step, every key of the 192 best blocks by rep keys, the sinks before the retrieved run"),
+        "all-sinks-first": ({"config": {**exact, "top_blocks": 1 << 20, "sink_positions": "below"}},
+                            "every step, every block stored attended, the sinks before them"),
         "all": ({"config": {**exact, "top_blocks": 1 << 20}}, "every step, every block stored attended"),
         "main": ({}, "as configured"),
         "every": ({"config": every}, "search every step"),
@@ -297,9 +297,6 @@ def main(length: Annotated[int, typer.Option(min=1)] = 16000,
             return attend(layer, query, key, value, scaling)
 
         session.attend = recording
-        sinks_below = session.sinks_below
-        session.sinks_below = lambda layer, key, *args: key if VARIANT.get("sinks_cached") else sinks_below(layer, key,
-                                                                                                           *args)
 
         def configure(variant: dict) -> None:
             """The session's config and gate under a variant."""

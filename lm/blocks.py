@@ -22,12 +22,13 @@ per-token memory (`lm.attention.attach(model, cache, KnnConfig(blocks=B, ...))`)
   before the oldest window entry, contiguous and block-internal order kept: the farthest is at most
   budget + block of queries + retrieved tokens from any query, which `check_block_config` requires to
   be within the trained range; "hybrid": a retrieved token keeps its true distance while that is below
-  max_position_embeddings - retrieved tokens - sinks, and the farther ones take, in stream order, the
-  positions at the range's far edge, next to the sinks (which take the farthest); "absolute": true
-  distances, even past the trained range (for comparison). In every mode the view's entries older than all
-  of memory (the sinks) are rotated to sit just below the lowest position memory uses, as in the stream
-  (`sinks_below`): with all the history retrieved (at in-range distances) each mode is then full attention,
-  through the cache's re-bases too.
+  max_position_embeddings - retrieved tokens (- sinks, "below"), and the farther ones take, in stream order,
+  the positions at the range's far edge (next to the sinks, which then take the farthest); "absolute": true
+  distances, even past the trained range (for comparison). The view's entries older than all of memory (the
+  sinks) stay where the cache keeps them (`KnnConfig.sink_positions` "kept", the default; after a re-base at
+  0..n-1, so that an "ordered" run may reach below them) or, "below", are rotated to sit just below the lowest
+  position memory uses, as in the stream (`sinks_below`): with all the history retrieved (at in-range
+  distances) each mode is then full attention, through the cache's re-bases too.
 - Attend: the retrieved tokens join the local entries in one softmax ("joint"), or with a learned
   per-head bias on their logits ("gated", `lm.gate.MemoryBias`; its initial value 0 is exactly joint).
 
@@ -538,8 +539,8 @@ class BlockMemoryAttention:
               store: BlockStore) -> torch.Tensor:
         """Positions [kv, r] (int64) for the entries of `store` retrieved, stream indices `found` [kv, r] (stream
         order within each row), in the frame of the view's `positions`, per `config.positions` (see the module;
-        "hybrid" leaves the range's farthest distances to the view's entries older than all of memory, the sinks,
-        which `sinks_below` puts there)."""
+        "hybrid" with the sinks "below" leaves the range's farthest distances to the view's entries older than all of
+        memory, the sinks, which `sinks_below` puts there)."""
         offset = int(positions[-1] - tokens[-1])  # position - stream index of this forward's queries
         mode = self.config.positions
         if mode == "absolute":
@@ -547,16 +548,17 @@ class BlockMemoryAttention:
         if mode == "ordered":
             base = positions[tokens > store.last_token].min()  # the oldest entry newer than all of memory
             return base - valid.sum(-1, keepdim=True) + valid.cumsum(-1) - 1
-        sinks = int((tokens < store.tokens[0]).sum())
+        sinks = int((tokens < store.tokens[0]).sum()) if self.config.sink_positions == "below" else 0
         far = valid & (tokens[-1] - found >= self.trained - self.retrieved - sinks)
         edge = positions[-1] - self.trained + sinks + far.cumsum(-1)  # distances trained - sinks - 1, ... - 2, ...
         return torch.where(far, edge, found + offset)
 
     def sinks_below(self, layer: int, key: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                     nearest: int) -> torch.Tensor:
-        """The local keys [1, kv, n, d] (view stream indices `tokens` and `positions` [n]) with the entries older
-        than all of the layer's memory, the sinks, rotated by one shift so that the newest sits just below
-        `nearest`, the lowest position the retrieved keys use, where it sits at or above it (a copy; else `key`).
+        """The local keys [1, kv, n, d] (view stream indices `tokens` and `positions` [n]); with sink positions
+        "below", the entries older than all of the layer's memory, the sinks, rotated by one shift so that the
+        newest sits just below `nearest`, the lowest position the retrieved keys use, where it sits at or above it
+        (a copy; else `key`).
 
         In the stream the sinks are the farthest tokens; after a re-base the cache keeps them at 0..n-1, and an
         "ordered" run of retrieved tokens, put just before the window, reaches below them, so that the sinks look
@@ -564,7 +566,7 @@ class BlockMemoryAttention:
         full attention's answer). Below the run they stay within the reach `check_block_config` requires (budget
         + period + retrieved counts them), and with every block retrieved "ordered" is full attention again."""
         store = self.stores[layer]
-        if not store.count:
+        if self.config.sink_positions == "kept" or not store.count:
             return key
         sinks = tokens < store.tokens[0]
         if not sinks.any():

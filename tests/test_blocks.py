@@ -1,6 +1,7 @@
 """Block memory (lm.blocks) on tiny random Llamas: grouping, exactness over the whole history, positions inside
 the trained range at any stream length, the gate's initial value, and bad options refused before any work."""
 import math
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
@@ -52,11 +53,6 @@ def run(model, ids, policy, config, gate=None, token_by_token=False, inspect=Non
     return logits
 
 
-def keep_sinks_cached(monkeypatch) -> None:
-    """Block memory as before `sinks_below`: the sinks at the positions the cache keeps them."""
-    monkeypatch.setattr(blocks.BlockMemoryAttention, "sinks_below", lambda self, layer, key, *args: key)
-
-
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, token_by_token):
     seen = {}
@@ -85,13 +81,16 @@ def test_every_evicted_token_is_in_exactly_one_contiguous_block(model, ids, toke
 def test_retrieving_every_block_is_full_attention(model, ids, positions, query_group, token_by_token, sinks):
     """Reference: full attention. With all of the history retrieved and in-range true distances, every position
     scheme puts each past token at its true distance from the query, through the cache's re-bases (period 10:
-    before tokens 19, 29, ...) that leave the sinks at positions 0, 1: they are rotated back below the retrieved
-    run, where the stream has them (before, the sinks kept 0, 1 and every mode failed this)."""
-    config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32", query_group=query_group)
+    before tokens 19, 29, ...) that leave the sinks at positions 0, 1, with the sinks rotated back below the
+    retrieved run (sink positions "below"), where the stream has them; kept at 0, 1 they are not."""
+    config = KnnConfig(blocks=4, top_blocks=N, positions=positions, precision="float32", query_group=query_group,
+                       sink_positions="below")
     logits = run(model, ids, Window(8, sinks), config, token_by_token=token_by_token)
     with torch.inference_mode():
         full = model(input_ids=ids).logits
     assert torch.allclose(logits, full, atol=1e-4)
+    kept = run(model, ids, Window(8, sinks), replace(config, sink_positions="kept"), token_by_token=token_by_token)
+    assert torch.allclose(kept, full, atol=1e-4) == (sinks == 0)
 
 
 def test_a_few_blocks_change_what_the_window_predicts(model, ids):
@@ -184,26 +183,25 @@ def test_named_decode_searches_set_the_decoding_fields():
     assert err.value.field == "decode_search"
 
 
-def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids, monkeypatch):
+def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(model, ids):
     """Token-by-token decoding with the default shape (fp16 store, 4 representative keys, query groups of 4,
-    partial blocks) at blocks of 4, 2 retrieved: with the sinks left where the cache keeps them, the logits
-    recorded at commit f64d82d, before the RoPE tables, the whole-block gather and the reused retrieval buffers;
-    with the sinks rotated below memory (`sinks_below`), the logits recorded when that came; and computing the
-    cos/sin per rotation (no tables) gives the same logits bit for bit."""
-    recorded = {"cached": torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
+    partial blocks) at blocks of 4, 2 retrieved: with the sinks kept where the cache keeps them (the default),
+    the logits recorded at commit f64d82d, before the RoPE tables, the whole-block gather and the reused retrieval
+    buffers; with the sinks rotated below memory (sink positions "below"), the logits recorded when that came; and
+    computing the cos/sin per rotation (no tables) gives the same logits bit for bit."""
+    recorded = {"kept": torch.tensor([[-0.0747662410, 0.0841830075], [0.0926628858, -0.0293876864],
                                         [0.0304408744, -0.0377437957], [-0.1439056098, 0.2601769269],
                                         [-0.1034009531, 0.1912996173], [-0.3011971116, 0.3267478347]]),
                 "below": torch.tensor([[-0.0747662410, 0.0841830075], [0.0930999964, -0.0292629041],
                                        [0.0304685421, -0.0377270132], [-0.1438564360, 0.2603355944],
                                        [-0.1035600305, 0.1911526769], [-0.3016028404, 0.3267631531]])}
-    for sinks in ("below", "cached"):
-        if sinks == "cached":
-            keep_sinks_cached(monkeypatch)
+    for sinks in ("kept", "below"):
         logits = {}
         for tables in (True, False):
             cache = BoundedCache(model, Window(8, 2))
             cache.rotary.cached = tables
-            old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False)  # the path recorded
+            old = KnnConfig(blocks=4, top_blocks=2, decode_group=None, decode_every_key=False,  # the path recorded
+                            sink_positions=sinks)
             with attach(model, cache, old) as session, torch.inference_mode():
                 logits[tables] = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits
                                             for i in range(N)], 1)
@@ -216,7 +214,8 @@ def test_decoding_gives_the_logits_recorded_before_the_decode_optimisations(mode
 
 @pytest.mark.parametrize("positions", ["ordered", "hybrid"])
 @pytest.mark.parametrize("token_by_token", [False, True])
-def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_model, positions, token_by_token):
+@pytest.mark.parametrize("sinks", ["kept", "below"])
+def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_model, positions, token_by_token, sinks):
     """64 trained positions, a stream of 200 tokens: every query-key distance stays below 64; true distances do not."""
     ids = torch.randint(0, 2000, (1, 200), generator=torch.Generator().manual_seed(4))
     distances = {}
@@ -225,7 +224,7 @@ def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_mode
         distances[positions] = session.max_distance
         assert all(int(layer.positions.max()) < 64 for layer in cache.layers)
 
-    config = KnnConfig(blocks=4, top_blocks=4, positions=positions)
+    config = KnnConfig(blocks=4, top_blocks=4, positions=positions, sink_positions=sinks)
     logits = run(short_model, ids, Window(8, 2), config, token_by_token=token_by_token, inspect=inspect)
     assert logits.isfinite().all()
     assert 16 < distances[positions] < 64  # retrieved keys sit beyond the window (8 + 2) yet inside the range
@@ -237,11 +236,13 @@ def test_no_distance_leaves_the_trained_range_however_long_the_stream(short_mode
     assert distances["absolute"] >= 64  # the comparison: true distances leave the range
 
 
-def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tokens(short_model):
+@pytest.mark.parametrize("sinks, edge", [("kept", [63, 62, 63, 62]), ("below", [61, 60, 61, 60])])
+def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tokens(short_model, sinks, edge):
+    """The far tokens take the range's farthest distances, or with the 2 sinks "below" memory the next ones."""
     ids = torch.randint(0, 2000, (1, 200), generator=torch.Generator().manual_seed(5))
     cache = BoundedCache(short_model, Window(8, 2))
-    with attach(short_model, cache, KnnConfig(blocks=4, top_blocks=4, positions="hybrid")) as session, \
-            torch.inference_mode():
+    config = KnnConfig(blocks=4, top_blocks=4, positions="hybrid", sink_positions=sinks)
+    with attach(short_model, cache, config) as session, torch.inference_mode():
         for _ in stream(short_model, ids, cache):
             pass
         tokens, positions = cache.layers[0].view_tokens, cache.layers[0].view_positions
@@ -249,9 +250,9 @@ def test_hybrid_keeps_true_distances_inside_the_range_and_moves_only_the_far_tok
         placed = session.place(found, torch.ones_like(found, dtype=torch.bool), tokens, positions, session.stores[0])
     last_token, last_pos = int(tokens[-1]), int(positions[-1])
     distance = last_pos - placed
-    near = last_token - found < 64 - 16 - 2  # true distance inside the range, minus room for 16 retrieved + 2 sinks
+    near = last_token - found < 64 - 16 - (2 if sinks == "below" else 0)  # in range, minus room for 16 retrieved
     assert torch.equal(distance[near], (last_token - found)[near])  # exact
-    assert distance[~near].tolist() == [61, 60, 61, 60]  # far ones at the range's edge next to the sinks, in stream order
+    assert distance[~near].tolist() == edge  # far ones at the range's edge, in stream order
 
 
 def test_block_scores_are_max_and_mean_of_each_blocks_keys():
@@ -404,28 +405,27 @@ def test_the_batched_group_search_gives_the_loops_logits(model, ids, config, mon
     assert not torch.allclose(batched, run(model, ids, Window(8, 2), None), atol=1e-3)  # memory is used
 
 
-def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids, monkeypatch):
+def test_two_stage_decoding_gives_the_logits_recorded_before_its_optimisation(model, ids):
     """Token-by-token decoding with the two-stage search (3 candidates of up to 13 blocks) and with every block by
-    every key: with the sinks left where the cache keeps them, the logits recorded at main fd34e0a, before the
-    search lost its slot masks and its float16 copies (rotation from the stored float16, the partial block's tail
-    masked in place); with the sinks rotated below memory, the logits recorded when that came."""
+    every key: with the sinks kept where the cache keeps them (the default), the logits recorded at main fd34e0a,
+    before the search lost its slot masks and its float16 copies (rotation from the stored float16, the partial
+    block's tail masked in place); with the sinks rotated below memory ("below"), the logits recorded when that
+    came."""
     recorded = {"below": {3: [[-0.0747662559, 0.0841830224], [0.1019416898, 0.0114816949],
                               [-0.0163965002, -0.0306525007], [-0.1952972114, 0.2325066328],
                               [-0.1258811504, 0.1199926957], [-0.3287109137, 0.3107489944]],
                           0: [[-0.0747662559, 0.0841830224], [0.1019416898, 0.0114816949],
                               [-0.0183638074, -0.0285855085], [-0.1458619386, 0.2201437503],
                               [-0.1320606172, 0.1371857971], [-0.3534303010, 0.3398331404]]},
-                "cached": {3: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067],
+                "kept": {3: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067],
                                [-0.0164333358, -0.0306702629], [-0.1952336729, 0.232403934],
                                [-0.1256097555, 0.1202821508], [-0.3282838166, 0.3109373748]],
                            0: [[-0.0747662559, 0.0841830224], [0.1015591919, 0.0114620067],
                                [-0.0184029713, -0.0286027044], [-0.1457998008, 0.2199889421],
                                [-0.1318034977, 0.137440145], [-0.3530369699, 0.3399874866]]}}
     for sinks, by_candidates in recorded.items():
-        if sinks == "cached":
-            keep_sinks_cached(monkeypatch)
         for candidates, expected in by_candidates.items():
-            config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=candidates)
+            config = KnnConfig(blocks=4, top_blocks=2, rep_keys=2, decode_candidates=candidates, sink_positions=sinks)
             logits = run(model, ids, Window(8, 2), config, token_by_token=True)
             # recorded on an Intel Xeon (other CPUs' float kernels differ by a few 1e-6, a change of the retrieval by
             # far more)
@@ -472,6 +472,8 @@ def test_gated_at_its_initial_value_is_exactly_joint(model, ids):
     ({"config": KnnConfig(blocks=4, top_blocks=0)}, "top_blocks"),
     ({"config": KnnConfig(blocks=4, representative="median")}, "representative"),
     ({"config": KnnConfig(blocks=4, precision="int8")}, "precision"),
+    ({"config": KnnConfig(blocks=4, sink_positions="first")}, "sink_positions"),
+    ({"config": KnnConfig(blocks=0, sink_positions="below")}, "sink_positions"),  # per-token memory has no such option
     ({"config": KnnConfig(blocks=4, rep_keys=3)}, "rep_keys"),  # must divide the block
     ({"config": KnnConfig(blocks=4, query_group=-1)}, "query_group"),
     ({"config": KnnConfig(blocks=4, decode_group=-1)}, "decode_group"),
@@ -504,6 +506,7 @@ def test_the_default_is_block_memory_and_positions_follow_the_kind_of_memory():
     assert (default.blocks, default.top_blocks, default.rep_keys, default.query_group) == (32, 16, 4, 4)
     assert (default.decode_group, default.decode_every_key, default.decode_candidates) == (1, True, 192)  # 10, 11
     assert default.positions == "ordered" and KnnConfig(blocks=0).positions == "absolute"
+    assert default.sink_positions == "kept"  # section 19: "below" lost 4 of 60 needle prompts, gained none
 
 
 # --- the command line: bad block options fail before the model loads ---------------------------------
@@ -538,6 +541,8 @@ def cli(*args):
     (["--memory-blocks", 64, "--retrieved-blocks", 0], "retrieved blocks must be a positive integer"),
     (["--memory-blocks", 30], "representative keys per block must be 0 (every key) or divide the block size (30)"),
     (["--rep-keys", -1], "representative keys per block must be 0"),
+    (["--sink-positions", "first"], "sink positions must be 'kept' or 'below', got 'first'"),
+    (["--memory-blocks", 0, "--sink-positions", "below"], "sink_positions (--sink-positions) applies only to block"),
 ])
 @pytest.mark.parametrize("command", ["eval-long", "generate"])
 def test_cli_rejects_bad_block_options_before_loading_the_model(no_model_load, tmp_path, args, message, command):

@@ -91,11 +91,14 @@ def test_user_errors_exit_2_with_one_line_before_torch(tmp_path):
             "error: rep_keys (--rep-keys) applies only to block memory (memory blocks > 0); per-token retrieval "
             "takes k",
         ("generate", "hi", "--decode-search", "grouped"):
-            "error: --memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
-            "--memory-attention",
+            "error: --memory-blocks, --positions, --decode-search, --decode-blocks and --sink-positions apply only "
+            "to --memory-attention",
         ("generate", "hi", "--decode-blocks", "32"):
-            "error: --memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
-            "--memory-attention",
+            "error: --memory-blocks, --positions, --decode-search, --decode-blocks and --sink-positions apply only "
+            "to --memory-attention",
+        ("generate", "hi", "--sink-positions", "below"):
+            "error: --memory-blocks, --positions, --decode-search, --decode-blocks and --sink-positions apply only "
+            "to --memory-attention",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-blocks", "0"):
             "error: decoding's retrieved blocks must be a positive integer, got 0",
         ("generate", "hi", "--cache", "window:8", "--memory-attention", "--decode-blocks", "256"):

@@ -19,6 +19,7 @@ from memsvc.cli.options import (
     ApiKeyOption,
     DeviceOption,
     Model,
+    SinkPositions,
     Url,
     check_text_files,
     cli_errors,
@@ -83,7 +84,7 @@ def eval_long(files: Files,
               memory_mode: Annotated[Literal["joint", "gated"], typer.Option(help="how memory joins attention")]
               = "joint",
               k: K = 32, layers: Layers = "all", positions: Positions = None, memory_blocks: MemoryBlocks = None,
-              retrieved_blocks: RetrievedBlocks = 16, rep_keys: RepKeys = 4,
+              retrieved_blocks: RetrievedBlocks = 16, rep_keys: RepKeys = 4, sink_positions: SinkPositions = "kept",
               index: Annotated[Literal["flat", "hnsw"], typer.Option(help="memory index: exact or HNSW")] = "flat",
               gate: Annotated[Path | None, typer.Option(help="gate parameters for --memory-mode gated: per-token "
                                                               "memory's gate, or with --memory-blocks B > 0 block "
@@ -124,7 +125,7 @@ def eval_long(files: Files,
         if memory_blocks is None:  # the default memory, unless an option that only per-token memory takes
             memory_blocks = 0 if url is not None or memory_mode == "gated" or gate is not None else KnnConfig.blocks
         knn = KnnConfig(layers=layer_list, k=k, mode=memory_mode, positions=positions, blocks=memory_blocks,
-                        top_blocks=retrieved_blocks, rep_keys=rep_keys)
+                        top_blocks=retrieved_blocks, rep_keys=rep_keys, sink_positions=sink_positions)
         check_options(knn)  # torch-free
         if knn_memory and knn.blocks and url is not None:
             raise InvalidInput("--url applies only to per-token memory (--memory-blocks 0); block memory lives in "
@@ -185,7 +186,8 @@ def _eval(files: list[Path], policy: Policy | Selective, knn: KnnConfig | None, 
             "knn_memory": None if knn is None else {"mode": knn.mode, "k": knn.k, "positions": knn.positions,
                                                     "layers": "all" if knn.layers is None else list(knn.layers),
                                                     "index": index, "blocks": knn.blocks,
-                                                    "retrieved_blocks": knn.top_blocks, "rep_keys": knn.rep_keys}}
+                                                    "retrieved_blocks": knn.top_blocks, "rep_keys": knn.rep_keys,
+                                                    "sink_positions": knn.sink_positions}}
 
 
 def train_gate(files: Annotated[list[Path], typer.Argument(help="long UTF-8 training documents")],

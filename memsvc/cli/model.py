@@ -24,6 +24,7 @@ from memsvc.cli.options import (
     DataDir,
     DeviceOption,
     Model,
+    SinkPositions,
     Url,
     cli_errors,
     need_model_side,
@@ -245,6 +246,7 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
              = "rerank",
              positions: Annotated[str | None, typer.Option(help="with --memory-attention: where retrieved keys sit "
                                                                 "(see memsvc eval-long --help)")] = None,
+             sink_positions: SinkPositions = "kept",
              url: Url = None, data_dir: DataDir = DEFAULT_DATA_DIR, api_key: ApiKeyOption = None,
              memory: MemoryName = DEFAULT_MEMORY, session: SessionOption = None, end_session: EndSession = False,
              model: Model = "smollm2",
@@ -285,12 +287,13 @@ def generate(prompt: Annotated[str | None, typer.Argument(help="text to continue
         else:
             blocks = memory_blocks
         memory_config = KnnConfig(blocks=blocks, top_blocks=retrieved_blocks, positions=positions, rep_keys=rep_keys,
-                                  decode_top_blocks=decode_blocks, **decode_search_options(decode_search))
+                                  decode_top_blocks=decode_blocks, sink_positions=sink_positions,
+                                  **decode_search_options(decode_search))
         check_options(memory_config)  # torch-free
         if not memory_attention and (memory_blocks is not None or positions is not None or decode_search != "rerank"
-                                     or decode_blocks is not None):
-            raise InvalidInput("--memory-blocks, --positions, --decode-search and --decode-blocks apply only to "
-                               "--memory-attention", "memory_blocks")
+                                     or decode_blocks is not None or sink_positions != "kept"):
+            raise InvalidInput("--memory-blocks, --positions, --decode-search, --decode-blocks and --sink-positions "
+                               "apply only to --memory-attention", "memory_blocks")
         if url is not None and knn_memory is not None:
             from memsvc.client import check_url
 

@@ -16,13 +16,18 @@ from memsvc.cli.extras import missing_part
 from memsvc.config import DEFAULT_DATA_DIR, Settings, settings_error
 from memsvc.contract import DataDirInUse, InvalidInput, MemsvcError, NotFound
 
-__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "DeviceOption", "Model", "Url", "check_text_files",
-           "cli_errors", "need_model_side"]
+__all__ = ["DEFAULT_DATA_DIR", "ApiKeyOption", "DataDir", "DeviceOption", "Model", "SinkPositions", "Url",
+           "check_text_files", "cli_errors", "need_model_side"]
 
 Url = Annotated[str | None, typer.Option(envvar="MEMSVC_URL", help="server URL; default: embedded store")]
 DataDir = Annotated[Path, typer.Option(envvar="MEMSVC_DATA_DIR", help="embedded store directory (without --url)")]
 ApiKeyOption = Annotated[str | None, typer.Option(envvar="MEMSVC_API_KEY", help="bearer key of the server")]
 Model = Annotated[str, typer.Option(help="'smollm2', a local HF model directory or a .gguf file")]
+SinkPositions = Annotated[str, typer.Option(help="block memory: the sinks 'kept' where the cache keeps them (after a "
+                                                 "re-base before the window, so a long retrieved run may sit below "
+                                                 "them) or 'below' the retrieved run, as in the stream (every block "
+                                                 "retrieved is then full attention); default kept (measured: "
+                                                 "bench/results/longctx.md section 19)")]
 DeviceOption = Annotated[str | None, typer.Option(
     "--device", envvar="MEMSVC_DEVICE",
     help="torch device of the model: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; "
