@@ -131,6 +131,7 @@ SETTINGS: dict[str, Setting] = {
     # section 19: the default with the sinks rotated below the retrieved run (as in the stream)
     "memory-sinks-below": Setting(SINKS_POLICY, KnnConfig(sink_positions="below")),
     "memory-gated-sinks-below": Setting(SINKS_POLICY, KnnConfig(mode="gated", sink_positions="below")),
+    "memory-n128-sinks-below": Setting(SINKS_POLICY, KnnConfig(top_blocks=128, sink_positions="below")),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
     "memory-d1-dmax": Setting(SINKS_POLICY, KnnConfig(decode_group=1, decode_every_key=True, decode_candidates=0)),
