@@ -255,6 +255,11 @@ class BlockStore:
         """The entry indices [kv, s * B] (int64) of blocks [kv, s] ([kv, G, k * B] of blocks [kv, G, k])."""
         return (blocks[..., None] * self.block + torch.arange(self.block, device=blocks.device)).flatten(-2)
 
+    def older(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which of the stream indices `tokens` [n] are older than every stored entry (bool [n]): the sinks, in a
+        view of window + sinks (the store must hold an entry)."""
+        return tokens < self.tokens[0]
+
     def nbytes(self) -> int:
         """Bytes of the stored entries (keys, values, stream indices; block means and representative keys), not
         counting spare capacity."""
@@ -548,7 +553,7 @@ class BlockMemoryAttention:
         if mode == "ordered":
             base = positions[tokens > store.last_token].min()  # the oldest entry newer than all of memory
             return base - valid.sum(-1, keepdim=True) + valid.cumsum(-1) - 1
-        sinks = int((tokens < store.tokens[0]).sum()) if self.config.sink_positions == "below" else 0
+        sinks = int(store.older(tokens).sum()) if self.config.sink_positions == "below" else 0
         far = valid & (tokens[-1] - found >= self.trained - self.retrieved - sinks)
         edge = positions[-1] - self.trained + sinks + far.cumsum(-1)  # distances trained - sinks - 1, ... - 2, ...
         return torch.where(far, edge, found + offset)
@@ -568,7 +573,7 @@ class BlockMemoryAttention:
         store = self.stores[layer]
         if self.config.sink_positions == "kept" or not store.count:
             return key
-        sinks = tokens < store.tokens[0]
+        sinks = store.older(tokens)
         if not sinks.any():
             return key
         shift = nearest - 1 - int(positions[sinks].max())
