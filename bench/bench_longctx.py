@@ -132,9 +132,8 @@ SETTINGS: dict[str, Setting] = {
     "memory-sinks-below": Setting(SINKS_POLICY, KnnConfig(sink_positions="below")),
     "memory-gated-sinks-below": Setting(SINKS_POLICY, KnnConfig(mode="gated", sink_positions="below")),
     "memory-n128-sinks-below": Setting(SINKS_POLICY, KnnConfig(top_blocks=128, sink_positions="below")),
-    # a wider local window (1,024 tokens + 4 sinks) with and without the default memory: at 16K and 32K it holds no
-    # needle depth of the grid (the nearest, 0.9 of 16K, is ~1.6K tokens back)
-    "sinks-w1024": Setting(Window(1024, SINKS)),
+    # section 20: the default memory with a wider local window (1,024 tokens + 4 sinks); at 16K and 32K the window
+    # holds no needle depth of the grid (the nearest, 0.9 of 16K, is ~1.6K tokens back)
     "memory-w1024": Setting(Window(1024, SINKS), KnnConfig()),
     "memory-d1-max": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=0)),
     "memory-d1-r8": Setting(SINKS_POLICY, KnnConfig(decode_group=1, rep_keys=8)),
